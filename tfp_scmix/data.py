@@ -1,0 +1,379 @@
+"""Data stage: AnnData -> validated raw counts, gene vocabulary, labels, batches -> tf.data.
+
+Everything the model sees passes through `SCData`: a sparse CSR count matrix `[n_cells, n_genes]`,
+the gene vocabulary, integer labels (`-1` where unknown) and integer batch ids. Minibatches are
+`tf.SparseTensor`s gathered row by row from the CSR arrays, so the whole matrix is never densified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+logger = logging.getLogger("tfp_scmix")
+
+DATA_DIR_ENV = "TFP_SCMIX_DATA"
+UNLABELLED = -1
+# Keys of the dict that every minibatch is.
+COUNTS, LABEL, BATCH = "counts", "label", "batch"
+
+
+class DataError(ValueError):
+    """Input data that the model cannot use; the message says what is wrong and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and locating counts
+# --------------------------------------------------------------------------------------------
+
+
+def data_path(name: str) -> Path:
+    """Path of a dataset file: `name` itself if it exists, else `$TFP_SCMIX_DATA/name`."""
+    path = Path(name)
+    if path.exists():
+        return path
+    root = os.environ.get(DATA_DIR_ENV)
+    if root and (Path(root) / name).exists():
+        return Path(root) / name
+    where = f"${DATA_DIR_ENV}={root}" if root else f"${DATA_DIR_ENV} is not set"
+    raise DataError(f"dataset {name!r} not found (looked in the working directory; {where}). "
+                    f"Pass a path to an .h5ad file or set {DATA_DIR_ENV} to its folder.")
+
+
+def read_h5ad(path):
+    """Read an .h5ad file with an error that names the file when it is truncated or corrupt."""
+    import anndata
+
+    path = data_path(str(path))
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as err:  # h5py/anndata raise many types for damaged files
+        raise DataError(f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}). "
+                        "The file may be truncated or corrupt: copy or download it again.") from err
+
+
+def _as_csr(matrix) -> sp.csr_matrix:
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix)
+    if hasattr(matrix, "to_memory"):  # anndata backed datasets
+        return _as_csr(matrix.to_memory())
+    return sp.csr_matrix(np.asarray(matrix))
+
+
+def check_counts(counts: sp.csr_matrix, where: str) -> None:
+    """Raise `DataError` unless `counts` are finite, non-negative integers."""
+    values = counts.data
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"counts in {where} contain NaN or infinite values "
+                        f"({int((~np.isfinite(values)).sum())} entries); raw UMI counts are finite integers.")
+    if values.min() < 0:
+        raise DataError(f"counts in {where} are negative (min {values.min():.3g}); they look scaled "
+                        "(e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
+                        "counts='counts', or counts='raw'.")
+    if not np.allclose(values, np.round(values)):
+        raise DataError(f"counts in {where} are not integers (max {values.max():.3g}); they look "
+                        "log-normalized. Point `counts` at the raw counts: a layer such as counts='counts', "
+                        "or counts='raw' for adata.raw.X.")
+
+
+def _count_candidates(adata, counts):
+    """Yield (description, matrix, var_names) for the count slot(s) to try, in order."""
+    if counts == "X":
+        yield "adata.X", adata.X, adata.var_names
+    elif counts == "raw":
+        if adata.raw is None:
+            raise DataError("counts='raw' but adata.raw is empty; pass counts='X' or a layer name.")
+        yield "adata.raw.X", adata.raw.X, adata.raw.var_names
+    elif counts is not None:
+        if counts not in adata.layers:
+            raise DataError(f"no layer {counts!r} in the AnnData (layers: {list(adata.layers)}); "
+                            "pass counts='X', 'raw' or one of those layers.")
+        yield f"adata.layers[{counts!r}]", adata.layers[counts], adata.var_names
+    else:
+        yield "adata.X", adata.X, adata.var_names
+        for name in ("counts", "raw_counts", "umi"):
+            if name in adata.layers:
+                yield f"adata.layers[{name!r}]", adata.layers[name], adata.var_names
+        if adata.raw is not None:
+            yield "adata.raw.X", adata.raw.X, adata.raw.var_names
+
+
+def extract_counts(adata, counts: str | None = None):
+    """Find raw counts in an AnnData: `counts` names the slot ("X", "raw" or a layer), else detect.
+
+    Returns (csr float32 `[n_cells, n_genes]`, gene names). Refuses non-count data with an error that
+    says how to point at the counts.
+    """
+    first_error = None
+    for where, matrix, var_names in _count_candidates(adata, counts):
+        csr = _as_csr(matrix)
+        try:
+            check_counts(csr, where)
+        except DataError as err:
+            if counts is not None:
+                raise
+            first_error = first_error or err
+            continue
+        if where != "adata.X":
+            logger.info("using raw counts from %s", where)
+        return csr.astype(np.float32), np.asarray(var_names, dtype=str)
+    raise first_error
+
+
+# --------------------------------------------------------------------------------------------
+# Gene vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+def gene_fingerprint(genes) -> str:
+    """A short hash of the ordered gene list, so a client can check that its genes match."""
+    return hashlib.sha256("\n".join(map(str, genes)).encode()).hexdigest()[:16]
+
+
+def _looks_like_ensembl(genes) -> float:
+    return float(np.mean([str(g).startswith("ENS") for g in genes[:2000]])) if len(genes) else 0.0
+
+
+def align_genes(counts: sp.csr_matrix, genes, vocabulary, min_fraction: float = 0.5):
+    """Reorder `counts` columns to `vocabulary`; genes the data lacks are zero columns.
+
+    Returns (csr `[n_cells, len(vocabulary)]`, fraction of the vocabulary present). Raises when fewer
+    than `min_fraction` of the vocabulary's genes are in the data.
+    """
+    genes = pd.Index(np.asarray(genes, dtype=str))
+    vocabulary = np.asarray(vocabulary, dtype=str)
+    if genes.has_duplicates:
+        dup = genes[genes.duplicated()].unique()[:5].tolist()
+        raise DataError(f"duplicated gene names in the data ({dup}...); make them unique "
+                        "(adata.var_names_make_unique()) or sum the duplicates first.")
+    position = genes.get_indexer(vocabulary)
+    present = position >= 0
+    fraction = float(present.mean()) if len(vocabulary) else 0.0
+    if fraction < min_fraction:
+        hint = ""
+        ens_data, ens_vocab = _looks_like_ensembl(genes), _looks_like_ensembl(vocabulary)
+        if abs(ens_data - ens_vocab) > 0.5:
+            hint = (" The data and the model use different kinds of gene identifiers (Ensembl IDs "
+                    "against symbols): map them to the model's kind first.")
+        elif genes.str.upper().isin(pd.Index(vocabulary).str.upper()).sum() > 2 * present.sum():
+            hint = (" Many genes match only when upper-cased (human against mouse symbols?): "
+                    "the data may be from another species than the model.")
+        raise DataError(f"only {present.sum()} of the model's {len(vocabulary)} genes "
+                        f"({fraction:.0%}) are in the data; at least {min_fraction:.0%} are needed.{hint}")
+    if fraction < 1.0:
+        logger.warning("%d of %d model genes (%.1f%%) found in the data; the rest are set to zero",
+                       present.sum(), len(vocabulary), 100 * fraction)
+    # Column selection matrix: data genes -> vocabulary positions.
+    select = sp.csr_matrix((np.ones(present.sum(), np.float32), (position[present], np.flatnonzero(present))),
+                           shape=(len(genes), len(vocabulary)))
+    aligned = (counts @ select).tocsr()
+    aligned.sort_indices()
+    return aligned.astype(np.float32), fraction
+
+
+def highly_variable_genes(counts: sp.csr_matrix, genes, n_top: int = 2000, n_bins: int = 20):
+    """Names of the `n_top` most variable genes (Seurat-style normalised dispersion of log1p CP10k).
+
+    Only counts are used, never labels, so it is safe on every cell of a dataset.
+    """
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    norm = sp.diags(1e4 / np.maximum(library, 1)) @ counts
+    norm = norm.tocsr()
+    norm.data = np.log1p(norm.data)
+    mean = np.asarray(norm.mean(axis=0)).ravel()
+    mean_sq = np.asarray(norm.multiply(norm).mean(axis=0)).ravel()
+    var = np.maximum(mean_sq - mean ** 2, 0) * counts.shape[0] / max(counts.shape[0] - 1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dispersion = np.log(var / mean)
+    dispersion[~np.isfinite(dispersion)] = -np.inf
+    bins = pd.cut(mean, n_bins)
+    frame = pd.DataFrame({"d": dispersion, "bin": bins})
+    finite = frame[np.isfinite(frame.d)]
+    stats = finite.groupby("bin", observed=False)["d"].agg(["mean", "std"])
+    centre = stats["mean"].reindex(bins).to_numpy()
+    spread = stats["std"].reindex(bins).fillna(1.0).replace(0, 1.0).to_numpy()
+    score = (dispersion - centre) / spread
+    score[~np.isfinite(score)] = -np.inf
+    order = np.argsort(-score, kind="stable")[:min(n_top, len(genes))]
+    return np.asarray(genes)[np.sort(order)]
+
+
+# --------------------------------------------------------------------------------------------
+# Labels and batches
+# --------------------------------------------------------------------------------------------
+
+
+def encode_labels(values, classes=None, unknown=()):
+    """Map label values to class ids; NaN, None, "" and any value in `unknown` become -1.
+
+    Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes).
+    """
+    series = pd.Series(np.asarray(values, dtype=object))
+    missing = series.isna() | series.astype(str).str.strip().isin({"", "nan", "NaN", "None"})
+    missing |= series.astype(str).isin({str(u) for u in np.atleast_1d(unknown)})
+    names = series[~missing].astype(str)
+    if classes is None:
+        if isinstance(values, pd.Categorical) or hasattr(values, "cat"):
+            cats = [str(c) for c in pd.Categorical(values).categories]
+            classes = [c for c in cats if c in set(names)]
+        else:
+            classes = sorted(set(names))
+        if len(classes) < 2:
+            raise DataError(f"the label column has {len(classes)} class(es) {classes} among labelled "
+                            "cells; a classifier needs at least two. Check label_key and unknown.")
+    classes = [str(c) for c in classes]
+    lookup = {c: i for i, c in enumerate(classes)}
+    outside = sorted(set(names) - set(lookup))
+    if outside:
+        raise DataError(f"labels {outside[:5]} are not among the model's classes {classes}; "
+                        "mark them as unknown (unknown=[...]) or train a model with those classes.")
+    ids = np.full(len(series), UNLABELLED, np.int32)
+    ids[~missing.to_numpy()] = [lookup[n] for n in names]
+    return ids, classes
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset container
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SCData:
+    """Validated counts with labels and batches.
+
+    counts: CSR float32 `[n_cells, n_genes]` raw counts; genes: `[n_genes]` names;
+    labels: int32 `[n_cells]` class ids, -1 where unknown; classes: class names;
+    batches: int32 `[n_cells]` batch ids; batch_names: names of the batches; obs_names: `[n_cells]`.
+    """
+
+    counts: sp.csr_matrix
+    genes: np.ndarray
+    labels: np.ndarray
+    classes: list
+    batches: np.ndarray
+    batch_names: list
+    obs_names: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n_labelled(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    @property
+    def library_size(self) -> np.ndarray:
+        """`[n_cells]` total counts per cell."""
+        return np.asarray(self.counts.sum(axis=1)).ravel()
+
+    def fingerprint(self) -> str:
+        """Hash of the counts, genes and labels: identifies the data a model was trained on."""
+        h = hashlib.sha256()
+        for array in (self.counts.indptr, self.counts.indices, self.counts.data, self.labels):
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update(gene_fingerprint(self.genes).encode())
+        return h.hexdigest()[:16]
+
+    def subset(self, index) -> "SCData":
+        """The cells at `index` (an integer array or boolean mask)."""
+        index = np.asarray(index)
+        return dataclasses.replace(self, counts=self.counts[index], labels=self.labels[index],
+                                   batches=self.batches[index], obs_names=self.obs_names[index])
+
+    def hide_labels(self, keep) -> "SCData":
+        """A copy in which only the cells in `keep` (index or mask) keep their labels."""
+        mask = np.zeros(self.n_cells, bool)
+        mask[np.asarray(keep)] = True
+        return dataclasses.replace(self, labels=np.where(mask, self.labels, UNLABELLED).astype(np.int32))
+
+    def select_genes(self, genes, min_fraction: float = 0.5) -> "SCData":
+        """Align to a gene vocabulary (a model's genes, or highly variable genes)."""
+        counts, _ = align_genes(self.counts, self.genes, genes, min_fraction)
+        return dataclasses.replace(self, counts=counts, genes=np.asarray(genes, dtype=str))
+
+    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, repeat: bool = False):
+        """tf.data of minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]}."""
+        import tensorflow as tf
+
+        csr = self.counts
+        csr.sort_indices()
+        splits = tf.constant(csr.indptr, tf.int64)
+        genes = tf.RaggedTensor.from_row_splits(tf.constant(csr.indices, tf.int64), splits)
+        values = tf.RaggedTensor.from_row_splits(tf.constant(csr.data, tf.float32), splits)
+        labels = tf.constant(self.labels, tf.int32)
+        batches = tf.constant(self.batches, tf.int32)
+        n_genes = self.n_genes
+
+        def gather(index):
+            rows = tf.gather(genes, index)
+            counts = tf.SparseTensor(tf.stack([rows.value_rowids(), rows.flat_values], axis=1),
+                                     tf.gather(values, index).flat_values,
+                                     tf.stack([tf.size(index, out_type=tf.int64), tf.constant(n_genes, tf.int64)]))
+            return {COUNTS: counts, LABEL: tf.gather(labels, index), BATCH: tf.gather(batches, index)}
+
+        ds = tf.data.Dataset.range(self.n_cells)
+        if shuffle:
+            ds = ds.shuffle(self.n_cells, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def from_anndata(adata, counts: str | None = None, label_key: str | None = "cell_type",
+                 batch_key: str | None = None, unknown=(), genes=None, classes=None,
+                 min_gene_fraction: float = 0.5, allow_empty_cells: bool = False) -> SCData:
+    """Validated `SCData` from an AnnData object or an .h5ad path.
+
+    counts: "X", "raw", a layer name, or None to detect raw counts. label_key: obs column with cell
+    types (missing labels: NaN, "" or values in `unknown`); None for no labels. batch_key: obs column
+    with batch/dataset ids. genes: align to this vocabulary (a model's `genes`); classes: fix the class
+    order (a model's `class_names`).
+    """
+    if isinstance(adata, (str, os.PathLike)):
+        adata = read_h5ad(adata)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(f"the dataset is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    matrix, var_names = extract_counts(adata, counts)
+    if genes is not None:
+        matrix, _ = align_genes(matrix, var_names, genes, min_gene_fraction)
+        var_names = np.asarray(genes, dtype=str)
+    elif pd.Index(var_names).has_duplicates:
+        align_genes(matrix, var_names, var_names)  # raises the duplicated-genes error
+    library = np.asarray(matrix.sum(axis=1)).ravel()
+    if not allow_empty_cells and (library == 0).any():
+        raise DataError(f"{int((library == 0).sum())} cells have no counts over the model's genes; "
+                        "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0]).")
+    if label_key is not None:
+        if label_key not in adata.obs:
+            raise DataError(f"no obs column {label_key!r} (columns: {list(adata.obs.columns)}); "
+                            "pass label_key=None for unlabelled data.")
+        labels, classes = encode_labels(adata.obs[label_key].values, classes, unknown)
+    else:
+        labels, classes = np.full(adata.n_obs, UNLABELLED, np.int32), list(classes or [])
+    if batch_key is not None:
+        if batch_key not in adata.obs:
+            raise DataError(f"no obs column {batch_key!r} for batches (columns: {list(adata.obs.columns)}).")
+        codes = pd.Categorical(adata.obs[batch_key].astype(str))
+        batches, batch_names = codes.codes.astype(np.int32), [str(c) for c in codes.categories]
+    else:
+        batches, batch_names = np.zeros(adata.n_obs, np.int32), ["0"]
+    return SCData(matrix, np.asarray(var_names, dtype=str), labels, list(classes), batches,
+                  batch_names, np.asarray(adata.obs_names, dtype=str))

@@ -1,0 +1,88 @@
+"""Cell branch: an amortized encoder from a cell's counts to a logistic-normal over topics."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+
+def laplace_dirichlet_prior(alpha, n_topics):
+    """Logistic-normal (loc, scale) `[n_topics]` approximating a symmetric Dirichlet(alpha).
+
+    The Laplace approximation in the softmax basis (MacKay 1998, as in ProdLDA):
+    loc_k = log a_k - mean(log a), var_k = (1 - 2/K) / a_k + sum_j 1/a_j / K^2.
+    """
+    a = tf.fill([n_topics], tf.cast(alpha, tf.float32))
+    k = float(n_topics)
+    loc = tf.math.log(a) - tf.reduce_mean(tf.math.log(a))
+    var = (1.0 - 2.0 / k) / a + tf.reduce_sum(1.0 / a) / k ** 2
+    return loc, tf.sqrt(var)
+
+
+def normalise_counts(counts):
+    """log1p(counts per 10k) of a sparse or dense `[batch, n_genes]` count matrix (stays sparse)."""
+    if isinstance(counts, tf.SparseTensor):
+        library = tf.sparse.reduce_sum(counts, axis=1)
+        row_library = tf.gather(tf.maximum(library, 1.0), counts.indices[:, 0])
+        return counts.with_values(tf.math.log1p(counts.values * 1e4 / row_library))
+    library = tf.reduce_sum(counts, axis=1, keepdims=True)
+    return tf.math.log1p(counts * 1e4 / tf.maximum(library, 1.0))
+
+
+@keras.saving.register_keras_serializable(package="tfp_scmix")
+class CellEncoder(keras.layers.Layer):
+    """q(cell_topic | counts): log1p CP10k -> Dense(hidden) -> BatchNorm -> ReLU -> Dropout -> (loc, scale).
+
+    The first layer multiplies the sparse input directly, so its cost grows with the nonzeros.
+    The prior p(cell_topic) is the logistic-normal Laplace approximation of Dirichlet(prior_alpha);
+    with `learn_alpha` the concentration is learned (empirical Bayes).
+
+    Shapes: counts `[batch, n_genes]` (tf.SparseTensor or dense) -> loc, scale `[batch, n_topics]`.
+    """
+
+    def __init__(self, n_genes, n_topics, hidden_units=256, dropout=0.2, prior_alpha=0.5, learn_alpha=False,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.n_genes, self.n_topics, self.hidden_units = int(n_genes), int(n_topics), int(hidden_units)
+        self.dropout_rate, self.prior_alpha, self.learn_alpha = float(dropout), float(prior_alpha), bool(learn_alpha)
+        self.kernel = self.add_weight(shape=(self.n_genes, self.hidden_units), name="kernel",
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(shape=(self.hidden_units,), name="bias", initializer="zeros")
+        self.norm = keras.layers.BatchNormalization(name="norm")
+        self.norm.build((None, self.hidden_units))
+        self.drop = keras.layers.Dropout(self.dropout_rate)
+        self.head = keras.layers.Dense(2 * self.n_topics, name="head")
+        self.head.build((None, self.hidden_units))
+        self.alpha_raw = self.add_weight(shape=(), name="alpha_raw", trainable=self.learn_alpha,
+                                         initializer=keras.initializers.Constant(
+                                             float(tfp.math.softplus_inverse(self.prior_alpha))))
+        self.built = True
+
+    def call(self, counts, training=False):
+        x = normalise_counts(counts)
+        if isinstance(x, tf.SparseTensor):
+            hidden = tf.sparse.sparse_dense_matmul(x, self.kernel)
+        else:
+            hidden = tf.matmul(x, self.kernel)
+        hidden = tf.nn.relu(self.norm(hidden + self.bias, training=training))
+        hidden = self.drop(hidden, training=training)
+        loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
+        return loc, tf.nn.softplus(scale_raw) + 1e-4
+
+    def prior(self):
+        """(loc, scale) `[n_topics]` of the logistic-normal prior over topics."""
+        return laplace_dirichlet_prior(tf.nn.softplus(self.alpha_raw), self.n_topics)
+
+    def kl(self, loc, scale, prior_shift=0.0):
+        """KL(q || p) per cell `[batch]`; `prior_shift` `[batch, n_topics]` moves the prior's centre."""
+        prior_loc, prior_scale = self.prior()
+        q = tfd.MultivariateNormalDiag(loc, scale)
+        p = tfd.MultivariateNormalDiag(prior_loc + prior_shift, tf.broadcast_to(prior_scale, tf.shape(loc)))
+        return tfd.kl_divergence(q, p)
+
+    def get_config(self):
+        return {**super().get_config(), "n_genes": self.n_genes, "n_topics": self.n_topics,
+                "hidden_units": self.hidden_units, "dropout": self.dropout_rate,
+                "prior_alpha": self.prior_alpha, "learn_alpha": self.learn_alpha}

@@ -1,0 +1,182 @@
+"""The model: topic, cell and classification branches trained end to end on the negative ELBO."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_scmix.data import COUNTS, LABEL, SCData, gene_fingerprint
+from tfp_scmix.layers import PRIOR_VARIANTS, CellEncoder, ClassBranch, TopicBranch
+from tfp_scmix.layers.horseshoe import default_global_scale
+from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
+
+LABEL_MODES = ("cut", "joint", "class_prior")
+
+
+@keras.saving.register_keras_serializable(package="tfp_scmix")
+class SCMix(keras.Model):
+    """Joint topic model and few-shot classifier of single-cell counts.
+
+    Generative model: topic_gene_k ~ logistic-normal around the background profile; cell_topic_n ~
+    logistic-normal(Laplace approximation of Dirichlet(prior_alpha)); counts_n ~ Multinomial(library_n,
+    cell_topic_n @ topic_gene); label_n ~ Categorical(softmax(W log cell_topic_n + c)) where known,
+    W under the `prior` of the horseshoe family.
+
+    Loss (per minibatch; each branch's terms scaled by the size of the data it explains):
+      reconstruction + warm-up * (kl_cell + kl_topic)   per count
+      + label_weight * (label_nll + kl_class)           per labelled cell
+    label_mode says how labels reach the topics: "cut" (the classifier reads the topics, its gradient
+    stops there), "joint" (the label term trains the encoder too), or "class_prior" (each class has its
+    own centre of the topic prior, so labels shape topics generatively).
+
+    `call` is deterministic: {"probs" [batch, n_classes] (posterior predictive over fixed draws of W),
+    "label" [batch], "confidence" [batch], "topics" [batch, n_topics]}.
+    """
+
+    def __init__(self, genes, class_names, n_topics=50, hidden_units=256, dropout=0.2, prior="regularized",
+                 label_mode="cut", label_weight=1.0, prior_alpha=0.5, learn_alpha=False, kl_warmup_epochs=20,
+                 n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=3.0, global_scale=None,
+                 slab_scale=2.0, slab_df=None, label_noise=None, topic_prior_scale=1.0,
+                 n_predictive_samples=32, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if prior not in PRIOR_VARIANTS:
+            raise ValueError(f"prior must be one of {PRIOR_VARIANTS}, received {prior!r}")
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, received {label_mode!r}")
+        if len(class_names) < 2:
+            raise ValueError(f"a classifier needs at least two classes, received {list(class_names)}")
+        self.genes, self.class_names = [str(g) for g in genes], [str(c) for c in class_names]
+        self.n_genes, self.n_classes, self.n_topics = len(self.genes), len(self.class_names), int(n_topics)
+        if global_scale is None:
+            global_scale = default_global_scale(self.n_topics, n_labelled, expected_active_topics)
+        self.settings = dict(
+            n_topics=self.n_topics, hidden_units=int(hidden_units), dropout=float(dropout), prior=prior,
+            label_mode=label_mode, label_weight=float(label_weight), prior_alpha=float(prior_alpha),
+            learn_alpha=bool(learn_alpha), kl_warmup_epochs=float(kl_warmup_epochs), n_cells=int(n_cells),
+            n_labelled=int(max(n_labelled, 1)), total_counts=float(total_counts),
+            expected_active_topics=float(expected_active_topics), global_scale=float(global_scale),
+            slab_scale=float(slab_scale), slab_df=slab_df, label_noise=label_noise,
+            topic_prior_scale=float(topic_prior_scale), n_predictive_samples=int(n_predictive_samples),
+            seed=int(seed))
+        self.topics = TopicBranch(self.n_topics, self.n_genes, topic_prior_scale, name="topic_branch")
+        self.encoder = CellEncoder(self.n_genes, self.n_topics, hidden_units, dropout, prior_alpha, learn_alpha,
+                                   name="cell_branch")
+        self.classifier = ClassBranch(self.n_classes, self.n_topics, prior, global_scale, slab_scale, slab_df,
+                                      label_noise, n_predictive_samples, name="class_branch")
+        if label_mode == "class_prior":
+            self.class_centres = self.add_weight(shape=(self.n_classes, self.n_topics), initializer="zeros",
+                                                 name="class_centres")
+        self.cells_seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="cells_seen")
+        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name in ELBO_TERMS + ("label_accuracy", "topic_usage")}
+        self.built = True
+
+    @classmethod
+    def from_data(cls, data: SCData, **settings):
+        """A model sized for `data`, with the topic background set from its mean expression."""
+        model = cls(genes=list(data.genes), class_names=list(data.classes), n_cells=data.n_cells,
+                    n_labelled=data.n_labelled, total_counts=float(data.library_size.sum()), **settings)
+        model.topics.set_background(np.asarray(data.counts.mean(axis=0)).ravel())
+        return model
+
+    @property
+    def gene_fingerprint(self):
+        return gene_fingerprint(self.genes)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    # -- the deterministic forward pass --------------------------------------------------------
+    def call(self, inputs, training=False):
+        counts = inputs[COUNTS] if isinstance(inputs, dict) else inputs
+        loc, _ = self.encoder(counts, training=training)
+        probs = self.classifier(tf.nn.log_softmax(loc, axis=-1))
+        return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
+                "confidence": tf.reduce_max(probs, axis=-1), "topics": tf.nn.softmax(loc, axis=-1)}
+
+    # -- the loss -------------------------------------------------------------------------------
+    def elbo_terms(self, inputs, training=False):
+        """Named terms of the negative ELBO for one minibatch (scalars), plus diagnostics."""
+        s = self.settings
+        counts = as_sparse(inputs[COUNTS])
+        loc, scale = self.encoder(counts, training=training)
+        n_cells = tf.shape(loc)[0]
+        labels = inputs.get(LABEL, tf.fill([n_cells], -1))
+        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=3)
+
+        # Cell and topic branches: one reparameterized draw each.
+        z = loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=seeds[0])
+        log_cell_topic = tf.nn.log_softmax(z, axis=-1)
+        log_likelihood = multinomial_log_prob(counts, log_cell_topic, self.topics.sample_log_topic_gene(seeds[1]))
+        n_counts = tf.reduce_sum(counts.values)
+
+        # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
+        features = tf.concat([tf.nn.log_softmax(loc, axis=-1), log_cell_topic], axis=0)
+        if s["label_mode"] != "joint":
+            features = tf.stop_gradient(features)
+        log_probs, kl_class = self.classifier.sample_log_probs(features, seeds[2])
+        labelled = labels >= 0
+        safe_labels = tf.maximum(labels, 0)
+        nll = -tf.gather(log_probs, tf.tile(safe_labels, [2]), batch_dims=1)
+        mask = tf.cast(tf.tile(labelled, [2]), tf.float32)
+        n_labelled = tf.reduce_sum(mask)
+        label_nll = tf.math.divide_no_nan(tf.reduce_sum(nll * mask), n_labelled)
+
+        prior_shift = 0.0
+        if s["label_mode"] == "class_prior":
+            # Known labels pick their class centre; other cells use the classifier's expectation.
+            responsibility = tf.where(labelled[:, None], tf.one_hot(safe_labels, self.n_classes),
+                                      tf.stop_gradient(tf.exp(log_probs[:n_cells])))
+            prior_shift = tf.matmul(responsibility, self.class_centres)
+        kl_cell = tf.reduce_sum(self.encoder.kl(loc, scale, prior_shift)) / n_counts
+
+        warmup = 1.0
+        if s["kl_warmup_epochs"] > 0:
+            warmup = tf.minimum(1.0, (self.cells_seen + 1.0) / (s["kl_warmup_epochs"] * s["n_cells"]))
+        terms = {
+            "reconstruction": -tf.reduce_sum(log_likelihood) / n_counts,
+            "kl_cell": kl_cell,
+            "kl_topic": self.topics.kl() / s["total_counts"],
+            "kl_class": kl_class / s["n_labelled"],
+            "label_nll": label_nll,
+        }
+        terms["loss"] = (terms["reconstruction"] + warmup * (terms["kl_cell"] + terms["kl_topic"])
+                         + s["label_weight"] * (terms["label_nll"] + terms["kl_class"]))
+        correct = tf.cast(tf.equal(tf.argmax(log_probs[:n_cells], -1, output_type=tf.int32), labels), tf.float32)
+        terms["label_accuracy"] = (tf.reduce_sum(correct), tf.reduce_sum(tf.cast(labelled, tf.float32)))
+        mean_topic = tf.reduce_mean(tf.nn.softmax(loc, axis=-1), axis=0)
+        terms["topic_usage"] = tf.exp(-tf.reduce_sum(mean_topic * tf.math.log(mean_topic + 1e-12)))
+        return terms
+
+    def _update_metrics(self, terms):
+        for name, tracker in self.trackers.items():
+            if name == "label_accuracy":
+                hits, total = terms[name]
+                tracker.update_state(tf.math.divide_no_nan(hits, total), sample_weight=total)
+            else:
+                tracker.update_state(terms[name])
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    @staticmethod
+    def _inputs(data):
+        return data[0] if isinstance(data, (tuple, list)) else data
+
+    def train_step(self, data):
+        inputs = self._inputs(data)
+        with tf.GradientTape() as tape:
+            terms = self.elbo_terms(inputs, training=True)
+        gradients = tape.gradient(terms["loss"], self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        self.cells_seen.assign_add(tf.cast(tf.shape(inputs[LABEL])[0], tf.float32))
+        return self._update_metrics(terms)
+
+    def test_step(self, data):
+        return self._update_metrics(self.elbo_terms(self._inputs(data), training=False))
+
+    def get_config(self):
+        return {**super().get_config(), "genes": self.genes, "class_names": self.class_names, **self.settings}
+
+
+
