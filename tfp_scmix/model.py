@@ -37,7 +37,7 @@ class SCMix(keras.Model):
                  label_mode="cut", label_weight=1.0, prior_alpha=0.5, learn_alpha=False, kl_warmup_epochs=20,
                  n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=3.0, global_scale=None,
                  slab_scale=2.0, slab_df=None, label_noise=None, topic_prior_scale=1.0,
-                 n_predictive_samples=32, seed=0, **kwargs):
+                 n_predictive_samples=32, classifier_learning_rate=0.02, seed=0, **kwargs):
         super().__init__(**kwargs)
         if prior not in PRIOR_VARIANTS:
             raise ValueError(f"prior must be one of {PRIOR_VARIANTS}, received {prior!r}")
@@ -57,7 +57,7 @@ class SCMix(keras.Model):
             expected_active_topics=float(expected_active_topics), global_scale=float(global_scale),
             slab_scale=float(slab_scale), slab_df=slab_df, label_noise=label_noise,
             topic_prior_scale=float(topic_prior_scale), n_predictive_samples=int(n_predictive_samples),
-            seed=int(seed))
+            classifier_learning_rate=float(classifier_learning_rate), seed=int(seed))
         self.topics = TopicBranch(self.n_topics, self.n_genes, topic_prior_scale, name="topic_branch")
         self.encoder = CellEncoder(self.n_genes, self.n_topics, hidden_units, dropout, prior_alpha, learn_alpha,
                                    name="cell_branch")
@@ -68,6 +68,9 @@ class SCMix(keras.Model):
                                                  name="class_centres")
         self.cells_seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="cells_seen")
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+        # The classification branch sees ~150 labelled cells a few at a time: it gets its own, faster
+        # optimizer so that it converges within the epochs the topics need.
+        self.classifier_optimizer = keras.optimizers.Adam(classifier_learning_rate, name="classifier_optimizer")
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in ELBO_TERMS + ("label_accuracy", "topic_usage")}
         self.built = True
@@ -163,12 +166,30 @@ class SCMix(keras.Model):
     def _inputs(data):
         return data[0] if isinstance(data, (tuple, list)) else data
 
+    def _variable_groups(self):
+        """(variables of the main optimizer, variables of the classifier optimizer)."""
+        classifier_ids = {id(v) for v in self.classifier.trainable_variables}
+        others = [v for v in self.trainable_variables if id(v) not in classifier_ids]
+        return others, self.classifier.trainable_variables
+
+    def compile_from_config(self, config):
+        # Keras would build the optimizer over every variable; build each optimizer over its own group
+        # so that a saved optimizer state (needed to resume training) loads back.
+        built, self.built = self.built, False
+        super().compile_from_config(config)
+        self.built = built
+        others, classifier = self._variable_groups()
+        self.optimizer.build(others)
+        self.classifier_optimizer.build(classifier)
+
     def train_step(self, data):
         inputs = self._inputs(data)
         with tf.GradientTape() as tape:
             terms = self.elbo_terms(inputs, training=True)
-        gradients = tape.gradient(terms["loss"], self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
+        others, classifier = self._variable_groups()
+        gradients = tape.gradient(terms["loss"], [others, classifier])
+        self.optimizer.apply(gradients[0], others)
+        self.classifier_optimizer.apply(gradients[1], classifier)
         self.cells_seen.assign_add(tf.cast(tf.shape(inputs[LABEL])[0], tf.float32))
         return self._update_metrics(terms)
 

@@ -35,12 +35,15 @@ def normalise_counts(counts):
 class CellEncoder(keras.layers.Layer):
     """q(cell_topic | counts): log1p CP10k -> Dense(hidden) -> BatchNorm -> ReLU -> Dropout -> (loc, scale).
 
-    The first layer multiplies the sparse input directly, so its cost grows with the nonzeros.
+    The first layer reads sparse input; minibatches wider than `DENSE_BATCH_LIMIT` entries are multiplied
+    sparse, so memory is bounded by the batch, not the dataset.
     The prior p(cell_topic) is the logistic-normal Laplace approximation of Dirichlet(prior_alpha);
     with `learn_alpha` the concentration is learned (empirical Bayes).
 
     Shapes: counts `[batch, n_genes]` (tf.SparseTensor or dense) -> loc, scale `[batch, n_topics]`.
     """
+
+    DENSE_BATCH_LIMIT = 2 ** 22  # entries of a minibatch (16 MiB in float32) below which it is densified
 
     def __init__(self, n_genes, n_topics, hidden_units=256, dropout=0.2, prior_alpha=0.5, learn_alpha=False,
                  **kwargs):
@@ -63,7 +66,11 @@ class CellEncoder(keras.layers.Layer):
     def call(self, counts, training=False):
         x = normalise_counts(counts)
         if isinstance(x, tf.SparseTensor):
-            hidden = tf.sparse.sparse_dense_matmul(x, self.kernel)
+            # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
+            # small minibatches are densified (never the dataset); wide ones stay sparse.
+            hidden = tf.cond(tf.reduce_prod(x.dense_shape) <= self.DENSE_BATCH_LIMIT,
+                             lambda: tf.matmul(tf.sparse.to_dense(x), self.kernel),
+                             lambda: tf.sparse.sparse_dense_matmul(x, self.kernel))
         else:
             hidden = tf.matmul(x, self.kernel)
         hidden = tf.nn.relu(self.norm(hidden + self.bias, training=training))
