@@ -1,0 +1,319 @@
+"""Export stage: a trained `SCMix` -> TensorFlow SavedModel for serving, and a client that calls it.
+
+The SavedModel holds only TensorFlow graphs and variables, so a server or client needs TensorFlow, not
+tfp_scmix. Its signatures take raw counts in the model's gene order and return the deterministic
+outputs of `SCMix.call` (posterior means):
+
+  serving_default(counts float32 [batch, n_genes])
+  serving_sparse(indices int64 [nnz, 2], values float32 [nnz], dense_shape int64 [2])
+      -> {"probs" float32 [batch, n_classes], "label" string [batch], "label_id" int32 [batch],
+          "confidence" float32 [batch], "topics" float32 [batch, n_topics]}
+  metadata() -> {"genes" string [n_genes], "class_names" string [n_classes], "gene_fingerprint" string,
+                 "version" string}
+
+The same metadata are in `assets/` as genes.txt, class_names.txt (one name a line) and tfp_scmix.json,
+so a client can align its genes by reading files. `gene_fingerprint` is the first 16 hex digits of the
+SHA-256 of the gene names joined by newlines (`tfp_scmix.data.gene_fingerprint`).
+
+Usage: `python -m tfp_scmix.export MODEL.keras OUT_DIR [--overwrite] [--mlflow-experiment NAME]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from tfp_scmix import __version__
+from tfp_scmix.data import DataError, from_anndata, gene_fingerprint
+from tfp_scmix.mlflow_serving import call_in_batches, outputs_frame
+
+SERVING_DENSE, SERVING_SPARSE, METADATA = "serving_default", "serving_sparse", "metadata"
+GENES_FILE, CLASSES_FILE, METADATA_FILE = "genes.txt", "class_names.txt", "tfp_scmix.json"
+OUTPUT_KEYS = ("probs", "label", "label_id", "confidence", "topics")
+MLFLOW_CODE = Path(__file__).with_name("mlflow_serving.py")
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic directory writes
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite: bool = False):
+    """Yield a temporary directory beside `path` that becomes `path` only when the block succeeds.
+
+    A failure (or a crash) inside the block leaves `path` as it was: absent, or the previous export.
+    With `overwrite`, an existing `path` is swapped out by renames and deleted after the new one is in place.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it, "
+                              "or export to a new version directory (e.g. export/2).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# SavedModel export
+# --------------------------------------------------------------------------------------------
+
+
+def _metadata(model) -> dict:
+    return {"genes": list(model.genes), "class_names": list(model.class_names),
+            "gene_fingerprint": model.gene_fingerprint, "version": __version__,
+            "n_genes": model.n_genes, "n_classes": model.n_classes, "n_topics": model.n_topics,
+            "signatures": {"dense": SERVING_DENSE, "sparse": SERVING_SPARSE, "metadata": METADATA},
+            "settings": model.settings}
+
+
+def _serving_module(model, asset_dir: Path):
+    """A tf.Module holding the model's variables, the metadata assets and the serving functions."""
+    import tensorflow as tf
+
+    meta = _metadata(model)
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    (asset_dir / GENES_FILE).write_text("\n".join(meta["genes"]) + "\n")
+    (asset_dir / CLASSES_FILE).write_text("\n".join(meta["class_names"]) + "\n")
+    (asset_dir / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+
+    module = tf.Module(name="tfp_scmix_serving")
+    # Lists assigned to a tf.Module are tracked, so every variable the functions capture is saved.
+    module.model_variables = list(model.variables)
+    module.assets = [tf.saved_model.Asset(str(asset_dir / name))
+                     for name in (GENES_FILE, CLASSES_FILE, METADATA_FILE)]
+    n_genes = model.n_genes
+    class_names = tf.constant(meta["class_names"])
+
+    def predict(counts):
+        out = model(counts, training=False)
+        return {"probs": out["probs"], "label": tf.gather(class_names, out["label"]),
+                "label_id": out["label"], "confidence": out["confidence"], "topics": out["topics"]}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, n_genes], tf.float32, name="counts")])
+    def serve_dense(counts):
+        with tf.control_dependencies([tf.debugging.assert_non_negative(
+                counts, message="counts must be raw (non-negative) counts")]):
+            return predict(tf.identity(counts))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.int64, name="indices"),
+                                  tf.TensorSpec([None], tf.float32, name="values"),
+                                  tf.TensorSpec([2], tf.int64, name="dense_shape")])
+    def serve_sparse(indices, values, dense_shape):
+        checks = [tf.debugging.assert_equal(dense_shape[1], tf.constant(n_genes, tf.int64), message=(
+                      f"dense_shape[1] must be the model's number of genes ({n_genes})")),
+                  tf.debugging.assert_non_negative(values, message="counts must be raw (non-negative) counts")]
+        with tf.control_dependencies(checks):
+            counts = tf.sparse.reorder(tf.SparseTensor(indices, values, dense_shape))
+        return predict(counts)
+
+    @tf.function(input_signature=[])
+    def metadata():
+        return {"genes": tf.constant(meta["genes"]), "class_names": class_names,
+                "gene_fingerprint": tf.constant(meta["gene_fingerprint"]), "version": tf.constant(__version__)}
+
+    module.serve_dense, module.serve_sparse, module.metadata = serve_dense, serve_sparse, metadata
+    signatures = {SERVING_DENSE: serve_dense, SERVING_SPARSE: serve_sparse, METADATA: metadata}
+    return module, signatures
+
+
+def export_serving(model, path, overwrite: bool = False) -> Path:
+    """Write `model` as a TensorFlow SavedModel at `path` (atomically) and return the path.
+
+    Signatures and assets: see the module docstring. Outputs are deterministic posterior means.
+    """
+    import tensorflow as tf
+
+    with atomic_directory(path, overwrite) as tmp:
+        with tempfile.TemporaryDirectory(prefix="tfp_scmix_assets-") as asset_dir:
+            module, signatures = _serving_module(model, Path(asset_dir))
+            tf.saved_model.save(module, str(tmp), signatures=signatures)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Client: call an export from Python, aligning an AnnData to its genes
+# --------------------------------------------------------------------------------------------
+
+
+class ExportedAnnotator:
+    """A loaded export: predicts from counts in the model's gene order or from an AnnData.
+
+    annotator = ExportedAnnotator("export/1")
+    annotator.predict(csr)          # [cells, n_genes] in annotator.genes order -> dict of numpy arrays
+    annotator.annotate(adata)       # aligns adata's genes by name -> DataFrame indexed by obs_names
+    """
+
+    def __init__(self, path, batch_size: int = 1024):
+        import tensorflow as tf
+
+        path = Path(path)
+        if not (path / "saved_model.pb").exists():
+            raise FileNotFoundError(f"no SavedModel at {path} (saved_model.pb is missing); "
+                                    "write one with tfp_scmix.export.export_serving(model, path).")
+        self.path, self.batch_size = path, int(batch_size)
+        self.loaded = tf.saved_model.load(str(path))
+        meta = {k: v.numpy() for k, v in self.loaded.signatures[METADATA]().items()}
+        self.genes = [g.decode() for g in meta["genes"]]
+        self.class_names = [c.decode() for c in meta["class_names"]]
+        self.gene_fingerprint = meta["gene_fingerprint"].decode()
+        self.version = meta["version"].decode()
+        self.n_genes = len(self.genes)
+
+    def check_genes(self, genes=None, fingerprint: str | None = None) -> None:
+        """Raise `DataError` unless the gene list (or its fingerprint) is the model's, in its order."""
+        if genes is not None:
+            fingerprint = gene_fingerprint(genes)
+        if fingerprint is not None and fingerprint != self.gene_fingerprint:
+            raise DataError(f"gene fingerprint {fingerprint} does not match the exported model's "
+                            f"{self.gene_fingerprint}: the columns are not the model's {self.n_genes} genes "
+                            "in its order. Align them first (ExportedAnnotator.annotate(adata) does it by "
+                            f"name; the model's genes are in {self.path / 'assets' / GENES_FILE}).")
+
+    def predict(self, counts, genes=None, fingerprint: str | None = None) -> dict:
+        """Outputs for raw counts `[cells, n_genes]` (CSR or dense) in the model's gene order.
+
+        genes / fingerprint: the caller's column names or their fingerprint, checked against the model's.
+        Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id", "confidence", "topics"}.
+        """
+        import tensorflow as tf
+
+        self.check_genes(genes, fingerprint)
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+        if counts.ndim != 2 or counts.shape[1] != self.n_genes:
+            raise DataError(f"counts have shape {counts.shape}, the exported model expects "
+                            f"[cells, {self.n_genes}] in its gene order; align them first "
+                            "(ExportedAnnotator.annotate(adata) aligns an AnnData by gene name).")
+        if counts.shape[0] == 0:
+            raise DataError("no cells to predict (0 rows).")
+        coo = counts.tocoo()  # rows then columns, as a SparseTensor wants them
+
+        def block(start, stop):
+            rows = slice(*np.searchsorted(coo.row, [start, stop]))
+            return {"indices": tf.constant(np.stack([coo.row[rows] - start, coo.col[rows]], 1), tf.int64),
+                    "values": tf.constant(coo.data[rows], tf.float32),
+                    "dense_shape": tf.constant([stop - start, self.n_genes], tf.int64)}
+
+        result = call_in_batches(self.loaded.signatures[SERVING_SPARSE], self.batch_size, counts.shape[0], block)
+        result["label"] = np.char.decode(result["label"].astype(bytes))
+        return result
+
+    def annotate(self, adata, counts: str | None = None, min_gene_fraction: float = 0.5) -> pd.DataFrame:
+        """Align an AnnData (or .h5ad path) to the model's genes by name and predict every cell.
+
+        Returns a DataFrame indexed by obs_names: label, confidence, prob_<class>..., topic_<k>...
+        """
+        data = from_anndata(adata, counts=counts, label_key=None, genes=self.genes,
+                            min_gene_fraction=min_gene_fraction, allow_empty_cells=True)
+        out = self.predict(data.counts, genes=data.genes)
+        return outputs_frame(out, self.class_names, index=data.obs_names)
+
+
+def load_exported(path, batch_size: int = 1024) -> ExportedAnnotator:
+    """Load an export written by `export_serving` (see `ExportedAnnotator`)."""
+    return ExportedAnnotator(path, batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow: a pyfunc model that serves the SavedModel
+# --------------------------------------------------------------------------------------------
+
+
+def log_mlflow(model_or_export, name: str = "model", input_example_cells: int = 2, **log_kwargs):
+    """Log a served model to the active MLflow run (one is started if none is); return its ModelInfo.
+
+    `model_or_export`: an SCMix (exported to a temporary SavedModel first) or an export directory.
+    The pyfunc model (tfp_scmix/mlflow_serving.py, logged as code) needs TensorFlow and pandas, not
+    tfp_scmix. Serve it with `mlflow models serve -m <model_uri> --env-manager local`; its input is a
+    DataFrame whose columns are the model's gene names (raw counts), its output one row per cell:
+    label, confidence, prob_<class>..., topic_<k>....
+    """
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    with contextlib.ExitStack() as stack:
+        export = model_or_export
+        if not isinstance(model_or_export, (str, os.PathLike)):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfp_scmix_export-"))
+            export = export_serving(model_or_export, Path(tmp) / "saved_model")
+        annotator = ExportedAnnotator(export)
+        columns = (["label", "confidence"] + [f"prob_{c}" for c in annotator.class_names]
+                   + [f"topic_{k}" for k in range(int(annotator.loaded.signatures[SERVING_DENSE]
+                                                    .structured_outputs["topics"].shape[-1]))])
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("float", g) for g in annotator.genes]),
+            outputs=Schema([ColSpec("string", columns[0])] + [ColSpec("float", c) for c in columns[1:]]))
+        example = pd.DataFrame(np.zeros((input_example_cells, annotator.n_genes), np.float32),
+                               columns=annotator.genes)
+        example.iloc[:, : min(10, annotator.n_genes)] = 1.0
+        requirements = [f"tensorflow=={tf.__version__}", f"pandas=={pd.__version__}",
+                        f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+        if mlflow.active_run() is None:
+            stack.enter_context(mlflow.start_run())
+        mlflow.set_tags({"tfp_scmix.version": annotator.version,
+                         "tfp_scmix.gene_fingerprint": annotator.gene_fingerprint})
+        return mlflow.pyfunc.log_model(name=name, python_model=str(MLFLOW_CODE),
+                                       artifacts={"saved_model": str(export)}, signature=signature,
+                                       input_example=example, pip_requirements=requirements, **log_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tfp_scmix.export",
+                                     description="Export a trained tfp_scmix model (.keras) as a SavedModel.")
+    parser.add_argument("model", help="trained model file (MODEL.keras)")
+    parser.add_argument("out_dir", help="SavedModel directory to write (e.g. export/1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    parser.add_argument("--mlflow-experiment", default=None,
+                        help="also log a served pyfunc model to this MLflow experiment "
+                             "(tracking store: $MLFLOW_TRACKING_URI)")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    import tfp_scmix.model  # noqa: F401  (registers the custom classes for loading)
+
+    if not Path(args.model).exists():
+        parser.error(f"model file {args.model} not found")
+    model = keras.models.load_model(args.model)
+    path = export_serving(model, args.out_dir, overwrite=args.overwrite)
+    print(f"exported {model.n_genes} genes x {model.n_classes} classes (gene fingerprint "
+          f"{model.gene_fingerprint}) to {path}")
+    if args.mlflow_experiment:
+        import mlflow
+
+        mlflow.set_experiment(args.mlflow_experiment)
+        info = log_mlflow(path)
+        print(f"logged MLflow model {info.model_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""MLflow pyfunc model that serves a tfp_scmix SavedModel (logged as code by `export.log_mlflow`).
+
+Self-contained on purpose: MLflow copies this file into the logged model, where it runs with only
+TensorFlow, pandas and MLflow installed. Request: a DataFrame of raw counts whose columns are the
+model's gene names (any order; every gene must be present). Response: one row per cell with label,
+confidence, prob_<class>... and topic_<k>.... `outputs_frame` also shapes `ExportedAnnotator.annotate`.
+"""
+
+import numpy as np
+import pandas as pd
+
+
+def outputs_frame(out, class_names, index=None):
+    """Serving outputs (dict of arrays) as a DataFrame: label, confidence, prob_<class>..., topic_<k>..."""
+    label = np.asarray(out["label"])
+    label = np.char.decode(label.astype(bytes)) if label.dtype.kind in "OS" else label.astype(str)
+    frame = pd.DataFrame({"label": label, "confidence": out["confidence"]}, index=index)
+    probs = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in class_names], index=frame.index)
+    topics = pd.DataFrame(out["topics"], columns=[f"topic_{k}" for k in range(out["topics"].shape[1])],
+                          index=frame.index)
+    return pd.concat([frame, probs, topics], axis=1)
+
+
+def call_in_batches(signature, batch_size, n_rows, make_inputs):
+    """Run a serving signature over rows [0, n_rows) in blocks; concatenated numpy outputs."""
+    parts = [{k: v.numpy() for k, v in signature(**make_inputs(start, min(start + batch_size, n_rows))).items()}
+             for start in range(0, n_rows, batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+try:
+    import mlflow
+except ImportError:  # tfp_scmix.export uses the helpers above without MLflow installed
+    mlflow = None
+
+if mlflow is not None:
+
+    class SCMixServing(mlflow.pyfunc.PythonModel):
+        """Pyfunc wrapper of the SavedModel artifact "saved_model" (dense signature)."""
+
+        batch_size = 1024
+
+        def load_context(self, context):
+            import tensorflow as tf
+
+            loaded = tf.saved_model.load(context.artifacts["saved_model"])
+            self.serve = loaded.signatures["serving_default"]
+            meta = loaded.signatures["metadata"]()
+            self.genes = [g.decode() for g in meta["genes"].numpy()]
+            self.class_names = [c.decode() for c in meta["class_names"].numpy()]
+
+        def predict(self, context, model_input, params=None):
+            import tensorflow as tf
+
+            frame = pd.DataFrame(model_input)
+            missing = pd.Index(self.genes).difference(frame.columns)
+            if len(missing):
+                raise ValueError(f"the request lacks {len(missing)} of the model's {len(self.genes)} genes "
+                                 f"(e.g. {list(missing[:5])}); send one column per model gene (zeros for "
+                                 "genes not measured), named as in the model's assets/genes.txt.")
+            if len(frame) == 0:
+                raise ValueError("the request has no rows (cells).")
+            counts = frame[self.genes].to_numpy(np.float32)
+            out = call_in_batches(self.serve, self.batch_size, len(counts),
+                                  lambda i, j: {"counts": tf.constant(counts[i:j])})
+            return outputs_frame(out, self.class_names, index=frame.index)
+
+    mlflow.models.set_model(SCMixServing())
