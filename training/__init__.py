@@ -1,0 +1,5 @@
+"""The application around tfp_scmix: MLflow-tracked training runs and keras-tuner searches.
+
+`python -m training.run CONFIG.toml` trains one model and records it; `python -m training.tune CONFIG.toml`
+searches the model's settings, each trial a nested MLflow run. The library never imports this package.
+"""

@@ -1,0 +1,158 @@
+"""A tracked training run: `python -m training.run CONFIG.toml [--set section.key=value ...]`.
+
+Records in MLflow: the configuration and the model's resolved settings as parameters; the data's identity
+and the code version; every epoch's ELBO terms and validation accuracy / macro-F1; the test scores; and as
+artifacts the saved model (also logged as an MLflow Keras model), the explanation tables and figures, and
+a confusion matrix.
+"""
+
+import argparse
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import keras
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+
+import tfp_scmix as scm
+from tfp_scmix import explain
+from training import config as run_config
+from training import data as run_data
+from training import store
+from training.callbacks import MLflowLogger, classification_scores, predict_labels
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
+
+_REQUIREMENTS = ("tfp_scmix", "tensorflow", "tensorflow-probability", "tf-keras", "keras")
+
+
+def build_model(train: scm.SCData, settings: dict, learning_rate: float) -> scm.SCMix:
+    """An SCMix sized for `train` with the given settings, compiled with Adam(learning_rate)."""
+    model = scm.SCMix.from_data(train, **settings)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    return model
+
+
+def fit(model, splits: run_data.Splits, epochs: int, batch_size: int, patience: int = 0, callbacks=(),
+        initial_epoch: int = 0, seed: int = 0, verbose: int = 0):
+    """`model.fit` on the training cells, logging each epoch to the active MLflow run; returns the History.
+
+    patience > 0 stops when val_macro_f1 has not improved for that many epochs and keeps the best weights.
+    """
+    mlflow.log_params({f"model.{name}": value for name, value in model.settings.items()})
+    logger_cb = MLflowLogger(splits.validation, batch_size=max(batch_size, 512))
+    stopping = [keras.callbacks.EarlyStopping("val_macro_f1", mode="max", patience=patience,
+                                              restore_best_weights=True)] if patience else []
+    validation = splits.validation.dataset(batch_size, shuffle=False) if splits.validation.n_cells else None
+    return model.fit(splits.train.dataset(batch_size, seed=seed), epochs=epochs, initial_epoch=initial_epoch,
+                     validation_data=validation, callbacks=[logger_cb, *stopping, *callbacks], verbose=verbose)
+
+
+def _requirements():
+    pins = []
+    for dist in _REQUIREMENTS:
+        try:
+            pins.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            pins.append(dist)
+    return pins
+
+
+def log_model(model, registered_model: str | None = None):
+    """Log the model as the run artifact model/scmix.keras and as an MLflow Keras model (registered if named)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scmix.keras"
+        model.save(path)
+        mlflow.log_artifact(str(path), "model")
+    return mlflow.keras.log_model(model, name="model", pip_requirements=_requirements(),
+                                  registered_model_name=registered_model)
+
+
+def log_evaluation(model, cells: scm.SCData, prefix: str = "test_") -> dict:
+    """Score `cells` (metrics `<prefix>errors/accuracy/macro_f1`) and log their confusion matrix."""
+    predicted = predict_labels(model, cells)
+    scores = classification_scores(cells.labels, predicted, prefix)
+    mlflow.log_metrics(scores)
+    names = list(model.class_names)
+    matrix = confusion_matrix(cells.labels, predicted, labels=np.arange(len(names)))
+    with tempfile.TemporaryDirectory() as tmp:
+        pd.DataFrame(matrix, index=pd.Index(names, name="true"), columns=pd.Index(names, name="predicted")
+                     ).to_csv(Path(tmp) / "confusion_matrix.csv")
+        size = 3 + 0.6 * len(names)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, xticks_rotation="vertical",
+                                                                   colorbar=False)
+        ax.set_title(f"{prefix.rstrip('_')} cells: {scores[prefix + 'errors']} errors of {cells.n_cells}")
+        fig.tight_layout()
+        fig.savefig(Path(tmp) / "confusion_matrix.png", dpi=100)
+        plt.close(fig)
+        mlflow.log_artifacts(tmp, f"evaluation/{prefix.rstrip('_')}")
+    return scores
+
+
+def log_explanations(model):
+    """Log tfp_scmix.explain's tables (CSV) and figures (PNG) under explain/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        explain.write_explanations(model, tmp)
+        mlflow.log_artifacts(tmp, "explain")
+
+
+def log_outputs(model, splits: run_data.Splits, registered_model: str | None = None) -> dict:
+    """Everything recorded after training: scores, confusion matrix, model, explanations."""
+    scores = log_evaluation(model, splits.validation, "val_final_") if splits.validation.n_cells else {}
+    if splits.test.n_cells:
+        scores.update(log_evaluation(model, splits.test, "test_"))
+    log_model(model, registered_model)
+    log_explanations(model)
+    return scores
+
+
+def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
+    """Parameters, data identity, code version and the configuration file of the active run."""
+    mlflow.log_params({**cfg.params(), **splits.identity})
+    mlflow.set_tags({**store.code_version(), "tfp_scmix.version": scm.__version__,
+                     "config": cfg.source or "", "data.path": cfg.data.path})
+    if cfg.source and Path(cfg.source).is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(cfg.source, Path(tmp) / Path(cfg.source).name)
+            mlflow.log_artifacts(tmp, "config")
+
+
+def train(cfg: run_config.RunConfig, callbacks=(), verbose: int = 0):
+    """Train one model as configured, recorded as an MLflow run; returns (run id, model, scores)."""
+    store.configure()
+    experiment = store.experiment_id(cfg.experiment)
+    splits = run_data.load(cfg.data)
+    keras.utils.set_random_seed(cfg.data.seed)
+    with store.start_run(experiment_id=experiment, run_name=cfg.run_name) as run:
+        log_context(cfg, splits)
+        model = build_model(splits.train, cfg.model, cfg.training.learning_rate)
+        t = cfg.training
+        fit(model, splits, t.epochs, t.batch_size, t.early_stopping_patience, callbacks, seed=cfg.data.seed,
+            verbose=verbose)
+        scores = log_outputs(model, splits)
+    return run.info.run_id, model, scores
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="run configuration (TOML), e.g. training/configs/pbmc68k_reduced.toml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a configuration value, e.g. --set training.epochs=3 (repeatable)")
+    args = parser.parse_args(argv)
+    cfg = run_config.load(args.config, args.set)
+    run_id, _, scores = train(cfg, verbose=2)
+    print(f"run {run_id} in experiment {cfg.experiment!r} of {store.tracking_uri()}")
+    print(" ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+    if store.uses_default_store():
+        print(f"see it with: mlflow ui --backend-store-uri {store.tracking_uri()}")
+
+
+if __name__ == "__main__":
+    main()
