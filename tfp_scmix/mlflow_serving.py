@@ -49,7 +49,7 @@ if mlflow is not None:
             self.genes = [g.decode() for g in meta["genes"].numpy()]
             self.class_names = [c.decode() for c in meta["class_names"].numpy()]
 
-        def predict(self, context, model_input, params=None):
+        def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
             import tensorflow as tf
 
             frame = pd.DataFrame(model_input)

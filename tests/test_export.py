@@ -1,0 +1,308 @@
+"""SavedModel export, the client that aligns an AnnData to it, atomic writes and MLflow serving."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfp_scmix as scm
+from tfp_scmix import datasets, export
+from tfp_scmix.data import DataError, gene_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return datasets.pbmc68k_reduced()
+
+
+@pytest.fixture(scope="module")
+def trained(adata, tmp_path_factory):
+    """(model, data, model.keras path, export dir): a tiny model trained for 2 epochs and its export."""
+    keras.utils.set_random_seed(0)
+    data = scm.from_anndata(adata, label_key="cell_type")
+    model = scm.SCMix.from_data(data, n_topics=10)
+    model.compile(optimizer=keras.optimizers.Adam(2e-3))
+    model.fit(data.dataset(128), epochs=2, verbose=0)
+    root = tmp_path_factory.mktemp("export")
+    model.save(root / "model.keras")
+    return model, data, root / "model.keras", export.export_serving(model, root / "serving" / "1")
+
+
+@pytest.fixture(scope="module")
+def expected(trained):
+    """In-process predictions on every cell (dense counts in the model's gene order)."""
+    model, data, _, _ = trained
+    out = model.predict(data.counts.toarray(), verbose=0)
+    return {**out, "label_name": np.asarray(model.class_names)[out["label"]]}
+
+
+def test_export_holds_genes_classes_version_and_fingerprint(trained):
+    model, _, _, path = trained
+    assets = path / "assets"
+    assert (assets / export.GENES_FILE).read_text().split("\n")[:-1] == model.genes
+    assert (assets / export.CLASSES_FILE).read_text().split("\n")[:-1] == model.class_names
+    meta = json.loads((assets / export.METADATA_FILE).read_text())
+    assert meta["gene_fingerprint"] == gene_fingerprint(model.genes) == model.gene_fingerprint
+    assert meta["version"] == scm.__version__ and meta["n_topics"] == 10
+    annotator = export.load_exported(path)
+    assert annotator.genes == model.genes and annotator.class_names == model.class_names
+    assert annotator.gene_fingerprint == model.gene_fingerprint and annotator.version == scm.__version__
+    # Nothing but the export is left in the parent folder (no temporary directories).
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1"]
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys
+
+    class Block:  # tfp_scmix (and TFP, which the model was built with) must not be needed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"tfp_scmix", "tensorflow_probability"}:
+                raise ImportError(f"{name} is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    try:
+        import tfp_scmix
+        raise SystemExit("tfp_scmix was importable")
+    except ImportError:
+        pass
+
+    import numpy as np
+    import tensorflow as tf
+
+    export, inputs, result = sys.argv[1:4]
+    x = np.load(inputs)["counts"]
+    loaded = tf.saved_model.load(export)
+    dense = loaded.signatures["serving_default"](counts=tf.constant(x))
+    rows, cols = np.nonzero(x)
+    sparse = loaded.signatures["serving_sparse"](
+        indices=tf.constant(np.stack([rows, cols], 1), tf.int64), values=tf.constant(x[rows, cols]),
+        dense_shape=tf.constant(x.shape, tf.int64))
+    genes = [g.decode() for g in loaded.signatures["metadata"]()["genes"].numpy()]
+    assert "tfp_scmix" not in sys.modules and "tensorflow_probability" not in sys.modules
+    as_numpy = lambda v: np.char.decode(v.numpy().astype(bytes)) if v.dtype == tf.string else v.numpy()
+    np.savez(result, genes=np.array(genes), **{f"dense_{k}": as_numpy(v) for k, v in dense.items()},
+             **{f"sparse_{k}": as_numpy(v) for k, v in sparse.items()})
+""")
+
+
+def test_fresh_process_without_tfp_scmix_gets_the_same_predictions(trained, expected, tmp_path):
+    model, data, _, path = trained
+    n = 64
+    np.savez(tmp_path / "inputs.npz", counts=data.counts[:n].toarray())
+    (tmp_path / "client.py").write_text(FRESH_PROCESS)
+    run = subprocess.run([sys.executable, "client.py", str(path), "inputs.npz", "result.npz"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(tmp_path / "result.npz")
+    assert list(got["genes"]) == model.genes
+    for form in ("dense", "sparse"):
+        np.testing.assert_allclose(got[f"{form}_probs"], expected["probs"][:n], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[f"{form}_topics"], expected["topics"][:n], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[f"{form}_confidence"], expected["confidence"][:n], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(got[f"{form}_label_id"], expected["label"][:n])
+        np.testing.assert_array_equal(got[f"{form}_label"], expected["label_name"][:n])
+
+
+def test_annotator_aligns_anndata_genes_by_name(trained, expected, adata):
+    model, _, _, path = trained
+    # Shuffle the gene order and drop 5% of the genes: alignment must put them back by name.
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.permutation(adata.n_vars)[: int(0.95 * adata.n_vars)])
+    shuffled = adata[:, rng.permutation(keep)].copy()
+    frame = export.load_exported(path, batch_size=100).annotate(shuffled)
+    reference = model.predict(scm.from_anndata(shuffled, label_key=None, genes=model.genes).counts.toarray(),
+                              verbose=0)
+    assert list(frame.index) == list(adata.obs_names)
+    np.testing.assert_allclose(frame[[f"prob_{c}" for c in model.class_names]].to_numpy(), reference["probs"],
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(frame["label"].to_numpy(), np.asarray(model.class_names)[reference["label"]])
+    # With every gene present, the annotator reproduces the in-process model on the full data.
+    full = export.load_exported(path).annotate(adata)
+    np.testing.assert_allclose(full["confidence"].to_numpy(), expected["confidence"], rtol=1e-4, atol=1e-6)
+    assert list(full.columns[:2]) == ["label", "confidence"] and full.shape[1] == 2 + model.n_classes + 10
+
+
+def test_wrong_width_or_genes_give_clear_errors(trained, adata):
+    model, data, _, path = trained
+    annotator = export.load_exported(path)
+    with pytest.raises(DataError, match=rf"expects \[cells, {model.n_genes}\]"):
+        annotator.predict(data.counts[:5, :-1])
+    with pytest.raises(DataError, match="fingerprint .* does not match"):
+        annotator.predict(data.counts[:5], genes=model.genes[::-1])
+    with pytest.raises(DataError, match="fingerprint .* does not match"):
+        annotator.predict(data.counts[:5], fingerprint="0123456789abcdef")
+    renamed = adata.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    with pytest.raises(DataError, match="different kinds of gene identifiers"):
+        annotator.annotate(renamed)
+    # A client calling the sparse signature directly gets the model's gene count in the error.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"number of genes \\({model.n_genes}\\)"):
+        annotator.loaded.signatures[export.SERVING_SPARSE](
+            indices=tf.constant([[0, 0]], tf.int64), values=tf.constant([1.0]),
+            dense_shape=tf.constant([1, model.n_genes - 1], tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-negative"):
+        annotator.loaded.signatures[export.SERVING_DENSE](counts=-tf.ones([1, model.n_genes]))
+
+
+def _failing_save(real_save):
+    def save(obj, export_dir, *args, **kwargs):
+        real_save(obj, export_dir, *args, **kwargs)  # files written ...
+        (Path(export_dir) / "variables" / "variables.data-00000-of-00001").write_bytes(b"truncated")
+        raise OSError("disk full")  # ... then the write fails midway
+    return save
+
+
+def test_failed_export_leaves_no_model_and_keeps_the_old_one(trained, tmp_path, monkeypatch):
+    model, _, _, _ = trained
+    target = tmp_path / "serving" / "1"
+    monkeypatch.setattr(tf.saved_model, "save", _failing_save(tf.saved_model.save))
+    with pytest.raises(OSError, match="disk full"):
+        export.export_serving(model, target)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+
+    export.export_serving(model, target)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export.export_serving(model, target)
+    monkeypatch.setattr(tf.saved_model, "save", _failing_save(tf.saved_model.save))
+    with pytest.raises(OSError, match="disk full"):
+        export.export_serving(model, target, overwrite=True)
+    monkeypatch.undo()
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in target.parent.iterdir()] == ["1"]
+    export.export_serving(model, target, overwrite=True)
+    assert export.load_exported(target).gene_fingerprint == model.gene_fingerprint
+    assert [p.name for p in target.parent.iterdir()] == ["1"]
+
+
+CRASHING_CLI = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import tensorflow as tf
+    from tfp_scmix import export
+
+    real_save = tf.saved_model.save
+    def save(obj, export_dir, *args, **kwargs):
+        real_save(obj, export_dir, *args, **kwargs)
+        os._exit(3)  # the process dies midway: no exception handler, no cleanup runs
+    tf.saved_model.save = save
+    export.main(sys.argv[1:])
+""")
+
+
+def test_cli_exports_and_a_crash_midway_leaves_nothing_at_the_target(trained, expected, tmp_path):
+    model, data, model_file, _ = trained
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    (tmp_path / "crash.py").write_text(CRASHING_CLI)
+    crash = subprocess.run([sys.executable, "crash.py", str(model_file), "out/1"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert crash.returncode == 3, crash.stderr[-3000:]
+    assert not (tmp_path / "out" / "1").exists()
+
+    run = subprocess.run([sys.executable, "-m", "tfp_scmix.export", str(model_file), "out/1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert model.gene_fingerprint in run.stdout
+    out = export.load_exported(tmp_path / "out" / "1").predict(data.counts[:20])
+    np.testing.assert_allclose(out["probs"], expected["probs"][:20], rtol=1e-4, atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url, payload):
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    model, data, _, path = trained
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment(experiment_name="serving-test")
+    try:
+        with mlflow.start_run():
+            info = export.log_mlflow(path)
+    finally:
+        mlflow.set_tracking_uri(None)
+    cells = [3, 10, 200, 450, 699]
+    counts = data.counts[cells].toarray()
+
+    port = _free_port()
+    # The server execs `uvicorn` from PATH: put this environment's scripts first, as an activated venv does.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "server not ready in 120 s:\n" + \
+                (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+
+        # Columns in a shuffled order: the served model aligns them by name.
+        order = np.random.default_rng(0).permutation(model.n_genes)
+        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {
+            "columns": [model.genes[i] for i in order], "data": counts[:, order].tolist()}})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert [r["label"] for r in rows] == list(expected["label_name"][cells])
+        probs = np.array([[r[f"prob_{c}"] for c in model.class_names] for r in rows])
+        np.testing.assert_allclose(probs, expected["probs"][cells], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose([r["confidence"] for r in rows], expected["confidence"][cells],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose([[r[f"topic_{k}"] for k in range(10)] for r in rows],
+                                   expected["topics"][cells], rtol=1e-4, atol=1e-6)
+
+        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {
+            "columns": model.genes[:-1], "data": counts[:, :-1].tolist()}})
+        assert status == 400 and model.genes[-1] in json.dumps(body), body
+    finally:
+        _stop(server)
+
+
+def _stop(server):
+    """End the server's process group (mlflow starts uvicorn as a child)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
