@@ -81,6 +81,7 @@ class RunConfig:
     search: SearchConfig
     run_name: str | None = None
     source: str | None = None  # the file it was read from
+    overrides: tuple = ()  # "section.key=value" strings applied on top of it
 
     def params(self) -> dict:
         """The data, training and search settings as flat MLflow parameters ("data.n_labelled": 150, ...).
@@ -128,7 +129,7 @@ def _check_space(space: dict, where: str):
             raise ConfigError(f"{where}: {name} must be a list of choices or a {{min, max}} range, received {spec!r}.")
 
 
-def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
+def from_dict(raw: dict, source: str = "<config>", overrides=()) -> RunConfig:
     """A validated `RunConfig` from the parsed TOML tables."""
     raw = dict(raw)
     unknown = sorted(set(raw) - {"experiment", "run_name", "data", "model", "training", "search"})
@@ -153,7 +154,8 @@ def from_dict(raw: dict, source: str = "<config>") -> RunConfig:
     if search.algorithm not in ALGORITHMS:
         raise ConfigError(f"{source} [search]: algorithm must be one of {ALGORITHMS}, received {search.algorithm!r}.")
     _check_space(search.space, f"{source} [search.space]")
-    return RunConfig(raw["experiment"], data, model, training, search, raw.get("run_name"), source)
+    return RunConfig(raw["experiment"], data, model, training, search, raw.get("run_name"), source,
+                     tuple(overrides))
 
 
 def _set(raw: dict, assignment: str):
@@ -183,4 +185,4 @@ def load(path, overrides=()) -> RunConfig:
         raise ConfigError(f"{path} is not valid TOML: {err}.") from err
     for assignment in overrides:
         _set(raw, assignment)
-    return from_dict(raw, str(path))
+    return from_dict(raw, str(path), overrides)

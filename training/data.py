@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -68,6 +69,7 @@ def load(cfg: DataConfig) -> Splits:
         train, full = train.select_genes(genes), full.select_genes(genes)
     scored = lambda index: full.subset(index[full.labels[index] >= 0])  # noqa: E731
     identity = {
+        "data.name": Path(path).stem,
         "data.file": str(path) if cfg.path != EMBEDDED else f"{EMBEDDED}:{datasets.EMBEDDED}",
         "data.sha256": file_sha256(path), "data.fingerprint": full.fingerprint(),
         "data.n_cells": full.n_cells, "data.n_genes": full.n_genes, "data.n_classes": full.n_classes,

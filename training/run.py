@@ -51,7 +51,8 @@ def fit(model, splits: run_data.Splits, epochs: int, batch_size: int, patience: 
                                               restore_best_weights=True)] if patience else []
     validation = splits.validation.dataset(batch_size, shuffle=False) if splits.validation.n_cells else None
     return model.fit(splits.train.dataset(batch_size, seed=seed), epochs=epochs, initial_epoch=initial_epoch,
-                     validation_data=validation, callbacks=[logger_cb, *stopping, *callbacks], verbose=verbose)
+                     validation_data=validation, callbacks=[logger_cb, *stopping, *callbacks], verbose=verbose,
+                     shuffle=False)  # the dataset shuffles itself
 
 
 def _requirements():
@@ -115,9 +116,12 @@ def log_outputs(model, splits: run_data.Splits, registered_model: str | None = N
 
 def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
     """Parameters, data identity, code version and the configuration file of the active run."""
-    mlflow.log_params({**cfg.params(), **splits.identity})
+    # method / dataset / seed: the columns a benchmark's peers are recorded with (training/record.py)
+    mlflow.log_params({"method": "scmix", "dataset": splits.identity["data.name"], "seed": cfg.data.seed,
+                       **cfg.params(),
+                       **splits.identity})
     mlflow.set_tags({**store.code_version(), "tfp_scmix.version": scm.__version__,
-                     "config": cfg.source or "", "data.path": cfg.data.path})
+                     "config": cfg.source or "", "config.overrides": " ".join(cfg.overrides)})
     if cfg.source and Path(cfg.source).is_file():
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(cfg.source, Path(tmp) / Path(cfg.source).name)

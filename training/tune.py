@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import keras_tuner as kt
@@ -147,12 +148,19 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
             raise RuntimeError(f"no trial of the search in {tuner.project_dir} completed; the trials' errors "
                                "are in their trial.json files (run with --verbose to see them as they happen).")
         best = tuner.oracle.get_best_trials(1)[0]
-        model = tuner.get_best_models(1)[0]
-        mlflow.set_tags({"best_trial": best.trial_id, "n_trials_completed": str(len(completed)),
-                         **{f"best.{k}": str(v) for k, v in best.hyperparameters.values.items()}})
-        mlflow.log_metric("best_val_macro_f1", best.score)
         registered = cfg.search.registered_model or f"scmix-{project_name(cfg)}"
-        scores = tracked.log_outputs(model, splits, registered_model=registered)
+        recorded = mlflow.get_run(parent.info.run_id).data
+        if recorded.tags.get("best_trial") == best.trial_id:  # a finished search run again: nothing new
+            scores = {k: v for k, v in recorded.metrics.items() if k.startswith(("test_", "val_final_"))}
+        else:
+            with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed to predict
+                warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+                model = tuner.get_best_models(1)[0]
+            mlflow.log_metric("best_val_macro_f1", best.score)
+            scores = tracked.log_outputs(model, splits, registered_model=registered)
+            mlflow.set_tags({"best_trial": best.trial_id,
+                             **{f"best.{k}": str(v) for k, v in best.hyperparameters.values.items()}})
+        mlflow.set_tag("n_trials_completed", str(len(completed)))
     return {"run_id": parent.info.run_id, "best_trial": best.trial_id, "best_value": best.score,
             "best_hyperparameters": dict(best.hyperparameters.values), "n_completed": len(completed),
             "registered_model": registered, "project_dir": tuner.project_dir, "scores": scores}
