@@ -273,10 +273,10 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
                 (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(1)
 
-        # Columns in a shuffled order: the served model aligns them by name.
+        # Integer counts, columns in a shuffled order: the served model aligns them by name.
         order = np.random.default_rng(0).permutation(model.n_genes)
         status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {
-            "columns": [model.genes[i] for i in order], "data": counts[:, order].tolist()}})
+            "columns": [model.genes[i] for i in order], "data": counts[:, order].astype(int).tolist()}})
         assert status == 200, body
         rows = body["predictions"]
         assert [r["label"] for r in rows] == list(expected["label_name"][cells])
@@ -289,7 +289,12 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
 
         status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {
             "columns": model.genes[:-1], "data": counts[:, :-1].tolist()}})
-        assert status == 400 and model.genes[-1] in json.dumps(body), body
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
+        assert f"lacks 1 of the model's {model.n_genes} genes (e.g. ['{model.genes[-1]}'])" in body["message"], body
+
+        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [
+            dict(zip(model.genes, (-counts[0]).tolist()))]})
+        assert status == 400 and "non-negative" in body["message"], body
     finally:
         _stop(server)
 

@@ -1,0 +1,131 @@
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from tfp_scmix.data import (DataError, align_genes, encode_labels, from_anndata, highly_variable_genes,
+                            read_h5ad)
+
+
+def make_adata(counts, genes=None, labels=None):
+    counts = np.asarray(counts, dtype=np.float32)
+    genes = genes if genes is not None else [f"G{i}" for i in range(counts.shape[1])]
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(counts.shape[0])])
+    if labels is not None:
+        obs["cell_type"] = labels
+    return anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
+
+
+COUNTS = np.array([[1, 0, 3, 0], [0, 2, 0, 5], [4, 1, 0, 0], [0, 0, 2, 2]])
+
+
+def test_counts_from_x_layer_and_raw():
+    adata = make_adata(COUNTS, labels=["a", "b", "a", "b"])
+    data = from_anndata(adata)
+    assert np.array_equal(data.counts.toarray(), COUNTS)
+    assert data.classes == ["a", "b"] and data.labels.tolist() == [0, 1, 0, 1]
+    # log-normalized X with counts in a layer: detected
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(COUNTS * 1.7))
+    assert np.array_equal(from_anndata(adata).counts.toarray(), COUNTS)
+    # counts in raw
+    raw = make_adata(COUNTS, labels=["a", "b", "a", "b"])
+    raw.raw = raw.copy()
+    raw.X = sp.csr_matrix(np.log1p(COUNTS * 1.7))
+    assert np.array_equal(from_anndata(raw, counts="raw").counts.toarray(), COUNTS)
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.log1p(COUNTS * 1.3), "log-normalized"),
+    (COUNTS - 2.5, "negative"),
+    (np.where(COUNTS == 3, np.nan, COUNTS), "NaN or infinite"),
+    (np.where(COUNTS == 3, np.inf, COUNTS), "NaN or infinite"),
+])
+def test_refuses_non_counts_with_a_fix(values, message):
+    adata = make_adata(values, labels=["a", "b", "a", "b"])
+    with pytest.raises(DataError, match=message) as err:
+        from_anndata(adata)
+    assert "counts=" in str(err.value) or "integers" in str(err.value)
+
+
+def test_explicit_slot_errors():
+    adata = make_adata(COUNTS, labels=["a", "b", "a", "b"])
+    with pytest.raises(DataError, match="no layer 'umis'"):
+        from_anndata(adata, counts="umis")
+    with pytest.raises(DataError, match="adata.raw is empty"):
+        from_anndata(adata, counts="raw")
+
+
+def test_empty_cells_and_datasets():
+    with pytest.raises(DataError, match="1 cells have no counts"):
+        from_anndata(make_adata(np.vstack([COUNTS, np.zeros(4)]), labels=["a", "b", "a", "b", "a"]))
+    with pytest.raises(DataError, match="empty"):
+        from_anndata(make_adata(np.zeros((0, 4))), label_key=None)
+
+
+def test_labels_unknown_one_class_and_outside():
+    ids, classes = encode_labels(pd.Series(["x", np.nan, "unknown", "y", ""]), unknown=["unknown"])
+    assert classes == ["x", "y"] and ids.tolist() == [0, -1, -1, 1, -1]
+    with pytest.raises(DataError, match="1 class"):
+        encode_labels(["x", "x", None])
+    with pytest.raises(DataError, match=r"labels \['z'\] are not among"):
+        encode_labels(["x", "z"], classes=["x", "y"])
+    with pytest.raises(DataError, match="no obs column 'celltype'"):
+        from_anndata(make_adata(COUNTS), label_key="celltype")
+
+
+def test_batches():
+    adata = make_adata(COUNTS, labels=["a", "b", "a", "b"])
+    adata.obs["donor"] = ["d2", "d1", "d2", "d1"]
+    data = from_anndata(adata, batch_key="donor")
+    assert data.batch_names == ["d1", "d2"] and data.batches.tolist() == [1, 0, 1, 0]
+
+
+def test_gene_alignment_fills_missing_and_reports(caplog):
+    counts = sp.csr_matrix(COUNTS.astype(np.float32))
+    aligned, fraction = align_genes(counts, ["G0", "G1", "G2", "G3"], ["G2", "G0", "NEW"], min_fraction=0.5)
+    assert fraction == pytest.approx(2 / 3)
+    assert np.array_equal(aligned.toarray(), np.stack([COUNTS[:, 2], COUNTS[:, 0], np.zeros(4)], 1))
+    assert "2 of 3 model genes" in caplog.text
+    with pytest.raises(DataError, match="only 1 of the model's 3 genes"):
+        align_genes(counts, ["G0", "G1", "G2", "G3"], ["G0", "X", "Y"])
+    with pytest.raises(DataError, match="Ensembl"):
+        align_genes(counts, ["ENSG01", "ENSG02", "ENSG03", "ENSG04"], ["CD3E", "MS4A1", "LYZ"])
+    with pytest.raises(DataError, match="another species"):
+        align_genes(counts, ["Cd3e", "Ms4a1", "Lyz2", "Gnly"], ["CD3E", "MS4A1", "LYZ"])
+    with pytest.raises(DataError, match="duplicated gene names"):
+        align_genes(counts, ["G0", "G0", "G2", "G3"], ["G0"])
+
+
+def test_dataset_yields_sparse_minibatches_equal_to_rows(embedded):
+    import tensorflow as tf
+
+    batches = list(embedded.dataset(batch_size=64, shuffle=False))
+    assert isinstance(batches[0]["counts"], tf.SparseTensor)
+    first = tf.sparse.to_dense(batches[0]["counts"]).numpy()
+    assert np.array_equal(first, embedded.counts[:64].toarray())
+    assert np.array_equal(batches[0]["label"].numpy(), embedded.labels[:64])
+    assert sum(int(b["label"].shape[0]) for b in batches) == embedded.n_cells
+    shuffled = next(iter(embedded.dataset(batch_size=700, shuffle=True, seed=3)))
+    assert float(tf.sparse.reduce_sum(shuffled["counts"])) == pytest.approx(embedded.counts.sum())
+
+
+def test_highly_variable_genes_prefers_markers(embedded):
+    hvg = highly_variable_genes(embedded.counts, embedded.genes, n_top=200)
+    assert len(hvg) == 200 and len(set(hvg)) == 200
+    assert {"GNLY", "NKG7", "LYZ"} <= set(hvg)
+
+
+def test_corrupt_h5ad(tmp_path):
+    path = tmp_path / "broken.h5ad"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_h5ad(path)
+    with pytest.raises(DataError, match="not found"):
+        read_h5ad(tmp_path / "missing.h5ad")
+
+
+def test_real_embedded_dataset(embedded):
+    assert (embedded.n_cells, embedded.n_genes, embedded.n_classes) == (700, 765, 10)
+    assert embedded.n_labelled == 700 and len(embedded.fingerprint()) == 16
