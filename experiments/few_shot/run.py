@@ -1,0 +1,178 @@
+"""Few-shot annotation benchmark (design note protocol): tfp_scmix against its peers on the same splits.
+
+    ./run experiments.few_shot.run                                  # pbmc3k + cbmc, 150 labels, seeds 0-4
+    ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 150 500 --settings main inductive
+
+Split: numpy `default_rng(seed).permutation` of the cells; the first 2000 are test cells, the next
+`budget` carry labels, every other label is hidden. Main setting: every cell's counts may be used
+without labels (test labels never); inductive: test cells are held out entirely. Genes: the 2000 most
+variable (by counts only) of the cells the setting may see. Peers read log1p(counts per 10k).
+Writes results.csv (one row per method, dataset, budget, setting and seed) and summary.md beside this
+file, and records the rows as MLflow runs when MLflow is installed.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tfp_scmix.annotate import predict_data
+from tfp_scmix.cli import few_shot_split, scores, train_model
+from tfp_scmix.data import data_path, from_anndata, highly_variable_genes, read_h5ad
+from tfp_scmix.io import write_csv, atomic_path
+
+HERE = Path(__file__).parent
+N_TEST = 2000
+
+
+def load(name):
+    """SCData of a benchmark dataset: pbmc3k (8 types) or cbmc without its "Unknown" cells (12 types)."""
+    adata = read_h5ad(data_path(f"{name}.h5ad"))
+    if name == "cbmc":
+        adata = adata[adata.obs["cell_type"] != "Unknown"].copy()
+    return from_anndata(adata)
+
+
+def log_normalised(counts):
+    """log1p(counts per 10k) of a CSR matrix (stays sparse)."""
+    import scipy.sparse as sp
+
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    norm = (sp.diags(1e4 / np.maximum(library, 1)) @ counts).tocsr()
+    norm.data = np.log1p(norm.data)
+    return norm
+
+
+# -- peers: each gets (data, visible cells, test, labelled, seed) and returns test predictions -----------
+def logistic_regression(data, visible, test, labelled, seed):
+    from sklearn.linear_model import LogisticRegression
+
+    x = log_normalised(data.counts)
+    return LogisticRegression(max_iter=3000).fit(x[labelled], data.labels[labelled]).predict(x[test])
+
+
+def linear_svm(data, visible, test, labelled, seed):
+    from sklearn.svm import LinearSVC
+
+    x = log_normalised(data.counts)
+    return LinearSVC(random_state=seed).fit(x[labelled], data.labels[labelled]).predict(x[test])
+
+
+def knn_pca(data, visible, test, labelled, seed):
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    x = log_normalised(data.counts).toarray()
+    scaler = StandardScaler().fit(x[visible])
+    pca = PCA(30, random_state=seed).fit(np.clip(scaler.transform(x[visible]), -10, 10))
+    pcs = pca.transform(np.clip(scaler.transform(x), -10, 10))
+    knn = KNeighborsClassifier(n_neighbors=min(15, len(labelled))).fit(pcs[labelled], data.labels[labelled])
+    return knn.predict(pcs[test])
+
+
+def lda_logistic(data, visible, test, labelled, seed):
+    from sklearn.decomposition import LatentDirichletAllocation
+    from sklearn.linear_model import LogisticRegression
+
+    lda = LatentDirichletAllocation(30, learning_method="online", random_state=seed, n_jobs=1)
+    lda.fit(data.counts[visible])
+    theta = lda.transform(data.counts)
+    return LogisticRegression(max_iter=3000).fit(theta[labelled], data.labels[labelled]).predict(theta[test])
+
+
+def tfp_scmix(data, visible, test, labelled, seed, restarts=1, epochs=100, **settings):
+    """tfp_scmix trained on the visible cells (labels of `labelled` only); class probabilities averaged
+    over `restarts` models with different seeds."""
+    train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
+    probs = 0
+    for restart in range(restarts):
+        model = train_model(train, epochs=epochs, seed=seed * 100 + restart, verbose=0, **settings)
+        probs = probs + predict_data(model, data.subset(test))["probs"]
+    return probs.argmax(axis=1)
+
+
+PEERS = {"logistic_regression": logistic_regression, "linear_svm": linear_svm, "knn_pca": knn_pca,
+         "lda_logistic": lda_logistic}
+
+
+def run(datasets, seeds, budgets, settings, methods, restarts, epochs, n_genes=2000, out=HERE):
+    rows = []
+    for name in datasets:
+        full = load(name)
+        for setting in settings:
+            for budget in budgets:
+                for seed in seeds:
+                    test, labelled = few_shot_split(full.n_cells, N_TEST, budget, seed)
+                    visible = np.arange(full.n_cells) if setting == "main" else np.setdiff1d(np.arange(full.n_cells), test)
+                    data = full
+                    if full.n_genes > n_genes:
+                        data = full.select_genes(highly_variable_genes(full.counts[visible], full.genes, n_genes))
+                    for method in methods:
+                        start = time.time()
+                        if method == "tfp_scmix":
+                            predicted = tfp_scmix(data, visible, test, labelled, seed, restarts, epochs)
+                        else:
+                            predicted = PEERS[method](data, visible, test, labelled, seed)
+                        row = {"method": method, "dataset": name, "setting": setting, "labels": budget,
+                               "seed": seed, **scores(data.labels[test], predicted), "seconds": time.time() - start}
+                        from sklearn.metrics import f1_score
+
+                        per_class = f1_score(data.labels[test], predicted, average=None,
+                                             labels=range(data.n_classes), zero_division=0)
+                        row["per_class_f1"] = json.dumps(dict(zip(data.classes, np.round(per_class, 3).tolist())))
+                        rows.append(row)
+                        print(f"{name} {setting} {budget} labels seed {seed} {method:<20} errors {row['errors']:4d} "
+                              f"macro-F1 {row['macro_f1']:.3f} ({row['seconds']:.0f} s)", flush=True)
+                        # Keep what has been measured even if a later run is interrupted.
+                        write_csv(pd.DataFrame(rows), out / "results.csv")
+    frame = pd.DataFrame(rows)
+    write_summary(frame, out / "summary.md")
+    return frame
+
+
+def markdown_table(frame):
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_summary(frame, path):
+    """Mean errors of 2000, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
+    summary = (frame.groupby(["dataset", "setting", "labels", "method"], sort=False)
+               .agg(errors=("errors", "mean"), accuracy=("accuracy", "mean"), macro_f1=("macro_f1", "mean"),
+                    seeds=("seed", "count"), seconds=("seconds", "mean")).round(3).reset_index())
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n"
+                             + markdown_table(summary) + "\n")
+    print(summary.to_string(index=False))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["pbmc3k", "cbmc"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[150])
+    parser.add_argument("--settings", nargs="+", default=["main"], choices=["main", "inductive"])
+    parser.add_argument("--methods", nargs="+", default=["tfp_scmix", *PEERS])
+    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    run(args.datasets, args.seeds, args.budgets, args.settings, args.methods, args.restarts, args.epochs, out=out)
+    if not args.no_mlflow:
+        try:
+            from training.record import record
+        except ImportError:
+            print("MLflow not installed: results not logged")
+        else:
+            record(out / "results.csv", "few_shot")
+
+
+if __name__ == "__main__":
+    main()
