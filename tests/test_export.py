@@ -242,9 +242,9 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
     model, data, _, path = trained
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment(experiment_name="serving-test")
     try:
-        with mlflow.start_run():
+        experiment = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
             info = export.log_mlflow(path)
     finally:
         mlflow.set_tracking_uri(None)

@@ -263,8 +263,11 @@ def log_mlflow(model_or_export, name: str = "model", input_example_cells: int = 
         columns = (["label", "confidence"] + [f"prob_{c}" for c in annotator.class_names]
                    + [f"topic_{k}" for k in range(int(annotator.loaded.signatures[SERVING_DENSE]
                                                     .structured_outputs["topics"].shape[-1]))])
+        # No input schema: MLflow's enforcement would refuse integer counts (int64 -> float is not a
+        # "safe" cast for it) and bury a missing gene in a dump of the whole schema. SCMixServing checks
+        # the columns itself and casts the counts to float32.
         signature = ModelSignature(
-            inputs=Schema([ColSpec("float", g) for g in annotator.genes]),
+            inputs=None,
             outputs=Schema([ColSpec("string", columns[0])] + [ColSpec("float", c) for c in columns[1:]]))
         example = pd.DataFrame(np.zeros((input_example_cells, annotator.n_genes), np.float32),
                                columns=annotator.genes)

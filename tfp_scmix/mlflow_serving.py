@@ -34,6 +34,7 @@ except ImportError:  # tfp_scmix.export uses the helpers above without MLflow in
     mlflow = None
 
 if mlflow is not None:
+    from mlflow.exceptions import MlflowException
 
     class SCMixServing(mlflow.pyfunc.PythonModel):
         """Pyfunc wrapper of the SavedModel artifact "saved_model" (dense signature)."""
@@ -55,14 +56,18 @@ if mlflow is not None:
             frame = pd.DataFrame(model_input)
             missing = pd.Index(self.genes).difference(frame.columns)
             if len(missing):
-                raise ValueError(f"the request lacks {len(missing)} of the model's {len(self.genes)} genes "
+                raise MlflowException.invalid_parameter_value(f"the request lacks {len(missing)} of the model's {len(self.genes)} genes "
                                  f"(e.g. {list(missing[:5])}); send one column per model gene (zeros for "
                                  "genes not measured), named as in the model's assets/genes.txt.")
             if len(frame) == 0:
-                raise ValueError("the request has no rows (cells).")
-            counts = frame[self.genes].to_numpy(np.float32)
-            out = call_in_batches(self.serve, self.batch_size, len(counts),
-                                  lambda i, j: {"counts": tf.constant(counts[i:j])})
+                raise MlflowException.invalid_parameter_value("the request has no rows (cells).")
+            try:
+                counts = frame[self.genes].to_numpy(np.float32)
+                out = call_in_batches(self.serve, self.batch_size, len(counts),
+                                      lambda i, j: {"counts": tf.constant(counts[i:j])})
+            except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+                raise MlflowException.invalid_parameter_value(
+                    f"counts must be numbers (raw, non-negative counts): {getattr(err, 'message', err)}") from err
             return outputs_frame(out, self.class_names, index=frame.index)
 
     mlflow.models.set_model(SCMixServing())
