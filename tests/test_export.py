@@ -238,24 +238,24 @@ def _post(url, payload):
 
 
 def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
-    mlflow = pytest.importorskip("mlflow")
-    model, data, _, path = trained
+    pytest.importorskip("mlflow")
+    model, data, model_file, _ = trained
+    # An explicit tracking store in tmp_path; the experiment's artifacts go to tmp_path/mlruns (cwd).
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking)
-    try:
-        experiment = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = export.log_mlflow(path)
-    finally:
-        mlflow.set_tracking_uri(None)
+    # The server execs `uvicorn` from PATH: put this environment's scripts first, as an activated venv does.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "tfp_scmix.export", str(model_file), "export/1",
+                          "--mlflow-experiment", "serving-test"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model_uri = run.stdout.split("logged MLflow model ")[1].split()[0]
+    assert (tmp_path / "mlruns").is_dir()
     cells = [3, 10, 200, 450, 699]
     counts = data.counts[cells].toarray()
 
     port = _free_port()
-    # The server execs `uvicorn` from PATH: put this environment's scripts first, as an activated venv does.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri,
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "server.log", "w"), start_new_session=True)

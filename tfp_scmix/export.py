@@ -251,8 +251,7 @@ def log_mlflow(model_or_export, name: str = "model", input_example_cells: int = 
     """
     import mlflow
     import tensorflow as tf
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.models import ModelSignature, infer_signature
 
     with contextlib.ExitStack() as stack:
         export = model_or_export
@@ -260,18 +259,14 @@ def log_mlflow(model_or_export, name: str = "model", input_example_cells: int = 
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfp_scmix_export-"))
             export = export_serving(model_or_export, Path(tmp) / "saved_model")
         annotator = ExportedAnnotator(export)
-        columns = (["label", "confidence"] + [f"prob_{c}" for c in annotator.class_names]
-                   + [f"topic_{k}" for k in range(int(annotator.loaded.signatures[SERVING_DENSE]
-                                                    .structured_outputs["topics"].shape[-1]))])
-        # No input schema: MLflow's enforcement would refuse integer counts (int64 -> float is not a
-        # "safe" cast for it) and bury a missing gene in a dump of the whole schema. SCMixServing checks
-        # the columns itself and casts the counts to float32.
-        signature = ModelSignature(
-            inputs=None,
-            outputs=Schema([ColSpec("string", columns[0])] + [ColSpec("float", c) for c in columns[1:]]))
         example = pd.DataFrame(np.zeros((input_example_cells, annotator.n_genes), np.float32),
                                columns=annotator.genes)
         example.iloc[:, : min(10, annotator.n_genes)] = 1.0
+        outputs = outputs_frame(annotator.predict(example.to_numpy()), annotator.class_names)
+        # No input schema: MLflow's enforcement would refuse integer counts (int64 -> float is not a
+        # "safe" cast for it) and bury a missing gene in a dump of the whole schema. SCMixServing checks
+        # the columns itself and casts the counts to float32.
+        signature = ModelSignature(inputs=None, outputs=infer_signature(outputs).inputs)
         requirements = [f"tensorflow=={tf.__version__}", f"pandas=={pd.__version__}",
                         f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
         if mlflow.active_run() is None:
