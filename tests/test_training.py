@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def test_tracked_run_against_an_mlflow_server(tmp_path, monkeypatch):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
          "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own process group
         env={k: v for k, v in os.environ.items() if k != store.TRACKING_URI_ENV})
     try:
         deadline = time.monotonic() + 120
@@ -267,15 +268,18 @@ def test_tracked_run_against_an_mlflow_server(tmp_path, monkeypatch):
         assert run.info.status == "FINISHED" and run.data.params["data.n_cells"] == "700"
         assert run.data.metrics["test_macro_f1"] == pytest.approx(scores["test_macro_f1"])
         assert [m.step for m in client.get_metric_history(run_id, "val_macro_f1")] == [0]
-        artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
-        assert artifacts == {"model/scmix.keras"}
+        assert "model/scmix.keras" in {a.path for a in client.list_artifacts(run_id, "model")}
+        assert {"confusion_matrix.csv", "confusion_matrix.png"} <= {
+            Path(a.path).name for a in client.list_artifacts(run_id, "evaluation/test")}
+        (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+        assert logged.source_run_id == run_id
         assert str(tmp_path / "art") in run.info.artifact_uri
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
         log.close()
         while mlflow.active_run():
             mlflow.end_run()

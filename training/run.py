@@ -66,12 +66,12 @@ def _requirements():
 
 
 def log_model(model, registered_model: str | None = None):
-    """Log the model as the run artifact model/scmix.keras and as an MLflow Keras model (registered if named)."""
+    """Log the model as the run artifact model/scmix.keras and as the MLflow Keras model "scmix" (registered if named)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scmix.keras"
         model.save(path)
         mlflow.log_artifact(str(path), "model")
-    return mlflow.keras.log_model(model, name="model", pip_requirements=_requirements(),
+    return mlflow.keras.log_model(model, name="scmix", pip_requirements=_requirements(),
                                   registered_model_name=registered_model)
 
 
