@@ -273,27 +273,32 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
                 (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(1)
 
-        # Integer counts, columns in a shuffled order: the served model aligns them by name.
+        def check(rows):
+            assert [r["label"] for r in rows] == list(expected["label_name"][cells])
+            probs = np.array([[r[f"prob_{c}"] for c in model.class_names] for r in rows])
+            np.testing.assert_allclose(probs, expected["probs"][cells], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose([r["confidence"] for r in rows], expected["confidence"][cells],
+                                       rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose([[r[f"topic_{k}"] for k in range(10)] for r in rows],
+                                       expected["topics"][cells], rtol=1e-4, atol=1e-6)
+
+        url = f"http://127.0.0.1:{port}/invocations"
+        # Integer counts, every gene, columns in a shuffled order: the served model aligns them by name.
         order = np.random.default_rng(0).permutation(model.n_genes)
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {
+        status, body = _post(url, {"dataframe_split": {
             "columns": [model.genes[i] for i in order], "data": counts[:, order].astype(int).tolist()}})
         assert status == 200, body
-        rows = body["predictions"]
-        assert [r["label"] for r in rows] == list(expected["label_name"][cells])
-        probs = np.array([[r[f"prob_{c}"] for c in model.class_names] for r in rows])
-        np.testing.assert_allclose(probs, expected["probs"][cells], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose([r["confidence"] for r in rows], expected["confidence"][cells],
-                                   rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose([[r[f"topic_{k}"] for k in range(10)] for r in rows],
-                                   expected["topics"][cells], rtol=1e-4, atol=1e-6)
+        check(body["predictions"])
+        # Records that list only each cell's nonzero genes.
+        records = [{g: int(c) for g, c in zip(model.genes, row) if c} for row in counts]
+        status, body = _post(url, {"dataframe_records": records})
+        assert status == 200, body
+        check(body["predictions"])
 
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {
-            "columns": model.genes[:-1], "data": counts[:, :-1].tolist()}})
+        status, body = _post(url, {"dataframe_records": [{**records[0], "CD3D_typo": 1}]})
         assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
-        assert f"lacks 1 of the model's {model.n_genes} genes (e.g. ['{model.genes[-1]}'])" in body["message"], body
-
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [
-            dict(zip(model.genes, (-counts[0]).tolist()))]})
+        assert "1 columns are not genes of the model (e.g. ['CD3D_typo'])" in body["message"], body
+        status, body = _post(url, {"dataframe_records": [{g: -c for g, c in records[0].items()}]})
         assert status == 400 and "non-negative" in body["message"], body
     finally:
         _stop(server)

@@ -1,8 +1,9 @@
 """MLflow pyfunc model that serves a tfp_scmix SavedModel (logged as code by `export.log_mlflow`).
 
 Self-contained on purpose: MLflow copies this file into the logged model, where it runs with only
-TensorFlow, pandas and MLflow installed. Request: a DataFrame of raw counts whose columns are the
-model's gene names (any order; every gene must be present). Response: one row per cell with label,
+TensorFlow, pandas and MLflow installed. Request: a DataFrame of raw counts whose columns are gene
+names of the model (any order; a gene not sent, or null, counts as zero; a column that is not a
+model gene is refused). Response: one row per cell with label,
 confidence, prob_<class>... and topic_<k>.... `outputs_frame` also shapes `ExportedAnnotator.annotate`.
 """
 
@@ -54,15 +55,20 @@ if mlflow is not None:
             import tensorflow as tf
 
             frame = pd.DataFrame(model_input)
-            missing = pd.Index(self.genes).difference(frame.columns)
-            if len(missing):
-                raise MlflowException.invalid_parameter_value(f"the request lacks {len(missing)} of the model's {len(self.genes)} genes "
-                                 f"(e.g. {list(missing[:5])}); send one column per model gene (zeros for "
-                                 "genes not measured), named as in the model's assets/genes.txt.")
+            if frame.columns.has_duplicates:
+                raise MlflowException.invalid_parameter_value(
+                    f"duplicated gene columns {list(frame.columns[frame.columns.duplicated()][:5])}: send each once.")
+            unknown = frame.columns.difference(pd.Index(self.genes))
+            if len(unknown):
+                raise MlflowException.invalid_parameter_value(
+                    f"{len(unknown)} columns are not genes of the model (e.g. {list(unknown[:5])}); send only "
+                    f"columns named as in the model's assets/genes.txt ({len(self.genes)} genes; genes not "
+                    "sent count as zero).")
             if len(frame) == 0:
                 raise MlflowException.invalid_parameter_value("the request has no rows (cells).")
             try:
-                counts = frame[self.genes].to_numpy(np.float32)
+                # A gene not sent, or null in a record, is a zero count (records can list nonzeros only).
+                counts = frame.reindex(columns=self.genes).fillna(0).to_numpy(np.float32)
                 out = call_in_batches(self.serve, self.batch_size, len(counts),
                                       lambda i, j: {"counts": tf.constant(counts[i:j])})
             except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
