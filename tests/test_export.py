@@ -300,6 +300,10 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
         assert "1 columns are not genes of the model (e.g. ['CD3D_typo'])" in body["message"], body
         status, body = _post(url, {"dataframe_records": [{g: -c for g, c in records[0].items()}]})
         assert status == 400 and "non-negative" in body["message"], body
+        status, body = _post(url, {"dataframe_split": {"columns": ["CD3D", "CD3D"], "data": [[1, 2]]}})
+        assert status == 400 and "duplicated gene columns ['CD3D']" in body["message"], body
+        status, body = _post(url, {"dataframe_split": {"columns": ["CD3D"], "data": [["many"]]}})
+        assert status == 400 and "counts must be numbers" in body["message"], body
     finally:
         _stop(server)
 
