@@ -134,7 +134,8 @@ def train(cfg: run_config.RunConfig, callbacks=(), verbose: int = 0):
     experiment = store.experiment_id(cfg.experiment)
     splits = run_data.load(cfg.data)
     keras.utils.set_random_seed(cfg.data.seed)
-    with store.start_run(experiment_id=experiment, run_name=cfg.run_name) as run:
+    name = cfg.run_name or f"scmix {splits.identity['data.name']} seed {cfg.data.seed}"
+    with store.start_run(experiment_id=experiment, run_name=name) as run:
         log_context(cfg, splits)
         model = build_model(splits.train, cfg.model, cfg.training.learning_rate)
         t = cfg.training

@@ -14,6 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
+import keras
 import keras_tuner as kt
 import mlflow
 
@@ -124,6 +125,7 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
     store.configure()
     experiment = store.experiment_id(cfg.experiment)
     splits = run_data.load(cfg.data)
+    keras.utils.set_random_seed(cfg.data.seed)
     directory = Path(directory or cfg.search.directory or store.REPO / "outputs" / "tuning")
     max_trials = max_trials or cfg.search.max_trials
     tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)
