@@ -74,7 +74,7 @@ def test_config_rejects_mistakes_with_the_fix(tmp_path):
 def test_splits_follow_the_few_shot_protocol(splits):
     full = run_data.scm.from_anndata(datasets.pbmc68k_reduced())
     test, budget = few_shot_split(full.n_cells, 200, 150, 0)
-    # transductive: all 700 cells are trained on; only the 120 training labels remain
+    # main setting: all 700 cells are trained on; only the 120 training labels remain
     assert splits.train.n_cells == 700 and splits.train.n_labelled == 120
     kept = splits.train.labels >= 0
     assert set(splits.train.obs_names[kept]) == set(full.obs_names[budget[30:]])
@@ -105,7 +105,8 @@ def test_tracked_run_records_params_metrics_and_artifacts(tracking, tmp_path, sp
     assert float(params["model.global_scale"]) == pytest.approx(model.settings["global_scale"])  # resolved default
     assert params["data.sha256"] == splits.identity["data.sha256"]
     assert (params["data.n_cells"], params["data.n_genes"], params["data.n_classes"]) == ("700", "765", "10")
-    assert params["method"] == "scmix" and params["dataset"] == "pbmc68k_reduced"
+    assert (params["method"], params["dataset"], params["setting"], params["labels"], params["seed"]) \
+        == ("tfp_scmix", "pbmc68k_reduced", "main", "150", "0")
     commit = subprocess.run(["git", "-C", str(store.REPO), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     assert tags["mlflow.source.git.commit"] == commit and tags["code.dirty"] in ("true", "false")
@@ -294,11 +295,12 @@ def test_tracked_run_against_an_mlflow_server(tmp_path, monkeypatch):
 
 def test_record_peers_once(tracking, tmp_path):
     table = tmp_path / "results.csv"
-    pd.DataFrame({"method": ["knn", "logreg"], "dataset": ["pbmc3k", "pbmc3k"], "seed": [0, 0],
-                  "errors": [190, 201], "accuracy": [0.905, 0.8995]}).to_csv(table, index=False)
+    pd.DataFrame({"method": ["knn", "logreg"], "dataset": ["pbmc3k", "pbmc3k"], "setting": ["main", "main"],
+                  "labels": [150, 150], "seed": [0, 0], "errors": [190, 201], "accuracy": [0.905, 0.8995],
+                  "seconds": [1.5, 2.0]}).to_csv(table, index=False)
     assert len(record.record(table, "peers")) == 2
     assert record.record(table, "peers") == []  # importing again adds nothing
     runs = tracking.search_runs([tracking.get_experiment_by_name("peers").experiment_id])
     knn = next(r for r in runs if r.data.params["method"] == "knn")
-    assert knn.data.params == {"method": "knn", "dataset": "pbmc3k", "seed": "0"}
-    assert knn.data.metrics == {"test_errors": 190.0, "test_accuracy": 0.905}
+    assert knn.data.params == {"method": "knn", "dataset": "pbmc3k", "setting": "main", "labels": "150", "seed": "0"}
+    assert knn.data.metrics == {"test_errors": 190.0, "test_accuracy": 0.905, "seconds": 1.5}

@@ -2,7 +2,7 @@
 
     experiment = "pbmc3k"            # MLflow experiment the runs go to
     [data]     path, label_key, batch_key, counts, unknown, n_top_genes, n_test, n_labelled,
-               n_validation, setting ("transductive" | "inductive"), seed
+               n_validation, setting ("main" | "inductive"), seed
     [model]    keyword arguments of `SCMix.from_data` (n_topics, hidden_units, prior, label_mode, ...)
     [training] epochs, batch_size, learning_rate, early_stopping_patience
     [search]   algorithm ("bayesian" | "hyperband"), max_trials, directory, registered_model,
@@ -23,7 +23,7 @@ _FROM_DATA = {"self", "genes", "class_names", "n_cells", "n_labelled", "total_co
 MODEL_SETTINGS = tuple(name for name in inspect.signature(SCMix.__init__).parameters if name not in _FROM_DATA)
 # Settings of the fit rather than of the model that a search may vary.
 FIT_SETTINGS = ("learning_rate", "batch_size")
-SETTINGS = ("transductive", "inductive")
+SETTINGS = ("main", "inductive")
 ALGORITHMS = ("bayesian", "hyperband")
 
 
@@ -37,8 +37,8 @@ class DataConfig:
 
     With numpy's `default_rng(seed).permutation` of the cells, the first `n_test` are test cells and the
     next `n_labelled` keep their labels (the label budget); the first `n_validation` of those are held
-    back to score each epoch. "transductive": every cell's counts are trained on, without hidden labels;
-    "inductive": test and validation cells are left out of training entirely.
+    back to score each epoch. "main" (the benchmark's main setting): every cell's counts are trained on,
+    without hidden labels; "inductive": test and validation cells are left out of training entirely.
     """
 
     path: str
@@ -50,7 +50,7 @@ class DataConfig:
     n_test: int = 0
     n_labelled: int = 150
     n_validation: int = 30
-    setting: str = "transductive"
+    setting: str = "main"
     seed: int = 0
 
 

@@ -2,10 +2,10 @@
 
     python -m training.record experiments/few_shot/results.csv [--experiment few_shot]
 
-One run per row (CSV, or JSON as a list of records). The columns `method`, `dataset` and `seed` (and any
-other text column) become parameters; numeric columns become metrics named `test_<column>` (`errors` ->
-`test_errors`), the names a tracked run gives its test scores, so that `mlflow ui` shows the peers and
-tfp_scmix's runs side by side. Importing the same file again adds no duplicate runs.
+One run per row (CSV, or JSON as a list of records). Text columns (`method`, `dataset`, `setting`) and the
+identifiers `seed` and `labels` become parameters; other numeric columns become metrics, the scores named
+`test_errors`, `test_accuracy`, `test_macro_f1` as a tracked run names its test scores, so that `mlflow ui`
+shows the peers and tfp_scmix's runs side by side. Importing the same file again adds no duplicate runs.
 """
 
 import argparse
@@ -18,6 +18,8 @@ import pandas as pd
 from training import store
 
 KEY_TAG = "record.key"
+IDENTIFIERS = ("seed", "labels")  # numeric columns that say which run a row is, not how well it did
+SCORES = ("errors", "accuracy", "macro_f1")  # logged as test_<score>
 
 
 def read_table(path) -> pd.DataFrame:
@@ -43,8 +45,9 @@ def record(path, experiment: str = "few_shot") -> list:
         if mlflow.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
                               output_format="list", max_results=1):
             continue
-        params = {name: value for name, value in row.items() if not pd.api.types.is_number(value) or name == "seed"}
-        metrics = {name if name.startswith("test_") else f"test_{name}": float(value)
+        params = {name: value for name, value in row.items()
+                  if name in IDENTIFIERS or not pd.api.types.is_number(value)}
+        metrics = {f"test_{name}" if name in SCORES else name: float(value)
                    for name, value in row.items() if name not in params and pd.notna(value)}
         run_name = " ".join(str(params[k]) for k in ("method", "dataset") if k in params)
         if "seed" in params:

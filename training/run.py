@@ -116,9 +116,9 @@ def log_outputs(model, splits: run_data.Splits, registered_model: str | None = N
 
 def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
     """Parameters, data identity, code version and the configuration file of the active run."""
-    # method / dataset / seed: the columns a benchmark's peers are recorded with (training/record.py)
-    mlflow.log_params({"method": "scmix", "dataset": splits.identity["data.name"], "seed": cfg.data.seed,
-                       **cfg.params(),
+    # The parameters a benchmark's peers are recorded with (training/record.py, experiments/few_shot).
+    mlflow.log_params({"method": "tfp_scmix", "dataset": splits.identity["data.name"], "seed": cfg.data.seed,
+                       "setting": cfg.data.setting, "labels": cfg.data.n_labelled, **cfg.params(),
                        **splits.identity})
     mlflow.set_tags({**store.code_version(), "tfp_scmix.version": scm.__version__,
                      "config": cfg.source or "", "config.overrides": " ".join(cfg.overrides)})
@@ -134,7 +134,7 @@ def train(cfg: run_config.RunConfig, callbacks=(), verbose: int = 0):
     experiment = store.experiment_id(cfg.experiment)
     splits = run_data.load(cfg.data)
     keras.utils.set_random_seed(cfg.data.seed)
-    name = cfg.run_name or f"scmix {splits.identity['data.name']} seed {cfg.data.seed}"
+    name = cfg.run_name or f"tfp_scmix {splits.identity['data.name']} seed {cfg.data.seed}"
     with store.start_run(experiment_id=experiment, run_name=name) as run:
         log_context(cfg, splits)
         model = build_model(splits.train, cfg.model, cfg.training.learning_rate)
