@@ -206,6 +206,23 @@ def test_two_trial_search_resumes_without_redoing_trials(tracking, tmp_path):
     assert {"test_errors", "test_accuracy", "test_macro_f1"} <= set(parent.data.metrics)
 
 
+class Diverge(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise FloatingPointError("loss is NaN")
+
+
+def test_failed_trials_say_why(tracking, tmp_path):
+    # a value the model refuses fails at once (keras-tuner builds a model to learn the space)
+    with pytest.raises(ValueError, match="prior must be one of"):
+        tune.search(small_config("search.space.prior=['bogus']"), max_trials=1, directory=tmp_path / "bogus")
+    cfg = small_config()
+    with pytest.raises(RuntimeError, match="no trial of the search .* completed"):
+        tune.search(cfg, max_trials=1, directory=tmp_path / "tuning", callbacks=[Diverge()])
+    parent_id = (tmp_path / "tuning" / tune.project_name(cfg) / tune.PARENT_RUN_FILE).read_text()
+    (trial,) = trial_runs(tracking, tracking.get_run(parent_id))
+    assert trial.info.status == "FAILED" and trial.data.tags["error"] == "FloatingPointError: loss is NaN"
+
+
 class InterruptOnce(keras.callbacks.Callback):
     """Raises KeyboardInterrupt at the end of the first epoch it sees in this process (as Ctrl-C would)."""
 

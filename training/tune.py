@@ -71,7 +71,11 @@ class _TrackedTrials:
                              experiment_id=parent.info.experiment_id,
                              tags={"trial_id": trial.trial_id, "search": parent.info.run_name}):
             mlflow.log_params({f"hp.{k}": v for k, v in trial.hyperparameters.values.items()})
-            histories = super().run_trial(trial, *args, **kwargs)
+            try:
+                histories = super().run_trial(trial, *args, **kwargs)
+            except Exception as err:  # keras-tuner records the trial as failed and goes on; say why in MLflow
+                mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:4000])
+                raise
             mlflow.log_metric("best_val_macro_f1", max(max(h.history["val_macro_f1"]) for h in histories))
             return histories
 
@@ -147,8 +151,8 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
         tuner.search(callbacks=list(callbacks), verbose=verbose)
         completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
         if not completed:
-            raise RuntimeError(f"no trial of the search in {tuner.project_dir} completed; the trials' errors "
-                               "are in their trial.json files (run with --verbose to see them as they happen).")
+            raise RuntimeError(f"no trial of the search in {tuner.project_dir} completed; each trial's error is "
+                               "in its trial.json file and in the tag 'error' of its MLflow run.")
         best = tuner.oracle.get_best_trials(1)[0]
         registered = cfg.search.registered_model or f"scmix-{project_name(cfg)}"
         recorded = mlflow.get_run(parent.info.run_id).data
