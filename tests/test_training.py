@@ -37,14 +37,21 @@ def small_config(*overrides):
     return config.load(CONFIG, SMALL + overrides)
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_leftovers():
+    """No test leaves an active run or its (deleted) store as MLflow's tracking URI to the tests after it."""
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh SQLite tracking store in tmp_path (MLFLOW_TRACKING_URI), and its client."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv(store.TRACKING_URI_ENV, uri)
-    yield MlflowClient(tracking_uri=uri)
-    while mlflow.active_run():
-        mlflow.end_run()
+    return MlflowClient(tracking_uri=uri)
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +310,6 @@ def test_tracked_run_against_an_mlflow_server(tmp_path, monkeypatch):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=20)
         log.close()
-        while mlflow.active_run():
-            mlflow.end_run()
 
 
 # -- peers recorded beside the tracked runs -------------------------------------------------------
