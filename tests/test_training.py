@@ -78,6 +78,17 @@ def test_config_rejects_mistakes_with_the_fix(tmp_path):
     assert small_config().training.epochs == EPOCHS
 
 
+def test_store_defaults_to_mlruns_and_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(store.TRACKING_URI_ENV, raising=False)
+    assert store.tracking_uri() == f"sqlite:///{store.REPO / 'mlruns' / 'mlflow.db'}"
+    assert store._artifact_location("few shot") == (store.REPO / "mlruns" / "artifacts" / "few shot").as_uri()
+    monkeypatch.setenv(store.TRACKING_URI_ENV, f"sqlite:///{tmp_path / 'other.db'}")
+    assert store.configure() == mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'other.db'}"
+    assert store._artifact_location("x") == (tmp_path / "artifacts" / "x").as_uri()
+    monkeypatch.setenv(store.TRACKING_URI_ENV, "http://127.0.0.1:5000")
+    assert store._artifact_location("x") is None  # the server decides
+
+
 def test_splits_follow_the_few_shot_protocol(splits):
     full = run_data.scm.from_anndata(datasets.pbmc68k_reduced())
     test, budget = few_shot_split(full.n_cells, 200, 150, 0)
