@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tfp_scmix import datasets
+from tfp_scmix import datasets, from_anndata
 from tfp_scmix.cli import few_shot_split
 from tfp_scmix.loss import ELBO_TERMS
 from training import config, record, store, tune
@@ -90,7 +90,7 @@ def test_store_defaults_to_mlruns_and_follows_the_environment(monkeypatch, tmp_p
 
 
 def test_splits_follow_the_few_shot_protocol(splits):
-    full = run_data.scm.from_anndata(datasets.pbmc68k_reduced())
+    full = from_anndata(datasets.pbmc68k_reduced())
     test, budget = few_shot_split(full.n_cells, 200, 150, 0)
     # main setting: all 700 cells are trained on; only the 120 training labels remain
     assert splits.train.n_cells == 700 and splits.train.n_labelled == 120

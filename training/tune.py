@@ -183,7 +183,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = run_config.load(args.config, args.set)
-    result = search(cfg, args.max_trials, args.directory, verbose=2 if args.verbose else 0)
+    try:
+        result = search(cfg, args.max_trials, args.directory, verbose=2 if args.verbose else 0)
+    except KeyboardInterrupt:
+        raise SystemExit("search interrupted: run the same command again to resume it") from None
     print(f"search run {result['run_id']} in experiment {cfg.experiment!r} of {store.tracking_uri()}")
     print(f"best trial {result['best_trial']} (val_macro_f1 {result['best_value']:.4f}) of "
           f"{result['n_completed']} completed: {result['best_hyperparameters']}")
