@@ -55,13 +55,17 @@ def test_cell_encoder_kl_against_hand_formula():
 def test_horseshoe_prior_log_prob_against_scipy(variant):
     layer = HorseshoePrior(3, 4, variant, global_scale=0.1, slab_scale=2.0)
     rng = np.random.default_rng(1)
-    params = {"z": rng.normal(size=(3, 4)), "lambda": rng.gamma(2, 1, (3, 4)), "tau": np.array(0.3)}
-    expected = (st.norm.logpdf(params["z"]).sum() + st.halfcauchy.logpdf(params["lambda"]).sum()
-                + st.halfcauchy.logpdf(0.3, scale=0.1))
-    if variant != "horseshoe":
-        df = layer.slab_df
-        params["c2"] = np.array(3.0)
-        expected += st.invgamma.logpdf(3.0, df / 2, scale=df * 4.0 / 2)
+    w, lam, tau, c2 = rng.normal(size=(3, 4)), rng.gamma(2, 1, (3, 4)), 0.3, 3.0
+    params = {"w": w, "lambda": lam, "tau": np.array(tau)}
+    if variant == "horseshoe":
+        scale = lam * tau
+        expected = 0.0
+    else:
+        scale = tau * np.sqrt(c2 * lam ** 2 / (c2 + tau ** 2 * lam ** 2))
+        params["c2"] = np.array(c2)
+        expected = st.invgamma.logpdf(c2, layer.slab_df / 2, scale=layer.slab_df * 4.0 / 2)
+    expected += (st.norm.logpdf(w, scale=scale).sum() + st.halfcauchy.logpdf(lam).sum()
+                 + st.halfcauchy.logpdf(tau, scale=0.1))
     tf_params = {k: tf.constant(v, tf.float32) for k, v in params.items()}
     assert float(layer.prior_log_prob(tf_params)) == pytest.approx(expected, rel=1e-4)
     roundtrip(layer)
@@ -76,11 +80,11 @@ def test_regularized_weights_formula():
     assert float(params_to_weights(1.0, 1e6, tau, c2)) == pytest.approx(np.sqrt(c2), rel=1e-3)
 
 
-def test_horseshoe_monte_carlo_kl_is_unbiased_for_normal_part():
+def test_horseshoe_kl_normal_variant_is_analytic_and_scales_finite():
     layer = HorseshoePrior(2, 3, "normal", slab_scale=2.0)
     _, kl = layer.sample(tf.constant([1, 2]))
-    q = layer.posteriors()["z"]
-    expected = normal_kl(q.loc.numpy(), q.scale.numpy(), 0.0, 1.0).sum()
+    q = layer.posteriors()["w"]
+    expected = normal_kl(q.loc.numpy(), q.scale.numpy(), 0.0, 2.0).sum()
     assert float(kl) == pytest.approx(expected, rel=1e-4)
     # horseshoe variants: average of the Monte Carlo KL estimates is finite and positive
     hs = HorseshoePrior(2, 3, "regularized")

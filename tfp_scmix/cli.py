@@ -17,8 +17,10 @@ def few_shot_split(n_cells, n_test, n_labelled, seed):
     return order[:n_test], order[n_test:n_test + n_labelled]
 
 
-def train_model(data, epochs=100, batch_size=256, learning_rate=2e-3, seed=0, verbose=1, callbacks=(), **settings):
-    """Build, compile and fit an `SCMix` on `data` (labels where known); returns the model."""
+def train_model(data, epochs=100, batch_size=256, learning_rate=2e-3, seed=0, verbose=1, callbacks=(),
+                classifier_steps=2000, **settings):
+    """Build, compile and fit an `SCMix` on `data` (labels where known), then fit its classification
+    branch to convergence (`classifier_steps` full-batch steps; 0 to skip); returns the model."""
     import keras
 
     from tfp_scmix.model import SCMix
@@ -27,6 +29,8 @@ def train_model(data, epochs=100, batch_size=256, learning_rate=2e-3, seed=0, ve
     model = SCMix.from_data(data, seed=seed, **settings)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     model.fit(data.dataset(batch_size, seed=seed), epochs=epochs, verbose=verbose, callbacks=list(callbacks))
+    if classifier_steps:
+        model.fit_classifier(data, steps=classifier_steps, verbose=verbose)
     return model
 
 

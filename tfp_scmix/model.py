@@ -83,6 +83,12 @@ class SCMix(keras.Model):
         model.topics.set_background(np.asarray(data.counts.mean(axis=0)).ravel())
         return model
 
+    def export_serving(self, path, overwrite=False):
+        """Write a TensorFlow SavedModel for serving at `path` (atomically); see tfp_scmix.export."""
+        from tfp_scmix.export import export_serving
+
+        return export_serving(self, path, overwrite=overwrite)
+
     @property
     def gene_fingerprint(self):
         return gene_fingerprint(self.genes)
@@ -98,6 +104,40 @@ class SCMix(keras.Model):
         probs = self.classifier(tf.nn.log_softmax(loc, axis=-1))
         return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
                 "confidence": tf.reduce_max(probs, axis=-1), "topics": tf.nn.softmax(loc, axis=-1)}
+
+    # -- the classification branch to convergence ----------------------------------------------
+    def fit_classifier(self, data: SCData, steps=2000, learning_rate=0.02, batch_size=1024, verbose=0):
+        """Fit the classification branch to convergence on the labelled cells of `data`, topics fixed.
+
+        Minimises the label part of the loss (mean label_nll + kl_class) on the posterior-mean topics,
+        full batch. In the "cut" mode the classifier never changes the topics, so this is exact
+        coordinate ascent on the same objective; the minibatch updates during `fit` see only the few
+        labelled cells of each batch and stop short of convergence. Returns the final loss.
+        """
+        labelled = np.flatnonzero(data.labels >= 0)
+        if labelled.size == 0:
+            raise ValueError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
+        topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["topics"]
+        features = tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32)
+        labels = tf.constant(data.labels[labelled], tf.int32)
+        optimizer = keras.optimizers.Adam(learning_rate)
+        variables = self.classifier.trainable_variables
+        n_labelled = float(self.settings["n_labelled"])
+
+        @tf.function
+        def step(seed):
+            with tf.GradientTape() as tape:
+                log_probs, kl = self.classifier.sample_log_probs(features, seed)
+                loss = -tf.reduce_mean(tf.gather(log_probs, labels, batch_dims=1)) + kl / n_labelled
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            return loss
+
+        progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
+        for i in range(steps):
+            loss = step(tf.constant([self.settings["seed"], i], tf.int32))
+            if verbose and (i + 1) % 100 == 0:
+                progress.update(i + 1, [("classifier_loss", float(loss))])
+        return float(loss)
 
     # -- the loss -------------------------------------------------------------------------------
     def elbo_terms(self, inputs, training=False):

@@ -1,6 +1,7 @@
 """The horseshoe prior family on the class weights, with its variational posterior.
 
-Mathematical details (non-centred): `w_ck = z_ck * scale_ck`, `z_ck ~ N(0, 1)`, and
+Mathematical details: each weight has a Gaussian prior given its scale, `w_ck ~ N(0, scale_ck^2)`
+(equivalently `w = z * scale`, `z ~ N(0, 1)`, the non-centred form that `params_to_weights` computes), with
 
 - `normal`:       scale_ck = slab_scale (a plain Gaussian prior, for comparison);
 - `horseshoe`:    scale_ck = lambda_ck * tau, lambda_ck ~ HalfCauchy(0, 1), tau ~ HalfCauchy(0, tau0);
@@ -11,8 +12,11 @@ Mathematical details (non-centred): `w_ck = z_ck * scale_ck`, `z_ck ~ N(0, 1)`, 
                   heavier-tailed slab (slab_df = 1, so the slab is a Cauchy-like Student-t) and, in the
                   classification branch, the label-noise mixture likelihood with a learned error rate.
 
-Variational family: q(z) normal; q(lambda), q(tau), q(c^2) log-normal; all mean-field. KL(q(z)||p(z))
-is analytic; the scale terms are Monte Carlo estimates `log q(s) - log p(s)` at the sampled scales.
+Variational family (mean-field): q(w) normal in weight space; q(lambda), q(tau), q(c^2) log-normal.
+KL(q(w) || N(0, scale^2)) is analytic given a draw of the scales; the scale terms are Monte Carlo
+estimates `log q(s) - log p(s)` at that draw. The weights' mean lives in weight space (not as z) so
+that Adam moves weights at its own step size whatever the current scales: with the non-centred mean
+a small tau makes every weight tiny for thousands of steps.
 """
 
 import keras
@@ -61,18 +65,15 @@ class HorseshoePrior(keras.layers.Layer):
         self.global_scale, self.slab_scale = float(global_scale), float(slab_scale)
         self.slab_df = float(slab_df if slab_df is not None else DEFAULT_SLAB_DF.get(variant, 4.0))
         shape = (self.rows, self.cols)
-        # Start with unit scales (tau = lambda = 1), not at tau0: in the non-centred form a tiny initial
-        # scale makes every weight tiny and Adam needs thousands of steps to grow z; the prior then
-        # shrinks what the labels do not support.
         small = keras.initializers.Constant(float(tfp.math.softplus_inverse(0.3)))
-        self.z_loc = self.add_weight(shape=shape, name="z_loc",
-                                     initializer=keras.initializers.RandomNormal(stddev=0.01))
-        self.z_scale_raw = self.add_weight(shape=shape, name="z_scale_raw", initializer=keras.initializers.Constant(
-            float(tfp.math.softplus_inverse(0.05))))
+        self.w_loc = self.add_weight(shape=shape, name="w_loc", initializer="zeros")
+        self.w_scale_raw = self.add_weight(shape=shape, name="w_scale_raw", initializer=keras.initializers.Constant(
+            float(tfp.math.softplus_inverse(1e-2))))
         if self.variant != "normal":
             self.lambda_loc = self.add_weight(shape=shape, name="lambda_loc", initializer="zeros")
             self.lambda_scale_raw = self.add_weight(shape=shape, name="lambda_scale_raw", initializer=small)
-            self.tau_loc = self.add_weight(shape=(), name="tau_loc", initializer="zeros")
+            self.tau_loc = self.add_weight(shape=(), name="tau_loc", initializer=keras.initializers.Constant(
+                float(tf.math.log(self.global_scale))))
             self.tau_scale_raw = self.add_weight(shape=(), name="tau_scale_raw", initializer=small)
         if self.regularized:
             self.c2_loc = self.add_weight(shape=(), name="c2_loc", initializer=keras.initializers.Constant(
@@ -86,8 +87,8 @@ class HorseshoePrior(keras.layers.Layer):
 
     # -- distributions ------------------------------------------------------------------------
     def posteriors(self):
-        """Mean-field q as a dict of TFP distributions: z, and the scales lambda, tau, c2 where used."""
-        q = {"z": tfd.Normal(self.z_loc, tf.nn.softplus(self.z_scale_raw) + 1e-5)}
+        """Mean-field q as a dict of TFP distributions: w, and the scales lambda, tau, c2 where used."""
+        q = {"w": tfd.Normal(self.w_loc, tf.nn.softplus(self.w_scale_raw) + 1e-5)}
         if self.variant != "normal":
             q["lambda"] = _lognormal(self.lambda_loc, self.lambda_scale_raw)
             q["tau"] = _lognormal(self.tau_loc, self.tau_scale_raw)
@@ -95,9 +96,9 @@ class HorseshoePrior(keras.layers.Layer):
             q["c2"] = _lognormal(self.c2_loc, self.c2_scale_raw)
         return q
 
-    def priors(self):
-        """The prior of each variable in `posteriors()`, as TFP distributions."""
-        p = {"z": tfd.Normal(0.0, 1.0)}
+    def scale_priors(self):
+        """The priors of the scale variables (lambda, tau, c2 where used), as TFP distributions."""
+        p = {}
         if self.variant != "normal":
             p["lambda"] = tfd.HalfCauchy(0.0, 1.0)
             p["tau"] = tfd.HalfCauchy(0.0, self.global_scale)
@@ -105,49 +106,44 @@ class HorseshoePrior(keras.layers.Layer):
             p["c2"] = tfd.InverseGamma(self.slab_df / 2.0, self.slab_df * self.slab_scale ** 2 / 2.0)
         return p
 
-    def prior_log_prob(self, params):
-        """log p of a dict of variable values (z, lambda, tau, c2), summed: a scalar."""
-        priors = self.priors()
-        return tf.add_n([tf.reduce_sum(priors[name].log_prob(value)) for name, value in params.items()])
-
-    def to_weights(self, params):
-        """Weights from a dict of variable values; leading sample dimensions broadcast."""
+    def prior_scale(self, scales):
+        """Each weight's prior standard deviation `[..., rows, cols]` from a dict of scale values."""
         if self.variant == "normal":
-            return params["z"] * self.slab_scale
-        c2 = params["c2"][..., None, None] if self.regularized else None  # per-draw scalars vs [rows, cols]
-        return params_to_weights(params["z"], params["lambda"], params["tau"][..., None, None], c2)
+            return tf.fill([self.rows, self.cols], self.slab_scale)
+        c2 = scales["c2"][..., None, None] if self.regularized else None  # per-draw scalars vs [rows, cols]
+        return params_to_weights(1.0, scales["lambda"], scales["tau"][..., None, None], c2)
+
+    def prior_log_prob(self, params):
+        """log p(w, scales) of a dict of values (w, and lambda, tau, c2 where used), summed: a scalar."""
+        scales = {name: value for name, value in params.items() if name != "w"}
+        log_prob = tf.reduce_sum(tfd.Normal(0.0, self.prior_scale(scales)).log_prob(params["w"]))
+        for name, prior in self.scale_priors().items():
+            log_prob += tf.reduce_sum(prior.log_prob(scales[name]))
+        return log_prob
 
     # -- sampling ------------------------------------------------------------------------------
     def sample(self, seed):
         """One reparameterized draw: (weights `[rows, cols]`, Monte Carlo KL(q || p) scalar)."""
-        q, p = self.posteriors(), self.priors()
+        q, p = self.posteriors(), self.scale_priors()
         seeds = tfp.random.split_seed(seed, n=len(q))
-        params = {name: dist.sample(seed=s) for (name, dist), s in zip(q.items(), seeds)}
-        kl = tf.reduce_sum(tfd.kl_divergence(q["z"], p["z"]))
-        for name in q:
-            if name != "z":
-                kl += tf.reduce_sum(q[name].log_prob(params[name]) - p[name].log_prob(params[name]))
-        return self.to_weights(params), kl
+        draw = {name: dist.sample(seed=s) for (name, dist), s in zip(q.items(), seeds)}
+        kl = tf.reduce_sum(tfd.kl_divergence(q["w"], tfd.Normal(0.0, self.prior_scale(draw))))
+        for name, prior in p.items():
+            kl += tf.reduce_sum(q[name].log_prob(draw[name]) - prior.log_prob(draw[name]))
+        return draw["w"], kl
 
     def posterior_weights(self, n_samples, seed=(7, 11)):
-        """`n_samples` draws of the weights `[n_samples, rows, cols]` from fixed seeds (deterministic)."""
-        q = self.posteriors()
-        seeds = tfp.random.split_seed(seed, n=len(q))
-        params = {name: dist.sample(n_samples, seed=s) for (name, dist), s in zip(q.items(), seeds)}
-        return self.to_weights(params)
+        """`n_samples` draws of the weights `[n_samples, rows, cols]` from a fixed seed (deterministic)."""
+        return self.posteriors()["w"].sample(n_samples, seed=seed)
 
     def shrinkage(self):
         """Posterior median of each weight's prior scale `[rows, cols]` (small = shrunk to zero)."""
-        if self.variant == "normal":
-            return tf.fill([self.rows, self.cols], self.slab_scale)
-        median = {"z": tf.ones_like(self.z_loc), "lambda": tf.exp(self.lambda_loc), "tau": tf.exp(self.tau_loc)}
-        if self.regularized:
-            median["c2"] = tf.exp(self.c2_loc)
-        return self.to_weights(median)
+        median = {name: tf.exp(q.distribution.loc) for name, q in self.posteriors().items() if name != "w"}
+        return self.prior_scale(median)
 
     def call(self, inputs=None):
-        """Posterior mean of the weights `[rows, cols]` (Monte Carlo over fixed draws)."""
-        return tf.reduce_mean(self.posterior_weights(64), axis=0)
+        """Posterior mean of the weights `[rows, cols]`."""
+        return tf.convert_to_tensor(self.w_loc)
 
     def get_config(self):
         return {**super().get_config(), "rows": self.rows, "cols": self.cols, "variant": self.variant,
