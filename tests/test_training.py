@@ -25,11 +25,11 @@ from tfp_scmix.loss import ELBO_TERMS
 from training import config, record, store, tune
 from training import data as run_data
 from training import run as tracked
-from training.callbacks import MLflowLogger, classification_scores, predict_labels
+from training.callbacks import MLflowLogger, RefitClassifier, classification_scores, predict_labels
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "pbmc68k_reduced.toml"
 EPOCHS = 2
-SMALL = (f"training.epochs={EPOCHS}", "model.n_topics=8", "model.hidden_units=32", "model.n_predictive_samples=8",
+SMALL = (f"training.epochs={EPOCHS}", "training.classifier_steps=200", "model.n_topics=8", "model.hidden_units=32", "model.n_predictive_samples=8",
          "search.space.n_topics=[8, 10]", "search.space.hidden_units=[16, 32]")
 
 
@@ -134,6 +134,8 @@ def test_tracked_run_records_params_metrics_and_artifacts(tracking, tmp_path, sp
     for name in (*ELBO_TERMS, "val_loss", "val_accuracy", "val_macro_f1"):
         history = tracking.get_metric_history(run_id, name)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), name
+    # the classifier is refitted once, at the end of the last epoch, before that epoch is scored
+    assert [m.step for m in tracking.get_metric_history(run_id, "classifier_loss")] == [EPOCHS - 1]
     last_f1 = max(tracking.get_metric_history(run_id, "val_macro_f1"), key=lambda m: m.step).value
     assert last_f1 == pytest.approx(scores["val_final_macro_f1"])  # the final model is the last epoch's
 
@@ -166,8 +168,9 @@ def test_callback_logs_a_plain_fit(tracking, splits):
     model = tracked.build_model(splits.train, {"n_topics": 8, "hidden_units": 32}, 2e-3)
     stopper = keras.callbacks.EarlyStopping("val_macro_f1", mode="max", patience=5)
     history = model.fit(splits.train.dataset(256), epochs=EPOCHS, verbose=0,
-                        callbacks=[MLflowLogger(splits.validation), stopper])
+                        callbacks=[RefitClassifier(splits.train, 200), MLflowLogger(splits.validation), stopper])
     assert mlflow.active_run() is None
+    assert len(history.history["classifier_loss"]) == 1  # refitted at the last epoch only
     (run,) = tracking.search_runs([tracking.get_experiment_by_name("Default").experiment_id])
     assert run.info.status == "FINISHED"
     assert len(history.history["val_macro_f1"]) == EPOCHS and stopper.best == max(history.history["val_macro_f1"])
@@ -177,6 +180,23 @@ def test_callback_logs_a_plain_fit(tracking, splits):
     assert {"reconstruction", "kl_cell", "kl_topic", "kl_class", "label_nll"} <= set(run.data.metrics)
     with pytest.raises(ValueError, match="validation cells must all be labelled"):
         MLflowLogger(splits.train)
+
+
+class StopNow(keras.callbacks.Callback):
+    """Stops training after the first epoch, keeping the classifier's weights as they were then."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights = [v.numpy().copy() for v in self.model.classifier.trainable_variables]
+        self.model.stop_training = True
+
+
+def test_classifier_is_refitted_when_training_stops_early(splits):
+    model = tracked.build_model(splits.train, {"n_topics": 8, "hidden_units": 32}, 2e-3)
+    refit, stop = RefitClassifier(splits.train, 200), StopNow()
+    history = model.fit(splits.train.dataset(256), epochs=3, verbose=0, callbacks=[refit, stop])
+    assert len(history.history["loss"]) == 1 and refit.done and "classifier_loss" not in history.history
+    after = [v.numpy() for v in model.classifier.trainable_variables]
+    assert any(not np.allclose(a, b) for a, b in zip(stop.weights, after))  # changed after the epoch ended
 
 
 # -- the search ---------------------------------------------------------------------------------

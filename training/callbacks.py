@@ -64,3 +64,33 @@ class MLflowLogger(keras.callbacks.Callback):
         if self._owns_run:
             mlflow.end_run()
             self._owns_run = False
+
+
+class RefitClassifier(keras.callbacks.Callback):
+    """Fits an SCMix's classification branch to convergence (`SCMix.fit_classifier`) after the last epoch.
+
+    It runs at the end of the last scheduled epoch, before the callbacks after it score that epoch (list it
+    first, before MLflowLogger), so the last epoch's validation scores, checkpoints and keras-tuner see the
+    final model; when training stops early it runs when training ends. Adds "classifier_loss" to the logs.
+    """
+
+    def __init__(self, data: SCData, steps: int = 2000):
+        super().__init__()
+        self.data, self.steps, self.done = data, steps, False
+
+    def on_train_begin(self, logs=None):
+        self.done = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.params["epochs"]:
+            self._refit(logs)
+
+    def on_train_end(self, logs=None):
+        if not self.done:
+            self._refit(logs)
+
+    def _refit(self, logs):
+        loss = self.model.fit_classifier(self.data, steps=self.steps)
+        self.done = True
+        if logs is not None:
+            logs["classifier_loss"] = loss

@@ -4,7 +4,7 @@
     [data]     path, label_key, batch_key, counts, unknown, n_top_genes, n_test, n_labelled,
                n_validation, setting ("main" | "inductive"), seed
     [model]    keyword arguments of `SCMix.from_data` (n_topics, hidden_units, prior, label_mode, ...)
-    [training] epochs, batch_size, learning_rate, early_stopping_patience
+    [training] epochs, batch_size, learning_rate, classifier_steps, early_stopping_patience
     [search]   algorithm ("bayesian" | "hyperband"), max_trials, directory, registered_model,
                [search.space] setting = [choices] or {min, max, log, step}
 
@@ -59,6 +59,7 @@ class TrainingConfig:
     epochs: int = 100
     batch_size: int = 256
     learning_rate: float = 2e-3
+    classifier_steps: int = 2000  # full-batch steps of SCMix.fit_classifier after the last epoch; 0: none
     early_stopping_patience: int = 0  # 0: off; else stop when val_macro_f1 has not improved for this many epochs
 
 

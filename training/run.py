@@ -23,7 +23,7 @@ from tfp_scmix import explain
 from training import config as run_config
 from training import data as run_data
 from training import store
-from training.callbacks import MLflowLogger, classification_scores, predict_labels
+from training.callbacks import MLflowLogger, RefitClassifier, classification_scores, predict_labels
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,20 +39,26 @@ def build_model(train: scm.SCData, settings: dict, learning_rate: float) -> scm.
     return model
 
 
-def fit(model, splits: run_data.Splits, epochs: int, batch_size: int, patience: int = 0, callbacks=(),
-        initial_epoch: int = 0, seed: int = 0, verbose: int = 0):
+def fit(model, splits: run_data.Splits, training: run_config.TrainingConfig, batch_size: int | None = None,
+        epochs: int | None = None, initial_epoch: int = 0, callbacks=(), seed: int = 0, verbose: int = 0):
     """`model.fit` on the training cells, logging each epoch to the active MLflow run; returns the History.
 
-    patience > 0 stops when val_macro_f1 has not improved for that many epochs and keeps the best weights.
+    As `tfp_scmix.cli.train_model` does, the classification branch is then fitted to convergence
+    (`training.classifier_steps`, at the end of the last epoch so that its scores show the final model).
+    `training.early_stopping_patience` > 0 stops when val_macro_f1 has not improved for that many epochs.
+    `batch_size` and `epochs` override the configuration's (a search varies them).
     """
     mlflow.log_params({f"model.{name}": value for name, value in model.settings.items()})
-    logger_cb = MLflowLogger(splits.validation, batch_size=max(batch_size, 512))
-    stopping = [keras.callbacks.EarlyStopping("val_macro_f1", mode="max", patience=patience,
-                                              restore_best_weights=True)] if patience else []
+    batch_size = batch_size or training.batch_size
+    first = [RefitClassifier(splits.train, training.classifier_steps)] if training.classifier_steps else []
+    first.append(MLflowLogger(splits.validation, batch_size=max(batch_size, 512)))
+    if training.early_stopping_patience:
+        first.append(keras.callbacks.EarlyStopping("val_macro_f1", mode="max",
+                                                   patience=training.early_stopping_patience))
     validation = splits.validation.dataset(batch_size, shuffle=False) if splits.validation.n_cells else None
-    return model.fit(splits.train.dataset(batch_size, seed=seed), epochs=epochs, initial_epoch=initial_epoch,
-                     validation_data=validation, callbacks=[logger_cb, *stopping, *callbacks], verbose=verbose,
-                     shuffle=False)  # the dataset shuffles itself
+    return model.fit(splits.train.dataset(batch_size, seed=seed), epochs=epochs or training.epochs,
+                     initial_epoch=initial_epoch, validation_data=validation, callbacks=[*first, *callbacks],
+                     verbose=verbose, shuffle=False)  # the dataset shuffles itself
 
 
 def _requirements():
@@ -138,9 +144,7 @@ def train(cfg: run_config.RunConfig, callbacks=(), verbose: int = 0):
     with store.start_run(experiment_id=experiment, run_name=name) as run:
         log_context(cfg, splits)
         model = build_model(splits.train, cfg.model, cfg.training.learning_rate)
-        t = cfg.training
-        fit(model, splits, t.epochs, t.batch_size, t.early_stopping_patience, callbacks, seed=cfg.data.seed,
-            verbose=verbose)
+        fit(model, splits, cfg.training, callbacks=callbacks, seed=cfg.data.seed, verbose=verbose)
         scores = log_outputs(model, splits)
     return run.info.run_id, model, scores
 

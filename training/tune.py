@@ -56,10 +56,8 @@ class SCMixHyperModel(kt.HyperModel):
 
     def fit(self, hp, model, *args, callbacks=(), epochs=None, initial_epoch=0, **kwargs):
         _, _, batch_size = self.settings(hp)
-        t = self.cfg.training
-        return tracked.fit(model, self.splits, epochs or t.epochs, batch_size, t.early_stopping_patience,
-                           callbacks, initial_epoch=initial_epoch, seed=self.cfg.data.seed,
-                           verbose=kwargs.get("verbose", 0))
+        return tracked.fit(model, self.splits, self.cfg.training, batch_size, epochs, initial_epoch, callbacks,
+                           seed=self.cfg.data.seed, verbose=kwargs.get("verbose", 0))
 
 
 class _TrackedTrials:
