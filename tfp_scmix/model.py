@@ -13,6 +13,15 @@ from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
 LABEL_MODES = ("cut", "joint", "class_prior")
 
 
+def topic_features(log_cell_topic):
+    """Classifier input: centred log topic proportions `[batch, n_topics]` (the centred log-ratio).
+
+    Centring removes each cell's arbitrary log-scale offset, so that the prior on the class weights
+    sees features of comparable size (rarely used topics have log proportions down to about -15).
+    """
+    return log_cell_topic - tf.reduce_mean(log_cell_topic, axis=-1, keepdims=True)
+
+
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class SCMix(keras.Model):
     """Joint topic model and few-shot classifier of single-cell counts.
@@ -35,7 +44,7 @@ class SCMix(keras.Model):
 
     def __init__(self, genes, class_names, n_topics=50, hidden_units=256, dropout=0.2, prior="regularized",
                  label_mode="cut", label_weight=1.0, prior_alpha=0.5, learn_alpha=False, kl_warmup_epochs=20,
-                 n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=3.0, global_scale=None,
+                 n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=None, global_scale=None,
                  slab_scale=2.0, slab_df=None, label_noise=None, topic_prior_scale=1.0,
                  n_predictive_samples=32, classifier_learning_rate=0.02, seed=0, **kwargs):
         super().__init__(**kwargs)
@@ -47,6 +56,8 @@ class SCMix(keras.Model):
             raise ValueError(f"a classifier needs at least two classes, received {list(class_names)}")
         self.genes, self.class_names = [str(g) for g in genes], [str(c) for c in class_names]
         self.n_genes, self.n_classes, self.n_topics = len(self.genes), len(self.class_names), int(n_topics)
+        if expected_active_topics is None:
+            expected_active_topics = self.n_topics / 2
         if global_scale is None:
             global_scale = default_global_scale(self.n_topics, n_labelled, expected_active_topics)
         self.settings = dict(
@@ -101,7 +112,7 @@ class SCMix(keras.Model):
     def call(self, inputs, training=False):
         counts = inputs[COUNTS] if isinstance(inputs, dict) else inputs
         loc, _ = self.encoder(counts, training=training)
-        probs = self.classifier(tf.nn.log_softmax(loc, axis=-1))
+        probs = self.classifier(topic_features(loc))
         return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
                 "confidence": tf.reduce_max(probs, axis=-1), "topics": tf.nn.softmax(loc, axis=-1)}
 
@@ -118,9 +129,10 @@ class SCMix(keras.Model):
         if labelled.size == 0:
             raise ValueError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
         topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["topics"]
-        features = tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32)
+        features = topic_features(tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32))
         labels = tf.constant(data.labels[labelled], tf.int32)
-        optimizer = keras.optimizers.Adam(learning_rate)
+        # Decaying the step size lets the Monte Carlo gradients settle on the optimum.
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
         variables = self.classifier.trainable_variables
         n_labelled = float(self.settings["n_labelled"])
 
@@ -156,7 +168,7 @@ class SCMix(keras.Model):
         n_counts = tf.reduce_sum(counts.values)
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
-        features = tf.concat([tf.nn.log_softmax(loc, axis=-1), log_cell_topic], axis=0)
+        features = topic_features(tf.concat([loc, z], axis=0))
         if s["label_mode"] != "joint":
             features = tf.stop_gradient(features)
         log_probs, kl_class = self.classifier.sample_log_probs(features, seeds[2])
@@ -218,6 +230,10 @@ class SCMix(keras.Model):
         built, self.built = self.built, False
         super().compile_from_config(config)
         self.built = built
+        self.build_optimizers()
+
+    def build_optimizers(self):
+        """Build both optimizers over their own variable groups (so a saved optimizer state loads)."""
         others, classifier = self._variable_groups()
         self.optimizer.build(others)
         self.classifier_optimizer.build(classifier)

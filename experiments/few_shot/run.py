@@ -7,7 +7,8 @@ Split: numpy `default_rng(seed).permutation` of the cells; the first 2000 are te
 `budget` carry labels, every other label is hidden. Main setting: every cell's counts may be used
 without labels (test labels never); inductive: test cells are held out entirely. Genes: the 2000 most
 variable (by counts only) of the cells the setting may see. Peers read log1p(counts per 10k).
-Writes results.csv (one row per method, dataset, budget, setting and seed) and summary.md beside this
+`--ablation` adds the tfp_scmix variants (label modes, priors, topics, restarts); `--label-noise 0.1`
+flips that fraction of the training labels. Writes results.csv (one row per method, dataset, budget, setting and seed) and summary.md beside this
 file, and records the rows as MLflow runs when MLflow is installed.
 """
 
@@ -84,22 +85,69 @@ def lda_logistic(data, visible, test, labelled, seed):
     return LogisticRegression(max_iter=3000).fit(theta[labelled], data.labels[labelled]).predict(theta[test])
 
 
+# Canonical markers of the design note, by pbmc3k's class names.
+PBMC3K_MARKERS = {"B cells": ["MS4A1", "CD79A"], "NK cells": ["GNLY", "NKG7"], "CD14+ Monocytes": ["CD14", "LYZ"],
+                  "FCGR3A+ Monocytes": ["FCGR3A", "MS4A7"], "Dendritic cells": ["FCER1A", "CST3"],
+                  "Megakaryocytes": ["PPBP", "PF4"], "CD8 T cells": ["CD8A"], "CD4 T cells": ["IL7R"]}
+
+# The ablation of issue 3: how labels shape topics, the prior on the class weights, topics, restarts.
+ABLATION = ["tfp_scmix", "tfp_scmix:label_mode=joint", "tfp_scmix:label_mode=class_prior",
+            "tfp_scmix:label_mode=joint,prior=santa_barbara", "tfp_scmix:prior=horseshoe",
+            "tfp_scmix:prior=santa_barbara", "tfp_scmix:prior=normal", "tfp_scmix:n_topics=20",
+            "tfp_scmix:n_topics=100", "tfp_scmix:restarts=3"]
+
+
+def parse_method(spec):
+    """"tfp_scmix:key=value,key=value" -> ("tfp_scmix", {key: value}) with numbers converted."""
+    name, _, options = spec.partition(":")
+    settings = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        settings[key] = value
+    return name, settings
+
+
 def tfp_scmix(data, visible, test, labelled, seed, restarts=1, epochs=100, **settings):
     """tfp_scmix trained on the visible cells (labels of `labelled` only); class probabilities averaged
-    over `restarts` models with different seeds."""
+    over `restarts` models with different seeds. Returns (test predictions, extra scores)."""
+    from tfp_scmix import explain
+
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
-    probs = 0
+    probs, extras = 0, {}
     for restart in range(restarts):
         model = train_model(train, epochs=epochs, seed=seed * 100 + restart, verbose=0, **settings)
         probs = probs + predict_data(model, data.subset(test))["probs"]
-    return probs.argmax(axis=1)
+    weights = model.classifier.class_weights(None).numpy()
+    extras["weights_above_0.1"] = float((np.abs(weights) > 0.1).mean())
+    if set(PBMC3K_MARKERS) <= set(model.class_names):
+        extras["marker_score"], _ = explain.marker_score(model, PBMC3K_MARKERS, n_genes=30)
+    return probs.argmax(axis=1), extras
+
+
+def flip_labels(labels, labelled, fraction, n_classes, seed):
+    """A copy of `labels` in which `fraction` of the `labelled` cells get another class at random."""
+    rng = np.random.default_rng(10_000 + seed)
+    noisy = labels.copy()
+    flipped = rng.choice(labelled, int(round(fraction * len(labelled))), replace=False)
+    noisy[flipped] = (labels[flipped] + rng.integers(1, n_classes, len(flipped))) % n_classes
+    return noisy
 
 
 PEERS = {"logistic_regression": logistic_regression, "linear_svm": linear_svm, "knn_pca": knn_pca,
          "lda_logistic": lda_logistic}
 
 
-def run(datasets, seeds, budgets, settings, methods, restarts, epochs, n_genes=2000, out=HERE):
+def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_genes=2000, out=HERE):
+    import dataclasses
+
+    from sklearn.metrics import f1_score
+
     rows = []
     for name in datasets:
         full = load(name)
@@ -111,21 +159,25 @@ def run(datasets, seeds, budgets, settings, methods, restarts, epochs, n_genes=2
                     data = full
                     if full.n_genes > n_genes:
                         data = full.select_genes(highly_variable_genes(full.counts[visible], full.genes, n_genes))
-                    for method in methods:
-                        start = time.time()
+                    truth = data.labels[test]
+                    if label_noise:
+                        data = dataclasses.replace(data, labels=flip_labels(data.labels, labelled, label_noise,
+                                                                             data.n_classes, seed))
+                    for spec in methods:
+                        method, options = parse_method(spec)
+                        start, extras = time.time(), {}
                         if method == "tfp_scmix":
-                            predicted = tfp_scmix(data, visible, test, labelled, seed, restarts, epochs)
+                            predicted, extras = tfp_scmix(data, visible, test, labelled, seed, epochs=epochs, **options)
                         else:
                             predicted = PEERS[method](data, visible, test, labelled, seed)
-                        row = {"method": method, "dataset": name, "setting": setting, "labels": budget,
-                               "seed": seed, **scores(data.labels[test], predicted), "seconds": time.time() - start}
-                        from sklearn.metrics import f1_score
-
-                        per_class = f1_score(data.labels[test], predicted, average=None,
-                                             labels=range(data.n_classes), zero_division=0)
+                        row = {"method": spec, "dataset": name, "setting": setting, "labels": budget,
+                               "label_noise": label_noise, "seed": seed, **scores(truth, predicted),
+                               "seconds": time.time() - start, **extras}
+                        per_class = f1_score(truth, predicted, average=None, labels=range(data.n_classes),
+                                             zero_division=0)
                         row["per_class_f1"] = json.dumps(dict(zip(data.classes, np.round(per_class, 3).tolist())))
                         rows.append(row)
-                        print(f"{name} {setting} {budget} labels seed {seed} {method:<20} errors {row['errors']:4d} "
+                        print(f"{name} {setting} {budget} labels seed {seed} {spec:<28} errors {row['errors']:4d} "
                               f"macro-F1 {row['macro_f1']:.3f} ({row['seconds']:.0f} s)", flush=True)
                         # Keep what has been measured even if a later run is interrupted.
                         write_csv(pd.DataFrame(rows), out / "results.csv")
@@ -142,9 +194,10 @@ def markdown_table(frame):
 
 def write_summary(frame, path):
     """Mean errors of 2000, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
-    summary = (frame.groupby(["dataset", "setting", "labels", "method"], sort=False)
+    extra = {name: (name, "mean") for name in ("marker_score", "weights_above_0.1") if name in frame}
+    summary = (frame.groupby(["dataset", "setting", "labels", "label_noise", "method"], sort=False)
                .agg(errors=("errors", "mean"), accuracy=("accuracy", "mean"), macro_f1=("macro_f1", "mean"),
-                    seeds=("seed", "count"), seconds=("seconds", "mean")).round(3).reset_index())
+                    seeds=("seed", "count"), seconds=("seconds", "mean"), **extra).round(3).reset_index())
     with atomic_path(path) as tmp:
         Path(tmp).write_text("# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n"
                              + markdown_table(summary) + "\n")
@@ -157,14 +210,17 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--budgets", nargs="+", type=int, default=[150])
     parser.add_argument("--settings", nargs="+", default=["main"], choices=["main", "inductive"])
-    parser.add_argument("--methods", nargs="+", default=["tfp_scmix", *PEERS])
-    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=["tfp_scmix", *PEERS],
+                        help='peers and tfp_scmix variants such as "tfp_scmix:prior=normal,restarts=3"')
+    parser.add_argument("--ablation", action="store_true", help="add the tfp_scmix variants of the ablation")
+    parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    run(args.datasets, args.seeds, args.budgets, args.settings, args.methods, args.restarts, args.epochs, out=out)
+    methods = args.methods + [m for m in ABLATION if args.ablation and m not in args.methods]
+    run(args.datasets, args.seeds, args.budgets, args.settings, methods, args.epochs, args.label_noise, out=out)
     if not args.no_mlflow:
         try:
             from training.record import record
