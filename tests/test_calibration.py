@@ -1,0 +1,65 @@
+"""tfp_scmix.calibration against hand-computed examples."""
+
+import numpy as np
+import pytest
+
+from tfp_scmix.calibration import (expected_calibration_error, reliability_diagram, reliability_table,
+                                   unassigned, unassigned_score)
+
+# Two bins, (0, 0.5] and (0.5, 1]:
+#   bin 2: confidences 0.9 (right), 0.8 (wrong), 0.6 (right): mean 0.7667, accuracy 2/3, gap 0.1
+#   bin 1: confidence 0.5 (argmax is the first class: right): gap 0.5
+#   ECE = 3/4 * 0.1 + 1/4 * 0.5 = 0.2
+PROBS = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.5, 0.5]])
+TRUE = np.array([0, 1, 1, 0])
+
+
+def test_ece_hand_example():
+    assert expected_calibration_error(PROBS, TRUE, n_bins=2) == pytest.approx(0.2)
+    table = reliability_table(PROBS, TRUE, n_bins=2)
+    assert table.cells.tolist() == [1, 3]
+    assert table.accuracy.tolist() == pytest.approx([1.0, 2 / 3])
+    assert table.confidence.tolist() == pytest.approx([0.5, 2.3 / 3])
+
+
+def test_ece_zero_when_confidence_matches_accuracy():
+    probs = np.tile([0.8, 0.2], (10, 1))
+    true = np.array([0] * 8 + [1] * 2)
+    assert expected_calibration_error(probs, true) == pytest.approx(0.0)
+    # Always right at confidence 0.8: under-confident by 0.2.
+    assert expected_calibration_error(probs, np.zeros(10, int)) == pytest.approx(0.2)
+
+
+def test_ece_counts_classes_the_model_lacks_as_wrong():
+    # -1: a cell whose true type has no counterpart among the model's classes.
+    assert expected_calibration_error([[1.0, 0.0]], [-1]) == pytest.approx(1.0)
+
+
+def test_ece_bin_edges_are_right_closed():
+    # Confidence exactly 0.5 falls into (0, 0.5], 0.50001 into (0.5, 1].
+    table = reliability_table([[0.5, 0.5], [0.50001, 0.49999]], [0, 0], n_bins=2)
+    assert table.cells.tolist() == [1, 1]
+
+
+def test_unassigned_scores_hand_examples():
+    probs = np.array([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    assert unassigned_score(probs, "max_prob") == pytest.approx([0.3, 2 / 3, 0.0, 0.5])
+    entropy_first = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)) / np.log(3)
+    assert unassigned_score(probs, "entropy") == pytest.approx([entropy_first, 1.0, 0.0, np.log(2) / np.log(3)])
+    assert unassigned(probs, threshold=0.4, score="max_prob").tolist() == [False, True, False, True]
+
+
+def test_bad_inputs_say_what_was_received():
+    with pytest.raises(ValueError, match="n_classes"):
+        expected_calibration_error(np.array([0.3, 0.7]), [1])
+    with pytest.raises(ValueError, match="one class id per row"):
+        expected_calibration_error(PROBS, [0, 1])
+    with pytest.raises(ValueError, match="max_prob"):
+        unassigned_score(PROBS, "margin")
+
+
+def test_reliability_diagram_writes_png_atomically(tmp_path):
+    path = tmp_path / "figs" / "reliability.png"
+    assert reliability_diagram(PROBS, TRUE, path, n_bins=2, title="hand example") == path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]
