@@ -46,7 +46,7 @@ def test_unassigned_scores_hand_examples():
     assert unassigned_score(probs, "max_prob") == pytest.approx([0.3, 2 / 3, 0.0, 0.5])
     entropy_first = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)) / np.log(3)
     assert unassigned_score(probs, "entropy") == pytest.approx([entropy_first, 1.0, 0.0, np.log(2) / np.log(3)])
-    assert unassigned(probs, threshold=0.4, score="max_prob").tolist() == [False, True, False, True]
+    assert unassigned(probs, "max_prob", threshold=0.4).tolist() == [False, True, False, True]
 
 
 def test_bad_inputs_say_what_was_received():

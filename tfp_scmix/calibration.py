@@ -2,8 +2,8 @@
 
 - `expected_calibration_error`: the top-label ECE of Guo et al. (2017) over equal-width confidence bins.
 - `reliability_diagram`: accuracy against confidence per bin, as a PNG (written atomically).
-- `unassigned_score`: how strongly a cell looks like none of the model's classes; cells whose score
-  exceeds `UNASSIGNED_THRESHOLD` are flagged "unassigned".
+- `unassigned_score`: how strongly a cell looks like none of the model's classes; `unassigned` flags the
+  cells whose score exceeds the score's default threshold (`UNASSIGNED_THRESHOLDS`).
 """
 
 import numpy as np
@@ -15,7 +15,7 @@ UNASSIGNED_SCORES = ("max_prob", "entropy")
 # Default score and threshold for flagging a cell as unassigned; see docs/cross_dataset.md for the
 # measurements behind the choice.
 UNASSIGNED_SCORE = "entropy"
-UNASSIGNED_THRESHOLD = 0.5
+UNASSIGNED_THRESHOLDS = {"max_prob": 0.5, "entropy": 0.5}
 
 
 def _check(probs, true=None):
@@ -109,6 +109,6 @@ def unassigned_score(probs, score=UNASSIGNED_SCORE) -> np.ndarray:
     raise ValueError(f"score must be one of {UNASSIGNED_SCORES}, received {score!r}")
 
 
-def unassigned(probs, threshold=UNASSIGNED_THRESHOLD, score=UNASSIGNED_SCORE) -> np.ndarray:
-    """`[n_cells]` bool: cells whose `unassigned_score` exceeds `threshold`."""
-    return unassigned_score(probs, score) > threshold
+def unassigned(probs, score=UNASSIGNED_SCORE, threshold=None) -> np.ndarray:
+    """`[n_cells]` bool: cells whose `unassigned_score` exceeds `threshold` (default: the score's own)."""
+    return unassigned_score(probs, score) > (UNASSIGNED_THRESHOLDS[score] if threshold is None else threshold)

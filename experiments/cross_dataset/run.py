@@ -1,0 +1,399 @@
+"""Cross-dataset benchmark: label transfer, stability under stimulation, unknown cell types, calibration.
+
+    ./run experiments.cross_dataset.run                                # every part, seed 0
+    ./run experiments.cross_dataset.run --parts transfer --seeds 0 1 2
+
+Parts (docs/cross_dataset.md says what each number means):
+- transfer: train on pbmc3k (all 2638 cells labelled, 8 types) over the `--genes` most variable of the genes it
+  shares with pbmc_sorted_zheng, predict the sorted set without and with `adapt`; logistic regression, linear
+  SVM and kNN on PCA on the same genes and cells. Scored on the coarse classes of the label map below:
+  predictions of pbmc3k's DC and Megakaryocytes have no counterpart and count as errors.
+- kang: the pbmc3k model of `transfer`, adapted to kang_ctrl, labels its cells (those it leaves unassigned
+  stay unlabelled); a model trained on kang_ctrl (its own most variable genes) with those labels predicts
+  kang_stim without and with `adapt`, beside the peers trained on the same labels. Both conditions hold
+  the same donors' cells, so a stable annotation keeps the type proportions.
+- unknown: pbmc3k split in half (numpy `default_rng(seed).permutation`); for each class, a model trained on
+  the training half without that class's cells; on the held-out half, the AUROC of the unassigned score
+  (left-out cells against known ones) and the fraction of known cells flagged at the default threshold.
+- calibration: a model trained on the training half with every class; ECE and a reliability diagram on
+  the held-out half (the cross-dataset ECE is part of `transfer`).
+Writes results.csv (one row per part, method, seed and left-out class; rows of parts not run this time
+are kept), results.md and reliability_*.png into `--out` (this folder by default), and records the rows
+as MLflow runs of the experiment "cross_dataset" when MLflow is installed.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from experiments.few_shot.run import knn_pca, linear_svm, logistic_regression, markdown_table
+from tfp_scmix.annotate import predict_data
+from tfp_scmix.calibration import (UNASSIGNED_SCORE, UNASSIGNED_SCORES,
+                                   expected_calibration_error, reliability_diagram, unassigned, unassigned_score)
+from tfp_scmix.cli import train_model
+from tfp_scmix.data import SCData, data_path, from_anndata, highly_variable_genes, read_h5ad
+from tfp_scmix.io import atomic_path, write_csv
+
+HERE = Path(__file__).parent
+PARTS = ("transfer", "kang", "unknown", "calibration")
+REFERENCE, QUERY, KANG_CTRL, KANG_STIM = "pbmc3k", "pbmc_sorted_zheng", "kang_ctrl", "kang_stim"
+PEERS = {"logistic_regression": logistic_regression, "linear_svm": linear_svm, "knn_pca": knn_pca}
+
+# Coarse classes shared by pbmc3k and the FACS-sorted set (the label map of the data README).
+QUERY_COARSE = {"bcells": "B", "thelper": "CD4 T", "memoryt": "CD4 T", "naivet": "CD4 T", "regulatoryt": "CD4 T",
+                "cytotoxict": "CD8 T", "naivecytotoxic": "CD8 T", "nk": "NK", "monocytes": "Monocytes"}
+REFERENCE_COARSE = {"B cells": "B", "CD4 T cells": "CD4 T", "CD8 T cells": "CD8 T", "NK cells": "NK",
+                    "CD14+ Monocytes": "Monocytes", "FCGR3A+ Monocytes": "Monocytes",
+                    "Dendritic cells": "DC", "Megakaryocytes": "Megakaryocytes"}
+COARSE = ["B", "CD4 T", "CD8 T", "NK", "Monocytes"]  # the sorted set's coarse classes
+NO_COUNTERPART = ["DC", "Megakaryocytes"]  # pbmc3k types absent from the sorted set: always errors there
+GOALS = {"transfer_accuracy": 0.95, "unknown_auroc": 0.9, "ece_in_dataset": 0.03}
+
+
+def load(name, **kwargs) -> SCData:
+    return from_anndata(read_h5ad(data_path(f"{name}.h5ad")), **kwargs)
+
+
+def stack(first: SCData, second: SCData) -> SCData:
+    """The cells of two datasets over the same genes, labels in `first`'s classes; batch 0 and 1."""
+    if list(first.genes) != list(second.genes):
+        raise ValueError("stack needs both datasets over the same genes in the same order; align them first")
+    return SCData(sp.vstack([first.counts, second.counts]).tocsr(), first.genes,
+                  np.concatenate([first.labels, second.labels]).astype(np.int32), list(first.classes),
+                  np.repeat(np.array([0, 1], np.int32), [first.n_cells, second.n_cells]), ["first", "second"],
+                  np.concatenate([first.obs_names, second.obs_names]))
+
+
+def drop_class(data: SCData, label: int) -> SCData:
+    """`data` without the cells of class `label`, the class removed from the class list."""
+    kept = data.subset(data.labels != label)
+    labels = np.where(kept.labels > label, kept.labels - 1, kept.labels).astype(np.int32)
+    return dataclasses.replace(kept, labels=labels, classes=[c for i, c in enumerate(data.classes) if i != label])
+
+
+def fit(data, args, seed, epochs=None):
+    return train_model(data, epochs=epochs or args.epochs, batch_size=args.batch_size, seed=seed, verbose=0,
+                       classifier_steps=args.classifier_steps, n_topics=args.topics)
+
+
+def adapt(model, data, args):
+    return model.adapt(data, epochs=args.adapt_epochs, batch_size=args.batch_size)
+
+
+def peer_predictions(train: SCData, query: SCData, seed):
+    """{peer: class ids `[query cells]`}: peers fitted on the labelled cells of `train`; kNN's PCA sees
+    only `train`'s cells, as the unadapted model does."""
+    both = stack(train, query)
+    labelled = np.flatnonzero(train.labels >= 0)
+    visible, test = np.arange(train.n_cells), train.n_cells + np.arange(query.n_cells)
+    out = {}
+    for name, peer in PEERS.items():
+        start = time.time()
+        out[name] = (peer(both, visible, test, labelled, seed), time.time() - start)
+    return out
+
+
+# -- label transfer ---------------------------------------------------------------------------------------
+def reference_model(args, seed, cache):
+    """pbmc3k, every cell labelled, over the `args.genes` most variable of its genes that the sorted set
+    also measures, and the model trained on it (kept in `cache` for the kang part)."""
+    if seed not in cache:
+        query_genes = read_h5ad(data_path(f"{QUERY}.h5ad")).var_names
+        full = load(REFERENCE)
+        shared = full.genes[np.isin(full.genes, query_genes)]
+        reference = full.select_genes(highly_variable_genes(full.select_genes(shared).counts, shared, args.genes))
+        start = time.time()
+        model = fit(reference, args, seed)
+        cache[seed] = reference, model, time.time() - start
+        print(f"pbmc3k model: {reference.n_cells} cells ({reference.n_labelled} labelled) x {reference.n_genes} "
+              f"genes, trained in {cache[seed][2]:.0f} s", flush=True)
+    return cache[seed]
+
+
+def coarse_matrix(class_names):
+    """`[n_classes, len(COARSE + NO_COUNTERPART)]` 0/1 map from pbmc3k's classes to the coarse ones."""
+    columns = COARSE + NO_COUNTERPART
+    missing = sorted(set(class_names) - set(REFERENCE_COARSE))
+    if missing:
+        raise ValueError(f"classes {missing} are not in the pbmc3k label map {sorted(REFERENCE_COARSE)}")
+    matrix = np.zeros((len(class_names), len(columns)))
+    matrix[np.arange(len(class_names)), [columns.index(REFERENCE_COARSE[c]) for c in class_names]] = 1.0
+    return matrix
+
+
+def coarse_scores(truth, predicted):
+    """Accuracy, errors, macro-F1 over the sorted set's coarse classes, recall per class, and the fraction
+    predicted as a type without counterpart. truth, predicted: `[cells]` indices into COARSE + NO_COUNTERPART."""
+    from sklearn.metrics import f1_score, recall_score
+
+    classes = list(range(len(COARSE)))
+    recall = recall_score(truth, predicted, labels=classes, average=None, zero_division=0)
+    return {"accuracy": float((truth == predicted).mean()), "errors": int((truth != predicted).sum()),
+            "macro_f1": float(f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)),
+            "no_counterpart": float((predicted >= len(COARSE)).mean()),
+            "per_class_recall": json.dumps(dict(zip(COARSE, np.round(recall, 3).tolist())))}
+
+
+def transfer(args, seed, cache, out):
+    reference, model, train_seconds = reference_model(args, seed, cache)
+    query_adata = read_h5ad(data_path(f"{QUERY}.h5ad"))
+    query = from_anndata(query_adata, label_key=None, genes=model.genes)
+    truth = np.array([COARSE.index(QUERY_COARSE[t]) for t in query_adata.obs["cell_type"].astype(str)])
+    to_coarse = coarse_matrix(model.class_names)
+    base = {"part": "transfer", "dataset": f"{REFERENCE} -> {QUERY}", "seed": seed, "genes": model.n_genes}
+    rows = []
+    for method in ("tfp_scmix", "tfp_scmix+adapt"):
+        start = time.time()
+        outputs = adapt(model, query, args) if method.endswith("adapt") else predict_data(model, query)
+        probs = outputs["probs"] @ to_coarse
+        rows.append({**base, "method": method, **coarse_scores(truth, probs.argmax(axis=1)),
+                     "ece": expected_calibration_error(probs, truth),
+                     "unassigned": float(unassigned(outputs["probs"]).mean()),
+                     "epochs": args.epochs, "seconds": train_seconds + time.time() - start})
+        if seed == args.seeds[0]:
+            suffix = "_adapted" if method.endswith("adapt") else ""
+            reliability_diagram(probs, truth, out / f"reliability_{QUERY}{suffix}.png",
+                                title=f"{REFERENCE} -> {QUERY}{' adapted' if suffix else ''} (coarse)")
+    for method, (predicted, seconds) in peer_predictions(reference, query, seed).items():
+        rows.append({**base, "method": method, **coarse_scores(truth, to_coarse[predicted].argmax(axis=1)),
+                     "seconds": seconds})
+    return rows
+
+
+# -- stability under interferon stimulation -----------------------------------------------------------------
+def proportions(labels, n_classes):
+    return np.bincount(labels, minlength=n_classes) / max(len(labels), 1)
+
+
+def kang(args, seed, cache, out):
+    _, reference, _ = reference_model(args, seed, cache)
+    ctrl_adata, stim_adata = read_h5ad(data_path(f"{KANG_CTRL}.h5ad")), read_h5ad(data_path(f"{KANG_STIM}.h5ad"))
+    # Labels for kang_ctrl from the pbmc3k model adapted to it; cells it leaves unassigned stay unlabelled.
+    from_reference = adapt(reference, from_anndata(ctrl_adata, label_key=None, genes=reference.genes), args)
+    confident = ~unassigned(from_reference["probs"])
+    ctrl = from_anndata(ctrl_adata, label_key=None)
+    ctrl = ctrl.select_genes(highly_variable_genes(ctrl.counts, ctrl.genes, args.genes))
+    ctrl = dataclasses.replace(ctrl, labels=np.where(confident, from_reference["label"], -1).astype(np.int32),
+                               classes=list(reference.class_names))
+    start = time.time()
+    model = fit(ctrl, args, seed)
+    train_seconds = time.time() - start
+    stim = from_anndata(stim_adata, label_key=None, genes=model.genes)
+    # The direct route for comparison: the pbmc3k model adapted to kang_stim.
+    direct = adapt(reference, from_anndata(stim_adata, label_key=None, genes=reference.genes), args)["label"]
+
+    base = {"part": "kang", "dataset": f"{KANG_CTRL} -> {KANG_STIM}", "seed": seed, "genes": model.n_genes,
+            "labelled": float(confident.mean())}
+    n_classes = model.n_classes
+    ctrl_out = predict_data(model, ctrl)
+    rows = []
+    for method in ("tfp_scmix", "tfp_scmix+adapt"):
+        start = time.time()
+        stim_out = adapt(model, stim, args) if method.endswith("adapt") else predict_data(model, stim)
+        rows.append({**base, "method": method,
+                     "composition_tvd": 0.5 * float(np.abs(proportions(ctrl_out["label"], n_classes)
+                                                           - proportions(stim_out["label"], n_classes)).sum()),
+                     "agreement_pbmc3k": float((stim_out["label"] == direct).mean()),
+                     "ctrl_confidence": float(ctrl_out["confidence"].mean()),
+                     "stim_confidence": float(stim_out["confidence"].mean()),
+                     "ctrl_unassigned": float(unassigned(ctrl_out["probs"]).mean()),
+                     "stim_unassigned": float(unassigned(stim_out["probs"]).mean()),
+                     "stim_composition": json.dumps(dict(zip(model.class_names, np.round(
+                         proportions(stim_out["label"], n_classes), 3).tolist()))),
+                     "epochs": args.epochs, "seconds": train_seconds + time.time() - start})
+    both = stack(ctrl, stim)
+    for method, (predicted, seconds) in peer_predictions(ctrl, both, seed).items():
+        ctrl_pred, stim_pred = predicted[:ctrl.n_cells], predicted[ctrl.n_cells:]
+        rows.append({**base, "method": method,
+                     "composition_tvd": 0.5 * float(np.abs(proportions(ctrl_pred, n_classes)
+                                                           - proportions(stim_pred, n_classes)).sum()),
+                     "agreement_pbmc3k": float((stim_pred == direct).mean()),
+                     "stim_composition": json.dumps(dict(zip(model.class_names, np.round(
+                         proportions(stim_pred, n_classes), 3).tolist()))),
+                     "seconds": seconds})
+    return rows
+
+
+# -- unknown cell types and in-dataset calibration -----------------------------------------------------------
+def split_reference(args, seed, cache):
+    """pbmc3k over its `args.genes` most variable genes (counts only), and a half/half (train, test) split."""
+    key = ("split", seed)
+    if key not in cache:
+        data = load(REFERENCE)
+        data = data.select_genes(highly_variable_genes(data.counts, data.genes, args.genes))
+        order = np.random.default_rng(seed).permutation(data.n_cells)
+        cache[key] = data, order[data.n_cells // 2:], order[:data.n_cells // 2]
+    return cache[key]
+
+
+def unknown(args, seed, cache, out):
+    from sklearn.metrics import roc_auc_score
+
+    data, train, test = split_reference(args, seed, cache)
+    held_out = data.subset(test)
+    rows = []
+    for name in args.left_out or data.classes:
+        if name not in data.classes:
+            raise ValueError(f"--left-out {name!r} is not a pbmc3k class; choose among {data.classes}")
+        label = data.classes.index(name)
+        start = time.time()
+        model = fit(drop_class(data.subset(train), label), args, seed, epochs=args.unknown_epochs)
+        outputs = predict_data(model, held_out)
+        novel = held_out.labels == label
+        known_truth = held_out.labels[~novel] - (held_out.labels[~novel] > label)
+        names, counts = np.unique(np.asarray(model.class_names)[outputs["label"][novel]], return_counts=True)
+        for score in UNASSIGNED_SCORES:
+            values = unassigned_score(outputs["probs"], score)
+            flagged = unassigned(outputs["probs"], score)
+            rows.append({"part": "unknown", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix",
+                         "seed": seed, "left_out": name, "score": score, "novel_cells": int(novel.sum()),
+                         "auroc": float(roc_auc_score(novel, values)),
+                         "flagged_known": float(flagged[~novel].mean()), "flagged_novel": float(flagged[novel].mean()),
+                         "accuracy": float((outputs["label"][~novel] == known_truth).mean()),
+                         "novel_predicted_as": f"{names[counts.argmax()]} ({counts.max() / novel.sum():.0%})",
+                         "genes": model.n_genes, "epochs": args.unknown_epochs, "seconds": time.time() - start})
+        print(f"unknown: {name:<18} AUROC " + ", ".join(f"{r['score']} {r['auroc']:.3f}" for r in rows[-2:])
+              + f"; left-out cells mostly called {rows[-1]['novel_predicted_as']}", flush=True)
+    return rows
+
+
+def calibration(args, seed, cache, out):
+    data, train, test = split_reference(args, seed, cache)
+    start = time.time()
+    model = fit(data.subset(train), args, seed)
+    held_out = data.subset(test)
+    probs = predict_data(model, held_out)["probs"]
+    if seed == args.seeds[0]:
+        reliability_diagram(probs, held_out.labels, out / f"reliability_{REFERENCE}.png",
+                            title=f"{REFERENCE} held-out half")
+    return [{"part": "calibration", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix", "seed": seed,
+             "ece": expected_calibration_error(probs, held_out.labels),
+             "accuracy": float((probs.argmax(axis=1) == held_out.labels).mean()),
+             "mean_confidence": float(probs.max(axis=1).mean()), "genes": model.n_genes, "epochs": args.epochs,
+             "seconds": time.time() - start}]
+
+
+# -- results -----------------------------------------------------------------------------------------------
+def summary_tables(frame):
+    """{section title: summary DataFrame} of the parts present in the results `frame` (means over seeds)."""
+    tables = {}
+
+    def mean_over_seeds(part, keys, columns):
+        rows = frame[frame.part == part]
+        columns = [c for c in columns if c in rows and rows[c].notna().any()]
+        table = rows.groupby(keys, sort=False)[columns].mean().round(3)
+        table["seeds"] = rows.groupby(keys, sort=False)["seed"].nunique()
+        return table.reset_index()
+
+    if (frame.part == "transfer").any():
+        tables["Label transfer pbmc3k -> pbmc_sorted_zheng (coarse classes)"] = mean_over_seeds(
+            "transfer", ["method"], ["accuracy", "errors", "macro_f1", "no_counterpart", "ece", "unassigned", "seconds"])
+    if (frame.part == "kang").any():
+        tables["Stability kang_ctrl -> kang_stim"] = mean_over_seeds(
+            "kang", ["method"], ["composition_tvd", "agreement_pbmc3k", "ctrl_confidence", "stim_confidence",
+                                 "ctrl_unassigned", "stim_unassigned", "labelled", "seconds"])
+    if (frame.part == "unknown").any():
+        table = mean_over_seeds("unknown", ["left_out", "score"],
+                                ["auroc", "flagged_known", "flagged_novel", "accuracy", "novel_cells"])
+        tables["Unknown cell types (pbmc3k, one class left out)"] = table.pivot(
+            index="left_out", columns="score", values=["auroc", "flagged_known", "flagged_novel"]).round(3)
+    if (frame.part == "calibration").any():
+        tables["Calibration in-dataset (pbmc3k held-out half)"] = mean_over_seeds(
+            "calibration", ["method"], ["ece", "accuracy", "mean_confidence", "seconds"])
+    return tables
+
+
+def goal_lines(frame):
+    lines = []
+    transfer_rows = frame[frame.part == "transfer"].groupby("method")["accuracy"].mean()
+    for method in ("tfp_scmix", "tfp_scmix+adapt"):
+        if method in transfer_rows:
+            lines.append(f"- transfer coarse accuracy, {method}: {transfer_rows[method]:.3f} "
+                         f"(goal >= {GOALS['transfer_accuracy']}; logistic regression "
+                         f"{transfer_rows.get('logistic_regression', float('nan')):.3f})")
+    unknown_rows = frame[(frame.part == "unknown") & (frame.score == UNASSIGNED_SCORE)]
+    if len(unknown_rows):
+        by_class = unknown_rows.groupby("left_out")["auroc"].mean()
+        lines.append(f"- unknown types, lowest AUROC ({UNASSIGNED_SCORE} score): {by_class.min():.3f} "
+                     f"({by_class.idxmin()}); {int((by_class >= GOALS['unknown_auroc']).sum())} of {len(by_class)} "
+                     f"classes reach the goal >= {GOALS['unknown_auroc']}")
+    ece = frame[(frame.part == "calibration")]["ece"]
+    if len(ece):
+        lines.append(f"- in-dataset ECE: {ece.mean():.3f} (goal <= {GOALS['ece_in_dataset']})")
+    return lines
+
+
+def write_summary(frame, path):
+    text = ["# Cross-dataset benchmark", "",
+            "Written by `experiments/cross_dataset/run.py`; docs/cross_dataset.md explains the protocol and "
+            "the columns. Means over seeds.", "", *goal_lines(frame), ""]
+    for title, table in summary_tables(frame).items():
+        if isinstance(table.columns, pd.MultiIndex):
+            table.columns = [f"{score} {name}" for name, score in table.columns]
+            table = table.reset_index()
+        text += [f"## {title}", "", markdown_table(table), ""]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(text))
+    print("\n".join(text))
+
+
+def run(parts, args, out=HERE):
+    """Run `parts` for every seed; results of parts not run are kept from `out`/results.csv."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
+    kept = previous[~previous.part.isin(parts)]
+    rows, cache = [], {}
+    for part in parts:
+        for seed in args.seeds:
+            start = time.time()
+            rows += PART_FUNCTIONS[part](args, seed, cache, out)
+            print(f"{part} seed {seed}: {time.time() - start:.0f} s", flush=True)
+            # Keep what has been measured even if a later part is interrupted.
+            write_csv(pd.concat([kept, pd.DataFrame(rows)], ignore_index=True), out / "results.csv")
+    frame = pd.concat([kept, pd.DataFrame(rows)], ignore_index=True)
+    write_summary(frame, out / "results.md")
+    return frame
+
+
+PART_FUNCTIONS = {"transfer": transfer, "kang": kang, "unknown": unknown, "calibration": calibration}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of the transfer, kang and calibration models")
+    parser.add_argument("--unknown-epochs", type=int, default=50, help="epochs of each left-one-out model")
+    parser.add_argument("--adapt-epochs", type=int, default=30)
+    parser.add_argument("--classifier-steps", type=int, default=2000)
+    parser.add_argument("--left-out", nargs="+", help="pbmc3k classes to leave out in turn (default: all)")
+    parser.add_argument("--genes", type=int, default=2000, help="highly variable genes")
+    parser.add_argument("--topics", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--no-mlflow", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    frame = run(args.parts, args, out)
+    if not args.no_mlflow:
+        try:
+            from training.record import record
+        except ImportError:
+            print("MLflow not installed: results not logged")
+        else:
+            record(out / "results.csv", "cross_dataset")
+    return frame
+
+
+if __name__ == "__main__":
+    main()
