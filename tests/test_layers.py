@@ -124,3 +124,27 @@ def test_multinomial_log_prob_against_scipy():
 
 def test_layers_are_keras3_layers():
     assert isinstance(TopicBranch(2, 3), keras.layers.Layer)
+
+
+def test_multinomial_with_batch_offsets_against_scipy():
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(1.0, (4, 12)).astype(np.float32)
+    log_theta = np.log(rng.dirichlet(np.ones(3), 4)).astype(np.float32)
+    log_beta = np.log(rng.dirichlet(np.ones(12), 3)).astype(np.float32)
+    offsets = rng.normal(0, 0.5, (2, 12)).astype(np.float32)
+    batch = np.array([0, 1, 1, 0], np.int32)
+    ours = multinomial_log_prob(tf.sparse.from_dense(counts), log_theta, log_beta, offsets, batch).numpy()
+    rate = (np.exp(log_theta) @ np.exp(log_beta)) * np.exp(offsets[batch])
+    expected = [st.multinomial.logpmf(c, c.sum(), r / r.sum()) for c, r in zip(counts, rate)]
+    assert np.allclose(ours, expected, rtol=1e-4)
+
+
+def test_batch_offsets_kl_and_config():
+    from tfp_scmix.layers import BatchOffsets
+
+    layer = BatchOffsets(2, 5, init_shrinkage=0.3)
+    q = layer.posterior()
+    expected = normal_kl(q.loc.numpy(), q.scale.numpy(), 0.0, float(layer.shrinkage())).sum()
+    assert float(layer.kl()) == pytest.approx(expected, rel=1e-4)
+    assert layer(tf.constant([1, 0, 1])).shape == (3, 5)
+    roundtrip(layer)

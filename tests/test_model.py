@@ -117,3 +117,25 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out cells: accuracy" in out and "Top genes" in out
     assert (tmp_path / "model.keras").exists() and (tmp_path / "explanations" / "class_topics.csv").exists()
+
+
+def test_adapt_fits_query_offsets_and_leaves_reference_alone(small_model, embedded):
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    reference = predict_data(small_model, embedded)
+    rng = np.random.default_rng(1)
+    log_factor = rng.normal(0, 1.0, embedded.n_genes)
+    shifted = (embedded.counts @ sp.diags(np.exp(log_factor).astype(np.float32))).tocsr()
+    shifted.data = rng.poisson(shifted.data).astype(np.float32)
+    keep = np.asarray(shifted.sum(axis=1)).ravel() > 0
+    query = dataclasses.replace(embedded, counts=shifted).subset(keep)
+    out = small_model.adapt(query, epochs=10)
+    assert out["probs"].shape == (int(keep.sum()), small_model.n_classes)
+    after = predict_data(small_model, embedded)
+    for key in reference:  # the reference model and its predictions are untouched
+        np.testing.assert_array_equal(reference[key], after[key])
+    assert small_model.settings["n_batches"] == 1
+    with pytest.raises(ValueError, match="model's gene order"):
+        small_model.adapt(query.select_genes(list(reversed(small_model.genes))))

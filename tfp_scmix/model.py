@@ -1,12 +1,14 @@
 """The model: topic, cell and classification branches trained end to end on the negative ELBO."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_scmix.data import COUNTS, LABEL, SCData, gene_fingerprint
-from tfp_scmix.layers import PRIOR_VARIANTS, CellEncoder, ClassBranch, TopicBranch
+from tfp_scmix.data import BATCH, COUNTS, LABEL, SCData, gene_fingerprint
+from tfp_scmix.layers import PRIOR_VARIANTS, BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.horseshoe import default_global_scale
 from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
 
@@ -46,7 +48,7 @@ class SCMix(keras.Model):
                  label_mode="cut", label_weight=1.0, prior_alpha=0.5, learn_alpha=False, kl_warmup_epochs=20,
                  n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=None, global_scale=None,
                  slab_scale=2.0, slab_df=None, label_noise=None, topic_prior_scale=1.0,
-                 n_predictive_samples=32, classifier_learning_rate=0.02, seed=0, **kwargs):
+                 n_predictive_samples=32, classifier_learning_rate=0.02, n_batches=1, seed=0, **kwargs):
         super().__init__(**kwargs)
         if prior not in PRIOR_VARIANTS:
             raise ValueError(f"prior must be one of {PRIOR_VARIANTS}, received {prior!r}")
@@ -68,12 +70,13 @@ class SCMix(keras.Model):
             expected_active_topics=float(expected_active_topics), global_scale=float(global_scale),
             slab_scale=float(slab_scale), slab_df=slab_df, label_noise=label_noise,
             topic_prior_scale=float(topic_prior_scale), n_predictive_samples=int(n_predictive_samples),
-            classifier_learning_rate=float(classifier_learning_rate), seed=int(seed))
+            classifier_learning_rate=float(classifier_learning_rate), n_batches=int(n_batches), seed=int(seed))
         self.topics = TopicBranch(self.n_topics, self.n_genes, topic_prior_scale, name="topic_branch")
         self.encoder = CellEncoder(self.n_genes, self.n_topics, hidden_units, dropout, prior_alpha, learn_alpha,
                                    name="cell_branch")
         self.classifier = ClassBranch(self.n_classes, self.n_topics, prior, global_scale, slab_scale, slab_df,
                                       label_noise, n_predictive_samples, name="class_branch")
+        self.batch_offsets = BatchOffsets(n_batches, self.n_genes, name="batch_offsets")
         if label_mode == "class_prior":
             self.class_centres = self.add_weight(shape=(self.n_classes, self.n_topics), initializer="zeros",
                                                  name="class_centres")
@@ -90,7 +93,8 @@ class SCMix(keras.Model):
     def from_data(cls, data: SCData, **settings):
         """A model sized for `data`, with the topic background set from its mean expression."""
         model = cls(genes=list(data.genes), class_names=list(data.classes), n_cells=data.n_cells,
-                    n_labelled=data.n_labelled, total_counts=float(data.library_size.sum()), **settings)
+                    n_labelled=data.n_labelled, total_counts=float(data.library_size.sum()),
+                    n_batches=len(data.batch_names), **settings)
         model.topics.set_background(np.asarray(data.counts.mean(axis=0)).ravel())
         return model
 
@@ -109,12 +113,81 @@ class SCMix(keras.Model):
         return list(self.trackers.values())
 
     # -- the deterministic forward pass --------------------------------------------------------
-    def call(self, inputs, training=False):
+    @staticmethod
+    def _unpack(inputs):
+        """(counts, batch ids `[batch]`) from a minibatch dict or a bare count matrix (batch 0)."""
         counts = inputs[COUNTS] if isinstance(inputs, dict) else inputs
-        loc, _ = self.encoder(counts, training=training)
+        batch_ids = inputs.get(BATCH) if isinstance(inputs, dict) else None
+        if batch_ids is None:
+            batch_ids = tf.zeros(tf.shape(counts, out_type=tf.int64)[:1], tf.int32)
+        return counts, tf.cast(batch_ids, tf.int32)
+
+    def encode(self, counts, batch_ids, training=False):
+        """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out."""
+        if isinstance(counts, tf.SparseTensor):
+            offsets = tf.gather_nd(self.batch_offsets.loc, tf.stack(
+                [tf.gather(tf.cast(batch_ids, tf.int64), counts.indices[:, 0]), counts.indices[:, 1]], axis=1))
+            corrected = counts.with_values(counts.values * tf.exp(-offsets))
+        else:
+            corrected = tf.cast(counts, tf.float32) * tf.exp(-self.batch_offsets(batch_ids))
+        return self.encoder(corrected, training=training)
+
+    def call(self, inputs, training=False):
+        counts, batch_ids = self._unpack(inputs)
+        loc, _ = self.encode(counts, batch_ids, training=training)
         probs = self.classifier(topic_features(loc))
         return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
                 "confidence": tf.reduce_max(probs, axis=-1), "topics": tf.nn.softmax(loc, axis=-1)}
+
+    # -- a new dataset ----------------------------------------------------------------------------
+    def adapt(self, query: SCData, epochs=30, batch_size=256, learning_rate=5e-2, shrinkage=None, verbose=0):
+        """Fit the query dataset's own batch offsets on its unlabelled counts, then predict it.
+
+        Every global parameter (topics, encoder, classifier, the offsets' shrinkage scale and the
+        reference batches' offsets) stays frozen; only a new offset row for the query is fitted by the
+        same ELBO (count terms). The model itself is not changed: a copy with one more batch is fitted.
+        shrinkage: the offsets' prior scale. By default the learned one; a model trained on a single batch
+        has learned nothing about differences between datasets (its scale shrinks to near zero), so there
+        the default is a weakly informative 1.0 (a factor of e per standard deviation).
+        Returns the predictions for the query cells (the dict of `predict`).
+        """
+        if list(query.genes) != self.genes:
+            raise ValueError("adapt needs the query in the model's gene order: build it with "
+                             "from_anndata(adata, genes=model.genes, label_key=None)")
+        config = {**self.get_config(), "n_batches": self.settings["n_batches"] + 1}
+        adapted = type(self).from_config(config)
+        reference = {w.path: w for w in self.weights}
+        for weight in adapted.weights:
+            value = reference[weight.path].numpy()
+            if weight.shape != value.shape:  # the offsets: reference rows, then a zero row for the query
+                value = np.concatenate([value, weight.numpy()[-1:]], axis=0)
+            weight.assign(value)
+        row = self.settings["n_batches"]
+        query = dataclasses.replace(query, batches=np.full(query.n_cells, row, np.int32))
+        offsets = adapted.batch_offsets
+        if shrinkage is None and row == 1:
+            shrinkage = 1.0
+        if shrinkage is not None:
+            offsets.shrinkage_raw.assign(float(tfp.math.softplus_inverse(float(shrinkage))))
+        variables = [offsets.loc, offsets.scale_raw]
+        only_query = tf.one_hot(row, row + 1)[:, None]
+        optimizer = keras.optimizers.Adam(learning_rate)
+        total_counts = float(query.library_size.sum())
+
+        @tf.function
+        def step(batch):
+            with tf.GradientTape() as tape:
+                terms = adapted.elbo_terms(batch, training=False)
+                loss = terms["reconstruction"] + terms["kl_cell"] + offsets.kl() / total_counts
+            optimizer.apply([g * only_query for g in tape.gradient(loss, variables)], variables)
+            return loss
+
+        progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch")
+        for epoch in range(epochs):
+            for batch in query.dataset(batch_size, seed=epoch):
+                loss = step(batch)
+            progress.update(epoch + 1, [("loss", float(loss))])
+        return adapted.predict(query.dataset(batch_size, shuffle=False), verbose=0)
 
     # -- the classification branch to convergence ----------------------------------------------
     def fit_classifier(self, data: SCData, steps=2000, learning_rate=0.02, batch_size=1024, verbose=0):
@@ -155,16 +228,18 @@ class SCMix(keras.Model):
     def elbo_terms(self, inputs, training=False):
         """Named terms of the negative ELBO for one minibatch (scalars), plus diagnostics."""
         s = self.settings
-        counts = as_sparse(inputs[COUNTS])
-        loc, scale = self.encoder(counts, training=training)
+        counts, batch_ids = self._unpack(inputs)
+        counts = as_sparse(counts)
+        loc, scale = self.encode(counts, batch_ids, training=training)
         n_cells = tf.shape(loc)[0]
         labels = inputs.get(LABEL, tf.fill([n_cells], -1))
-        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=3)
+        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
 
         # Cell and topic branches: one reparameterized draw each.
         z = loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=seeds[0])
         log_cell_topic = tf.nn.log_softmax(z, axis=-1)
-        log_likelihood = multinomial_log_prob(counts, log_cell_topic, self.topics.sample_log_topic_gene(seeds[1]))
+        log_likelihood = multinomial_log_prob(counts, log_cell_topic, self.topics.sample_log_topic_gene(seeds[1]),
+                                              self.batch_offsets.sample(seeds[3]), batch_ids)
         n_counts = tf.reduce_sum(counts.values)
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
@@ -195,9 +270,10 @@ class SCMix(keras.Model):
             "kl_cell": kl_cell,
             "kl_topic": self.topics.kl() / s["total_counts"],
             "kl_class": kl_class / s["n_labelled"],
+            "kl_batch": self.batch_offsets.kl() / s["total_counts"],
             "label_nll": label_nll,
         }
-        terms["loss"] = (terms["reconstruction"] + warmup * (terms["kl_cell"] + terms["kl_topic"])
+        terms["loss"] = (terms["reconstruction"] + warmup * (terms["kl_cell"] + terms["kl_topic"]) + terms["kl_batch"]
                          + s["label_weight"] * (terms["label_nll"] + terms["kl_class"]))
         correct = tf.cast(tf.equal(tf.argmax(log_probs[:n_cells], -1, output_type=tf.int32), labels), tf.float32)
         terms["label_accuracy"] = (tf.reduce_sum(correct), tf.reduce_sum(tf.cast(labelled, tf.float32)))
