@@ -1,0 +1,268 @@
+"""Streaming stage: minibatches read chunk by chunk from an .h5ad file that stays on disk.
+
+`H5ADStream` reads the CSR arrays of the counts (`X/data`, `X/indices`, `X/indptr`, or those of a layer
+or of `raw/X`) with h5py, a chunk of rows at a time, aligns the genes to a vocabulary and feeds tf.data
+with the same minibatch dicts as `SCData.dataset`: {"counts": SparseTensor [B, G], "label": int32 [B],
+"batch": int32 [B]}. Memory is bounded by the chunk, buffer and batch sizes, not by the dataset: of each
+cell only its label and batch id (8 bytes) are held in memory.
+
+Shuffling is two-level, as for data too large to permute in memory: the order of the chunks is permuted
+every epoch, and the rows of each buffer of `buffer_chunks` chunks are permuted before they are batched.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from tfp_scmix.data import (BATCH, COUNTS, LABEL, UNLABELLED, DataError, SCData, align_genes, check_counts,
+                            data_path, encode_labels)
+
+
+def _read_elem(element):
+    import anndata.io
+
+    return anndata.io.read_elem(element)
+
+
+def _index(group) -> np.ndarray:
+    """The index (obs or var names) of an AnnData dataframe group."""
+    return np.asarray(_read_elem(group[group.attrs["_index"]]), dtype=str)
+
+
+def _counts_element(f, counts):
+    """(h5py element of the count matrix, var group holding its gene names, description)."""
+    if counts in (None, "X"):
+        return f["X"], f["var"], "X"
+    if counts == "raw":
+        if "raw" not in f or "X" not in f["raw"]:
+            raise DataError("counts='raw' but the file has no raw/X; pass counts='X' or a layer name.")
+        return f["raw"]["X"], f["raw"]["var"], "raw/X"
+    layers = f["layers"] if "layers" in f else {}
+    if counts not in layers:
+        raise DataError(f"no layer {counts!r} in the file (layers: {list(layers)}); pass counts='X', 'raw' "
+                        "or one of those layers.")
+    return layers[counts], f["var"], f"layers/{counts}"
+
+
+class H5ADStream:
+    """Counts of an .h5ad file read from disk in chunks of `chunk_cells` rows.
+
+    counts: "X" (default), "raw" or a layer name, holding raw integer counts stored as CSR (or dense).
+    label_key / unknown / classes / batch_key: as in `tfp_scmix.data.from_anndata`. genes: align to this
+    vocabulary (a model's `genes`); genes the file lacks are zero columns.
+
+    Attributes: genes `[n_genes]`, classes, labels int32 `[n_cells]` (-1 where unknown), batches int32
+    `[n_cells]`, batch_names, n_cells, n_genes, n_classes, n_labelled.
+    """
+
+    def __init__(self, path, counts="X", label_key="cell_type", batch_key=None, unknown=(), genes=None,
+                 classes=None, min_gene_fraction=0.5, chunk_cells=8192):
+        self.path = data_path(str(path))
+        if chunk_cells < 1:
+            raise ValueError(f"chunk_cells must be positive, received {chunk_cells}")
+        self.chunk_cells = int(chunk_cells)
+        self.counts_key = counts
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as err:
+            raise DataError(f"could not open {self.path} as an .h5ad (HDF5) file ({err}). Streaming needs an "
+                            "uncorrupted .h5ad; zarr stores are not supported.") from err
+        with f:
+            matrix, var, self.where = _counts_element(f, counts)
+            self._csr = isinstance(matrix, h5py.Group)
+            if self._csr:
+                encoding = matrix.attrs.get("encoding-type", "")
+                if encoding != "csr_matrix":
+                    raise DataError(f"{self.where} is stored as {encoding or 'an unknown group'}; streaming reads "
+                                    "rows, so it needs CSR: rewrite the file with adata.X = adata.X.tocsr(); "
+                                    "adata.write_h5ad(path).")
+                shape = tuple(int(s) for s in matrix.attrs["shape"])
+            else:
+                shape = matrix.shape
+            file_genes = _index(var)
+            n_cells = shape[0]
+            self._select = None
+            if genes is None:
+                align_genes(sp.csr_matrix((0, len(file_genes)), dtype=np.float32), file_genes, file_genes)
+                genes = file_genes
+            else:
+                # The selection matrix [file genes, vocabulary]: the alignment of an identity matrix.
+                self._select, _ = align_genes(sp.identity(len(file_genes), np.float32, format="csr"), file_genes,
+                                              genes, min_gene_fraction)
+            self._file_genes = len(file_genes)
+            obs = f["obs"]
+            if label_key is not None:
+                if label_key not in obs:
+                    raise DataError(f"no obs column {label_key!r} in {self.path} (columns: "
+                                    f"{[k for k in obs if k != obs.attrs['_index']]}); pass label_key=None for "
+                                    "unlabelled data.")
+                self.labels, self.classes = encode_labels(_read_elem(obs[label_key]), classes, unknown)
+            else:
+                self.labels, self.classes = np.full(n_cells, UNLABELLED, np.int32), list(classes or [])
+            if batch_key is not None:
+                if batch_key not in obs:
+                    raise DataError(f"no obs column {batch_key!r} for batches in {self.path}.")
+                codes = pd.Categorical(np.asarray(_read_elem(obs[batch_key])).astype(str))
+                self.batches, self.batch_names = codes.codes.astype(np.int32), [str(c) for c in codes.categories]
+            else:
+                self.batches, self.batch_names = np.zeros(n_cells, np.int32), ["0"]
+        self.genes = np.asarray(genes, dtype=str)
+        self._library = None
+        self._gene_sums = None
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n_labelled(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _open(self):
+        f = h5py.File(self.path, "r")
+        return f, _counts_element(f, self.counts_key)[0]
+
+    def _read(self, matrix, start, stop) -> sp.csr_matrix:
+        """Rows `start:stop` as CSR float32 `[stop - start, n_genes]` in the vocabulary's gene order."""
+        if self._csr:
+            pointers = matrix["indptr"][start:stop + 1].astype(np.int64)
+            lo, hi = int(pointers[0]), int(pointers[-1])
+            rows = sp.csr_matrix((matrix["data"][lo:hi].astype(np.float32, copy=False), matrix["indices"][lo:hi],
+                                  pointers - lo), shape=(stop - start, self._file_genes))
+        else:
+            rows = sp.csr_matrix(np.asarray(matrix[start:stop], np.float32))
+        check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}")
+        if self._select is not None:
+            rows = (rows @ self._select).tocsr()
+        rows.sort_indices()
+        return rows
+
+    def chunks(self, order=None):
+        """Yield (row ids `[rows]`, CSR float32 `[rows, n_genes]`) chunk by chunk; `order` lists chunk starts."""
+        starts = np.arange(0, self.n_cells, self.chunk_cells) if order is None else order
+        f, matrix = self._open()
+        with f:
+            for start in starts:
+                stop = min(int(start) + self.chunk_cells, self.n_cells)
+                yield np.arange(start, stop), self._read(matrix, int(start), stop)
+
+    def summary(self):
+        """(library sizes `[n_cells]`, total counts per gene `[n_genes]`) from one pass over the file."""
+        if self._library is None:
+            library = np.zeros(self.n_cells, np.float64)
+            gene_sums = np.zeros(self.n_genes, np.float64)
+            for rows, chunk in self.chunks():
+                library[rows] = np.asarray(chunk.sum(axis=1)).ravel()
+                gene_sums += np.asarray(chunk.sum(axis=0)).ravel()
+            self._library, self._gene_sums = library, gene_sums
+        return self._library, self._gene_sums
+
+    @property
+    def library_size(self) -> np.ndarray:
+        """`[n_cells]` total counts per cell (one pass over the file, then cached)."""
+        return self.summary()[0]
+
+    def to_data(self, index=None) -> SCData:
+        """The cells at `index` (default: every labelled cell) read into memory as `SCData`.
+
+        Meant for small subsets, e.g. the labelled cells for `SCMix.fit_classifier`.
+        """
+        index = np.flatnonzero(self.labels >= 0) if index is None else np.sort(np.asarray(index))
+        parts = []
+        for rows, chunk in self.chunks(np.unique(index // self.chunk_cells) * self.chunk_cells):
+            parts.append(chunk[np.searchsorted(rows, index[(index >= rows[0]) & (index <= rows[-1])])])
+        counts = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_genes), dtype=np.float32)
+        with h5py.File(self.path, "r") as f:
+            names = _index(f["obs"])[index]
+        return SCData(counts.astype(np.float32), self.genes, self.labels[index], list(self.classes),
+                      self.batches[index], list(self.batch_names), names)
+
+    # -- minibatches -----------------------------------------------------------------------------
+    def batches_numpy(self, batch_size=256, shuffle=True, seed=0, buffer_chunks=4, num_shards=1, shard_index=0):
+        """Yield minibatches as numpy (indices int64 `[nnz, 2]`, values `[nnz]`, labels `[B]`, batches `[B]`).
+
+        With `num_shards` > 1 this shard reads only every `num_shards`-th chunk (a worker's share).
+        `seed` may be a sequence, e.g. (seed, epoch).
+        """
+        rng = np.random.default_rng(seed)
+        order = np.arange(0, self.n_cells, self.chunk_cells)[shard_index::num_shards]
+        if shuffle:
+            order = rng.permutation(order)
+        pending = None  # rows left over from the previous buffer: (row ids, CSR)
+        for i in range(0, len(order), buffer_chunks):
+            parts = list(self.chunks(order[i:i + buffer_chunks]))
+            if pending is not None:
+                parts.insert(0, pending)
+            rows = np.concatenate([p[0] for p in parts])
+            counts = sp.vstack([p[1] for p in parts], format="csr") if len(parts) > 1 else parts[0][1]
+            if shuffle:
+                permutation = rng.permutation(len(rows))
+                rows, counts = rows[permutation], counts[permutation]
+            n_full = len(rows) // batch_size * batch_size
+            for start in range(0, n_full, batch_size):
+                yield self._pack(rows[start:start + batch_size], counts[start:start + batch_size])
+            pending = (rows[n_full:], counts[n_full:]) if n_full < len(rows) else None
+        if pending is not None:
+            yield self._pack(*pending)
+
+    def _pack(self, rows, counts):
+        lengths = np.diff(counts.indptr)
+        indices = np.stack([np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
+                            counts.indices.astype(np.int64)], axis=1)
+        return indices, counts.data.astype(np.float32, copy=False), self.labels[rows], self.batches[rows]
+
+    def dataset(self, batch_size=256, shuffle=True, seed=0, buffer_chunks=4, repeat=False, num_shards=1,
+                shard_index=0):
+        """tf.data of minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]}.
+
+        Each pass (each epoch when `repeat`) reshuffles with seed (seed, pass number). Peak memory: about
+        `buffer_chunks * chunk_cells` cells of counts, plus the prefetched batches.
+        """
+        import tensorflow as tf
+
+        passes = itertools.count()
+        n_genes = self.n_genes
+
+        def generate():
+            yield from self.batches_numpy(batch_size, shuffle, (seed, next(passes)), buffer_chunks, num_shards,
+                                          shard_index)
+
+        signature = (tf.TensorSpec([None, 2], tf.int64), tf.TensorSpec([None], tf.float32),
+                     tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32))
+
+        def as_dict(indices, values, labels, batches):
+            shape = tf.stack([tf.shape(labels, out_type=tf.int64)[0], tf.constant(n_genes, tf.int64)])
+            return {COUNTS: tf.SparseTensor(indices, values, shape), LABEL: labels, BATCH: batches}
+
+        ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        if repeat:
+            ds = ds.repeat()
+        return ds.map(as_dict).prefetch(2)
+
+
+def build_model(stream: H5ADStream, **settings):
+    """An `SCMix` sized for a stream, as `SCMix.from_data` sizes one for in-memory data (one pass over the file)."""
+    from tfp_scmix.model import SCMix
+
+    library, gene_sums = stream.summary()
+    if (library == 0).any():
+        raise DataError(f"{int((library == 0).sum())} cells of {stream.path} have no counts over the model's "
+                        "genes; remove them from the file first.")
+    model = SCMix(genes=list(stream.genes), class_names=list(stream.classes), n_cells=stream.n_cells,
+                  n_labelled=stream.n_labelled, total_counts=float(library.sum()), **settings)
+    model.topics.set_background(gene_sums / stream.n_cells)
+    return model
