@@ -1,0 +1,559 @@
+"""Performance benchmark: training and prediction throughput and peak memory, tfp_scmix against its peers.
+
+    ./run experiments.performance.run             # the full grid, about 15-20 minutes on 2 cores
+    ./run experiments.performance.run --quick     # tiny sizes in a minute or two (tests/test_performance.py)
+
+Data. The Kang et al. 2018 files (kang_ctrl.h5ad + kang_stim.h5ad: 13,999 cells x 14,053 genes, raw UMI
+counts) are the real reference. Genes are ranked by mean count: the top 2,000 hold 25% nonzero entries,
+the density the issue's targets were set at (the package's dispersion-based `highly_variable_genes`
+picks sparser genes, 2.7% nonzero, which would flatter sparse code). Larger sizes are drawn from the
+real cells: 100k and 1M cells are cells resampled with replacement (same sparsity and library sizes);
+20,000 genes are the 14,053 real genes plus 5,947 real low-expression gene columns resampled over
+shuffled cells. Labels (needed by the model's classifier): the condition (ctrl / stim) of 2% of cells.
+
+Measures. Training throughput is cell-passes per second over whole minibatches after warm-up steps
+(tracing and the first batches excluded), input pipeline included; it is measured for a time budget of
+steps rather than a full epoch where an epoch would be long (throughput is per cell-pass, so this does
+not change it). Peak memory is the peak resident set of the process that trained (each measurement
+runs in its own process), with the memory after imports as the baseline. Prediction throughput is cells
+per second over the whole Kang data after a warm-up call. Peers on the same files, in the same run:
+scikit-learn's LatentDirichletAllocation (online variational Bayes, one pass, its default minibatch of
+128, same number of topics; `transform` for prediction) and scVI (scvi-tools 1.4.2, CPU PyTorch, in
+its own environment .venv-scvi, latent dimension = number of topics, `get_latent_representation`
+for prediction).
+
+Writes results.md and results.json beside this file (atomically); generated .h5ad files go to runs/.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RUNS = HERE / "runs"
+SCVI_ENV = HERE / ".venv-scvi"
+SCVI_PACKAGES = (["torch==2.13.0"], ["scvi-tools==1.4.2"])
+LABELLED_FRACTION = 0.02
+
+
+def rss_mb():
+    """Current resident memory of this process in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process in MB (VmHWM: unlike ru_maxrss it restarts at exec, so a child
+    does not inherit the peak of the process that started it)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+# -- data --------------------------------------------------------------------------------------
+def reference():
+    """(CSR float32 [13,999, 14,053] raw counts, gene names, condition per cell) of the Kang files."""
+    import anndata
+    import scipy.sparse as sp
+
+    from tfp_scmix.data import data_path, extract_counts, read_h5ad
+
+    parts = [read_h5ad(data_path(f"kang_{c}.h5ad")) for c in ("ctrl", "stim")]
+    adata = anndata.concat(parts, join="inner")
+    counts, genes = extract_counts(adata, "X")
+    return sp.csr_matrix(counts), np.asarray(genes), np.asarray(adata.obs["condition"].astype(str))
+
+
+def gene_panel(counts, genes, n_genes, seed=0):
+    """The `n_genes` genes with the highest mean count; past the real genes, resampled real columns."""
+    import scipy.sparse as sp
+
+    order = np.argsort(-np.asarray(counts.mean(axis=0)).ravel(), kind="stable")
+    if n_genes <= len(genes):
+        keep = np.sort(order[:n_genes])
+        return counts[:, keep].tocsr(), genes[keep]
+    rng = np.random.default_rng(seed)
+    extra = n_genes - len(genes)
+    low = order[len(order) // 2:]  # extra genes are drawn from the low-expression half, as added genes would be
+    columns = counts.tocsc()[:, rng.choice(low, extra)]
+    shuffled = columns.tocsr()[rng.permutation(counts.shape[0])]
+    names = np.concatenate([genes, [f"resampled_gene{i}" for i in range(extra)]])
+    return sp.hstack([counts, shuffled], format="csr"), names
+
+
+def labels_for(condition, rng):
+    """Condition as a label for LABELLED_FRACTION of the cells, unknown (NaN) elsewhere."""
+    import pandas as pd
+
+    hidden = rng.random(len(condition)) >= LABELLED_FRACTION
+    return pd.Categorical(np.where(hidden, None, condition), categories=["ctrl", "stim"])
+
+
+def write_h5ad(path, chunks, n_cells, genes):
+    """Write an .h5ad (CSR X, obs["cell_type"], var names) from an iterator of (CSR, condition) chunks.
+
+    Chunked, so a 1M-cell file never sits in memory; the file appears whole at `path` or not at all.
+    """
+    import anndata.io
+    import h5py
+    import pandas as pd
+
+    from tfp_scmix.io import atomic_path
+
+    rng = np.random.default_rng(1)
+    conditions = []
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        x = f.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                        "shape": np.array([n_cells, len(genes)])})
+        data = x.create_dataset("data", (0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
+        indices = x.create_dataset("indices", (0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
+        indptr = x.create_dataset("indptr", (n_cells + 1,), dtype=np.int64)
+        row, nnz = 0, 0
+        indptr[0] = 0
+        for chunk, condition in chunks:
+            n = chunk.nnz
+            data.resize((nnz + n,))
+            indices.resize((nnz + n,))
+            data[nnz:] = chunk.data
+            indices[nnz:] = chunk.indices
+            indptr[row + 1:row + 1 + chunk.shape[0]] = chunk.indptr[1:] + nnz
+            row, nnz = row + chunk.shape[0], nnz + n
+            conditions.append(condition)
+        if row != n_cells:
+            raise RuntimeError(f"wrote {row} cells, expected {n_cells}")
+        condition = np.concatenate(conditions)
+        obs = pd.DataFrame({"cell_type": labels_for(condition, rng), "condition": condition},
+                           index=[f"cell{i}" for i in range(n_cells)])
+        anndata.io.write_elem(f, "obs", obs)
+        anndata.io.write_elem(f, "var", pd.DataFrame(index=np.asarray(genes, dtype=str)))
+    return path
+
+
+def prepare_data(sizes, quick):
+    """Write the benchmark's .h5ad files (cached in runs/); returns {name: (path, n_cells, n_genes, density)}."""
+    counts, genes, condition = reference()
+    if quick:
+        keep = np.sort(np.random.default_rng(0).permutation(counts.shape[0])[:2000])
+        counts, condition = counts[keep], condition[keep]
+    out = RUNS / ("data-quick" if quick else "data")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, n_cells, n_genes in sizes:
+        path = out / f"{name}.h5ad"
+        if not path.exists():
+            panel, names = gene_panel(counts, genes, n_genes)
+            if n_cells == panel.shape[0]:
+                chunks = [(panel, condition)]
+            else:
+                rng = np.random.default_rng(2)
+
+                def resample(panel=panel, rng=rng, n_cells=n_cells, step=50_000):
+                    for start in range(0, n_cells, step):
+                        rows = rng.integers(0, panel.shape[0], min(step, n_cells - start))
+                        yield panel[rows], condition[rows]
+
+                chunks = resample()
+            print(f"writing {path.name}: {n_cells} cells x {n_genes} genes", flush=True)
+            write_h5ad(path, chunks, n_cells, names)
+        files[name] = str(path)
+    return files
+
+
+def file_stats(path):
+    """(cells, genes, nonzero fraction, median library size) of an .h5ad written by write_h5ad."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        n_cells, n_genes = (int(s) for s in f["X"].attrs["shape"])
+        nnz = f["X"]["data"].shape[0]
+        sample = min(n_cells, 20_000)
+        pointers = f["X"]["indptr"][:sample + 1]
+        library = np.add.reduceat(f["X"]["data"][:pointers[-1]], pointers[:-1]) if sample else np.zeros(0)
+    return n_cells, n_genes, nnz / (n_cells * n_genes), float(np.median(library))
+
+
+# -- children: one measurement each, in its own process --------------------------------------
+class StepTimer:
+    """Keras callback: times whole training steps after `warmup` steps and stops after `budget_s` seconds."""
+
+    def __new__(cls, warmup, budget_s):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.times, self.start = [], None
+
+            def on_train_batch_end(self, batch, logs=None):
+                now = time.perf_counter()
+                if batch + 1 == warmup:
+                    self.start = now
+                elif batch + 1 > warmup:
+                    self.times.append(now)
+                    if now - self.start > budget_s:
+                        self.model.stop_training = True
+
+        return _Timer()
+
+
+def child_ours(cfg):
+    import keras
+
+    from tfp_scmix.annotate import predict_data
+    from tfp_scmix.data import from_anndata
+    from tfp_scmix.model import SCMix
+    from tfp_scmix.stream import H5ADStream, build_model
+
+    baseline = rss_mb()
+    start = time.perf_counter()
+    keras.utils.set_random_seed(0)
+    settings = dict(n_topics=cfg["n_topics"], seed=0)
+    if cfg["mode"] == "memory":
+        data = from_anndata(cfg["path"])
+        model = SCMix.from_data(data, **settings)
+        dataset = data.dataset(cfg["batch_size"], seed=0, repeat=True)
+    else:
+        stream = H5ADStream(cfg["path"])
+        model = build_model(stream, **settings)
+        dataset = stream.dataset(cfg["batch_size"], seed=0, repeat=True)
+    load_s = time.perf_counter() - start
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), jit_compile=cfg.get("jit", False))
+    timer = StepTimer(cfg["warmup"], cfg["budget_s"])
+    result = {"load_s": load_s, "baseline_rss_mb": baseline}
+    try:
+        model.fit(dataset, epochs=1, steps_per_epoch=cfg["max_steps"], verbose=0, callbacks=[timer])
+    except Exception as err:  # e.g. XLA refusing an op: recorded as the result of this measurement
+        message = str(err)
+        detail = next((line for line in message.splitlines() if "unsupported" in line.lower()
+                       or "No registered" in line or "must be a compile-time constant" in line), message[:300])
+        return {**result, "error": f"{type(err).__name__}: {detail.strip()[:400]}"}
+    steps = len(timer.times) - 1
+    result.update(train_cells_per_s=steps * cfg["batch_size"] / (timer.times[-1] - timer.times[0]),
+                  timed_steps=steps, train_peak_rss_mb=peak_rss_mb())
+    if cfg.get("predict"):
+        data = data if cfg["mode"] == "memory" else stream.to_data(np.arange(stream.n_cells))
+        predict_data(model, data.subset(np.arange(min(2048, data.n_cells))), cfg["predict_batch_size"])
+        start = time.perf_counter()
+        predict_data(model, data, cfg["predict_batch_size"])
+        result["predict_cells_per_s"] = data.n_cells / (time.perf_counter() - start)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def child_lda(cfg):
+    import anndata
+    import scipy.sparse as sp
+    from sklearn.decomposition import LatentDirichletAllocation
+
+    baseline = rss_mb()
+    counts = sp.csr_matrix(anndata.read_h5ad(cfg["path"]).X)
+    train = counts[:cfg["max_cells"]] if cfg.get("max_cells") else counts
+    lda = LatentDirichletAllocation(n_components=cfg["n_topics"], learning_method="online", max_iter=1,
+                                    total_samples=train.shape[0], random_state=0)
+    start = time.perf_counter()
+    lda.fit(train)
+    result = {"train_cells_per_s": train.shape[0] / (time.perf_counter() - start), "train_cells": train.shape[0],
+              "baseline_rss_mb": baseline}
+    if cfg.get("predict"):
+        start = time.perf_counter()
+        lda.transform(counts)
+        result["predict_cells_per_s"] = counts.shape[0] / (time.perf_counter() - start)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def child_kernel(cfg):
+    """The count likelihood alone (forward + gradient) on one minibatch: graph mode against XLA."""
+    import tensorflow as tf
+
+    from tfp_scmix.data import from_anndata
+    from tfp_scmix.loss import multinomial_log_prob
+
+    data = from_anndata(cfg["path"])
+    batch = next(iter(data.dataset(cfg["batch_size"], shuffle=False)))
+    counts, k = batch["counts"], cfg["n_topics"]
+    rng = np.random.default_rng(0)
+    log_cell_topic = tf.Variable(tf.nn.log_softmax(rng.normal(size=(cfg["batch_size"], k)).astype(np.float32)))
+    log_topic_gene = tf.Variable(tf.nn.log_softmax(rng.normal(size=(k, data.n_genes)).astype(np.float32)))
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_sum(multinomial_log_prob(counts, log_cell_topic, log_topic_gene))
+        return tape.gradient(loss, [log_cell_topic, log_topic_gene])
+
+    result = {"nnz": int(counts.values.shape[0])}
+    for name, fn in (("graph", tf.function(step)), ("xla", tf.function(step, jit_compile=True))):
+        try:
+            fn()
+            start = time.perf_counter()
+            for _ in range(cfg["repeats"]):
+                fn()
+            result[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / cfg["repeats"]
+        except Exception as err:
+            result[f"{name}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return result
+
+
+CHILDREN = {"ours": child_ours, "lda": child_lda, "kernel": child_kernel}
+
+
+def run_child(kind, cfg, timeout):
+    """Run one measurement in a fresh process; returns its result dict (or {"error": ...})."""
+    if kind == "scvi":
+        command = [str(SCVI_ENV / "bin" / "python"), str(HERE / "peer_scvi.py"), json.dumps(cfg)]
+    else:
+        command = [sys.executable, "-m", "experiments.performance.run", "--child", kind, json.dumps(cfg)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}"}
+    result = json.loads(lines[-1])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def ensure_scvi(log):
+    """Create the scVI environment if it is missing; returns None or why scVI cannot run."""
+    python = SCVI_ENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import scvi"], capture_output=True).returncode == 0:
+        return None
+    log(f"installing the scVI peer into {SCVI_ENV} (torch 2.13.0 CPU, scvi-tools 1.4.2; several minutes)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(SCVI_ENV)], check=True, capture_output=True)
+        for packages in SCVI_PACKAGES:
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True,
+                           capture_output=True, text=True, timeout=1800)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        detail = getattr(err, "stderr", "") or ""
+        return f"scvi-tools did not install ({type(err).__name__}: {detail.strip().splitlines()[-1:] or ''})"
+    return None
+
+
+# -- the plan ----------------------------------------------------------------------------------
+def plan(quick):
+    """(data sizes, measurements) of the full grid or of the quick check."""
+    if quick:
+        cells, genes = (2000, 6000, 20_000), (300, 1000)
+        budget, steps, warmup, topics, batch = 1.5, 30, 2, (5,), 256
+    else:
+        cells, genes = (13_999, 100_000, 1_000_000), (2000, 5000, 20_000)
+        budget, steps, warmup, topics, batch = 12.0, 400, 3, (20, 100), 1024
+    name = lambda n, g: f"{'kang' if n == cells[0] else 'resampled'}_{n}c_{g}g"  # noqa: E731
+    sizes = [(name(n, genes[0]), n, genes[0]) for n in cells] + [(name(cells[0], g), cells[0], g) for g in genes[1:]]
+    ref, by_cells, by_genes = sizes[0][0], [s[0] for s in sizes[:3]], [sizes[0][0]] + [s[0] for s in sizes[3:]]
+    common = dict(warmup=warmup, budget_s=budget, max_steps=steps, predict_batch_size=1024)
+    jobs = []
+    for k in topics:
+        jobs.append(("ours", ref, dict(common, mode="memory", n_topics=k, batch_size=batch, predict=True)))
+        if not quick:
+            jobs.append(("ours", ref, dict(common, mode="memory", n_topics=k, batch_size=256, predict=True)))
+        for name in by_cells[1:2] + by_genes[1:]:
+            jobs.append(("ours", name, dict(common, mode="memory", n_topics=k, batch_size=batch)))
+        jobs.append(("lda", ref, dict(n_topics=k, predict=True)))
+        for name in by_cells[1:2] + by_genes[1:]:
+            jobs.append(("lda", name, dict(n_topics=k, max_cells=2000 if quick else 12_000)))
+        for batch_size in (128, 1024):
+            jobs.append(("scvi", ref, dict(n_latent=k, batch_size=batch_size, epochs=3, predict_batch_size=1024)))
+        for name in by_cells[1:2] + by_genes[1:]:
+            jobs.append(("scvi", name, dict(n_latent=k, batch_size=128, epochs=2, max_cells=30_000,
+                                            predict_batch_size=1024)))
+    for name in by_cells:  # streaming from disk: memory should not grow with the cells
+        jobs.append(("ours", name, dict(common, mode="stream", n_topics=topics[0], batch_size=batch)))
+    jobs.append(("ours", ref, dict(common, mode="memory", n_topics=topics[0], batch_size=batch, jit=True)))
+    jobs.append(("kernel", ref, dict(n_topics=topics[0], batch_size=batch, repeats=5 if quick else 20)))
+    return sizes, jobs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a check that the script works)")
+    parser.add_argument("--peers", default="lda,scvi", help="comma-separated peers to measure: lda, scvi")
+    parser.add_argument("--out", default=str(HERE), help="folder for results.md and results.json")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
+        return 0
+
+    started = time.time()
+    log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", flush=True)  # noqa: E731
+    peers = set(filter(None, args.peers.split(",")))
+    scvi_problem = ensure_scvi(log) if "scvi" in peers else "not requested (--peers)"
+    load_start = os.getloadavg()
+    sizes, jobs = plan(args.quick)
+    files = prepare_data(sizes, args.quick)
+    stats = {name: file_stats(path) for name, path in files.items()}
+    log("data ready: " + ", ".join(f"{n} {s[0]}x{s[1]} {s[2]:.1%} nonzero" for n, s in stats.items()))
+    results = []
+    for kind, name, cfg in jobs:
+        if kind in ("lda", "scvi") and kind not in peers:
+            continue
+        if kind == "scvi" and scvi_problem:
+            results.append({"method": "scvi", "data": name, **cfg, "error": scvi_problem})
+            continue
+        result = run_child(kind, {**cfg, "path": files[name]}, timeout=900)
+        results.append({"method": kind, "data": name, **cfg, **result})
+        log(f"{kind:6s} {name:16s} {json.dumps({k: v for k, v in cfg.items() if k in ('mode', 'n_topics', 'n_latent', 'batch_size', 'jit')})} -> "
+            + (result.get("error") or f"train {result.get('train_cells_per_s', float('nan')):.0f} cells/s, "
+               f"predict {result.get('predict_cells_per_s', float('nan')):.0f} cells/s, peak {result.get('peak_rss_mb', float('nan')):.0f} MB"))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "machine": machine(),
+            "load_average_start": load_start, "load_average_end": os.getloadavg(),
+            "minutes": (time.time() - started) / 60, "data": {n: dict(zip(("cells", "genes", "nonzero",
+                                                                           "median_library"), s))
+                                                               for n, s in stats.items()}}
+    write_results(Path(args.out), meta, results)
+    log(f"wrote {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def machine():
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
+            "keras": keras.__version__, "scikit-learn": sklearn.__version__}
+
+
+# -- the results file --------------------------------------------------------------------------
+def write_results(out, meta, results):
+    from tfp_scmix.io import atomic_path
+
+    with atomic_path(out / "results.json") as tmp:
+        Path(tmp).write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+    with atomic_path(out / "results.md") as tmp:
+        Path(tmp).write_text(render(meta, results))
+
+
+def _fmt(value, digits=0):
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def render(meta, results):
+    """results.md: the target check, the size grid with ratios, streaming memory, XLA."""
+    def find(method, data, **keys):
+        for r in results:
+            if r["method"] == method and r["data"] == data and all(r.get(k) == v for k, v in keys.items()):
+                return r
+        return {}
+
+    def rate(r, key="train_cells_per_s"):
+        return r.get(key) if r and not r.get("error") else None
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    data = meta["data"]
+    names = list(data)
+    ref = names[0]
+    topics = sorted({r["n_topics"] for r in results if r["method"] == "ours" and r.get("mode") == "memory"})
+    k0 = topics[0]
+    big_batch = max(r["batch_size"] for r in results if r["method"] == "ours")
+    lines = [f"# Performance benchmark ({'quick check' if meta['quick'] else 'full grid'})", "",
+             f"Written by `experiments/performance/run.py` on {meta['date']} in {meta['minutes']:.1f} min. "
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, shared with other jobs "
+             f"(load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
+             f"at the end: absolute numbers move with that load; the ratios are measured side by side). "
+             f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}, scikit-learn "
+             f"{meta['machine']['scikit-learn']}.", "", "Data (cells x genes, nonzero fraction, median library size):", ""]
+    for name, d in data.items():
+        lines.append(f"- `{name}`: {d['cells']:,} x {d['genes']:,}, {d['nonzero']:.1%} nonzero, median library "
+                     f"{d['median_library']:,.0f}")
+    # Target check on the reference.
+    ours = find("ours", ref, mode="memory", n_topics=k0, batch_size=big_batch, jit=None)
+    ours_small = find("ours", ref, mode="memory", n_topics=k0, batch_size=256, jit=None)
+    lda = find("lda", ref, n_topics=k0)
+    scvi_default = find("scvi", ref, n_latent=k0, batch_size=128)
+    scvi_big = find("scvi", ref, n_latent=k0, batch_size=1024)
+    best_scvi = max((rate(r) or 0 for r in (scvi_default, scvi_big)), default=0) or None
+    best_scvi_predict = max((rate(r, "predict_cells_per_s") or 0 for r in (scvi_default, scvi_big)), default=0) or None
+    lines += ["", f"## Targets on `{ref}` with {k0} topics", "",
+              "| measure | tfp_scmix | LDA (sklearn, online) | scVI | ours / LDA | ours / scVI | target | met |",
+              "|---|---|---|---|---|---|---|---|"]
+    train = rate(ours)
+    targets = [
+        (f"training, cell-passes/s (ours: batch {big_batch}; scVI: best of batch 128 and 1024)", train, rate(lda),
+         best_scvi, "ours >= 20 x LDA and >= 2 x scVI",
+         train is not None and rate(lda) is not None and best_scvi is not None
+         and train >= 20 * rate(lda) and train >= 2 * best_scvi),
+        ("prediction, cells/s (batch 1024)", rate(ours, "predict_cells_per_s"), rate(lda, "predict_cells_per_s"),
+         best_scvi_predict, ">= 200,000 cells/s",
+         rate(ours, "predict_cells_per_s") is not None and rate(ours, "predict_cells_per_s") >= 200_000),
+    ]
+    for label, a, b, c, target, met in targets:
+        lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(c)} | {_fmt(ratio(a, b), 2)} | {_fmt(ratio(a, c), 2)} "
+                     f"| {target} | {'yes' if met else 'no'} |")
+    if ours_small:
+        lines.append(f"| training at the package default batch 256 | {_fmt(rate(ours_small))} | | | "
+                     f"{_fmt(ratio(rate(ours_small), rate(lda)), 2)} | {_fmt(ratio(rate(ours_small), best_scvi), 2)} | | |")
+    lines += ["", f"scVI per batch size on `{ref}`: " + "; ".join(
+        f"batch {r.get('batch_size')}: train {_fmt(rate(r))}, encode {_fmt(rate(r, 'predict_cells_per_s'))} cells/s"
+        if not r.get("error") else f"batch {r.get('batch_size')}: {r['error']}"
+        for r in results if r["method"] == "scvi" and r["data"] == ref and r.get("n_latent") == k0)]
+    # The grid.
+    lines += ["", "## Size grid (training in memory; each row its own process)", "",
+              "| data | topics | tfp_scmix cells/s | peak MB | LDA cells/s | peak MB | scVI cells/s | peak MB "
+              "| ours / LDA | ours / scVI |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k in topics:
+        for name in names:
+            if name == names[2]:
+                continue  # the largest cell count: streamed only (below)
+            o = find("ours", name, mode="memory", n_topics=k, batch_size=big_batch, jit=None)
+            lr, sr = find("lda", name, n_topics=k), find("scvi", name, n_latent=k, batch_size=128)
+            if not o:
+                continue
+            lines.append(f"| `{name}` | {k} | {_fmt(rate(o))} | {_fmt(o.get('peak_rss_mb'))} | {_fmt(rate(lr))} "
+                         f"| {_fmt(lr.get('peak_rss_mb'))} | {_fmt(rate(sr))} | {_fmt(sr.get('peak_rss_mb'))} "
+                         f"| {_fmt(ratio(rate(o), rate(lr)), 1)} | {_fmt(ratio(rate(o), rate(sr)), 2)} |")
+    errors = [r for r in results if r.get("error") and not r.get("jit")]
+    if errors:
+        lines += ["", "Measurements that did not complete: " + "; ".join(
+            f"{r['method']} on `{r['data']}`: {r['error']}" for r in errors)]
+    # Streaming.
+    lines += ["", f"## Streaming from disk (`H5ADStream`, {k0} topics, batch {big_batch})", "",
+              "| data | cells | tfp_scmix cells/s | peak MB | after imports MB | peak minus baseline MB | "
+              "counts in memory would be MB |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        r = find("ours", name, mode="stream")
+        if not r:
+            continue
+        in_memory = data[name]["cells"] * data[name]["genes"] * data[name]["nonzero"] * 8 / 2 ** 20
+        peak, base = r.get("train_peak_rss_mb"), r.get("baseline_rss_mb")
+        lines.append(f"| `{name}` | {data[name]['cells']:,} | {_fmt(rate(r))} | {_fmt(peak)} | {_fmt(base)} | "
+                     f"{_fmt(peak - base if peak and base else None)} | {_fmt(in_memory)} |")
+    # XLA.
+    jit = find("ours", ref, jit=True)
+    kernel = find("kernel", ref)
+    lines += ["", "## XLA", "", f"- `model.compile(jit_compile=True)`, full training step: "
+              + (f"**fails**: {jit['error']}" if jit.get("error") else f"{_fmt(rate(jit))} cells/s "
+                 f"(graph mode: {_fmt(rate(ours))})"),
+              f"- The count likelihood alone (`multinomial_log_prob` forward + gradient, one minibatch of "
+              f"{big_batch} cells, {kernel.get('nnz', 0):,} nonzeros, {k0} topics): graph {_fmt(kernel.get('graph_ms'), 1)} ms, "
+              f"XLA {_fmt(kernel.get('xla_ms'), 1)} ms"
+              + (f" ({kernel['graph_ms'] / kernel['xla_ms']:.1f}x)" if kernel.get("xla_ms") and kernel.get("graph_ms") else "")
+              + (f"; XLA error: {kernel['xla_error']}" if kernel.get("xla_error") else "") + "."]
+    lines += ["", "## How it was measured", "", __doc__.split("Measures.")[1].split("Writes results")[0].strip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
