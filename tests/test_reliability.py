@@ -272,21 +272,18 @@ def test_backup_commit_is_atomic_and_belongs_to_its_run(embedded, tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(data, epochs=4, classifier_steps=0, backup_dir=backup, callbacks=[Interrupt()])
-    assert json.loads((backup / "state.json").read_text())["epoch"] == 2
+        train(data, epochs=3, classifier_steps=0, backup_dir=backup, callbacks=[Interrupt()])
+    assert ResumableCheckpoint(backup).resume_epoch == 2
+    with pytest.raises(ModelFileError, match=r"another training run .*'seed'"):
+        train(data, epochs=3, seed=1, classifier_steps=0, backup_dir=backup)
     # What a kill while writing the next backup leaves: a half-written staging file and weights that no
     # committed state names. Resuming ignores both.
     (backup / ".staging.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     (backup / "epoch-3.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
-    resumed = train(data, epochs=4, classifier_steps=0, backup_dir=backup)
-    whole = train(data, epochs=4, classifier_steps=0)
+    resumed = train(data, epochs=3, classifier_steps=0, backup_dir=backup)
+    whole = train(data, epochs=3, classifier_steps=0)
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), whole.get_weights()))
     assert not backup.exists()  # deleted once fit ends
-    with pytest.raises(KeyboardInterrupt):
-        train(data, epochs=4, classifier_steps=0, backup_dir=backup, callbacks=[Interrupt()])
-    with pytest.raises(ModelFileError, match=r"another training run .*'seed'"):
-        train(data, epochs=4, seed=1, classifier_steps=0, backup_dir=backup)
-    assert ResumableCheckpoint(backup).resume_epoch == 2
 
 
 def test_killed_save_leaves_the_previous_model_whole(saved, embedded, tmp_path):
@@ -358,19 +355,16 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_weights(embedde
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), last_good))
     assert all(np.isfinite(w).all() for w in model.get_weights())
     assert np.isfinite(predict_data(model, data)["probs"]).all()
-    # Keras's own TerminateOnNaN stops too, but leaves the weights the bad step wrote.
-    keras.utils.set_random_seed(0)
-    plain = SCMix.from_data(data, n_topics=8, seed=0)
-    plain.compile(optimizer=keras.optimizers.SGD(1000.0))
-    plain.fit(data.dataset(128, seed=0), epochs=1, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
-    assert not all(np.isfinite(w).all() for w in plain.get_weights())
     # raise_error=True: the same, then an exception.
-    keras.utils.set_random_seed(0)
-    raising = SCMix.from_data(data, n_topics=8, seed=0)
-    raising.compile(optimizer=keras.optimizers.SGD(1000.0))
-    with pytest.raises(TrainingDiverged, match="Lower the learning rate"):
-        raising.fit(data.dataset(128, seed=0), epochs=1, verbose=0, callbacks=[StopOnDivergence(raise_error=True)])
-    assert all(np.isfinite(w).all() for w in raising.get_weights())
+    guard = StopOnDivergence(raise_error=True)
+    guard.set_model(model)
+    good = model.get_weights()
+    guard.on_train_begin()
+    guard.on_train_batch_begin(0)
+    model.topics.loc.assign(model.topics.loc * np.nan)
+    with pytest.raises(TrainingDiverged, match="became nan at epoch 1, batch 1.*before the first batch"):
+        guard.on_train_batch_end(0, {"loss": float("nan")})
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), good))
 
 
 # -- 4. reproducibility -----------------------------------------------------------------------------
@@ -382,30 +376,32 @@ def test_same_data_settings_and_seed_give_identical_predictions(embedded):
     data = few_labels(embedded)
     try:
         runs = []
-        for seed in (0, 0, 1):
-            make_deterministic(seed)
-            runs.append(predict_data(train(data, epochs=2, seed=seed), data)["probs"])
+        for _ in range(2):
+            make_deterministic(0)
+            runs.append(predict_data(train(data, epochs=2), data)["probs"])
     finally:
         config.disable_op_determinism()  # process-wide: leave other tests as they were
     assert np.array_equal(runs[0], runs[1])
-    assert not np.allclose(runs[0], runs[2], atol=1e-3)  # the seed matters, so equality above means something
 
 
 # -- 6. load: memory --------------------------------------------------------------------------------
 
 
 def test_long_training_does_not_grow_memory(embedded, tmp_path):
-    data = few_labels(embedded)
+    # Many short epochs (256 cells, 2 batches each) through the whole reliable path: minibatches, divergence
+    # guard, a backup per epoch. After the allocator settles, a leak shows as a steady climb: building a
+    # tf.data pipeline per epoch inside fit climbed 0.37 MB/epoch here (9 MB over the last 25 epochs).
+    data = embedded.subset(np.arange(256)).hide_labels(np.arange(100))
     rss = []
 
     class Memory(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             rss.append(rss_mb())
 
-    train(data, epochs=16, classifier_steps=0, backup_dir=tmp_path / "backup", callbacks=[Memory()])
-    settled = np.array(rss[4:])
+    train(data, epochs=50, classifier_steps=0, backup_dir=tmp_path / "backup", callbacks=[Memory()])
+    settled = np.array(rss[25:])
     slope = np.polyfit(np.arange(settled.size), settled, 1)[0]
-    assert slope < 0.5 and settled.max() - settled[0] < 10, rss  # MB per epoch; MB over 12 epochs
+    assert slope < 0.1 and settled.max() - settled[0] < 4, np.round(rss, 1)  # MB per epoch; MB over 25 epochs
 
 
 def test_predicting_100k_cells_from_a_backed_h5ad_in_bounded_memory(saved, embedded_adata, embedded, tmp_path):
@@ -426,7 +422,7 @@ def test_predicting_100k_cells_from_a_backed_h5ad_in_bounded_memory(saved, embed
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
         model = load_model({str(saved)!r})
-        predict_in_batches(model, {str(tmp_path / 'big.h5ad')!r}, chunk_size=10_000, keys=["label"])  # warm-up
+        predict_in_batches(model, np.zeros((10, model.n_genes), np.float32))  # builds the predict function
         peak, base, running = [0.0], rss_mb(), [True]
         def watch():
             while running[0]:
