@@ -446,7 +446,7 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
-def predict_in_batches(model, source, counts: str | None = None, chunk_size: int = 50_000,
+def predict_in_batches(model, source, counts: str | None = None, chunk_size: int = 10_000,
                        batch_size: int = 1024, min_gene_fraction: float = 0.5, keys=None) -> dict:
     """Model outputs for any number of cells, read and predicted `chunk_size` cells at a time.
 

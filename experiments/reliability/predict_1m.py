@@ -8,8 +8,8 @@ Trains a model on the dataset (150 labels; or takes --model), tiles the dataset'
 variable genes) up to --cells and writes them as an .h5ad, then predicts it in a fresh process for each
 method while a thread samples the process's resident memory every 5 ms. Writes results_predict_1m.json
 beside this file (or at --out): cells, nonzero counts, seconds, memory before and at the peak, the
-memory trajectory per 10% of the run (bounded: it levels off), and whether the predictions of the
-first copy equal the model's predictions of the original cells.
+largest growth in each tenth of the run, the size of the outputs (filled as the run goes), and whether
+the predictions of the first copy equal the model's predictions of the original cells.
 """
 
 import argparse
@@ -60,6 +60,7 @@ np.save(first, out["probs"][:int(sys.argv[6])])
 trajectory = [round(max(samples[i * len(samples) // 10:(i + 1) * len(samples) // 10]) - base, 1) for i in range(10)]
 print(json.dumps({"seconds": round(seconds, 1), "rss_before_mb": round(base, 1),
                   "peak_growth_mb": round(max(samples) - base, 1), "growth_per_tenth_mb": trajectory,
+                  "outputs_mb": round(sum(v.nbytes for v in out.values()) / 2 ** 20, 1),
                   "n_cells": int(out["label"].size)}))
 """
 
@@ -125,7 +126,7 @@ def main(argv=None):
         counts = sp.vstack([data.counts] * copies, format="csr")[:args.cells]
         big = anndata.AnnData(X=counts, obs=pd.DataFrame(index=[f"cell{i}" for i in range(args.cells)]),
                               var=pd.DataFrame(index=data.genes))
-        big.write_h5ad(work / "cells.h5ad")
+        big[:, ::-1].write_h5ad(work / "cells.h5ad")  # genes in another order than the model's: aligned by name
         nonzeros = int(counts.nnz)
         del big, counts
         result = {"dataset": args.dataset, "n_cells": args.cells, "n_genes": int(data.n_genes),
