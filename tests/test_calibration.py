@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tfp_scmix.calibration import (expected_calibration_error, reliability_diagram, reliability_table,
+from tfp_scmix.calibration import (TopicNovelty, expected_calibration_error, reliability_diagram, reliability_table,
                                    unassigned, unassigned_score)
 
 # Two bins, (0, 0.5] and (0.5, 1]:
@@ -63,3 +63,51 @@ def test_reliability_diagram_writes_png_atomically(tmp_path):
     assert reliability_diagram(PROBS, TRUE, path, n_bins=2, title="hand example") == path
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]
+
+
+def softmax_rows(features):
+    """Topic proportions whose centred log is `features` (rows of `features` must sum to zero)."""
+    e = np.exp(features)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_topic_novelty_hand_example():
+    # Identity precision; features [0.5, -0.5, 0]: squared distances 0.5 (first mean) and 4.5 (second).
+    novelty = TopicNovelty(np.array([[0.0, 0.0, 0.0], [2.0, -2.0, 0.0]]), np.eye(3), np.array([3.0, 0.1, 1.0, 0.4]))
+    topics = softmax_rows(np.array([[0.5, -0.5, 0.0], [2.0, -2.0, 0.0], [4.0, -4.0, 0.0]]))
+    assert novelty.distance(topics) == pytest.approx([0.5, 0.0, 8.0])
+    # Fractions of the reference distances (0.1, 0.4, 1.0, 3.0) below each distance.
+    assert novelty.score(topics) == pytest.approx([0.5, 0.0, 1.0])
+    assert novelty.unassigned(topics).tolist() == [False, False, True]
+
+
+def test_topic_novelty_fit_flags_a_new_cluster():
+    from sklearn.covariance import LedoitWolf
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[2.0, 0.0, -2.0, 0.0], [0.0, 2.0, 0.0, -2.0], [-3.0, -3.0, 3.0, 3.0]])
+    labels = np.repeat([0, 1, 2], 200)
+    features = centres[labels] + rng.normal(0, 0.5, (600, 4))
+    features -= features.mean(axis=1, keepdims=True)
+    topics = softmax_rows(features)
+    known = labels < 2
+    novelty = TopicNovelty.fit(topics[known], labels[known])
+    assert roc_auc_score(~known, novelty.score(topics)) > 0.99
+    assert novelty.unassigned(topics[known]).mean() == pytest.approx(1 - novelty.threshold, abs=0.005)
+    assert novelty.unassigned(topics[~known]).all()
+    # Class means, and Ledoit-Wolf on the residuals from them, as documented.
+    means = np.stack([features[labels == c].mean(axis=0) for c in (0, 1)])
+    within = np.concatenate([features[labels == c] - means[c] for c in (0, 1)])
+    precision = LedoitWolf(assume_centered=True).fit(within).precision_
+    diff = features[:, None, :] - means[None]
+    assert novelty.distance(topics) == pytest.approx(np.einsum("ncj,jk,nck->nc", diff, precision, diff).min(axis=1))
+    # Unlabelled cells (-1) are left out of the fit.
+    hidden = np.where(np.arange(400) % 2 == 0, labels[known], -1)
+    subset = TopicNovelty.fit(topics[known][hidden >= 0], labels[known][hidden >= 0])
+    assert TopicNovelty.fit(topics[known], hidden).distance(topics) == pytest.approx(subset.distance(topics))
+
+
+def test_topic_novelty_needs_two_labelled_classes():
+    with pytest.raises(ValueError, match="at least two classes"):
+        TopicNovelty.fit(softmax_rows(np.zeros((5, 3))), [0, 0, 0, -1, -1])

@@ -2,8 +2,11 @@
 
 - `expected_calibration_error`: the top-label ECE of Guo et al. (2017) over equal-width confidence bins.
 - `reliability_diagram`: accuracy against confidence per bin, as a PNG (written atomically).
-- `unassigned_score`: how strongly a cell looks like none of the model's classes; `unassigned` flags the
-  cells whose score exceeds the score's default threshold (`UNASSIGNED_THRESHOLDS`).
+- `unassigned_score`: how unsure the class probabilities are; `unassigned` flags the cells whose score
+  exceeds the score's default threshold (`UNASSIGNED_THRESHOLDS`).
+- `TopicNovelty`: how far a cell's topic proportions lie from every known class (Mahalanobis distance to
+  the nearest class mean, as in Lee et al. 2018): separates unknown cell types far better than the
+  probabilities, which stay confident on cells unlike any training cell.
 """
 
 import numpy as np
@@ -112,3 +115,61 @@ def unassigned_score(probs, score=UNASSIGNED_SCORE) -> np.ndarray:
 def unassigned(probs, score=UNASSIGNED_SCORE, threshold=None) -> np.ndarray:
     """`[n_cells]` bool: cells whose `unassigned_score` exceeds `threshold` (default: the score's own)."""
     return unassigned_score(probs, score) > (UNASSIGNED_THRESHOLDS[score] if threshold is None else threshold)
+
+
+class TopicNovelty:
+    """Distance of cells to the nearest known class in the model's topic space.
+
+    Features are the classifier's inputs, the centred log topic proportions (`model.topic_features`).
+    `fit` takes the topic proportions `[n_cells, n_topics]` and class ids `[n_cells]` (-1: unlabelled, not
+    used) of reference cells and keeps each class's mean feature vector and one shared within-class
+    covariance (Ledoit-Wolf shrinkage). `distance` is the squared Mahalanobis distance to the nearest class
+    mean; `score` is the fraction of reference cells at a smaller distance (in [0, 1]). A threshold t then
+    flags about 1 - t of the cells of known types (measured on held-out pbmc3k cells: docs/cross_dataset.md);
+    the default 0.95 flags about 5%.
+    """
+
+    threshold = 0.95
+
+    def __init__(self, means, precision, reference_distances):
+        self.means, self.precision = means, precision  # [n_classes, n_topics], [n_topics, n_topics]
+        self.reference_distances = np.sort(reference_distances)  # [n_reference]
+
+    @staticmethod
+    def features(topics):
+        """Centred log topic proportions `[n_cells, n_topics]`."""
+        from tfp_scmix.model import topic_features
+
+        return np.asarray(topic_features(np.log(np.maximum(np.asarray(topics, dtype=np.float64), 1e-30))))
+
+    @classmethod
+    def fit(cls, topics, labels):
+        from sklearn.covariance import LedoitWolf
+
+        labels = np.asarray(labels)
+        topics = np.asarray(topics)[labels >= 0]
+        labels = labels[labels >= 0]
+        classes = np.unique(labels)
+        if len(classes) < 2 or len(labels) <= len(classes):
+            raise ValueError(f"TopicNovelty.fit needs labelled cells of at least two classes, received "
+                             f"{len(labels)} labelled cells of {len(classes)} class(es)")
+        features = cls.features(topics)
+        means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+        within = features - means[np.searchsorted(classes, labels)]
+        novelty = cls(means, LedoitWolf(assume_centered=True).fit(within).precision_, np.zeros(0))
+        novelty.reference_distances = np.sort(novelty.distance(topics))
+        return novelty
+
+    def distance(self, topics):
+        """`[n_cells]` squared Mahalanobis distance of each cell's features to the nearest class mean."""
+        diff = self.features(topics)[:, None, :] - self.means[None, :, :]  # [n_cells, n_classes, n_topics]
+        return np.einsum("ncj,jk,nck->nc", diff, self.precision, diff).min(axis=1)
+
+    def score(self, topics):
+        """`[n_cells]` in [0, 1]: the fraction of reference cells at a smaller `distance`."""
+        return np.searchsorted(self.reference_distances, self.distance(topics), side="left") / len(
+            self.reference_distances)
+
+    def unassigned(self, topics):
+        """`[n_cells]` bool: cells whose `score` exceeds `threshold`."""
+        return self.score(topics) > self.threshold

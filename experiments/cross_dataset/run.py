@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from experiments.few_shot.run import knn_pca, linear_svm, logistic_regression, markdown_table
 from tfp_scmix.annotate import predict_data
-from tfp_scmix.calibration import (UNASSIGNED_SCORE, UNASSIGNED_SCORES,
+from tfp_scmix.calibration import (UNASSIGNED_SCORES, UNASSIGNED_THRESHOLDS, TopicNovelty,
                                    expected_calibration_error, reliability_diagram, unassigned, unassigned_score)
 from tfp_scmix.cli import train_model
 from tfp_scmix.data import SCData, data_path, from_anndata, highly_variable_genes, read_h5ad
@@ -56,8 +56,12 @@ NO_COUNTERPART = ["DC", "Megakaryocytes"]  # pbmc3k types absent from the sorted
 GOALS = {"transfer_accuracy": 0.95, "unknown_auroc": 0.9, "ece_in_dataset": 0.03}
 
 
-def load(name, **kwargs) -> SCData:
-    return from_anndata(read_h5ad(data_path(f"{name}.h5ad")), **kwargs)
+def read(name, args):
+    """AnnData of dataset `name` (from $TFP_SCMIX_DATA); `args.max_cells` random cells of it when set."""
+    adata = read_h5ad(data_path(f"{name}.h5ad"))
+    if args.max_cells and adata.n_obs > args.max_cells:
+        adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, args.max_cells, replace=False))].copy()
+    return adata
 
 
 def stack(first: SCData, second: SCData) -> SCData:
@@ -70,11 +74,12 @@ def stack(first: SCData, second: SCData) -> SCData:
                   np.concatenate([first.obs_names, second.obs_names]))
 
 
-def drop_class(data: SCData, label: int) -> SCData:
-    """`data` without the cells of class `label`, the class removed from the class list."""
-    kept = data.subset(data.labels != label)
-    labels = np.where(kept.labels > label, kept.labels - 1, kept.labels).astype(np.int32)
-    return dataclasses.replace(kept, labels=labels, classes=[c for i, c in enumerate(data.classes) if i != label])
+def without_class(data: SCData, label: int, keep_cells=False) -> SCData:
+    """`data` with class `label` removed from its classes: its cells dropped, or kept unlabelled."""
+    if not keep_cells:
+        data = data.subset(data.labels != label)
+    labels = np.where(data.labels == label, -1, data.labels - (data.labels > label)).astype(np.int32)
+    return dataclasses.replace(data, labels=labels, classes=[c for i, c in enumerate(data.classes) if i != label])
 
 
 def fit(data, args, seed, epochs=None):
@@ -104,9 +109,9 @@ def reference_model(args, seed, cache):
     """pbmc3k, every cell labelled, over the `args.genes` most variable of its genes that the sorted set
     also measures, and the model trained on it (kept in `cache` for the kang part)."""
     if seed not in cache:
-        query_genes = read_h5ad(data_path(f"{QUERY}.h5ad")).var_names
-        full = load(REFERENCE)
-        shared = full.genes[np.isin(full.genes, query_genes)]
+        query_genes = read(QUERY, args).var_names
+        full = from_anndata(read(REFERENCE, args))
+        shared = full.genes[pd.Index(full.genes).isin(query_genes)]
         reference = full.select_genes(highly_variable_genes(full.select_genes(shared).counts, shared, args.genes))
         start = time.time()
         model = fit(reference, args, seed)
@@ -142,16 +147,17 @@ def coarse_scores(truth, predicted):
 
 def transfer(args, seed, cache, out):
     reference, model, train_seconds = reference_model(args, seed, cache)
-    query_adata = read_h5ad(data_path(f"{QUERY}.h5ad"))
+    query_adata = read(QUERY, args)
     query = from_anndata(query_adata, label_key=None, genes=model.genes)
-    truth = np.array([COARSE.index(QUERY_COARSE[t]) for t in query_adata.obs["cell_type"].astype(str)])
+    sorted_types = query_adata.obs["cell_type"].astype(str).to_numpy()
+    truth = np.array([COARSE.index(QUERY_COARSE[t]) for t in sorted_types])
     to_coarse = coarse_matrix(model.class_names)
     base = {"part": "transfer", "dataset": f"{REFERENCE} -> {QUERY}", "seed": seed, "genes": model.n_genes}
-    rows = []
+    rows, predicted = [], {}
     for method in ("tfp_scmix", "tfp_scmix+adapt"):
         start = time.time()
         outputs = adapt(model, query, args) if method.endswith("adapt") else predict_data(model, query)
-        probs = outputs["probs"] @ to_coarse
+        probs, predicted[method] = outputs["probs"] @ to_coarse, outputs["label"]
         rows.append({**base, "method": method, **coarse_scores(truth, probs.argmax(axis=1)),
                      "ece": expected_calibration_error(probs, truth),
                      "unassigned": float(unassigned(outputs["probs"]).mean()),
@@ -160,10 +166,24 @@ def transfer(args, seed, cache, out):
             suffix = "_adapted" if method.endswith("adapt") else ""
             reliability_diagram(probs, truth, out / f"reliability_{QUERY}{suffix}.png",
                                 title=f"{REFERENCE} -> {QUERY}{' adapted' if suffix else ''} (coarse)")
-    for method, (predicted, seconds) in peer_predictions(reference, query, seed).items():
-        rows.append({**base, "method": method, **coarse_scores(truth, to_coarse[predicted].argmax(axis=1)),
+    for method, (predicted[method], seconds) in peer_predictions(reference, query, seed).items():
+        rows.append({**base, "method": method, **coarse_scores(truth, to_coarse[predicted[method]].argmax(axis=1)),
                      "seconds": seconds})
+    if seed == args.seeds[0]:
+        write_csv(confusion(predicted, sorted_types, model.class_names), out / "transfer_confusion.csv")
     return rows
+
+
+def confusion(predicted, sorted_types, class_names):
+    """Per method and sorted type, the fraction of cells given each pbmc3k class (rows sum to 1)."""
+    frames = []
+    for method, labels in predicted.items():
+        table = pd.crosstab(pd.Series(sorted_types, name="sorted_type"),
+                            pd.Categorical(np.asarray(class_names)[labels], categories=class_names), normalize="index",
+                            dropna=False)
+        frames.append(table.round(3).reset_index().assign(method=method))
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["method", "sorted_type", *class_names]]
 
 
 # -- stability under interferon stimulation -----------------------------------------------------------------
@@ -173,10 +193,13 @@ def proportions(labels, n_classes):
 
 def kang(args, seed, cache, out):
     _, reference, _ = reference_model(args, seed, cache)
-    ctrl_adata, stim_adata = read_h5ad(data_path(f"{KANG_CTRL}.h5ad")), read_h5ad(data_path(f"{KANG_STIM}.h5ad"))
+    ctrl_adata, stim_adata = read(KANG_CTRL, args), read(KANG_STIM, args)
     # Labels for kang_ctrl from the pbmc3k model adapted to it; cells it leaves unassigned stay unlabelled.
     from_reference = adapt(reference, from_anndata(ctrl_adata, label_key=None, genes=reference.genes), args)
-    confident = ~unassigned(from_reference["probs"])
+    confident = ~unassigned(from_reference["probs"], "entropy", threshold=args.pseudo_label_entropy)
+    if not confident.any():
+        raise ValueError(f"the pbmc3k model is unsure of every kang_ctrl cell (normalised entropy above "
+                         f"{args.pseudo_label_entropy}): train it longer or raise --pseudo-label-entropy")
     ctrl = from_anndata(ctrl_adata, label_key=None)
     ctrl = ctrl.select_genes(highly_variable_genes(ctrl.counts, ctrl.genes, args.genes))
     ctrl = dataclasses.replace(ctrl, labels=np.where(confident, from_reference["label"], -1).astype(np.int32),
@@ -225,7 +248,7 @@ def split_reference(args, seed, cache):
     """pbmc3k over its `args.genes` most variable genes (counts only), and a half/half (train, test) split."""
     key = ("split", seed)
     if key not in cache:
-        data = load(REFERENCE)
+        data = from_anndata(read(REFERENCE, args))
         data = data.select_genes(highly_variable_genes(data.counts, data.genes, args.genes))
         order = np.random.default_rng(seed).permutation(data.n_cells)
         cache[key] = data, order[data.n_cells // 2:], order[:data.n_cells // 2]
@@ -242,24 +265,34 @@ def unknown(args, seed, cache, out):
         if name not in data.classes:
             raise ValueError(f"--left-out {name!r} is not a pbmc3k class; choose among {data.classes}")
         label = data.classes.index(name)
-        start = time.time()
-        model = fit(drop_class(data.subset(train), label), args, seed, epochs=args.unknown_epochs)
-        outputs = predict_data(model, held_out)
         novel = held_out.labels == label
         known_truth = held_out.labels[~novel] - (held_out.labels[~novel] > label)
-        names, counts = np.unique(np.asarray(model.class_names)[outputs["label"][novel]], return_counts=True)
-        for score in UNASSIGNED_SCORES:
-            values = unassigned_score(outputs["probs"], score)
-            flagged = unassigned(outputs["probs"], score)
-            rows.append({"part": "unknown", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix",
-                         "seed": seed, "left_out": name, "score": score, "novel_cells": int(novel.sum()),
-                         "auroc": float(roc_auc_score(novel, values)),
-                         "flagged_known": float(flagged[~novel].mean()), "flagged_novel": float(flagged[novel].mean()),
-                         "accuracy": float((outputs["label"][~novel] == known_truth).mean()),
-                         "novel_predicted_as": f"{names[counts.argmax()]} ({counts.max() / novel.sum():.0%})",
-                         "genes": model.n_genes, "epochs": args.unknown_epochs, "seconds": time.time() - start})
-        print(f"unknown: {name:<18} AUROC " + ", ".join(f"{r['score']} {r['auroc']:.3f}" for r in rows[-2:])
-              + f"; left-out cells mostly called {rows[-1]['novel_predicted_as']}", flush=True)
+        for setting in args.unknown_settings:
+            start = time.time()
+            # main: every cell's counts train the topics, labels of the known training cells only;
+            # inductive: the training half without the left-out class's cells.
+            training = (without_class(data.hide_labels(train), label, keep_cells=True) if setting == "main"
+                        else without_class(data.subset(train), label))
+            model = fit(training, args, seed, epochs=args.unknown_epochs)
+            outputs = predict_data(model, held_out)
+            labelled = training.subset(training.labels >= 0)
+            novelty = TopicNovelty.fit(predict_data(model, labelled)["topics"], labelled.labels)
+            scores = {score: (unassigned_score(outputs["probs"], score), unassigned(outputs["probs"], score))
+                      for score in UNASSIGNED_SCORES}
+            scores["topic_distance"] = novelty.score(outputs["topics"]), novelty.unassigned(outputs["topics"])
+            names, counts = np.unique(np.asarray(model.class_names)[outputs["label"][novel]], return_counts=True)
+            for score, (values, flagged) in scores.items():
+                rows.append({"part": "unknown", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix",
+                             "setting": setting, "seed": seed, "left_out": name, "score": score,
+                             "novel_cells": int(novel.sum()), "auroc": float(roc_auc_score(novel, values)),
+                             "flagged_known": float(flagged[~novel].mean()),
+                             "flagged_novel": float(flagged[novel].mean()),
+                             "accuracy": float((outputs["label"][~novel] == known_truth).mean()),
+                             "novel_predicted_as": f"{names[counts.argmax()]} ({counts.max() / novel.sum():.0%})",
+                             "genes": model.n_genes, "epochs": args.unknown_epochs, "seconds": time.time() - start})
+            print(f"unknown {setting:<9} {name:<18} AUROC " + ", ".join(
+                f"{r['score']} {r['auroc']:.3f}" for r in rows[-len(scores):])
+                + f"; left-out cells mostly called {rows[-1]['novel_predicted_as']}", flush=True)
     return rows
 
 
@@ -299,10 +332,13 @@ def summary_tables(frame):
             "kang", ["method"], ["composition_tvd", "agreement_pbmc3k", "ctrl_confidence", "stim_confidence",
                                  "ctrl_unassigned", "stim_unassigned", "labelled", "seconds"])
     if (frame.part == "unknown").any():
-        table = mean_over_seeds("unknown", ["left_out", "score"],
+        table = mean_over_seeds("unknown", ["setting", "left_out", "score"],
                                 ["auroc", "flagged_known", "flagged_novel", "accuracy", "novel_cells"])
-        tables["Unknown cell types (pbmc3k, one class left out)"] = table.pivot(
-            index="left_out", columns="score", values=["auroc", "flagged_known", "flagged_novel"]).round(3)
+        tables["Unknown cell types (pbmc3k, one class left out): AUROC of each unassigned score"] = table.pivot(
+            index=["setting", "left_out"], columns="score", values="auroc").round(3).reset_index()
+        tables["Unknown cell types: fraction of known and of left-out cells flagged at the default thresholds"] = (
+            table.pivot(index=["setting", "left_out"], columns="score", values=["flagged_known", "flagged_novel"])
+            .round(3))
     if (frame.part == "calibration").any():
         tables["Calibration in-dataset (pbmc3k held-out half)"] = mean_over_seeds(
             "calibration", ["method"], ["ece", "accuracy", "mean_confidence", "seconds"])
@@ -317,12 +353,13 @@ def goal_lines(frame):
             lines.append(f"- transfer coarse accuracy, {method}: {transfer_rows[method]:.3f} "
                          f"(goal >= {GOALS['transfer_accuracy']}; logistic regression "
                          f"{transfer_rows.get('logistic_regression', float('nan')):.3f})")
-    unknown_rows = frame[(frame.part == "unknown") & (frame.score == UNASSIGNED_SCORE)]
-    if len(unknown_rows):
-        by_class = unknown_rows.groupby("left_out")["auroc"].mean()
-        lines.append(f"- unknown types, lowest AUROC ({UNASSIGNED_SCORE} score): {by_class.min():.3f} "
-                     f"({by_class.idxmin()}); {int((by_class >= GOALS['unknown_auroc']).sum())} of {len(by_class)} "
-                     f"classes reach the goal >= {GOALS['unknown_auroc']}")
+    unknown_rows = frame[frame.part == "unknown"]
+    for (setting, score), rows in (unknown_rows.groupby(["setting", "score"], sort=False) if len(unknown_rows) else []):
+        by_class = rows.groupby("left_out")["auroc"].mean()
+        flagged = rows["flagged_known"].mean()
+        lines.append(f"- unknown types ({setting} setting, {score} score): lowest AUROC {by_class.min():.3f} "
+                     f"({by_class.idxmin()}), {int((by_class >= GOALS['unknown_auroc']).sum())} of {len(by_class)} "
+                     f"classes reach the goal >= {GOALS['unknown_auroc']}; known cells flagged {flagged:.3f}")
     ece = frame[(frame.part == "calibration")]["ece"]
     if len(ece):
         lines.append(f"- in-dataset ECE: {ece.mean():.3f} (goal <= {GOALS['ece_in_dataset']})")
@@ -338,6 +375,12 @@ def write_summary(frame, path):
             table.columns = [f"{score} {name}" for name, score in table.columns]
             table = table.reset_index()
         text += [f"## {title}", "", markdown_table(table), ""]
+    confusion_path = Path(path).parent / "transfer_confusion.csv"
+    if (frame.part == "transfer").any() and confusion_path.is_file():
+        table = pd.read_csv(confusion_path)
+        text += ["## Where the sorted types go (fraction of each sorted type given each pbmc3k class; first seed)", ""]
+        for method in ("tfp_scmix+adapt", "logistic_regression"):
+            text += [f"{method}:", "", markdown_table(table[table.method == method].drop(columns="method")), ""]
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(text))
     print("\n".join(text))
@@ -369,13 +412,20 @@ def build_parser():
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the transfer, kang and calibration models")
-    parser.add_argument("--unknown-epochs", type=int, default=50, help="epochs of each left-one-out model")
+    parser.add_argument("--unknown-epochs", type=int, default=30, help="epochs of each left-one-out model")
+    parser.add_argument("--unknown-settings", nargs="+", default=["main", "inductive"], choices=["main", "inductive"],
+                        help="main: every cell's counts train the topics (left-out cells unlabelled); "
+                             "inductive: the left-out cells are never seen")
     parser.add_argument("--adapt-epochs", type=int, default=30)
     parser.add_argument("--classifier-steps", type=int, default=2000)
+    parser.add_argument("--pseudo-label-entropy", type=float, default=UNASSIGNED_THRESHOLDS["entropy"],
+                        help="kang_ctrl cells whose normalised entropy under the pbmc3k model exceeds this stay "
+                             "unlabelled")
     parser.add_argument("--left-out", nargs="+", help="pbmc3k classes to leave out in turn (default: all)")
     parser.add_argument("--genes", type=int, default=2000, help="highly variable genes")
     parser.add_argument("--topics", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-cells", type=int, help="use at most this many random cells of each dataset (quick checks)")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
     return parser
