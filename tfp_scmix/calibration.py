@@ -76,15 +76,14 @@ def reliability_diagram(probs, true, path, n_bins=15, title=None):
     table = reliability_table(probs, true, n_bins)
     ece = expected_calibration_error(probs, true, n_bins)
     width = 1.0 / n_bins
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(table.lower, table.accuracy.fillna(0), width=width, align="edge", edgecolor="black",
             color="tab:blue", label="accuracy")
-    top.bar(table.lower, (table.confidence - table.accuracy).fillna(0), bottom=table.accuracy.fillna(0),
-            width=width, align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+    top.plot(table.lower + width / 2, table.confidence, "_", color="tab:red", markersize=12, markeredgewidth=2,
+             label="mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
-    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-            title=f"{title + ': ' if title else ''}ECE {ece:.3f} ({int(table.cells.sum())} cells)")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    top.set_title(f"{title + chr(10) if title else ''}ECE {ece:.3f} ({int(table.cells.sum())} cells)", fontsize=9)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(table.lower, table.cells, width=width, align="edge", color="grey", edgecolor="black")
     bottom.set(xlabel="confidence (top class probability)", ylabel="cells", yscale="log")

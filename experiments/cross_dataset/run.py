@@ -412,8 +412,8 @@ def build_parser():
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the transfer, kang and calibration models")
-    parser.add_argument("--unknown-epochs", type=int, default=30, help="epochs of each left-one-out model")
-    parser.add_argument("--unknown-settings", nargs="+", default=["main", "inductive"], choices=["main", "inductive"],
+    parser.add_argument("--unknown-epochs", type=int, default=50, help="epochs of each left-one-out model")
+    parser.add_argument("--unknown-settings", nargs="+", default=["main"], choices=["main", "inductive"],
                         help="main: every cell's counts train the topics (left-out cells unlabelled); "
                              "inductive: the left-out cells are never seen")
     parser.add_argument("--adapt-epochs", type=int, default=30)
