@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -472,6 +473,10 @@ def predict_in_batches(model, source, counts: str | None = None, chunk_size: int
                 if key not in outputs:  # filled in place: no second copy of the outputs
                     outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
                 outputs[key][start:stop] = out[key]
+            # A chunk's tf.data pipeline and Keras's predict loop leave reference cycles that hold its
+            # tensors; left to the collector's schedule they kept memory creeping 1.3 MB per chunk.
+            del out
+            gc.collect(1)
     finally:
         logger.removeFilter(once)
     return outputs
