@@ -350,7 +350,7 @@ def load_model(path, compile: bool = True):
         raise ModelFileError(f"{path} holds a {config.get('registered_name') or config.get('class_name')!r} "
                              "model, not a tfp_scmix SCMix model.")
     recorded = dict(config.get("config", {}).get("provenance") or {})
-    recorded.setdefault("keras", metadata.get("keras_version"))
+    recorded["keras"] = metadata.get("keras_version", recorded.get("keras"))  # the Keras that wrote the file
     current = library_versions()
     written = f"tfp_scmix {recorded.get('tfp_scmix', '(version not recorded)')} with Keras {recorded['keras']}"
     running = f"tfp_scmix {current['tfp_scmix']} with Keras {current['keras']}"
