@@ -22,8 +22,8 @@ def test_every_part_runs_and_writes_its_results(tmp_path):
     from experiments.cross_dataset.run import COARSE, main
 
     argv = ["--epochs", "2", "--unknown-epochs", "2", "--adapt-epochs", "1", "--classifier-steps", "10",
-            "--genes", "300", "--topics", "8", "--max-cells", "400", "--pseudo-label-entropy", "1", "--left-out", "B cells",
-            "--out", str(tmp_path), "--no-mlflow"]
+            "--genes", "300", "--topics", "8", "--max-cells", "400", "--pseudo-label-entropy", "1",
+            "--left-out", "B cells", "--unknown-settings", "main", "inductive", "--out", str(tmp_path), "--no-mlflow"]
     frame = main(argv)
     saved = pd.read_csv(tmp_path / "results.csv")
     assert len(saved) == len(frame)

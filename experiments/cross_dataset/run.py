@@ -389,17 +389,21 @@ def write_summary(frame, path):
 def run(parts, args, out=HERE):
     """Run `parts` for every seed; results of parts not run are kept from `out`/results.csv."""
     out.mkdir(parents=True, exist_ok=True)
-    previous = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
-    kept = previous[~previous.part.isin(parts)]
+    kept = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
+    kept = kept[~kept.part.isin(parts)]
     rows, cache = [], {}
+
+    def table():
+        return pd.concat([f for f in (kept, pd.DataFrame(rows)) if len(f)], ignore_index=True).astype({"seed": int})
+
     for part in parts:
         for seed in args.seeds:
             start = time.time()
             rows += PART_FUNCTIONS[part](args, seed, cache, out)
             print(f"{part} seed {seed}: {time.time() - start:.0f} s", flush=True)
             # Keep what has been measured even if a later part is interrupted.
-            write_csv(pd.concat([kept, pd.DataFrame(rows)], ignore_index=True), out / "results.csv")
-    frame = pd.concat([kept, pd.DataFrame(rows)], ignore_index=True)
+            write_csv(table(), out / "results.csv")
+    frame = table()
     write_summary(frame, out / "results.md")
     return frame
 
@@ -441,7 +445,8 @@ def main(argv=None):
         except ImportError:
             print("MLflow not installed: results not logged")
         else:
-            record(out / "results.csv", "cross_dataset")
+            runs = record(out / "results.csv", "cross_dataset")
+            print(f"{len(runs)} new MLflow run(s) in experiment 'cross_dataset'")
     return frame
 
 
