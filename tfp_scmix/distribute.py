@@ -121,7 +121,7 @@ def fit(model, strategy, dataset, epochs=1, steps_per_epoch=1, callbacks=(), ver
     return model.history
 
 
-def build(strategy, make_model, learning_rate=2e-3, jit_compile="auto"):
+def build(strategy, make_model, learning_rate=2e-3, jit_compile=False):
     """`make_model()` (an uncompiled SCMix) built and compiled inside `strategy.scope()`, then `prepare`d."""
     import keras
 
