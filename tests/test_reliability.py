@@ -369,6 +369,16 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_weights(embedde
     with pytest.raises(TrainingDiverged, match="became nan at epoch 1, batch 1.*before the first batch"):
         guard.on_train_batch_end(0, {"loss": float("nan")})
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), good))
+    # A last batch with a finite loss whose update wrote NaN: caught when training ends.
+    guard = StopOnDivergence()
+    guard.set_model(model)
+    guard.on_train_begin()
+    guard.on_train_batch_begin(0)
+    guard.on_train_batch_end(0, {"loss": 3.0})
+    model.topics.loc.assign(model.topics.loc * np.nan)
+    guard.on_train_end()
+    assert "the last batch wrote non-finite weights" in guard.message
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), good))
 
 
 # -- 4. reproducibility -----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def _minibatches(data: SCData, index_batches):
     whole run (a pipeline per epoch grows memory epoch after epoch inside `fit`).
 
     The gather of `SCData.dataset`, which builds its order itself; the issue 8 report proposes
-    `SCData.batches(index_batches)` in data.py so that both share it.
+    `SCData.minibatches(index_batches)` in data.py so that both share it.
     """
     csr = data.counts
     csr.sort_indices()
@@ -184,14 +184,22 @@ class StopOnDivergence(keras.callbacks.Callback):
         if loss is None or np.isfinite(loss):
             self._good = self._pending
             return
+        self._stop(f"the {self.monitor} became {loss} at epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def on_train_end(self, logs=None):
+        # The last batch's finite loss does not vouch for the weights its update wrote; no batch follows.
+        if self.message is None and self._good is not None and not all(
+                np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in self._state):
+            self._stop("the last batch wrote non-finite weights")
+
+    def _stop(self, what):
         restored = self._good if self._good is not None else self._pending
         for variable, value in zip(self._state, restored):
             variable.assign(value)
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         where = "the last batch with a finite loss" if self._good is not None else "before the first batch"
-        self.message = (f"training diverged: the {self.monitor} became {loss} at epoch {self._epoch + 1}, "
-                        f"batch {batch + 1}. The model keeps its state from {where}. Lower the learning "
-                        f"rate (it is {rate:g}), or check the counts for extreme values.")
+        self.message = (f"training diverged: {what}. The model keeps its state from {where}. Lower the "
+                        f"learning rate (it is {rate:g}), or check the counts for extreme values.")
         logger.error(self.message)
         self.model.stop_training = True
         if self.raise_error:
