@@ -5,9 +5,9 @@ predictions as an uninterrupted run with the same seed.
     ./run experiments.reliability.resume --epochs 6 --topics 8 --kill-after 2   # the size the tests use
     ./run experiments.reliability.resume --keras-backup           # plain BackupAndRestore, for comparison
 
-Starts this file with --train three times on the embedded dataset (150 labels): uninterrupted; killed
-(SIGKILL) as soon as its backup of epoch --kill-after is committed; the same command again, which resumes
-from that backup. Writes results.json beside this file (or at --out): where the kill landed, the epoch
+Starts this file with --train three times on the embedded dataset (150 labels): uninterrupted (or takes
+--reference, the predictions of an uninterrupted run made elsewhere); killed (SIGKILL) as soon as its
+backup of epoch --kill-after is committed; the same command again, which resumes from that backup. Writes results.json beside this file (or at --out): where the kill landed, the epoch
 the second run resumed at, whether the predictions are identical, the largest difference, timings.
 --keras-backup trains with keras.callbacks.BackupAndRestore and SCData.dataset instead of
 `fit_resumable`, to show what that alone gives.
@@ -30,13 +30,13 @@ ROOT = HERE.parent.parent
 
 
 def train(args):
-    """One training run (a child process): fit with backups, fit the classifier, save predictions."""
+    """One training run: fit (with a backup in `args.backup_dir`, if any), fit the classifier; returns the
+    predictions for every cell ({"probs", "label", "confidence", "topics"})."""
     import keras
 
     from tfp_scmix.annotate import predict_data
     from tfp_scmix.data import from_anndata
     from tfp_scmix.datasets import pbmc68k_reduced
-    from tfp_scmix.io import atomic_path
     from tfp_scmix.model import SCMix
     from tfp_scmix.reliability import ResumableCheckpoint, fit_resumable, make_deterministic
 
@@ -53,19 +53,27 @@ def train(args):
             time.sleep(args.epoch_delay)
 
     if args.keras_backup:
-        backup = keras.callbacks.BackupAndRestore(args.backup_dir, delete_checkpoint=False)
-        state = Path(args.backup_dir) / "training_metadata.json"
-        start = json.loads(state.read_text())["epoch"] if state.exists() else 0
-        print(f"starting at epoch {start}", flush=True)
+        backup = [keras.callbacks.BackupAndRestore(args.backup_dir, delete_checkpoint=False)] if args.backup_dir else []
+        state = Path(args.backup_dir or "-") / "training_metadata.json"
+        print(f"starting at epoch {json.loads(state.read_text())['epoch'] if state.exists() else 0}", flush=True)
         model.fit(data.dataset(args.batch_size, seed=args.seed), epochs=args.epochs, verbose=0,
-                  callbacks=[backup, Pause()])
+                  callbacks=backup + [Pause()])
     else:
-        print(f"starting at epoch {ResumableCheckpoint(args.backup_dir).resume_epoch}", flush=True)
+        if args.backup_dir:
+            print(f"starting at epoch {ResumableCheckpoint(args.backup_dir).resume_epoch}", flush=True)
         fit_resumable(model, data, args.epochs, args.batch_size, args.seed, backup_dir=args.backup_dir,
                       callbacks=[Pause()], verbose=0, delete_checkpoint=False)
     model.fit_classifier(data, steps=args.classifier_steps)
+    return predict_data(model, data)
+
+
+def train_and_save(args):
+    """The child process: `train`, write the predictions, then drop the backup."""
+    from tfp_scmix.io import atomic_path
+
+    predictions = train(args)
     with atomic_path(args.predictions) as tmp:
-        np.savez(tmp, **predict_data(model, data))
+        np.savez(tmp, **predictions)
     shutil.rmtree(args.backup_dir)  # only once the results are safe: a kill before this resumes, not retrains
 
 
@@ -94,7 +102,7 @@ def finish(process, timeout):
     return output
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--topics", type=int, default=30)
@@ -104,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--classifier-steps", type=int, default=500)
     parser.add_argument("--epoch-delay", type=float, default=0.3, help="pause of the killed run after each epoch")
     parser.add_argument("--keras-backup", action="store_true")
+    parser.add_argument("--reference", default=None,
+                        help="predictions (.npz) of an uninterrupted run made elsewhere; default: run one here")
     parser.add_argument("--work", default=None, help="folder for backups and predictions (default: a temporary one)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--timeout", type=float, default=900)
@@ -111,9 +121,14 @@ def main(argv=None):
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backup-dir", help=argparse.SUPPRESS)
     parser.add_argument("--predictions", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.train:
-        return train(args)
+        return train_and_save(args)
     if not 0 < args.kill_after < args.epochs:
         parser.error("--kill-after must be between 0 and --epochs")
     import tempfile
@@ -123,7 +138,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         start = time.time()
-        reference = child(args, work, "uninterrupted", 0.0)
+        reference = None if args.reference else child(args, work, "uninterrupted", 0.0)
         killed = child(args, work, "resumed", args.epoch_delay)
         while backup_epoch(work / "backup-resumed", args.keras_backup) < args.kill_after:
             if killed.poll() is not None:
@@ -138,11 +153,13 @@ def main(argv=None):
         left_results = (work / "resumed.npz").exists()
         resumed = child(args, work, "resumed", 0.0)
         resumed_output = finish(resumed, args.timeout)
-        finish(reference, args.timeout)
-        a, b = np.load(work / "uninterrupted.npz"), np.load(work / "resumed.npz")
+        if reference is not None:
+            finish(reference, args.timeout)
+        a, b = np.load(args.reference or work / "uninterrupted.npz"), np.load(work / "resumed.npz")
         result = {
             "method": "keras BackupAndRestore + SCData.dataset" if args.keras_backup else "fit_resumable",
             "epochs": args.epochs, "topics": args.topics, "seed": args.seed,
+            "reference": args.reference or "an uninterrupted process",
             "kill_signal": "SIGKILL", "killed_returncode": killed.returncode,
             "backup_epoch_at_kill": killed_at, "results_file_after_kill": left_results,
             "resumed_at_epoch": int(resumed_output.split("starting at epoch ")[1].split()[0]),
