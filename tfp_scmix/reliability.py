@@ -141,16 +141,12 @@ def _random_states(model) -> list:
 
 def _build_optimizers(model) -> None:
     """Create the optimizers' slots so that a checkpoint's optimizer state loads instead of being skipped."""
-    from tfp_scmix.model import SCMix
-
-    if isinstance(model, SCMix):
-        others, classifier = model._variable_groups()
-        pairs = [(model.optimizer, others), (model.classifier_optimizer, classifier)]
+    if model.optimizer is None or model.optimizer.built:
+        return
+    if hasattr(model, "build_optimizers"):  # SCMix: two optimizers, each over its own variables
+        model.build_optimizers()
     else:
-        pairs = [(model.optimizer, model.trainable_variables)]
-    for optimizer, variables in pairs:
-        if optimizer is not None and not optimizer.built:
-            optimizer.build(variables)
+        model.optimizer.build(model.trainable_variables)
 
 
 class StopOnDivergence(keras.callbacks.Callback):
