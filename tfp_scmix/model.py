@@ -48,7 +48,8 @@ class SCMix(keras.Model):
                  label_mode="cut", label_weight=1.0, prior_alpha=0.5, learn_alpha=False, kl_warmup_epochs=20,
                  n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=None, global_scale=None,
                  slab_scale=2.0, slab_df=None, label_noise=None, topic_prior_scale=1.0,
-                 n_predictive_samples=32, classifier_learning_rate=0.02, n_batches=1, seed=0, **kwargs):
+                 n_predictive_samples=32, classifier_learning_rate=0.02, n_batches=1, seed=0, provenance=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if prior not in PRIOR_VARIANTS:
             raise ValueError(f"prior must be one of {PRIOR_VARIANTS}, received {prior!r}")
@@ -57,6 +58,8 @@ class SCMix(keras.Model):
         if len(class_names) < 2:
             raise ValueError(f"a classifier needs at least two classes, received {list(class_names)}")
         self.genes, self.class_names = [str(g) for g in genes], [str(c) for c in class_names]
+        # Library versions and the fingerprint of the training data (tfp_scmix.reliability.provenance).
+        self.provenance = dict(provenance or {})
         self.n_genes, self.n_classes, self.n_topics = len(self.genes), len(self.class_names), int(n_topics)
         if expected_active_topics is None:
             expected_active_topics = self.n_topics / 2
@@ -92,6 +95,9 @@ class SCMix(keras.Model):
     @classmethod
     def from_data(cls, data: SCData, **settings):
         """A model sized for `data`, with the topic background set from its mean expression."""
+        from tfp_scmix.reliability import provenance  # reliability imports the package root, which imports us
+
+        settings.setdefault("provenance", provenance(data))
         model = cls(genes=list(data.genes), class_names=list(data.classes), n_cells=data.n_cells,
                     n_labelled=data.n_labelled, total_counts=float(data.library_size.sum()),
                     n_batches=len(data.batch_names), **settings)
@@ -329,7 +335,8 @@ class SCMix(keras.Model):
         return self._update_metrics(self.elbo_terms(self._inputs(data), training=False))
 
     def get_config(self):
-        return {**super().get_config(), "genes": self.genes, "class_names": self.class_names, **self.settings}
+        return {**super().get_config(), "genes": self.genes, "class_names": self.class_names,
+                "provenance": self.provenance, **self.settings}
 
 
 
