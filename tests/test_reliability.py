@@ -2,7 +2,6 @@
 safe loading, bounded memory. The catalogue these tests back is docs/reliability.md."""
 
 import codecs
-import inspect
 import json
 import logging
 import marshal
@@ -219,10 +218,7 @@ def test_safe_mode_refuses_code_in_the_file_and_formats_hold_no_pickle(saved, tm
             assert word not in source, f"{path} uses {word}"
 
 
-@pytest.mark.skipif("provenance" not in inspect.signature(SCMix.__init__).parameters,
-                    reason="waits for SCMix's `provenance` argument (model.py change proposed in issue 8)")
 def test_saved_model_records_versions_and_data_fingerprint(embedded, tmp_path, caplog):
-    """Depends on the proposed model.py change: `SCMix(provenance=...)`, set by `from_data`, kept in get_config."""
     data = few_labels(embedded)
     model = SCMix.from_data(data, n_topics=4)
     assert model.provenance == provenance(data)
