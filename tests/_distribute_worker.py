@@ -26,6 +26,7 @@ def train(strategy, stream, steps, batch, duplicate=False):
     keras.utils.set_random_seed(0)
     model = build(strategy, lambda: build_model(stream, n_topics=4, hidden_units=32, seed=0))
     saved = {"replicas": strategy.num_replicas_in_sync, "trainable": np.array([v.trainable for v in model.weights]),
+             "names": np.array([v.path for v in model.weights]),
              **weights(model, "init")}
     if duplicate:  # one input pipeline deals its batches to the replicas in turn: give each a copy
         def make(context):

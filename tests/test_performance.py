@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 from tfp_scmix.data import DataError, from_anndata
+from tfp_scmix.sparse_ops import padded_size, topic_rate
 from tfp_scmix.stream import H5ADStream, build_model
 from tfp_scmix.synthetic import sample_counts, to_anndata
 
@@ -248,6 +249,34 @@ def test_likelihood_cost_grows_with_nonzeros_not_cells_times_genes():
     assert wide_largest < 256 * 10_000 / 20  # cells x genes would be 2,560,000
 
 
+def test_topic_rate_xla_matches_graph_mode_with_padded_nonzeros():
+    import tensorflow as tf
+
+    assert [int(padded_size(n)) for n in (1, 7, 100, 1000, 512_003)] == [1, 8, 108, 1024, 524_288]
+    sizes = np.array([int(padded_size(n)) for n in range(1, 5000)])
+    assert np.all(sizes >= np.arange(1, 5000)) and np.all(sizes <= np.ceil(np.arange(1, 5000) * 2 ** (1 / 8)))
+    assert len(np.unique(sizes[1000:])) <= 20  # few shapes: few XLA compilations
+    rng = np.random.default_rng(0)
+    cells, genes, topics, nnz = 64, 300, 7, 2001
+    rows = tf.constant(np.sort(rng.integers(0, cells, nnz)), tf.int64)
+    columns = tf.constant(rng.integers(0, genes, nnz), tf.int64)
+    cell_topic = tf.Variable(rng.dirichlet(np.ones(topics), cells).astype(np.float32))
+    topic_gene = tf.Variable(rng.dirichlet(np.ones(genes), topics).astype(np.float32))
+    weights = tf.constant(rng.integers(1, 5, nnz).astype(np.float32))
+    results = []
+    for jit in (False, True):
+        with tf.GradientTape() as tape:
+            rate = topic_rate(cell_topic, topic_gene, rows, columns, jit=jit)
+            loss = tf.reduce_sum(weights * tf.math.log(rate))
+        gradients = tape.gradient(loss, [cell_topic, topic_gene])
+        results.append([rate.numpy()] + [tf.convert_to_tensor(g).numpy() for g in gradients])
+    expected = np.einsum("ik,ki->i", cell_topic.numpy()[rows.numpy()], topic_gene.numpy()[:, columns.numpy()])
+    np.testing.assert_allclose(results[1][0], expected, rtol=1e-5)
+    assert results[1][0].shape == (nnz,)
+    for graph, xla in zip(results[0], results[1]):
+        np.testing.assert_allclose(xla, graph, rtol=1e-5, atol=1e-6)
+
+
 # -- several workers -------------------------------------------------------------------------
 def free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
@@ -282,7 +311,11 @@ def test_two_workers_and_two_devices_agree_with_one(tmp_path, synthetic_file):
         assert process.returncode == 0, f"{name} failed:\n{stderr[-3000:]}"
     out = {name: np.load(tmp_path / f"{name}.npz") for name in [*runs, "single_mirrored"]}
     assert [int(out[n]["replicas"]) for n in ("single", "single_mirrored", "worker0", "worker1")] == [1, 2, 2, 2]
-    names = [k for k in out["single"].files if k.startswith("w")]
+    # cells_seen (the KL warm-up's clock) counts one replica's cells or all replicas' (with aggregation="sum").
+    counter = [f"w{i}" for i, path in enumerate(out["single"]["names"]) if "cells_seen" in str(path)]
+    for run in ("single_mirrored", "worker0", "worker1"):
+        assert out[run][counter[0]] / out["single"][counter[0]] in (1.0, int(out[run]["replicas"]))
+    names = [k for k in out["single"].files if k.startswith("w") and k not in counter]
     assert len(names) > 10
     changed = [not np.allclose(out["single"][n], out["single"]["init" + n[1:]]) for n in names]
     assert sum(changed) > len(names) // 2  # the steps did train
