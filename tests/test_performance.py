@@ -244,8 +244,9 @@ def test_likelihood_cost_grows_with_nonzeros_not_cells_times_genes():
     wide, wide_largest = likelihood_program(10_000)
     np.testing.assert_allclose(wide, narrow, rtol=1e-6)
     nnz_topics, topics_genes = 256 * 10 * 8, 8 * 10_000
-    assert narrow_largest <= 256 * 10 * 8
-    assert wide_largest <= max(nnz_topics, topics_genes)
+    padding = 2 ** (1 / 8)  # sparse_ops.topic_rate may pad the nonzeros up to a bucket size
+    assert narrow_largest <= padding * nnz_topics
+    assert wide_largest <= max(padding * nnz_topics, topics_genes)
     assert wide_largest < 256 * 10_000 / 20  # cells x genes would be 2,560,000
 
 

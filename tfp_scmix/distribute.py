@@ -163,17 +163,28 @@ def train_stream(path, strategy="default", epochs=10, batch_size=1024, learning_
     the classification branch is fitted on the labelled cells (read into memory), as `train_model` does.
     """
     import keras
+    import tensorflow as tf
 
     from tfp_scmix.stream import H5ADStream, build_model
 
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-    stream = H5ADStream(path, counts=counts, label_key=label_key, batch_key=batch_key, unknown=unknown,
-                        genes=genes, chunk_cells=chunk_cells)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    workers = max(1, len(resolver.cluster_spec().as_dict().get("worker", []))) if resolver is not None else 1
+    options = dict(counts=counts, label_key=label_key, batch_key=batch_key, unknown=unknown, genes=genes)
+    stream = H5ADStream(path, chunk_cells=chunk_cells, **options)
+    if stream.n_cells < 2 * workers * chunk_cells:  # at least two chunks per worker, so that none is idle
+        stream = H5ADStream(path, chunk_cells=max(1, stream.n_cells // (2 * workers)), **options)
     keras.utils.set_random_seed(seed)
     model = build(strategy, lambda: build_model(stream, seed=seed, **settings), learning_rate)
     data = stream_dataset(strategy, stream, batch_size, seed=seed, buffer_chunks=buffer_chunks)
     fit(model, strategy, data, epochs=epochs, steps_per_epoch=steps_per_epoch(stream.n_cells, batch_size),
         callbacks=callbacks, verbose=verbose)
+    if strategy is not tf.distribute.get_strategy():
+        # The trained weights in a plain model: fit_classifier and saving run ordinary TensorFlow code,
+        # which cannot update distributed variables outside a replica context.
+        trained, model = model, build_model(stream, seed=seed, **settings)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+        model.set_weights(trained.get_weights())
     if classifier_steps and stream.n_labelled:
         model.fit_classifier(stream.to_data(), steps=classifier_steps, verbose=verbose)
     return model, strategy

@@ -199,7 +199,12 @@ class H5ADStream:
         `seed` may be a sequence, e.g. (seed, epoch).
         """
         rng = np.random.default_rng(seed)
-        order = np.arange(0, self.n_cells, self.chunk_cells)[shard_index::num_shards]
+        starts = np.arange(0, self.n_cells, self.chunk_cells)
+        if len(starts) < num_shards:
+            raise ValueError(f"{self.path} has {len(starts)} chunk(s) of {self.chunk_cells} cells for {num_shards} "
+                             f"shards (workers), so some would get no cells; use chunk_cells <= "
+                             f"{max(1, self.n_cells // num_shards)}.")
+        order = starts[shard_index::num_shards]
         if shuffle:
             order = rng.permutation(order)
         pending = None  # rows left over from the previous buffer: (row ids, CSR)
