@@ -309,8 +309,9 @@ class SCData:
         counts, _ = align_genes(self.counts, self.genes, genes, min_fraction)
         return dataclasses.replace(self, counts=counts, genes=np.asarray(genes, dtype=str))
 
-    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, repeat: bool = False):
-        """tf.data of minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]}."""
+    def minibatches(self, index_batches):
+        """Minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]} for a tf.data of
+        cell-index batches `[B]` (int64), in their order."""
         import tensorflow as tf
 
         csr = self.counts
@@ -329,12 +330,18 @@ class SCData:
                                      tf.stack([tf.size(index, out_type=tf.int64), tf.constant(n_genes, tf.int64)]))
             return {COUNTS: counts, LABEL: tf.gather(labels, index), BATCH: tf.gather(batches, index)}
 
+        return index_batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, repeat: bool = False):
+        """tf.data of minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]}."""
+        import tensorflow as tf
+
         ds = tf.data.Dataset.range(self.n_cells)
         if shuffle:
             ds = ds.shuffle(self.n_cells, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-        return ds.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+        return self.minibatches(ds.batch(batch_size))
 
 
 def from_anndata(adata, counts: str | None = None, label_key: str | None = "cell_type",

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import tensorflow as tf
 
 from tfp_scmix import __version__
-from tfp_scmix.data import BATCH, COUNTS, LABEL, UNLABELLED, DataError, SCData, check_counts, from_anndata
+from tfp_scmix.data import UNLABELLED, DataError, SCData, check_counts, from_anndata
 from tfp_scmix.io import atomic_path
 
 logger = logging.getLogger("tfp_scmix")
@@ -91,32 +91,7 @@ def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial
                                                          seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
-    return _minibatches(data, tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order))
-
-
-def _minibatches(data: SCData, index_batches):
-    """Minibatch dicts of `data` for a tf.data of cell-index batches `[B]`, in one pipeline for the
-    whole run (a pipeline per epoch grows memory epoch after epoch inside `fit`).
-
-    The gather of `SCData.dataset`, which builds its order itself; the issue 8 report proposes
-    `SCData.minibatches(index_batches)` in data.py so that both share it.
-    """
-    csr = data.counts
-    csr.sort_indices()
-    splits = tf.constant(csr.indptr, tf.int64)
-    genes = tf.RaggedTensor.from_row_splits(tf.constant(csr.indices, tf.int64), splits)
-    values = tf.RaggedTensor.from_row_splits(tf.constant(csr.data, tf.float32), splits)
-    labels, batches = tf.constant(data.labels, tf.int32), tf.constant(data.batches, tf.int32)
-    n_genes = data.n_genes
-
-    def gather(index):
-        rows = tf.gather(genes, index)
-        counts = tf.SparseTensor(tf.stack([rows.value_rowids(), rows.flat_values], axis=1),
-                                 tf.gather(values, index).flat_values,
-                                 tf.stack([tf.size(index, out_type=tf.int64), tf.constant(n_genes, tf.int64)]))
-        return {COUNTS: counts, LABEL: tf.gather(labels, index), BATCH: tf.gather(batches, index)}
-
-    return index_batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    return data.minibatches(tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order))
 
 
 def _optimizers(model) -> list:
