@@ -51,18 +51,24 @@ def class_topic_table(model):
     return pd.DataFrame(rows, columns=["class", "topic", "rank", "weight", "contrast", "scale"])
 
 
-def class_genes(model, n_genes=30, by="weight"):
-    """For each class, the top genes of its most predictive topic: (class, topic, rank, gene, weight, lift)."""
+def class_genes(model, n_genes=30, by="lift"):
+    """For each class, the top genes of its most predictive topic: (class, topic, rank, gene, weight, lift).
+
+    Ranked by lift by default: by weight, every topic's top genes are the genes that are abundant in
+    every cell (ribosomal, mitochondrial); lift ranks what the topic adds to an average cell, which is
+    what tells one cell type from another (on pbmc3k it finds about twice as many canonical markers).
+    """
     best = class_topic_table(model).query("rank == 0")[["class", "topic"]]
     return best.merge(top_genes(model, n_genes, by), on="topic")
 
 
-def marker_score(model, markers, n_genes=30):
-    """Fraction of canonical markers found among the top `n_genes` of their class's most predictive topic.
+def marker_score(model, markers, n_genes=30, by="lift"):
+    """Fraction of canonical markers found among the top `n_genes` (ranked `by` lift or weight) of their
+    class's most predictive topic.
 
     markers: {class name: [genes]}. Returns (score, DataFrame of class, marker, found).
     """
-    table = class_genes(model, n_genes)
+    table = class_genes(model, n_genes, by)
     rows = []
     for cls, genes in markers.items():
         top = set(table.loc[table["class"] == cls, "gene"])
@@ -137,6 +143,8 @@ def write_explanations(model, folder, n_genes=30):
         "topic_genes_by_lift": write_csv(top_genes(model, n_genes, by="lift"), folder / "topic_genes_by_lift.csv"),
         "class_topics": write_csv(class_topic_table(model), folder / "class_topics.csv"),
         "class_genes": write_csv(class_genes(model, n_genes), folder / "class_genes.csv"),
+        "class_genes_by_weight": write_csv(class_genes(model, n_genes, by="weight"),
+                                           folder / "class_genes_by_weight.csv"),
     }
     plot_class_topics(model, folder / "class_topics.png")
     plot_topic_genes(model, folder / "topic_genes.png")
