@@ -33,4 +33,5 @@ def small_model(embedded):
     from tfp_scmix.cli import train_model
 
     labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
-    return train_model(embedded.hide_labels(labelled), epochs=5, batch_size=128, verbose=0, n_topics=12)
+    return train_model(embedded.hide_labels(labelled), epochs=5, batch_size=128, verbose=0, n_topics=12,
+                       restarts=1)

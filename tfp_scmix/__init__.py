@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 from tfp_scmix import data  # noqa: E402
 from tfp_scmix.data import DataError, SCData, from_anndata  # noqa: E402
 from tfp_scmix.model import SCMix  # noqa: E402
+from tfp_scmix.ensemble import SCMixEnsemble  # noqa: E402
 
-__all__ = ["DataError", "SCData", "SCMix", "data", "from_anndata", "__version__"]
+__all__ = ["DataError", "SCData", "SCMix", "SCMixEnsemble", "data", "from_anndata", "__version__"]

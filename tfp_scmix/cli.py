@@ -18,20 +18,34 @@ def few_shot_split(n_cells, n_test, n_labelled, seed):
 
 
 def train_model(data, epochs=100, batch_size=256, learning_rate=2e-3, seed=0, verbose=1, callbacks=(),
-                classifier_steps=2000, **settings):
+                classifier_steps=2000, restarts=3, **settings):
     """Build, compile and fit an `SCMix` on `data` (labels where known), then fit its classification
-    branch to convergence (`classifier_steps` full-batch steps; 0 to skip); returns the model."""
+    branch to convergence (`classifier_steps` full-batch steps; 0 to skip).
+
+    With `restarts` > 1, that many models are trained from seeds `seed`, `seed + 1`, ... and returned as
+    an `SCMixEnsemble` that averages their class probabilities (the few-shot benchmark's winner);
+    `restarts=1` returns the single `SCMix`.
+    """
     import keras
 
+    from tfp_scmix.ensemble import SCMixEnsemble
     from tfp_scmix.model import SCMix
 
-    keras.utils.set_random_seed(seed)
-    model = SCMix.from_data(data, seed=seed, **settings)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
-    model.fit(data.dataset(batch_size, seed=seed), epochs=epochs, verbose=verbose, callbacks=list(callbacks))
-    if classifier_steps:
-        model.fit_classifier(data, steps=classifier_steps, verbose=verbose)
-    return model
+    if int(restarts) < 1:
+        raise ValueError(f"restarts must be 1 or more, received {restarts!r}")
+    members = []
+    for member_seed in range(seed, seed + int(restarts)):
+        if verbose and restarts > 1:
+            print(f"restart {member_seed - seed + 1} of {restarts} (seed {member_seed})")
+        keras.utils.set_random_seed(member_seed)
+        model = SCMix.from_data(data, seed=member_seed, **settings)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+        model.fit(data.dataset(batch_size, seed=member_seed), epochs=epochs, verbose=verbose,
+                  callbacks=list(callbacks))
+        if classifier_steps:
+            model.fit_classifier(data, steps=classifier_steps, verbose=verbose)
+        members.append(model)
+    return members[0] if len(members) == 1 else SCMixEnsemble(members)
 
 
 def scores(true, predicted):
@@ -55,7 +69,7 @@ def demo(args):
           f"{args.labels} labelled cells, {len(test)} held-out cells (their counts used without labels)")
     start = time.time()
     model = train_model(data.hide_labels(labelled), epochs=args.epochs, batch_size=args.batch_size,
-                        seed=args.seed, verbose=args.verbose, n_topics=args.topics)
+                        seed=args.seed, verbose=args.verbose, n_topics=args.topics, restarts=args.restarts)
     print(f"trained in {time.time() - start:.0f} s")
     predicted = predict_data(model, data.subset(test))["label"]
     result = scores(data.labels[test], predicted)
@@ -85,7 +99,7 @@ def train(args):
         data = data.select_genes(highly_variable_genes(data.counts, data.genes, args.n_genes))
     print(f"{data.n_cells} cells x {data.n_genes} genes; {data.n_labelled} labelled cells of {data.n_classes} types")
     model = train_model(data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                        verbose=args.verbose, n_topics=args.topics, prior=args.prior)
+                        verbose=args.verbose, n_topics=args.topics, prior=args.prior, restarts=args.restarts)
     with atomic_path(args.out) as tmp:
         model.save(tmp)
     print(f"model written to {args.out}")
@@ -126,6 +140,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-genes", type=int, default=10)
+    p.add_argument("--restarts", type=int, default=3, help="models averaged (1: a single model)")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--verbose", type=int, default=2)
     p.set_defaults(func=demo)
@@ -142,6 +157,7 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restarts", type=int, default=3, help="models averaged (1: a single model)")
     p.add_argument("--verbose", type=int, default=1)
     p.set_defaults(func=train)
     p = sub.add_parser("annotate", help="annotate an .h5ad with a trained model")

@@ -1,7 +1,13 @@
-"""Explanations: the genes of each topic and the topics that predict each class, as tables and figures."""
+"""Explanations: the genes of each topic and the topics that predict each class, as tables and figures.
+
+Each function takes an `SCMix` or an `SCMixEnsemble` (whose first member it explains: the topics of
+different restarts are different topics, each with its own class weights).
+"""
 
 import numpy as np
 import pandas as pd
+
+from tfp_scmix.ensemble import single_model
 
 
 def topic_names(n_topics):
@@ -10,6 +16,7 @@ def topic_names(n_topics):
 
 def topic_gene_table(model):
     """Posterior-mean topic-gene distributions as a DataFrame `[n_genes, n_topics]` indexed by gene."""
+    model = single_model(model)
     return pd.DataFrame(model.topics(None).numpy().T, index=model.genes, columns=topic_names(model.n_topics))
 
 
@@ -19,6 +26,7 @@ def top_genes(model, n_genes=30, by="weight"):
     weight: the gene's probability in the topic; lift: that probability over the background profile's
     (what the topic adds to an average cell). `by` picks the ranking ("weight" or "lift").
     """
+    model = single_model(model)
     if by not in ("weight", "lift"):
         raise ValueError(f"by must be 'weight' or 'lift', received {by!r}")
     weights = topic_gene_table(model)
@@ -40,6 +48,7 @@ def class_topic_table(model):
     differences between classes change a softmax, so this is what the topic says about the class);
     scale: the horseshoe's posterior scale for the weight (small = shrunk to zero).
     """
+    model = single_model(model)
     weights = model.classifier.class_weights(None).numpy()
     scale = model.classifier.class_weights.shrinkage().numpy()
     contrast = weights - weights.mean(axis=0, keepdims=True)
@@ -79,6 +88,7 @@ def marker_score(model, markers, n_genes=30, by="lift"):
 
 def plot_class_topics(model, path, n_topics=None):
     """Heatmap of class x topic contrast weights (PNG); the `n_topics` most used topics when given."""
+    model = single_model(model)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,6 +111,7 @@ def plot_class_topics(model, path, n_topics=None):
 
 def plot_topic_genes(model, path, n_genes=8):
     """Heatmap of each class's most predictive topic x its top genes (PNG)."""
+    model = single_model(model)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -315,7 +315,7 @@ def _read_archive(path: Path):
 
 
 def load_model(path, compile: bool = True):
-    """Load a saved SCMix with Keras's safe mode (no code from the file runs; no pickle in the format).
+    """Load a saved SCMix (or SCMixEnsemble) with Keras's safe mode (no code from the file runs; no pickle in the format).
 
     Raises `ModelFileError` for a missing, truncated or corrupt file, another kind of model, a file that
     asks to run code, or one from another version that this version cannot read (the message names the
@@ -325,7 +325,7 @@ def load_model(path, compile: bool = True):
     if not path.is_file():
         raise ModelFileError(f"no model file at {path}; train one with `tfp-scmix train ... --out {path}`.")
     config, metadata = _read_archive(path)
-    if config.get("registered_name") != "tfp_scmix>SCMix":
+    if config.get("registered_name") not in ("tfp_scmix>SCMix", "tfp_scmix>SCMixEnsemble"):
         raise ModelFileError(f"{path} holds a {config.get('registered_name') or config.get('class_name')!r} "
                              "model, not a tfp_scmix SCMix model.")
     recorded = dict(config.get("config", {}).get("provenance") or {})

@@ -84,7 +84,7 @@ def without_class(data: SCData, label: int, keep_cells=False) -> SCData:
 
 def fit(data, args, seed, epochs=None):
     return train_model(data, epochs=epochs or args.epochs, batch_size=args.batch_size, seed=seed, verbose=0,
-                       classifier_steps=args.classifier_steps, n_topics=args.topics)
+                       classifier_steps=args.classifier_steps, n_topics=args.topics, restarts=1)
 
 
 def adapt(model, data, args):

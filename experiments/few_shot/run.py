@@ -113,22 +113,23 @@ def parse_method(spec):
     return name, settings
 
 
-def tfp_scmix(data, visible, test, labelled, seed, restarts=3, epochs=100, **settings):
-    """tfp_scmix trained on the visible cells (labels of `labelled` only); class probabilities averaged
-    over `restarts` models with different seeds. Returns (test predictions, extra scores)."""
+def tfp_scmix(data, visible, test, labelled, seed, epochs=100, **settings):
+    """tfp_scmix trained on the visible cells (labels of `labelled` only) with the package's defaults
+    (`train_model`: an ensemble of 3 restarts unless `restarts` is given). Returns (test predictions,
+    extra scores: sparsity of the class weights and the marker score, averaged over the members)."""
     from tfp_scmix import explain
+    from tfp_scmix.ensemble import SCMixEnsemble
 
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
-    probs, extras = 0, {}
-    for restart in range(restarts):
-        model = train_model(train, epochs=epochs, seed=seed * 100 + restart, verbose=0, **settings)
-        probs = probs + predict_data(model, data.subset(test))["probs"]
-    weights = model.classifier.class_weights(None).numpy()
-    extras["weights_above_0.1"] = float((np.abs(weights) > 0.1).mean())
+    model = train_model(train, epochs=epochs, seed=seed * 100, verbose=0, **settings)
+    predicted = predict_data(model, data.subset(test))["label"]
+    members = model.members if isinstance(model, SCMixEnsemble) else [model]
+    extras = {"weights_above_0.1": np.mean([(np.abs(m.classifier.class_weights(None).numpy()) > 0.1).mean()
+                                            for m in members])}
     if set(PBMC3K_MARKERS) <= set(model.class_names):
-        extras["marker_score"], _ = explain.marker_score(model, PBMC3K_MARKERS, n_genes=30)
-        extras["marker_score_by_weight"], _ = explain.marker_score(model, PBMC3K_MARKERS, n_genes=30, by="weight")
-    return probs.argmax(axis=1), extras
+        for by, key in (("lift", "marker_score"), ("weight", "marker_score_by_weight")):
+            extras[key] = np.mean([explain.marker_score(m, PBMC3K_MARKERS, n_genes=30, by=by)[0] for m in members])
+    return predicted, extras
 
 
 def flip_labels(labels, labelled, fraction, n_classes, seed):

@@ -117,7 +117,8 @@ def main(argv=None):
             model = load_model(model_path)
         else:
             labelled = np.random.default_rng(0).permutation(data.n_cells)[:150]
-            model = train_model(data.hide_labels(labelled), epochs=args.epochs, verbose=0, classifier_steps=500)
+            model = train_model(data.hide_labels(labelled), epochs=args.epochs, verbose=0, classifier_steps=500,
+                                restarts=1)
             model_path = work / "model.keras"
             model.save(model_path)
         train_seconds = time.time() - start
