@@ -119,6 +119,19 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out cells: accuracy" in out and "Top genes" in out
     assert (tmp_path / "model.keras").exists() and (tmp_path / "explanations" / "class_topics.csv").exists()
+    # The demo's model (an ensemble of 3 restarts) annotates and explains from the command line.
+    from tfp_scmix.datasets import pbmc68k_reduced
+
+    pbmc68k_reduced().write_h5ad(tmp_path / "query.h5ad")
+    assert main(["annotate", str(tmp_path / "model.keras"), str(tmp_path / "query.h5ad"),
+                 "--out", str(tmp_path / "annotated.h5ad")]) == 0
+    assert main(["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]) == 0
+    assert (tmp_path / "explained" / "class_genes.csv").exists()
+    (tmp_path / "broken.keras").write_bytes(b"not a model")
+    capsys.readouterr()
+    assert main(["annotate", str(tmp_path / "broken.keras"), str(tmp_path / "query.h5ad"),
+                 "--out", str(tmp_path / "never.h5ad")]) == 2
+    assert "broken.keras" in capsys.readouterr().err and not (tmp_path / "never.h5ad").exists()
 
 
 def test_adapt_fits_query_offsets_and_leaves_reference_alone(small_model, embedded):

@@ -106,12 +106,11 @@ def train(args):
 
 
 def annotate_cmd(args):
-    import keras
-
     from tfp_scmix.annotate import annotate
     from tfp_scmix.data import read_h5ad
+    from tfp_scmix.reliability import load_model
 
-    model = keras.models.load_model(args.model)
+    model = load_model(args.model, compile=False)
     adata = annotate(model, read_h5ad(args.data), counts=args.counts, min_confidence=args.min_confidence)
     from tfp_scmix.io import atomic_path
 
@@ -122,11 +121,10 @@ def annotate_cmd(args):
 
 
 def explain_cmd(args):
-    import keras
-
     from tfp_scmix.explain import write_explanations
+    from tfp_scmix.reliability import load_model
 
-    paths = write_explanations(keras.models.load_model(args.model), args.out, n_genes=args.top_genes)
+    paths = write_explanations(load_model(args.model, compile=False), args.out, n_genes=args.top_genes)
     print("\n".join(str(p) for p in paths.values()))
 
 
@@ -177,12 +175,13 @@ def build_parser():
 
 def main(argv=None):
     from tfp_scmix.data import DataError
+    from tfp_scmix.reliability import ModelFileError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except DataError as err:
+    except (DataError, ModelFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -294,13 +294,12 @@ def main(argv=None) -> int:
                              "(tracking store: $MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
 
-    import keras
+    from tfp_scmix.reliability import ModelFileError, load_model
 
-    import tfp_scmix.model  # noqa: F401  (registers the custom classes for loading)
-
-    if not Path(args.model).exists():
-        parser.error(f"model file {args.model} not found")
-    model = keras.models.load_model(args.model)
+    try:
+        model = load_model(args.model, compile=False)
+    except ModelFileError as err:
+        parser.error(str(err))
     path = export_serving(model, args.out_dir, overwrite=args.overwrite)
     print(f"exported {model.n_genes} genes x {model.n_classes} classes (gene fingerprint "
           f"{model.gene_fingerprint}) to {path}")
