@@ -110,7 +110,7 @@ def annotate_cmd(args):
     from tfp_scmix.data import read_h5ad
     from tfp_scmix.reliability import load_model
 
-    model = load_model(args.model, compile=False)
+    model = load_model(args.model)
     adata = annotate(model, read_h5ad(args.data), counts=args.counts, min_confidence=args.min_confidence)
     from tfp_scmix.io import atomic_path
 
@@ -124,7 +124,7 @@ def explain_cmd(args):
     from tfp_scmix.explain import write_explanations
     from tfp_scmix.reliability import load_model
 
-    paths = write_explanations(load_model(args.model, compile=False), args.out, n_genes=args.top_genes)
+    paths = write_explanations(load_model(args.model), args.out, n_genes=args.top_genes)
     print("\n".join(str(p) for p in paths.values()))
 
 

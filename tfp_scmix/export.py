@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     from tfp_scmix.reliability import ModelFileError, load_model
 
     try:
-        model = load_model(args.model, compile=False)
+        model = load_model(args.model)
     except ModelFileError as err:
         parser.error(str(err))
     path = export_serving(model, args.out_dir, overwrite=args.overwrite)
