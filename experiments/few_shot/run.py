@@ -101,13 +101,14 @@ PBMC3K_MARKERS = {"B cells": ["MS4A1", "CD79A"], "NK cells": ["GNLY", "NKG7"], "
 
 # The ablation of issue 3, on single models (the default averages 3 restarts): how labels shape topics
 # ((a) joint, (b) cut = the default, (c) class-conditional prior, (d) joint with the label-noise-tolerant
-# likelihood), the prior on the class weights, the number of topics. The default itself is the
+# likelihood; joint with a label weight of 0.01, below which the label term stops overwhelming the
+# count likelihood in the encoder), the prior on the class weights, the number of topics. The default itself is the
 # restarts row: compare "tfp_scmix" (the main table, same seeds) with "tfp_scmix:restarts=1".
 ABLATION = ["tfp_scmix:restarts=1", "tfp_scmix:restarts=1,label_mode=joint",
             "tfp_scmix:restarts=1,label_mode=class_prior", "tfp_scmix:restarts=1,label_mode=joint,prior=santa_barbara",
             "tfp_scmix:restarts=1,prior=horseshoe", "tfp_scmix:restarts=1,prior=santa_barbara",
             "tfp_scmix:restarts=1,prior=normal", "tfp_scmix:restarts=1,n_topics=20",
-            "tfp_scmix:restarts=1,n_topics=100"]
+            "tfp_scmix:restarts=1,n_topics=100", "tfp_scmix:restarts=1,label_mode=joint,label_weight=0.01"]
 
 
 def parse_method(spec):
@@ -164,6 +165,9 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
     from sklearn.metrics import f1_score
 
     rows = []
+    # Rows already in the folder's results.csv are kept unless this run measures them again, so that a
+    # run can add methods or seeds to a table (or resume one that was interrupted).
+    kept = pd.read_csv(out / "results.csv") if (out / "results.csv").exists() else pd.DataFrame()
     for name in datasets:
         full = load(name)
         for setting in settings:
@@ -195,10 +199,22 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
                         print(f"{name} {setting} {budget} labels seed {seed} {spec:<28} errors {row['errors']:4d} "
                               f"macro-F1 {row['macro_f1']:.3f} ({row['seconds']:.0f} s)", flush=True)
                         # Keep what has been measured even if a later run is interrupted.
-                        write_csv(pd.DataFrame(rows), out / "results.csv")
-    frame = pd.DataFrame(rows)
+                        write_csv(merge_rows(kept, rows), out / "results.csv")
+    frame = merge_rows(kept, rows)
     write_summary(frame, out / "summary.md")
     return frame
+
+
+ROW_KEYS = ["method", "dataset", "setting", "labels", "label_noise", "seed"]
+
+
+def merge_rows(kept, rows):
+    """The kept rows that `rows` does not measure again, then `rows` (a DataFrame)."""
+    new = pd.DataFrame(rows)
+    if kept.empty:
+        return new
+    again = kept.set_index(ROW_KEYS).index.isin(new.set_index(ROW_KEYS).index)
+    return pd.concat([kept[~again], new], ignore_index=True)
 
 
 def markdown_table(frame):
