@@ -148,3 +148,16 @@ def test_batch_offsets_kl_and_config():
     assert float(layer.kl()) == pytest.approx(expected, rel=1e-4)
     assert layer(tf.constant([1, 0, 1])).shape == (3, 5)
     roundtrip(layer)
+
+
+def test_cell_encoder_sparse_and_dense_products_agree():
+    """Minibatches above DENSE_BATCH_LIMIT entries are multiplied sparse; both paths give the same posterior."""
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(0.5, (64, 300)).astype(np.float32)
+    sparse = tf.sparse.from_dense(counts)
+    encoder = CellEncoder(300, 6)
+    dense_loc, dense_scale = encoder(sparse)
+    encoder.DENSE_BATCH_LIMIT = 0  # every minibatch is now "wide"
+    sparse_loc, sparse_scale = encoder(sparse)
+    np.testing.assert_allclose(sparse_loc.numpy(), dense_loc.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sparse_scale.numpy(), dense_scale.numpy(), rtol=1e-4, atol=1e-5)

@@ -43,7 +43,9 @@ class CellEncoder(keras.layers.Layer):
     Shapes: counts `[batch, n_genes]` (tf.SparseTensor or dense) -> loc, scale `[batch, n_topics]`.
     """
 
-    DENSE_BATCH_LIMIT = 2 ** 22  # entries of a minibatch (16 MiB in float32) below which it is densified
+    # Entries of a minibatch (128 MiB in float32) up to which it is densified: BLAS on a dense minibatch
+    # beats the sparse kernel even at 3.6% nonzero (experiments/performance/dense_limit.py: 3.2x at 5,000 genes).
+    DENSE_BATCH_LIMIT = 2 ** 25
 
     def __init__(self, n_genes, n_topics, hidden_units=256, dropout=0.2, prior_alpha=0.5, learn_alpha=False,
                  **kwargs):

@@ -1,0 +1,72 @@
+"""The encoder's dense-minibatch limit: training throughput with the old and the new limit, side by side.
+
+    ./run experiments.performance.dense_limit      # about 2 minutes; writes results_dense_limit.json
+
+A minibatch of 1,024 cells x 5,000 genes (12.8% nonzero, the density of the Kang files at 5,000 genes)
+holds 5.1M entries: above the old limit of 2^22 the encoder multiplied it sparse, below the new 2^25 it is
+densified (20 MB) and multiplied by BLAS. Synthetic counts of that shape; 20 topics; each limit measured
+twice, alternating, after 3 warm-up steps.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import scipy.sparse as sp
+
+HERE = Path(__file__).parent
+LIMITS = {"old (2^22)": 2 ** 22, "new (2^25)": 2 ** 25}
+
+
+def counts_data(n_cells=8192, n_genes=5000, density=0.128, seed=0):
+    from tfp_scmix.data import SCData
+
+    rng = np.random.default_rng(seed)
+    counts = sp.random(n_cells, n_genes, density=density, random_state=seed, format="csr", dtype=np.float32)
+    counts.data = rng.integers(1, 6, counts.nnz).astype(np.float32)
+    labels = np.where(rng.random(n_cells) < 0.05, rng.integers(0, 3, n_cells), -1).astype(np.int32)
+    return SCData(counts, np.array([f"g{i}" for i in range(n_genes)]), labels, ["a", "b", "c"],
+                  np.zeros(n_cells, np.int32), ["0"], np.array([f"c{i}" for i in range(n_cells)]))
+
+
+def throughput(data, limit, batch_size=1024, steps=16):
+    """Training cell-passes per second with the encoder's DENSE_BATCH_LIMIT set to `limit`."""
+    from tfp_scmix.layers.cell import CellEncoder
+    from tfp_scmix.model import SCMix
+
+    default = CellEncoder.DENSE_BATCH_LIMIT
+    CellEncoder.DENSE_BATCH_LIMIT = limit
+    try:
+        keras.utils.set_random_seed(0)
+        model = SCMix.from_data(data, n_topics=20)
+        model.compile(optimizer=keras.optimizers.Adam(2e-3))
+        batches = data.dataset(batch_size, repeat=True)
+        model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
+        start = time.perf_counter()
+        model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+        return steps * batch_size / (time.perf_counter() - start)
+    finally:
+        CellEncoder.DENSE_BATCH_LIMIT = default
+
+
+def main():
+    from tfp_scmix.io import atomic_path
+
+    data = counts_data()
+    rates = {name: [] for name in LIMITS}
+    for _ in range(2):
+        for name, limit in LIMITS.items():
+            rates[name].append(throughput(data, limit))
+            print(f"{name}: {rates[name][-1]:,.0f} cell-passes/s", flush=True)
+    result = {"data": "synthetic 8,192 cells x 5,000 genes, 12.8% nonzero; batch 1,024; 20 topics",
+              "cell_passes_per_s": {name: float(np.mean(v)) for name, v in rates.items()}}
+    result["ratio_new_over_old"] = result["cell_passes_per_s"]["new (2^25)"] / result["cell_passes_per_s"]["old (2^22)"]
+    with atomic_path(HERE / "results_dense_limit.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
