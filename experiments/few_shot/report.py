@@ -11,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from experiments.few_shot.run import PEERS, markdown_table
+from experiments.few_shot.run import PEERS, markdown_table, mean_table as run_mean_table
 from tfp_scmix.io import atomic_path
 
 HERE = Path(__file__).parent
@@ -27,11 +26,8 @@ def read(folder):
 
 
 def mean_table(frame, extra=()):
-    """Mean errors, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
-    columns = {"errors": ("errors", "mean"), "accuracy": ("accuracy", "mean"), "macro_f1": ("macro_f1", "mean"),
-               "seeds": ("seed", "count"), "seconds": ("seconds", "mean")}
-    columns.update({name: (name, "mean") for name in extra if name in frame})
-    return frame.groupby(KEYS, sort=False).agg(**columns).round(3).reset_index()
+    """Means over seeds per dataset, setting, budget and method (run.py's table, without the noise column)."""
+    return run_mean_table(frame, KEYS, extra)
 
 
 def verdicts(main):

@@ -223,13 +223,20 @@ def markdown_table(frame):
     return "\n".join(lines)
 
 
+EXTRA_SCORES = ("marker_score", "marker_score_by_weight", "weights_above_0.1")
+
+
+def mean_table(frame, keys=("dataset", "setting", "labels", "label_noise", "method"), extra=EXTRA_SCORES):
+    """Mean errors of 2000, accuracy, macro-F1 (and the `extra` scores present) over seeds, per `keys`."""
+    columns = {"errors": ("errors", "mean"), "accuracy": ("accuracy", "mean"), "macro_f1": ("macro_f1", "mean"),
+               "seeds": ("seed", "count"), "seconds": ("seconds", "mean")}
+    columns.update({name: (name, "mean") for name in extra if name in frame})
+    return frame.groupby(list(keys), sort=False).agg(**columns).round(3).reset_index()
+
+
 def write_summary(frame, path):
     """Mean errors of 2000, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
-    extra = {name: (name, "mean") for name in ("marker_score", "marker_score_by_weight", "weights_above_0.1")
-             if name in frame}
-    summary = (frame.groupby(["dataset", "setting", "labels", "label_noise", "method"], sort=False)
-               .agg(errors=("errors", "mean"), accuracy=("accuracy", "mean"), macro_f1=("macro_f1", "mean"),
-                    seeds=("seed", "count"), seconds=("seconds", "mean"), **extra).round(3).reset_index())
+    summary = mean_table(frame)
     with atomic_path(path) as tmp:
         Path(tmp).write_text("# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n"
                              + markdown_table(summary) + "\n")
