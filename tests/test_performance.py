@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -206,10 +205,13 @@ def test_build_model_matches_from_data(synthetic_file):
 
 
 # -- the likelihood's cost -------------------------------------------------------------------
-def likelihood_program(n_genes, n_cells=256, per_cell=10, n_topics=8, seed=0):
-    """(log-likelihoods, largest array in the compiled forward + gradient program) for counts whose
-    nonzeros all lie in the first 1,000 genes; genes past those have zero probability in every topic."""
+def likelihood_program(n_genes, tmp_path, n_cells=256, per_cell=10, n_topics=8, seed=0):
+    """(log-likelihoods, [(entries, op type, op name)] of every array the forward + gradient program computed)
+    for counts whose nonzeros all lie in the first 1,000 genes; genes past those have zero probability in
+    every topic. Sizes are recorded while it runs (TensorFlow's debug dump in SHAPE mode), nested functions
+    included; the nonzero product runs in graph mode (jit=False) so that each of its ops is recorded too."""
     import tensorflow as tf
+    from tensorflow.python.debug.lib import debug_events_reader
 
     from tfp_scmix.loss import multinomial_log_prob
 
@@ -221,36 +223,48 @@ def likelihood_program(n_genes, n_cells=256, per_cell=10, n_topics=8, seed=0):
     logits = np.full((n_topics, n_genes), -np.inf, np.float32)
     logits[:, :1000] = rng.normal(size=(n_topics, 1000))
     log_topic_gene = tf.nn.log_softmax(logits)
+    offsets = np.zeros((2, n_genes), np.float32)
+    offsets[:, :1000] = rng.normal(0, 0.1, size=(2, 1000))
+    batch_ids = tf.constant(rng.integers(0, 2, n_cells).astype(np.int32))
 
-    @tf.function(jit_compile=True)
-    def program(indices, values, log_cell_topic, log_topic_gene):
+    @tf.function
+    def program(indices, values, log_cell_topic, log_topic_gene, offsets):
         counts = tf.SparseTensor(indices, values, [n_cells, n_genes])
         with tf.GradientTape() as tape:
-            tape.watch([log_cell_topic, log_topic_gene])
-            log_prob = multinomial_log_prob(counts, log_cell_topic, log_topic_gene)
-        return log_prob, tape.gradient(tf.reduce_sum(log_prob), [log_cell_topic, log_topic_gene])
+            tape.watch([log_cell_topic, log_topic_gene, offsets])
+            log_prob = multinomial_log_prob(counts, log_cell_topic, log_topic_gene, offsets, batch_ids, jit=False)
+        return log_prob, tape.gradient(tf.reduce_sum(log_prob), [log_cell_topic, log_topic_gene, offsets])
 
-    args = (indices, values, log_cell_topic, log_topic_gene)
-    hlo = program.experimental_get_compiler_ir(*args)(stage="hlo")
-    shapes = re.findall(r"\b(?:f32|f64|s32|s64|pred)\[([0-9,]*)\]", hlo)
-    largest = max(int(np.prod([int(d) for d in shape.split(",") if d])) for shape in shapes)
-    return program(*args)[0].numpy(), largest
-
-
-def test_likelihood_cost_grows_with_nonzeros_not_cells_times_genes():
-    """Same nonzeros, 10x the genes: the same log-likelihoods, and no array of the compiled program (forward
-    and gradient) grows to cells x genes: the largest is max(nnz x topics, topics x genes)."""
-    narrow, narrow_largest = likelihood_program(1000)
-    wide, wide_largest = likelihood_program(10_000)
-    np.testing.assert_allclose(wide, narrow, rtol=1e-6)
-    nnz_topics, topics_genes = 256 * 10 * 8, 8 * 10_000
-    padding = 2 ** (1 / 8)  # sparse_ops.topic_rate may pad the nonzeros up to a bucket size
-    assert narrow_largest <= padding * nnz_topics
-    assert wide_largest <= max(padding * nnz_topics, topics_genes)
-    assert wide_largest < 256 * 10_000 / 20  # cells x genes would be 2,560,000
+    root = str(tmp_path / f"dump{n_genes}")
+    tf.debugging.experimental.enable_dump_debug_info(root, tensor_debug_mode="SHAPE", circular_buffer_size=-1)
+    try:
+        log_prob = program(indices, values, log_cell_topic, log_topic_gene, offsets)[0].numpy()
+    finally:
+        tf.debugging.experimental.disable_dump_debug_info()
+    with debug_events_reader.DebugDataReader(root) as reader:
+        reader.update()
+        arrays = [(int(reader.graph_execution_trace_to_tensor_value(trace)[3]), trace.op_type, trace.op_name)
+                  for trace in reader.graph_execution_traces()]
+    return log_prob, arrays
 
 
-def test_topic_rate_xla_matches_graph_mode_with_padded_nonzeros():
+def test_likelihood_cost_grows_with_nonzeros_not_cells_times_genes(tmp_path):
+    """Same nonzeros, 10x the genes: the same log-likelihoods, and no array the forward and gradient program
+    computes grows to cells x genes: the largest is max(nnz x topics, batches x topics x genes)."""
+    narrow, narrow_arrays = likelihood_program(1000, tmp_path)
+    wide, wide_arrays = likelihood_program(10_000, tmp_path)
+    np.testing.assert_allclose(wide, narrow, rtol=1e-5)
+    assert len(wide_arrays) > 50  # every op of the program was recorded, gradient included
+    assert {"SparseTensorDenseMatMul", "GatherV2"} <= {op for _, op, _ in wide_arrays}
+    nnz_topics, topics_genes = 256 * 10 * 8, 2 * 8 * 10_000
+    assert max(n for n, _, _ in narrow_arrays) <= max(nnz_topics, 2 * 8 * 1000)
+    assert max(n for n, _, _ in wide_arrays) <= max(nnz_topics, topics_genes)
+    assert max(n for n, _, _ in wide_arrays) < 256 * 10_000 / 15  # cells x genes would be 2,560,000
+
+
+def test_topic_rate_matches_the_plain_product_with_padded_nonzeros():
+    """topic_rate (XLA forward with padded nonzeros, sparse-product gradient) against the plain gather product
+    and TensorFlow's automatic gradient of it, with cells and genes in any order."""
     import tensorflow as tf
 
     assert [int(padded_size(n)) for n in (1, 7, 100, 1000, 512_003)] == [1, 8, 108, 1024, 524_288]
@@ -259,23 +273,41 @@ def test_topic_rate_xla_matches_graph_mode_with_padded_nonzeros():
     assert len(np.unique(sizes[1000:])) <= 20  # few shapes: few XLA compilations
     rng = np.random.default_rng(0)
     cells, genes, topics, nnz = 64, 300, 7, 2001
-    rows = tf.constant(np.sort(rng.integers(0, cells, nnz)), tf.int64)
-    columns = tf.constant(rng.integers(0, genes, nnz), tf.int64)
+    pairs = rng.permutation(cells * genes)[:nnz]  # distinct (cell, gene) pairs, unsorted
+    indices = tf.constant(np.stack([pairs // genes, pairs % genes], axis=1), tf.int64)
     cell_topic = tf.Variable(rng.dirichlet(np.ones(topics), cells).astype(np.float32))
     topic_gene = tf.Variable(rng.dirichlet(np.ones(genes), topics).astype(np.float32))
     weights = tf.constant(rng.integers(1, 5, nnz).astype(np.float32))
+
+    def plain(cell_topic, topic_gene, indices, jit=None):
+        return tf.reduce_sum(tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]),
+                             axis=-1)
+
     results = []
-    for jit in (False, True):
+    for product in (plain, topic_rate, lambda *args: topic_rate(*args, jit=False)):
         with tf.GradientTape() as tape:
-            rate = topic_rate(cell_topic, topic_gene, rows, columns, jit=jit)
+            rate = product(cell_topic, topic_gene, indices)
             loss = tf.reduce_sum(weights * tf.math.log(rate))
         gradients = tape.gradient(loss, [cell_topic, topic_gene])
         results.append([rate.numpy()] + [tf.convert_to_tensor(g).numpy() for g in gradients])
-    expected = np.einsum("ik,ki->i", cell_topic.numpy()[rows.numpy()], topic_gene.numpy()[:, columns.numpy()])
-    np.testing.assert_allclose(results[1][0], expected, rtol=1e-5)
     assert results[1][0].shape == (nnz,)
-    for graph, xla in zip(results[0], results[1]):
-        np.testing.assert_allclose(xla, graph, rtol=1e-5, atol=1e-6)
+    for ours in results[1:]:
+        for expected, value in zip(results[0], ours):
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_log_factorial_and_row_sums():
+    import tensorflow as tf
+    from scipy.special import gammaln
+
+    from tfp_scmix.sparse_ops import log_factorial, row_sums
+
+    whole = np.array([0, 1, 2, 7, 4095, 4096, 100_000], np.float32)
+    for x in (whole[:5], whole, np.array([0.5, 3.0, 12.25], np.float32)):  # table, past it, not whole counts
+        np.testing.assert_allclose(log_factorial(tf.constant(x)).numpy(), gammaln(x.astype(np.float64) + 1),
+                                   rtol=1e-6, atol=1e-6)
+    rows = tf.constant([1, 1, 3, 3, 3], tf.int64)  # rows 0, 2 and 4 (last) have no nonzeros
+    np.testing.assert_array_equal(row_sums(tf.constant([1.0, 2, 3, 4, 5]), rows, 5).numpy(), [0, 3, 0, 12, 0])
 
 
 # -- several workers -------------------------------------------------------------------------

@@ -389,21 +389,40 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_weights(embedde
 # -- 6. load: memory --------------------------------------------------------------------------------
 
 
+def settled_rss_mb():
+    """Resident memory in MB after returning the C allocator's free pages to the system (malloc_trim), so
+    that what is left is what the process holds, not what the allocator happens to cache."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_mb()
+
+
 def test_long_training_does_not_grow_memory(embedded, tmp_path):
     # Many short epochs (256 cells, 2 batches each) through the whole reliable path: minibatches, divergence
     # guard, a backup per epoch. After the allocator settles, a leak shows as a steady climb: building a
     # tf.data pipeline per epoch inside fit climbed 0.37 MB/epoch here (7 MB over the last 20 epochs).
+    # The peer: Keras's own `save_weights`, which the backup calls once an epoch, holds on to about 0.13 MB
+    # of native memory per call (TF 2.21, Keras 3.15); the path may add no more than 0.15 MB/epoch to that
+    # (training alone, no backup: 0.02-0.07 MB/epoch, the XLA programs of new nonzero-count buckets).
     data = embedded.subset(np.arange(256)).hide_labels(np.arange(100))
     rss = []
 
     class Memory(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            rss.append(rss_mb())
+            rss.append(settled_rss_mb())
 
-    train(data, epochs=40, classifier_steps=0, backup_dir=tmp_path / "backup", callbacks=[Memory()])
+    model = train(data, epochs=40, classifier_steps=0, backup_dir=tmp_path / "backup", callbacks=[Memory()])
     settled = np.array(rss[20:])
     slope = np.polyfit(np.arange(settled.size), settled, 1)[0]
-    assert slope < 0.1 and settled.max() - settled[0] < 4, np.round(rss, 1)  # MB per epoch; MB over 20 epochs
+    saves = []
+    for _ in range(40):
+        model.save_weights(str(tmp_path / "peer.weights.h5"), overwrite=True)
+        saves.append(settled_rss_mb())
+    per_save = max(0.0, np.polyfit(np.arange(20), saves[20:], 1)[0])
+    assert slope < per_save + 0.15, (slope, per_save, np.round(rss, 1))  # MB per epoch
 
 
 def test_predicting_50k_cells_from_a_backed_h5ad_in_bounded_memory(saved, tmp_path):

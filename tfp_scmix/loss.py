@@ -2,10 +2,13 @@
 
 import tensorflow as tf
 
+from tfp_scmix.sparse_ops import log_factorial, row_sums, topic_rate
+
 ELBO_TERMS = ("loss", "reconstruction", "kl_cell", "kl_topic", "kl_class", "kl_batch", "label_nll")
 
 
-def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic, log_topic_gene, offsets=None, batch_ids=None):
+def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic, log_topic_gene, offsets=None, batch_ids=None,
+                         jit=True):
     """log Multinomial(x_n | l_n, normalise(cell_topic_n @ topic_gene * exp(gamma_b))) per cell `[batch]`.
 
     Only the nonzero counts enter: log p = lgamma(l_n + 1) - sum_g lgamma(x_ng + 1) + sum_g x_ng log rate_ng,
@@ -14,26 +17,29 @@ def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic, log_topic_gene
     M_bk = sum_g topic_gene_kg exp(gamma_bg). Cost: O(nnz * n_topics + n_batches * n_genes * n_topics)
     instead of O(batch * n_genes * n_topics).
 
-    counts: SparseTensor `[batch, n_genes]`; log_cell_topic `[batch, n_topics]`;
+    counts: SparseTensor `[batch, n_genes]` in canonical (row-major) order, as `tf.sparse.reorder` leaves it and
+    every pipeline of this package yields it; log_cell_topic `[batch, n_topics]`;
     log_topic_gene `[n_topics, n_genes]`; offsets: gamma `[n_batches, n_genes]` or None;
-    batch_ids: `[batch]` batch of each cell.
+    batch_ids: `[batch]` batch of each cell. jit: the nonzero product compiled with XLA (`sparse_ops.topic_rate`).
     """
-    rows, genes = counts.indices[:, 0], counts.indices[:, 1]
+    rows = counts.indices[:, 0]
     cell_topic, topic_gene = tf.exp(log_cell_topic), tf.exp(log_topic_gene)
-    # The rate is a convex combination of probabilities, so summing in probability space is safe in
-    # float32 and avoids a logsumexp (nnz * n_topics exponentials) per step.
-    rate = tf.reduce_sum(tf.gather(cell_topic, rows) * tf.gather(tf.transpose(topic_gene), genes), axis=-1)
-    log_rate = tf.math.log(rate + 1e-30)
-    if offsets is not None:
-        cell_batch = tf.gather(batch_ids, rows)
-        log_rate += tf.gather_nd(offsets, tf.stack([tf.cast(cell_batch, tf.int64), genes], axis=1))
-        normaliser = tf.reduce_sum(cell_topic * tf.gather(tf.matmul(tf.exp(offsets), topic_gene, transpose_b=True),
-                                                          batch_ids), axis=-1)
-        log_rate -= tf.gather(tf.math.log(normaliser), rows)
     n_rows = tf.shape(log_cell_topic, out_type=tf.int64)[0]
-    per_entry = counts.values * log_rate - tf.math.lgamma(counts.values + 1.0)
-    library = tf.math.unsorted_segment_sum(counts.values, rows, n_rows)
-    return tf.math.unsorted_segment_sum(per_entry, rows, n_rows) + tf.math.lgamma(library + 1.0)
+    # Per cell: sum_g x_ng log rate_ng. The rate is a convex combination of probabilities, so summing in
+    # probability space is safe in float32 and avoids a logsumexp (nnz * n_topics exponentials) per step.
+    log_rate = tf.math.log(topic_rate(cell_topic, topic_gene, counts.indices, jit=jit) + 1e-30)
+    log_prob = row_sums(counts.values * log_rate, rows, n_rows)
+    library = row_sums(counts.values, rows, n_rows)
+    if offsets is not None:
+        # sum_g x_ng gamma_bg - l_n log Z_n: per cell, with no per-nonzero gather of the normaliser.
+        in_batch = tf.one_hot(batch_ids, tf.shape(offsets)[0])  # [batch, n_batches]
+        log_prob += tf.reduce_sum(tf.sparse.sparse_dense_matmul(counts, offsets, adjoint_b=True) * in_batch, axis=-1)
+        normaliser = tf.reduce_sum(cell_topic * tf.matmul(in_batch, tf.matmul(tf.exp(offsets), topic_gene,
+                                                                               transpose_b=True)), axis=-1)
+        log_prob -= library * tf.math.log(normaliser)
+    # The multinomial coefficient: no parameter enters it.
+    log_coefficient = tf.math.lgamma(library + 1.0) - row_sums(log_factorial(counts.values), rows, n_rows)
+    return log_prob + log_coefficient
 
 
 def as_sparse(counts):

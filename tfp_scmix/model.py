@@ -130,13 +130,7 @@ class SCMix(keras.Model):
 
     def encode(self, counts, batch_ids, training=False):
         """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out."""
-        if isinstance(counts, tf.SparseTensor):
-            offsets = tf.gather_nd(self.batch_offsets.loc, tf.stack(
-                [tf.gather(tf.cast(batch_ids, tf.int64), counts.indices[:, 0]), counts.indices[:, 1]], axis=1))
-            corrected = counts.with_values(counts.values * tf.exp(-offsets))
-        else:
-            corrected = tf.cast(counts, tf.float32) * tf.exp(-self.batch_offsets(batch_ids))
-        return self.encoder(corrected, training=training)
+        return self.encoder(counts, batch_ids, self.batch_offsets.loc, training=training)
 
     def call(self, inputs, training=False):
         counts, batch_ids = self._unpack(inputs)

@@ -1,17 +1,44 @@
-"""Sparse kernels of the count likelihood: products over the nonzero counts only, optionally XLA-compiled.
+"""Sparse kernels of the count likelihood: products over the nonzero counts only.
 
 `topic_rate` computes, for each nonzero count (cell n, gene g), rate = sum_k cell_topic[n, k] topic_gene[k, g]
-(a sampled dense-dense product): cost O(nnz * n_topics), never O(cells * genes). In graph mode TensorFlow
-materialises the `[nnz, n_topics]` gathers and their gradients, several passes over memory; compiled with
-XLA the gather, product and sum fuse into one loop (and so do the two scatter-adds of the gradient).
-XLA compiles one program per shape, and the number of nonzeros changes with every minibatch, so the
-nonzeros are padded up to a few geometric sizes (at most `1 / BUCKETS_PER_DOUBLING` of padding, about
-9%): a handful of compilations over a whole training run.
+(a sampled dense-dense product): cost O(nnz * n_topics), never O(cells * genes).
+
+Forward: in graph mode TensorFlow materialises the two `[nnz, n_topics]` gathers, several passes over
+memory; compiled with XLA the gather, product and sum fuse into one loop. XLA compiles one program per
+shape, and the number of nonzeros changes with every minibatch, so the nonzeros are padded up to a few
+geometric sizes (at most `1 / BUCKETS_PER_DOUBLING` of padding, about 9%): a handful of compilations over
+a whole training run.
+
+Gradient: with U the sparse `[cells, genes]` matrix of upstream gradients at the nonzeros,
+d cell_topic = U @ gene_topic and d gene_topic = U^T @ cell_topic: two sparse-dense products,
+O(nnz * n_topics), which TensorFlow's SparseTensorDenseMatMul kernel does without materialising any
+`[nnz, n_topics]` array (13x faster on CPU than the scatter-adds of the automatic gradient, 5x faster
+than those compiled with XLA: experiments/performance).
 """
 
+import numpy as np
 import tensorflow as tf
 
 BUCKETS_PER_DOUBLING = 8
+# log(x!) for x = 0 .. 4,095 (float64 sums of logs, stored as float32).
+LOG_FACTORIAL = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, 4096)))]).astype(np.float32)
+
+
+def row_sums(values, rows, n_rows):
+    """Per-row sums `[n_rows]` of the values of a sparse matrix whose `rows` `[nnz]` are sorted (canonical order).
+
+    A sorted segment sum: 3x faster on CPU than an unsorted one; rows without nonzeros sum to zero.
+    """
+    sums = tf.math.segment_sum(values, rows)
+    return tf.pad(sums, [[0, n_rows - tf.shape(sums, out_type=tf.int64)[0]]])
+
+
+def log_factorial(x):
+    """log(x!) = lgamma(x + 1) `[n]`: a table lookup when every x is a whole count below 4,096 (as UMI counts
+    are), lgamma otherwise."""
+    whole = tf.cast(x, tf.int32)
+    in_table = tf.reduce_all((tf.cast(whole, x.dtype) == x) & (whole >= 0) & (whole < len(LOG_FACTORIAL)))
+    return tf.cond(in_table, lambda: tf.gather(LOG_FACTORIAL, whole), lambda: tf.math.lgamma(x + 1.0))
 
 
 def padded_size(n):
@@ -21,39 +48,41 @@ def padded_size(n):
     return tf.cast(tf.math.ceil(2.0 ** (exponent / BUCKETS_PER_DOUBLING) - 1e-9), tf.int64)
 
 
-@tf.function(jit_compile=True)
 def _rate(cell_topic, gene_topic, rows, genes):
     return tf.reduce_sum(tf.gather(cell_topic, rows) * tf.gather(gene_topic, genes), axis=-1)
 
 
-@tf.function(jit_compile=True)
-def _rate_gradient(cell_topic, gene_topic, rows, genes, upstream):
-    d_cell = tf.math.unsorted_segment_sum(upstream[:, None] * tf.gather(gene_topic, genes), rows,
-                                          tf.shape(cell_topic)[0])
-    d_gene = tf.math.unsorted_segment_sum(upstream[:, None] * tf.gather(cell_topic, rows), genes,
-                                          tf.shape(gene_topic)[0])
-    return d_cell, d_gene
+_rate_xla = tf.function(_rate, jit_compile=True)
 
 
-def topic_rate(cell_topic, topic_gene, rows, genes, jit=True):
-    """rate `[nnz]` = sum_k cell_topic[rows, k] * topic_gene[k, genes], with its gradient.
-
-    cell_topic `[batch, n_topics]`, topic_gene `[n_topics, n_genes]`, rows / genes `[nnz]` (int64: the cell
-    and gene of each nonzero count). jit=False gives the plain graph-mode product (same values).
-    """
-    gene_topic = tf.transpose(topic_gene)
-    if not jit:
-        return tf.reduce_sum(tf.gather(cell_topic, rows) * tf.gather(gene_topic, genes), axis=-1)
+def _padded_rate(cell_topic, gene_topic, rows, genes):
+    """`_rate` compiled with XLA, the nonzeros padded to a bucket size (entries pointing at cell 0, gene 0)."""
     nnz = tf.size(rows, out_type=tf.int64)
     pad = padded_size(nnz) - nnz
-    # Padding entries point at cell 0 and gene 0 and get a zero upstream gradient: they change nothing.
-    rows_padded, genes_padded = tf.pad(rows, [[0, pad]]), tf.pad(genes, [[0, pad]])
+    return _rate_xla(cell_topic, gene_topic, tf.pad(rows, [[0, pad]]), tf.pad(genes, [[0, pad]]))[:nnz]
+
+
+def topic_rate(cell_topic, topic_gene, indices, jit=True):
+    """rate `[nnz]` = sum_k cell_topic[cell, k] * topic_gene[k, gene] for each (cell, gene) row of `indices`.
+
+    cell_topic `[batch, n_topics]`, topic_gene `[n_topics, n_genes]`, indices `[nnz, 2]` (int64: the cell
+    and gene of each nonzero count, a SparseTensor's indices: each pair at most once, in any order).
+    jit=False computes the forward product in graph mode (same values). Differentiable in both factors.
+    """
+    rows, genes = indices[:, 0], indices[:, 1]
+    shape = tf.stack([tf.shape(cell_topic, out_type=tf.int64)[0], tf.shape(topic_gene, out_type=tf.int64)[1]])
 
     @tf.custom_gradient
-    def rate(cell_topic, gene_topic):
+    def rate(cell_topic, topic_gene):
+        gene_topic = tf.transpose(topic_gene)
+
         def gradient(upstream):
-            return _rate_gradient(cell_topic, gene_topic, rows_padded, genes_padded, tf.pad(upstream, [[0, pad]]))
+            upstream_matrix = tf.SparseTensor(indices, upstream, shape)
+            d_cell = tf.sparse.sparse_dense_matmul(upstream_matrix, gene_topic)
+            d_topic = tf.sparse.sparse_dense_matmul(upstream_matrix, cell_topic, adjoint_a=True)
+            return d_cell, tf.transpose(d_topic)
 
-        return _rate(cell_topic, gene_topic, rows_padded, genes_padded)[:nnz], gradient
+        product = _padded_rate if jit else _rate
+        return product(cell_topic, gene_topic, rows, genes), gradient
 
-    return rate(cell_topic, gene_topic)
+    return rate(cell_topic, topic_gene)

@@ -5,6 +5,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_scmix.sparse_ops import row_sums
+
 tfd = tfp.distributions
 
 
@@ -21,11 +23,26 @@ def laplace_dirichlet_prior(alpha, n_topics):
     return loc, tf.sqrt(var)
 
 
-def normalise_counts(counts):
-    """log1p(counts per 10k) of a sparse or dense `[batch, n_genes]` count matrix (stays sparse)."""
+def divide_offsets(counts, batch_ids, offsets):
+    """counts / exp(offsets[batch of the cell]) for a sparse or dense `[batch, n_genes]` count matrix.
+
+    batch_ids `[batch]`; offsets gamma `[n_batches, n_genes]`. Sparse input stays sparse.
+    """
+    batch_ids = tf.cast(batch_ids, tf.int64)
     if isinstance(counts, tf.SparseTensor):
-        library = tf.sparse.reduce_sum(counts, axis=1)
-        row_library = tf.gather(tf.maximum(library, 1.0), counts.indices[:, 0])
+        rows, genes = counts.indices[:, 0], counts.indices[:, 1]
+        flat = tf.gather(batch_ids, rows) * tf.shape(offsets, out_type=tf.int64)[1] + genes
+        return counts.with_values(counts.values * tf.exp(-tf.gather(tf.reshape(offsets, [-1]), flat)))
+    # A one-hot product rather than a gather: its gradient is a matmul, not a scatter-add of [batch, n_genes].
+    return tf.cast(counts, tf.float32) * tf.exp(-tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), offsets))
+
+
+def normalise_counts(counts):
+    """log1p(counts per 10k) of a sparse (canonical order) or dense `[batch, n_genes]` count matrix (stays sparse)."""
+    if isinstance(counts, tf.SparseTensor):
+        rows = counts.indices[:, 0]
+        library = row_sums(counts.values, rows, tf.shape(counts, out_type=tf.int64)[0])
+        row_library = tf.gather(tf.maximum(library, 1.0), rows)
         return counts.with_values(tf.math.log1p(counts.values * 1e4 / row_library))
     library = tf.reduce_sum(counts, axis=1, keepdims=True)
     return tf.math.log1p(counts * 1e4 / tf.maximum(library, 1.0))
@@ -65,20 +82,29 @@ class CellEncoder(keras.layers.Layer):
                                              float(tfp.math.softplus_inverse(self.prior_alpha))))
         self.built = True
 
-    def call(self, counts, training=False):
-        x = normalise_counts(counts)
-        if isinstance(x, tf.SparseTensor):
+    def call(self, counts, batch_ids=None, offsets=None, training=False):
+        """(loc, scale) from counts `[batch, n_genes]`, divided by exp(offsets[batch_ids]) when offsets are given."""
+        if isinstance(counts, tf.SparseTensor):
             # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
-            # small minibatches are densified (never the dataset); wide ones stay sparse.
-            hidden = tf.cond(tf.reduce_prod(x.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                             lambda: tf.matmul(tf.sparse.to_dense(x), self.kernel),
-                             lambda: tf.sparse.sparse_dense_matmul(x, self.kernel))
+            # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
+            hidden = tf.cond(tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
+                             lambda: self.first_layer(tf.sparse.to_dense(counts), batch_ids, offsets),
+                             lambda: self.first_layer(counts, batch_ids, offsets))
         else:
-            hidden = tf.matmul(x, self.kernel)
+            hidden = self.first_layer(counts, batch_ids, offsets)
         hidden = tf.nn.relu(self.norm(hidden + self.bias, training=training))
         hidden = self.drop(hidden, training=training)
         loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
         return loc, tf.nn.softplus(scale_raw) + 1e-4
+
+    def first_layer(self, counts, batch_ids=None, offsets=None):
+        """The first layer's pre-activation `[batch, hidden_units]` of sparse or dense counts."""
+        if offsets is not None:
+            counts = divide_offsets(counts, batch_ids, offsets)
+        x = normalise_counts(counts)
+        if isinstance(x, tf.SparseTensor):
+            return tf.sparse.sparse_dense_matmul(x, self.kernel)
+        return tf.matmul(x, self.kernel)
 
     def prior(self):
         """(loc, scale) `[n_topics]` of the logistic-normal prior over topics."""
