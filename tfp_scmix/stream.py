@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix.data import (BATCH, COUNTS, LABEL, UNLABELLED, DataError, SCData, align_genes, check_counts,
-                            data_path, encode_labels)
+                            data_path, encode_labels, sparse_entries)
 
 
 def _read_elem(element):
@@ -225,10 +225,8 @@ class H5ADStream:
             yield self._pack(*pending)
 
     def _pack(self, rows, counts):
-        lengths = np.diff(counts.indptr)
-        indices = np.stack([np.repeat(np.arange(len(rows), dtype=np.int64), lengths),
-                            counts.indices.astype(np.int64)], axis=1)
-        return indices, counts.data.astype(np.float32, copy=False), self.labels[rows], self.batches[rows]
+        counts.sort_indices()
+        return (*sparse_entries(counts), self.labels[rows], self.batches[rows])
 
     def dataset(self, batch_size=256, shuffle=True, seed=0, buffer_chunks=4, repeat=False, num_shards=1,
                 shard_index=0):

@@ -33,8 +33,9 @@ def divide_offsets(counts, batch_ids, offsets):
         rows, genes = counts.indices[:, 0], counts.indices[:, 1]
         flat = tf.gather(batch_ids, rows) * tf.shape(offsets, out_type=tf.int64)[1] + genes
         return counts.with_values(counts.values * tf.exp(-tf.gather(tf.reshape(offsets, [-1]), flat)))
-    # A one-hot product rather than a gather: its gradient is a matmul, not a scatter-add of [batch, n_genes].
-    return tf.cast(counts, tf.float32) * tf.exp(-tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), offsets))
+    # The exponential of the [n_batches, n_genes] table, not of [batch, n_genes]; a one-hot product rather than a
+    # gather, whose gradient is a matmul instead of a scatter-add of [batch, n_genes].
+    return tf.cast(counts, tf.float32) * tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), tf.exp(-offsets))
 
 
 def normalise_counts(counts):
