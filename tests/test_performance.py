@@ -392,3 +392,20 @@ def test_benchmark_writes_readable_h5ad_in_chunks(tmp_path, synthetic_file):
     assert (cells, n_genes) == (700, 150) and density == pytest.approx(panel.nnz / (700 * 150))
     top, _ = gene_panel(data.counts, data.genes, 40)
     assert top.sum() >= np.sort(np.asarray(data.counts.sum(axis=0)).ravel())[-40:].sum() - 1e-3
+
+
+def test_keras_leaves_xla_off_for_the_training_step(synthetic):
+    """The step's sparse ops have no XLA kernels: jit_compile="auto" (XLA where there is a GPU) and True both
+    give a model that trains without XLA, instead of failing in the first step."""
+    import keras
+    from keras.src.trainers.trainer import model_supports_jit
+
+    from tfp_scmix.model import SCMix
+
+    data, _ = synthetic
+    model = SCMix.from_data(data, n_topics=4)
+    assert not model_supports_jit(model)
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    assert model.jit_compile is False
+    model.fit(data.dataset(256), epochs=1, verbose=0)

@@ -51,6 +51,10 @@ class SCMix(keras.Model):
                  n_predictive_samples=32, classifier_learning_rate=0.02, n_batches=1, seed=0, provenance=None,
                  **kwargs):
         super().__init__(**kwargs)
+        # The training step has sparse ops without XLA kernels (sparse-dense products, sorted segment sums):
+        # Keras's jit_compile="auto", which turns XLA on where there is a GPU, must leave it off. The nonzero
+        # product of the likelihood is compiled with XLA on its own (tfp_scmix.sparse_ops).
+        self.supports_jit = False
         if prior not in PRIOR_VARIANTS:
             raise ValueError(f"prior must be one of {PRIOR_VARIANTS}, received {prior!r}")
         if label_mode not in LABEL_MODES:
