@@ -393,9 +393,7 @@ def settled_rss_mb():
     """Resident memory in MB after returning the C allocator's free pages to the system (malloc_trim), so
     that what is left is what the process holds, not what the allocator happens to cache."""
     import ctypes
-    import gc
 
-    gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return rss_mb()
 
