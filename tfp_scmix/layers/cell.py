@@ -29,13 +29,13 @@ def divide_offsets(counts, batch_ids, offsets):
     batch_ids `[batch]`; offsets gamma `[n_batches, n_genes]`. Sparse input stays sparse.
     """
     batch_ids = tf.cast(batch_ids, tf.int64)
+    factors = tf.exp(-offsets)  # of the [n_batches, n_genes] table, not of every entry
     if isinstance(counts, tf.SparseTensor):
         rows, genes = counts.indices[:, 0], counts.indices[:, 1]
         flat = tf.gather(batch_ids, rows) * tf.shape(offsets, out_type=tf.int64)[1] + genes
-        return counts.with_values(counts.values * tf.exp(-tf.gather(tf.reshape(offsets, [-1]), flat)))
-    # The exponential of the [n_batches, n_genes] table, not of [batch, n_genes]; a one-hot product rather than a
-    # gather, whose gradient is a matmul instead of a scatter-add of [batch, n_genes].
-    return tf.cast(counts, tf.float32) * tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), tf.exp(-offsets))
+        return counts.with_values(counts.values * tf.gather(tf.reshape(factors, [-1]), flat))
+    # A one-hot product rather than a gather: its gradient is a matmul instead of a scatter-add of [batch, n_genes].
+    return tf.cast(counts, tf.float32) * tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), factors)
 
 
 def normalise_counts(counts):
