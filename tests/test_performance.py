@@ -279,7 +279,7 @@ def test_topic_rate_matches_the_plain_product_with_padded_nonzeros():
     topic_gene = tf.Variable(rng.dirichlet(np.ones(genes), topics).astype(np.float32))
     weights = tf.constant(rng.integers(1, 5, nnz).astype(np.float32))
 
-    def plain(cell_topic, topic_gene, indices, jit=None):
+    def plain(cell_topic, topic_gene, indices):
         return tf.reduce_sum(tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]),
                              axis=-1)
 

@@ -421,6 +421,7 @@ def test_long_training_does_not_grow_memory(embedded, tmp_path):
         saves.append(settled_rss_mb())
     per_save = max(0.0, np.polyfit(np.arange(20), saves[20:], 1)[0])
     assert slope < per_save + 0.15, (slope, per_save, np.round(rss, 1))  # MB per epoch
+    assert settled.max() - settled[0] < 4 + 20 * per_save, np.round(rss, 1)  # MB over 20 epochs
 
 
 def test_predicting_50k_cells_from_a_backed_h5ad_in_bounded_memory(saved, tmp_path):

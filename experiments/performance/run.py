@@ -440,7 +440,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a check that the script works)")
     parser.add_argument("--targets", action="store_true",
-                        help="only the target rows (Kang data, 20 topics, every method; about 5 minutes)")
+                        help="only the target rows (Kang data, 20 topics, every method; about 2 minutes)")
     parser.add_argument("--peers", default="lda,scvi", help="comma-separated peers to measure: lda, scvi")
     parser.add_argument("--out", default=str(HERE), help="folder for results.md and results.json")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
