@@ -1,4 +1,6 @@
-"""AnnData in and out: predictions, topic proportions and topic-gene weights written into a dataset."""
+"""AnnData out: predictions, topic proportions and topic-gene weights written into a dataset."""
+
+from __future__ import annotations
 
 import logging
 
@@ -6,25 +8,23 @@ import numpy as np
 import pandas as pd
 
 from tfp_scmix.data import from_anndata, read_h5ad
+from tfp_scmix.ensemble import SCMixEnsemble
+from tfp_scmix.model import SCMix
+from tfp_scmix.predict import predict
 
 logger = logging.getLogger("tfp_scmix")
 UNASSIGNED = "unassigned"
 
 
-def predict_data(model, data, batch_size=1024):
-    """Model outputs for every cell of an `SCData` in the model's gene order, batched (bounded memory)."""
-    return model.predict(data.dataset(batch_size, shuffle=False), verbose=0)
+def annotate(model: SCMix | SCMixEnsemble, adata, counts: str | None = None, min_confidence: float | None = None,
+             key_added: str = "scmix", batch_size: int = 1024, min_gene_fraction: float = 0.5):
+    """Annotate `adata` (an AnnData or an .h5ad path) in place with the model's predictions and return it.
 
-
-def annotate(model, adata, counts=None, min_confidence=None, key_added="scmix", batch_size=1024,
-             min_gene_fraction=0.5):
-    """Annotate `adata` in place with the model's predictions and return it.
-
-    Writes obs[f"{key}_label"] (class names; "unassigned" below `min_confidence`),
-    obs[f"{key}_confidence"], obsm[f"{key}_probs"] (DataFrame, one column per class),
-    obsm[f"{key}_topics"] `[n_cells, n_topics]`, varm[f"{key}_topic_gene"] `[n_vars, n_topics]`
+    Writes obs[f"{key}_label"] (class names; "unassigned" below `min_confidence` or without counts over
+    the model's genes), obs[f"{key}_confidence"], obsm[f"{key}_probs"] (DataFrame, one column per class),
+    obsm[f"{key}_cell_topic"] `[n_cells, n_topics]`, varm[f"{key}_topic_gene"] `[n_vars, n_topics]`
     (zero for genes the model lacks) and uns[key] (classes, gene fingerprint, gene coverage).
-    The dataset's genes are aligned to the model's by name.
+    The dataset's genes are aligned to the model's by name. Raises DataError as `from_anndata` does.
     """
     if isinstance(adata, str):
         adata = read_h5ad(adata)
@@ -34,7 +34,7 @@ def annotate(model, adata, counts=None, min_confidence=None, key_added="scmix", 
     if empty.any():
         logger.warning("%d cells have no counts over the model's genes; they are marked %r",
                        int(empty.sum()), UNASSIGNED)
-    out = predict_data(model, data, batch_size)
+    out = predict(model, data, batch_size=batch_size)
     names = np.asarray(model.class_names, dtype=object)[out["label"]]
     unassigned = empty if min_confidence is None else empty | (out["confidence"] < min_confidence)
     names[unassigned] = UNASSIGNED
@@ -42,9 +42,9 @@ def annotate(model, adata, counts=None, min_confidence=None, key_added="scmix", 
     adata.obs[f"{key_added}_confidence"] = out["confidence"]
     adata.obsm[f"{key_added}_probs"] = pd.DataFrame(out["probs"], index=adata.obs_names,
                                                    columns=model.class_names)
-    adata.obsm[f"{key_added}_topics"] = out["topics"]
+    adata.obsm[f"{key_added}_cell_topic"] = out["cell_topic"]
     position = pd.Index(model.genes).get_indexer(adata.var_names)
-    topic_gene = model.topics(None).numpy().T  # [n_genes, n_topics]
+    topic_gene = model.topic_gene().numpy().T  # [n_genes, n_topics]
     varm = np.zeros((adata.n_vars, model.n_topics), np.float32)
     varm[position >= 0] = topic_gene[position[position >= 0]]
     adata.varm[f"{key_added}_topic_gene"] = varm

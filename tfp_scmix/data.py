@@ -47,13 +47,14 @@ def data_path(name: str) -> Path:
                     f"Pass a path to an .h5ad file or set {DATA_DIR_ENV} to its folder.")
 
 
-def read_h5ad(path):
-    """Read an .h5ad file with an error that names the file when it is truncated or corrupt."""
+def read_h5ad(path, backed: str | None = None):
+    """Read an .h5ad file (`backed="r"`: leave the counts on disk) with an error that names the file when it
+    is missing, truncated or corrupt (DataError)."""
     import anndata
 
     path = data_path(str(path))
     try:
-        return anndata.read_h5ad(path)
+        return anndata.read_h5ad(path, backed=backed)
     except Exception as err:  # h5py/anndata raise many types for damaged files
         raise DataError(f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}). "
                         "The file may be truncated or corrupt: copy or download it again.") from err
@@ -241,6 +242,36 @@ def encode_labels(values, classes=None, unknown=()):
     return ids, classes
 
 
+def encode_batches(values) -> tuple[np.ndarray, list[str]]:
+    """Map batch values (dataset, donor) to ids: (int32 ids `[n_cells]`, batch names in sorted order)."""
+    codes = pd.Categorical(np.asarray(values).astype(str))
+    return codes.codes.astype(np.int32), [str(c) for c in codes.categories]
+
+
+def encode_obs(columns, column, n_cells: int, label_key: str | None, batch_key: str | None, unknown=(),
+               classes=None, where: str = "the data"):
+    """Labels and batches from a dataset's obs columns, the one place both AnnData and streams encode them.
+
+    columns: the obs column names; column(name): that column's values `[n_cells]`. Returns (labels int32
+    `[n_cells]` (-1 unknown), class names, batch ids int32 `[n_cells]`, batch names); without `batch_key`
+    every cell is in batch "0". Raises DataError for a missing column or a label column of one class.
+    """
+    if label_key is not None:
+        if label_key not in columns:
+            raise DataError(f"no obs column {label_key!r} in {where} (columns: {list(columns)}); "
+                            "pass label_key=None for unlabelled data.")
+        labels, classes = encode_labels(column(label_key), classes, unknown)
+    else:
+        labels, classes = np.full(n_cells, UNLABELLED, np.int32), list(classes or [])
+    if batch_key is not None:
+        if batch_key not in columns:
+            raise DataError(f"no obs column {batch_key!r} for batches in {where} (columns: {list(columns)}).")
+        batches, batch_names = encode_batches(column(batch_key))
+    else:
+        batches, batch_names = np.zeros(n_cells, np.int32), ["0"]
+    return labels, list(classes), batches, batch_names
+
+
 # --------------------------------------------------------------------------------------------
 # The dataset container
 # --------------------------------------------------------------------------------------------
@@ -375,19 +406,27 @@ def from_anndata(adata, counts: str | None = None, label_key: str | None = "cell
     if not allow_empty_cells and (library == 0).any():
         raise DataError(f"{int((library == 0).sum())} cells have no counts over the model's genes; "
                         "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0]).")
-    if label_key is not None:
-        if label_key not in adata.obs:
-            raise DataError(f"no obs column {label_key!r} (columns: {list(adata.obs.columns)}); "
-                            "pass label_key=None for unlabelled data.")
-        labels, classes = encode_labels(adata.obs[label_key].values, classes, unknown)
-    else:
-        labels, classes = np.full(adata.n_obs, UNLABELLED, np.int32), list(classes or [])
-    if batch_key is not None:
-        if batch_key not in adata.obs:
-            raise DataError(f"no obs column {batch_key!r} for batches (columns: {list(adata.obs.columns)}).")
-        codes = pd.Categorical(adata.obs[batch_key].astype(str))
-        batches, batch_names = codes.codes.astype(np.int32), [str(c) for c in codes.categories]
-    else:
-        batches, batch_names = np.zeros(adata.n_obs, np.int32), ["0"]
+    labels, classes, batches, batch_names = encode_obs(
+        list(adata.obs.columns), lambda key: adata.obs[key].values, adata.n_obs, label_key, batch_key, unknown,
+        classes, "the AnnData")
     return SCData(matrix, np.asarray(var_names, dtype=str), labels, list(classes), batches,
                   batch_names, np.asarray(adata.obs_names, dtype=str))
+
+
+def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0):
+    """tf.data of the minibatches of epochs `initial_epoch` .. `epochs - 1`, one epoch after another.
+
+    Epoch e visits the cells in the order of TensorFlow's stateless shuffle keyed by (seed, e), whatever
+    ran before it, so a run resumed at epoch e sees the batches an uninterrupted run would.
+    (`SCData.dataset(shuffle=True)` reshuffles from a counter that restarts with the process.) Each epoch
+    has `ceil(n_cells / batch_size)` batches: pass that as `steps_per_epoch` to `fit`. Elements are those
+    of `SCData.dataset`: {"counts": SparseTensor [B, n_genes], "label" [B], "batch" [B]}.
+    """
+    import tensorflow as tf
+
+    def epoch_order(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(data.n_cells, dtype=tf.int64),
+                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    return data.minibatches(tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order))

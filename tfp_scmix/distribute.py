@@ -12,17 +12,15 @@ several replicas: each replica's loss is the mean over its own cells, and the op
 (sum) the gradients, so they are scaled by 1/replicas to give the mean over the global batch.
 Each worker reads only its own chunks of an .h5ad (`stream_dataset`).
 
-Command line (one per machine, see docs/performance.md):
+`tfp_scmix.train(stream, strategy=...)` uses them. Command line (one per machine, see docs/performance.md):
   TF_CONFIG='{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}' \\
-  python -m tfp_scmix.distribute data.h5ad --strategy multi_worker --out model.keras
+  tfp-scmix train data.h5ad --stream --strategy multi_worker --out model.keras
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -152,81 +150,3 @@ def stream_dataset(strategy, stream, global_batch_size, seed=0, shard=True, **kw
 def steps_per_epoch(n_cells, global_batch_size):
     """Whole global batches in one pass over `n_cells` cells (at least 1)."""
     return max(1, n_cells // global_batch_size)
-
-
-def train_stream(path, strategy="default", epochs=10, batch_size=1024, learning_rate=2e-3, seed=0, verbose=1,
-                 label_key="cell_type", batch_key=None, unknown=(), counts="X", genes=None, chunk_cells=8192,
-                 buffer_chunks=4, classifier_steps=2000, callbacks=(), **settings):
-    """Train an `SCMix` on an .h5ad read from disk in chunks, under a strategy from STRATEGIES.
-
-    `batch_size` is global (split over replicas). Returns (model, strategy). After the topic training
-    the classification branch is fitted on the labelled cells (read into memory), as `train_model` does.
-    """
-    import keras
-    import tensorflow as tf
-
-    from tfp_scmix.stream import H5ADStream, build_model
-
-    strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
-    resolver = getattr(strategy, "cluster_resolver", None)
-    workers = max(1, len(resolver.cluster_spec().as_dict().get("worker", []))) if resolver is not None else 1
-    options = dict(counts=counts, label_key=label_key, batch_key=batch_key, unknown=unknown, genes=genes)
-    stream = H5ADStream(path, chunk_cells=chunk_cells, **options)
-    if stream.n_cells < 2 * workers * chunk_cells:  # at least two chunks per worker, so that none is idle
-        stream = H5ADStream(path, chunk_cells=max(1, stream.n_cells // (2 * workers)), **options)
-    keras.utils.set_random_seed(seed)
-    model = build(strategy, lambda: build_model(stream, seed=seed, **settings), learning_rate)
-    data = stream_dataset(strategy, stream, batch_size, seed=seed, buffer_chunks=buffer_chunks)
-    fit(model, strategy, data, epochs=epochs, steps_per_epoch=steps_per_epoch(stream.n_cells, batch_size),
-        callbacks=callbacks, verbose=verbose)
-    if strategy is not tf.distribute.get_strategy():
-        # The trained weights in a plain model: fit_classifier and saving run ordinary TensorFlow code,
-        # which cannot update distributed variables outside a replica context.
-        trained, model = model, build_model(stream, seed=seed, **settings)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate))
-        model.set_weights(trained.get_weights())
-    if classifier_steps and stream.n_labelled:
-        model.fit_classifier(stream.to_data(), steps=classifier_steps, verbose=verbose)
-    return model, strategy
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tfp_scmix.distribute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", help=".h5ad file with raw counts (CSR), read in chunks")
-    parser.add_argument("--out", required=True, help="model path ending in .keras (written by the chief)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="default")
-    parser.add_argument("--counts", default="X")
-    parser.add_argument("--label-key", default="cell_type")
-    parser.add_argument("--batch-key", default=None)
-    parser.add_argument("--unknown", nargs="*", default=())
-    parser.add_argument("--topics", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch size, split over replicas")
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--chunk-cells", type=int, default=8192)
-    parser.add_argument("--classifier-steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", type=int, default=2)
-    args = parser.parse_args(argv)
-    from tfp_scmix.data import DataError
-    from tfp_scmix.io import atomic_path
-
-    try:
-        model, strategy = train_stream(args.data, args.strategy, epochs=args.epochs, batch_size=args.batch_size,
-                                       learning_rate=args.learning_rate, seed=args.seed, verbose=args.verbose,
-                                       label_key=args.label_key, batch_key=args.batch_key, unknown=args.unknown,
-                                       counts=args.counts, chunk_cells=args.chunk_cells,
-                                       classifier_steps=args.classifier_steps, n_topics=args.topics)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if is_chief(strategy):
-        with atomic_path(args.out) as tmp:
-            model.save(tmp)
-        print(f"model written to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

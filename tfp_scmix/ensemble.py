@@ -2,10 +2,12 @@
 
 Variational inference of a topic model finds one local optimum per run: restarts from other seeds learn
 other topics, and their errors differ. Averaging their posterior predictive class probabilities (a
-uniform mixture over the restarts' posteriors) removes part of those errors: on the pbmc3k few-shot
-benchmark (150 labels, seeds 0-4) three restarts make 145 errors of 2000 where one model makes 156
-(experiments/few_shot). This is why `train_model` trains three by default.
+uniform mixture over the restarts' posteriors) removes part of those errors (the restarts rows of
+experiments/few_shot/report.md). `tfp_scmix.train` always returns an `SCMixEnsemble`, of one member
+when `restarts=1`.
 """
+
+from __future__ import annotations
 
 import keras
 import tensorflow as tf
@@ -16,14 +18,14 @@ from tfp_scmix.model import SCMix
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class SCMixEnsemble(keras.Model):
-    """Several `SCMix` models over the same genes and classes, predicting together.
+    """One or more `SCMix` restarts over the same genes and classes, predicting together.
 
     `call` returns {"probs" [batch, n_classes] (the members' posterior predictive probabilities averaged),
-    "label" [batch], "confidence" [batch], "topics" [batch, n_members * n_topics]}: member m's topic
+    "label" [batch], "confidence" [batch], "cell_topic" [batch, n_members * n_topics]}: member m's topic
     proportions fill columns m * n_topics to (m + 1) * n_topics (each block sums to one), since topics
-    of different restarts are different topics. `topics(None)` is the matching `[n_members * n_topics,
-    n_genes]` topic-gene table. Explanations read one member (`members[0]` by default): each member's
-    class-predictive topics are its own.
+    of different restarts are different topics. `topic_gene()` is the matching `[n_members * n_topics,
+    n_genes]` table. With one member it predicts exactly as that member.
+    Raises ValueError for no members, a member that is not an `SCMix`, or members of other genes or classes.
     """
 
     def __init__(self, members, **kwargs):
@@ -36,40 +38,30 @@ class SCMixEnsemble(keras.Model):
             if m.genes != first.genes or m.class_names != first.class_names:
                 raise ValueError("every member of an ensemble must have the same genes and classes, in the same "
                                  "order: train them on the same data")
-        self.members = members
+        self.members = members  # a plain list attribute: Keras tracks and saves each member
         self.genes, self.class_names, self.provenance = first.genes, first.class_names, first.provenance
         self.n_genes, self.n_classes = first.n_genes, first.n_classes
         self.n_topics = sum(m.n_topics for m in members)
-        self.settings = {**first.settings, "n_members": len(members)}
+        self.config = first.config
+        self.settings = {**first.settings, "restarts": len(members)}
         self.built = True
 
     @property
-    def gene_fingerprint(self):
+    def gene_fingerprint(self) -> str:
         return gene_fingerprint(self.genes)
 
-    def topics(self, inputs=None):
+    def topic_gene(self) -> tf.Tensor:
         """Every member's posterior-mean topic-gene distributions, stacked: `[n_members * n_topics, n_genes]`."""
-        return tf.concat([m.topics(inputs) for m in self.members], axis=0)
+        return tf.concat([m.topic_gene() for m in self.members], axis=0)
 
     def call(self, inputs, training=False):
         outputs = [m(inputs, training=training) for m in self.members]
+        if len(outputs) == 1:
+            return outputs[0]
         probs = tf.add_n([o["probs"] for o in outputs]) / len(outputs)
         return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
                 "confidence": tf.reduce_max(probs, axis=-1),
-                "topics": tf.concat([o["topics"] for o in outputs], axis=-1)}
-
-    def adapt(self, query, **kwargs):
-        """Each member's `adapt` on the query (its own batch offsets fitted), class probabilities averaged."""
-        outputs = [m.adapt(query, **kwargs) for m in self.members]
-        probs = sum(o["probs"] for o in outputs) / len(outputs)
-        return {"probs": probs, "label": probs.argmax(axis=1).astype("int32"), "confidence": probs.max(axis=1),
-                "topics": tf.concat([o["topics"] for o in outputs], axis=-1).numpy()}
-
-    def export_serving(self, path, overwrite=False):
-        """Write a TensorFlow SavedModel for serving at `path` (atomically); see tfp_scmix.export."""
-        from tfp_scmix.export import export_serving
-
-        return export_serving(self, path, overwrite=overwrite)
+                "cell_topic": tf.concat([o["cell_topic"] for o in outputs], axis=-1)}
 
     def get_config(self):
         return {**super().get_config(), "members": [keras.saving.serialize_keras_object(m) for m in self.members],
@@ -82,6 +74,10 @@ class SCMixEnsemble(keras.Model):
         return cls(**config)
 
 
-def single_model(model, member=0):
-    """The `SCMix` to explain: the model itself, or one member of an ensemble."""
-    return model.members[member] if isinstance(model, SCMixEnsemble) else model
+def as_ensemble(model: SCMix | SCMixEnsemble) -> SCMixEnsemble:
+    """`model` itself if an ensemble, else an ensemble of the one `SCMix` (which predicts the same)."""
+    if isinstance(model, SCMixEnsemble):
+        return model
+    if isinstance(model, SCMix):
+        return SCMixEnsemble([model])
+    raise TypeError(f"expected an SCMix or SCMixEnsemble, received {type(model).__name__}")

@@ -1,38 +1,64 @@
 """Explanations: the genes of each topic and the topics that predict each class, as tables and figures.
 
-Each function takes an `SCMix` or an `SCMixEnsemble` (whose first member it explains: the topics of
-different restarts are different topics, each with its own class weights).
+Each function takes an `SCMix` or an `SCMixEnsemble`. By default it explains every member together:
+the topics of different restarts are different topics, each with its own class weights, so a member's
+topics are named `m<member>_topic_<k>` (`topic_<k>` when there is one member) and a class's most
+predictive topic is the one of highest contrast over all members. `member=m` explains member m alone.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tfp_scmix.ensemble import single_model
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
+from tfp_scmix.io import atomic_path, write_csv
+from tfp_scmix.model import SCMix
 
 
-def topic_names(n_topics):
-    return [f"topic_{k}" for k in range(n_topics)]
+def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[str, SCMix]]:
+    """(topic-name prefix, member) pairs to explain. Raises IndexError for a member the model lacks."""
+    members = as_ensemble(model).members
+    if member is not None:
+        if not -len(members) <= member < len(members):
+            raise IndexError(f"member {member} out of range: the model has {len(members)} member(s)")
+        return [("", members[member])]
+    return [("", members[0])] if len(members) == 1 else [(f"m{i}_", m) for i, m in enumerate(members)]
 
 
-def topic_gene_table(model):
+def topic_names(model: SCMix | SCMixEnsemble, member: int | None = None) -> list[str]:
+    """Names of the explained topics, in the column order of `topic_gene_table`."""
+    return [f"{prefix}topic_{k}" for prefix, m in _explained(model, member) for k in range(m.n_topics)]
+
+
+def topic_gene_table(model: SCMix | SCMixEnsemble, member: int | None = None) -> pd.DataFrame:
     """Posterior-mean topic-gene distributions as a DataFrame `[n_genes, n_topics]` indexed by gene."""
-    model = single_model(model)
-    return pd.DataFrame(model.topics(None).numpy().T, index=model.genes, columns=topic_names(model.n_topics))
+    weights = np.concatenate([m.topic_gene().numpy() for _, m in _explained(model, member)], axis=0)
+    return pd.DataFrame(weights.T, index=model.genes, columns=topic_names(model, member))
 
 
-def top_genes(model, n_genes=30, by="weight"):
+def _background(model: SCMix | SCMixEnsemble, member: int | None) -> pd.DataFrame:
+    """Each explained topic's background profile (normalised) `[n_genes, n_topics]`: its member's."""
+    columns = []
+    for prefix, m in _explained(model, member):
+        background = np.exp(m.topics.background.numpy())
+        columns.append(np.repeat((background / background.sum())[:, None], m.n_topics, axis=1))
+    return pd.DataFrame(np.concatenate(columns, axis=1), index=model.genes, columns=topic_names(model, member))
+
+
+def top_genes(model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "weight",
+              member: int | None = None) -> pd.DataFrame:
     """Top `n_genes` genes of each topic: long table (topic, rank, gene, weight, lift).
 
     weight: the gene's probability in the topic; lift: that probability over the background profile's
     (what the topic adds to an average cell). `by` picks the ranking ("weight" or "lift").
     """
-    model = single_model(model)
     if by not in ("weight", "lift"):
         raise ValueError(f"by must be 'weight' or 'lift', received {by!r}")
-    weights = topic_gene_table(model)
-    background = np.exp(model.topics.background.numpy())
-    background /= background.sum()
-    lift = weights.div(background, axis=0)
+    weights = topic_gene_table(model, member)
+    lift = weights / _background(model, member)
     rows = []
     for topic in weights.columns:
         order = np.argsort(-(weights if by == "weight" else lift)[topic].to_numpy(), kind="stable")[:n_genes]
@@ -41,18 +67,20 @@ def top_genes(model, n_genes=30, by="weight"):
     return pd.DataFrame(rows, columns=["topic", "rank", "gene", "weight", "lift"])
 
 
-def class_topic_table(model):
+def class_topic_table(model: SCMix | SCMixEnsemble, member: int | None = None) -> pd.DataFrame:
     """Each class's topics ranked by how much they predict it: (class, topic, rank, weight, contrast, scale).
 
     weight: posterior mean regression weight; contrast: the weight minus its mean over classes (only
     differences between classes change a softmax, so this is what the topic says about the class);
     scale: the horseshoe's posterior scale for the weight (small = shrunk to zero).
     """
-    model = single_model(model)
-    weights = model.classifier.class_weights(None).numpy()
-    scale = model.classifier.class_weights.shrinkage().numpy()
-    contrast = weights - weights.mean(axis=0, keepdims=True)
-    names = topic_names(model.n_topics)
+    explained = [m for _, m in _explained(model, member)]
+    per_member = [m.classifier.class_weights(None).numpy() for m in explained]  # [n_classes, n_topics] each
+    weights = np.concatenate(per_member, axis=1)
+    # Contrasts within each member: a softmax is unchanged by a constant added to one member's weights.
+    contrast = np.concatenate([w - w.mean(axis=0, keepdims=True) for w in per_member], axis=1)
+    scale = np.concatenate([m.classifier.class_weights.shrinkage().numpy() for m in explained], axis=1)
+    names = topic_names(model, member)
     rows = []
     for c, cls in enumerate(model.class_names):
         for rank, k in enumerate(np.argsort(-contrast[c], kind="stable")):
@@ -60,24 +88,26 @@ def class_topic_table(model):
     return pd.DataFrame(rows, columns=["class", "topic", "rank", "weight", "contrast", "scale"])
 
 
-def class_genes(model, n_genes=30, by="lift"):
+def class_genes(model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "lift",
+                member: int | None = None) -> pd.DataFrame:
     """For each class, the top genes of its most predictive topic: (class, topic, rank, gene, weight, lift).
 
     Ranked by lift by default: by weight, every topic's top genes are the genes that are abundant in
     every cell (ribosomal, mitochondrial); lift ranks what the topic adds to an average cell, which is
     what tells one cell type from another (on pbmc3k it finds about twice as many canonical markers).
     """
-    best = class_topic_table(model).query("rank == 0")[["class", "topic"]]
-    return best.merge(top_genes(model, n_genes, by), on="topic")
+    best = class_topic_table(model, member).query("rank == 0")[["class", "topic"]]
+    return best.merge(top_genes(model, n_genes, by, member), on="topic")
 
 
-def marker_score(model, markers, n_genes=30, by="lift"):
+def marker_score(model: SCMix | SCMixEnsemble, markers: dict, n_genes: int = 30, by: str = "lift",
+                 member: int | None = None) -> tuple[float, pd.DataFrame]:
     """Fraction of canonical markers found among the top `n_genes` (ranked `by` lift or weight) of their
     class's most predictive topic.
 
     markers: {class name: [genes]}. Returns (score, DataFrame of class, marker, found).
     """
-    table = class_genes(model, n_genes, by)
+    table = class_genes(model, n_genes, by, member)
     rows = []
     for cls, genes in markers.items():
         top = set(table.loc[table["class"] == cls, "gene"])
@@ -86,16 +116,16 @@ def marker_score(model, markers, n_genes=30, by="lift"):
     return float(found["found"].mean()), found
 
 
-def plot_class_topics(model, path, n_topics=None):
+def plot_class_topics(model: SCMix | SCMixEnsemble, path, n_topics: int | None = None,
+                      member: int | None = None) -> None:
     """Heatmap of class x topic contrast weights (PNG); the `n_topics` most used topics when given."""
-    model = single_model(model)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = class_topic_table(model).pivot(index="class", columns="topic", values="contrast")
-    table = table.loc[model.class_names, topic_names(model.n_topics)]
+    table = class_topic_table(model, member).pivot(index="class", columns="topic", values="contrast")
+    table = table.loc[model.class_names, topic_names(model, member)]
     if n_topics:
         table = table[table.abs().max().nlargest(n_topics).index]
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * table.shape[1] + 2), 0.4 * table.shape[0] + 1.5))
@@ -109,18 +139,17 @@ def plot_class_topics(model, path, n_topics=None):
     _save_figure(fig, path)
 
 
-def plot_topic_genes(model, path, n_genes=8):
+def plot_topic_genes(model: SCMix | SCMixEnsemble, path, n_genes: int = 8, member: int | None = None) -> None:
     """Heatmap of each class's most predictive topic x its top genes (PNG)."""
-    model = single_model(model)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    genes = class_genes(model, n_genes)
+    genes = class_genes(model, n_genes, member=member)
     topics = list(dict.fromkeys(genes["topic"]))
     gene_list = list(dict.fromkeys(genes["gene"]))
-    weights = topic_gene_table(model).loc[gene_list, topics].T
+    weights = topic_gene_table(model, member).loc[gene_list, topics].T
     labels = [f"{t} ({', '.join(genes.loc[genes.topic == t, 'class'].unique())})" for t in topics]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(gene_list) + 3), 0.45 * len(topics) + 1.5))
     image = ax.imshow(np.log10(weights.to_numpy() + 1e-6), cmap="viridis", aspect="auto")
@@ -132,21 +161,16 @@ def plot_topic_genes(model, path, n_genes=8):
     _save_figure(fig, path)
 
 
-def _save_figure(fig, path):
+def _save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
-    from tfp_scmix.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
-def write_explanations(model, folder, n_genes=30):
-    """Write the explanation tables (CSV) and figures (PNG) into `folder`; returns the paths."""
-    from pathlib import Path
-
-    from tfp_scmix.io import write_csv
-
+def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) -> dict[str, Path]:
+    """Write the explanation tables (CSV) and figures (PNG) of every member into `folder`; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {

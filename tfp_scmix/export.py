@@ -7,7 +7,7 @@ outputs of `SCMix.call` (posterior means):
   serving_default(counts float32 [batch, n_genes])
   serving_sparse(indices int64 [nnz, 2], values float32 [nnz], dense_shape int64 [2])
       -> {"probs" float32 [batch, n_classes], "label" string [batch], "label_id" int32 [batch],
-          "confidence" float32 [batch], "topics" float32 [batch, n_topics]}
+          "confidence" float32 [batch], "cell_topic" float32 [batch, n_topics]}
   metadata() -> {"genes" string [n_genes], "class_names" string [n_classes], "gene_fingerprint" string,
                  "version" string}
 
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,44 +34,18 @@ import scipy.sparse as sp
 
 from tfp_scmix import __version__
 from tfp_scmix.data import DataError, from_anndata, gene_fingerprint
+from tfp_scmix.io import atomic_directory
 from tfp_scmix.mlflow_serving import call_in_batches, outputs_frame
 
 SERVING_DENSE, SERVING_SPARSE, METADATA = "serving_default", "serving_sparse", "metadata"
 GENES_FILE, CLASSES_FILE, METADATA_FILE = "genes.txt", "class_names.txt", "tfp_scmix.json"
-OUTPUT_KEYS = ("probs", "label", "label_id", "confidence", "topics")
+OUTPUT_KEYS = ("probs", "label", "label_id", "confidence", "cell_topic")
 MLFLOW_CODE = Path(__file__).with_name("mlflow_serving.py")
 
 
 # --------------------------------------------------------------------------------------------
 # Atomic directory writes
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(path, overwrite: bool = False):
-    """Yield a temporary directory beside `path` that becomes `path` only when the block succeeds.
-
-    A failure (or a crash) inside the block leaves `path` as it was: absent, or the previous export.
-    With `overwrite`, an existing `path` is swapped out by renames and deleted after the new one is in place.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it, "
-                              "or export to a new version directory (e.g. export/2).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +82,7 @@ def _serving_module(model, asset_dir: Path):
     def predict(counts):
         out = model(counts, training=False)
         return {"probs": out["probs"], "label": tf.gather(class_names, out["label"]),
-                "label_id": out["label"], "confidence": out["confidence"], "topics": out["topics"]}
+                "label_id": out["label"], "confidence": out["confidence"], "cell_topic": out["cell_topic"]}
 
     @tf.function(input_signature=[tf.TensorSpec([None, n_genes], tf.float32, name="counts")])
     def serve_dense(counts):
@@ -195,7 +168,7 @@ class ExportedAnnotator:
         """Outputs for raw counts `[cells, n_genes]` (CSR or dense) in the model's gene order.
 
         genes / fingerprint: the caller's column names or their fingerprint, checked against the model's.
-        Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id", "confidence", "topics"}.
+        Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id", "confidence", "cell_topic"}.
         """
         import tensorflow as tf
 
@@ -294,7 +267,7 @@ def main(argv=None) -> int:
                              "(tracking store: $MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
 
-    from tfp_scmix.reliability import ModelFileError, load_model
+    from tfp_scmix.io import ModelFileError, load_model
 
     try:
         model = load_model(args.model)

@@ -1,9 +1,34 @@
-"""Atomic writes: a file appears at its path whole, or not at all."""
+"""Files stage: atomic writes, and models saved and loaded safely.
+
+- `atomic_path` / `atomic_directory` / `write_csv`: a file or folder appears at its path whole, or not at all.
+- `save_model`: a `.keras` archive written atomically (a kill leaves the old file or nothing).
+- `load_model`: Keras's safe mode (no code from the file runs; no pickle in the format), with errors
+  that name the file's versions.
+"""
+
+from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
+
+import keras
+
+from tfp_scmix.ensemble import SCMixEnsemble
+from tfp_scmix.model import SCMix, library_versions
+
+logger = logging.getLogger("tfp_scmix")
+MODEL_SUFFIX = ".keras"
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be written or loaded safely; the message says why and how to fix it."""
 
 
 @contextlib.contextmanager
@@ -26,3 +51,127 @@ def write_csv(frame, path, **kwargs):
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=kwargs.pop("index", False), **kwargs)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite: bool = False):
+    """Yield a temporary directory beside `path` that becomes `path` only when the block succeeds.
+
+    A failure (or a crash) inside the block leaves `path` as it was: absent, or the previous export.
+    With `overwrite`, an existing `path` is swapped out by renames and deleted after the new one is in place.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it, "
+                              "or export to a new version directory (e.g. export/2).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_model_path(path) -> Path:
+    """`path` as a Path if a model can be saved there (before any training), else ModelFileError.
+
+    A model file must end in ".keras" (Keras 3's archive, the only format `load_model` reads) and its
+    folder must be writable.
+    """
+    path = Path(path)
+    if path.suffix != MODEL_SUFFIX:
+        raise ModelFileError(f"model path {path} must end in {MODEL_SUFFIX!r} (Keras 3's archive, the format "
+                             f"load_model reads): pass e.g. {path.with_suffix(MODEL_SUFFIX)}.")
+    if path.is_dir():
+        raise ModelFileError(f"model path {path} is a folder; pass a file name ending in {MODEL_SUFFIX!r}.")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise ModelFileError(f"cannot write to {folder} (no permission); choose another --out.")
+    return path
+
+
+def save_model(model: SCMix | SCMixEnsemble, path) -> Path:
+    """Save `model` as a .keras archive at `path`, atomically; returns the path.
+
+    Raises ModelFileError for a path `load_model` would not read (see `check_model_path`).
+    """
+    path = check_model_path(path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return path
+
+
+def _read_archive(path: Path):
+    """(config, metadata) of a .keras archive, or ModelFileError for a file that is not one."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        kind = ("an HDF5 file (the legacy .h5 format of Keras 2?)" if head.startswith(b"\x89HDF")
+                else "not a .keras archive")
+        raise ModelFileError(f"{path} is {kind}: it may be truncated or corrupt, or not a tfp_scmix model. "
+                             "Save models with model.save('name.keras') and copy the whole file.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+            metadata = json.loads(archive.read("metadata.json"))
+            if archive.testzip() is not None:
+                raise zipfile.BadZipFile("a member fails its CRC check")
+    except (KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
+        raise ModelFileError(f"{path} is a damaged .keras archive ({type(err).__name__}: {err}); it may be "
+                             "truncated or corrupt: copy it again or re-train.") from err
+    return config, metadata
+
+
+def load_model(path, compile: bool = True) -> SCMix | SCMixEnsemble:
+    """Load a saved SCMix (or SCMixEnsemble) with Keras's safe mode (no code from the file runs; no pickle in the format).
+
+    Raises `ModelFileError` for a missing, truncated or corrupt file, another kind of model, a file that
+    asks to run code, or one from another version that this version cannot read (the message names the
+    versions that wrote it and these). A file from another version that loads is loaded with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"no model file at {path}; train one with `tfp-scmix train ... --out {path}`.")
+    config, metadata = _read_archive(path)
+    if config.get("registered_name") not in ("tfp_scmix>SCMix", "tfp_scmix>SCMixEnsemble"):
+        raise ModelFileError(f"{path} holds a {config.get('registered_name') or config.get('class_name')!r} "
+                             "model, not a tfp_scmix SCMix model.")
+    recorded = dict(config.get("config", {}).get("provenance") or {})
+    recorded["keras"] = metadata.get("keras_version", recorded.get("keras"))  # the Keras that wrote the file
+    current = library_versions()
+    written = f"tfp_scmix {recorded.get('tfp_scmix', '(version not recorded)')} with Keras {recorded['keras']}"
+    running = f"tfp_scmix {current['tfp_scmix']} with Keras {current['keras']}"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as err:  # Keras raises many types; the message carries the cause
+        text = str(err)
+        if "safe_mode" in text or "unsafe" in text.lower():
+            raise ModelFileError(f"{path} asks to run Python code stored in the file (e.g. a lambda); "
+                                 "refusing it: loading is in safe mode. Load only models you trained, or "
+                                 "re-save the model without custom code.") from err
+        raise ModelFileError(f"could not load {path}: it was written by {written}; this is {running}. "
+                             f"({type(err).__name__}: {text.splitlines()[0][:300]}) Install the version "
+                             "that wrote it, or re-train the model with this one.") from err
+    skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+    if skipped:
+        raise ModelFileError(f"{path} does not match this version's model (written by {written}; this is "
+                             f"{running}): {skipped[0]} Re-train the model, or install the version that wrote it.")
+    differ = [k for k in ("tfp_scmix", "keras", "tensorflow", "tensorflow_probability")
+              if k in recorded and recorded[k] != current[k]]
+    if differ:
+        logger.warning("%s was written by %s; loading it with %s (%s differ): predictions may differ slightly.",
+                       path, ", ".join(f"{k} {recorded[k]}" for k in differ),
+                       ", ".join(f"{k} {current[k]}" for k in differ), ", ".join(differ))
+    return model

@@ -17,7 +17,7 @@ def outputs_frame(out, class_names, index=None):
     label = np.char.decode(label.astype(bytes)) if label.dtype.kind in "OS" else label.astype(str)
     frame = pd.DataFrame({"label": label, "confidence": out["confidence"]}, index=index)
     probs = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in class_names], index=frame.index)
-    topics = pd.DataFrame(out["topics"], columns=[f"topic_{k}" for k in range(out["topics"].shape[1])],
+    topics = pd.DataFrame(out["cell_topic"], columns=[f"topic_{k}" for k in range(out["cell_topic"].shape[1])],
                           index=frame.index)
     return pd.concat([frame, probs, topics], axis=1)
 

@@ -1,18 +1,38 @@
-"""The model: topic, cell and classification branches trained end to end on the negative ELBO."""
+"""Model stage: topic, cell and classification branches trained end to end on the negative ELBO."""
+
+from __future__ import annotations
 
 import dataclasses
+import platform
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_scmix.data import BATCH, COUNTS, LABEL, SCData, gene_fingerprint
-from tfp_scmix.layers import PRIOR_VARIANTS, BatchOffsets, CellEncoder, ClassBranch, TopicBranch
+from tfp_scmix import __version__
+from tfp_scmix.config import Config
+from tfp_scmix.data import BATCH, COUNTS, LABEL, DataError, SCData, gene_fingerprint
+from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.horseshoe import default_global_scale
 from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
+from tfp_scmix.stream import H5ADStream
 
-LABEL_MODES = ("cut", "joint", "class_prior")
+# Sizes that come from the data: required by the constructor, never defaulted (they scale the loss).
+DATA_SIZES = ("n_cells", "n_labelled", "total_counts", "n_batches")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the package and of the libraries its numbers depend on."""
+    return {"tfp_scmix": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "tensorflow_probability": tfp.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def provenance(data: SCData | H5ADStream) -> dict[str, Any]:
+    """What a model records about how it was made: `library_versions()` and the data it was trained on."""
+    return {**library_versions(), "data_fingerprint": data.fingerprint(), "n_cells": int(data.n_cells)}
 
 
 def topic_features(log_cell_topic):
@@ -26,7 +46,7 @@ def topic_features(log_cell_topic):
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class SCMix(keras.Model):
-    """Joint topic model and few-shot classifier of single-cell counts.
+    """Joint topic model and few-shot classifier of single-cell counts (one restart).
 
     Generative model: topic_gene_k ~ logistic-normal around the background profile; cell_topic_n ~
     logistic-normal(Laplace approximation of Dirichlet(prior_alpha)); counts_n ~ Multinomial(library_n,
@@ -40,96 +60,115 @@ class SCMix(keras.Model):
     stops there), "joint" (the label term trains the encoder too), or "class_prior" (each class has its
     own centre of the topic prior, so labels shape topics generatively).
 
+    Build it with `SCMix.from_data(data, config)`, which reads the sizes from the data. The constructor
+    takes them explicitly (keyword-only, no defaults): n_cells (cells trained on), n_labelled (labelled
+    cells), total_counts (sum of all counts), n_batches (batch rows of the offsets). `adapted_batch`: the
+    batch row used for every input (set by `tfp_scmix.train.adapt`; None: the input's own batch ids).
+
     `call` is deterministic: {"probs" [batch, n_classes] (posterior predictive over fixed draws of W),
-    "label" [batch], "confidence" [batch], "topics" [batch, n_topics]}.
+    "label" [batch], "confidence" [batch], "cell_topic" [batch, n_topics]}.
+    Raises ValueError for fewer than two classes or a data size below 1.
     """
 
-    def __init__(self, genes, class_names, n_topics=50, hidden_units=256, dropout=0.2, prior="regularized",
-                 label_mode="cut", label_weight=1.0, prior_alpha=0.5, learn_alpha=False, kl_warmup_epochs=20,
-                 n_cells=1, n_labelled=1, total_counts=1.0, expected_active_topics=None, global_scale=None,
-                 slab_scale=2.0, slab_df=None, label_noise=None, topic_prior_scale=1.0,
-                 n_predictive_samples=32, classifier_learning_rate=0.02, n_batches=1, seed=0, provenance=None,
-                 **kwargs):
+    def __init__(self, genes, class_names, config: Config | dict | None = None, *, n_cells: int, n_labelled: int,
+                 total_counts: float, n_batches: int, seed: int = 0, adapted_batch: int | None = None,
+                 provenance: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         # The training step has sparse ops without XLA kernels (sparse-dense products, sorted segment sums):
         # Keras's jit_compile="auto", which turns XLA on where there is a GPU, must leave it off. The nonzero
         # product of the likelihood is compiled with XLA on its own (tfp_scmix.sparse_ops).
         self.supports_jit = False
-        if prior not in PRIOR_VARIANTS:
-            raise ValueError(f"prior must be one of {PRIOR_VARIANTS}, received {prior!r}")
-        if label_mode not in LABEL_MODES:
-            raise ValueError(f"label_mode must be one of {LABEL_MODES}, received {label_mode!r}")
+        config = config if isinstance(config, Config) else Config.from_dict(dict(config or {}))
         if len(class_names) < 2:
             raise ValueError(f"a classifier needs at least two classes, received {list(class_names)}")
+        sizes = {"n_cells": n_cells, "n_labelled": n_labelled, "total_counts": total_counts, "n_batches": n_batches}
+        small = {k: v for k, v in sizes.items() if not float(v) >= (1 if k != "n_labelled" else 0)}
+        if small:
+            raise ValueError(f"data sizes must be positive, received {small}: build the model with "
+                             "SCMix.from_data(data, config), which reads them from the data")
         self.genes, self.class_names = [str(g) for g in genes], [str(c) for c in class_names]
-        # Library versions and the fingerprint of the training data (tfp_scmix.reliability.provenance).
+        # Library versions and the fingerprint of the training data (`provenance`).
         self.provenance = dict(provenance or {})
-        self.n_genes, self.n_classes, self.n_topics = len(self.genes), len(self.class_names), int(n_topics)
+        self.n_genes, self.n_classes, self.n_topics = len(self.genes), len(self.class_names), int(config.n_topics)
+        self.config = config
+        self.seed = int(seed)
+        self.adapted_batch = None if adapted_batch is None else int(adapted_batch)
+        self.sizes = {"n_cells": int(n_cells), "n_labelled": int(n_labelled), "total_counts": float(total_counts),
+                      "n_batches": int(n_batches)}
+        expected_active_topics = config.expected_active_topics
         if expected_active_topics is None:
             expected_active_topics = self.n_topics / 2
+        global_scale = config.global_scale
         if global_scale is None:
             global_scale = default_global_scale(self.n_topics, n_labelled, expected_active_topics)
-        self.settings = dict(
-            n_topics=self.n_topics, hidden_units=int(hidden_units), dropout=float(dropout), prior=prior,
-            label_mode=label_mode, label_weight=float(label_weight), prior_alpha=float(prior_alpha),
-            learn_alpha=bool(learn_alpha), kl_warmup_epochs=float(kl_warmup_epochs), n_cells=int(n_cells),
-            n_labelled=int(max(n_labelled, 1)), total_counts=float(total_counts),
-            expected_active_topics=float(expected_active_topics), global_scale=float(global_scale),
-            slab_scale=float(slab_scale), slab_df=slab_df, label_noise=label_noise,
-            topic_prior_scale=float(topic_prior_scale), n_predictive_samples=int(n_predictive_samples),
-            classifier_learning_rate=float(classifier_learning_rate), n_batches=int(n_batches), seed=int(seed))
-        self.topics = TopicBranch(self.n_topics, self.n_genes, topic_prior_scale, name="topic_branch")
-        self.encoder = CellEncoder(self.n_genes, self.n_topics, hidden_units, dropout, prior_alpha, learn_alpha,
-                                   name="cell_branch")
-        self.classifier = ClassBranch(self.n_classes, self.n_topics, prior, global_scale, slab_scale, slab_df,
-                                      label_noise, n_predictive_samples, name="class_branch")
-        self.batch_offsets = BatchOffsets(n_batches, self.n_genes, name="batch_offsets")
-        if label_mode == "class_prior":
+        # The settings with the defaults resolved, and the data sizes (what MLflow logs and the loss reads).
+        self.settings = {**config.to_dict(), "expected_active_topics": float(expected_active_topics),
+                         "global_scale": float(global_scale), **self.sizes, "seed": self.seed}
+        # The label terms are means over the labelled cells: at least one, so that a model of unlabelled
+        # data (adapting, streaming) still has a finite loss.
+        self.settings["n_labelled"] = max(self.sizes["n_labelled"], 1)
+        self.topics = TopicBranch(self.n_topics, self.n_genes, config.topic_prior_scale, name="topic_branch")
+        self.encoder = CellEncoder(self.n_genes, self.n_topics, config.hidden_units, config.dropout,
+                                   config.prior_alpha, config.learn_alpha, name="cell_branch")
+        self.classifier = ClassBranch(self.n_classes, self.n_topics, config.prior, global_scale, config.slab_scale,
+                                      config.slab_df, config.label_noise, config.n_predictive_samples,
+                                      name="class_branch")
+        self.batch_offsets = BatchOffsets(self.sizes["n_batches"], self.n_genes, name="batch_offsets")
+        if config.label_mode == "class_prior":
             self.class_centres = self.add_weight(shape=(self.n_classes, self.n_topics), initializer="zeros",
                                                  name="class_centres")
         self.cells_seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="cells_seen")
-        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+        self.seed_generator = keras.random.SeedGenerator(self.seed, name="seed_generator")
         # The classification branch sees ~150 labelled cells a few at a time: it gets its own, faster
         # optimizer so that it converges within the epochs the topics need.
-        self.classifier_optimizer = keras.optimizers.Adam(classifier_learning_rate, name="classifier_optimizer")
+        self.classifier_optimizer = keras.optimizers.Adam(config.classifier_learning_rate,
+                                                          name="classifier_optimizer")
         self.trackers = {name: keras.metrics.Mean(name=name)
                          for name in ELBO_TERMS + ("label_accuracy", "topic_usage")}
         self.built = True
 
     @classmethod
-    def from_data(cls, data: SCData, **settings):
-        """A model sized for `data`, with the topic background set from its mean expression."""
-        from tfp_scmix.reliability import provenance  # reliability imports the package root, which imports us
+    def from_data(cls, data: SCData | H5ADStream, config: Config | dict | None = None, *, seed: int = 0) -> SCMix:
+        """A model sized for `data` (in memory or streamed from disk), topic background from its mean expression.
 
-        settings.setdefault("provenance", provenance(data))
-        model = cls(genes=list(data.genes), class_names=list(data.classes), n_cells=data.n_cells,
-                    n_labelled=data.n_labelled, total_counts=float(data.library_size.sum()),
-                    n_batches=len(data.batch_names), **settings)
-        model.topics.set_background(np.asarray(data.counts.mean(axis=0)).ravel())
+        data: `SCData` or `H5ADStream` (one pass over the file). Raises DataError when a cell has no counts
+        over the genes (a stream; `from_anndata` refuses those already).
+        """
+        if isinstance(data, H5ADStream):
+            library, gene_sums = data.summary()
+            if (library == 0).any():
+                raise DataError(f"{int((library == 0).sum())} cells of {data.path} have no counts over the "
+                                "model's genes; remove them from the file first.")
+            background = gene_sums / data.n_cells
+        else:
+            library = data.library_size
+            background = np.asarray(data.counts.mean(axis=0)).ravel()
+        model = cls(list(data.genes), list(data.classes), config, n_cells=data.n_cells, n_labelled=data.n_labelled,
+                    total_counts=float(library.sum()), n_batches=len(data.batch_names), seed=seed,
+                    provenance=provenance(data))
+        model.topics.set_background(background)
         return model
 
-    def export_serving(self, path, overwrite=False):
-        """Write a TensorFlow SavedModel for serving at `path` (atomically); see tfp_scmix.export."""
-        from tfp_scmix.export import export_serving
-
-        return export_serving(self, path, overwrite=overwrite)
-
     @property
-    def gene_fingerprint(self):
+    def gene_fingerprint(self) -> str:
         return gene_fingerprint(self.genes)
+
+    def topic_gene(self) -> tf.Tensor:
+        """Posterior-mean topic-gene distributions `[n_topics, n_genes]` (rows sum to one)."""
+        return self.topics(None)
 
     @property
     def metrics(self):
         return list(self.trackers.values())
 
     # -- the deterministic forward pass --------------------------------------------------------
-    @staticmethod
-    def _unpack(inputs):
+    def _unpack(self, inputs):
         """(counts, batch ids `[batch]`) from a minibatch dict or a bare count matrix (batch 0)."""
         counts = inputs[COUNTS] if isinstance(inputs, dict) else inputs
         batch_ids = inputs.get(BATCH) if isinstance(inputs, dict) else None
-        if batch_ids is None:
-            batch_ids = tf.zeros(tf.shape(counts, out_type=tf.int64)[:1], tf.int32)
+        if batch_ids is None or self.adapted_batch is not None:
+            fill = 0 if self.adapted_batch is None else self.adapted_batch
+            batch_ids = tf.fill(tf.shape(counts, out_type=tf.int64)[:1], fill)
         return counts, tf.cast(batch_ids, tf.int32)
 
     def encode(self, counts, batch_ids, training=False):
@@ -141,75 +180,29 @@ class SCMix(keras.Model):
         loc, _ = self.encode(counts, batch_ids, training=training)
         probs = self.classifier(topic_features(loc))
         return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
-                "confidence": tf.reduce_max(probs, axis=-1), "topics": tf.nn.softmax(loc, axis=-1)}
-
-    # -- a new dataset ----------------------------------------------------------------------------
-    def adapt(self, query: SCData, epochs=30, batch_size=256, learning_rate=5e-2, shrinkage=None, verbose=0):
-        """Fit the query dataset's own batch offsets on its unlabelled counts, then predict it.
-
-        Every global parameter (topics, encoder, classifier, the offsets' shrinkage scale and the
-        reference batches' offsets) stays frozen; only a new offset row for the query is fitted by the
-        same ELBO (count terms). The model itself is not changed: a copy with one more batch is fitted.
-        shrinkage: the offsets' prior scale. By default the learned one; a model trained on a single batch
-        has learned nothing about differences between datasets (its scale shrinks to near zero), so there
-        the default is a weakly informative 1.0 (a factor of e per standard deviation).
-        Returns the predictions for the query cells (the dict of `predict`).
-        """
-        if list(query.genes) != self.genes:
-            raise ValueError("adapt needs the query in the model's gene order: build it with "
-                             "from_anndata(adata, genes=model.genes, label_key=None)")
-        config = {**self.get_config(), "n_batches": self.settings["n_batches"] + 1}
-        adapted = type(self).from_config(config)
-        reference = {w.path: w for w in self.weights}
-        for weight in adapted.weights:
-            value = reference[weight.path].numpy()
-            if weight.shape != value.shape:  # the offsets: reference rows, then a zero row for the query
-                value = np.concatenate([value, weight.numpy()[-1:]], axis=0)
-            weight.assign(value)
-        row = self.settings["n_batches"]
-        query = dataclasses.replace(query, batches=np.full(query.n_cells, row, np.int32))
-        offsets = adapted.batch_offsets
-        if shrinkage is None and row == 1:
-            shrinkage = 1.0
-        if shrinkage is not None:
-            offsets.shrinkage_raw.assign(float(tfp.math.softplus_inverse(float(shrinkage))))
-        variables = [offsets.loc, offsets.scale_raw]
-        only_query = tf.one_hot(row, row + 1)[:, None]
-        optimizer = keras.optimizers.Adam(learning_rate)
-        total_counts = float(query.library_size.sum())
-
-        @tf.function
-        def step(batch):
-            with tf.GradientTape() as tape:
-                terms = adapted.elbo_terms(batch, training=False)
-                loss = terms["reconstruction"] + terms["kl_cell"] + offsets.kl() / total_counts
-            optimizer.apply([g * only_query for g in tape.gradient(loss, variables)], variables)
-            return loss
-
-        progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch")
-        for epoch in range(epochs):
-            for batch in query.dataset(batch_size, seed=epoch):
-                loss = step(batch)
-            progress.update(epoch + 1, [("loss", float(loss))])
-        return adapted.predict(query.dataset(batch_size, shuffle=False), verbose=0)
+                "confidence": tf.reduce_max(probs, axis=-1), "cell_topic": tf.nn.softmax(loc, axis=-1)}
 
     # -- the classification branch to convergence ----------------------------------------------
-    def fit_classifier(self, data: SCData, steps=2000, learning_rate=0.02, batch_size=1024, verbose=0):
+    def fit_classifier(self, data: SCData, steps: int | None = None, batch_size: int = 1024, verbose: int = 0) -> float:
         """Fit the classification branch to convergence on the labelled cells of `data`, topics fixed.
 
         Minimises the label part of the loss (mean label_nll + kl_class) on the posterior-mean topics,
-        full batch. In the "cut" mode the classifier never changes the topics, so this is exact
+        full batch, `steps` Adam steps (default `config.classifier_steps`) at `config.classifier_learning_rate`
+        with cosine decay. In the "cut" mode the classifier never changes the topics, so this is exact
         coordinate ascent on the same objective; the minibatch updates during `fit` see only the few
         labelled cells of each batch and stop short of convergence. Returns the final loss.
+        Raises DataError when `data` has no labelled cell.
         """
+        steps = self.config.classifier_steps if steps is None else int(steps)
         labelled = np.flatnonzero(data.labels >= 0)
         if labelled.size == 0:
-            raise ValueError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
-        topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["topics"]
+            raise DataError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
+        topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["cell_topic"]
         features = topic_features(tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32))
         labels = tf.constant(data.labels[labelled], tf.int32)
         # Decaying the step size lets the Monte Carlo gradients settle on the optimum.
-        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps))
+        schedule = keras.optimizers.schedules.CosineDecay(self.config.classifier_learning_rate, steps)
+        optimizer = keras.optimizers.Adam(schedule)
         variables = self.classifier.trainable_variables
         n_labelled = float(self.settings["n_labelled"])
 
@@ -222,8 +215,9 @@ class SCMix(keras.Model):
             return loss
 
         progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
+        loss = tf.constant(float("nan"))
         for i in range(steps):
-            loss = step(tf.constant([self.settings["seed"], i], tf.int32))
+            loss = step(tf.constant([self.seed, i], tf.int32))
             if verbose and (i + 1) % 100 == 0:
                 progress.update(i + 1, [("classifier_loss", float(loss))])
         return float(loss)
@@ -334,7 +328,14 @@ class SCMix(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "genes": self.genes, "class_names": self.class_names,
-                "provenance": self.provenance, **self.settings}
+                "config": self.config.to_dict(), **self.sizes, "seed": self.seed,
+                "adapted_batch": self.adapted_batch, "provenance": self.provenance}
 
-
-
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "config" not in config:  # files written before the settings became one Config
+            settings = {k: config.pop(k) for k in list(config) if k in Config.__dataclass_fields__}
+            settings.pop("classifier_steps", None)
+            config["config"] = settings
+        return cls(**config)

@@ -12,15 +12,16 @@ every epoch, and the rows of each buffer of `buffer_chunks` chunks are permuted 
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 
 import h5py
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
-from tfp_scmix.data import (BATCH, COUNTS, LABEL, UNLABELLED, DataError, SCData, align_genes, check_counts,
-                            data_path, encode_labels, sparse_entries)
+from tfp_scmix.data import (BATCH, COUNTS, LABEL, DataError, SCData, align_genes, check_counts, data_path,
+                            encode_obs, gene_fingerprint, sparse_entries)
 
 
 def _read_elem(element):
@@ -96,21 +97,10 @@ class H5ADStream:
                                               genes, min_gene_fraction)
             self._file_genes = len(file_genes)
             obs = f["obs"]
-            if label_key is not None:
-                if label_key not in obs:
-                    raise DataError(f"no obs column {label_key!r} in {self.path} (columns: "
-                                    f"{[k for k in obs if k != obs.attrs['_index']]}); pass label_key=None for "
-                                    "unlabelled data.")
-                self.labels, self.classes = encode_labels(_read_elem(obs[label_key]), classes, unknown)
-            else:
-                self.labels, self.classes = np.full(n_cells, UNLABELLED, np.int32), list(classes or [])
-            if batch_key is not None:
-                if batch_key not in obs:
-                    raise DataError(f"no obs column {batch_key!r} for batches in {self.path}.")
-                codes = pd.Categorical(np.asarray(_read_elem(obs[batch_key])).astype(str))
-                self.batches, self.batch_names = codes.codes.astype(np.int32), [str(c) for c in codes.categories]
-            else:
-                self.batches, self.batch_names = np.zeros(n_cells, np.int32), ["0"]
+            names = [k for k in obs if k != obs.attrs["_index"]]
+            self.labels, self.classes, self.batches, self.batch_names = encode_obs(
+                names, lambda key: _read_elem(obs[key]), n_cells, label_key, batch_key, unknown, classes,
+                str(self.path))
         self.genes = np.asarray(genes, dtype=str)
         self._library = None
         self._gene_sums = None
@@ -130,6 +120,14 @@ class H5ADStream:
     @property
     def n_labelled(self) -> int:
         return int((self.labels >= 0).sum())
+
+    def rechunked(self, chunk_cells: int) -> H5ADStream:
+        """The same stream read in chunks of `chunk_cells` rows (ValueError below 1)."""
+        if chunk_cells < 1:
+            raise ValueError(f"chunk_cells must be positive, received {chunk_cells}")
+        stream = copy.copy(self)
+        stream.chunk_cells = int(chunk_cells)
+        return stream
 
     # -- reading ---------------------------------------------------------------------------------
     def _open(self):
@@ -170,6 +168,18 @@ class H5ADStream:
                 gene_sums += np.asarray(chunk.sum(axis=0)).ravel()
             self._library, self._gene_sums = library, gene_sums
         return self._library, self._gene_sums
+
+    def fingerprint(self) -> str:
+        """Hash of the genes, labels, batches and per-cell and per-gene count sums (one pass over the file):
+        identifies the data a model was trained on, as `SCData.fingerprint` does for data in memory."""
+        import hashlib
+
+        library, gene_sums = self.summary()
+        h = hashlib.sha256()
+        for array in (library, gene_sums, self.labels, self.batches):
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update(gene_fingerprint(self.genes).encode())
+        return h.hexdigest()[:16]
 
     @property
     def library_size(self) -> np.ndarray:
@@ -255,17 +265,3 @@ class H5ADStream:
         if repeat:
             ds = ds.repeat()
         return ds.map(as_dict).prefetch(2)
-
-
-def build_model(stream: H5ADStream, **settings):
-    """An `SCMix` sized for a stream, as `SCMix.from_data` sizes one for in-memory data (one pass over the file)."""
-    from tfp_scmix.model import SCMix
-
-    library, gene_sums = stream.summary()
-    if (library == 0).any():
-        raise DataError(f"{int((library == 0).sum())} cells of {stream.path} have no counts over the model's "
-                        "genes; remove them from the file first.")
-    model = SCMix(genes=list(stream.genes), class_names=list(stream.classes), n_cells=stream.n_cells,
-                  n_labelled=stream.n_labelled, total_counts=float(library.sum()), **settings)
-    model.topics.set_background(gene_sums / stream.n_cells)
-    return model

@@ -1,7 +1,8 @@
-"""Calibration and unknown cell types: how far the class probabilities can be trusted.
+"""Evaluation stage: how good and how trustworthy predictions are.
 
-- `expected_calibration_error`: the top-label ECE of Guo et al. (2017) over equal-width confidence bins.
-- `reliability_diagram`: accuracy against confidence per bin, as a PNG (written atomically).
+- `few_shot_split` / `scores`: the benchmark protocol's split and its scores (errors, accuracy, macro-F1).
+- `expected_calibration_error`: the top-label ECE of Guo et al. (2017) over equal-width confidence bins;
+  `reliability_table` / `reliability_diagram`: accuracy against confidence per bin (a PNG, written atomically).
 - `unassigned_score`: how unsure the class probabilities are; `unassigned` flags the cells whose score
   exceeds the score's default threshold (`UNASSIGNED_THRESHOLDS`).
 - `TopicNovelty`: how far a cell's topic proportions lie from every known class (Mahalanobis distance to
@@ -9,10 +10,33 @@
   probabilities, which stay confident on cells unlike any training cell.
 """
 
+from __future__ import annotations
+
 import numpy as np
 import pandas as pd
 
 from tfp_scmix.io import atomic_path
+from tfp_scmix.model import topic_features
+
+
+def few_shot_split(n_cells: int, n_test: int, n_labelled: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark split: `default_rng(seed).permutation` of the cells, the first `n_test` are test cells,
+    the next `n_labelled` labelled. Returns (test `[n_test]`, labelled `[n_labelled]`) cell indices.
+    Raises ValueError when the two exceed the cells."""
+    if n_test + n_labelled > n_cells:
+        raise ValueError(f"{n_test} test + {n_labelled} labelled cells exceed the {n_cells} cells")
+    order = np.random.default_rng(seed).permutation(n_cells)
+    return order[:n_test], order[n_test:n_test + n_labelled]
+
+
+def scores(true, predicted) -> dict[str, float]:
+    """Errors, accuracy and macro-F1 (scikit-learn's) of integer predictions `[n_cells]`."""
+    from sklearn.metrics import f1_score
+
+    true, predicted = np.asarray(true), np.asarray(predicted)
+    return {"errors": int((true != predicted).sum()), "accuracy": float((true == predicted).mean()),
+            "macro_f1": float(f1_score(true, predicted, average="macro"))}
+
 
 UNASSIGNED_SCORES = ("max_prob", "entropy")
 # Default score and threshold for flagging a cell as unassigned; see docs/cross_dataset.md for the
@@ -137,8 +161,6 @@ class TopicNovelty:
     @staticmethod
     def features(topics):
         """Centred log topic proportions `[n_cells, n_topics]`."""
-        from tfp_scmix.model import topic_features
-
         return np.asarray(topic_features(np.log(np.maximum(np.asarray(topics, dtype=np.float64), 1e-30))))
 
     @classmethod

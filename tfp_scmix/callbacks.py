@@ -1,0 +1,245 @@
+"""Callbacks stage: what a `fit` of an `SCMix` needs beyond Keras's loop.
+
+- `RefitClassifier`: after the last epoch, the classification branch fitted to convergence
+  (`SCMix.fit_classifier`); part of the package's recipe.
+- `StopOnDivergence`: a NaN or infinite loss stops training and puts back the last good state.
+- `ResumableCheckpoint`: keras's BackupAndRestore made exact, so a killed run resumes to the same result.
+- `default(data)`: the callbacks that make `model.fit(..., callbacks=default(data))` train what
+  `tfp_scmix.train(data, restarts=1)` trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tfp_scmix.data import SCData
+from tfp_scmix.io import ModelFileError, atomic_path
+
+logger = logging.getLogger("tfp_scmix")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the message says where and what to change."""
+
+
+def _optimizers(model) -> list:
+    """The model's optimizers: `model.optimizer` and any other optimizer it holds (SCMix's classifier's)."""
+    found = [model.optimizer] if model.optimizer is not None else []
+    for value in vars(model).values():
+        if isinstance(value, keras.optimizers.Optimizer) and all(value is not o for o in found):
+            found.append(value)
+    return found
+
+
+def _training_state(model) -> list:
+    """Every variable that decides how training goes on: weights, random-generator states, optimizer slots."""
+    return list(model.variables) + [v for o in _optimizers(model) for v in o.variables]
+
+
+def _random_states(model) -> list:
+    """Random-generator states (keras SeedGenerator) of the model, which `save_weights` leaves out."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _build_optimizers(model) -> None:
+    """Create the optimizers' slots so that a checkpoint's optimizer state loads instead of being skipped."""
+    if model.optimizer is None or model.optimizer.built:
+        return
+    if hasattr(model, "build_optimizers"):  # SCMix: two optimizers, each over its own variables
+        model.build_optimizers()
+    else:
+        model.optimizer.build(model.trainable_variables)
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stop `fit` when the loss becomes NaN or infinite, and put back the last good training state.
+
+    The state (weights, random-generator states and optimizer slots) is copied before each batch; a batch
+    whose loss comes out finite makes that copy the last good state. On a non-finite loss the model gets
+    the last good state back (the initial one if no batch was finite), training stops, `message` says
+    where it happened and what to change, and with `raise_error` a `TrainingDiverged` is raised.
+    Put it first in the callback list, so that later callbacks save the restored weights.
+    """
+
+    def __init__(self, monitor: str = "loss", raise_error: bool = False):
+        super().__init__()
+        self.monitor, self.raise_error = monitor, raise_error
+        self.message = None
+        self._epoch, self._pending, self._good, self._state = 0, None, None, []
+
+    def on_train_begin(self, logs=None):
+        self.message, self._good = None, None
+        self._state = _training_state(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._pending = [v.numpy() for v in self._state]
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get(self.monitor)
+        if loss is None or np.isfinite(loss):
+            self._good = self._pending
+            return
+        self._stop(f"the {self.monitor} became {loss} at epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def on_train_end(self, logs=None):
+        # The last batch's finite loss does not vouch for the weights its update wrote; no batch follows.
+        if self.message is None and self._good is not None and not all(
+                np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in self._state):
+            self._stop("the last batch wrote non-finite weights")
+
+    def _stop(self, what):
+        restored = self._good if self._good is not None else self._pending
+        for variable, value in zip(self._state, restored):
+            variable.assign(value)
+        rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        where = "the last batch with a finite loss" if self._good is not None else "before the first batch"
+        self.message = (f"training diverged: {what}. The model keeps its state from {where}. Lower the "
+                        f"learning rate (it is {rate:g}), or check the counts for extreme values.")
+        logger.error(self.message)
+        self.model.stop_training = True
+        if self.raise_error:
+            raise TrainingDiverged(self.message)
+
+
+class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
+    """Resume an interrupted `fit` from its last finished epoch: keras's BackupAndRestore, made exact.
+
+    What it adds, and why:
+    - a backup is committed by the atomic rename of its state file, which names its weights file: a kill
+      at any moment leaves the previous backup or the new one, never the weights of one epoch with the
+      epoch count of another;
+    - the optimizers (SCMix has two) are built over their own variables before loading, so their state
+      is restored; BackupAndRestore builds one optimizer over every variable and Keras then skips the
+      saved state with a warning (that is turned into an error here);
+    - the random-generator states (the model's sampling draws, dropout), which `save_weights` leaves out,
+      are saved and restored;
+    - the backup records which run it belongs to (the model's config and `run`, e.g. the data fingerprint
+      and seed); resuming another run's backup is refused.
+    A resumed run equals an uninterrupted one only if each epoch's minibatches depend on the epoch
+    alone: train on `epoch_batches`, as `fit_resumable` does.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, backup_dir, run: dict | None = None, delete_checkpoint: bool = True):
+        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=delete_checkpoint)
+        self.run = dict(run or {})
+        self.root = Path(backup_dir)
+
+    def saved_state(self) -> dict | None:
+        """The committed backup's state ({"epoch", "weights", "run", "random_states"}), or None."""
+        path = self.root / self.STATE
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ModelFileError(f"the backup state {path} is unreadable ({err}); delete {self.root} to "
+                                 "train from the start.") from err
+
+    @property
+    def resume_epoch(self) -> int:
+        """The epoch a `fit` with this callback starts at: that of the last backup, 0 if none."""
+        state = self.saved_state()
+        return int(state["epoch"]) if state else 0
+
+    def _run_key(self) -> dict:
+        config = {k: v for k, v in self.model.get_config().items() if k != "name"}
+        return {"model": json.dumps(config, sort_keys=True, default=str), **self.run}
+
+    def _save_model(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{self._current_epoch}.weights.h5"
+        staging = self.root / ".staging.weights.h5"  # save_weights wants the .weights.h5 suffix
+        self.model.save_weights(str(staging), overwrite=True)
+        os.replace(staging, self.root / name)
+        state = {"epoch": self._current_epoch, "weights": name, "run": self._run_key(),
+                 "random_states": [keras.ops.convert_to_numpy(v).tolist() for v in _random_states(self.model)]}
+        with atomic_path(self.root / self.STATE) as tmp:
+            Path(tmp).write_text(json.dumps(state))
+        for old in self.root.glob("epoch-*.weights.h5"):
+            if old.name != name:
+                old.unlink()
+
+    def _load_model(self):
+        state = self.saved_state()
+        if state is None:
+            return
+        key = self._run_key()
+        if state["run"] != key:
+            differ = sorted(k for k in set(key) | set(state["run"]) if key.get(k) != state["run"].get(k))
+            raise ModelFileError(f"{self.root} holds the backup of another training run (it differs in "
+                                 f"{differ}); delete it to train from the start, or pass this run's backup_dir.")
+        _build_optimizers(self.model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.model.load_weights(str(self.root / state["weights"]))
+        skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+        if skipped:
+            raise ModelFileError(f"the backup in {self.root} does not fit this model: {skipped[0]}")
+        randoms = _random_states(self.model)
+        if len(randoms) != len(state["random_states"]):
+            raise ModelFileError(f"the backup in {self.root} has {len(state['random_states'])} random-generator "
+                                 f"states, the model {len(randoms)}; delete it to train from the start.")
+        for variable, value in zip(randoms, state["random_states"]):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+        self.model._initial_epoch = int(state["epoch"])  # how BackupAndRestore tells fit where to start
+        logger.info("resuming training at epoch %d from %s", state["epoch"] + 1, self.root)
+
+
+class RefitClassifier(keras.callbacks.Callback):
+    """Fits an SCMix's classification branch to convergence (`SCMix.fit_classifier`) after the last epoch.
+
+    It runs at the end of the last scheduled epoch, before the callbacks after it score that epoch (list it
+    before loggers and checkpoints), so the last epoch's validation scores, checkpoints and keras-tuner see
+    the final model; when training stops early (not by divergence) it runs when training ends.
+    data: the training cells (their labelled ones are used); steps: full-batch steps (default: the model's
+    `config.classifier_steps`). Adds "classifier_loss" to the logs.
+    """
+
+    def __init__(self, data: SCData, steps: int | None = None):
+        super().__init__()
+        self.data, self.steps, self.done = data, steps, False
+
+    def on_train_begin(self, logs=None):
+        self.done = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.params["epochs"]:
+            self._refit(logs)
+
+    def on_train_end(self, logs=None):
+        # After a divergence too: StopOnDivergence has put back the last good state, which is refitted.
+        if not self.done:
+            self._refit(logs)
+
+    def _refit(self, logs):
+        steps = self.model.config.classifier_steps if self.steps is None else self.steps
+        self.done = True
+        if not steps or self.data.n_labelled == 0:
+            return
+        loss = self.model.fit_classifier(self.data, steps=steps)
+        if logs is not None:
+            logs["classifier_loss"] = loss
+
+
+def default(data: SCData, classifier_steps: int | None = None) -> list[keras.callbacks.Callback]:
+    """The package recipe's callbacks for `model.fit` on `data`: [StopOnDivergence, RefitClassifier].
+
+    `model.fit(data.dataset(config.batch_size, seed=seed), epochs=config.epochs, callbacks=default(data))`
+    on `SCMix.from_data(data, config, seed=seed)` compiled with Adam(config.learning_rate), after
+    `keras.utils.set_random_seed(seed)`, trains what `tfp_scmix.train(data, config, restarts=1, seed=seed)`
+    trains (tests/test_train.py checks the predictions are equal). Add your own callbacks after these.
+    """
+    return [StopOnDivergence(), RefitClassifier(data, classifier_steps)]

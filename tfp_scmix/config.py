@@ -1,0 +1,107 @@
+"""Settings stage: the one frozen record of what a user may choose about a model and its training.
+
+`Config` holds plain scalars and `Literal` options only. The same record feeds the model's `get_config`
+(and so every saved model), the MLflow parameters of a tracked run and the keras-tuner search space
+(`training/`). Sizes that come from the data (cells, labelled cells, total counts, batches, genes,
+classes) are not settings: `SCMix.from_data` reads them from the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+Prior = Literal["normal", "horseshoe", "regularized", "santa_barbara"]
+LabelMode = Literal["cut", "joint", "class_prior"]
+PRIORS: tuple[str, ...] = typing.get_args(Prior)
+LABEL_MODES: tuple[str, ...] = typing.get_args(LabelMode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Model and training settings (defaults: the package's; their source is docs/few_shot.md).
+
+    Model:
+      n_topics: topics K. hidden_units / dropout: the cell encoder's one hidden layer.
+      prior: the class weights' prior (`PRIORS`). label_mode: how labels reach the topics (`LABEL_MODES`).
+      label_weight: weight of the label terms (label_nll + kl_class per labelled cell) against the
+        count terms (per count). prior_alpha: the Dirichlet concentration whose Laplace approximation is
+        the cell-topic prior; learn_alpha: learn it. kl_warmup_epochs: epochs over which the KL terms of
+        the cells and topics are scaled up from 0 to 1.
+      expected_active_topics / global_scale / slab_scale / slab_df: the horseshoe's p0, tau0, s and nu
+        (None: p0 = n_topics / 2 and tau0 from Piironen & Vehtari 2017, eq. 3.12, with the labelled cells;
+        slab_df None: the variant's own). label_noise: eps of the label-noise mixture (None: the variant's).
+      topic_prior_scale: standard deviation of the topic logits' prior around the background profile.
+      n_predictive_samples: draws of the class weights averaged by the posterior predictive.
+    Training (`tfp_scmix.train`):
+      epochs, batch_size (cells per minibatch), learning_rate (Adam, topics and encoder),
+      classifier_learning_rate (the classification branch's own Adam during the epochs and its refit),
+      classifier_steps (full-batch steps of the classifier refit after the last epoch; 0: none).
+
+    Raises ValueError for an unknown option or a value out of range (the message names both).
+    """
+
+    n_topics: int = 50
+    hidden_units: int = 256
+    dropout: float = 0.2
+    prior: Prior = "regularized"
+    label_mode: LabelMode = "cut"
+    label_weight: float = 1.0
+    prior_alpha: float = 0.5
+    learn_alpha: bool = False
+    kl_warmup_epochs: float = 20.0
+    expected_active_topics: float | None = None
+    global_scale: float | None = None
+    slab_scale: float = 2.0
+    slab_df: float | None = None
+    label_noise: float | None = None
+    topic_prior_scale: float = 1.0
+    n_predictive_samples: int = 32
+    epochs: int = 100
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    classifier_learning_rate: float = 0.02
+    classifier_steps: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, received {self.prior!r}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, received {self.label_mode!r}")
+        for name in ("n_topics", "hidden_units", "n_predictive_samples", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive whole number, received {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}")
+        for name in ("learning_rate", "classifier_learning_rate", "prior_alpha", "topic_prior_scale", "slab_scale"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be positive, received {getattr(self, name)!r}")
+        if self.classifier_steps < 0 or self.kl_warmup_epochs < 0 or self.label_weight < 0:
+            raise ValueError("classifier_steps, kl_warmup_epochs and label_weight must not be negative, received "
+                             f"{self.classifier_steps!r}, {self.kl_warmup_epochs!r}, {self.label_weight!r}")
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with `changes` applied (ValueError for a name that is not a setting)."""
+        unknown = sorted(set(changes) - set(names()))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; settings are {sorted(names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (what `get_config` and MLflow record)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """A `Config` from a dict of settings (ValueError for a key that is not a setting)."""
+        return cls().replace(**values)
+
+
+def names() -> tuple[str, ...]:
+    """The names of every setting, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(Config))
+
+
+MODEL_SETTINGS: tuple[str, ...] = names()[:names().index("epochs")]
+TRAINING_SETTINGS: tuple[str, ...] = names()[names().index("epochs"):]

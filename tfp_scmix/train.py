@@ -1,0 +1,226 @@
+"""Training stage: the one recipe that trains a model, and `adapt` for a new dataset.
+
+`train` is the only place the package trains: every restart is an `SCMix` built by `SCMix.from_data`,
+compiled with Adam(config.learning_rate), fitted for config.epochs epochs with the callbacks of
+`tfp_scmix.callbacks.default` (divergence guard, classifier refit after the last epoch), optionally
+resumable (`checkpoint_dir`) and optionally under a `tf.distribute` strategy. The command line,
+`training/` (tracked runs, searches), `experiments/` and the tests call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_scmix import distribute
+from tfp_scmix.callbacks import ResumableCheckpoint, StopOnDivergence, default
+from tfp_scmix.config import Config
+from tfp_scmix.data import DataError, SCData, epoch_batches
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
+from tfp_scmix.io import ModelFileError, load_model, save_model
+from tfp_scmix.model import SCMix
+from tfp_scmix.stream import H5ADStream
+
+logger = logging.getLogger("tfp_scmix")
+
+
+def make_deterministic(seed: int = 0) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras and turn on TensorFlow's op determinism (process-wide).
+
+    With it, the same data, settings and seed give bit-identical weights and predictions on CPU.
+    Op determinism cannot be turned off again through TensorFlow's public API; call it in the process
+    (script, subprocess) that trains.
+    """
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def _config(config: Config | dict | None, overrides: dict[str, Any]) -> Config:
+    if config is None:
+        config = Config()
+    elif isinstance(config, dict):
+        config = Config.from_dict(config)
+    elif not isinstance(config, Config):
+        raise TypeError(f"config must be a tfp_scmix.Config, a dict of settings or None, received "
+                        f"{type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def train(data: SCData | H5ADStream, config: Config | dict | None = None, *, restarts: int = 3,
+          epochs: int | None = None, seed: int = 0, checkpoint_dir: str | Path | None = None,
+          strategy: str | tf.distribute.Strategy | None = None, callbacks=(), verbose: int = 1) -> SCMixEnsemble:
+    """Train `restarts` models on `data` (labels where known) and return them as one `SCMixEnsemble`.
+
+    data: `SCData` (in memory) or `H5ADStream` (read from disk in chunks; its labelled cells are read into
+    memory for the classifier refit). config: `Config` (None: the package defaults); `epochs` overrides
+    config.epochs. Restart r is seeded `seed + r`; the ensemble averages their class probabilities (one
+    member when `restarts=1`, which predicts exactly as that `SCMix`).
+    checkpoint_dir: each restart backs up every epoch into `checkpoint_dir/restart-r`; calling `train`
+    again with the same arguments after a kill resumes from the last finished epoch to the same result
+    (with `make_deterministic`); minibatches then come from `epoch_batches`. Backups are deleted when
+    the restart finishes.
+    strategy: None (one device), a name of `distribute.STRATEGIES` or a `tf.distribute.Strategy`
+    (streams only; config.batch_size is the global batch).
+    callbacks: Keras callbacks added after the recipe's own (`callbacks.default`).
+    A diverged restart keeps its last good state and is logged (the `StopOnDivergence` message).
+
+    Raises ValueError for restarts < 1 or an unknown setting, DataError for data without two classes.
+    """
+    config = _config(config, {} if epochs is None else {"epochs": int(epochs)})
+    if int(restarts) < 1:
+        raise ValueError(f"restarts must be 1 or more, received {restarts!r}")
+    if not isinstance(data, (SCData, H5ADStream)):
+        raise TypeError(f"train takes SCData (tfp_scmix.from_anndata) or an H5ADStream, received "
+                        f"{type(data).__name__}; read an AnnData with tfp_scmix.from_anndata(adata)")
+    if data.n_classes < 2:
+        raise DataError(f"training needs labelled cells of at least two classes; the data has {data.n_classes}. "
+                        "Pass label_key= the obs column of cell types to from_anndata.")
+    if strategy is not None and isinstance(data, SCData):
+        raise ValueError("strategy= trains from a stream (tfp_scmix.stream.H5ADStream) so that each worker reads "
+                         "its own chunks; pass the .h5ad as H5ADStream(path, ...)")
+    members = []
+    for restart in range(int(restarts)):
+        member_seed = seed + restart
+        if verbose and restarts > 1:
+            print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
+        finished = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}.keras"
+        if finished is not None and finished.exists():
+            model = _finished_restart(finished, data, config, member_seed)
+        elif isinstance(data, H5ADStream):
+            model = _fit_stream(data, config, member_seed, strategy, callbacks, verbose)
+        else:
+            backup = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}"
+            model = _fit(data, config, member_seed, backup, callbacks, verbose)
+        if finished is not None:
+            save_model(model, finished)  # a kill during a later restart does not train this one again
+        members.append(model)
+    if checkpoint_dir is not None:
+        for restart in range(int(restarts)):
+            (Path(checkpoint_dir) / f"restart-{restart}.keras").unlink(missing_ok=True)
+    return SCMixEnsemble(members)
+
+
+def _finished_restart(path: Path, data, config: Config, seed: int) -> SCMix:
+    """A restart that an interrupted `train` finished and saved, if it is this run's; else ModelFileError."""
+    model = load_model(path)
+    if not isinstance(model, SCMix) or model.seed != seed or model.config != config or \
+            model.provenance.get("data_fingerprint") != data.fingerprint():
+        raise ModelFileError(f"{path} holds a restart of another training run (other data, settings or seed); "
+                             "delete it, or pass this run's checkpoint_dir.")
+    logger.info("restart with seed %d was finished by an interrupted run: loaded from %s", seed, path)
+    return model
+
+
+def _compiled(data, config: Config, seed: int) -> SCMix:
+    keras.utils.set_random_seed(seed)
+    model = SCMix.from_data(data, config, seed=seed)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    return model
+
+
+def _fit(data: SCData, config: Config, seed: int, backup: Path | None, callbacks, verbose: int) -> SCMix:
+    model = _compiled(data, config, seed)
+    recipe = default(data)
+    if backup is None:
+        model.fit(data.dataset(config.batch_size, seed=seed), epochs=config.epochs, verbose=verbose,
+                  callbacks=[*recipe, *callbacks])
+        return model
+    checkpoint = ResumableCheckpoint(backup, run={"data_fingerprint": data.fingerprint(), "seed": int(seed),
+                                                  "batch_size": int(config.batch_size)})
+    initial_epoch = checkpoint.resume_epoch
+    steps = math.ceil(data.n_cells / config.batch_size)
+    # The guard first (later callbacks save the restored state), the backup before the refit so that a
+    # kill during the refit resumes at the last epoch and refits again.
+    model.fit(epoch_batches(data, config.batch_size, seed, config.epochs, initial_epoch), epochs=config.epochs,
+              steps_per_epoch=steps, verbose=verbose, callbacks=[recipe[0], checkpoint, *recipe[1:], *callbacks])
+    return model
+
+
+def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbacks, verbose: int) -> SCMix:
+    strategy = distribute.get_strategy(strategy or "default") if not isinstance(
+        strategy, tf.distribute.Strategy) else strategy
+    resolver = getattr(strategy, "cluster_resolver", None)
+    workers = max(1, len(resolver.cluster_spec().as_dict().get("worker", []))) if resolver is not None else 1
+    if stream.n_cells < 2 * workers * stream.chunk_cells:  # at least two chunks per worker, so that none is idle
+        stream = stream.rechunked(max(1, stream.n_cells // (2 * workers)))
+    keras.utils.set_random_seed(seed)
+    model = distribute.build(strategy, lambda: SCMix.from_data(stream, config, seed=seed), config.learning_rate)
+    batches = distribute.stream_dataset(strategy, stream, config.batch_size, seed=seed)
+    distribute.fit(model, strategy, batches, epochs=config.epochs,
+                   steps_per_epoch=distribute.steps_per_epoch(stream.n_cells, config.batch_size),
+                   callbacks=[StopOnDivergence(), *callbacks], verbose=verbose)
+    if strategy is not tf.distribute.get_strategy():
+        # The trained weights in a plain model: fit_classifier and saving run ordinary TensorFlow code,
+        # which cannot update distributed variables outside a replica context.
+        trained, model = model, SCMix.from_data(stream, config, seed=seed)
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+        model.set_weights(trained.get_weights())
+    if config.classifier_steps and stream.n_labelled:
+        model.fit_classifier(stream.to_data(), verbose=verbose)
+    return model
+
+
+def adapt(model: SCMix | SCMixEnsemble, query: SCData, *, epochs: int = 30, batch_size: int = 256,
+          learning_rate: float = 5e-2, shrinkage: float | None = None, verbose: int = 0) -> SCMixEnsemble:
+    """A copy of `model` adapted to the `query` dataset: each member gets the query's own batch offsets.
+
+    Every global parameter (topics, encoder, classifier, the offsets' shrinkage scale and the reference
+    batches' offsets) stays frozen; only a new offset row for the query is fitted on its unlabelled counts
+    by the same ELBO (count terms). `model` itself is not changed. The adapted model uses that row for
+    every cell it predicts (`SCMix.adapted_batch`), and saves, explains, exports and predicts like any other.
+    query: `SCData` in the model's gene order (`from_anndata(adata, genes=model.genes, label_key=None)`).
+    shrinkage: the offsets' prior scale. By default the learned one; a model trained on a single batch
+    has learned nothing about differences between datasets (its scale shrinks to near zero), so there
+    the default is a weakly informative 1.0 (a factor of e per standard deviation).
+    Raises DataError when the query's genes are not the model's.
+    """
+    if list(query.genes) != list(model.genes):
+        raise DataError("adapt needs the query in the model's gene order: build it with "
+                        "from_anndata(adata, genes=model.genes, label_key=None)")
+    return SCMixEnsemble([_adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, verbose)
+                          for m in as_ensemble(model).members])
+
+
+def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rate, shrinkage, verbose) -> SCMix:
+    row = member.sizes["n_batches"]
+    config = {**member.get_config(), "n_batches": row + 1, "adapted_batch": row}
+    adapted = SCMix.from_config(config)
+    reference = {w.path: w for w in member.weights}
+    for weight in adapted.weights:
+        value = reference[weight.path].numpy()
+        if weight.shape != value.shape:  # the offsets: reference rows, then a zero row for the query
+            value = np.concatenate([value, weight.numpy()[-1:]], axis=0)
+        weight.assign(value)
+    query = dataclasses.replace(query, batches=np.full(query.n_cells, row, np.int32))
+    offsets = adapted.batch_offsets
+    if shrinkage is None and row == 1:
+        shrinkage = 1.0
+    if shrinkage is not None:
+        offsets.shrinkage_raw.assign(float(tfp.math.softplus_inverse(float(shrinkage))))
+    variables = [offsets.loc, offsets.scale_raw]
+    only_query = tf.one_hot(row, row + 1)[:, None]
+    optimizer = keras.optimizers.Adam(learning_rate)
+    total_counts = float(query.library_size.sum())
+
+    @tf.function
+    def step(batch):
+        with tf.GradientTape() as tape:
+            terms = adapted.elbo_terms(batch, training=False)
+            loss = terms["reconstruction"] + terms["kl_cell"] + offsets.kl() / total_counts
+        optimizer.apply([g * only_query for g in tape.gradient(loss, variables)], variables)
+        return loss
+
+    progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch")
+    for epoch in range(epochs):
+        for batch in query.dataset(batch_size, seed=epoch):
+            loss = step(batch)
+        progress.update(epoch + 1, [("loss", float(loss))])
+    return adapted
