@@ -21,18 +21,18 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 __version__ = "0.1.0"
 
 # Stages in the order data flows through them; each imports only the ones before it.
-from tfp_scmix import data  # noqa: E402
-from tfp_scmix.data import DataError, SCData, from_anndata  # noqa: E402
-from tfp_scmix import config, stream  # noqa: E402
-from tfp_scmix.config import Config  # noqa: E402
-from tfp_scmix.model import SCMix  # noqa: E402
-from tfp_scmix.ensemble import SCMixEnsemble  # noqa: E402
-from tfp_scmix.io import ModelFileError, load_model, save_model  # noqa: E402
-from tfp_scmix import callbacks, distribute  # noqa: E402
-from tfp_scmix.train import adapt, train  # noqa: E402
-from tfp_scmix.predict import predict  # noqa: E402
-from tfp_scmix.annotate import annotate  # noqa: E402
-from tfp_scmix import evaluate, explain  # noqa: E402
+from tfp_scmix import data
+from tfp_scmix.data import DataError, SCData, from_anndata
+from tfp_scmix import config, stream
+from tfp_scmix.config import Config
+from tfp_scmix.model import SCMix
+from tfp_scmix.ensemble import SCMixEnsemble
+from tfp_scmix.io import ModelFileError, load_model, save_model
+from tfp_scmix import callbacks, distribute
+from tfp_scmix.train import adapt, train
+from tfp_scmix.predict import predict
+from tfp_scmix.annotate import annotate
+from tfp_scmix import evaluate, explain
 
 __all__ = ["Config", "DataError", "ModelFileError", "SCData", "SCMix", "SCMixEnsemble", "adapt", "annotate",
            "callbacks", "config", "data", "distribute", "evaluate", "explain", "from_anndata", "load_model",

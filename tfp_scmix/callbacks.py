@@ -100,7 +100,7 @@ class StopOnDivergence(keras.callbacks.Callback):
 
     def _stop(self, what):
         restored = self._good if self._good is not None else self._pending
-        for variable, value in zip(self._state, restored):
+        for variable, value in zip(self._state, restored, strict=True):
             variable.assign(value)
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         where = "the last batch with a finite loss" if self._good is not None else "before the first batch"
@@ -192,7 +192,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         if len(randoms) != len(state["random_states"]):
             raise ModelFileError(f"the backup in {self.root} has {len(state['random_states'])} random-generator "
                                  f"states, the model {len(randoms)}; delete it to train from the start.")
-        for variable, value in zip(randoms, state["random_states"]):
+        for variable, value in zip(randoms, state["random_states"], strict=True):
             variable.assign(np.asarray(value, dtype=variable.dtype))
         self.model._initial_epoch = int(state["epoch"])  # how BackupAndRestore tells fit where to start
         logger.info("resuming training at epoch %d from %s", state["epoch"] + 1, self.root)

@@ -114,7 +114,7 @@ def extract_counts(adata, counts: str | None = None):
     Returns (csr float32 `[n_cells, n_genes]`, gene names). Refuses non-count data with an error that
     says how to point at the counts.
     """
-    first_error = None
+    first_error: DataError | None = None
     for where, matrix, var_names in _count_candidates(adata, counts):
         csr = _as_csr(matrix)
         try:
@@ -127,6 +127,7 @@ def extract_counts(adata, counts: str | None = None):
         if where != "adata.X":
             logger.info("using raw counts from %s", where)
         return csr.astype(np.float32), np.asarray(var_names, dtype=str)
+    assert first_error is not None  # the first candidate, adata.X, always exists
     raise first_error
 
 
@@ -329,19 +330,19 @@ class SCData:
         h.update(gene_fingerprint(self.genes).encode())
         return h.hexdigest()[:16]
 
-    def subset(self, index) -> "SCData":
+    def subset(self, index) -> SCData:
         """The cells at `index` (an integer array or boolean mask)."""
         index = np.asarray(index)
         return dataclasses.replace(self, counts=self.counts[index], labels=self.labels[index],
                                    batches=self.batches[index], obs_names=self.obs_names[index])
 
-    def hide_labels(self, keep) -> "SCData":
+    def hide_labels(self, keep) -> SCData:
         """A copy in which only the cells in `keep` (index or mask) keep their labels."""
         mask = np.zeros(self.n_cells, bool)
         mask[np.asarray(keep)] = True
         return dataclasses.replace(self, labels=np.where(mask, self.labels, UNLABELLED).astype(np.int32))
 
-    def select_genes(self, genes, min_fraction: float = 0.5) -> "SCData":
+    def select_genes(self, genes, min_fraction: float = 0.5) -> SCData:
         """Align to a gene vocabulary (a model's genes, or highly variable genes)."""
         counts, _ = align_genes(self.counts, self.genes, genes, min_fraction)
         return dataclasses.replace(self, counts=counts, genes=np.asarray(genes, dtype=str))

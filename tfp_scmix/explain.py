@@ -42,7 +42,7 @@ def topic_gene_table(model: SCMix | SCMixEnsemble, member: int | None = None) ->
 def _background(model: SCMix | SCMixEnsemble, member: int | None) -> pd.DataFrame:
     """Each explained topic's background profile (normalised) `[n_genes, n_topics]`: its member's."""
     columns = []
-    for prefix, m in _explained(model, member):
+    for _, m in _explained(model, member):
         background = np.exp(m.topics.background.numpy())
         columns.append(np.repeat((background / background.sum())[:, None], m.n_topics, axis=1))
     return pd.DataFrame(np.concatenate(columns, axis=1), index=model.genes, columns=topic_names(model, member))

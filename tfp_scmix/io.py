@@ -133,7 +133,7 @@ def _read_archive(path: Path):
 
 
 def load_model(path, compile: bool = True) -> SCMix | SCMixEnsemble:
-    """Load a saved SCMix (or SCMixEnsemble) with Keras's safe mode (no code from the file runs; no pickle in the format).
+    """Load a saved SCMix or SCMixEnsemble in Keras's safe mode (no code from the file runs; no pickle in the format).
 
     Raises `ModelFileError` for a missing, truncated or corrupt file, another kind of model, a file that
     asks to run code, or one from another version that this version cannot read (the message names the

@@ -20,8 +20,19 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from tfp_scmix.data import (BATCH, COUNTS, LABEL, DataError, SCData, align_genes, check_counts, data_path,
-                            encode_obs, gene_fingerprint, sparse_entries)
+from tfp_scmix.data import (
+    BATCH,
+    COUNTS,
+    LABEL,
+    DataError,
+    SCData,
+    align_genes,
+    check_counts,
+    data_path,
+    encode_obs,
+    gene_fingerprint,
+    sparse_entries,
+)
 
 
 def _read_elem(element):
@@ -172,7 +183,6 @@ class H5ADStream:
     def fingerprint(self) -> str:
         """Hash of the genes, labels, batches and per-cell and per-gene count sums (one pass over the file):
         identifies the data a model was trained on, as `SCData.fingerprint` does for data in memory."""
-        import hashlib
 
         library, gene_sums = self.summary()
         h = hashlib.sha256()

@@ -43,7 +43,7 @@ def sample_counts(n_cells=1000, n_genes=300, n_topics=6, n_classes=3, alpha=0.3,
         concentration[np.ix_(cell_class == c, topics)] += 3.0
     cell_topic = np.vstack([rng.dirichlet(a) for a in concentration])
     library = np.maximum(rng.lognormal(np.log(library_size), 0.4, n_cells).astype(int), 50)
-    counts = np.vstack([rng.multinomial(l, p) for l, p in zip(library, cell_topic @ topic_gene)])
+    counts = np.vstack([rng.multinomial(n, p) for n, p in zip(library, cell_topic @ topic_gene, strict=True)])
     labels = (np.log(cell_topic + 1e-12) @ class_weights.T).argmax(axis=1).astype(np.int32)
     if n_labelled is not None:
         labels[rng.permutation(n_cells)[n_labelled:]] = -1

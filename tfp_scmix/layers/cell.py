@@ -1,7 +1,6 @@
 """Cell branch: an amortized encoder from a cell's counts to a logistic-normal over topics."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 

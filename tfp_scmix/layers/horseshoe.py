@@ -126,7 +126,7 @@ class HorseshoePrior(keras.layers.Layer):
         """One reparameterized draw: (weights `[rows, cols]`, Monte Carlo KL(q || p) scalar)."""
         q, p = self.posteriors(), self.scale_priors()
         seeds = tfp.random.split_seed(seed, n=len(q))
-        draw = {name: dist.sample(seed=s) for (name, dist), s in zip(q.items(), seeds)}
+        draw = {name: dist.sample(seed=s) for (name, dist), s in zip(q.items(), seeds, strict=True)}
         kl = tf.reduce_sum(tfd.kl_divergence(q["w"], tfd.Normal(0.0, self.prior_scale(draw))))
         for name, prior in p.items():
             kl += tf.reduce_sum(q[name].log_prob(draw[name]) - prior.log_prob(draw[name]))
