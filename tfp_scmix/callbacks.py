@@ -132,7 +132,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
 
     STATE = "state.json"
 
-    def __init__(self, backup_dir, run: dict | None = None, delete_checkpoint: bool = True):
+    def __init__(self, backup_dir: str | Path, run: dict | None = None, delete_checkpoint: bool = True):
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=delete_checkpoint)
         self.run = dict(run or {})
         self.root = Path(backup_dir)

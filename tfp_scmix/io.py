@@ -16,9 +16,12 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
+import pandas as pd
 
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix, library_versions
@@ -32,8 +35,11 @@ class ModelFileError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on error remove it."""
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error remove it.
+
+    The folder is created if missing. The temporary name keeps `path`'s suffix (Keras and h5py check it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
@@ -46,7 +52,7 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def write_csv(frame, path, **kwargs):
+def write_csv(frame: pd.DataFrame, path: str | Path, **kwargs: Any) -> Path:
     """Write a DataFrame as CSV atomically; returns the path."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=kwargs.pop("index", False), **kwargs)
@@ -54,11 +60,12 @@ def write_csv(frame, path, **kwargs):
 
 
 @contextlib.contextmanager
-def atomic_directory(path, overwrite: bool = False):
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path` that becomes `path` only when the block succeeds.
 
     A failure (or a crash) inside the block leaves `path` as it was: absent, or the previous export.
     With `overwrite`, an existing `path` is swapped out by renames and deleted after the new one is in place.
+    Raises FileExistsError when `path` exists and `overwrite` is false.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -80,7 +87,7 @@ def atomic_directory(path, overwrite: bool = False):
         raise
 
 
-def check_model_path(path) -> Path:
+def check_model_path(path: str | Path) -> Path:
     """`path` as a Path if a model can be saved there (before any training), else ModelFileError.
 
     A model file must end in ".keras" (Keras 3's archive, the only format `load_model` reads) and its
@@ -100,7 +107,7 @@ def check_model_path(path) -> Path:
     return path
 
 
-def save_model(model: SCMix | SCMixEnsemble, path) -> Path:
+def save_model(model: SCMix | SCMixEnsemble, path: str | Path) -> Path:
     """Save `model` as a .keras archive at `path`, atomically; returns the path.
 
     Raises ModelFileError for a path `load_model` would not read (see `check_model_path`).
@@ -111,7 +118,7 @@ def save_model(model: SCMix | SCMixEnsemble, path) -> Path:
     return path
 
 
-def _read_archive(path: Path):
+def _read_archive(path: Path) -> tuple[dict, dict]:
     """(config, metadata) of a .keras archive, or ModelFileError for a file that is not one."""
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
@@ -132,7 +139,7 @@ def _read_archive(path: Path):
     return config, metadata
 
 
-def load_model(path, compile: bool = True) -> SCMix | SCMixEnsemble:
+def load_model(path: str | Path, compile: bool = True) -> SCMix | SCMixEnsemble:
     """Load a saved SCMix or SCMixEnsemble in Keras's safe mode (no code from the file runs; no pickle in the format).
 
     Raises `ModelFileError` for a missing, truncated or corrupt file, another kind of model, a file that

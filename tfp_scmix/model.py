@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -34,7 +35,7 @@ def provenance(data: SCData | H5ADStream) -> dict[str, Any]:
     return {**library_versions(), "data_fingerprint": data.fingerprint(), "n_cells": int(data.n_cells)}
 
 
-def topic_features(log_cell_topic):
+def topic_features(log_cell_topic: tf.Tensor | np.ndarray) -> tf.Tensor:
     """Classifier input: centred log topic proportions `[batch, n_topics]` (the centred log-ratio).
 
     Centring removes each cell's arbitrary log-scale offset, so that the prior on the class weights
@@ -69,7 +70,8 @@ class SCMix(keras.Model):
     Raises ValueError for fewer than two classes or a data size below 1.
     """
 
-    def __init__(self, genes, class_names, config: Config | dict | None = None, *, n_cells: int, n_labelled: int,
+    def __init__(self, genes: Sequence[str], class_names: Sequence[str], config: Config | dict | None = None, *,
+                 n_cells: int, n_labelled: int,
                  total_counts: float, n_batches: int, seed: int = 0, adapted_batch: int | None = None,
                  provenance: dict | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -170,7 +172,8 @@ class SCMix(keras.Model):
             batch_ids = tf.fill(tf.shape(counts, out_type=tf.int64)[:1], fill)
         return counts, tf.cast(batch_ids, tf.int32)
 
-    def encode(self, counts, batch_ids, training=False):
+    def encode(self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor,
+               training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out."""
         return self.encoder(counts, batch_ids, self.batch_offsets.loc, training=training)
 
@@ -222,8 +225,14 @@ class SCMix(keras.Model):
         return float(loss)
 
     # -- the loss -------------------------------------------------------------------------------
-    def elbo_terms(self, inputs, training=False):
-        """Named terms of the negative ELBO for one minibatch (scalars), plus diagnostics."""
+    def elbo_terms(self, inputs: dict, training: bool = False) -> dict[str, Any]:
+        """Named terms of the negative ELBO for one minibatch (scalars), plus diagnostics.
+
+        inputs: a minibatch dict {"counts" [batch, n_genes], "label" [batch] (-1 unknown), "batch" [batch]}.
+        Returns {"reconstruction", "kl_cell", "kl_topic", "kl_class", "kl_batch", "label_nll", "loss"} (nats per
+        count for the count terms, per labelled cell for the label terms; see the class docstring),
+        "label_accuracy" (hits, labelled cells) and "topic_usage" (exp of the entropy of the mean topic use).
+        """
         s = self.settings
         counts, batch_ids = self._unpack(inputs)
         counts = as_sparse(counts)
@@ -305,7 +314,7 @@ class SCMix(keras.Model):
         self.built = built
         self.build_optimizers()
 
-    def build_optimizers(self):
+    def build_optimizers(self) -> None:
         """Build both optimizers over their own variable groups (so a saved optimizer state loads)."""
         others, classifier = self._variable_groups()
         self.optimizer.build(others)
