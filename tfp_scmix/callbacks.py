@@ -72,8 +72,11 @@ class StopOnDivergence(keras.callbacks.Callback):
     def __init__(self, monitor: str = "loss", raise_error: bool = False):
         super().__init__()
         self.monitor, self.raise_error = monitor, raise_error
-        self.message = None
-        self._epoch, self._pending, self._good, self._state = 0, None, None, []
+        self.message: str | None = None
+        self._epoch = 0
+        self._pending: list[np.ndarray] = []  # the state before the current batch
+        self._good: list[np.ndarray] | None = None  # the state before the last batch with a finite loss
+        self._state: list = []
 
     def on_train_begin(self, logs=None):
         self.message, self._good = None, None

@@ -50,6 +50,7 @@ def train(args) -> None:
     check_model_path(args.out)  # before hours of training, not after
     options = dict(counts=args.counts, label_key=args.label_key, batch_key=args.batch_key,
                    unknown=args.unknown or ())
+    data: scm.SCData | H5ADStream
     if args.stream:
         data = H5ADStream(args.data, **{**options, "counts": args.counts or "X"})
     else:

@@ -108,7 +108,7 @@ def marker_score(model: SCMix | SCMixEnsemble, markers: dict, n_genes: int = 30,
     markers: {class name: [genes]}. Returns (score, DataFrame of class, marker, found).
     """
     table = class_genes(model, n_genes, by, member)
-    rows = []
+    rows: list[tuple[str, str, bool]] = []
     for cls, genes in markers.items():
         top = set(table.loc[table["class"] == cls, "gene"])
         rows.extend((cls, g, g in top) for g in genes)
