@@ -11,11 +11,18 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+if TYPE_CHECKING:  # annotations only: importing this module stays free of TensorFlow and anndata
+    import anndata
+    import tensorflow as tf
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger("tfp_scmix")
 
@@ -35,7 +42,10 @@ class DataError(ValueError):
 
 
 def data_path(name: str) -> Path:
-    """Path of a dataset file: `name` itself if it exists, else `$TFP_SCMIX_DATA/name`."""
+    """Path of a dataset file: `name` itself if it exists, else `$TFP_SCMIX_DATA/name`.
+
+    Raises DataError when neither exists; the message says where it looked.
+    """
     path = Path(name)
     if path.exists():
         return path
@@ -47,9 +57,11 @@ def data_path(name: str) -> Path:
                     f"Pass a path to an .h5ad file or set {DATA_DIR_ENV} to its folder.")
 
 
-def read_h5ad(path, backed: str | None = None):
-    """Read an .h5ad file (`backed="r"`: leave the counts on disk) with an error that names the file when it
-    is missing, truncated or corrupt (DataError)."""
+def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndata.AnnData:
+    """Read an .h5ad file (`backed="r"`: leave the counts on disk); `path` as for `data_path`.
+
+    Raises DataError, naming the file, when it is missing, truncated or corrupt.
+    """
     import anndata
 
     path = data_path(str(path))
@@ -60,7 +72,7 @@ def read_h5ad(path, backed: str | None = None):
                         "The file may be truncated or corrupt: copy or download it again.") from err
 
 
-def _as_csr(matrix) -> sp.csr_matrix:
+def _as_csr(matrix: Any) -> sp.csr_matrix:
     if sp.issparse(matrix):
         return sp.csr_matrix(matrix)
     if hasattr(matrix, "to_memory"):  # anndata backed datasets
@@ -69,7 +81,11 @@ def _as_csr(matrix) -> sp.csr_matrix:
 
 
 def check_counts(counts: sp.csr_matrix, where: str) -> None:
-    """Raise `DataError` unless `counts` are finite, non-negative integers."""
+    """Check that `counts` (CSR `[n_cells, n_genes]`) are raw counts: finite, non-negative integers.
+
+    Only the stored entries are read. `where` names the matrix in the messages. Raises DataError for NaN or
+    infinite values, negative values (scaled data) or non-integers (log-normalised data).
+    """
     values = counts.data
     if values.size == 0:
         return
@@ -86,7 +102,7 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
                         "or counts='raw' for adata.raw.X.")
 
 
-def _count_candidates(adata, counts):
+def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tuple[str, Any, Any]]:
     """Yield (description, matrix, var_names) for the count slot(s) to try, in order."""
     if counts == "X":
         yield "adata.X", adata.X, adata.var_names
@@ -108,11 +124,13 @@ def _count_candidates(adata, counts):
             yield "adata.raw.X", adata.raw.X, adata.raw.var_names
 
 
-def extract_counts(adata, counts: str | None = None):
+def extract_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """Find raw counts in an AnnData: `counts` names the slot ("X", "raw" or a layer), else detect.
 
-    Returns (csr float32 `[n_cells, n_genes]`, gene names). Refuses non-count data with an error that
-    says how to point at the counts.
+    Detection tries adata.X, then the layers "counts", "raw_counts" and "umi", then adata.raw.X, and takes
+    the first that holds raw counts. Returns (CSR float32 `[n_cells, n_genes]`, gene names `[n_genes]`).
+    Raises DataError when the named slot is missing or holds non-count data (or, when detecting, when no
+    slot holds counts: the error of adata.X); the message says how to point at the counts.
     """
     first_error: DataError | None = None
     for where, matrix, var_names in _count_candidates(adata, counts):
@@ -136,21 +154,30 @@ def extract_counts(adata, counts: str | None = None):
 # --------------------------------------------------------------------------------------------
 
 
-def gene_fingerprint(genes) -> str:
-    """A short hash of the ordered gene list, so a client can check that its genes match."""
+def gene_fingerprint(genes: Iterable[str]) -> str:
+    """A short hash of the ordered gene list, so a client can check that its genes match.
+
+    The first 16 hex digits of the SHA-256 of the gene names joined by newlines (UTF-8).
+    """
     return hashlib.sha256("\n".join(map(str, genes)).encode()).hexdigest()[:16]
 
 
-def _looks_like_ensembl(genes) -> float:
+def _looks_like_ensembl(genes: Any) -> float:
     return float(np.mean([str(g).startswith("ENS") for g in genes[:2000]])) if len(genes) else 0.0
 
 
-def align_genes(counts: sp.csr_matrix, genes, vocabulary, min_fraction: float = 0.5):
+def align_genes(counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | np.ndarray,
+                min_fraction: float = 0.5) -> tuple[sp.csr_matrix, float]:
     """Reorder `counts` columns to `vocabulary`; genes the data lacks are zero columns.
 
-    Returns (csr `[n_cells, len(vocabulary)]`, fraction of the vocabulary present). Raises when fewer
-    than `min_fraction` of the vocabulary's genes are in the data.
+    counts: CSR `[n_cells, n_genes]` whose columns are `genes` `[n_genes]` (a list, array or pandas Index
+    of names); vocabulary: `[n_vocabulary]` names. Returns (CSR float32 `[n_cells, n_vocabulary]` with
+    sorted indices, fraction of the vocabulary present, in [0, 1]); logs a warning when that fraction is
+    below 1. Raises DataError when `genes` has duplicates, or when fewer than `min_fraction` of the
+    vocabulary's genes are in the data (with a hint when the two use different identifiers or look like
+    different species).
     """
+    # `genes` is typed Any: it is rebound to a pandas Index here, and pandas has no type stubs in this setup.
     genes = pd.Index(np.asarray(genes, dtype=str))
     vocabulary = np.asarray(vocabulary, dtype=str)
     if genes.has_duplicates:
@@ -182,9 +209,13 @@ def align_genes(counts: sp.csr_matrix, genes, vocabulary, min_fraction: float = 
     return aligned.astype(np.float32), fraction
 
 
-def highly_variable_genes(counts: sp.csr_matrix, genes, n_top: int = 2000, n_bins: int = 20):
-    """Names of the `n_top` most variable genes (Seurat-style normalised dispersion of log1p CP10k).
+def highly_variable_genes(counts: sp.csr_matrix, genes: Sequence[str] | np.ndarray, n_top: int = 2000,
+                          n_bins: int = 20) -> np.ndarray:
+    """Names of the `n_top` most variable genes `[min(n_top, n_genes)]`, in their order in `genes`.
 
+    counts: CSR `[n_cells, n_genes]` raw counts; genes: `[n_genes]` names. The score is the Seurat-style normalised
+    dispersion (Satija et al. 2015) of log1p counts per 10,000 (CP10k): the log of variance / mean of
+    each gene, standardised within `n_bins` equal-width bins of the mean.
     Only counts are used, never labels, so it is safe on every cell of a dataset.
     """
     library = np.asarray(counts.sum(axis=1)).ravel()
@@ -214,10 +245,14 @@ def highly_variable_genes(counts: sp.csr_matrix, genes, n_top: int = 2000, n_bin
 # --------------------------------------------------------------------------------------------
 
 
-def encode_labels(values, classes=None, unknown=()):
-    """Map label values to class ids; NaN, None, "" and any value in `unknown` become -1.
+def encode_labels(values: ArrayLike | pd.Series | pd.Categorical, classes: Sequence[str] | None = None,
+                  unknown: ArrayLike = ()) -> tuple[np.ndarray, list[str]]:
+    """Map label values `[n_cells]` to class ids; NaN, None, "" and any value in `unknown` become -1.
 
-    Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes).
+    Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes);
+    without it the classes are the categories of a categorical column (in their order) or the sorted
+    labels. Raises DataError when, without `classes`, fewer than two classes are labelled, or when a
+    label is not among `classes`.
     """
     series = pd.Series(np.asarray(values, dtype=object))
     missing = series.isna() | series.astype(str).str.strip().isin({"", "nan", "NaN", "None"})
@@ -243,19 +278,21 @@ def encode_labels(values, classes=None, unknown=()):
     return ids, classes
 
 
-def encode_batches(values) -> tuple[np.ndarray, list[str]]:
+def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
     """Map batch values (dataset, donor) to ids: (int32 ids `[n_cells]`, batch names in sorted order)."""
     codes = pd.Categorical(np.asarray(values).astype(str))
     return codes.codes.astype(np.int32), [str(c) for c in codes.categories]
 
 
-def encode_obs(columns, column, n_cells: int, label_key: str | None, batch_key: str | None, unknown=(),
-               classes=None, where: str = "the data"):
+def encode_obs(columns: Collection[str], column: Callable[[str], Any], n_cells: int, label_key: str | None,
+               batch_key: str | None, unknown: ArrayLike = (), classes: Sequence[str] | None = None,
+               where: str = "the data") -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """Labels and batches from a dataset's obs columns, the one place both AnnData and streams encode them.
 
     columns: the obs column names; column(name): that column's values `[n_cells]`. Returns (labels int32
     `[n_cells]` (-1 unknown), class names, batch ids int32 `[n_cells]`, batch names); without `batch_key`
-    every cell is in batch "0". Raises DataError for a missing column or a label column of one class.
+    every cell is in batch "0". Raises DataError for a missing column, a label column of fewer than two
+    classes, or labels outside `classes` (see `encode_labels`). `where` names the dataset in the messages.
     """
     if label_key is not None:
         if label_key not in columns:
@@ -278,7 +315,7 @@ def encode_obs(columns, column, n_cells: int, label_key: str | None, batch_key: 
 # --------------------------------------------------------------------------------------------
 
 
-def sparse_entries(counts: sp.csr_matrix):
+def sparse_entries(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """(indices int64 `[nnz, 2]` (cell, gene), values float32 `[nnz]`) of a CSR minibatch, in canonical order."""
     cells = np.repeat(np.arange(counts.shape[0], dtype=np.int64), np.diff(counts.indptr))
     return np.stack([cells, counts.indices.astype(np.int64)], axis=1), counts.data.astype(np.float32, copy=False)
@@ -288,7 +325,7 @@ def sparse_entries(counts: sp.csr_matrix):
 class SCData:
     """Validated counts with labels and batches.
 
-    counts: CSR float32 `[n_cells, n_genes]` raw counts; genes: `[n_genes]` names;
+    counts: CSR float32 `[n_cells, n_genes]` raw counts (UMIs); genes: `[n_genes]` names;
     labels: int32 `[n_cells]` class ids, -1 where unknown; classes: class names;
     batches: int32 `[n_cells]` batch ids; batch_names: names of the batches; obs_names: `[n_cells]`.
     """
@@ -296,9 +333,9 @@ class SCData:
     counts: sp.csr_matrix
     genes: np.ndarray
     labels: np.ndarray
-    classes: list
+    classes: list[str]
     batches: np.ndarray
-    batch_names: list
+    batch_names: list[str]
     obs_names: np.ndarray
 
     @property
@@ -319,7 +356,7 @@ class SCData:
 
     @property
     def library_size(self) -> np.ndarray:
-        """`[n_cells]` total counts per cell."""
+        """`[n_cells]` total counts (UMIs) per cell."""
         return np.asarray(self.counts.sum(axis=1)).ravel()
 
     def fingerprint(self) -> str:
@@ -330,24 +367,27 @@ class SCData:
         h.update(gene_fingerprint(self.genes).encode())
         return h.hexdigest()[:16]
 
-    def subset(self, index) -> SCData:
+    def subset(self, index: ArrayLike) -> SCData:
         """The cells at `index` (an integer array or boolean mask)."""
         index = np.asarray(index)
         return dataclasses.replace(self, counts=self.counts[index], labels=self.labels[index],
                                    batches=self.batches[index], obs_names=self.obs_names[index])
 
-    def hide_labels(self, keep) -> SCData:
+    def hide_labels(self, keep: ArrayLike) -> SCData:
         """A copy in which only the cells in `keep` (index or mask) keep their labels."""
         mask = np.zeros(self.n_cells, bool)
         mask[np.asarray(keep)] = True
         return dataclasses.replace(self, labels=np.where(mask, self.labels, UNLABELLED).astype(np.int32))
 
-    def select_genes(self, genes, min_fraction: float = 0.5) -> SCData:
-        """Align to a gene vocabulary (a model's genes, or highly variable genes)."""
+    def select_genes(self, genes: Sequence[str] | np.ndarray, min_fraction: float = 0.5) -> SCData:
+        """Align to a gene vocabulary `[n_vocabulary]` (a model's genes, or highly variable genes).
+
+        Raises DataError as `align_genes` does (fewer than `min_fraction` of the genes present).
+        """
         counts, _ = align_genes(self.counts, self.genes, genes, min_fraction)
         return dataclasses.replace(self, counts=counts, genes=np.asarray(genes, dtype=str))
 
-    def minibatches(self, index_batches):
+    def minibatches(self, index_batches: tf.data.Dataset) -> tf.data.Dataset:
         """Minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]} for a tf.data of
         cell-index batches `[B]` (int64), in their order."""
         import tensorflow as tf
@@ -358,7 +398,9 @@ class SCData:
         batches = tf.constant(self.batches, tf.int32)
         n_genes = self.n_genes
 
-        def rows(index):  # scipy's row indexing of the CSR matrix: 2.4x less CPU than gathering ragged tensors
+        # scipy's row indexing of the CSR matrix: less CPU than gathering ragged tensors (measured in
+        # docs/performance.md, "What changed since the first grid").
+        def rows(index):
             return sparse_entries(csr[index])
 
         def gather(index):
@@ -371,8 +413,13 @@ class SCData:
 
         return index_batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
-    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, repeat: bool = False):
-        """tf.data of minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]}."""
+    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+                repeat: bool = False) -> tf.data.Dataset:
+        """tf.data of minibatch dicts {"counts": float32 SparseTensor [B, n_genes], "label": int32 [B],
+        "batch": int32 [B]}, B = `batch_size` (the last batch of a pass may be smaller).
+
+        shuffle: reshuffle the cells every pass, seeded by `seed`; repeat: pass over the cells forever.
+        """
         import tensorflow as tf
 
         ds = tf.data.Dataset.range(self.n_cells)
@@ -383,15 +430,22 @@ class SCData:
         return self.minibatches(ds.batch(batch_size))
 
 
-def from_anndata(adata, counts: str | None = None, label_key: str | None = "cell_type",
-                 batch_key: str | None = None, unknown=(), genes=None, classes=None,
+def from_anndata(adata: anndata.AnnData | str | os.PathLike[str], counts: str | None = None,
+                 label_key: str | None = "cell_type", batch_key: str | None = None, unknown: ArrayLike = (),
+                 genes: Sequence[str] | np.ndarray | None = None, classes: Sequence[str] | None = None,
                  min_gene_fraction: float = 0.5, allow_empty_cells: bool = False) -> SCData:
     """Validated `SCData` from an AnnData object or an .h5ad path.
 
     counts: "X", "raw", a layer name, or None to detect raw counts. label_key: obs column with cell
     types (missing labels: NaN, "" or values in `unknown`); None for no labels. batch_key: obs column
     with batch/dataset ids. genes: align to this vocabulary (a model's `genes`); classes: fix the class
-    order (a model's `class_names`).
+    order (a model's `class_names`). min_gene_fraction: with `genes`, the fraction of them that must be in
+    the data; allow_empty_cells: keep cells with no counts over the genes.
+
+    Raises DataError when the file cannot be read, the dataset is empty, no raw counts are found
+    (`extract_counts`), gene names are duplicated or too few of `genes` are present (`align_genes`),
+    some cells have no counts (unless `allow_empty_cells`), or the obs columns or labels are unusable
+    (`encode_obs`).
     """
     if isinstance(adata, (str, os.PathLike)):
         adata = read_h5ad(adata)
@@ -414,7 +468,7 @@ def from_anndata(adata, counts: str | None = None, label_key: str | None = "cell
                   batch_names, np.asarray(adata.obs_names, dtype=str))
 
 
-def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0):
+def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0) -> tf.data.Dataset:
     """tf.data of the minibatches of epochs `initial_epoch` .. `epochs - 1`, one epoch after another.
 
     Epoch e visits the cells in the order of TensorFlow's stateless shuffle keyed by (seed, e), whatever
