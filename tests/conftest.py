@@ -5,15 +5,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-from tfp_scmix.data import from_anndata
+import tfp_scmix as scm
 from tfp_scmix.datasets import pbmc68k_reduced
-from tfp_scmix.synthetic import sample_counts
+from tfp_scmix.synthetic import sample_counts, to_anndata
 
 
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded real dataset as SCData."""
-    return from_anndata(pbmc68k_reduced())
+    return scm.from_anndata(pbmc68k_reduced())
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +28,29 @@ def synthetic():
 
 
 @pytest.fixture(scope="session")
-def small_model(embedded):
-    """A quickly trained model on the embedded dataset (150 labels), shared by several tests."""
-    from tfp_scmix.cli import train_model
+def synthetic_file(tmp_path_factory):
+    """(SCData, .h5ad path) of counts from the model's generative process, with unknown labels and two
+    batches in obs["donor"] (d1: every third cell, d2: the others)."""
+    data, _ = sample_counts(n_cells=700, n_genes=120, n_topics=4, n_classes=3, n_labelled=200, seed=5)
+    adata = to_anndata(data)
+    adata.obs["donor"] = np.where(np.arange(data.n_cells) % 3 == 0, "d1", "d2")
+    path = tmp_path_factory.mktemp("stream") / "synthetic.h5ad"
+    adata.write_h5ad(path)
+    return data, path
 
+
+@pytest.fixture(scope="session")
+def small_model(embedded):
+    """A quickly trained model on the embedded dataset (150 labels), shared by several tests: what
+    `scm.train` returns for one restart (an SCMixEnsemble of one SCMix)."""
     labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
-    return train_model(embedded.hide_labels(labelled), epochs=5, batch_size=128, verbose=0, n_topics=12,
-                       restarts=1)
+    return scm.train(embedded.hide_labels(labelled), scm.Config(n_topics=12, batch_size=128), epochs=5,
+                     restarts=1, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def two_restarts(embedded):
+    """An SCMixEnsemble of two restarts (seeds 5 and 6) on the embedded dataset (150 labels)."""
+    labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
+    return scm.train(embedded.hide_labels(labelled), scm.Config(n_topics=8, batch_size=128, classifier_steps=200),
+                     epochs=4, restarts=2, seed=5, verbose=0)

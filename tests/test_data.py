@@ -129,3 +129,37 @@ def test_corrupt_h5ad(tmp_path):
 def test_real_embedded_dataset(embedded):
     assert (embedded.n_cells, embedded.n_genes, embedded.n_classes) == (700, 765, 10)
     assert embedded.n_labelled == 700 and len(embedded.fingerprint()) == 16
+
+
+def test_epoch_batches_depend_on_the_epoch_alone(embedded):
+    """What a resumed run relies on: epochs 2 and 3 started at epoch 2 are those of a run started at 0;
+    every epoch visits every cell once, in its own order."""
+    import dataclasses
+
+    from tfp_scmix.data import epoch_batches
+
+    # Each cell's "label" is its own index, so that a minibatch's labels name its cells.
+    data = dataclasses.replace(embedded.subset(np.arange(300)), labels=np.arange(300, dtype=np.int32))
+
+    def labels_of(batches):
+        return [b["label"].numpy() for b in batches]
+
+    whole = labels_of(epoch_batches(data, 64, seed=3, epochs=4))
+    resumed = labels_of(epoch_batches(data, 64, seed=3, epochs=4, initial_epoch=2))
+    assert len(whole) == 4 * 5 and len(resumed) == 2 * 5
+    for a, b in zip(whole[10:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    epochs = [np.concatenate(whole[5 * e:5 * (e + 1)]) for e in range(4)]
+    for order in epochs:
+        np.testing.assert_array_equal(np.sort(order), np.arange(300))
+    assert not np.array_equal(epochs[0], epochs[1])
+    other_seed = labels_of(epoch_batches(data, 64, seed=4, epochs=1))
+    assert not np.array_equal(np.concatenate(other_seed), epochs[0])
+
+
+def test_read_h5ad_backed_leaves_the_counts_on_disk(tmp_path):
+    path = tmp_path / "small.h5ad"
+    make_adata(COUNTS, labels=["a", "b", "a", "b"]).write_h5ad(path)
+    backed = read_h5ad(path, backed="r")
+    assert backed.isbacked and backed.shape == (4, 4)
+    assert np.array_equal(from_anndata(backed.to_memory()).counts.toarray(), COUNTS)

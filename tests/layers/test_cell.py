@@ -1,0 +1,39 @@
+import numpy as np
+import tensorflow as tf
+
+from tests.layers.helpers import normal_kl, roundtrip
+from tfp_scmix.layers import CellEncoder
+from tfp_scmix.layers.cell import laplace_dirichlet_prior
+
+
+def test_laplace_prior_matches_formula():
+    loc, scale = laplace_dirichlet_prior(0.5, 5)
+    assert np.allclose(loc, 0)
+    assert np.allclose(scale.numpy() ** 2, (1 - 2 / 5) / 0.5 + 5 / 0.5 / 25)
+
+
+def test_cell_encoder_kl_against_hand_formula():
+    enc = CellEncoder(20, 5, hidden_units=8)
+    counts = tf.sparse.from_dense(tf.constant(np.random.default_rng(0).poisson(2, (3, 20)).astype(np.float32)))
+    loc, scale = enc(counts)
+    assert loc.shape == (3, 5) and np.all(scale.numpy() > 0)
+    dense_loc, _ = enc(tf.sparse.to_dense(counts))
+    assert np.allclose(loc, dense_loc, atol=1e-5)
+    shift = np.full((3, 5), 0.3, np.float32)
+    p_loc, p_scale = (t.numpy() for t in enc.prior())
+    expected = normal_kl(loc.numpy(), scale.numpy(), p_loc + shift, p_scale).sum(1)
+    assert np.allclose(enc.kl(loc, scale, shift).numpy(), expected, rtol=1e-4)
+    roundtrip(enc)
+
+
+def test_cell_encoder_sparse_and_dense_products_agree():
+    """Minibatches above DENSE_BATCH_LIMIT entries are multiplied sparse; both paths give the same posterior."""
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(0.5, (64, 300)).astype(np.float32)
+    sparse = tf.sparse.from_dense(counts)
+    encoder = CellEncoder(300, 6)
+    dense_loc, dense_scale = encoder(sparse)
+    encoder.DENSE_BATCH_LIMIT = 0  # every minibatch is now "wide"
+    sparse_loc, sparse_scale = encoder(sparse)
+    np.testing.assert_allclose(sparse_loc.numpy(), dense_loc.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sparse_scale.numpy(), dense_scale.numpy(), rtol=1e-4, atol=1e-5)
