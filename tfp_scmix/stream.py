@@ -4,7 +4,8 @@
 or of `raw/X`) with h5py, a chunk of rows at a time, aligns the genes to a vocabulary and feeds tf.data
 with the same minibatch dicts as `SCData.dataset`: {"counts": SparseTensor [B, G], "label": int32 [B],
 "batch": int32 [B]}. Memory is bounded by the chunk, buffer and batch sizes, not by the dataset: of each
-cell only its label and batch id (8 bytes) are held in memory.
+cell only its label and batch id (8 bytes) are held in memory, and its library size (8 more) once
+`summary` has run.
 
 Shuffling is two-level, as for data too large to permute in memory: the order of the chunks is permuted
 every epoch, and the rows of each buffer of `buffer_chunks` chunks are permuted before they are batched.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -34,20 +37,32 @@ from tfp_scmix.data import (
     sparse_entries,
 )
 
+if TYPE_CHECKING:  # annotations only: TensorFlow is imported when a dataset is built
+    import os
 
-def _read_elem(element):
+    import tensorflow as tf
+    from numpy.typing import ArrayLike
+
+    # One minibatch as numpy: (indices int64 [nnz, 2], values float32 [nnz], labels int32 [B], batches int32 [B]).
+    NumpyBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _read_elem(element: Any) -> Any:
     import anndata.io
 
     return anndata.io.read_elem(element)
 
 
-def _index(group) -> np.ndarray:
+def _index(group: h5py.Group) -> np.ndarray:
     """The index (obs or var names) of an AnnData dataframe group."""
     return np.asarray(_read_elem(group[group.attrs["_index"]]), dtype=str)
 
 
-def _counts_element(f, counts):
-    """(h5py element of the count matrix, var group holding its gene names, description)."""
+def _counts_element(f: h5py.File, counts: str | None) -> tuple[Any, h5py.Group, str]:
+    """(h5py element of the count matrix, var group holding its gene names, description).
+
+    Raises DataError when `counts` names a raw matrix or a layer that the file lacks.
+    """
     if counts in (None, "X"):
         return f["X"], f["var"], "X"
     if counts == "raw":
@@ -64,16 +79,25 @@ def _counts_element(f, counts):
 class H5ADStream:
     """Counts of an .h5ad file read from disk in chunks of `chunk_cells` rows.
 
+    path: an .h5ad file (HDF5, not zarr), or a name found by `tfp_scmix.data.data_path`.
     counts: "X" (default), "raw" or a layer name, holding raw integer counts stored as CSR (or dense).
     label_key / unknown / classes / batch_key: as in `tfp_scmix.data.from_anndata`. genes: align to this
-    vocabulary (a model's `genes`); genes the file lacks are zero columns.
+    vocabulary (a model's `genes`); genes the file lacks are zero columns; min_gene_fraction: the fraction
+    of them that must be in the file. chunk_cells: rows (cells) read at a time.
 
     Attributes: genes `[n_genes]`, classes, labels int32 `[n_cells]` (-1 where unknown), batches int32
     `[n_cells]`, batch_names, n_cells, n_genes, n_classes, n_labelled.
+
+    Raises ValueError when `chunk_cells` < 1; DataError when the file is missing or cannot be opened as
+    HDF5, the raw matrix or layer named by `counts` is missing, the counts are stored sparse but not as
+    CSR, gene names are duplicated or too few of `genes` are in the file, or the obs columns or labels are
+    unusable (`encode_obs`). The counts themselves are checked chunk by chunk as they are read
+    (`tfp_scmix.data.check_counts`).
     """
 
-    def __init__(self, path, counts="X", label_key="cell_type", batch_key=None, unknown=(), genes=None,
-                 classes=None, min_gene_fraction=0.5, chunk_cells=8192):
+    def __init__(self, path: str | os.PathLike[str], counts: str | None = "X", label_key: str | None = "cell_type",
+                 batch_key: str | None = None, unknown: ArrayLike = (), genes: Sequence[str] | np.ndarray | None = None,
+                 classes: Sequence[str] | None = None, min_gene_fraction: float = 0.5, chunk_cells: int = 8192) -> None:
         self.path = data_path(str(path))
         if chunk_cells < 1:
             raise ValueError(f"chunk_cells must be positive, received {chunk_cells}")
@@ -113,8 +137,9 @@ class H5ADStream:
                 names, lambda key: _read_elem(obs[key]), n_cells, label_key, batch_key, unknown, classes,
                 str(self.path))
         self.genes = np.asarray(genes, dtype=str)
-        self._library = None
-        self._gene_sums = None
+        # Cached by `summary`, both at once; _gene_sums is typed Any as mypy cannot tie its None to _library's.
+        self._library: np.ndarray | None = None  # [n_cells]
+        self._gene_sums: Any = None  # [n_genes]
 
     @property
     def n_cells(self) -> int:
@@ -141,12 +166,15 @@ class H5ADStream:
         return stream
 
     # -- reading ---------------------------------------------------------------------------------
-    def _open(self):
+    def _open(self) -> tuple[h5py.File, Any]:
         f = h5py.File(self.path, "r")
         return f, _counts_element(f, self.counts_key)[0]
 
-    def _read(self, matrix, start, stop) -> sp.csr_matrix:
-        """Rows `start:stop` as CSR float32 `[stop - start, n_genes]` in the vocabulary's gene order."""
+    def _read(self, matrix: Any, start: int, stop: int) -> sp.csr_matrix:
+        """Rows `start:stop` as CSR float32 `[stop - start, n_genes]` in the vocabulary's gene order.
+
+        Raises DataError when they are not raw counts (`check_counts`).
+        """
         if self._csr:
             pointers = matrix["indptr"][start:stop + 1].astype(np.int64)
             lo, hi = int(pointers[0]), int(pointers[-1])
@@ -160,8 +188,11 @@ class H5ADStream:
         rows.sort_indices()
         return rows
 
-    def chunks(self, order=None):
-        """Yield (row ids `[rows]`, CSR float32 `[rows, n_genes]`) chunk by chunk; `order` lists chunk starts."""
+    def chunks(self, order: Sequence[int] | np.ndarray | None = None) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        """Yield (row ids `[rows]`, CSR float32 `[rows, n_genes]`) chunk by chunk; `order` lists chunk starts.
+
+        Raises DataError for a chunk that is not raw counts (`check_counts`).
+        """
         starts = np.arange(0, self.n_cells, self.chunk_cells) if order is None else order
         f, matrix = self._open()
         with f:
@@ -169,8 +200,9 @@ class H5ADStream:
                 stop = min(int(start) + self.chunk_cells, self.n_cells)
                 yield np.arange(start, stop), self._read(matrix, int(start), stop)
 
-    def summary(self):
-        """(library sizes `[n_cells]`, total counts per gene `[n_genes]`) from one pass over the file."""
+    def summary(self) -> tuple[np.ndarray, np.ndarray]:
+        """(library sizes `[n_cells]`, total counts per gene `[n_genes]`), float64 counts (UMIs), from one
+        pass over the file on the first call, then cached."""
         if self._library is None:
             library = np.zeros(self.n_cells, np.float64)
             gene_sums = np.zeros(self.n_genes, np.float64)
@@ -196,10 +228,11 @@ class H5ADStream:
         """`[n_cells]` total counts per cell (one pass over the file, then cached)."""
         return self.summary()[0]
 
-    def to_data(self, index=None) -> SCData:
-        """The cells at `index` (default: every labelled cell) read into memory as `SCData`.
+    def to_data(self, index: ArrayLike | None = None) -> SCData:
+        """The cells at `index` (row ids; default: every labelled cell) read into memory as `SCData`.
 
-        Meant for small subsets, e.g. the labelled cells for `SCMix.fit_classifier`.
+        The cells come in increasing row order, whatever the order of `index`. Meant for small subsets,
+        e.g. the labelled cells for `SCMix.fit_classifier`.
         """
         index = np.flatnonzero(self.labels >= 0) if index is None else np.sort(np.asarray(index))
         parts = []
@@ -212,11 +245,14 @@ class H5ADStream:
                       self.batches[index], list(self.batch_names), names)
 
     # -- minibatches -----------------------------------------------------------------------------
-    def batches_numpy(self, batch_size=256, shuffle=True, seed=0, buffer_chunks=4, num_shards=1, shard_index=0):
-        """Yield minibatches as numpy (indices int64 `[nnz, 2]`, values `[nnz]`, labels `[B]`, batches `[B]`).
+    def batches_numpy(self, batch_size: int = 256, shuffle: bool = True, seed: int | Sequence[int] = 0,
+                      buffer_chunks: int = 4, num_shards: int = 1, shard_index: int = 0) -> Iterator[NumpyBatch]:
+        """Yield minibatches as numpy (indices int64 `[nnz, 2]`, values float32 `[nnz]`, labels int32 `[B]`,
+        batches int32 `[B]`), B = `batch_size` except perhaps for the last of the pass.
 
         With `num_shards` > 1 this shard reads only every `num_shards`-th chunk (a worker's share).
-        `seed` may be a sequence, e.g. (seed, epoch).
+        `seed` may be a sequence, e.g. (seed, epoch). Raises ValueError when the file has fewer chunks than
+        `num_shards`, and DataError for a chunk that is not raw counts.
         """
         rng = np.random.default_rng(seed)
         starts = np.arange(0, self.n_cells, self.chunk_cells)
@@ -244,16 +280,18 @@ class H5ADStream:
         if pending is not None:
             yield self._pack(*pending)
 
-    def _pack(self, rows, counts):
+    def _pack(self, rows: np.ndarray, counts: sp.csr_matrix) -> NumpyBatch:
         counts.sort_indices()
         return (*sparse_entries(counts), self.labels[rows], self.batches[rows])
 
-    def dataset(self, batch_size=256, shuffle=True, seed=0, buffer_chunks=4, repeat=False, num_shards=1,
-                shard_index=0):
-        """tf.data of minibatch dicts {"counts": SparseTensor [B, G], "label": [B], "batch": [B]}.
+    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, buffer_chunks: int = 4,
+                repeat: bool = False, num_shards: int = 1, shard_index: int = 0) -> tf.data.Dataset:
+        """tf.data of minibatch dicts {"counts": float32 SparseTensor [B, n_genes], "label": int32 [B],
+        "batch": int32 [B]}, as `batches_numpy` yields them.
 
         Each pass (each epoch when `repeat`) reshuffles with seed (seed, pass number). Peak memory: about
-        `buffer_chunks * chunk_cells` cells of counts, plus the prefetched batches.
+        `buffer_chunks * chunk_cells` cells of counts, plus the prefetched batches. Errors of
+        `batches_numpy` are raised when the dataset is iterated.
         """
         import tensorflow as tf
 
