@@ -69,17 +69,25 @@ class Config:
             raise ValueError(f"prior must be one of {PRIORS}, received {self.prior!r}")
         if self.label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, received {self.label_mode!r}")
-        for name in ("n_topics", "hidden_units", "n_predictive_samples", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive whole number, received {getattr(self, name)!r}")
+        for name in ("n_topics", "hidden_units", "n_predictive_samples", "epochs", "batch_size", "classifier_steps"):
+            value, least = getattr(self, name), 0 if name == "classifier_steps" else 1
+            if isinstance(value, bool) or not float(value).is_integer() or value < least:
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'classifier_steps' else 'positive'} "
+                                 f"whole number, received {value!r}")
+        for name in ("expected_active_topics", "global_scale", "slab_df"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{name} must be positive (or None for its default), received {value!r}")
+        if self.label_noise is not None and not 0.0 <= float(self.label_noise) < 1.0:
+            raise ValueError(f"label_noise is a mixture weight in [0, 1) (or None), received {self.label_noise!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}")
         for name in ("learning_rate", "classifier_learning_rate", "prior_alpha", "topic_prior_scale", "slab_scale"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, received {getattr(self, name)!r}")
-        if self.classifier_steps < 0 or self.kl_warmup_epochs < 0 or self.label_weight < 0:
-            raise ValueError("classifier_steps, kl_warmup_epochs and label_weight must not be negative, received "
-                             f"{self.classifier_steps!r}, {self.kl_warmup_epochs!r}, {self.label_weight!r}")
+        for name in ("kl_warmup_epochs", "label_weight"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must not be negative, received {getattr(self, name)!r}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with `changes` applied (ValueError for a name that is not a setting)."""
