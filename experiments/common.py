@@ -1,0 +1,106 @@
+"""Helpers shared by the experiments: benchmark datasets by name, the peers' log-normalised counts, markdown
+tables, results written atomically, MLflow recording and process memory.
+
+Only what more than one experiment needs lives here; each experiment keeps its own protocol.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDED = "embedded"  # the dataset inside the package (tfp_scmix.datasets.pbmc68k_reduced)
+
+
+# -- datasets ------------------------------------------------------------------------------------------
+def read_dataset(name, max_cells=None):
+    """AnnData of benchmark dataset `name` ($TFP_SCMIX_DATA/<name>.h5ad, or the embedded dataset for
+    "embedded"): cbmc without its "Unknown" cells; `max_cells` random cells of it (numpy seed 0, in file
+    order) when set and smaller than the dataset."""
+    from tfp_scmix.data import data_path, read_h5ad
+    from tfp_scmix.datasets import pbmc68k_reduced
+
+    adata = pbmc68k_reduced() if name == EMBEDDED else read_h5ad(data_path(f"{name}.h5ad"))
+    if name == "cbmc":
+        adata = adata[adata.obs["cell_type"] != "Unknown"].copy()
+    if max_cells and adata.n_obs > max_cells:
+        adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, max_cells, replace=False))].copy()
+    return adata
+
+
+def load_dataset(name, max_cells=None, n_genes=None, **kwargs):
+    """SCData of benchmark dataset `name` (see `read_dataset`; `kwargs` go to `from_anndata`), over its
+    `n_genes` most variable genes when given (`most_variable`)."""
+    from tfp_scmix.data import from_anndata
+
+    data = from_anndata(read_dataset(name, max_cells), **kwargs)
+    return most_variable(data, n_genes) if n_genes else data
+
+
+def most_variable(data, n_genes, cells=None):
+    """`data` over its `n_genes` most variable genes, by the counts of `cells` only (default: every cell);
+    `data` itself when it has no more genes than that."""
+    from tfp_scmix.data import highly_variable_genes
+
+    if data.n_genes <= n_genes:
+        return data
+    counts = data.counts if cells is None else data.counts[cells]
+    return data.select_genes(highly_variable_genes(counts, data.genes, n_genes))
+
+
+def log_normalised(counts):
+    """log1p(counts per 10k) of a CSR matrix (stays sparse): what the peers read."""
+    import scipy.sparse as sp
+
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    norm = (sp.diags(1e4 / np.maximum(library, 1)) @ counts).tocsr()
+    norm.data = np.log1p(norm.data)
+    return norm
+
+
+# -- results -------------------------------------------------------------------------------------------
+def markdown_table(frame):
+    """A DataFrame as a markdown table (its columns, no index)."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_text(path, text):
+    """Write `text` to `path` atomically: the file appears whole or not at all. Returns `path`."""
+    from tfp_scmix.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return path
+
+
+def write_json(path, value, **kwargs):
+    """`value` as indented JSON at `path`, atomically (`kwargs` go to json.dumps). Returns `path`."""
+    return write_text(path, json.dumps(value, **{"indent": 2, **kwargs}) + "\n")
+
+
+def record_results(path, experiment):
+    """Log the rows of the results table at `path` as MLflow runs of `experiment` (training/record.py);
+    returns the new runs' ids, or None (with a message) when MLflow is not installed."""
+    try:
+        from training.record import record
+    except ImportError:
+        print("MLflow not installed: results not logged")
+        return None
+    return record(path, experiment)
+
+
+# -- process memory ------------------------------------------------------------------------------------
+def rss_mb():
+    """Current resident memory of this process in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process in MB (VmHWM: unlike ru_maxrss it restarts at exec, so a child
+    does not inherit the peak of the process that started it)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
