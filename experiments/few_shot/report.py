@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.few_shot.run import PEERS, markdown_table, mean_table as run_mean_table
-from tfp_scmix.io import atomic_path
+from experiments.common import markdown_table, write_text
+from experiments.few_shot.run import PEERS
+from experiments.few_shot.run import mean_table as run_mean_table
 
 HERE = Path(__file__).parent
 KEYS = ["dataset", "setting", "labels", "method"]
@@ -95,8 +96,7 @@ def report(folder=HERE):
         if frame is not None:
             parts += [f"## {title}", "", *verdicts(frame), "", markdown_table(mean_table(frame)), ""]
     text = "\n".join(parts)
-    with atomic_path(folder / "report.md") as tmp:
-        Path(tmp).write_text(text)
+    write_text(folder / "report.md", text)
     return text
 
 

@@ -29,31 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tfp_scmix.annotate import predict_data
-from tfp_scmix.cli import few_shot_split, scores, train_model
-from tfp_scmix.data import data_path, from_anndata, highly_variable_genes, read_h5ad
-from tfp_scmix.io import write_csv, atomic_path
+import tfp_scmix as scm
+from experiments.common import load_dataset, log_normalised, markdown_table, most_variable, record_results, write_text
+from tfp_scmix.evaluate import few_shot_split, scores
+from tfp_scmix.io import write_csv
 
 HERE = Path(__file__).parent
 N_TEST = 2000
-
-
-def load(name):
-    """SCData of a benchmark dataset: pbmc3k (8 types) or cbmc without its "Unknown" cells (12 types)."""
-    adata = read_h5ad(data_path(f"{name}.h5ad"))
-    if name == "cbmc":
-        adata = adata[adata.obs["cell_type"] != "Unknown"].copy()
-    return from_anndata(adata)
-
-
-def log_normalised(counts):
-    """log1p(counts per 10k) of a CSR matrix (stays sparse)."""
-    import scipy.sparse as sp
-
-    library = np.asarray(counts.sum(axis=1)).ravel()
-    norm = (sp.diags(1e4 / np.maximum(library, 1)) @ counts).tocsr()
-    norm.data = np.log1p(norm.data)
-    return norm
 
 
 # -- peers: each gets (data, visible cells, test, labelled, seed) and returns test predictions -----------
@@ -127,22 +109,20 @@ def parse_method(spec):
     return name, settings
 
 
-def tfp_scmix(data, visible, test, labelled, seed, epochs=100, **settings):
-    """tfp_scmix trained on the visible cells (labels of `labelled` only) with the package's defaults
-    (`train_model`: an ensemble of 3 restarts unless `restarts` is given). Returns (test predictions,
-    extra scores: sparsity of the class weights and the marker score, averaged over the members)."""
-    from tfp_scmix import explain
-    from tfp_scmix.ensemble import SCMixEnsemble
-
+def tfp_scmix(data, visible, test, labelled, seed, epochs=100, restarts=3, **settings):
+    """tfp_scmix trained on the visible cells (labels of `labelled` only) by `scm.train` with the package's
+    defaults (an ensemble of 3 restarts unless `restarts` is given; other options are `Config` settings).
+    Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
+    over the members)."""
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
-    model = train_model(train, epochs=epochs, seed=seed * 100, verbose=0, **settings)
-    predicted = predict_data(model, data.subset(test))["label"]
-    members = model.members if isinstance(model, SCMixEnsemble) else [model]
+    model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
+    predicted = scm.predict(model, data.subset(test))["label"]
     extras = {"weights_above_0.1": np.mean([(np.abs(m.classifier.class_weights(None).numpy()) > 0.1).mean()
-                                            for m in members])}
+                                            for m in model.members])}
     if set(PBMC3K_MARKERS) <= set(model.class_names):
         for by, key in (("lift", "marker_score"), ("weight", "marker_score_by_weight")):
-            extras[key] = np.mean([explain.marker_score(m, PBMC3K_MARKERS, n_genes=30, by=by)[0] for m in members])
+            extras[key] = np.mean([scm.explain.marker_score(model, PBMC3K_MARKERS, n_genes=30, by=by, member=i)[0]
+                                   for i in range(len(model.members))])
     return predicted, extras
 
 
@@ -169,15 +149,14 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
     # run can add methods or seeds to a table (or resume one that was interrupted).
     kept = pd.read_csv(out / "results.csv") if (out / "results.csv").exists() else pd.DataFrame()
     for name in datasets:
-        full = load(name)
+        full = load_dataset(name)
         for setting in settings:
             for budget in budgets:
                 for seed in seeds:
                     test, labelled = few_shot_split(full.n_cells, N_TEST, budget, seed)
-                    visible = np.arange(full.n_cells) if setting == "main" else np.setdiff1d(np.arange(full.n_cells), test)
-                    data = full
-                    if full.n_genes > n_genes:
-                        data = full.select_genes(highly_variable_genes(full.counts[visible], full.genes, n_genes))
+                    visible = (np.arange(full.n_cells) if setting == "main"
+                               else np.setdiff1d(np.arange(full.n_cells), test))
+                    data = most_variable(full, n_genes, cells=visible)
                     truth = data.labels[test]
                     if label_noise:
                         data = dataclasses.replace(data, labels=flip_labels(data.labels, labelled, label_noise,
@@ -217,12 +196,6 @@ def merge_rows(kept, rows):
     return pd.concat([kept[~again], new], ignore_index=True)
 
 
-def markdown_table(frame):
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 EXTRA_SCORES = ("marker_score", "marker_score_by_weight", "weights_above_0.1")
 
 
@@ -237,9 +210,8 @@ def mean_table(frame, keys=("dataset", "setting", "labels", "label_noise", "meth
 def write_summary(frame, path):
     """Mean errors of 2000, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
     summary = mean_table(frame)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n"
-                             + markdown_table(summary) + "\n")
+    write_text(path, "# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n"
+               + markdown_table(summary) + "\n")
     print(summary.to_string(index=False))
 
 
@@ -261,12 +233,7 @@ def main(argv=None):
     methods = ABLATION if args.ablation else args.methods
     run(args.datasets, args.seeds, args.budgets, args.settings, methods, args.epochs, args.label_noise, out=out)
     if not args.no_mlflow:
-        try:
-            from training.record import record
-        except ImportError:
-            print("MLflow not installed: results not logged")
-        else:
-            record(out / "results.csv", "few_shot")
+        record_results(out / "results.csv", "few_shot")
 
 
 if __name__ == "__main__":
