@@ -72,8 +72,8 @@ class Config:
         for name in ("n_topics", "hidden_units", "n_predictive_samples", "epochs", "batch_size", "classifier_steps"):
             value, least = getattr(self, name), 0 if name == "classifier_steps" else 1
             if isinstance(value, bool) or not float(value).is_integer() or value < least:
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'classifier_steps' else 'positive'} "
-                                 f"whole number, received {value!r}")
+                kind = "whole number that must not be negative" if least == 0 else "positive whole number"
+                raise ValueError(f"{name} must be a {kind}, received {value!r}")
         for name in ("expected_active_topics", "global_scale", "slab_df"):
             value = getattr(self, name)
             if value is not None and not float(value) > 0:
