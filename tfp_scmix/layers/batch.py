@@ -1,5 +1,9 @@
 """Batch effects: gene-wise log offsets per batch (dataset), with a learned shrinkage scale."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -18,7 +22,9 @@ class BatchOffsets(keras.layers.Layer):
     Shapes: `call(batch_ids [B])` -> posterior-mean offsets of those cells' batches `[B, n_genes]`.
     """
 
-    def __init__(self, n_batches, n_genes, init_shrinkage=0.1, **kwargs):
+    def __init__(self, n_batches: int, n_genes: int, init_shrinkage: float = 0.1, **kwargs: Any) -> None:
+        """n_batches, n_genes: the table's shape; init_shrinkage: the initial sigma (log-count units; the
+        posterior scales start at 0.01). kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
         self.n_batches, self.n_genes, self.init_shrinkage = int(n_batches), int(n_genes), float(init_shrinkage)
         shape = (self.n_batches, self.n_genes)
@@ -29,19 +35,20 @@ class BatchOffsets(keras.layers.Layer):
             float(tfp.math.softplus_inverse(self.init_shrinkage))))
         self.built = True
 
-    def shrinkage(self):
-        """The learned prior scale sigma of the offsets (a scalar)."""
+    def shrinkage(self) -> tf.Tensor:
+        """The learned prior scale sigma of the offsets (a scalar, in natural-log units of the rate)."""
         return tf.nn.softplus(self.shrinkage_raw) + 1e-4
 
-    def posterior(self):
+    def posterior(self) -> tfp.distributions.Normal:
+        """q(gamma): a normal with batch shape `[n_batches, n_genes]`."""
         return tfd.Normal(self.loc, tf.nn.softplus(self.scale_raw) + 1e-6)
 
-    def sample(self, seed):
-        """One reparameterized draw of the offsets `[n_batches, n_genes]`."""
+    def sample(self, seed: tf.Tensor | tuple[int, int]) -> tf.Tensor:
+        """One reparameterized draw of the offsets `[n_batches, n_genes]`; `seed` a stateless seed (int32 `[2]`)."""
         return self.posterior().sample(seed=seed)
 
-    def kl(self):
-        """KL(q(gamma) || N(0, sigma^2)) summed over batches and genes (a scalar)."""
+    def kl(self) -> tf.Tensor:
+        """KL(q(gamma) || N(0, sigma^2)) summed over batches and genes (a scalar, in nats)."""
         return tf.reduce_sum(tfd.kl_divergence(self.posterior(), tfd.Normal(0.0, self.shrinkage())))
 
     def call(self, batch_ids):

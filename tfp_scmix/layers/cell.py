@@ -1,5 +1,9 @@
 """Cell branch: an amortized encoder from a cell's counts to a logistic-normal over topics."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -9,11 +13,13 @@ from tfp_scmix.sparse_ops import row_sums
 tfd = tfp.distributions
 
 
-def laplace_dirichlet_prior(alpha, n_topics):
+def laplace_dirichlet_prior(alpha: float | tf.Tensor, n_topics: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Logistic-normal (loc, scale) `[n_topics]` approximating a symmetric Dirichlet(alpha).
 
-    The Laplace approximation in the softmax basis (MacKay 1998, as in ProdLDA):
+    The Laplace approximation in the softmax basis (MacKay 1998, "Choice of basis for Laplace
+    approximation"; as in ProdLDA, Srivastava & Sutton 2017):
     loc_k = log a_k - mean(log a), var_k = (1 - 2/K) / a_k + sum_j 1/a_j / K^2.
+    alpha: the concentration (a scalar > 0); K = n_topics.
     """
     a = tf.fill([n_topics], tf.cast(alpha, tf.float32))
     k = float(n_topics)
@@ -22,10 +28,12 @@ def laplace_dirichlet_prior(alpha, n_topics):
     return loc, tf.sqrt(var)
 
 
-def divide_offsets(counts, batch_ids, offsets):
+def divide_offsets(counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor,
+                   offsets: tf.Tensor) -> tf.SparseTensor | tf.Tensor:
     """counts / exp(offsets[batch of the cell]) for a sparse or dense `[batch, n_genes]` count matrix.
 
-    batch_ids `[batch]`; offsets gamma `[n_batches, n_genes]`. Sparse input stays sparse.
+    batch_ids `[batch]` (integer); offsets gamma `[n_batches, n_genes]` (natural-log units). Sparse input
+    stays sparse (same indices); dense input comes back float32.
     """
     batch_ids = tf.cast(batch_ids, tf.int64)
     factors = tf.exp(-offsets)  # of the [n_batches, n_genes] table, not of every entry
@@ -37,8 +45,11 @@ def divide_offsets(counts, batch_ids, offsets):
     return tf.cast(counts, tf.float32) * tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), factors)
 
 
-def normalise_counts(counts):
-    """log1p(counts per 10k) of a sparse (canonical order) or dense `[batch, n_genes]` count matrix (stays sparse)."""
+def normalise_counts(counts: tf.SparseTensor | tf.Tensor) -> tf.SparseTensor | tf.Tensor:
+    """log1p(counts per 10k) of a sparse (canonical order) or dense `[batch, n_genes]` count matrix (stays sparse).
+
+    Counts per 10k: counts * 10,000 / the cell's total (a total below 1 counts as 1), the usual CP10k scaling.
+    """
     if isinstance(counts, tf.SparseTensor):
         rows = counts.indices[:, 0]
         library = row_sums(counts.values, rows, tf.shape(counts, out_type=tf.int64)[0])
@@ -61,11 +72,16 @@ class CellEncoder(keras.layers.Layer):
     """
 
     # Entries of a minibatch (128 MiB in float32) up to which it is densified: BLAS on a dense minibatch
-    # beats the sparse kernel even at 3.6% nonzero (experiments/performance/dense_limit.py: 3.2x at 5,000 genes).
+    # beats the sparse kernel even at 3.6% nonzero, the density of the Kang counts over 20,000 genes
+    # (docs/performance.md).
+    # experiments/performance/dense_limit.py measures this limit against the earlier 2^22 side by side; the
+    # speed-up is in experiments/performance/results_dense_limit.json.
     DENSE_BATCH_LIMIT = 2 ** 25
 
-    def __init__(self, n_genes, n_topics, hidden_units=256, dropout=0.2, prior_alpha=0.5, learn_alpha=False,
-                 **kwargs):
+    def __init__(self, n_genes: int, n_topics: int, hidden_units: int = 256, dropout: float = 0.2,
+                 prior_alpha: float = 0.5, learn_alpha: bool = False, **kwargs: Any) -> None:
+        """dropout: the rate after the hidden layer; prior_alpha: the Dirichlet concentration of the prior
+        (its initial value with `learn_alpha`). kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
         self.n_genes, self.n_topics, self.hidden_units = int(n_genes), int(n_topics), int(hidden_units)
         self.dropout_rate, self.prior_alpha, self.learn_alpha = float(dropout), float(prior_alpha), bool(learn_alpha)
@@ -97,8 +113,10 @@ class CellEncoder(keras.layers.Layer):
         loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
         return loc, tf.nn.softplus(scale_raw) + 1e-4
 
-    def first_layer(self, counts, batch_ids=None, offsets=None):
-        """The first layer's pre-activation `[batch, hidden_units]` of sparse or dense counts."""
+    def first_layer(self, counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor | None = None,
+                    offsets: tf.Tensor | None = None) -> tf.Tensor:
+        """The first layer's pre-activation `[batch, hidden_units]` (without the bias) of sparse or dense counts
+        `[batch, n_genes]`, divided by exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given."""
         if offsets is not None:
             counts = divide_offsets(counts, batch_ids, offsets)
         x = normalise_counts(counts)
@@ -106,12 +124,13 @@ class CellEncoder(keras.layers.Layer):
             return tf.sparse.sparse_dense_matmul(x, self.kernel)
         return tf.matmul(x, self.kernel)
 
-    def prior(self):
+    def prior(self) -> tuple[tf.Tensor, tf.Tensor]:
         """(loc, scale) `[n_topics]` of the logistic-normal prior over topics."""
         return laplace_dirichlet_prior(tf.nn.softplus(self.alpha_raw), self.n_topics)
 
-    def kl(self, loc, scale, prior_shift=0.0):
-        """KL(q || p) per cell `[batch]`; `prior_shift` `[batch, n_topics]` moves the prior's centre."""
+    def kl(self, loc: tf.Tensor, scale: tf.Tensor, prior_shift: float | tf.Tensor = 0.0) -> tf.Tensor:
+        """KL(q || p) per cell `[batch]` (nats) of q = N(loc, scale) `[batch, n_topics]` against the prior;
+        `prior_shift` `[batch, n_topics]` moves the prior's centre."""
         prior_loc, prior_scale = self.prior()
         q = tfd.MultivariateNormalDiag(loc, scale)
         p = tfd.MultivariateNormalDiag(prior_loc + prior_shift, tf.broadcast_to(prior_scale, tf.shape(loc)))

@@ -19,6 +19,10 @@ that Adam moves weights at its own step size whatever the current scales: with t
 a small tau makes every weight tiny for thousands of steps.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -29,13 +33,19 @@ PRIOR_VARIANTS = ("normal", "horseshoe", "regularized", "santa_barbara")
 DEFAULT_SLAB_DF = {"regularized": 4.0, "santa_barbara": 1.0}
 
 
-def default_global_scale(n_features, n_observations, expected_nonzero=3.0, pseudo_sigma=2.0):
-    """tau0 = p0 / (K - p0) * pseudo_sigma / sqrt(n) (Piironen & Vehtari 2017; pseudo_sigma=2 for logits)."""
+def default_global_scale(n_features: int, n_observations: float, expected_nonzero: float = 3.0,
+                         pseudo_sigma: float = 2.0) -> float:
+    """tau0 = p0 / (K - p0) * pseudo_sigma / sqrt(n) (Piironen & Vehtari 2017; pseudo_sigma=2 for logits).
+
+    K = n_features, p0 = expected_nonzero (capped at K - 1), n = n_observations (at least 1). The
+    pseudo-sigma of a logistic likelihood is 1 / sqrt(mu (1 - mu)), 2 at mu = 1/2 (same paper).
+    """
     p0 = min(float(expected_nonzero), n_features - 1.0)
     return p0 / (n_features - p0) * pseudo_sigma / max(float(n_observations), 1.0) ** 0.5
 
 
-def params_to_weights(z, local_scale, global_scale, slab_c2=None):
+def params_to_weights(z: float | tf.Tensor, local_scale: tf.Tensor, global_scale: float | tf.Tensor,
+                      slab_c2: tf.Tensor | None = None) -> tf.Tensor:
     """w = z * tau * lambda (horseshoe) or z * tau * lambda~ (regularized, when slab_c2 is given)."""
     if slab_c2 is None:
         return z * local_scale * global_scale
@@ -44,7 +54,7 @@ def params_to_weights(z, local_scale, global_scale, slab_c2=None):
     return z * tilde * global_scale
 
 
-def _lognormal(loc, scale_raw):
+def _lognormal(loc: tf.Tensor, scale_raw: tf.Tensor) -> tfp.distributions.LogNormal:
     return tfd.LogNormal(loc, tf.nn.softplus(scale_raw) + 1e-5)
 
 
@@ -56,8 +66,10 @@ class HorseshoePrior(keras.layers.Layer):
     `posterior_weights(n)` gives `n` fixed draws `[n, rows, cols]` (deterministic, for prediction).
     """
 
-    def __init__(self, rows, cols, variant="regularized", global_scale=0.05, slab_scale=2.0, slab_df=None,
-                 **kwargs):
+    def __init__(self, rows: int, cols: int, variant: str = "regularized", global_scale: float = 0.05,
+                 slab_scale: float = 2.0, slab_df: float | None = None, **kwargs: Any) -> None:
+        """variant: one of PRIOR_VARIANTS (ValueError otherwise); global_scale: tau0; slab_scale, slab_df: the
+        slab of the regularized variants (slab_df default: `DEFAULT_SLAB_DF`). kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
         if variant not in PRIOR_VARIANTS:
             raise ValueError(f"prior variant must be one of {PRIOR_VARIANTS}, received {variant!r}")
@@ -82,12 +94,14 @@ class HorseshoePrior(keras.layers.Layer):
         self.built = True
 
     @property
-    def regularized(self):
+    def regularized(self) -> bool:
+        """Whether the variant has a slab (c^2): "regularized" and "santa_barbara"."""
         return self.variant in ("regularized", "santa_barbara")
 
     # -- distributions ------------------------------------------------------------------------
-    def posteriors(self):
-        """Mean-field q as a dict of TFP distributions: w, and the scales lambda, tau, c2 where used."""
+    def posteriors(self) -> dict[str, tfp.distributions.Distribution]:
+        """Mean-field q as a dict of TFP distributions: w and lambda `[rows, cols]`, tau and c2 scalars, the
+        scales where the variant uses them."""
         q = {"w": tfd.Normal(self.w_loc, tf.nn.softplus(self.w_scale_raw) + 1e-5)}
         if self.variant != "normal":
             q["lambda"] = _lognormal(self.lambda_loc, self.lambda_scale_raw)
@@ -96,7 +110,7 @@ class HorseshoePrior(keras.layers.Layer):
             q["c2"] = _lognormal(self.c2_loc, self.c2_scale_raw)
         return q
 
-    def scale_priors(self):
+    def scale_priors(self) -> dict[str, tfp.distributions.Distribution]:
         """The priors of the scale variables (lambda, tau, c2 where used), as TFP distributions."""
         p = {}
         if self.variant != "normal":
@@ -106,14 +120,14 @@ class HorseshoePrior(keras.layers.Layer):
             p["c2"] = tfd.InverseGamma(self.slab_df / 2.0, self.slab_df * self.slab_scale ** 2 / 2.0)
         return p
 
-    def prior_scale(self, scales):
+    def prior_scale(self, scales: dict[str, tf.Tensor]) -> tf.Tensor:
         """Each weight's prior standard deviation `[..., rows, cols]` from a dict of scale values."""
         if self.variant == "normal":
             return tf.fill([self.rows, self.cols], self.slab_scale)
         c2 = scales["c2"][..., None, None] if self.regularized else None  # per-draw scalars vs [rows, cols]
         return params_to_weights(1.0, scales["lambda"], scales["tau"][..., None, None], c2)
 
-    def prior_log_prob(self, params):
+    def prior_log_prob(self, params: dict[str, tf.Tensor]) -> tf.Tensor:
         """log p(w, scales) of a dict of values (w, and lambda, tau, c2 where used), summed: a scalar."""
         scales = {name: value for name, value in params.items() if name != "w"}
         log_prob = tf.reduce_sum(tfd.Normal(0.0, self.prior_scale(scales)).log_prob(params["w"]))
@@ -122,8 +136,11 @@ class HorseshoePrior(keras.layers.Layer):
         return log_prob
 
     # -- sampling ------------------------------------------------------------------------------
-    def sample(self, seed):
-        """One reparameterized draw: (weights `[rows, cols]`, Monte Carlo KL(q || p) scalar)."""
+    def sample(self, seed: tf.Tensor | tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+        """One reparameterized draw: (weights `[rows, cols]`, Monte Carlo KL(q || p) scalar in nats).
+
+        seed: a stateless seed (int32 `[2]`).
+        """
         q, p = self.posteriors(), self.scale_priors()
         seeds = tfp.random.split_seed(seed, n=len(q))
         draw = {name: dist.sample(seed=s) for (name, dist), s in zip(q.items(), seeds, strict=True)}
@@ -132,11 +149,11 @@ class HorseshoePrior(keras.layers.Layer):
             kl += tf.reduce_sum(q[name].log_prob(draw[name]) - prior.log_prob(draw[name]))
         return draw["w"], kl
 
-    def posterior_weights(self, n_samples, seed=(7, 11)):
+    def posterior_weights(self, n_samples: int, seed: tf.Tensor | tuple[int, int] = (7, 11)) -> tf.Tensor:
         """`n_samples` draws of the weights `[n_samples, rows, cols]` from a fixed seed (deterministic)."""
         return self.posteriors()["w"].sample(n_samples, seed=seed)
 
-    def shrinkage(self):
+    def shrinkage(self) -> tf.Tensor:
         """Posterior median of each weight's prior scale `[rows, cols]` (small = shrunk to zero)."""
         median = {name: tf.exp(q.distribution.loc) for name, q in self.posteriors().items() if name != "w"}
         return self.prior_scale(median)
