@@ -1,15 +1,23 @@
 """Loss stage: the count likelihood on nonzero entries and the record of named ELBO terms."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import tensorflow as tf
 
 from tfp_scmix.sparse_ops import log_factorial, row_sums, topic_rate
 
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
 ELBO_TERMS = ("loss", "reconstruction", "kl_cell", "kl_topic", "kl_class", "kl_batch", "label_nll")
 
 
-def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic, log_topic_gene, offsets=None, batch_ids=None,
-                         jit=True):
-    """log Multinomial(x_n | l_n, normalise(cell_topic_n @ topic_gene * exp(gamma_b))) per cell `[batch]`.
+def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic: tf.Tensor, log_topic_gene: tf.Tensor,
+                         offsets: tf.Tensor | None = None, batch_ids: tf.Tensor | None = None,
+                         jit: bool = True) -> tf.Tensor:
+    """log Multinomial(x_n | l_n, normalise(cell_topic_n @ topic_gene * exp(gamma_b))) per cell `[batch]`, in nats.
 
     Only the nonzero counts enter: log p = lgamma(l_n + 1) - sum_g lgamma(x_ng + 1) + sum_g x_ng log rate_ng,
     where the sums run over genes with x_ng > 0 and
@@ -20,7 +28,9 @@ def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic, log_topic_gene
     counts: SparseTensor `[batch, n_genes]` in canonical (row-major) order, as `tf.sparse.reorder` leaves it and
     every pipeline of this package yields it; log_cell_topic `[batch, n_topics]`;
     log_topic_gene `[n_topics, n_genes]`; offsets: gamma `[n_batches, n_genes]` or None;
-    batch_ids: `[batch]` batch of each cell. jit: the nonzero product compiled with XLA (`sparse_ops.topic_rate`).
+    batch_ids: `[batch]` batch of each cell (needed with offsets). jit: the nonzero product compiled with XLA
+    (`sparse_ops.topic_rate`). l_n is the cell's total count, x_ng its counts. Counts out of canonical order
+    raise InvalidArgumentError on CPU (the sorted segment sums of `sparse_ops.row_sums`).
     """
     rows = counts.indices[:, 0]
     cell_topic, topic_gene = tf.exp(log_cell_topic), tf.exp(log_topic_gene)
@@ -42,8 +52,9 @@ def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic, log_topic_gene
     return log_prob + log_coefficient
 
 
-def as_sparse(counts):
-    """A count matrix as a tf.SparseTensor (dense inputs are converted; sparse pass through)."""
+def as_sparse(counts: tf.SparseTensor | tf.Tensor | ArrayLike) -> tf.SparseTensor:
+    """A count matrix `[batch, n_genes]` as a tf.SparseTensor: dense inputs are converted (float32, canonical
+    order); sparse ones pass through unchanged."""
     if isinstance(counts, tf.SparseTensor):
         return counts
     return tf.sparse.from_dense(tf.convert_to_tensor(counts, tf.float32))

@@ -12,9 +12,12 @@ a whole training run.
 Gradient: with U the sparse `[cells, genes]` matrix of upstream gradients at the nonzeros,
 d cell_topic = U @ gene_topic and d gene_topic = U^T @ cell_topic: two sparse-dense products,
 O(nnz * n_topics), which TensorFlow's SparseTensorDenseMatMul kernel does without materialising any
-`[nnz, n_topics]` array: with the XLA forward, 5.7x faster on CPU than the automatic gradient's scatter-adds
-(one minibatch of 1,024 Kang cells: the kernel row of experiments/performance/results.md).
+`[nnz, n_topics]` array: with the XLA forward, several times faster on CPU than the automatic gradient's
+scatter-adds (measured on one minibatch of 1,024 Kang cells: the topic-rate line of the XLA section of
+experiments/performance/results.md, discussed in docs/performance.md).
 """
+
+from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
@@ -24,25 +27,30 @@ BUCKETS_PER_DOUBLING = 8
 LOG_FACTORIAL = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, 4096)))]).astype(np.float32)
 
 
-def row_sums(values, rows, n_rows):
-    """Per-row sums `[n_rows]` of the values of a sparse matrix whose `rows` `[nnz]` are sorted (canonical order).
+def row_sums(values: tf.Tensor, rows: tf.Tensor, n_rows: int | tf.Tensor) -> tf.Tensor:
+    """Per-row sums `[n_rows]` of the values `[nnz]` of a sparse matrix whose `rows` `[nnz]` (int64) are sorted
+    (canonical order).
 
-    A sorted segment sum: 3x faster on CPU than an unsorted one; rows without nonzeros sum to zero.
+    A sorted segment sum, faster on CPU than an unsorted one (docs/performance.md, "What changed since the
+    first grid"); rows without nonzeros sum to zero. `tf.math.segment_sum` raises InvalidArgumentError for
+    unsorted rows on CPU and gives unspecified sums on GPU, hence the canonical order that every pipeline of
+    this package yields.
     """
     sums = tf.math.segment_sum(values, rows)
     return tf.pad(sums, [[0, n_rows - tf.shape(sums, out_type=tf.int64)[0]]])
 
 
-def log_factorial(x):
-    """log(x!) = lgamma(x + 1) `[n]`: a table lookup when every x is a whole count below 4,096 (as UMI counts
-    are), lgamma otherwise."""
+def log_factorial(x: tf.Tensor) -> tf.Tensor:
+    """log(x!) = lgamma(x + 1) `[n]` of counts x `[n]` (float): a table lookup when every x is a whole count
+    below 4,096 (`LOG_FACTORIAL`; as UMI counts usually are), lgamma otherwise."""
     whole = tf.cast(x, tf.int32)
     in_table = tf.reduce_all((tf.cast(whole, x.dtype) == x) & (whole >= 0) & (whole < len(LOG_FACTORIAL)))
     return tf.cond(in_table, lambda: tf.gather(LOG_FACTORIAL, whole), lambda: tf.math.lgamma(x + 1.0))
 
 
-def padded_size(n):
-    """The bucket size (an int64 scalar >= n) that `n` nonzeros are padded up to: 2^(j / 8) rounded up."""
+def padded_size(n: int | tf.Tensor) -> tf.Tensor:
+    """The bucket size (an int64 scalar >= n) that `n` nonzeros are padded up to: 2^(j / 8) rounded up, with
+    j the smallest integer that reaches n (8 = `BUCKETS_PER_DOUBLING`)."""
     n = tf.maximum(tf.cast(n, tf.float64), 1.0)
     exponent = tf.math.ceil(BUCKETS_PER_DOUBLING * tf.math.log(n) / tf.math.log(tf.constant(2.0, tf.float64)))
     return tf.cast(tf.math.ceil(2.0 ** (exponent / BUCKETS_PER_DOUBLING) - 1e-9), tf.int64)
@@ -62,7 +70,7 @@ def _padded_rate(cell_topic, gene_topic, rows, genes):
     return _rate_xla(cell_topic, gene_topic, tf.pad(rows, [[0, pad]]), tf.pad(genes, [[0, pad]]))[:nnz]
 
 
-def topic_rate(cell_topic, topic_gene, indices, jit=True):
+def topic_rate(cell_topic: tf.Tensor, topic_gene: tf.Tensor, indices: tf.Tensor, jit: bool = True) -> tf.Tensor:
     """rate `[nnz]` = sum_k cell_topic[cell, k] * topic_gene[k, gene] for each (cell, gene) row of `indices`.
 
     cell_topic `[batch, n_topics]`, topic_gene `[n_topics, n_genes]`, indices `[nnz, 2]` (int64: the cell
