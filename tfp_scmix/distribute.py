@@ -21,12 +21,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: TensorFlow and Keras are imported when a strategy is used
+    import keras
+    import tensorflow as tf
+
+    from tfp_scmix.model import SCMix
+    from tfp_scmix.stream import H5ADStream
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
-def get_strategy(name="default", devices=None):
-    """The `tf.distribute.Strategy` for a setting in STRATEGIES; `devices` only for "mirrored"."""
+def get_strategy(name: str = "default", devices: Sequence[str] | None = None) -> tf.distribute.Strategy:
+    """The `tf.distribute.Strategy` for a setting in STRATEGIES; `devices` (e.g. ["/gpu:0", "/gpu:1"]) only for
+    "mirrored", where None means every GPU of the machine (or the CPU without one).
+
+    Raises ValueError for a name outside STRATEGIES, and for "multi_worker" when the TF_CONFIG environment
+    variable is unset or not valid JSON.
+    """
     import tensorflow as tf
 
     if name == "default":
@@ -48,7 +62,7 @@ def get_strategy(name="default", devices=None):
     raise ValueError(f"strategy must be one of {STRATEGIES}, received {name!r}")
 
 
-def is_chief(strategy) -> bool:
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process is the chief (worker 0 when the cluster names no chief): the one that writes."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or resolver.task_type is None:
@@ -58,13 +72,13 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
 
 
-def prepare(model, strategy):
+def prepare(model: SCMix, strategy: tf.distribute.Strategy) -> SCMix:
     """Make a compiled `SCMix` (built in `strategy.scope()`) train correctly on several replicas.
 
     Both optimizers are built over their own variables inside the scope (Keras would otherwise build them
     lazily inside a replica, where variables cannot be created). The optimizers sum the gradients over
     replicas, and each replica's loss is a mean over its own cells: `loss_scale_factor` = replicas
-    divides the sum back to the mean over the global batch.
+    divides the sum back to the mean over the global batch. Returns the same model, changed in place.
     """
     replicas = strategy.num_replicas_in_sync
     others, classifier = model._variable_groups()
@@ -79,8 +93,13 @@ def prepare(model, strategy):
     return model
 
 
-def fit(model, strategy, dataset, epochs=1, steps_per_epoch=1, callbacks=(), verbose=1):
+def fit(model: SCMix, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset | tf.distribute.DistributedDataset,
+        epochs: int = 1, steps_per_epoch: int = 1, callbacks: Iterable[keras.callbacks.Callback] = (),
+        verbose: int = 1) -> keras.callbacks.History:
     """Train `model` under `strategy` on a distributed `dataset`; returns the Keras `History`.
+
+    dataset: a repeating tf.data.Dataset or distributed dataset (`stream_dataset`) of minibatch dicts;
+    `steps_per_epoch` steps make an epoch.
 
     One replica: `model.fit`. Several: a loop of `strategy.run(model.train_step)` with the logs averaged
     over replicas and Keras callbacks called as `fit` calls them. Keras 3's `fit` cannot be used there:
@@ -119,8 +138,13 @@ def fit(model, strategy, dataset, epochs=1, steps_per_epoch=1, callbacks=(), ver
     return model.history
 
 
-def build(strategy, make_model, learning_rate=2e-3, jit_compile=False):
-    """`make_model()` (an uncompiled SCMix) built and compiled inside `strategy.scope()`, then `prepare`d."""
+def build(strategy: tf.distribute.Strategy, make_model: Callable[[], SCMix], learning_rate: float = 2e-3,
+          jit_compile: bool | str = False) -> SCMix:
+    """`make_model()` (an uncompiled SCMix) built and compiled inside `strategy.scope()`, then `prepare`d.
+
+    Compiled with Adam(learning_rate); `jit_compile` goes to `compile` (SCMix declines XLA for the whole
+    step: docs/performance.md, "XLA").
+    """
     import keras
 
     with strategy.scope():
@@ -129,14 +153,17 @@ def build(strategy, make_model, learning_rate=2e-3, jit_compile=False):
     return prepare(model, strategy)
 
 
-def stream_dataset(strategy, stream, global_batch_size, seed=0, shard=True, **kwargs):
+def stream_dataset(strategy: tf.distribute.Strategy, stream: H5ADStream, global_batch_size: int, seed: int = 0,
+                   shard: bool = True, **kwargs: Any) -> tf.distribute.DistributedDataset:
     """A distributed dataset of `stream` (an `H5ADStream`) in which each worker reads its own chunks.
 
     Each replica gets `global_batch_size / replicas` cells per step. The dataset repeats: pass
     `steps_per_epoch` to `fit` (`steps_per_epoch(...)`), so that every worker runs the same number of steps.
-    shard=False gives every worker every chunk (all replicas see the same cells; for tests).
+    shard=False gives every worker every chunk (all replicas see the same cells; for tests). kwargs go to
+    `H5ADStream.dataset` (e.g. shuffle, buffer_chunks). Raises ValueError, when iterated, if the file has
+    fewer chunks than input pipelines (`H5ADStream.batches_numpy`).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: F401  (only `make`'s annotation reads it; kept to leave the code as it was)
 
     def make(context: tf.distribute.InputContext):
         batch = context.get_per_replica_batch_size(global_batch_size)
@@ -147,6 +174,6 @@ def stream_dataset(strategy, stream, global_batch_size, seed=0, shard=True, **kw
     return strategy.distribute_datasets_from_function(make)
 
 
-def steps_per_epoch(n_cells, global_batch_size):
+def steps_per_epoch(n_cells: int, global_batch_size: int) -> int:
     """Whole global batches in one pass over `n_cells` cells (at least 1)."""
     return max(1, n_cells // global_batch_size)
