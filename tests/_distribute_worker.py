@@ -1,4 +1,4 @@
-"""One process of the distribution tests (tests/test_performance.py): train a few steps, save the weights.
+"""One process of the distribution tests (tests/test_distribute.py): train a few steps, save the weights.
 
 Usage: python _distribute_worker.py MODE DATA.h5ad OUT.npz STEPS BATCH_PER_REPLICA
 MODE reference: one device (default strategy, written to OUT), then MirroredStrategy over two logical CPUs
@@ -13,8 +13,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfp_scmix.config import Config
 from tfp_scmix.distribute import build, fit, get_strategy, stream_dataset
-from tfp_scmix.stream import H5ADStream, build_model
+from tfp_scmix.model import SCMix
+from tfp_scmix.stream import H5ADStream
 
 
 def weights(model, prefix):
@@ -25,7 +27,8 @@ def train(strategy, stream, steps, batch, duplicate=False):
     """Model built under `strategy` from seed 0, trained `steps` steps with `batch` cells per replica."""
     keras.utils.set_random_seed(0)
     # No KL warm-up: its clock (cells_seen) counts the duplicated cells of the replicas too.
-    model = build(strategy, lambda: build_model(stream, n_topics=4, hidden_units=32, kl_warmup_epochs=0, seed=0))
+    config = Config(n_topics=4, hidden_units=32, kl_warmup_epochs=0)
+    model = build(strategy, lambda: SCMix.from_data(stream, config, seed=0))
     saved = {"replicas": strategy.num_replicas_in_sync, "trainable": np.array([v.trainable for v in model.weights]),
              "names": np.array([v.path for v in model.weights]),
              **weights(model, "init")}
