@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.common import load_dataset, log_normalised, markdown_table, most_variable, write_text
 from experiments.cross_dataset.run import QUERY, QUERY_COARSE, REFERENCE
-from experiments.few_shot.run import log_normalised, markdown_table
-from tfp_scmix.data import data_path, from_anndata, highly_variable_genes
-from tfp_scmix.io import atomic_path, write_csv
+from tfp_scmix.io import write_csv
 
 HERE = Path(__file__).parent
 # Naive versus effector CD8 T, CD4 T, NK, monocytes versus dendritic cells.
@@ -40,7 +39,7 @@ def own_label_accuracy(data, seed=0):
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    data = data.select_genes(highly_variable_genes(data.counts, data.genes, 2000))
+    data = most_variable(data, 2000)
     coarse = np.asarray([QUERY_COARSE[c] for c in data.classes])[data.labels]
     predicted = cross_val_predict(LogisticRegression(max_iter=3000), log_normalised(data.counts), coarse, cv=5)
     return float((predicted == coarse).mean())
@@ -51,7 +50,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE))
     args = parser.parse_args(argv)
     out = Path(args.out)
-    reference, query = (from_anndata(data_path(f"{name}.h5ad")) for name in (REFERENCE, QUERY))
+    reference, query = (load_dataset(name) for name in (REFERENCE, QUERY))
     table = pd.concat({REFERENCE: detection(reference, MARKERS), QUERY: detection(query, MARKERS)},
                       names=["dataset"]).reset_index()
     write_csv(table, out / "label_definitions.csv")
@@ -59,8 +58,7 @@ def main(argv=None):
     text = ("# Marker detection by population (fraction of cells with a nonzero count)\n\n"
             f"Coarse accuracy of logistic regression trained on {QUERY}'s own labels (5-fold CV): "
             f"{accuracy:.3f}\n\n" + markdown_table(table) + "\n")
-    with atomic_path(out / "label_definitions.md") as tmp:
-        Path(tmp).write_text(text)
+    write_text(out / "label_definitions.md", text)
     print(text)
 
 

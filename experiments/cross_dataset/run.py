@@ -32,13 +32,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from experiments.few_shot.run import knn_pca, linear_svm, logistic_regression, markdown_table
-from tfp_scmix.annotate import predict_data
-from tfp_scmix.calibration import (UNASSIGNED_SCORES, UNASSIGNED_THRESHOLDS, TopicNovelty,
-                                   expected_calibration_error, reliability_diagram, unassigned, unassigned_score)
-from tfp_scmix.cli import train_model
-from tfp_scmix.data import SCData, data_path, from_anndata, highly_variable_genes, read_h5ad
-from tfp_scmix.io import atomic_path, write_csv
+import tfp_scmix as scm
+from experiments.common import markdown_table, most_variable, read_dataset, record_results, write_text
+from experiments.few_shot.run import knn_pca, linear_svm, logistic_regression
+from tfp_scmix.data import SCData, from_anndata
+from tfp_scmix.evaluate import (
+    UNASSIGNED_SCORES,
+    UNASSIGNED_THRESHOLDS,
+    TopicNovelty,
+    expected_calibration_error,
+    reliability_diagram,
+    unassigned,
+    unassigned_score,
+)
+from tfp_scmix.io import write_csv
 
 HERE = Path(__file__).parent
 PARTS = ("transfer", "kang", "unknown", "calibration")
@@ -58,10 +65,7 @@ GOALS = {"transfer_accuracy": 0.95, "unknown_auroc": 0.9, "ece_in_dataset": 0.03
 
 def read(name, args):
     """AnnData of dataset `name` (from $TFP_SCMIX_DATA); `args.max_cells` random cells of it when set."""
-    adata = read_h5ad(data_path(f"{name}.h5ad"))
-    if args.max_cells and adata.n_obs > args.max_cells:
-        adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, args.max_cells, replace=False))].copy()
-    return adata
+    return read_dataset(name, args.max_cells)
 
 
 def stack(first: SCData, second: SCData) -> SCData:
@@ -83,12 +87,13 @@ def without_class(data: SCData, label: int, keep_cells=False) -> SCData:
 
 
 def fit(data, args, seed, epochs=None):
-    return train_model(data, epochs=epochs or args.epochs, batch_size=args.batch_size, seed=seed, verbose=0,
-                       classifier_steps=args.classifier_steps, n_topics=args.topics, restarts=args.restarts)
+    config = scm.Config(n_topics=args.topics, batch_size=args.batch_size, classifier_steps=args.classifier_steps)
+    return scm.train(data, config, restarts=args.restarts, epochs=epochs or args.epochs, seed=seed, verbose=0)
 
 
 def adapt(model, data, args):
-    return model.adapt(data, epochs=args.adapt_epochs, batch_size=args.batch_size)
+    """Predictions for `data` of `model` adapted to it (its own batch offsets fitted)."""
+    return scm.predict(scm.adapt(model, data, epochs=args.adapt_epochs, batch_size=args.batch_size), data)
 
 
 def peer_predictions(train: SCData, query: SCData, seed):
@@ -111,8 +116,7 @@ def reference_model(args, seed, cache):
     if seed not in cache:
         query_genes = read(QUERY, args).var_names
         full = from_anndata(read(REFERENCE, args))
-        shared = full.genes[pd.Index(full.genes).isin(query_genes)]
-        reference = full.select_genes(highly_variable_genes(full.select_genes(shared).counts, shared, args.genes))
+        reference = most_variable(full.select_genes(full.genes[pd.Index(full.genes).isin(query_genes)]), args.genes)
         start = time.time()
         model = fit(reference, args, seed)
         cache[seed] = reference, model, time.time() - start
@@ -156,7 +160,7 @@ def transfer(args, seed, cache, out):
     rows, predicted = [], {}
     for method in ("tfp_scmix", "tfp_scmix+adapt"):
         start = time.time()
-        outputs = adapt(model, query, args) if method.endswith("adapt") else predict_data(model, query)
+        outputs = adapt(model, query, args) if method.endswith("adapt") else scm.predict(model, query)
         probs, predicted[method] = outputs["probs"] @ to_coarse, outputs["label"]
         rows.append({**base, "method": method, **coarse_scores(truth, probs.argmax(axis=1)),
                      "ece": expected_calibration_error(probs, truth),
@@ -201,7 +205,7 @@ def kang(args, seed, cache, out):
         raise ValueError(f"the pbmc3k model is unsure of every kang_ctrl cell (normalised entropy above "
                          f"{args.pseudo_label_entropy}): train it longer or raise --pseudo-label-entropy")
     ctrl = from_anndata(ctrl_adata, label_key=None)
-    ctrl = ctrl.select_genes(highly_variable_genes(ctrl.counts, ctrl.genes, args.genes))
+    ctrl = most_variable(ctrl, args.genes)
     ctrl = dataclasses.replace(ctrl, labels=np.where(confident, from_reference["label"], -1).astype(np.int32),
                                classes=list(reference.class_names))
     start = time.time()
@@ -214,11 +218,11 @@ def kang(args, seed, cache, out):
     base = {"part": "kang", "dataset": f"{KANG_CTRL} -> {KANG_STIM}", "seed": seed, "genes": model.n_genes,
             "labelled": float(confident.mean())}
     n_classes = model.n_classes
-    ctrl_out = predict_data(model, ctrl)
+    ctrl_out = scm.predict(model, ctrl)
     rows = []
     for method in ("tfp_scmix", "tfp_scmix+adapt"):
         start = time.time()
-        stim_out = adapt(model, stim, args) if method.endswith("adapt") else predict_data(model, stim)
+        stim_out = adapt(model, stim, args) if method.endswith("adapt") else scm.predict(model, stim)
         rows.append({**base, "method": method,
                      "composition_tvd": 0.5 * float(np.abs(proportions(ctrl_out["label"], n_classes)
                                                            - proportions(stim_out["label"], n_classes)).sum()),
@@ -249,7 +253,7 @@ def split_reference(args, seed, cache):
     key = ("split", seed)
     if key not in cache:
         data = from_anndata(read(REFERENCE, args))
-        data = data.select_genes(highly_variable_genes(data.counts, data.genes, args.genes))
+        data = most_variable(data, args.genes)
         order = np.random.default_rng(seed).permutation(data.n_cells)
         cache[key] = data, order[data.n_cells // 2:], order[:data.n_cells // 2]
     return cache[key]
@@ -274,12 +278,13 @@ def unknown(args, seed, cache, out):
             training = (without_class(data.hide_labels(train), label, keep_cells=True) if setting == "main"
                         else without_class(data.subset(train), label))
             model = fit(training, args, seed, epochs=args.unknown_epochs)
-            outputs = predict_data(model, held_out)
+            outputs = scm.predict(model, held_out)
             labelled = training.subset(training.labels >= 0)
-            novelty = TopicNovelty.fit(predict_data(model, labelled)["topics"], labelled.labels)
+            novelty = TopicNovelty.fit(scm.predict(model, labelled)["cell_topic"], labelled.labels)
             scores = {score: (unassigned_score(outputs["probs"], score), unassigned(outputs["probs"], score))
                       for score in UNASSIGNED_SCORES}
-            scores["topic_distance"] = novelty.score(outputs["topics"]), novelty.unassigned(outputs["topics"])
+            scores["topic_distance"] = (novelty.score(outputs["cell_topic"]),
+                                        novelty.unassigned(outputs["cell_topic"]))
             names, counts = np.unique(np.asarray(model.class_names)[outputs["label"][novel]], return_counts=True)
             for score, (values, flagged) in scores.items():
                 rows.append({"part": "unknown", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix",
@@ -301,7 +306,7 @@ def calibration(args, seed, cache, out):
     start = time.time()
     model = fit(data.subset(train), args, seed)
     held_out = data.subset(test)
-    probs = predict_data(model, held_out)["probs"]
+    probs = scm.predict(model, held_out)["probs"]
     if seed == args.seeds[0]:
         reliability_diagram(probs, held_out.labels, out / f"reliability_{REFERENCE}.png",
                             title=f"{REFERENCE} held-out half")
@@ -326,7 +331,8 @@ def summary_tables(frame):
 
     if (frame.part == "transfer").any():
         tables["Label transfer pbmc3k -> pbmc_sorted_zheng (coarse classes)"] = mean_over_seeds(
-            "transfer", ["method"], ["accuracy", "errors", "macro_f1", "no_counterpart", "ece", "unassigned", "seconds"])
+            "transfer", ["method"],
+            ["accuracy", "errors", "macro_f1", "no_counterpart", "ece", "unassigned", "seconds"])
     if (frame.part == "kang").any():
         tables["Stability kang_ctrl -> kang_stim"] = mean_over_seeds(
             "kang", ["method"], ["composition_tvd", "agreement_pbmc3k", "ctrl_confidence", "stim_confidence",
@@ -381,8 +387,7 @@ def write_summary(frame, path):
         text += ["## Where the sorted types go (fraction of each sorted type given each pbmc3k class; first seed)", ""]
         for method in ("tfp_scmix+adapt", "logistic_regression"):
             text += [f"{method}:", "", markdown_table(table[table.method == method].drop(columns="method")), ""]
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join(text))
+    write_text(path, "\n".join(text))
     print("\n".join(text))
 
 
@@ -431,7 +436,8 @@ def build_parser():
     parser.add_argument("--restarts", type=int, default=1,
                         help="models averaged (the package default is 3; these results were measured with 1)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-cells", type=int, help="use at most this many random cells of each dataset (quick checks)")
+    parser.add_argument("--max-cells", type=int,
+                        help="use at most this many random cells of each dataset (quick checks)")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
     return parser
@@ -442,12 +448,8 @@ def main(argv=None):
     out = Path(args.out)
     frame = run(args.parts, args, out)
     if not args.no_mlflow:
-        try:
-            from training.record import record
-        except ImportError:
-            print("MLflow not installed: results not logged")
-        else:
-            runs = record(out / "results.csv", "cross_dataset")
+        runs = record_results(out / "results.csv", "cross_dataset")
+        if runs is not None:
             print(f"{len(runs)} new MLflow run(s) in experiment 'cross_dataset'")
     return frame
 
