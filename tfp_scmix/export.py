@@ -1,4 +1,4 @@
-"""Export stage: a trained `SCMix` -> TensorFlow SavedModel for serving, and a client that calls it.
+"""Export stage: a trained `SCMix` (or `SCMixEnsemble`) -> TensorFlow SavedModel for serving, and a client.
 
 The SavedModel holds only TensorFlow graphs and variables, so a server or client needs TensorFlow, not
 tfp_scmix. Its signatures take raw counts in the model's gene order and return the deterministic
@@ -26,7 +26,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +39,15 @@ from tfp_scmix.data import DataError, from_anndata, gene_fingerprint
 from tfp_scmix.io import atomic_directory
 from tfp_scmix.mlflow_serving import call_in_batches, outputs_frame
 
+if TYPE_CHECKING:  # annotations only: TensorFlow and MLflow are imported when they are used
+    import anndata
+    import tensorflow as tf
+    from mlflow.models.model import ModelInfo
+    from numpy.typing import ArrayLike
+
+    from tfp_scmix.ensemble import SCMixEnsemble
+    from tfp_scmix.model import SCMix
+
 SERVING_DENSE, SERVING_SPARSE, METADATA = "serving_default", "serving_sparse", "metadata"
 GENES_FILE, CLASSES_FILE, METADATA_FILE = "genes.txt", "class_names.txt", "tfp_scmix.json"
 OUTPUT_KEYS = ("probs", "label", "label_id", "confidence", "cell_topic")
@@ -44,16 +55,11 @@ MLFLOW_CODE = Path(__file__).with_name("mlflow_serving.py")
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic directory writes
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
 # SavedModel export
 # --------------------------------------------------------------------------------------------
 
 
-def _metadata(model) -> dict:
+def _metadata(model: SCMix | SCMixEnsemble) -> dict[str, Any]:
     return {"genes": list(model.genes), "class_names": list(model.class_names),
             "gene_fingerprint": model.gene_fingerprint, "version": __version__,
             "n_genes": model.n_genes, "n_classes": model.n_classes, "n_topics": model.n_topics,
@@ -61,7 +67,7 @@ def _metadata(model) -> dict:
             "settings": model.settings}
 
 
-def _serving_module(model, asset_dir: Path):
+def _serving_module(model: SCMix | SCMixEnsemble, asset_dir: Path) -> tuple[tf.Module, dict[str, Any]]:
     """A tf.Module holding the model's variables, the metadata assets and the serving functions."""
     import tensorflow as tf
 
@@ -111,10 +117,12 @@ def _serving_module(model, asset_dir: Path):
     return module, signatures
 
 
-def export_serving(model, path, overwrite: bool = False) -> Path:
+def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bool = False) -> Path:
     """Write `model` as a TensorFlow SavedModel at `path` (atomically) and return the path.
 
-    Signatures and assets: see the module docstring. Outputs are deterministic posterior means.
+    Signatures and assets: see the module docstring. Outputs are deterministic posterior means. Raises
+    FileExistsError when `path` exists and `overwrite` is false (`tfp_scmix.io.atomic_directory`); on any
+    error `path` is left as it was.
     """
     import tensorflow as tf
 
@@ -138,7 +146,11 @@ class ExportedAnnotator:
     annotator.annotate(adata)       # aligns adata's genes by name -> DataFrame indexed by obs_names
     """
 
-    def __init__(self, path, batch_size: int = 1024):
+    def __init__(self, path: str | os.PathLike[str], batch_size: int = 1024) -> None:
+        """Load the SavedModel at `path`; `batch_size` cells go to the serving signature per call.
+
+        Raises FileNotFoundError when `path` holds no saved_model.pb.
+        """
         import tensorflow as tf
 
         path = Path(path)
@@ -154,7 +166,7 @@ class ExportedAnnotator:
         self.version = meta["version"].decode()
         self.n_genes = len(self.genes)
 
-    def check_genes(self, genes=None, fingerprint: str | None = None) -> None:
+    def check_genes(self, genes: Iterable[str] | None = None, fingerprint: str | None = None) -> None:
         """Raise `DataError` unless the gene list (or its fingerprint) is the model's, in its order."""
         if genes is not None:
             fingerprint = gene_fingerprint(genes)
@@ -164,11 +176,15 @@ class ExportedAnnotator:
                             "in its order. Align them first (ExportedAnnotator.annotate(adata) does it by "
                             f"name; the model's genes are in {self.path / 'assets' / GENES_FILE}).")
 
-    def predict(self, counts, genes=None, fingerprint: str | None = None) -> dict:
+    def predict(self, counts: sp.spmatrix | ArrayLike, genes: Iterable[str] | None = None,
+                fingerprint: str | None = None) -> dict[str, np.ndarray]:
         """Outputs for raw counts `[cells, n_genes]` (CSR or dense) in the model's gene order.
 
         genes / fingerprint: the caller's column names or their fingerprint, checked against the model's.
-        Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id", "confidence", "cell_topic"}.
+        Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id" [cells], "confidence" [cells],
+        "cell_topic" [cells, n_topics]}. Raises DataError when the genes or fingerprint do not match, when
+        counts are not `[cells, n_genes]`, or when there are no cells; tf.errors.InvalidArgumentError for
+        negative counts (the export's own check).
         """
         import tensorflow as tf
 
@@ -192,10 +208,14 @@ class ExportedAnnotator:
         result["label"] = np.char.decode(result["label"].astype(bytes))
         return result
 
-    def annotate(self, adata, counts: str | None = None, min_gene_fraction: float = 0.5) -> pd.DataFrame:
+    def annotate(self, adata: anndata.AnnData | str | os.PathLike[str], counts: str | None = None,
+                 min_gene_fraction: float = 0.5) -> pd.DataFrame:
         """Align an AnnData (or .h5ad path) to the model's genes by name and predict every cell.
 
+        counts: the slot of the raw counts, as in `tfp_scmix.data.from_anndata`; min_gene_fraction: the
+        fraction of the model's genes that must be in the data (the rest count as zero).
         Returns a DataFrame indexed by obs_names: label, confidence, prob_<class>..., topic_<k>...
+        Raises DataError as `from_anndata` does (no raw counts, too few of the model's genes, ...).
         """
         data = from_anndata(adata, counts=counts, label_key=None, genes=self.genes,
                             min_gene_fraction=min_gene_fraction, allow_empty_cells=True)
@@ -203,8 +223,8 @@ class ExportedAnnotator:
         return outputs_frame(out, self.class_names, index=data.obs_names)
 
 
-def load_exported(path, batch_size: int = 1024) -> ExportedAnnotator:
-    """Load an export written by `export_serving` (see `ExportedAnnotator`)."""
+def load_exported(path: str | os.PathLike[str], batch_size: int = 1024) -> ExportedAnnotator:
+    """Load an export written by `export_serving` (see `ExportedAnnotator`; FileNotFoundError when absent)."""
     return ExportedAnnotator(path, batch_size)
 
 
@@ -213,14 +233,17 @@ def load_exported(path, batch_size: int = 1024) -> ExportedAnnotator:
 # --------------------------------------------------------------------------------------------
 
 
-def log_mlflow(model_or_export, name: str = "model", input_example_cells: int = 2, **log_kwargs):
+def log_mlflow(model_or_export: SCMix | SCMixEnsemble | str | os.PathLike[str], name: str = "model",
+               input_example_cells: int = 2, **log_kwargs: Any) -> ModelInfo:
     """Log a served model to the active MLflow run (one is started if none is); return its ModelInfo.
 
-    `model_or_export`: an SCMix (exported to a temporary SavedModel first) or an export directory.
+    `model_or_export`: an SCMix or SCMixEnsemble (exported to a temporary SavedModel first) or an export
+    directory.
     The pyfunc model (tfp_scmix/mlflow_serving.py, logged as code) needs TensorFlow and pandas, not
     tfp_scmix. Serve it with `mlflow models serve -m <model_uri> --env-manager local`; its input is a
     DataFrame whose columns are the model's gene names (raw counts), its output one row per cell:
-    label, confidence, prob_<class>..., topic_<k>....
+    label, confidence, prob_<class>..., topic_<k>.... input_example_cells: rows of the logged input example;
+    log_kwargs go to `mlflow.pyfunc.log_model`. Raises FileNotFoundError for a directory without an export.
     """
     import mlflow
     import tensorflow as tf
@@ -256,7 +279,9 @@ def log_mlflow(model_or_export, name: str = "model", input_example_cells: int = 
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status. Exits with status 2 (argparse)
+    when the model file cannot be loaded."""
     parser = argparse.ArgumentParser(prog="python -m tfp_scmix.export",
                                      description="Export a trained tfp_scmix model (.keras) as a SavedModel.")
     parser.add_argument("model", help="trained model file (MODEL.keras)")

@@ -7,12 +7,28 @@ model gene is refused). Response: one row per cell with label,
 confidence, prob_<class>... and topic_<k>.... `outputs_frame` also shapes `ExportedAnnotator.annotate`.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:  # annotations only: this file must run with TensorFlow, pandas and MLflow alone
+    from types import ModuleType
 
-def outputs_frame(out, class_names, index=None):
-    """Serving outputs (dict of arrays) as a DataFrame: label, confidence, prob_<class>..., topic_<k>..."""
+    import tensorflow as tf
+
+
+def outputs_frame(out: Mapping[str, np.ndarray], class_names: Sequence[str],
+                  index: Sequence[str] | pd.Index | None = None) -> pd.DataFrame:
+    """Serving outputs (dict of arrays) as a DataFrame: label, confidence, prob_<class>..., topic_<k>...
+
+    out: "label" `[n_cells]` (str, or bytes as a SavedModel returns them), "confidence" `[n_cells]`,
+    "probs" `[n_cells, n_classes]` in the order of `class_names`, "cell_topic" `[n_cells, n_topics]`;
+    index: the row labels (default 0 .. n_cells - 1).
+    """
     label = np.asarray(out["label"])
     label = np.char.decode(label.astype(bytes)) if label.dtype.kind in "OS" else label.astype(str)
     frame = pd.DataFrame({"label": label, "confidence": out["confidence"]}, index=index)
@@ -22,13 +38,20 @@ def outputs_frame(out, class_names, index=None):
     return pd.concat([frame, probs, topics], axis=1)
 
 
-def call_in_batches(signature, batch_size, n_rows, make_inputs):
-    """Run a serving signature over rows [0, n_rows) in blocks; concatenated numpy outputs."""
+def call_in_batches(signature: Callable[..., Mapping[str, tf.Tensor]], batch_size: int, n_rows: int,
+                    make_inputs: Callable[[int, int], Mapping[str, tf.Tensor]]) -> dict[str, np.ndarray]:
+    """Run a serving signature over rows [0, n_rows) in blocks; concatenated numpy outputs.
+
+    make_inputs(start, stop) gives the signature's keyword arguments for rows start:stop (at most
+    `batch_size` rows). Each output is concatenated along its first axis (`[n_rows, ...]`). Raises
+    IndexError when n_rows is 0 (no block to run).
+    """
     parts = [{k: v.numpy() for k, v in signature(**make_inputs(start, min(start + batch_size, n_rows))).items()}
              for start in range(0, n_rows, batch_size)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+mlflow: ModuleType | None
 try:
     import mlflow
 except ImportError:  # tfp_scmix.export uses the helpers above without MLflow installed
@@ -37,12 +60,18 @@ except ImportError:  # tfp_scmix.export uses the helpers above without MLflow in
 if mlflow is not None:
     from mlflow.exceptions import MlflowException
 
-    class SCMixServing(mlflow.pyfunc.PythonModel):
-        """Pyfunc wrapper of the SavedModel artifact "saved_model" (dense signature)."""
+    # mlflow.pyfunc is a LazyLoader attribute, whose module mypy cannot see through; it is a module at run time.
+    class SCMixServing(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
+        """Pyfunc wrapper of the SavedModel artifact "saved_model" (dense signature).
+
+        `load_context` and `predict` keep MLflow's signatures unannotated beyond `predict`'s DataFrames:
+        MLflow reads `predict`'s type hints (typing.get_type_hints) for its schema validation.
+        """
 
         batch_size = 1024
 
         def load_context(self, context):
+            """Load the SavedModel artifact and the model's genes and class names from its metadata."""
             import tensorflow as tf
 
             loaded = tf.saved_model.load(context.artifacts["saved_model"])
@@ -52,6 +81,12 @@ if mlflow is not None:
             self.class_names = [c.decode() for c in meta["class_names"].numpy()]
 
         def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+            """Outputs for raw counts `[n_cells, genes sent]` whose columns are gene names of the model.
+
+            Returns one row per cell, indexed as the request: label, confidence, prob_<class>...,
+            topic_<k>.... Raises MlflowException (INVALID_PARAMETER_VALUE, HTTP 400) for duplicated or
+            unknown columns, a request with no rows, or counts that are not non-negative numbers.
+            """
             import tensorflow as tf
 
             frame = pd.DataFrame(model_input)
