@@ -1,11 +1,17 @@
 """Counts drawn from the model's own generative process, for tests and benchmarks."""
 
+from __future__ import annotations
+
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
 from tfp_scmix.data import SCData
+
+if TYPE_CHECKING:
+    import anndata
 
 
 @dataclasses.dataclass
@@ -17,14 +23,21 @@ class Planted:
     class_weights: np.ndarray
 
 
-def sample_counts(n_cells=1000, n_genes=300, n_topics=6, n_classes=3, alpha=0.3, library_size=2000,
-                  genes_per_topic=15, n_labelled=None, seed=0):
+def sample_counts(n_cells: int = 1000, n_genes: int = 300, n_topics: int = 6, n_classes: int = 3,
+                  alpha: float = 0.3, library_size: float = 2000, genes_per_topic: int = 15,
+                  n_labelled: int | None = None, seed: int = 0) -> tuple[SCData, Planted]:
     """Draw (SCData, Planted) from the generative process.
 
     Each class has its own dominant topics (class_weights is sparse, as under the horseshoe); a cell's
     topics are Dirichlet(alpha) plus a boost of its class's topics; counts are
     Multinomial(library, cell_topic @ topic_gene) with log-normal library sizes; labels are the argmax of
     class_weights @ log cell_topic. `n_labelled` cells keep their labels (all when None).
+
+    Constants of the process (design choices, not fitted to data): gene background Gamma(0.5, 1); each
+    topic's `genes_per_topic` marker genes get the mean background times Uniform(20, 60) added; a class's
+    topics add 3 to the Dirichlet concentration of its cells; library sizes LogNormal(log(library_size),
+    0.4) (median `library_size` counts), at least 50. One batch "0"; genes "gene<g>", cells "cell<n>",
+    classes "type<c>". Raises ValueError (from numpy) when genes_per_topic > n_genes.
     """
     rng = np.random.default_rng(seed)
     background = rng.gamma(0.5, 1.0, n_genes)
@@ -53,7 +66,7 @@ def sample_counts(n_cells=1000, n_genes=300, n_topics=6, n_classes=3, alpha=0.3,
     return data, Planted(topic_gene, cell_topic, class_weights)
 
 
-def to_anndata(data: SCData):
+def to_anndata(data: SCData) -> anndata.AnnData:
     """An AnnData with the counts in X and labels in obs["cell_type"] (NaN where unknown)."""
     import anndata
     import pandas as pd
