@@ -7,16 +7,23 @@
   exceeds the score's default threshold (`UNASSIGNED_THRESHOLDS`).
 - `TopicNovelty`: how far a cell's topic proportions lie from every known class (Mahalanobis distance to
   the nearest class mean, as in Lee et al. 2018): separates unknown cell types far better than the
-  probabilities, which stay confident on cells unlike any training cell.
+  probabilities, which stay confident on cells unlike any training cell (measured: docs/cross_dataset.md).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import topic_features
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from numpy.typing import ArrayLike
 
 
 def few_shot_split(n_cells: int, n_test: int, n_labelled: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,8 +36,9 @@ def few_shot_split(n_cells: int, n_test: int, n_labelled: int, seed: int) -> tup
     return order[:n_test], order[n_test:n_test + n_labelled]
 
 
-def scores(true, predicted) -> dict[str, float]:
-    """Errors, accuracy and macro-F1 (scikit-learn's) of integer predictions `[n_cells]`."""
+def scores(true: ArrayLike, predicted: ArrayLike) -> dict[str, float]:
+    """Errors (a count, int), accuracy and macro-F1 (scikit-learn's `f1_score(average="macro")`, over the
+    classes present in either array) of integer predictions `[n_cells]` against true class ids `[n_cells]`."""
     from sklearn.metrics import f1_score
 
     true, predicted = np.asarray(true), np.asarray(predicted)
@@ -45,7 +53,9 @@ UNASSIGNED_SCORE = "entropy"
 UNASSIGNED_THRESHOLDS = {"max_prob": 0.5, "entropy": 0.5}
 
 
-def _check(probs, true=None):
+def _check(probs: ArrayLike, true: ArrayLike | None = None) -> tuple[np.ndarray, Any]:
+    """(probs float64 `[n_cells, n_classes]`, true as an array `[n_cells]`, or None when not given); the second
+    is typed Any so that callers which pass `true` need no None check."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] < 2:
         raise ValueError(f"probs must be [n_cells, n_classes] with at least two classes, received shape {probs.shape}")
@@ -57,12 +67,13 @@ def _check(probs, true=None):
     return probs, true
 
 
-def reliability_table(probs, true, n_bins=15) -> pd.DataFrame:
+def reliability_table(probs: ArrayLike, true: ArrayLike, n_bins: int = 15) -> pd.DataFrame:
     """Per confidence bin: `lower`, `upper`, `cells`, mean `confidence` and `accuracy` of the top class.
 
     probs: `[n_cells, n_classes]`; true: `[n_cells]` class ids (a cell whose true class the model lacks,
     e.g. -1, counts as wrong). Bins are (lower, upper], equal width on [0, 1]; confidence 0 falls into
-    the first. Empty bins have NaN confidence and accuracy.
+    the first. Empty bins have NaN confidence and accuracy. Raises ValueError when probs is not 2-D with
+    at least two classes, or true does not hold one class id per row of probs.
     """
     probs, true = _check(probs, true)
     confidence = probs.max(axis=1)
@@ -77,20 +88,24 @@ def reliability_table(probs, true, n_bins=15) -> pd.DataFrame:
                          "confidence": mean_confidence, "accuracy": accuracy})
 
 
-def expected_calibration_error(probs, true, n_bins=15) -> float:
+def expected_calibration_error(probs: ArrayLike, true: ArrayLike, n_bins: int = 15) -> float:
     """Top-label ECE: sum over bins of (cells in bin / cells) * |accuracy - mean confidence|.
 
-    probs: `[n_cells, n_classes]`, true: `[n_cells]` class ids. 0 means perfectly calibrated.
+    The estimator of Guo et al. (2017, "On calibration of modern neural networks"), with their 15
+    equal-width bins as the default. probs: `[n_cells, n_classes]`, true: `[n_cells]` class ids.
+    0 means perfectly calibrated; at most 1. Raises ValueError as `reliability_table` does.
     """
     table = reliability_table(probs, true, n_bins)
     filled = table[table.cells > 0]
     return float((filled.cells * (filled.accuracy - filled.confidence).abs()).sum() / filled.cells.sum())
 
 
-def reliability_diagram(probs, true, path, n_bins=15, title=None):
+def reliability_diagram(probs: ArrayLike, true: ArrayLike, path: str | Path, n_bins: int = 15,
+                        title: str | None = None) -> str | Path:
     """Write a reliability diagram (accuracy and cell count per confidence bin) as a PNG at `path`.
 
-    Written atomically; returns the path. The title shows the ECE.
+    Written atomically (`tfp_scmix.io.atomic_path`); returns `path` as given. The title shows the ECE
+    above `title`. Raises ValueError as `reliability_table` does.
     """
     import matplotlib
 
@@ -118,11 +133,12 @@ def reliability_diagram(probs, true, path, n_bins=15, title=None):
     return path
 
 
-def unassigned_score(probs, score=UNASSIGNED_SCORE) -> np.ndarray:
+def unassigned_score(probs: ArrayLike, score: str = UNASSIGNED_SCORE) -> np.ndarray:
     """`[n_cells]` score in [0, 1] of how unlike every known class a cell is (higher: less sure).
 
     score="max_prob": 1 - max_c p_c; score="entropy": -sum_c p_c log p_c / log n_classes (0 for a
-    one-hot row, 1 for the uniform one). probs: `[n_cells, n_classes]`.
+    one-hot row, 1 for the uniform one). probs: `[n_cells, n_classes]`. Raises ValueError for a score
+    outside UNASSIGNED_SCORES or probs that are not `[n_cells, n_classes]` with at least two classes.
     """
     probs, _ = _check(probs)
     if score == "max_prob":
@@ -135,8 +151,9 @@ def unassigned_score(probs, score=UNASSIGNED_SCORE) -> np.ndarray:
     raise ValueError(f"score must be one of {UNASSIGNED_SCORES}, received {score!r}")
 
 
-def unassigned(probs, score=UNASSIGNED_SCORE, threshold=None) -> np.ndarray:
-    """`[n_cells]` bool: cells whose `unassigned_score` exceeds `threshold` (default: the score's own)."""
+def unassigned(probs: ArrayLike, score: str = UNASSIGNED_SCORE, threshold: float | None = None) -> np.ndarray:
+    """`[n_cells]` bool: cells whose `unassigned_score` exceeds `threshold` (default: the score's own in
+    UNASSIGNED_THRESHOLDS). Raises ValueError as `unassigned_score` does."""
     return unassigned_score(probs, score) > (UNASSIGNED_THRESHOLDS[score] if threshold is None else threshold)
 
 
@@ -147,24 +164,32 @@ class TopicNovelty:
     `fit` takes the topic proportions `[n_cells, n_topics]` and class ids `[n_cells]` (-1: unlabelled, not
     used) of reference cells and keeps each class's mean feature vector and one shared within-class
     covariance (Ledoit-Wolf shrinkage). `distance` is the squared Mahalanobis distance to the nearest class
-    mean; `score` is the fraction of reference cells at a smaller distance (in [0, 1]). A threshold t then
-    flags about 1 - t of the cells of known types (measured on held-out pbmc3k cells: docs/cross_dataset.md);
-    the default 0.95 flags about 5%.
+    mean; `score` is the fraction of reference cells at a smaller distance (in [0, 1]). A threshold t thus
+    flags 1 - t of the reference cells by construction (the default 0.95: 5%); of held-out cells of known
+    types it flags somewhat more, as the reference cells trained the model (measured on pbmc3k cells:
+    docs/cross_dataset.md).
     """
 
     threshold = 0.95
 
-    def __init__(self, means, precision, reference_distances):
+    def __init__(self, means: np.ndarray, precision: np.ndarray, reference_distances: ArrayLike) -> None:
+        """means `[n_classes, n_topics]`, precision `[n_topics, n_topics]` (the inverse shared covariance),
+        reference_distances `[n_reference]` (`distance` of the reference cells); usually built by `fit`."""
         self.means, self.precision = means, precision  # [n_classes, n_topics], [n_topics, n_topics]
         self.reference_distances = np.sort(reference_distances)  # [n_reference]
 
     @staticmethod
-    def features(topics):
-        """Centred log topic proportions `[n_cells, n_topics]`."""
+    def features(topics: ArrayLike) -> np.ndarray:
+        """Centred log topic proportions `[n_cells, n_topics]` of topic proportions `[n_cells, n_topics]`
+        (floored at 1e-30 before the log)."""
         return np.asarray(topic_features(np.log(np.maximum(np.asarray(topics, dtype=np.float64), 1e-30))))
 
     @classmethod
-    def fit(cls, topics, labels):
+    def fit(cls, topics: ArrayLike, labels: ArrayLike) -> TopicNovelty:
+        """Fit on reference cells: topic proportions `[n_cells, n_topics]`, class ids `[n_cells]` (-1 unused).
+
+        Raises ValueError unless the labelled cells cover at least two classes and outnumber the classes.
+        """
         from sklearn.covariance import LedoitWolf
 
         labels = np.asarray(labels)
@@ -181,16 +206,16 @@ class TopicNovelty:
         novelty.reference_distances = np.sort(novelty.distance(topics))
         return novelty
 
-    def distance(self, topics):
+    def distance(self, topics: ArrayLike) -> np.ndarray:
         """`[n_cells]` squared Mahalanobis distance of each cell's features to the nearest class mean."""
         diff = self.features(topics)[:, None, :] - self.means[None, :, :]  # [n_cells, n_classes, n_topics]
         return np.einsum("ncj,jk,nck->nc", diff, self.precision, diff).min(axis=1)
 
-    def score(self, topics):
+    def score(self, topics: ArrayLike) -> np.ndarray:
         """`[n_cells]` in [0, 1]: the fraction of reference cells at a smaller `distance`."""
         return np.searchsorted(self.reference_distances, self.distance(topics), side="left") / len(
             self.reference_distances)
 
-    def unassigned(self, topics):
+    def unassigned(self, topics: ArrayLike) -> np.ndarray:
         """`[n_cells]` bool: cells whose `score` exceeds `threshold`."""
         return self.score(topics) > self.threshold
