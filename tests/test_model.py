@@ -1,12 +1,16 @@
+"""SCMix: what it learns, how it is built from data, and its life as a Keras model."""
+
 import keras
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+import tfp_scmix as scm
 from tfp_scmix import SCMix
-from tfp_scmix.annotate import annotate, predict_data
-from tfp_scmix.cli import few_shot_split, main, scores, train_model
-from tfp_scmix import explain
+from tfp_scmix.config import Config
+from tfp_scmix.evaluate import few_shot_split, scores
+from tfp_scmix.model import library_versions
+from tfp_scmix.stream import H5ADStream
 
 
 def matched_topic_correlation(learned, planted):
@@ -23,20 +27,21 @@ def matched_topic_correlation(learned, planted):
 
 def test_recovers_planted_topics_and_labels(synthetic):
     data, planted = synthetic
-    model = train_model(data, epochs=80, batch_size=128, verbose=0, n_topics=6, kl_warmup_epochs=5, restarts=1)
-    corr = matched_topic_correlation(model.topics(None).numpy(), planted.topic_gene)
+    model = scm.train(data, Config(n_topics=6, kl_warmup_epochs=5, batch_size=128), epochs=80, restarts=1,
+                      verbose=0)
+    corr = matched_topic_correlation(model.topic_gene().numpy(), planted.topic_gene)
     # stated measure: every planted topic's matched learned topic correlates > 0.75, on average > 0.85
     assert corr.min() > 0.75 and corr.mean() > 0.85, corr
     truth = (np.log(planted.cell_topic + 1e-12) @ planted.class_weights.T).argmax(1)
-    predicted = predict_data(model, data)["label"]
+    predicted = scm.predict(model, data)["label"]
     unlabelled = data.labels < 0
     assert (predicted[unlabelled] == truth[unlabelled]).mean() > 0.9
 
 
 def test_embedded_real_data_well_above_chance(embedded):
     test, labelled = few_shot_split(embedded.n_cells, 550, 150, seed=0)
-    model = train_model(embedded.hide_labels(labelled), epochs=40, batch_size=128, verbose=0, n_topics=20)
-    result = scores(embedded.labels[test], predict_data(model, embedded.subset(test))["label"])
+    model = scm.train(embedded.hide_labels(labelled), Config(n_topics=20, batch_size=128), epochs=40, verbose=0)
+    result = scores(embedded.labels[test], scm.predict(model, embedded.subset(test))["label"])
     majority = np.bincount(embedded.labels[test]).max() / len(test)
     # 10 types; the largest is 34% of cells: chance is at most that
     assert result["accuracy"] > majority + 0.2, result
@@ -44,7 +49,7 @@ def test_embedded_real_data_well_above_chance(embedded):
 
 def test_fit_validation_callbacks_evaluate_save_load(embedded, tmp_path):
     train, valid = embedded.subset(np.arange(500)).hide_labels(np.arange(150)), embedded.subset(np.arange(500, 700))
-    model = SCMix.from_data(train, n_topics=8)
+    model = SCMix.from_data(train, Config(n_topics=8))
     model.compile(optimizer=keras.optimizers.Adam(2e-3))
     history = model.fit(train.dataset(128), validation_data=valid.dataset(200, shuffle=False), epochs=3, verbose=0,
                         callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=5),
@@ -54,13 +59,14 @@ def test_fit_validation_callbacks_evaluate_save_load(embedded, tmp_path):
     assert history.history["loss"][-1] < history.history["loss"][0]
     evaluated = model.evaluate(valid.dataset(200, shuffle=False), verbose=0, return_dict=True)
     assert np.isfinite(evaluated["loss"])
-    before = predict_data(model, valid)
+    before = scm.predict(model, valid)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
-    after = predict_data(loaded, valid)
+    after = scm.predict(loaded, valid)
     for key in before:
         np.testing.assert_array_equal(before[key], after[key])
     assert loaded.genes == model.genes and loaded.class_names == model.class_names
+    assert loaded.config == model.config and loaded.sizes == model.sizes and loaded.seed == model.seed
     assert keras.models.load_model(tmp_path / "best.keras").n_topics == 8
     # dense and scipy inputs give the same predictions as the sparse pipeline
     np.testing.assert_allclose(loaded.predict(valid.counts, verbose=0)["probs"], before["probs"], atol=1e-6)
@@ -68,89 +74,131 @@ def test_fit_validation_callbacks_evaluate_save_load(embedded, tmp_path):
     loaded.fit(train.dataset(128), epochs=1, verbose=0)
 
 
-def test_predict_outputs(small_model, embedded):
-    out = predict_data(small_model, embedded)
-    assert out["probs"].shape == (700, 10) and out["topics"].shape == (700, 12)
-    np.testing.assert_allclose(out["probs"].sum(1), 1, atol=1e-5)
-    np.testing.assert_array_equal(out["label"], out["probs"].argmax(1))
-    np.testing.assert_allclose(out["confidence"], out["probs"].max(1))
-
-
-def test_annotate_writes_anndata_slots(small_model, embedded_adata):
-    adata = embedded_adata.copy()
-    adata = adata[:, ::-1].copy()  # a different gene order is aligned by name
-    annotate(small_model, adata, min_confidence=0.99)
-    assert set(adata.obs["scmix_label"].cat.categories) == set(small_model.class_names) | {"unassigned"}
-    assert (adata.obs["scmix_label"] == "unassigned").any()
-    assert adata.obsm["scmix_topics"].shape == (700, 12)
-    assert list(adata.obsm["scmix_probs"].columns) == small_model.class_names
-    assert adata.varm["scmix_topic_gene"].shape == (765, 12)
-    gene = small_model.genes[0]
-    np.testing.assert_allclose(adata.varm["scmix_topic_gene"][adata.var_names.get_loc(gene)],
-                               small_model.topics(None).numpy()[:, 0], rtol=1e-6)
-
-
-def test_explanations(small_model, tmp_path):
-    genes = explain.top_genes(small_model, n_genes=5)
-    assert len(genes) == 12 * 5 and set(genes.columns) == {"topic", "rank", "gene", "weight", "lift"}
-    table = explain.class_topic_table(small_model)
-    assert len(table) == 10 * 12 and (table.groupby("topic")["contrast"].sum().abs() < 1e-4).all()
-    per_class = explain.class_genes(small_model, n_genes=5)
-    assert set(per_class["class"]) == set(small_model.class_names)
-    score, found = explain.marker_score(small_model, {"CD56+ NK": ["GNLY", "NKG7"]}, n_genes=30)
-    assert 0 <= score <= 1 and len(found) == 2
-    by_lift = explain.class_genes(small_model, n_genes=5)
-    assert (by_lift.groupby("class")["lift"].apply(lambda x: x.is_monotonic_decreasing)).all()
-    paths = explain.write_explanations(small_model, tmp_path)
-    for path in paths.values():
-        assert path.exists() and path.stat().st_size > 0
-    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
-
-
 def test_bad_settings_are_refused(embedded):
-    with pytest.raises(ValueError, match="prior must be one of"):
-        SCMix.from_data(embedded, prior="laplace")
-    with pytest.raises(ValueError, match="label_mode must be one of"):
-        SCMix.from_data(embedded, label_mode="semi")
+    with pytest.raises(ValueError, match="prior must be one of .*'laplace'"):
+        SCMix.from_data(embedded, {"prior": "laplace"})
+    with pytest.raises(ValueError, match="label_mode must be one of .*'semi'"):
+        SCMix.from_data(embedded, {**Config(n_topics=4).to_dict(), "label_mode": "semi"})
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['n_topic'\]"):
+        SCMix.from_data(embedded, {"n_topic": 4})
 
 
-def test_cli_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--epochs", "2", "--topics", "8", "--verbose", "0", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "held-out cells: accuracy" in out and "Top genes" in out
-    assert (tmp_path / "model.keras").exists() and (tmp_path / "explanations" / "class_topics.csv").exists()
-    # The demo's model (an ensemble of 3 restarts) annotates and explains from the command line.
-    from tfp_scmix.datasets import pbmc68k_reduced
-
-    pbmc68k_reduced().write_h5ad(tmp_path / "query.h5ad")
-    assert main(["annotate", str(tmp_path / "model.keras"), str(tmp_path / "query.h5ad"),
-                 "--out", str(tmp_path / "annotated.h5ad")]) == 0
-    assert main(["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]) == 0
-    assert (tmp_path / "explained" / "class_genes.csv").exists()
-    (tmp_path / "broken.keras").write_bytes(b"not a model")
-    capsys.readouterr()
-    assert main(["annotate", str(tmp_path / "broken.keras"), str(tmp_path / "query.h5ad"),
-                 "--out", str(tmp_path / "never.h5ad")]) == 2
-    assert "broken.keras" in capsys.readouterr().err and not (tmp_path / "never.h5ad").exists()
+SIZES = {"n_cells": 10, "n_labelled": 4, "total_counts": 1000.0, "n_batches": 1}
 
 
-def test_adapt_fits_query_offsets_and_leaves_reference_alone(small_model, embedded):
-    import dataclasses
+def test_data_sizes_are_required_and_positive():
+    genes, classes = ["g0", "g1", "g2"], ["a", "b"]
+    with pytest.raises(TypeError, match="n_cells"):
+        SCMix(genes, classes, Config(n_topics=2))
+    for name in SIZES:
+        with pytest.raises(TypeError, match=name):
+            SCMix(genes, classes, Config(n_topics=2), **{k: v for k, v in SIZES.items() if k != name})
+    for name, bad in [("n_cells", 0), ("total_counts", 0.0), ("n_batches", 0), ("n_labelled", -1)]:
+        with pytest.raises(ValueError, match=rf"data sizes must be positive, received \{{'{name}': {bad}\}}"):
+            SCMix(genes, classes, Config(n_topics=2), **{**SIZES, name: bad})
+    model = SCMix(genes, classes, Config(n_topics=2), **{**SIZES, "n_labelled": 0})  # unlabelled data is fine
+    assert model.sizes == {**SIZES, "n_labelled": 0} and model.settings["n_labelled"] == 1
+    topic_gene = model.topic_gene().numpy()
+    assert topic_gene.shape == (2, 3) and np.allclose(topic_gene.sum(1), 1, atol=1e-6)
+    with pytest.raises(ValueError, match="at least two classes"):
+        SCMix(genes, ["a"], **SIZES)
 
-    import scipy.sparse as sp
 
-    reference = predict_data(small_model, embedded)
-    rng = np.random.default_rng(1)
-    log_factor = rng.normal(0, 1.0, embedded.n_genes)
-    shifted = (embedded.counts @ sp.diags(np.exp(log_factor).astype(np.float32))).tocsr()
-    shifted.data = rng.poisson(shifted.data).astype(np.float32)
-    keep = np.asarray(shifted.sum(axis=1)).ravel() > 0
-    query = dataclasses.replace(embedded, counts=shifted).subset(keep)
-    out = small_model.adapt(query, epochs=10)
-    assert out["probs"].shape == (int(keep.sum()), small_model.n_classes)
-    after = predict_data(small_model, embedded)
-    for key in reference:  # the reference model and its predictions are untouched
-        np.testing.assert_array_equal(reference[key], after[key])
-    assert small_model.settings["n_batches"] == 1
-    with pytest.raises(ValueError, match="model's gene order"):
-        small_model.adapt(query.select_genes(list(reversed(small_model.genes))))
+# What SCMix.get_config held before the settings became one Config (tfp_scmix 0.1.0 files written up to
+# commit a996566): every setting flat beside the sizes, global_scale and expected_active_topics resolved,
+# no training settings but classifier_learning_rate, no "config" and no "adapted_batch" key.
+OLD_FLAT_SETTINGS = ("n_topics", "hidden_units", "dropout", "prior", "label_mode", "label_weight", "prior_alpha",
+                     "learn_alpha", "kl_warmup_epochs", "n_cells", "n_labelled", "total_counts",
+                     "expected_active_topics", "global_scale", "slab_scale", "slab_df", "label_noise",
+                     "topic_prior_scale", "n_predictive_samples", "classifier_learning_rate", "n_batches", "seed")
+
+
+def old_format(config):
+    """A get_config of the current format rewritten in the old flat one."""
+    settings = {**config["config"], "n_cells": config["n_cells"], "n_labelled": max(config["n_labelled"], 1),
+                "total_counts": config["total_counts"], "n_batches": config["n_batches"], "seed": config["seed"]}
+    return {**{k: config[k] for k in ("name", "trainable", "dtype") if k in config}, "genes": config["genes"],
+            "class_names": config["class_names"], "provenance": config["provenance"],
+            **{k: settings[k] for k in OLD_FLAT_SETTINGS}}
+
+
+def test_a_model_in_the_old_flat_config_format_still_loads(small_model, embedded, tmp_path):
+    from tests.helpers import rewrite_archive
+
+    model = small_model.members[0]
+    old = old_format(model.get_config())
+    # expected_active_topics and global_scale as the old files held them: resolved numbers.
+    old.update(expected_active_topics=model.settings["expected_active_topics"],
+               global_scale=model.settings["global_scale"])
+    assert "config" not in old and "adapted_batch" not in old
+    rebuilt = SCMix.from_config(old)
+    assert rebuilt.genes == model.genes and rebuilt.class_names == model.class_names
+    assert rebuilt.sizes == model.sizes and rebuilt.seed == model.seed and rebuilt.adapted_batch is None
+    assert rebuilt.provenance == model.provenance
+    for name in scm.config.MODEL_SETTINGS:
+        assert rebuilt.settings[name] == model.settings[name], name
+    rebuilt.set_weights(model.get_weights())
+    np.testing.assert_array_equal(scm.predict(rebuilt, embedded)["probs"], scm.predict(model, embedded)["probs"])
+    # The same through a file: a .keras archive whose config is in the old format.
+    scm.save_model(model, tmp_path / "new.keras")
+    rewrite_archive(tmp_path / "new.keras", tmp_path / "old.keras",
+                    config=lambda c: {**c, "config": {**old_format(c["config"]), **{
+                        k: old[k] for k in ("expected_active_topics", "global_scale")}}})
+    loaded = scm.load_model(tmp_path / "old.keras")
+    assert loaded.sizes == model.sizes
+    np.testing.assert_array_equal(scm.predict(loaded, embedded)["probs"], scm.predict(model, embedded)["probs"])
+
+
+def test_library_versions_are_the_installed_ones():
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+
+    versions = library_versions()
+    assert versions["tfp_scmix"] == scm.__version__ and versions["tensorflow"] == tf.__version__
+    assert versions["keras"] == keras.__version__ and versions["tensorflow_probability"] == tfp.__version__
+
+
+def test_keras_leaves_xla_off_for_the_training_step(synthetic):
+    """The step's sparse ops have no XLA kernels: jit_compile="auto" (XLA where there is a GPU) and True both
+    give a model that trains without XLA, instead of failing in the first step."""
+    from keras.src.trainers.trainer import model_supports_jit
+
+    data, _ = synthetic
+    model = SCMix.from_data(data, Config(n_topics=4))
+    assert not model_supports_jit(model)
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    assert model.jit_compile is False
+    model.fit(data.dataset(256), epochs=1, verbose=0)
+
+
+def test_from_data_reads_the_same_sizes_from_a_stream_and_from_memory(synthetic_file):
+    """The same file with a two-value batch column, read as a stream and into memory: the same settings,
+    sizes (two batches both ways), topic background and cells."""
+    _, path = synthetic_file
+    config = Config(n_topics=4, hidden_units=16)
+    stream = H5ADStream(path, batch_key="donor", chunk_cells=128)
+    in_memory = scm.from_anndata(path, batch_key="donor")
+    ours, theirs = SCMix.from_data(stream, config, seed=3), SCMix.from_data(in_memory, config, seed=3)
+    assert ours.config == theirs.config == config
+    assert ours.sizes == theirs.sizes and ours.sizes["n_batches"] == 2 == len(in_memory.batch_names)
+    assert ours.sizes["n_labelled"] == in_memory.n_labelled == 200 and ours.sizes["n_cells"] == 700
+    assert ours.settings == theirs.settings
+    assert ours.batch_offsets.loc.shape == theirs.batch_offsets.loc.shape == (2, in_memory.n_genes)
+    assert ours.provenance["n_cells"] == theirs.provenance["n_cells"] == 700
+    assert {k: v for k, v in ours.provenance.items() if k != "data_fingerprint"} == \
+        {k: v for k, v in theirs.provenance.items() if k != "data_fingerprint"}
+    np.testing.assert_allclose(ours.topics.background.numpy(), theirs.topics.background.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.xfail(reason="LIBRARY: the same .h5ad gets two data fingerprints: H5ADStream.fingerprint() hashes "
+                          "library sizes, gene sums, labels, batches and genes while SCData.fingerprint() hashes the "
+                          "CSR arrays, labels and genes (not the batches), so model.provenance['data_fingerprint'] "
+                          "depends on how the file was read, and train(checkpoint_dir=...) refuses a finished "
+                          "restart saved by a --stream run when rerun in memory (or the reverse)", strict=True)
+def test_from_data_records_the_same_data_fingerprint_from_a_stream_and_from_memory(synthetic_file):
+    _, path = synthetic_file
+    stream = H5ADStream(path, batch_key="donor")
+    in_memory = scm.from_anndata(path, batch_key="donor")
+    assert SCMix.from_data(stream, Config(n_topics=4)).provenance == \
+        SCMix.from_data(in_memory, Config(n_topics=4)).provenance
