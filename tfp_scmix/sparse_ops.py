@@ -12,8 +12,8 @@ a whole training run.
 Gradient: with U the sparse `[cells, genes]` matrix of upstream gradients at the nonzeros,
 d cell_topic = U @ gene_topic and d gene_topic = U^T @ cell_topic: two sparse-dense products,
 O(nnz * n_topics), which TensorFlow's SparseTensorDenseMatMul kernel does without materialising any
-`[nnz, n_topics]` array: with the XLA forward, several times faster on CPU than the automatic gradient's
-scatter-adds (measured on one minibatch of 1,024 Kang cells: the topic-rate line of the XLA section of
+`[nnz, n_topics]` array: with the XLA forward, faster on CPU than the automatic gradient's scatter-adds
+(by how much is measured on one minibatch of 1,024 Kang cells: the topic-rate line of the XLA section of
 experiments/performance/results.md, discussed in docs/performance.md).
 """
 
