@@ -36,25 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.common import peak_rss_mb, read_dataset, rss_mb, write_json, write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS = HERE / "runs"
 SCVI_ENV = HERE / ".venv-scvi"
 SCVI_PACKAGES = (["torch==2.13.0"], ["scvi-tools==1.4.2"])
 LABELLED_FRACTION = 0.02
-
-
-def rss_mb():
-    """Current resident memory of this process in MB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def peak_rss_mb():
-    """Peak resident memory of this process in MB (VmHWM: unlike ru_maxrss it restarts at exec, so a child
-    does not inherit the peak of the process that started it)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def cpu_s():
@@ -83,9 +72,9 @@ def reference():
     import anndata
     import scipy.sparse as sp
 
-    from tfp_scmix.data import data_path, extract_counts, read_h5ad
+    from tfp_scmix.data import extract_counts
 
-    parts = [read_h5ad(data_path(f"kang_{c}.h5ad")) for c in ("ctrl", "stim")]
+    parts = [read_dataset(f"kang_{c}") for c in ("ctrl", "stim")]
     adata = anndata.concat(parts, join="inner")
     counts, genes = extract_counts(adata, "X")
     return sp.csr_matrix(counts), np.asarray(genes), np.asarray(adata.obs["condition"].astype(str))
@@ -232,28 +221,30 @@ def use_threads(threads):
 
 
 def child_ours(cfg):
+    """Training steps of an SCMix timed by `StepTimer` (and prediction through `tfp_scmix.predict`).
+
+    Times `model.fit` steps, not a training recipe: the model is built and compiled as `tfp_scmix.train`
+    does (`SCMix.from_data`, Adam(config.learning_rate)), optionally with XLA (`jit`)."""
     import keras
 
-    from tfp_scmix.annotate import predict_data
-    from tfp_scmix.data import from_anndata
-    from tfp_scmix.model import SCMix
-    from tfp_scmix.stream import H5ADStream, build_model
+    import tfp_scmix as scm
+    from tfp_scmix.stream import H5ADStream
 
     use_threads(cfg["threads"])
     baseline = rss_mb()
     start = time.perf_counter()
     keras.utils.set_random_seed(0)
-    settings = dict(n_topics=cfg["n_topics"], seed=0)
+    config = scm.Config(n_topics=cfg["n_topics"], batch_size=cfg["batch_size"])
     if cfg["mode"] == "memory":
-        data = from_anndata(cfg["path"])
-        model = SCMix.from_data(data, **settings)
+        data = scm.from_anndata(cfg["path"])
+        model = scm.SCMix.from_data(data, config, seed=0)
         dataset = data.dataset(cfg["batch_size"], seed=0, repeat=True)
     else:
         stream = H5ADStream(cfg["path"])
-        model = build_model(stream, **settings)
+        model = scm.SCMix.from_data(stream, config, seed=0)
         dataset = stream.dataset(cfg["batch_size"], seed=0, repeat=True)
     load_s = time.perf_counter() - start
-    model.compile(optimizer=keras.optimizers.Adam(2e-3), jit_compile=cfg.get("jit", False))
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=cfg.get("jit", False))
     timer = StepTimer(cfg["warmup"], cfg["budget_s"])
     result = {"load_s": load_s, "baseline_rss_mb": baseline, "jit_effective": bool(model.jit_compile)}
     try:
@@ -269,9 +260,9 @@ def child_ours(cfg):
                   train_peak_rss_mb=peak_rss_mb())
     if cfg.get("predict"):
         data = data if cfg["mode"] == "memory" else stream.to_data(np.arange(stream.n_cells))
-        predict_data(model, data.subset(np.arange(min(2048, data.n_cells))), cfg["predict_batch_size"])
+        scm.predict(model, data.subset(np.arange(min(2048, data.n_cells))), batch_size=cfg["predict_batch_size"])
         start, cpu = time.perf_counter(), time.process_time()
-        predict_data(model, data, cfg["predict_batch_size"])
+        scm.predict(model, data, batch_size=cfg["predict_batch_size"])
         result["predict_cells_per_s"] = data.n_cells / (time.perf_counter() - start)
         result["predict_cells_per_cpu_s"] = data.n_cells / (time.process_time() - cpu)
     result["peak_rss_mb"] = peak_rss_mb()
@@ -469,10 +460,13 @@ def main(argv=None):
             continue
         result = run_child(kind, {**cfg, "path": files[name], "threads": args.threads}, timeout=900)
         results.append({"method": kind, "data": name, **cfg, **result})
-        log(f"{kind:6s} {name:16s} {json.dumps({k: v for k, v in cfg.items() if k in ('mode', 'n_topics', 'n_latent', 'batch_size', 'jit')})} -> "
+        shown = {k: v for k, v in cfg.items() if k in ("mode", "n_topics", "n_latent", "batch_size", "jit")}
+        log(f"{kind:6s} {name:16s} {json.dumps(shown)} -> "
             + (result.get("error") or f"train {result.get('train_cells_per_s', float('nan')):.0f} cells/s, "
-               f"predict {result.get('predict_cells_per_s', float('nan')):.0f} cells/s, peak {result.get('peak_rss_mb', float('nan')):.0f} MB"))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "targets_only": args.targets, "machine": machine(), "threads": args.threads,
+               f"predict {result.get('predict_cells_per_s', float('nan')):.0f} cells/s, "
+               f"peak {result.get('peak_rss_mb', float('nan')):.0f} MB"))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "targets_only": args.targets,
+            "machine": machine(), "threads": args.threads,
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
             "minutes": (time.time() - started) / 60, "data": {n: dict(zip(("cells", "genes", "nonzero",
                                                                            "median_library"), s))
@@ -496,12 +490,8 @@ def machine():
 
 # -- the results file --------------------------------------------------------------------------
 def write_results(out, meta, results, stem="results"):
-    from tfp_scmix.io import atomic_path
-
-    with atomic_path(out / f"{stem}.json") as tmp:
-        Path(tmp).write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
-    with atomic_path(out / f"{stem}.md") as tmp:
-        Path(tmp).write_text(render(meta, results))
+    write_json(out / f"{stem}.json", {"meta": meta, "results": results}, indent=1, default=float)
+    write_text(out / f"{stem}.md", render(meta, results))
 
 
 def _fmt(value, digits=0):
@@ -538,7 +528,8 @@ def render(meta, results):
              f"at the end: absolute numbers move with that load; the ratios are measured side by side). "
              f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}, scikit-learn "
              f"{meta['machine']['scikit-learn']}. Every method ran with {meta['threads']} thread(s) "
-             "(TensorFlow's pools, PyTorch, BLAS/OpenMP).", "", "Data (cells x genes, nonzero fraction, median library size):", ""]
+             "(TensorFlow's pools, PyTorch, BLAS/OpenMP).", "",
+             "Data (cells x genes, nonzero fraction, median library size):", ""]
     for name, d in data.items():
         lines.append(f"- `{name}`: {d['cells']:,} x {d['genes']:,}, {d['nonzero']:.1%} nonzero, median library "
                      f"{d['median_library']:,.0f}")
@@ -620,14 +611,15 @@ def render(meta, results):
     # XLA.
     jit = find("ours", ref, jit=True)
     kernel = find("kernel", ref)
-    lines += ["", "## XLA", "", f"- `model.compile(jit_compile=True)`, full training step: "
+    lines += ["", "## XLA", "", "- `model.compile(jit_compile=True)`, full training step: "
               + (f"**fails**: {jit['error']}" if jit.get("error") else
                  "Keras declined XLA for this model and trained without it" if not jit.get("jit_effective") else
                  f"{_fmt(rate(jit))} cells/s (graph mode: {_fmt(rate(ours))})"),
               f"- The count likelihood alone (`multinomial_log_prob` forward + gradient, one minibatch of "
               f"{big_batch} cells, {kernel.get('nnz', 0):,} nonzeros, {k0} topics): its nonzero product in graph mode "
               f"{_fmt(kernel.get('graph_ms'), 1)} ms, compiled with XLA {_fmt(kernel.get('xla_ms'), 1)} ms"
-              + (f" ({kernel['graph_ms'] / kernel['xla_ms']:.1f}x)" if kernel.get("xla_ms") and kernel.get("graph_ms") else "")
+              + (f" ({kernel['graph_ms'] / kernel['xla_ms']:.1f}x)"
+                 if kernel.get("xla_ms") and kernel.get("graph_ms") else "")
               + (f"; XLA error: {kernel['xla_error']}" if kernel.get("xla_error") else "") + ".",
               f"- Its topic-rate product (the gather-multiply-sum over nonzeros) with its gradient: differentiated by "
               f"TensorFlow {_fmt(kernel.get('rate_autodiff_ms'), 1)} ms; `tfp_scmix.sparse_ops.topic_rate` (gradient "
