@@ -5,12 +5,14 @@ predictions as an uninterrupted run with the same seed.
     ./run experiments.reliability.resume --epochs 6 --topics 8 --kill-after 2   # the size the tests use
     ./run experiments.reliability.resume --keras-backup           # plain BackupAndRestore, for comparison
 
-Starts this file with --train three times on the embedded dataset (150 labels): uninterrupted (or takes
---reference, the predictions of an uninterrupted run made elsewhere); killed (SIGKILL) as soon as its
-backup of epoch --kill-after is committed; the same command again, which resumes from that backup. Writes results.json beside this file (or at --out): where the kill landed, the epoch
-the second run resumed at, whether the predictions are identical, the largest difference, timings.
---keras-backup trains with keras.callbacks.BackupAndRestore and SCData.dataset instead of
-`fit_resumable`, to show what that alone gives.
+Starts this file with --train three times on the embedded dataset (150 labels), each training one model
+with `tfp_scmix.train(..., restarts=1, checkpoint_dir=...)` after `make_deterministic`: uninterrupted (or
+takes --reference, the predictions of an uninterrupted run made elsewhere); killed (SIGKILL) as soon as
+its backup of epoch --kill-after is committed; the same command again, which resumes from that backup.
+Writes results.json beside this file (or at --out): where the kill landed, the epoch the second run
+resumed at, whether the predictions are identical, the largest difference, timings.
+--keras-backup passes keras.callbacks.BackupAndRestore to `tfp_scmix.train` instead of a checkpoint_dir
+(so minibatches come from SCData.dataset), to show what that alone gives.
 """
 
 import argparse
@@ -25,26 +27,28 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.common import write_json
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
 def train(args):
-    """One training run: fit (with a backup in `args.backup_dir`, if any), fit the classifier; returns the
-    predictions for every cell ({"probs", "label", "confidence", "topics"})."""
+    """One training run through `tfp_scmix.train` (one restart, resumable from `args.backup_dir`: its
+    checkpoint_dir, or a temporary one when none is given so that minibatches come from the same
+    `epoch_batches`); returns the predictions for every cell ({"probs", "label", "confidence", "cell_topic"})."""
+    import tempfile
+
     import keras
 
-    from tfp_scmix.annotate import predict_data
-    from tfp_scmix.data import from_anndata
+    import tfp_scmix as scm
     from tfp_scmix.datasets import pbmc68k_reduced
-    from tfp_scmix.model import SCMix
-    from tfp_scmix.reliability import ResumableCheckpoint, fit_resumable, make_deterministic
+    from tfp_scmix.train import make_deterministic
 
     make_deterministic(args.seed)
-    data = from_anndata(pbmc68k_reduced())
+    data = scm.from_anndata(pbmc68k_reduced())
     data = data.hide_labels(np.random.default_rng(args.seed).permutation(data.n_cells)[:150])
-    model = SCMix.from_data(data, n_topics=args.topics, seed=args.seed)
-    model.compile(optimizer=keras.optimizers.Adam(2e-3))
+    config = scm.Config(n_topics=args.topics, batch_size=args.batch_size, classifier_steps=args.classifier_steps)
 
     class Pause(keras.callbacks.Callback):
         """Sleeps after each epoch's backup so that a kill lands mid-run; changes no number."""
@@ -52,34 +56,35 @@ def train(args):
         def on_epoch_end(self, epoch, logs=None):
             time.sleep(args.epoch_delay)
 
+    options = dict(restarts=1, epochs=args.epochs, seed=args.seed, verbose=0)
     if args.keras_backup:
         backup = [keras.callbacks.BackupAndRestore(args.backup_dir, delete_checkpoint=False)] if args.backup_dir else []
-        state = Path(args.backup_dir or "-") / "training_metadata.json"
-        print(f"starting at epoch {json.loads(state.read_text())['epoch'] if state.exists() else 0}", flush=True)
-        model.fit(data.dataset(args.batch_size, seed=args.seed), epochs=args.epochs, verbose=0,
-                  callbacks=backup + [Pause()])
+        print(f"starting at epoch {backup_epoch(args.backup_dir or '-', keras_backup=True)}", flush=True)
+        model = scm.train(data, config, callbacks=backup + [Pause()], **options)
     else:
-        if args.backup_dir:
-            print(f"starting at epoch {ResumableCheckpoint(args.backup_dir).resume_epoch}", flush=True)
-        fit_resumable(model, data, args.epochs, args.batch_size, args.seed, backup_dir=args.backup_dir,
-                      callbacks=[Pause()], verbose=0, delete_checkpoint=False)
-    model.fit_classifier(data, steps=args.classifier_steps)
-    return predict_data(model, data)
+        with tempfile.TemporaryDirectory() as scratch:
+            checkpoint_dir = args.backup_dir or scratch
+            print(f"starting at epoch {backup_epoch(checkpoint_dir, keras_backup=False)}", flush=True)
+            model = scm.train(data, config, checkpoint_dir=checkpoint_dir, callbacks=[Pause()], **options)
+    return scm.predict(model, data)
 
 
 def train_and_save(args):
-    """The child process: `train`, write the predictions, then drop the backup."""
+    """The child process: `train`, write the predictions, then drop what is left of the backup folder.
+    (`tfp_scmix.train` deletes its own backups once it finishes; a kill before the predictions are
+    written then trains again from the start.)"""
     from tfp_scmix.io import atomic_path
 
     predictions = train(args)
     with atomic_path(args.predictions) as tmp:
         np.savez(tmp, **predictions)
-    shutil.rmtree(args.backup_dir)  # only once the results are safe: a kill before this resumes, not retrains
+    shutil.rmtree(args.backup_dir, ignore_errors=True)
 
 
 def backup_epoch(backup_dir, keras_backup):
-    """The epoch of the committed backup in `backup_dir`, 0 if none (yet)."""
-    path = Path(backup_dir) / ("training_metadata.json" if keras_backup else "state.json")
+    """The epoch of the committed backup in `backup_dir`, 0 if none (yet): keras's own metadata, or the state
+    of the one restart that `tfp_scmix.train(..., checkpoint_dir=backup_dir)` backs up in restart-0/."""
+    path = Path(backup_dir) / ("training_metadata.json" if keras_backup else "restart-0/state.json")
     try:
         return json.loads(path.read_text())["epoch"]
     except (OSError, ValueError):
@@ -133,8 +138,6 @@ def main(argv=None):
         parser.error("--kill-after must be between 0 and --epochs")
     import tempfile
 
-    from tfp_scmix.io import atomic_path
-
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         start = time.time()
@@ -157,7 +160,8 @@ def main(argv=None):
             finish(reference, args.timeout)
         a, b = np.load(args.reference or work / "uninterrupted.npz"), np.load(work / "resumed.npz")
         result = {
-            "method": "keras BackupAndRestore + SCData.dataset" if args.keras_backup else "fit_resumable",
+            "method": ("keras BackupAndRestore + SCData.dataset" if args.keras_backup
+                       else "tfp_scmix.train(checkpoint_dir=...)"),
             "epochs": args.epochs, "topics": args.topics, "seed": args.seed,
             "reference": args.reference or "an uninterrupted process",
             "kill_signal": "SIGKILL", "killed_returncode": killed.returncode,
@@ -170,8 +174,7 @@ def main(argv=None):
             "seconds": round(time.time() - start, 1),
         }
     out = Path(args.out) if args.out else HERE / ("results_keras_backup.json" if args.keras_backup else "results.json")
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(json.dumps(result, indent=2))
     return result
 
