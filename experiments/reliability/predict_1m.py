@@ -1,15 +1,17 @@
-"""Predicting a million cells in one call: `predict_in_batches` from a backed .h5ad against the plain
-`predict_data` on the whole matrix in memory.
+"""Predicting a million cells in one call: `tfp_scmix.predict` reading a backed .h5ad chunk by chunk, against
+the same call on the whole matrix read into memory first (`from_anndata`).
 
     ./run experiments.reliability.predict_1m                     # pbmc3k, 2000 genes, 1,000,000 cells
     ./run experiments.reliability.predict_1m --dataset embedded --cells 100000 --skip-whole
 
-Trains a model on the dataset (150 labels; or takes --model), tiles the dataset's cells (the 2000 most
-variable genes) up to --cells and writes them as an .h5ad, then predicts it in a fresh process for each
-method while a thread samples the process's resident memory every 5 ms. Writes results_predict_1m.json
-beside this file (or at --out): cells, nonzero counts, seconds, memory before and at the peak, the
-largest growth in each tenth of the run, the size of the outputs (filled as the run goes), and whether
-the predictions of the first copy equal the model's predictions of the original cells.
+Trains a model on the dataset (150 labels, `tfp_scmix.train` with one restart; or takes --model), tiles
+the dataset's cells (the 2000 most variable genes) up to --cells and writes them as an .h5ad, then predicts
+it in a fresh process for each method ("streamed": the path, read backed; "whole": the file read with
+`from_anndata` first; both in chunks of --chunk-size cells) while a thread samples the process's resident
+memory every 5 ms. Writes results_predict_1m.json beside this file (or at --out): cells, nonzero counts,
+seconds, memory before and at the peak, the largest growth in each tenth of the run, the size of the
+outputs (filled as the run goes), and whether the predictions of the first copy equal the model's
+predictions of the original cells.
 """
 
 import argparse
@@ -23,23 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.common import load_dataset, write_json
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 MEASURE = """
-import json, os, sys, threading, time
+import json, sys, threading, time
 import numpy as np
-from tfp_scmix.annotate import predict_data
-from tfp_scmix.data import from_anndata
-from tfp_scmix.reliability import load_model, predict_in_batches
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+import tfp_scmix as scm
+from experiments.common import rss_mb
+from tfp_scmix.io import load_model
 
 method, model_path, data_path, chunk_size, first = sys.argv[1:6]
 model = load_model(model_path)
-predict_in_batches(model, np.zeros((10, model.n_genes), np.float32))  # builds the predict function
+scm.predict(model, np.zeros((10, model.n_genes), np.float32))  # builds the predict function
 samples, running = [], [True]
 def watch():
     while running[0]:
@@ -50,9 +50,10 @@ watcher = threading.Thread(target=watch)
 watcher.start()
 start = time.time()
 if method == "streamed":
-    out = predict_in_batches(model, data_path, chunk_size=int(chunk_size))
+    out = scm.predict(model, data_path, chunk_size=int(chunk_size))
 else:
-    out = predict_data(model, from_anndata(data_path, label_key=None, genes=model.genes))
+    out = scm.predict(model, scm.from_anndata(data_path, label_key=None, genes=model.genes),
+                      chunk_size=int(chunk_size))
 seconds = time.time() - start
 running[0] = False
 watcher.join()
@@ -63,17 +64,6 @@ print(json.dumps({"seconds": round(seconds, 1), "rss_before_mb": round(base, 1),
                   "outputs_mb": round(sum(v.nbytes for v in out.values()) / 2 ** 20, 1),
                   "n_cells": int(out["label"].size)}))
 """
-
-
-def load_dataset(name):
-    """SCData of the embedded dataset or of pbmc3k ($TFP_SCMIX_DATA), on at most 2000 variable genes."""
-    from tfp_scmix.data import data_path, from_anndata, highly_variable_genes
-    from tfp_scmix.datasets import pbmc68k_reduced
-
-    data = from_anndata(pbmc68k_reduced() if name == "embedded" else data_path(f"{name}.h5ad"))
-    if data.n_genes > 2000:
-        data = data.select_genes(highly_variable_genes(data.counts, data.genes, 2000))
-    return data
 
 
 def measure(method, model_path, data_path, chunk_size, work, n_first, timeout):
@@ -93,7 +83,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument("--model", default=None, help="a saved model of the dataset's genes (default: train one)")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--skip-whole", action="store_true", help="measure only predict_in_batches")
+    parser.add_argument("--skip-whole", action="store_true", help="measure only the chunked prediction from disk")
     parser.add_argument("--work", default=None, help="folder for the model and the .h5ad (default: temporary)")
     parser.add_argument("--out", default=str(HERE / "results_predict_1m.json"))
     parser.add_argument("--timeout", type=float, default=3600)
@@ -103,12 +93,10 @@ def main(argv=None):
     import pandas as pd
     import scipy.sparse as sp
 
-    from tfp_scmix.annotate import predict_data
-    from tfp_scmix.cli import train_model
-    from tfp_scmix.io import atomic_path
-    from tfp_scmix.reliability import load_model
+    import tfp_scmix as scm
+    from tfp_scmix.io import load_model
 
-    data = load_dataset(args.dataset)
+    data = load_dataset(args.dataset, n_genes=2000)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         start = time.time()
@@ -117,12 +105,11 @@ def main(argv=None):
             model = load_model(model_path)
         else:
             labelled = np.random.default_rng(0).permutation(data.n_cells)[:150]
-            model = train_model(data.hide_labels(labelled), epochs=args.epochs, verbose=0, classifier_steps=500,
-                                restarts=1)
-            model_path = work / "model.keras"
-            model.save(model_path)
+            model = scm.train(data.hide_labels(labelled), scm.Config(classifier_steps=500), restarts=1,
+                              epochs=args.epochs, verbose=0)
+            model_path = scm.save_model(model, work / "model.keras")
         train_seconds = time.time() - start
-        expected = predict_data(model, data.select_genes(model.genes))["probs"]
+        expected = scm.predict(model, data.select_genes(model.genes))["probs"]
         copies = -(-args.cells // data.n_cells)
         counts = sp.vstack([data.counts] * copies, format="csr")[:args.cells]
         big = anndata.AnnData(X=counts, obs=pd.DataFrame(index=[f"cell{i}" for i in range(args.cells)]),
@@ -140,8 +127,7 @@ def main(argv=None):
             numbers["first_copy_equals_model"] = bool(np.allclose(first, expected, atol=1e-5))
             result[method] = numbers
             print(method, numbers, flush=True)
-    with atomic_path(args.out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return result
 
