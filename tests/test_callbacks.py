@@ -9,8 +9,7 @@ import pytest
 
 import tfp_scmix as scm
 from tests.helpers import few_labels
-from tfp_scmix.callbacks import (RefitClassifier, ResumableCheckpoint, StopOnDivergence, TrainingDiverged,
-                                 default)
+from tfp_scmix.callbacks import RefitClassifier, ResumableCheckpoint, StopOnDivergence, TrainingDiverged, default
 from tfp_scmix.config import Config
 from tfp_scmix.data import epoch_batches
 from tfp_scmix.io import ModelFileError

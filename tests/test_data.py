@@ -4,8 +4,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tfp_scmix.data import (DataError, align_genes, encode_labels, from_anndata, highly_variable_genes,
-                            read_h5ad)
+from tfp_scmix.data import DataError, align_genes, encode_labels, from_anndata, highly_variable_genes, read_h5ad
 
 
 def make_adata(counts, genes=None, labels=None):

@@ -54,7 +54,7 @@ def test_multinomial_gradients_match_the_dense_multinomial():
 
     sparse = tf.sparse.from_dense(counts)
     for jit in (True, False):
-        ours = gradients(lambda *p: multinomial_log_prob(sparse, *p, batch_ids=batch, jit=jit))
+        ours = gradients(lambda *p, jit=jit: multinomial_log_prob(sparse, *p, batch_ids=batch, jit=jit))
         for value, expected in zip(ours, gradients(dense)):
             np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-5)
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -21,6 +20,7 @@ from tfp_scmix.config import Config
 from tfp_scmix.data import DataError
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.io import ModelFileError
+from tfp_scmix.predict import OUTPUT_KEYS
 
 TINY = Config(n_topics=4, hidden_units=32, epochs=2, batch_size=128, classifier_steps=30)
 
@@ -161,7 +161,7 @@ def test_killed_run_resumes_to_the_predictions_of_an_uninterrupted_run(tmp_path)
     assert f"resuming training at epoch {at_kill + 1} from {work / 'restart-1'}" in output, output[-3000:]
     finish(reference)
     expected, resumed = np.load(tmp_path / "reference.npz"), np.load(tmp_path / "resumed.npz")
-    for key in scm.predict.__globals__["OUTPUT_KEYS"]:
+    for key in OUTPUT_KEYS:
         np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
     assert list(work.iterdir()) == [] and list((tmp_path / "reference").iterdir()) == []  # all deleted at the end
 
