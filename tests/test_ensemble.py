@@ -1,55 +1,63 @@
-"""SCMixEnsemble: restarts averaged, and every use of a model (save/load, annotate, explain, export) on it."""
+"""SCMixEnsemble: restarts averaged, and every use of a model (save/load, annotate, export) on it."""
 
 import keras
 import numpy as np
 import pytest
 
-from tfp_scmix import datasets, explain, export
-from tfp_scmix.annotate import annotate, predict_data
-from tfp_scmix.cli import train_model
-from tfp_scmix.ensemble import SCMixEnsemble
+import tfp_scmix as scm
+from tfp_scmix import datasets, export
+from tfp_scmix.config import Config
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
+from tfp_scmix.io import load_model, save_model
 from tfp_scmix.model import SCMix
-from tfp_scmix.reliability import load_model
 
 
-@pytest.fixture(scope="module")
-def ensemble(embedded):
-    labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
-    return train_model(embedded.hide_labels(labelled), epochs=4, batch_size=128, verbose=0, n_topics=8,
-                       classifier_steps=200, restarts=2, seed=5)
-
-
-def test_restarts_are_averaged(ensemble, embedded):
-    assert isinstance(ensemble, SCMixEnsemble) and [m.settings["seed"] for m in ensemble.members] == [5, 6]
-    out = predict_data(ensemble, embedded)
-    members = [predict_data(m, embedded) for m in ensemble.members]
+def test_restarts_are_averaged(two_restarts, embedded):
+    out = scm.predict(two_restarts, embedded)
+    members = [scm.predict(m, embedded) for m in two_restarts.members]
     assert not np.allclose(members[0]["probs"], members[1]["probs"])  # the restarts differ
     np.testing.assert_allclose(out["probs"], (members[0]["probs"] + members[1]["probs"]) / 2, atol=1e-6)
     np.testing.assert_array_equal(out["label"], out["probs"].argmax(1))
-    assert out["topics"].shape == (embedded.n_cells, 16)
-    np.testing.assert_allclose(out["topics"][:, :8], members[0]["topics"], atol=1e-6)
-    np.testing.assert_allclose(out["topics"].reshape(-1, 2, 8).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out["confidence"], out["probs"].max(1))
+    assert out["cell_topic"].shape == (embedded.n_cells, 16) and two_restarts.n_topics == 16
+    np.testing.assert_allclose(out["cell_topic"][:, :8], members[0]["cell_topic"], atol=1e-6)
+    np.testing.assert_allclose(out["cell_topic"][:, 8:], members[1]["cell_topic"], atol=1e-6)
+    np.testing.assert_allclose(out["cell_topic"].reshape(-1, 2, 8).sum(-1), 1.0, atol=1e-5)
+    topic_gene = two_restarts.topic_gene().numpy()
+    assert topic_gene.shape == (16, embedded.n_genes)
+    np.testing.assert_array_equal(topic_gene[8:], two_restarts.members[1].topic_gene().numpy())
 
 
-def test_save_load_annotate_explain_export(ensemble, embedded, tmp_path):
-    path = tmp_path / "ensemble.keras"
-    ensemble.save(path)
-    expected = predict_data(ensemble, embedded)
+def test_save_load_annotate_export(two_restarts, embedded, tmp_path):
+    path = save_model(two_restarts, tmp_path / "ensemble.keras")
+    expected = scm.predict(two_restarts, embedded)
     for loaded in (keras.models.load_model(path), load_model(path)):
-        assert isinstance(loaded, SCMixEnsemble) and loaded.genes == ensemble.genes
-        np.testing.assert_allclose(predict_data(loaded, embedded)["probs"], expected["probs"], atol=1e-6)
-    adata = annotate(ensemble, datasets.pbmc68k_reduced())
+        assert isinstance(loaded, SCMixEnsemble) and loaded.genes == two_restarts.genes
+        assert [m.seed for m in loaded.members] == [5, 6] and loaded.provenance == two_restarts.provenance
+        np.testing.assert_array_equal(scm.predict(loaded, embedded)["probs"], expected["probs"])
+    adata = scm.annotate(two_restarts, datasets.pbmc68k_reduced())
     assert adata.varm["scmix_topic_gene"].shape == (adata.n_vars, 16)
     np.testing.assert_allclose(adata.obs["scmix_confidence"].to_numpy(), expected["confidence"], atol=1e-6)
-    # Explanations are those of the first member.
-    assert explain.class_genes(ensemble).equals(explain.class_genes(ensemble.members[0]))
-    frame = export.load_exported(ensemble.export_serving(tmp_path / "serving" / "1")).annotate(adata)
+    frame = export.load_exported(export.export_serving(two_restarts, tmp_path / "serving" / "1")).annotate(adata)
     np.testing.assert_allclose(frame["confidence"].to_numpy(), expected["confidence"], rtol=1e-4, atol=1e-6)
+    assert frame.filter(like="topic_").shape[1] == 16
 
 
-def test_members_must_share_genes_and_classes(ensemble, embedded):
-    other = SCMix.from_data(embedded.select_genes(embedded.genes[:100]), n_topics=8)
+def test_members_must_share_genes_and_classes(two_restarts, embedded):
+    other = SCMix.from_data(embedded.select_genes(embedded.genes[:100]), Config(n_topics=8))
     with pytest.raises(ValueError, match="same genes and classes"):
-        SCMixEnsemble([ensemble.members[0], other])
-    with pytest.raises(ValueError, match="restarts must be 1 or more"):
-        train_model(embedded, restarts=0)
+        SCMixEnsemble([two_restarts.members[0], other])
+    with pytest.raises(ValueError, match="one or more SCMix models"):
+        SCMixEnsemble([])
+    with pytest.raises(ValueError, match="one or more SCMix models"):
+        SCMixEnsemble([two_restarts])  # an ensemble is not a member
+
+
+def test_as_ensemble(two_restarts, embedded):
+    assert as_ensemble(two_restarts) is two_restarts
+    member = two_restarts.members[1]
+    wrapped = as_ensemble(member)
+    assert isinstance(wrapped, SCMixEnsemble) and wrapped.members == [member]
+    np.testing.assert_array_equal(scm.predict(wrapped, embedded)["probs"], scm.predict(member, embedded)["probs"])
+    with pytest.raises(TypeError, match="expected an SCMix or SCMixEnsemble, received str"):
+        as_ensemble("model.keras")

@@ -1,10 +1,18 @@
-"""tfp_scmix.calibration against hand-computed examples."""
+"""tfp_scmix.evaluate against hand-computed examples: the benchmark split and scores, calibration, unassigned cells."""
 
 import numpy as np
 import pytest
 
-from tfp_scmix.calibration import (TopicNovelty, expected_calibration_error, reliability_diagram, reliability_table,
-                                   unassigned, unassigned_score)
+from tfp_scmix.evaluate import (
+    TopicNovelty,
+    expected_calibration_error,
+    few_shot_split,
+    reliability_diagram,
+    reliability_table,
+    scores,
+    unassigned,
+    unassigned_score,
+)
 
 # Two bins, (0, 0.5] and (0.5, 1]:
 #   bin 2: confidences 0.9 (right), 0.8 (wrong), 0.6 (right): mean 0.7667, accuracy 2/3, gap 0.1
@@ -12,6 +20,26 @@ from tfp_scmix.calibration import (TopicNovelty, expected_calibration_error, rel
 #   ECE = 3/4 * 0.1 + 1/4 * 0.5 = 0.2
 PROBS = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.5, 0.5]])
 TRUE = np.array([0, 1, 1, 0])
+
+
+def test_few_shot_split_is_the_seeded_permutation():
+    test, labelled = few_shot_split(10, 6, 3, seed=4)
+    order = np.random.default_rng(4).permutation(10)
+    np.testing.assert_array_equal(test, order[:6])
+    np.testing.assert_array_equal(labelled, order[6:9])
+    assert not set(test) & set(labelled)
+    np.testing.assert_array_equal(few_shot_split(10, 6, 3, seed=4)[0], test)
+    assert not np.array_equal(few_shot_split(10, 6, 3, seed=5)[0], test)
+    with pytest.raises(ValueError, match="6 test \\+ 5 labelled cells exceed the 10 cells"):
+        few_shot_split(10, 6, 5, seed=0)
+
+
+def test_scores_hand_example():
+    # Class 0: precision 1/2, recall 1/2, F1 1/2; class 1: precision 2/4, recall 2/3, F1 4/7; class 2: never
+    # predicted, F1 0. Macro-F1 (1/2 + 4/7 + 0) / 3.
+    result = scores([0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 0, 1])
+    assert result["errors"] == 3 and result["accuracy"] == pytest.approx(0.5)
+    assert result["macro_f1"] == pytest.approx((1 / 2 + 4 / 7 + 0) / 3)
 
 
 def test_ece_hand_example():

@@ -1,0 +1,53 @@
+"""Explanations: topics' genes and the topics that predict each class, for one model or every restart."""
+
+import numpy as np
+import pytest
+
+from tfp_scmix import explain
+
+
+def test_explanations(small_model, tmp_path):
+    genes = explain.top_genes(small_model, n_genes=5)
+    assert len(genes) == 12 * 5 and set(genes.columns) == {"topic", "rank", "gene", "weight", "lift"}
+    assert explain.topic_names(small_model) == [f"topic_{k}" for k in range(12)]  # one member: plain names
+    table = explain.class_topic_table(small_model)
+    assert len(table) == 10 * 12 and (table.groupby("topic")["contrast"].sum().abs() < 1e-4).all()
+    per_class = explain.class_genes(small_model, n_genes=5)
+    assert set(per_class["class"]) == set(small_model.class_names)
+    score, found = explain.marker_score(small_model, {"CD56+ NK": ["GNLY", "NKG7"]}, n_genes=30)
+    assert 0 <= score <= 1 and len(found) == 2
+    by_lift = explain.class_genes(small_model, n_genes=5)
+    assert (by_lift.groupby("class")["lift"].apply(lambda x: x.is_monotonic_decreasing)).all()
+    paths = explain.write_explanations(small_model, tmp_path)
+    for path in paths.values():
+        assert path.exists() and path.stat().st_size > 0
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_an_ensemble_is_explained_member_by_member_or_together(two_restarts, tmp_path):
+    names = [f"m{m}_topic_{k}" for m in range(2) for k in range(8)]
+    assert explain.topic_names(two_restarts) == names
+    table = explain.class_topic_table(two_restarts)
+    assert len(table) == 10 * 16 and set(table.topic) == set(names)
+    assert (table.groupby("topic")["contrast"].sum().abs() < 1e-4).all()
+    assert list(explain.topic_gene_table(two_restarts).columns) == names
+    # member=1: that member's table alone, with plain topic names, the same as explaining the member itself.
+    second = explain.class_topic_table(two_restarts, member=1)
+    assert set(second.topic) == {f"topic_{k}" for k in range(8)}
+    assert second.equals(explain.class_topic_table(two_restarts.members[1]))
+    assert explain.class_topic_table(two_restarts, member=-1).equals(second)
+    # Together, member 1's rows hold the same numbers under its prefix.
+    together = table[table.topic.str.startswith("m1_")].assign(topic=lambda t: t.topic.str[3:])
+    merged = together.merge(second, on=["class", "topic"], suffixes=("", "_alone"))
+    assert len(merged) == 10 * 8
+    for column in ("weight", "contrast", "scale"):
+        np.testing.assert_allclose(merged[column], merged[f"{column}_alone"], rtol=1e-6)
+    # A class's most predictive topic is the one of highest contrast over both members.
+    best = table.loc[table.groupby("class")["contrast"].idxmax(), ["class", "topic"]]
+    chosen = explain.class_genes(two_restarts, n_genes=3).drop_duplicates("class")[["class", "topic"]]
+    assert dict(zip(best["class"], best["topic"])) == dict(zip(chosen["class"], chosen["topic"]))
+    for bad in (5, 2, -3):
+        with pytest.raises(IndexError, match=f"member {bad} out of range: the model has 2 member"):
+            explain.class_topic_table(two_restarts, member=bad)
+    paths = explain.write_explanations(two_restarts, tmp_path)
+    assert all(path.stat().st_size > 0 for path in paths.values())
