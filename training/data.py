@@ -9,9 +9,8 @@ import numpy as np
 
 import tfp_scmix as scm
 from tfp_scmix import datasets
-from tfp_scmix.cli import few_shot_split
 from tfp_scmix.data import data_path, highly_variable_genes
-
+from tfp_scmix.evaluate import few_shot_split
 from training.config import ConfigError, DataConfig
 
 EMBEDDED = "embedded"

@@ -1,9 +1,10 @@
 """A tracked training run: `python -m training.run CONFIG.toml [--set section.key=value ...]`.
 
-Records in MLflow: the configuration and the model's resolved settings as parameters; the data's identity
-and the code version; every epoch's ELBO terms and validation accuracy / macro-F1; the test scores; and as
-artifacts the saved model (also logged as an MLflow Keras model), the explanation tables and figures, and
-a confusion matrix.
+Trains the package's model with the package's recipe, `tfp_scmix.train` (its restarts included), and
+records in MLflow: the configuration (every `tfp_scmix.Config` setting) as parameters; the data's identity
+and the code version; every restart's per-epoch ELBO terms and validation accuracy / macro-F1 (as
+"restart_<r>/<name>"); the returned ensemble's validation and test scores; and as artifacts the saved
+ensemble (also logged as an MLflow Keras model), the explanation tables and figures, and a confusion matrix.
 """
 
 import argparse
@@ -23,42 +24,36 @@ from tfp_scmix import explain
 from training import config as run_config
 from training import data as run_data
 from training import store
-from training.callbacks import MLflowLogger, RefitClassifier, classification_scores, predict_labels
+from training.callbacks import MLflowLogger, classification_scores, predict_labels
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
 
 _REQUIREMENTS = ("tfp_scmix", "tensorflow", "tensorflow-probability", "tf-keras", "keras")
+# Settings whose Config default (None) each model resolves from the data; logged as "resolved.<name>".
+RESOLVED = ("expected_active_topics", "global_scale")
 
 
-def build_model(train: scm.SCData, settings: dict, learning_rate: float) -> scm.SCMix:
-    """An SCMix sized for `train` with the given settings, compiled with Adam(learning_rate)."""
-    model = scm.SCMix.from_data(train, **settings)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
-    return model
+def fit(cfg: run_config.RunConfig, splits: run_data.Splits, callbacks=(), verbose: int = 0) -> scm.SCMixEnsemble:
+    """`tfp_scmix.train` on the training cells as `cfg` says, each restart's epochs logged to the active run.
 
-
-def fit(model, splits: run_data.Splits, training: run_config.TrainingConfig, batch_size: int | None = None,
-        epochs: int | None = None, initial_epoch: int = 0, callbacks=(), seed: int = 0, verbose: int = 0):
-    """`model.fit` on the training cells, logging each epoch to the active MLflow run; returns the History.
-
-    As `tfp_scmix.cli.train_model` does, the classification branch is then fitted to convergence
-    (`training.classifier_steps`, at the end of the last epoch so that its scores show the final model).
-    `training.early_stopping_patience` > 0 stops when val_macro_f1 has not improved for that many epochs.
-    `batch_size` and `epochs` override the configuration's (a search varies them).
+    The recipe is the package's: `cfg.model_config()`, `cfg.training.restarts` restarts seeded from
+    `cfg.data.seed`, each ending with the classifier refit (`tfp_scmix.callbacks.RefitClassifier`) before
+    the callbacks here score its last epoch. Ours come after the recipe's: `MLflowLogger` (validation
+    scores into the logs), then with `training.early_stopping_patience` > 0 an EarlyStopping on
+    val_macro_f1 (per restart), then `callbacks`. Logs the resolved defaults as "resolved.<name>".
+    Returns the trained `SCMixEnsemble` (one member per restart).
     """
-    mlflow.log_params({f"model.{name}": value for name, value in model.settings.items()})
-    batch_size = batch_size or training.batch_size
-    first = [RefitClassifier(splits.train, training.classifier_steps)] if training.classifier_steps else []
-    first.append(MLflowLogger(splits.validation, batch_size=max(batch_size, 512)))
-    if training.early_stopping_patience:
-        first.append(keras.callbacks.EarlyStopping("val_macro_f1", mode="max",
-                                                   patience=training.early_stopping_patience))
-    validation = splits.validation.dataset(batch_size, shuffle=False) if splits.validation.n_cells else None
-    return model.fit(splits.train.dataset(batch_size, seed=seed), epochs=epochs or training.epochs,
-                     initial_epoch=initial_epoch, validation_data=validation, callbacks=[*first, *callbacks],
-                     verbose=verbose, shuffle=False)  # the dataset shuffles itself
+    ours = [MLflowLogger(splits.validation if splits.validation.n_cells else None)]
+    if cfg.training.early_stopping_patience:
+        ours.append(keras.callbacks.EarlyStopping("val_macro_f1", mode="max",
+                                                  patience=cfg.training.early_stopping_patience))
+    model = scm.train(splits.train, cfg.model_config(), restarts=cfg.training.restarts, seed=cfg.data.seed,
+                      callbacks=[*ours, *callbacks], verbose=verbose)
+    settings = model.members[0].settings  # the same in every member: they depend on the data and the Config
+    mlflow.log_params({f"resolved.{name}": settings[name] for name in RESOLVED})
+    return model
 
 
 def _requirements():
@@ -72,10 +67,10 @@ def _requirements():
 
 
 def log_model(model, registered_model: str | None = None):
-    """Log the model as the run artifact model/scmix.keras and as the MLflow Keras model "scmix" (registered if named)."""
+    """Log the model as the run artifact model/scmix.keras (`tfp_scmix.load_model`) and as the MLflow Keras
+    model "scmix" (`mlflow.keras.load_model`; registered if named)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "scmix.keras"
-        model.save(path)
+        path = scm.save_model(model, Path(tmp) / "scmix.keras")
         mlflow.log_artifact(str(path), "model")
     return mlflow.keras.log_model(model, name="scmix", pip_requirements=_requirements(),
                                   registered_model_name=registered_model)
@@ -135,16 +130,14 @@ def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
 
 
 def train(cfg: run_config.RunConfig, callbacks=(), verbose: int = 0):
-    """Train one model as configured, recorded as an MLflow run; returns (run id, model, scores)."""
+    """Train as configured (`fit`), recorded as an MLflow run; returns (run id, SCMixEnsemble, scores)."""
     store.configure()
     experiment = store.experiment_id(cfg.experiment)
     splits = run_data.load(cfg.data)
-    keras.utils.set_random_seed(cfg.data.seed)
     name = cfg.run_name or f"tfp_scmix {splits.identity['data.name']} seed {cfg.data.seed}"
     with store.start_run(experiment_id=experiment, run_name=name) as run:
         log_context(cfg, splits)
-        model = build_model(splits.train, cfg.model, cfg.training.learning_rate)
-        fit(model, splits, cfg.training, callbacks=callbacks, seed=cfg.data.seed, verbose=verbose)
+        model = fit(cfg, splits, callbacks=callbacks, verbose=verbose)
         scores = log_outputs(model, splits)
     return run.info.run_id, model, scores
 
