@@ -1,67 +1,92 @@
-"""A tracked search over the model's settings: `python -m training.tune CONFIG.toml [--max-trials N]`.
+"""A tracked search over the package's settings: `python -m training.tune CONFIG.toml [--max-trials N]`.
 
-keras-tuner (Bayesian optimization or Hyperband) maximises the validation macro-F1 over the ranges in the
-configuration's [search.space]. The search is one MLflow run; each trial is a run nested under it. At the
-end the best trial's model (the weights of its best epoch) is scored on the test cells, logged and
-registered in the MLflow model registry. Run the same command again to resume a stopped search: finished
-trials are kept and an interrupted one starts over.
+keras-tuner (Bayesian optimization or Hyperband) maximises the validation macro-F1 of the model the package
+ships, the `SCMixEnsemble` that `tfp_scmix.train` returns (restarts included), over the ranges in the
+configuration's [search.space] (any `tfp_scmix.Config` setting, and restarts). The search is one MLflow
+run; each trial is a run nested under it, which trains with `training.run.fit` and saves its ensemble
+in its keras-tuner trial folder. At the end the best trial's ensemble is loaded, scored on the test
+cells, logged and registered in the MLflow model registry. Run the same command again to resume a
+stopped search: finished trials are kept and an interrupted one starts over.
 """
 
 import argparse
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 
-import keras
 import keras_tuner as kt
 import mlflow
 
+import tfp_scmix as scm
 from training import config as run_config
 from training import data as run_data
 from training import run as tracked
 from training import store
+from training.callbacks import classification_scores, predict_labels
 
 logger = logging.getLogger("training")
 OBJECTIVE = kt.Objective("val_macro_f1", direction="max")
 PARENT_RUN_FILE = "mlflow_run_id"
+MODEL_FILE = "scmix.keras"  # each trial's trained ensemble, in its trial folder
 
 
 class SCMixHyperModel(kt.HyperModel):
-    """The search space of a run configuration: its [search.space] over the [model] and [training] settings."""
+    """The search space of a run configuration (its [search.space]) over the package's recipe.
+
+    keras-tuner's `build` must return a Keras model: it returns the untrained `SCMix` of the drawn
+    settings, which keras-tuner only inspects (its size) and hands to `fit`. `fit` trains what the package
+    ships, `tfp_scmix.train` with the drawn `Config` and restarts (`training.run.fit`), and returns
+    {"val_macro_f1": the ensemble's macro-F1 on the validation cells}.
+    """
 
     def __init__(self, cfg: run_config.RunConfig, splits: run_data.Splits):
         super().__init__(name="scmix", tunable=True)
         self.cfg, self.splits = cfg, splits
 
-    def settings(self, hp):
-        """(model settings, learning rate, batch size) for the values `hp` draws from the space."""
+    def draw(self, hp) -> run_config.RunConfig:
+        """The run configuration with the settings `hp` draws from the space."""
         values = {}
         for name, spec in self.cfg.search.space.items():
+            number = run_config.setting_type(name)
             if isinstance(spec, list):
-                values[name] = hp.Choice(name, spec)
-            elif all(isinstance(spec[k], int) for k in ("min", "max")) and not spec.get("log"):
-                values[name] = hp.Int(name, spec["min"], spec["max"], step=spec.get("step", 1))
+                values[name] = hp.Choice(name, [float(v) for v in spec] if number is float else spec)
             else:
-                values[name] = hp.Float(name, spec["min"], spec["max"], step=spec.get("step"),
-                                        sampling="log" if spec.get("log") else "linear")
-        model = {**self.cfg.model, **{k: v for k, v in values.items() if k in run_config.MODEL_SETTINGS}}
-        return (model, values.get("learning_rate", self.cfg.training.learning_rate),
-                values.get("batch_size", self.cfg.training.batch_size))
+                sampling = "log" if spec.get("log") else "linear"
+                numeric = hp.Int if number is int else hp.Float
+                values[name] = numeric(name, spec["min"], spec["max"], step=spec.get("step"), sampling=sampling)
+        return self.cfg.with_settings(values)
 
     def build(self, hp):
-        model, learning_rate, _ = self.settings(hp)
-        return tracked.build_model(self.splits.train, model, learning_rate)
+        return scm.SCMix.from_data(self.splits.train, self.draw(hp).model_config(), seed=self.cfg.data.seed)
 
-    def fit(self, hp, model, *args, callbacks=(), epochs=None, initial_epoch=0, **kwargs):
-        _, _, batch_size = self.settings(hp)
-        return tracked.fit(model, self.splits, self.cfg.training, batch_size, epochs, initial_epoch, callbacks,
-                           seed=self.cfg.data.seed, verbose=kwargs.get("verbose", 0))
+    def fit(self, hp, model, *args, callbacks=(), epochs=None, model_path=None, verbose=0, **kwargs):
+        """Train the drawn settings with the package's recipe, log them to the active (trial) run, save the
+        ensemble at `model_path`; returns {"val_macro_f1": ...}. `model` (keras-tuner's build) is not used;
+        `epochs` (Hyperband's budget for the trial) replaces the configured epochs: the trial trains from
+        the start, since `tfp_scmix.train` does not continue another trial's models."""
+        cfg = self.draw(hp)
+        if epochs is not None:
+            cfg = cfg.with_settings({"epochs": int(epochs)})
+        mlflow.log_params({k: v for k, v in cfg.params().items() if not k.startswith("data.")})
+        # keras-tuner adds its own callbacks: SaveBestEpoch would save the weights of one restart's best
+        # epoch, not the ensemble the recipe returns (saved below); TunerCallback forwards to hooks that
+        # these tuners leave empty.
+        callbacks = [c for c in callbacks if not type(c).__module__.startswith("keras_tuner")]
+        ensemble = tracked.fit(cfg, self.splits, callbacks=callbacks, verbose=verbose)
+        scores = classification_scores(self.splits.validation.labels,
+                                       predict_labels(ensemble, self.splits.validation), "val_final_")
+        mlflow.log_metrics(scores)
+        if model_path is not None:
+            scm.save_model(ensemble, model_path)
+        return {OBJECTIVE.name: scores["val_final_macro_f1"]}
 
 
 class _TrackedTrials:
-    """Runs each trial inside an MLflow run nested under the active (search) run."""
+    """Each trial inside an MLflow run nested under the active (search) run; its model is the ensemble it saved."""
+
+    def model_path(self, trial_id) -> Path:
+        return Path(self.get_trial_dir(trial_id)) / MODEL_FILE
 
     def run_trial(self, trial, *args, **kwargs):
         parent = mlflow.active_run()
@@ -70,12 +95,14 @@ class _TrackedTrials:
                              tags={"trial_id": trial.trial_id, "search": parent.info.run_name}):
             mlflow.log_params({f"hp.{k}": v for k, v in trial.hyperparameters.values.items()})
             try:
-                histories = super().run_trial(trial, *args, **kwargs)
+                return super().run_trial(trial, *args, model_path=self.model_path(trial.trial_id), **kwargs)
             except Exception as err:  # keras-tuner records the trial as failed and goes on; say why in MLflow
                 mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:4000])
                 raise
-            mlflow.log_metric("best_val_macro_f1", max(max(h.history["val_macro_f1"]) for h in histories))
-            return histories
+
+    def load_model(self, trial):
+        """The trained `SCMixEnsemble` of `trial` (what `get_best_models` returns)."""
+        return scm.load_model(self.model_path(trial.trial_id))
 
 
 class BayesianSearch(_TrackedTrials, kt.BayesianOptimization):
@@ -83,13 +110,17 @@ class BayesianSearch(_TrackedTrials, kt.BayesianOptimization):
 
 
 class HyperbandSearch(_TrackedTrials, kt.Hyperband):
-    pass
+    def _build_hypermodel(self, hp):
+        # Hyperband loads the weights of the trial a trial continues into the model built for it; each
+        # trial here trains the recipe from the start (fit), so that model is built as is.
+        return kt.Tuner._build_hypermodel(self, hp)
 
 
 def make_tuner(cfg: run_config.RunConfig, hypermodel, directory: Path, max_trials: int):
     """The keras-tuner tuner of `cfg`, reloaded from `directory` when a search was started there."""
+    # keras-tuner takes seed 0 for "no seed" (a random one): data.seed 0 would make the search unrepeatable.
     common = dict(objective=OBJECTIVE, directory=str(directory), project_name=project_name(cfg),
-                  overwrite=False, seed=cfg.data.seed)
+                  overwrite=False, seed=cfg.data.seed + 1)
     if cfg.search.algorithm == "bayesian":
         return BayesianSearch(hypermodel, max_trials=max_trials, **common)
     tuner = HyperbandSearch(hypermodel, max_epochs=cfg.training.epochs, factor=cfg.search.hyperband_factor,
@@ -127,7 +158,9 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
     store.configure()
     experiment = store.experiment_id(cfg.experiment)
     splits = run_data.load(cfg.data)
-    keras.utils.set_random_seed(cfg.data.seed)
+    if not splits.validation.n_cells:
+        raise run_config.ConfigError(f"{cfg.source} [data]: a search scores each trial on validation cells; "
+                                     "set n_validation to 1 or more (e.g. 30).")
     directory = Path(directory or cfg.search.directory or store.REPO / "outputs" / "tuning")
     max_trials = max_trials or cfg.search.max_trials
     tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)
@@ -157,9 +190,7 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
         if recorded.tags.get("best_trial") == best.trial_id:  # a finished search run again: nothing new
             scores = {k: v for k, v in recorded.metrics.items() if k.startswith(("test_", "val_final_"))}
         else:
-            with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed to predict
-                warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
-                model = tuner.get_best_models(1)[0]
+            model = tuner.get_best_models(1)[0]  # the best trial's ensemble, as it saved it
             mlflow.log_metric("best_val_macro_f1", best.score)
             scores = tracked.log_outputs(model, splits, registered_model=registered)
             mlflow.set_tags({"best_trial": best.trial_id,
