@@ -112,14 +112,6 @@ def test_train_under_a_strategy_returns_a_plain_model(mirrored, synthetic_file):
     assert out["probs"].shape == (data.n_cells, 3) and np.isfinite(out["probs"]).all()
 
 
-@pytest.mark.xfail(reason="LIBRARY: a model trained with scm.train(stream, strategy=...) cannot be loaded back: "
-                          "train._fit_stream copies the weights into a fresh compiled SCMix whose optimizers are "
-                          "never built (set_weights, then fit_classifier with its own optimizer), so save_model "
-                          "writes an optimizer state of 2 variables and load_model raises ModelFileError ('Skipping "
-                          "variable loading for optimizer classifier_optimizer, because it has 20 variables whereas "
-                          "the saved optimizer has 2'). Any compiled but unfitted SCMix has the same problem; "
-                          "`tfp-scmix train --stream --strategy mirrored|multi_worker` writes a model it cannot load",
-                   strict=True)
 def test_a_model_trained_under_a_strategy_saves_and_loads(mirrored, synthetic_file, tmp_path):
     import tfp_scmix as scm
 

@@ -191,11 +191,6 @@ def test_from_data_reads_the_same_sizes_from_a_stream_and_from_memory(synthetic_
     np.testing.assert_allclose(ours.topics.background.numpy(), theirs.topics.background.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(reason="LIBRARY: the same .h5ad gets two data fingerprints: H5ADStream.fingerprint() hashes "
-                          "library sizes, gene sums, labels, batches and genes while SCData.fingerprint() hashes the "
-                          "CSR arrays, labels and genes (not the batches), so model.provenance['data_fingerprint'] "
-                          "depends on how the file was read, and train(checkpoint_dir=...) refuses a finished "
-                          "restart saved by a --stream run when rerun in memory (or the reverse)", strict=True)
 def test_from_data_records_the_same_data_fingerprint_from_a_stream_and_from_memory(synthetic_file):
     _, path = synthetic_file
     stream = H5ADStream(path, batch_key="donor")

@@ -321,6 +321,25 @@ def sparse_entries(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([cells, counts.indices.astype(np.int64)], axis=1), counts.data.astype(np.float32, copy=False)
 
 
+def data_fingerprint(chunks: Iterable[sp.csr_matrix], labels: np.ndarray, batches: np.ndarray,
+                     genes: Iterable[str]) -> str:
+    """16 hex digits of SHA-256 over the counts (row lengths, gene indices, values), labels, batch ids and genes.
+
+    chunks: consecutive row blocks of one CSR matrix with sorted indices (the whole matrix, or a stream's
+    chunks): the hash is the same however the rows are split, so data in memory and streamed agree.
+    """
+    lengths, indices, values = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for chunk in chunks:
+        lengths.update(np.diff(chunk.indptr).astype(np.int64).tobytes())
+        indices.update(np.ascontiguousarray(chunk.indices, dtype=np.int64).tobytes())
+        values.update(np.ascontiguousarray(chunk.data, dtype=np.float32).tobytes())
+    h = hashlib.sha256(lengths.digest() + indices.digest() + values.digest())
+    h.update(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(batches, dtype=np.int32).tobytes())
+    h.update(gene_fingerprint(genes).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclasses.dataclass
 class SCData:
     """Validated counts with labels and batches.
@@ -360,12 +379,11 @@ class SCData:
         return np.asarray(self.counts.sum(axis=1)).ravel()
 
     def fingerprint(self) -> str:
-        """Hash of the counts, genes and labels: identifies the data a model was trained on."""
-        h = hashlib.sha256()
-        for array in (self.counts.indptr, self.counts.indices, self.counts.data, self.labels):
-            h.update(np.ascontiguousarray(array).tobytes())
-        h.update(gene_fingerprint(self.genes).encode())
-        return h.hexdigest()[:16]
+        """Hash of the counts, genes, labels and batches: identifies the data a model was trained on.
+
+        The same cells read from disk by `H5ADStream.fingerprint` give the same hash (`data_fingerprint`).
+        """
+        return data_fingerprint([self.counts], self.labels, self.batches, self.genes)
 
     def subset(self, index: ArrayLike) -> SCData:
         """The cells at `index` (an integer array or boolean mask)."""

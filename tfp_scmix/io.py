@@ -23,7 +23,7 @@ from typing import Any
 import keras
 import pandas as pd
 
-from tfp_scmix.ensemble import SCMixEnsemble
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.model import SCMix, library_versions
 
 logger = logging.getLogger("tfp_scmix")
@@ -113,6 +113,9 @@ def save_model(model: SCMix | SCMixEnsemble, path: str | Path) -> Path:
     Raises ModelFileError for a path `load_model` would not read (see `check_model_path`).
     """
     path = check_model_path(path)
+    for member in as_ensemble(model).members:
+        if getattr(member, "optimizer", None) is not None:  # compiled, never trained (or weights copied in):
+            member.build_optimizers()  # its optimizer state must be built to load back
     with atomic_path(path) as tmp:
         model.save(tmp)
     return path

@@ -315,10 +315,12 @@ class SCMix(keras.Model):
         self.build_optimizers()
 
     def build_optimizers(self) -> None:
-        """Build both optimizers over their own variable groups (so a saved optimizer state loads)."""
+        """Build both optimizers over their own variable groups (so a saved optimizer state loads); idempotent."""
         others, classifier = self._variable_groups()
-        self.optimizer.build(others)
-        self.classifier_optimizer.build(classifier)
+        if not self.optimizer.built:
+            self.optimizer.build(others)
+        if not self.classifier_optimizer.built:
+            self.classifier_optimizer.build(classifier)
 
     def train_step(self, data):
         inputs = self._inputs(data)

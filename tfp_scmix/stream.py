@@ -14,7 +14,6 @@ every epoch, and the rows of each buffer of `buffer_chunks` chunks are permuted 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,9 +30,9 @@ from tfp_scmix.data import (
     SCData,
     align_genes,
     check_counts,
+    data_fingerprint,
     data_path,
     encode_obs,
-    gene_fingerprint,
     sparse_entries,
 )
 
@@ -140,6 +139,7 @@ class H5ADStream:
         # Cached by `summary`, both at once; _gene_sums is typed Any as mypy cannot tie its None to _library's.
         self._library: np.ndarray | None = None  # [n_cells]
         self._gene_sums: Any = None  # [n_genes]
+        self._fingerprint = ""
 
     @property
     def n_cells(self) -> int:
@@ -202,26 +202,26 @@ class H5ADStream:
 
     def summary(self) -> tuple[np.ndarray, np.ndarray]:
         """(library sizes `[n_cells]`, total counts per gene `[n_genes]`), float64 counts (UMIs), from one
-        pass over the file on the first call, then cached."""
+        pass over the file on the first call (which also computes `fingerprint`), then cached."""
         if self._library is None:
             library = np.zeros(self.n_cells, np.float64)
             gene_sums = np.zeros(self.n_genes, np.float64)
-            for rows, chunk in self.chunks():
-                library[rows] = np.asarray(chunk.sum(axis=1)).ravel()
-                gene_sums += np.asarray(chunk.sum(axis=0)).ravel()
+
+            def counted():
+                for rows, chunk in self.chunks():
+                    library[rows] = np.asarray(chunk.sum(axis=1)).ravel()
+                    gene_sums[:] += np.asarray(chunk.sum(axis=0)).ravel()
+                    yield chunk
+
+            self._fingerprint = data_fingerprint(counted(), self.labels, self.batches, self.genes)
             self._library, self._gene_sums = library, gene_sums
         return self._library, self._gene_sums
 
     def fingerprint(self) -> str:
-        """Hash of the genes, labels, batches and per-cell and per-gene count sums (one pass over the file):
-        identifies the data a model was trained on, as `SCData.fingerprint` does for data in memory."""
-
-        library, gene_sums = self.summary()
-        h = hashlib.sha256()
-        for array in (library, gene_sums, self.labels, self.batches):
-            h.update(np.ascontiguousarray(array).tobytes())
-        h.update(gene_fingerprint(self.genes).encode())
-        return h.hexdigest()[:16]
+        """`data.data_fingerprint` of the file's counts (in the vocabulary's gene order), labels, batches and genes:
+        equal to `SCData.fingerprint` of the same cells read into memory. Computed by `summary`'s pass."""
+        self.summary()
+        return self._fingerprint
 
     @property
     def library_size(self) -> np.ndarray:
