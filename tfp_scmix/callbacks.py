@@ -130,7 +130,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     - the backup records which run it belongs to (the model's config and `run`, e.g. the data fingerprint
       and seed); resuming another run's backup is refused.
     A resumed run equals an uninterrupted one only if each epoch's minibatches depend on the epoch
-    alone: train on `epoch_batches`, as `fit_resumable` does.
+    alone: train on `epoch_batches`, as `tfp_scmix.train(..., checkpoint_dir=...)` does.
     """
 
     STATE = "state.json"

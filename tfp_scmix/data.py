@@ -393,8 +393,9 @@ class SCData:
 
     def hide_labels(self, keep: ArrayLike) -> SCData:
         """A copy in which only the cells in `keep` (index or mask) keep their labels."""
+        keep = np.asarray(keep)
         mask = np.zeros(self.n_cells, bool)
-        mask[np.asarray(keep)] = True
+        mask[keep if keep.dtype == bool else keep.astype(np.int64)] = True  # [] is a float array
         return dataclasses.replace(self, labels=np.where(mask, self.labels, UNLABELLED).astype(np.int32))
 
     def select_genes(self, genes: Sequence[str] | np.ndarray, min_fraction: float = 0.5) -> SCData:
