@@ -96,7 +96,7 @@ def record_results(path, experiment):
 def rss_mb():
     """Current resident memory of this process in MB."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mb():

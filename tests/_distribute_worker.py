@@ -29,13 +29,18 @@ def train(strategy, stream, steps, batch, duplicate=False):
     # No KL warm-up: its clock (cells_seen) counts the duplicated cells of the replicas too.
     config = Config(n_topics=4, hidden_units=32, kl_warmup_epochs=0)
     model = build(strategy, lambda: SCMix.from_data(stream, config, seed=0))
-    saved = {"replicas": strategy.num_replicas_in_sync, "trainable": np.array([v.trainable for v in model.weights]),
-             "names": np.array([v.path for v in model.weights]),
-             **weights(model, "init")}
+    saved = {
+        "replicas": strategy.num_replicas_in_sync,
+        "trainable": np.array([v.trainable for v in model.weights]),
+        "names": np.array([v.path for v in model.weights]),
+        **weights(model, "init"),
+    }
     if duplicate:  # one input pipeline deals its batches to the replicas in turn: give each a copy
+
         def make(context):
             return stream.dataset(batch, seed=0, repeat=True).flat_map(
-                lambda b: tf.data.Dataset.from_tensors(b).repeat(context.num_replicas_in_sync))
+                lambda b: tf.data.Dataset.from_tensors(b).repeat(context.num_replicas_in_sync)
+            )
 
         data = strategy.distribute_datasets_from_function(make)
     else:
@@ -57,8 +62,14 @@ def main(mode, path, out, steps, batch):
         return
     strategy = get_strategy(mode)
     model, saved = train(strategy, stream, steps, batch)
-    fit(model, strategy, stream_dataset(strategy, stream, batch * strategy.num_replicas_in_sync, seed=1, shard=True),
-        epochs=1, steps_per_epoch=2, verbose=0)
+    fit(
+        model,
+        strategy,
+        stream_dataset(strategy, stream, batch * strategy.num_replicas_in_sync, seed=1, shard=True),
+        epochs=1,
+        steps_per_epoch=2,
+        verbose=0,
+    )
     np.savez(out, **saved, **weights(model, "sharded"))
 
 

@@ -44,13 +44,20 @@ def small_model(embedded):
     """A quickly trained model on the embedded dataset (150 labels), shared by several tests: what
     `scm.train` returns for one restart (an SCMixEnsemble of one SCMix)."""
     labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
-    return scm.train(embedded.hide_labels(labelled), scm.Config(n_topics=12, batch_size=128), epochs=5,
-                     restarts=1, verbose=0)
+    return scm.train(
+        embedded.hide_labels(labelled), scm.Config(n_topics=12, batch_size=128), epochs=5, restarts=1, verbose=0
+    )
 
 
 @pytest.fixture(scope="session")
 def two_restarts(embedded):
     """An SCMixEnsemble of two restarts (seeds 5 and 6) on the embedded dataset (150 labels)."""
     labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
-    return scm.train(embedded.hide_labels(labelled), scm.Config(n_topics=8, batch_size=128, classifier_steps=200),
-                     epochs=4, restarts=2, seed=5, verbose=0)
+    return scm.train(
+        embedded.hide_labels(labelled),
+        scm.Config(n_topics=8, batch_size=128, classifier_steps=200),
+        epochs=4,
+        restarts=2,
+        seed=5,
+        verbose=0,
+    )

@@ -34,5 +34,11 @@ def rewrite_archive(source, target, config=None, metadata=None, weights=None):
 
 def run_python(code, *args, timeout=300, env=None):
     """Run `code` in a fresh Python process (in the repository root); returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -16,8 +16,9 @@ def test_annotate_writes_anndata_slots(small_model, embedded_adata):
     out = scm.predict(small_model, embedded_adata)
     np.testing.assert_array_equal(adata.obs["scmix_confidence"].to_numpy(), out["confidence"])
     confident = out["confidence"] >= 0.99
-    np.testing.assert_array_equal(adata.obs["scmix_label"].to_numpy()[confident],
-                                  np.asarray(small_model.class_names)[out["label"][confident]])
+    np.testing.assert_array_equal(
+        adata.obs["scmix_label"].to_numpy()[confident], np.asarray(small_model.class_names)[out["label"][confident]]
+    )
     assert (adata.obs["scmix_label"][~confident] == UNASSIGNED).all()
     assert "scmix_topics" not in adata.obsm
     np.testing.assert_array_equal(adata.obsm["scmix_cell_topic"], out["cell_topic"])
@@ -25,8 +26,9 @@ def test_annotate_writes_anndata_slots(small_model, embedded_adata):
     assert list(adata.obsm["scmix_probs"].columns) == small_model.class_names
     assert adata.varm["scmix_topic_gene"].shape == (765, 12)
     gene = small_model.genes[0]
-    np.testing.assert_allclose(adata.varm["scmix_topic_gene"][adata.var_names.get_loc(gene)],
-                               small_model.topic_gene().numpy()[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        adata.varm["scmix_topic_gene"][adata.var_names.get_loc(gene)], small_model.topic_gene().numpy()[:, 0], rtol=1e-6
+    )
     assert adata.uns["scmix"]["gene_fingerprint"] == small_model.gene_fingerprint
     assert adata.uns["scmix"]["gene_coverage"] == 1.0
 

@@ -29,8 +29,13 @@ def fit(data, epochs=2, seed=0, optimizer=None, backup=None, callbacks=()):
         checkpoint = ResumableCheckpoint(backup, run={"data_fingerprint": data.fingerprint(), "seed": seed})
         own.append(checkpoint)
         initial_epoch = checkpoint.resume_epoch
-    model.fit(epoch_batches(data, CONFIG.batch_size, seed, epochs, initial_epoch), epochs=epochs,
-              steps_per_epoch=math.ceil(data.n_cells / CONFIG.batch_size), callbacks=[*own, *callbacks], verbose=0)
+    model.fit(
+        epoch_batches(data, CONFIG.batch_size, seed, epochs, initial_epoch),
+        epochs=epochs,
+        steps_per_epoch=math.ceil(data.n_cells / CONFIG.batch_size),
+        callbacks=[*own, *callbacks],
+        verbose=0,
+    )
     return model
 
 
@@ -80,9 +85,11 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_weights(embedde
     losses = np.array(recorder.losses)
     bad = int(np.flatnonzero(~np.isfinite(losses))[0])
     assert bad > 0 and len(losses) == bad + 1  # stopped at the first non-finite loss
-    assert re.search(r"training diverged: the loss became (inf|nan) at epoch \d+, batch \d+\. The model keeps its "
-                     r"state from the last batch with a finite loss\. Lower the learning rate \(it is 1000\)",
-                     caplog.text)
+    assert re.search(
+        r"training diverged: the loss became (inf|nan) at epoch \d+, batch \d+\. The model keeps its "
+        r"state from the last batch with a finite loss\. Lower the learning rate \(it is 1000\)",
+        caplog.text,
+    )
     last_good = recorder.before[bad - 1]  # the weights that gave the last finite loss
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), last_good))
     assert all(np.isfinite(w).all() for w in model.get_weights())

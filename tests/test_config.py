@@ -8,25 +8,28 @@ from tfp_scmix import config
 from tfp_scmix.config import Config
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"prior": "laplace"}, r"prior must be one of .*'laplace'"),
-    ({"label_mode": "semi"}, r"label_mode must be one of .*'semi'"),
-    ({"n_topics": 0}, "n_topics must be a positive whole number, received 0"),
-    ({"hidden_units": -3}, "hidden_units must be a positive whole number, received -3"),
-    ({"n_predictive_samples": 0}, "n_predictive_samples must be a positive whole number, received 0"),
-    ({"epochs": 0}, "epochs must be a positive whole number, received 0"),
-    ({"batch_size": 0}, "batch_size must be a positive whole number, received 0"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), received 1.0"),
-    ({"dropout": -0.1}, r"dropout must be in \[0, 1\), received -0.1"),
-    ({"learning_rate": 0.0}, "learning_rate must be positive, received 0.0"),
-    ({"classifier_learning_rate": -1e-3}, "classifier_learning_rate must be positive, received -0.001"),
-    ({"prior_alpha": 0.0}, "prior_alpha must be positive, received 0.0"),
-    ({"topic_prior_scale": -1.0}, "topic_prior_scale must be positive, received -1.0"),
-    ({"slab_scale": 0.0}, "slab_scale must be positive, received 0.0"),
-    ({"classifier_steps": -1}, "classifier_steps.* must not be negative, received -1"),
-    ({"kl_warmup_epochs": -2.0}, "kl_warmup_epochs.* must not be negative, received .*-2.0"),
-    ({"label_weight": -0.5}, "label_weight must not be negative, received .*-0.5"),
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"prior": "laplace"}, r"prior must be one of .*'laplace'"),
+        ({"label_mode": "semi"}, r"label_mode must be one of .*'semi'"),
+        ({"n_topics": 0}, "n_topics must be a positive whole number, received 0"),
+        ({"hidden_units": -3}, "hidden_units must be a positive whole number, received -3"),
+        ({"n_predictive_samples": 0}, "n_predictive_samples must be a positive whole number, received 0"),
+        ({"epochs": 0}, "epochs must be a positive whole number, received 0"),
+        ({"batch_size": 0}, "batch_size must be a positive whole number, received 0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), received 1.0"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\), received -0.1"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive, received 0.0"),
+        ({"classifier_learning_rate": -1e-3}, "classifier_learning_rate must be positive, received -0.001"),
+        ({"prior_alpha": 0.0}, "prior_alpha must be positive, received 0.0"),
+        ({"topic_prior_scale": -1.0}, "topic_prior_scale must be positive, received -1.0"),
+        ({"slab_scale": 0.0}, "slab_scale must be positive, received 0.0"),
+        ({"classifier_steps": -1}, "classifier_steps.* must not be negative, received -1"),
+        ({"kl_warmup_epochs": -2.0}, "kl_warmup_epochs.* must not be negative, received .*-2.0"),
+        ({"label_weight": -0.5}, "label_weight must not be negative, received .*-0.5"),
+    ],
+)
 def test_bad_values_are_refused_naming_setting_and_value(changes, named):
     with pytest.raises(ValueError, match=named):
         Config(**changes)
@@ -36,16 +39,19 @@ def test_bad_values_are_refused_naming_setting_and_value(changes, named):
         Config.from_dict(changes)
 
 
-@pytest.mark.parametrize("changes", [
-    pytest.param({"label_noise": 1.5}, id="label_noise>1"),
-    pytest.param({"label_noise": -0.1}, id="label_noise<0"),
-    pytest.param({"slab_df": -1.0}, id="slab_df<0"),
-    pytest.param({"global_scale": -1.0}, id="global_scale<0"),
-    pytest.param({"expected_active_topics": -2.0}, id="expected_active_topics<0"),
-    pytest.param({"n_topics": 2.5}, id="n_topics-not-whole"),
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"label_noise": 1.5}, id="label_noise>1"),
+        pytest.param({"label_noise": -0.1}, id="label_noise<0"),
+        pytest.param({"slab_df": -1.0}, id="slab_df<0"),
+        pytest.param({"global_scale": -1.0}, id="global_scale<0"),
+        pytest.param({"expected_active_topics": -2.0}, id="expected_active_topics<0"),
+        pytest.param({"n_topics": 2.5}, id="n_topics-not-whole"),
+    ],
+)
 def test_optional_settings_out_of_range_are_refused(changes):
-    (name, value), = changes.items()
+    ((name, value),) = changes.items()
     with pytest.raises(ValueError, match=rf"{name}.*{value}"):
         Config(**changes)
 
@@ -78,8 +84,9 @@ def test_dict_round_trip_and_setting_groups():
     assert tuple(values) == config.names() == tuple(f.name for f in dataclasses.fields(Config))
     # Every setting is either a model or a training setting, never both.
     assert config.MODEL_SETTINGS + config.TRAINING_SETTINGS == config.names()
-    assert {"epochs", "batch_size", "learning_rate", "classifier_learning_rate",
-            "classifier_steps"} == set(config.TRAINING_SETTINGS)
+    assert {"epochs", "batch_size", "learning_rate", "classifier_learning_rate", "classifier_steps"} == set(
+        config.TRAINING_SETTINGS
+    )
     assert set(config.PRIORS) == {"normal", "horseshoe", "regularized", "santa_barbara"}
     assert set(config.LABEL_MODES) == {"cut", "joint", "class_prior"}
     for prior in config.PRIORS:

@@ -35,12 +35,15 @@ def test_counts_from_x_layer_and_raw():
     assert np.array_equal(from_anndata(raw, counts="raw").counts.toarray(), COUNTS)
 
 
-@pytest.mark.parametrize("values, message", [
-    (np.log1p(COUNTS * 1.3), "log-normalized"),
-    (COUNTS - 2.5, "negative"),
-    (np.where(COUNTS == 3, np.nan, COUNTS), "NaN or infinite"),
-    (np.where(COUNTS == 3, np.inf, COUNTS), "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (np.log1p(COUNTS * 1.3), "log-normalized"),
+        (COUNTS - 2.5, "negative"),
+        (np.where(COUNTS == 3, np.nan, COUNTS), "NaN or infinite"),
+        (np.where(COUNTS == 3, np.inf, COUNTS), "NaN or infinite"),
+    ],
+)
 def test_refuses_non_counts_with_a_fix(values, message):
     adata = make_adata(values, labels=["a", "b", "a", "b"])
     with pytest.raises(DataError, match=message) as err:
@@ -148,7 +151,7 @@ def test_epoch_batches_depend_on_the_epoch_alone(embedded):
     assert len(whole) == 4 * 5 and len(resumed) == 2 * 5
     for a, b in zip(whole[10:], resumed, strict=True):
         np.testing.assert_array_equal(a, b)
-    epochs = [np.concatenate(whole[5 * e:5 * (e + 1)]) for e in range(4)]
+    epochs = [np.concatenate(whole[5 * e : 5 * (e + 1)]) for e in range(4)]
     for order in epochs:
         np.testing.assert_array_equal(np.sort(order), np.arange(300))
     assert not np.array_equal(epochs[0], epochs[1])

@@ -35,12 +35,20 @@ def test_two_workers_and_two_devices_agree_with_one(tmp_path, synthetic_file):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     runs = {"single": ("reference", env)}
     for index in range(2):
-        runs[f"worker{index}"] = ("multi_worker", {**env, "TF_CONFIG": json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}})})
-    processes = {name: subprocess.Popen([sys.executable, worker, strategy, str(path), str(tmp_path / f"{name}.npz"),
-                                         "3", "32"], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-                 for name, (strategy, run_env) in runs.items()}
+        runs[f"worker{index}"] = (
+            "multi_worker",
+            {**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
+        )
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, worker, strategy, str(path), str(tmp_path / f"{name}.npz"), "3", "32"],
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (strategy, run_env) in runs.items()
+    }
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=400)
         assert process.returncode == 0, f"{name} failed:\n{stderr[-3000:]}"

@@ -41,12 +41,16 @@ def test_load_model_round_trip_and_model_files_from_another_version(small_model,
             config["config"]["provenance"]["tfp_scmix"] = "0.99.0"
         return config
 
-    later = rewrite_archive(saved, tmp_path / "later.keras", config=newer,
-                            metadata=lambda m: {**m, "keras_version": "3.99.0"})
+    later = rewrite_archive(
+        saved, tmp_path / "later.keras", config=newer, metadata=lambda m: {**m, "keras_version": "3.99.0"}
+    )
     this = library_versions()
-    with pytest.raises(ModelFileError, match=rf"written by tfp_scmix (0\.99\.0|\(version not recorded\)) with Keras "
-                                             rf"3\.99\.0; this is tfp_scmix {this['tfp_scmix']} with Keras "
-                                             rf"{this['keras']}\..*Install the version that wrote it"):
+    with pytest.raises(
+        ModelFileError,
+        match=rf"written by tfp_scmix (0\.99\.0|\(version not recorded\)) with Keras "
+        rf"3\.99\.0; this is tfp_scmix {this['tfp_scmix']} with Keras "
+        rf"{this['keras']}\..*Install the version that wrote it",
+    ):
         load_model(later)
 
     # A file whose weights are laid out differently (a variable missing).
@@ -89,10 +93,15 @@ def test_safe_mode_refuses_code_in_the_file_and_formats_hold_no_pickle(saved, tm
     marker = tmp_path / "code-ran"
     would_run = eval(f"lambda *args: open({str(marker)!r}, 'w').write('x')")
     # Keras's serialized form of a Python lambda: its marshalled bytecode.
-    code = {"class_name": "__lambda__", "config": {
-        "value": [codecs.encode(marshal.dumps(would_run.__code__), "base64").decode("ascii"), None, None]}}
-    tampered = rewrite_archive(saved, tmp_path / "tampered.keras",
-                               config=lambda c: {**c, "compile_config": {**c["compile_config"], "loss": code}})
+    code = {
+        "class_name": "__lambda__",
+        "config": {"value": [codecs.encode(marshal.dumps(would_run.__code__), "base64").decode("ascii"), None, None]},
+    }
+    tampered = rewrite_archive(
+        saved,
+        tmp_path / "tampered.keras",
+        config=lambda c: {**c, "compile_config": {**c["compile_config"], "loss": code}},
+    )
     with pytest.raises(ModelFileError, match="asks to run Python code"):
         load_model(tampered)
     assert not marker.exists()
@@ -127,8 +136,14 @@ def test_saved_model_records_versions_and_data_fingerprint(embedded, tmp_path, c
     path = save_model(model, tmp_path / "m.keras")
     assert load_model(path).provenance == model.provenance
     # A loaded model reports what it was made with, not the versions that load it.
-    old = rewrite_archive(path, tmp_path / "old.keras", config=lambda c: {
-        **c, "config": {**c["config"], "provenance": {**c["config"]["provenance"], "tfp_scmix": "0.0.9"}}})
+    old = rewrite_archive(
+        path,
+        tmp_path / "old.keras",
+        config=lambda c: {
+            **c,
+            "config": {**c["config"], "provenance": {**c["config"]["provenance"], "tfp_scmix": "0.0.9"}},
+        },
+    )
     with caplog.at_level(logging.WARNING, logger="tfp_scmix"):
         assert load_model(old).provenance["tfp_scmix"] == "0.0.9"
     assert "tfp_scmix 0.0.9" in caplog.text
@@ -184,5 +199,4 @@ def test_save_model_writes_one_loadable_file_and_nothing_else(small_model, embed
     path = save_model(small_model, tmp_path / "deep" / "er" / "ensemble.keras")
     assert path == tmp_path / "deep" / "er" / "ensemble.keras"
     assert [p.name for p in path.parent.iterdir()] == ["ensemble.keras"]  # no temporary file left
-    np.testing.assert_array_equal(predict(load_model(path), embedded)["probs"],
-                                  predict(small_model, embedded)["probs"])
+    np.testing.assert_array_equal(predict(load_model(path), embedded)["probs"], predict(small_model, embedded)["probs"])

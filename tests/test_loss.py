@@ -94,8 +94,10 @@ def likelihood_program(n_genes, tmp_path, n_cells=256, per_cell=10, n_topics=8, 
         tf.debugging.experimental.disable_dump_debug_info()
     with debug_events_reader.DebugDataReader(root) as reader:
         reader.update()
-        arrays = [(int(reader.graph_execution_trace_to_tensor_value(trace)[3]), trace.op_type, trace.op_name)
-                  for trace in reader.graph_execution_traces()]
+        arrays = [
+            (int(reader.graph_execution_trace_to_tensor_value(trace)[3]), trace.op_type, trace.op_name)
+            for trace in reader.graph_execution_traces()
+        ]
     return log_prob, arrays
 
 

@@ -20,15 +20,14 @@ def matched_topic_correlation(learned, planted):
     which is what distinguishes one topic from the others.
     """
     a, b = (beta - beta.mean(axis=0, keepdims=True) for beta in (planted, learned))
-    corr = np.corrcoef(a, b)[: len(a), len(a):]
+    corr = np.corrcoef(a, b)[: len(a), len(a) :]
     rows, cols = linear_sum_assignment(-corr)
     return corr[rows, cols]
 
 
 def test_recovers_planted_topics_and_labels(synthetic):
     data, planted = synthetic
-    model = scm.train(data, Config(n_topics=6, kl_warmup_epochs=5, batch_size=128), epochs=80, restarts=1,
-                      verbose=0)
+    model = scm.train(data, Config(n_topics=6, kl_warmup_epochs=5, batch_size=128), epochs=80, restarts=1, verbose=0)
     corr = matched_topic_correlation(model.topic_gene().numpy(), planted.topic_gene)
     # stated measure: every planted topic's matched learned topic correlates > 0.75, on average > 0.85
     assert corr.min() > 0.75 and corr.mean() > 0.85, corr
@@ -51,9 +50,16 @@ def test_fit_validation_callbacks_evaluate_save_load(embedded, tmp_path):
     train, valid = embedded.subset(np.arange(500)).hide_labels(np.arange(150)), embedded.subset(np.arange(500, 700))
     model = SCMix.from_data(train, Config(n_topics=8))
     model.compile(optimizer=keras.optimizers.Adam(2e-3))
-    history = model.fit(train.dataset(128), validation_data=valid.dataset(200, shuffle=False), epochs=3, verbose=0,
-                        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=5),
-                                   keras.callbacks.ModelCheckpoint(tmp_path / "best.keras", monitor="val_loss")])
+    history = model.fit(
+        train.dataset(128),
+        validation_data=valid.dataset(200, shuffle=False),
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=5),
+            keras.callbacks.ModelCheckpoint(tmp_path / "best.keras", monitor="val_loss"),
+        ],
+    )
     for term in ("loss", "reconstruction", "kl_cell", "kl_topic", "kl_class", "label_nll", "val_loss"):
         assert term in history.history and np.isfinite(history.history[term]).all()
     assert history.history["loss"][-1] < history.history["loss"][0]
@@ -107,19 +113,49 @@ def test_data_sizes_are_required_and_positive():
 # What SCMix.get_config held before the settings became one Config (tfp_scmix 0.1.0 files written up to
 # commit a996566): every setting flat beside the sizes, global_scale and expected_active_topics resolved,
 # no training settings but classifier_learning_rate, no "config" and no "adapted_batch" key.
-OLD_FLAT_SETTINGS = ("n_topics", "hidden_units", "dropout", "prior", "label_mode", "label_weight", "prior_alpha",
-                     "learn_alpha", "kl_warmup_epochs", "n_cells", "n_labelled", "total_counts",
-                     "expected_active_topics", "global_scale", "slab_scale", "slab_df", "label_noise",
-                     "topic_prior_scale", "n_predictive_samples", "classifier_learning_rate", "n_batches", "seed")
+OLD_FLAT_SETTINGS = (
+    "n_topics",
+    "hidden_units",
+    "dropout",
+    "prior",
+    "label_mode",
+    "label_weight",
+    "prior_alpha",
+    "learn_alpha",
+    "kl_warmup_epochs",
+    "n_cells",
+    "n_labelled",
+    "total_counts",
+    "expected_active_topics",
+    "global_scale",
+    "slab_scale",
+    "slab_df",
+    "label_noise",
+    "topic_prior_scale",
+    "n_predictive_samples",
+    "classifier_learning_rate",
+    "n_batches",
+    "seed",
+)
 
 
 def old_format(config):
     """A get_config of the current format rewritten in the old flat one."""
-    settings = {**config["config"], "n_cells": config["n_cells"], "n_labelled": max(config["n_labelled"], 1),
-                "total_counts": config["total_counts"], "n_batches": config["n_batches"], "seed": config["seed"]}
-    return {**{k: config[k] for k in ("name", "trainable", "dtype") if k in config}, "genes": config["genes"],
-            "class_names": config["class_names"], "provenance": config["provenance"],
-            **{k: settings[k] for k in OLD_FLAT_SETTINGS}}
+    settings = {
+        **config["config"],
+        "n_cells": config["n_cells"],
+        "n_labelled": max(config["n_labelled"], 1),
+        "total_counts": config["total_counts"],
+        "n_batches": config["n_batches"],
+        "seed": config["seed"],
+    }
+    return {
+        **{k: config[k] for k in ("name", "trainable", "dtype") if k in config},
+        "genes": config["genes"],
+        "class_names": config["class_names"],
+        "provenance": config["provenance"],
+        **{k: settings[k] for k in OLD_FLAT_SETTINGS},
+    }
 
 
 def test_a_model_in_the_old_flat_config_format_still_loads(small_model, embedded, tmp_path):
@@ -128,8 +164,9 @@ def test_a_model_in_the_old_flat_config_format_still_loads(small_model, embedded
     model = small_model.members[0]
     old = old_format(model.get_config())
     # expected_active_topics and global_scale as the old files held them: resolved numbers.
-    old.update(expected_active_topics=model.settings["expected_active_topics"],
-               global_scale=model.settings["global_scale"])
+    old.update(
+        expected_active_topics=model.settings["expected_active_topics"], global_scale=model.settings["global_scale"]
+    )
     assert "config" not in old and "adapted_batch" not in old
     rebuilt = SCMix.from_config(old)
     assert rebuilt.genes == model.genes and rebuilt.class_names == model.class_names
@@ -141,9 +178,14 @@ def test_a_model_in_the_old_flat_config_format_still_loads(small_model, embedded
     np.testing.assert_array_equal(scm.predict(rebuilt, embedded)["probs"], scm.predict(model, embedded)["probs"])
     # The same through a file: a .keras archive whose config is in the old format.
     scm.save_model(model, tmp_path / "new.keras")
-    rewrite_archive(tmp_path / "new.keras", tmp_path / "old.keras",
-                    config=lambda c: {**c, "config": {**old_format(c["config"]), **{
-                        k: old[k] for k in ("expected_active_topics", "global_scale")}}})
+    rewrite_archive(
+        tmp_path / "new.keras",
+        tmp_path / "old.keras",
+        config=lambda c: {
+            **c,
+            "config": {**old_format(c["config"]), **{k: old[k] for k in ("expected_active_topics", "global_scale")}},
+        },
+    )
     loaded = scm.load_model(tmp_path / "old.keras")
     assert loaded.sizes == model.sizes
     np.testing.assert_array_equal(scm.predict(loaded, embedded)["probs"], scm.predict(model, embedded)["probs"])
@@ -186,8 +228,9 @@ def test_from_data_reads_the_same_sizes_from_a_stream_and_from_memory(synthetic_
     assert ours.settings == theirs.settings
     assert ours.batch_offsets.loc.shape == theirs.batch_offsets.loc.shape == (2, in_memory.n_genes)
     assert ours.provenance["n_cells"] == theirs.provenance["n_cells"] == 700
-    assert {k: v for k, v in ours.provenance.items() if k != "data_fingerprint"} == \
-        {k: v for k, v in theirs.provenance.items() if k != "data_fingerprint"}
+    assert {k: v for k, v in ours.provenance.items() if k != "data_fingerprint"} == {
+        k: v for k, v in theirs.provenance.items() if k != "data_fingerprint"
+    }
     np.testing.assert_allclose(ours.topics.background.numpy(), theirs.topics.background.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -195,5 +238,7 @@ def test_from_data_records_the_same_data_fingerprint_from_a_stream_and_from_memo
     _, path = synthetic_file
     stream = H5ADStream(path, batch_key="donor")
     in_memory = scm.from_anndata(path, batch_key="donor")
-    assert SCMix.from_data(stream, Config(n_topics=4)).provenance == \
-        SCMix.from_data(in_memory, Config(n_topics=4)).provenance
+    assert (
+        SCMix.from_data(stream, Config(n_topics=4)).provenance
+        == SCMix.from_data(in_memory, Config(n_topics=4)).provenance
+    )

@@ -49,8 +49,12 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
         assert set(out) == set(expected), name
         for key in expected:
             np.testing.assert_array_equal(out[key], expected[key], err_msg=f"{name}: {key}")
-    for name, source, chunk_size in [("SCData", embedded, 128), ("backed AnnData", read_h5ad(path, backed="r"), 256),
-                                     ("path", path, 100), ("CSR", embedded.counts, 250)]:
+    for name, source, chunk_size in [
+        ("SCData", embedded, 128),
+        ("backed AnnData", read_h5ad(path, backed="r"), 256),
+        ("path", path, 100),
+        ("CSR", embedded.counts, 250),
+    ]:
         out = scm.predict(small_model, source, chunk_size=chunk_size)
         for key in expected:
             np.testing.assert_allclose(out[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key}")
@@ -116,12 +120,14 @@ def test_predicting_50k_cells_from_a_backed_h5ad_in_bounded_memory(small_model, 
     expected = scm.predict(small_model, embedded)["probs"]
     n_cells = 50_000
     counts = sp.vstack([embedded.counts] * -(-n_cells // embedded.n_cells), format="csr")[:n_cells]
-    big = anndata.AnnData(X=counts, obs=pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)]),
-                          var=pd.DataFrame(index=embedded.genes))
+    big = anndata.AnnData(
+        X=counts, obs=pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)]), var=pd.DataFrame(index=embedded.genes)
+    )
     big[:, ::-1].write_h5ad(tmp_path / "cells.h5ad")
     del big, counts
-    done = run_python(MEASURE, model_path, tmp_path / "cells.h5ad", 2500, tmp_path / "first.npy", embedded.n_cells,
-                      timeout=600)
+    done = run_python(
+        MEASURE, model_path, tmp_path / "cells.h5ad", 2500, tmp_path / "first.npy", embedded.n_cells, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["n_cells"] == n_cells

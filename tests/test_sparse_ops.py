@@ -22,8 +22,9 @@ def test_topic_rate_matches_the_plain_product_with_padded_nonzeros():
     weights = tf.constant(rng.integers(1, 5, nnz).astype(np.float32))
 
     def plain(cell_topic, topic_gene, indices):
-        return tf.reduce_sum(tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]),
-                             axis=-1)
+        return tf.reduce_sum(
+            tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]), axis=-1
+        )
 
     results = []
     for product in (plain, topic_rate, lambda *args: topic_rate(*args, jit=False)):
@@ -43,7 +44,8 @@ def test_log_factorial_and_row_sums():
 
     whole = np.array([0, 1, 2, 7, 4095, 4096, 100_000], np.float32)
     for x in (whole[:5], whole, np.array([0.5, 3.0, 12.25], np.float32)):  # table, past it, not whole counts
-        np.testing.assert_allclose(log_factorial(tf.constant(x)).numpy(), gammaln(x.astype(np.float64) + 1),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            log_factorial(tf.constant(x)).numpy(), gammaln(x.astype(np.float64) + 1), rtol=1e-6, atol=1e-6
+        )
     rows = tf.constant([1, 1, 3, 3, 3], tf.int64)  # rows 0, 2 and 4 (last) have no nonzeros
     np.testing.assert_array_equal(row_sums(tf.constant([1.0, 2, 3, 4, 5]), rows, 5).numpy(), [0, 3, 0, 12, 0])

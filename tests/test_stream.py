@@ -24,13 +24,16 @@ def write(adata, path):
 def identified_file(path, n_cells=1000, n_genes=30):
     """An .h5ad whose gene 0 holds each cell's id + 1, so that batches can be traced back to cells."""
     rng = np.random.default_rng(0)
-    counts = sp.random(n_cells, n_genes, density=0.3, random_state=1, format="csr",
-                       data_rvs=lambda n: rng.integers(1, 9, n)).tolil()
+    counts = sp.random(
+        n_cells, n_genes, density=0.3, random_state=1, format="csr", data_rvs=lambda n: rng.integers(1, 9, n)
+    ).tolil()
     counts[:, 0] = np.arange(1, n_cells + 1)[:, None]
-    obs = pd.DataFrame({"cell_type": pd.Categorical(rng.choice(["a", "b"], n_cells))},
-                       index=[f"c{i}" for i in range(n_cells)])
-    adata = anndata.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=obs,
-                            var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(rng.choice(["a", "b"], n_cells))}, index=[f"c{i}" for i in range(n_cells)]
+    )
+    adata = anndata.AnnData(
+        X=sp.csr_matrix(counts, dtype=np.float32), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
+    )
     return write(adata, path)
 
 
@@ -158,20 +161,36 @@ def test_stream_trains_from_a_file_larger_than_the_memory_cap(tmp_path):
     n_cells, per_cell, n_genes = 50_000, 1000, 2000
     rng = np.random.default_rng(0)
     indices = np.tile(np.sort(rng.choice(n_genes, per_cell, replace=False)).astype(np.int32), n_cells)
-    counts = sp.csr_matrix((rng.integers(1, 5, n_cells * per_cell).astype(np.float32), indices,
-                            np.arange(n_cells + 1, dtype=np.int64) * per_cell), shape=(n_cells, n_genes))
+    counts = sp.csr_matrix(
+        (
+            rng.integers(1, 5, n_cells * per_cell).astype(np.float32),
+            indices,
+            np.arange(n_cells + 1, dtype=np.int64) * per_cell,
+        ),
+        shape=(n_cells, n_genes),
+    )
     labels = np.where(rng.random(n_cells) < 0.05, np.array(["a", "b"])[rng.integers(0, 2, n_cells)], None)
-    path = write(anndata.AnnData(X=counts, obs=pd.DataFrame({"cell_type": pd.Categorical(labels)},
-                                                           index=[f"c{i}" for i in range(n_cells)]),
-                                 var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])), tmp_path / "big.h5ad")
+    path = write(
+        anndata.AnnData(
+            X=counts,
+            obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(n_cells)]),
+            var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]),
+        ),
+        tmp_path / "big.h5ad",
+    )
     total = float(counts.data.sum())
-    in_memory_mb = (counts.data.nbytes + counts.indices.nbytes) / 2 ** 20
+    in_memory_mb = (counts.data.nbytes + counts.indices.nbytes) / 2**20
     del counts, indices
     budget_mb = 250
     assert in_memory_mb > 1.4 * budget_mb
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", CAPPED_CHILD, str(path), str(budget_mb)], capture_output=True,
-                          text=True, timeout=400, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", CAPPED_CHILD, str(path), str(budget_mb)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cells"] == n_cells and result["total"] == pytest.approx(total, rel=1e-6)

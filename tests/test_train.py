@@ -33,8 +33,9 @@ def test_train_is_the_keras_path(embedded):
     keras.utils.set_random_seed(seed)
     model = scm.SCMix.from_data(data, TINY, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(TINY.learning_rate))
-    model.fit(data.dataset(TINY.batch_size, seed=seed), epochs=TINY.epochs, callbacks=scm.callbacks.default(data),
-              verbose=0)
+    model.fit(
+        data.dataset(TINY.batch_size, seed=seed), epochs=TINY.epochs, callbacks=scm.callbacks.default(data), verbose=0
+    )
     (member,) = trained.members
     assert member.seed == model.seed == seed and member.config == model.config == TINY
     assert all(np.array_equal(a, b) for a, b in zip(member.get_weights(), model.get_weights(), strict=True))
@@ -76,16 +77,24 @@ def test_genes_no_cell_expresses_are_harmless(embedded):
     n_zero = 40
     padded = few_labels(embedded)
     padded = dataclasses.replace(
-        padded, counts=sp.hstack([padded.counts, sp.csr_matrix((padded.n_cells, n_zero), dtype=np.float32)]).tocsr(),
-        genes=np.concatenate([padded.genes, [f"ZERO{i}" for i in range(n_zero)]]))
+        padded,
+        counts=sp.hstack([padded.counts, sp.csr_matrix((padded.n_cells, n_zero), dtype=np.float32)]).tocsr(),
+        genes=np.concatenate([padded.genes, [f"ZERO{i}" for i in range(n_zero)]]),
+    )
     losses = []
 
     class Losses(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             losses.append(logs["loss"])
 
-    model = scm.train(padded, Config(n_topics=6, batch_size=128, classifier_steps=0), epochs=1, restarts=1,
-                      callbacks=[Losses()], verbose=0)
+    model = scm.train(
+        padded,
+        Config(n_topics=6, batch_size=128, classifier_steps=0),
+        epochs=1,
+        restarts=1,
+        callbacks=[Losses()],
+        verbose=0,
+    )
     assert len(losses) == 6 and np.isfinite(losses).all()  # no batch diverged: the guard would have stopped
     topic_gene = model.topic_gene().numpy()
     assert topic_gene[:, -n_zero:].max() < 1e-5 < topic_gene[:, :-n_zero].max()
@@ -122,8 +131,14 @@ with atomic_path(out) as tmp:
 
 def start(checkpoint_dir, out, delay):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen([sys.executable, "-c", RUN, str(checkpoint_dir), str(out), str(delay)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, str(checkpoint_dir), str(out), str(delay)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process, timeout=400):
@@ -179,7 +194,7 @@ def test_checkpoint_dir_refuses_a_finished_restart_of_another_run(small_model, e
 def rss_mb():
     """Resident memory of this process now, in MB (not the peak)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def settled_rss_mb():
@@ -205,8 +220,15 @@ def test_long_training_does_not_grow_memory(embedded, tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             rss.append(settled_rss_mb())
 
-    model = scm.train(data, Config(n_topics=8, batch_size=128, classifier_steps=0), epochs=40, restarts=1,
-                      checkpoint_dir=tmp_path / "checkpoints", callbacks=[Memory()], verbose=0).members[0]
+    model = scm.train(
+        data,
+        Config(n_topics=8, batch_size=128, classifier_steps=0),
+        epochs=40,
+        restarts=1,
+        checkpoint_dir=tmp_path / "checkpoints",
+        callbacks=[Memory()],
+        verbose=0,
+    ).members[0]
     assert len(rss) == 40
     settled = np.array(rss[20:])
     slope = np.polyfit(np.arange(settled.size), settled, 1)[0]
@@ -232,8 +254,7 @@ def shifted_query(data, seed=1):
     return dataclasses.replace(data, counts=shifted).subset(keep)
 
 
-def test_adapt_returns_an_ensemble_that_saves_loads_and_predicts_with_its_offsets(small_model, embedded,
-                                                                                   tmp_path):
+def test_adapt_returns_an_ensemble_that_saves_loads_and_predicts_with_its_offsets(small_model, embedded, tmp_path):
     reference = scm.predict(small_model, embedded)
     weights = small_model.get_weights()
     query = shifted_query(embedded)

@@ -34,6 +34,26 @@ from tfp_scmix.predict import predict
 from tfp_scmix.annotate import annotate
 from tfp_scmix import evaluate, explain
 
-__all__ = ["Config", "DataError", "ModelFileError", "SCData", "SCMix", "SCMixEnsemble", "adapt", "annotate",
-           "callbacks", "config", "data", "distribute", "evaluate", "explain", "from_anndata", "load_model",
-           "predict", "save_model", "stream", "train", "__version__"]
+__all__ = [
+    "Config",
+    "DataError",
+    "ModelFileError",
+    "SCData",
+    "SCMix",
+    "SCMixEnsemble",
+    "adapt",
+    "annotate",
+    "callbacks",
+    "config",
+    "data",
+    "distribute",
+    "evaluate",
+    "explain",
+    "from_anndata",
+    "load_model",
+    "predict",
+    "save_model",
+    "stream",
+    "train",
+    "__version__",
+]

@@ -97,8 +97,11 @@ class StopOnDivergence(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         # The last batch's finite loss does not vouch for the weights its update wrote; no batch follows.
-        if self.message is None and self._good is not None and not all(
-                np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in self._state):
+        if (
+            self.message is None
+            and self._good is not None
+            and not all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in self._state)
+        ):
             self._stop("the last batch wrote non-finite weights")
 
     def _stop(self, what):
@@ -107,8 +110,10 @@ class StopOnDivergence(keras.callbacks.Callback):
             variable.assign(value)
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         where = "the last batch with a finite loss" if self._good is not None else "before the first batch"
-        self.message = (f"training diverged: {what}. The model keeps its state from {where}. Lower the "
-                        f"learning rate (it is {rate:g}), or check the counts for extreme values.")
+        self.message = (
+            f"training diverged: {what}. The model keeps its state from {where}. Lower the "
+            f"learning rate (it is {rate:g}), or check the counts for extreme values."
+        )
         logger.error(self.message)
         self.model.stop_training = True
         if self.raise_error:
@@ -148,8 +153,9 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ModelFileError(f"the backup state {path} is unreadable ({err}); delete {self.root} to "
-                                 "train from the start.") from err
+            raise ModelFileError(
+                f"the backup state {path} is unreadable ({err}); delete {self.root} to train from the start."
+            ) from err
 
     @property
     def resume_epoch(self) -> int:
@@ -167,8 +173,12 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         staging = self.root / ".staging.weights.h5"  # save_weights wants the .weights.h5 suffix
         self.model.save_weights(str(staging), overwrite=True)
         os.replace(staging, self.root / name)
-        state = {"epoch": self._current_epoch, "weights": name, "run": self._run_key(),
-                 "random_states": [keras.ops.convert_to_numpy(v).tolist() for v in _random_states(self.model)]}
+        state = {
+            "epoch": self._current_epoch,
+            "weights": name,
+            "run": self._run_key(),
+            "random_states": [keras.ops.convert_to_numpy(v).tolist() for v in _random_states(self.model)],
+        }
         with atomic_path(self.root / self.STATE) as tmp:
             Path(tmp).write_text(json.dumps(state))
         for old in self.root.glob("epoch-*.weights.h5"):
@@ -182,8 +192,10 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         key = self._run_key()
         if state["run"] != key:
             differ = sorted(k for k in set(key) | set(state["run"]) if key.get(k) != state["run"].get(k))
-            raise ModelFileError(f"{self.root} holds the backup of another training run (it differs in "
-                                 f"{differ}); delete it to train from the start, or pass this run's backup_dir.")
+            raise ModelFileError(
+                f"{self.root} holds the backup of another training run (it differs in "
+                f"{differ}); delete it to train from the start, or pass this run's backup_dir."
+            )
         _build_optimizers(self.model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -193,8 +205,10 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
             raise ModelFileError(f"the backup in {self.root} does not fit this model: {skipped[0]}")
         randoms = _random_states(self.model)
         if len(randoms) != len(state["random_states"]):
-            raise ModelFileError(f"the backup in {self.root} has {len(state['random_states'])} random-generator "
-                                 f"states, the model {len(randoms)}; delete it to train from the start.")
+            raise ModelFileError(
+                f"the backup in {self.root} has {len(state['random_states'])} random-generator "
+                f"states, the model {len(randoms)}; delete it to train from the start."
+            )
         for variable, value in zip(randoms, state["random_states"], strict=True):
             variable.assign(np.asarray(value, dtype=variable.dtype))
         self.model._initial_epoch = int(state["epoch"])  # how BackupAndRestore tells fit where to start

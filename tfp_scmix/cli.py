@@ -24,17 +24,20 @@ from tfp_scmix.stream import H5ADStream
 def demo(args) -> dict:
     data = scm.from_anndata(pbmc68k_reduced())
     test, labelled = few_shot_split(data.n_cells, data.n_cells - args.labels, args.labels, args.seed)
-    print(f"embedded pbmc68k_reduced: {data.n_cells} cells x {data.n_genes} genes, {data.n_classes} types; "
-          f"{args.labels} labelled cells, {len(test)} held-out cells (their counts used without labels)")
+    print(
+        f"embedded pbmc68k_reduced: {data.n_cells} cells x {data.n_genes} genes, {data.n_classes} types; "
+        f"{args.labels} labelled cells, {len(test)} held-out cells (their counts used without labels)"
+    )
     start = time.time()
     config = scm.Config(n_topics=args.topics, batch_size=args.batch_size, epochs=args.epochs)
-    model = scm.train(data.hide_labels(labelled), config, restarts=args.restarts, seed=args.seed,
-                      verbose=args.verbose)
+    model = scm.train(data.hide_labels(labelled), config, restarts=args.restarts, seed=args.seed, verbose=args.verbose)
     print(f"trained in {time.time() - start:.0f} s")
     predicted = scm.predict(model, data.subset(test))["label"]
     result = scores(data.labels[test], predicted)
-    print(f"held-out cells: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
-          f"({result['errors']} errors of {len(test)})")
+    print(
+        f"held-out cells: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
+        f"({result['errors']} errors of {len(test)})"
+    )
     genes = explain.class_genes(model, n_genes=args.top_genes)
     print("\nTop genes of the most predictive topic of each class:")
     for (cls, topic), rows in genes.groupby(["class", "topic"], sort=False):
@@ -48,8 +51,7 @@ def demo(args) -> dict:
 
 def train(args) -> None:
     check_model_path(args.out)  # before hours of training, not after
-    options = dict(counts=args.counts, label_key=args.label_key, batch_key=args.batch_key,
-                   unknown=args.unknown or ())
+    options = dict(counts=args.counts, label_key=args.label_key, batch_key=args.batch_key, unknown=args.unknown or ())
     data: scm.SCData | H5ADStream
     if args.stream:
         data = H5ADStream(args.data, **{**options, "counts": args.counts or "X"})
@@ -59,8 +61,15 @@ def train(args) -> None:
             data = data.select_genes(scm.data.highly_variable_genes(data.counts, data.genes, args.n_genes))
     print(f"{data.n_cells} cells x {data.n_genes} genes; {data.n_labelled} labelled cells of {data.n_classes} types")
     config = scm.Config(n_topics=args.topics, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size)
-    model = scm.train(data, config, restarts=args.restarts, seed=args.seed, verbose=args.verbose,
-                      strategy=args.strategy, checkpoint_dir=args.checkpoint_dir)
+    model = scm.train(
+        data,
+        config,
+        restarts=args.restarts,
+        seed=args.seed,
+        verbose=args.verbose,
+        strategy=args.strategy,
+        checkpoint_dir=args.checkpoint_dir,
+    )
     if args.strategy is None or scm.distribute.is_chief(scm.distribute.get_strategy(args.strategy)):
         scm.save_model(model, args.out)
         print(f"model written to {args.out}")
@@ -69,8 +78,12 @@ def train(args) -> None:
 def annotate(args) -> None:
     from tfp_scmix.io import atomic_path
 
-    adata = scm.annotate(scm.load_model(args.model), scm.data.read_h5ad(args.data), counts=args.counts,
-                         min_confidence=args.min_confidence)
+    adata = scm.annotate(
+        scm.load_model(args.model),
+        scm.data.read_h5ad(args.data),
+        counts=args.counts,
+        min_confidence=args.min_confidence,
+    )
     with atomic_path(args.out) as tmp:
         adata.write_h5ad(tmp)
     print(adata.obs["scmix_label"].value_counts().to_string())
@@ -112,10 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restarts", type=int, default=3, help="models averaged (1: a single model)")
     p.add_argument("--stream", action="store_true", help="read the counts from disk in chunks (any number of cells)")
-    p.add_argument("--strategy", default=None, choices=STRATEGIES,
-                   help="tf.distribute strategy (with --stream); multi_worker reads TF_CONFIG")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="back up every epoch here; the same command after a kill resumes")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
+        help="tf.distribute strategy (with --stream); multi_worker reads TF_CONFIG",
+    )
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="back up every epoch here; the same command after a kill resumes"
+    )
     p.add_argument("--verbose", type=int, default=1)
     p.set_defaults(func=train)
     p = sub.add_parser("annotate", help="annotate an .h5ad with a trained model")

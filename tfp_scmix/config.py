@@ -111,5 +111,5 @@ def names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config))
 
 
-MODEL_SETTINGS: tuple[str, ...] = names()[:names().index("epochs")]
-TRAINING_SETTINGS: tuple[str, ...] = names()[names().index("epochs"):]
+MODEL_SETTINGS: tuple[str, ...] = names()[: names().index("epochs")]
+TRAINING_SETTINGS: tuple[str, ...] = names()[names().index("epochs") :]

@@ -53,8 +53,10 @@ def data_path(name: str) -> Path:
     if root and (Path(root) / name).exists():
         return Path(root) / name
     where = f"${DATA_DIR_ENV}={root}" if root else f"${DATA_DIR_ENV} is not set"
-    raise DataError(f"dataset {name!r} not found (looked in the working directory; {where}). "
-                    f"Pass a path to an .h5ad file or set {DATA_DIR_ENV} to its folder.")
+    raise DataError(
+        f"dataset {name!r} not found (looked in the working directory; {where}). "
+        f"Pass a path to an .h5ad file or set {DATA_DIR_ENV} to its folder."
+    )
 
 
 def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndata.AnnData:
@@ -68,8 +70,10 @@ def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndat
     try:
         return anndata.read_h5ad(path, backed=backed)
     except Exception as err:  # h5py/anndata raise many types for damaged files
-        raise DataError(f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}). "
-                        "The file may be truncated or corrupt: copy or download it again.") from err
+        raise DataError(
+            f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}). "
+            "The file may be truncated or corrupt: copy or download it again."
+        ) from err
 
 
 def _as_csr(matrix: Any) -> sp.csr_matrix:
@@ -90,16 +94,22 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
     if values.size == 0:
         return
     if not np.all(np.isfinite(values)):
-        raise DataError(f"counts in {where} contain NaN or infinite values "
-                        f"({int((~np.isfinite(values)).sum())} entries); raw UMI counts are finite integers.")
+        raise DataError(
+            f"counts in {where} contain NaN or infinite values "
+            f"({int((~np.isfinite(values)).sum())} entries); raw UMI counts are finite integers."
+        )
     if values.min() < 0:
-        raise DataError(f"counts in {where} are negative (min {values.min():.3g}); they look scaled "
-                        "(e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
-                        "counts='counts', or counts='raw'.")
+        raise DataError(
+            f"counts in {where} are negative (min {values.min():.3g}); they look scaled "
+            "(e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
+            "counts='counts', or counts='raw'."
+        )
     if not np.allclose(values, np.round(values)):
-        raise DataError(f"counts in {where} are not integers (max {values.max():.3g}); they look "
-                        "log-normalized. Point `counts` at the raw counts: a layer such as counts='counts', "
-                        "or counts='raw' for adata.raw.X.")
+        raise DataError(
+            f"counts in {where} are not integers (max {values.max():.3g}); they look "
+            "log-normalized. Point `counts` at the raw counts: a layer such as counts='counts', "
+            "or counts='raw' for adata.raw.X."
+        )
 
 
 def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tuple[str, Any, Any]]:
@@ -112,8 +122,10 @@ def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tu
         yield "adata.raw.X", adata.raw.X, adata.raw.var_names
     elif counts is not None:
         if counts not in adata.layers:
-            raise DataError(f"no layer {counts!r} in the AnnData (layers: {list(adata.layers)}); "
-                            "pass counts='X', 'raw' or one of those layers.")
+            raise DataError(
+                f"no layer {counts!r} in the AnnData (layers: {list(adata.layers)}); "
+                "pass counts='X', 'raw' or one of those layers."
+            )
         yield f"adata.layers[{counts!r}]", adata.layers[counts], adata.var_names
     else:
         yield "adata.X", adata.X, adata.var_names
@@ -166,8 +178,9 @@ def _looks_like_ensembl(genes: Any) -> float:
     return float(np.mean([str(g).startswith("ENS") for g in genes[:2000]])) if len(genes) else 0.0
 
 
-def align_genes(counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | np.ndarray,
-                min_fraction: float = 0.5) -> tuple[sp.csr_matrix, float]:
+def align_genes(
+    counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | np.ndarray, min_fraction: float = 0.5
+) -> tuple[sp.csr_matrix, float]:
     """Reorder `counts` columns to `vocabulary`; genes the data lacks are zero columns.
 
     counts: CSR `[n_cells, n_genes]` whose columns are `genes` `[n_genes]` (a list, array or pandas Index
@@ -182,8 +195,10 @@ def align_genes(counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | n
     vocabulary = np.asarray(vocabulary, dtype=str)
     if genes.has_duplicates:
         dup = genes[genes.duplicated()].unique()[:5].tolist()
-        raise DataError(f"duplicated gene names in the data ({dup}...); make them unique "
-                        "(adata.var_names_make_unique()) or sum the duplicates first.")
+        raise DataError(
+            f"duplicated gene names in the data ({dup}...); make them unique "
+            "(adata.var_names_make_unique()) or sum the duplicates first."
+        )
     position = genes.get_indexer(vocabulary)
     present = position >= 0
     fraction = float(present.mean()) if len(vocabulary) else 0.0
@@ -191,26 +206,39 @@ def align_genes(counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | n
         hint = ""
         ens_data, ens_vocab = _looks_like_ensembl(genes), _looks_like_ensembl(vocabulary)
         if abs(ens_data - ens_vocab) > 0.5:
-            hint = (" The data and the model use different kinds of gene identifiers (Ensembl IDs "
-                    "against symbols): map them to the model's kind first.")
+            hint = (
+                " The data and the model use different kinds of gene identifiers (Ensembl IDs "
+                "against symbols): map them to the model's kind first."
+            )
         elif genes.str.upper().isin(pd.Index(vocabulary).str.upper()).sum() > 2 * present.sum():
-            hint = (" Many genes match only when upper-cased (human against mouse symbols?): "
-                    "the data may be from another species than the model.")
-        raise DataError(f"only {present.sum()} of the model's {len(vocabulary)} genes "
-                        f"({fraction:.0%}) are in the data; at least {min_fraction:.0%} are needed.{hint}")
+            hint = (
+                " Many genes match only when upper-cased (human against mouse symbols?): "
+                "the data may be from another species than the model."
+            )
+        raise DataError(
+            f"only {present.sum()} of the model's {len(vocabulary)} genes "
+            f"({fraction:.0%}) are in the data; at least {min_fraction:.0%} are needed.{hint}"
+        )
     if fraction < 1.0:
-        logger.warning("%d of %d model genes (%.1f%%) found in the data; the rest are set to zero",
-                       present.sum(), len(vocabulary), 100 * fraction)
+        logger.warning(
+            "%d of %d model genes (%.1f%%) found in the data; the rest are set to zero",
+            present.sum(),
+            len(vocabulary),
+            100 * fraction,
+        )
     # Column selection matrix: data genes -> vocabulary positions.
-    select = sp.csr_matrix((np.ones(present.sum(), np.float32), (position[present], np.flatnonzero(present))),
-                           shape=(len(genes), len(vocabulary)))
+    select = sp.csr_matrix(
+        (np.ones(present.sum(), np.float32), (position[present], np.flatnonzero(present))),
+        shape=(len(genes), len(vocabulary)),
+    )
     aligned = (counts @ select).tocsr()
     aligned.sort_indices()
     return aligned.astype(np.float32), fraction
 
 
-def highly_variable_genes(counts: sp.csr_matrix, genes: Sequence[str] | np.ndarray, n_top: int = 2000,
-                          n_bins: int = 20) -> np.ndarray:
+def highly_variable_genes(
+    counts: sp.csr_matrix, genes: Sequence[str] | np.ndarray, n_top: int = 2000, n_bins: int = 20
+) -> np.ndarray:
     """Names of the `n_top` most variable genes `[min(n_top, n_genes)]`, in their order in `genes`.
 
     counts: CSR `[n_cells, n_genes]` raw counts; genes: `[n_genes]` names. The score is the Seurat-style normalised
@@ -224,7 +252,7 @@ def highly_variable_genes(counts: sp.csr_matrix, genes: Sequence[str] | np.ndarr
     norm.data = np.log1p(norm.data)
     mean = np.asarray(norm.mean(axis=0)).ravel()
     mean_sq = np.asarray(norm.multiply(norm).mean(axis=0)).ravel()
-    var = np.maximum(mean_sq - mean ** 2, 0) * counts.shape[0] / max(counts.shape[0] - 1, 1)
+    var = np.maximum(mean_sq - mean**2, 0) * counts.shape[0] / max(counts.shape[0] - 1, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         dispersion = np.log(var / mean)
     dispersion[~np.isfinite(dispersion)] = -np.inf
@@ -236,7 +264,7 @@ def highly_variable_genes(counts: sp.csr_matrix, genes: Sequence[str] | np.ndarr
     spread = stats["std"].reindex(bins).fillna(1.0).replace(0, 1.0).to_numpy()
     score = (dispersion - centre) / spread
     score[~np.isfinite(score)] = -np.inf
-    order = np.argsort(-score, kind="stable")[:min(n_top, len(genes))]
+    order = np.argsort(-score, kind="stable")[: min(n_top, len(genes))]
     return np.asarray(genes)[np.sort(order)]
 
 
@@ -245,8 +273,9 @@ def highly_variable_genes(counts: sp.csr_matrix, genes: Sequence[str] | np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-def encode_labels(values: ArrayLike | pd.Series | pd.Categorical, classes: Sequence[str] | None = None,
-                  unknown: ArrayLike = ()) -> tuple[np.ndarray, list[str]]:
+def encode_labels(
+    values: ArrayLike | pd.Series | pd.Categorical, classes: Sequence[str] | None = None, unknown: ArrayLike = ()
+) -> tuple[np.ndarray, list[str]]:
     """Map label values `[n_cells]` to class ids; NaN, None, "" and any value in `unknown` become -1.
 
     Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes);
@@ -265,14 +294,18 @@ def encode_labels(values: ArrayLike | pd.Series | pd.Categorical, classes: Seque
         else:
             classes = sorted(set(names))
         if len(classes) < 2:
-            raise DataError(f"the label column has {len(classes)} class(es) {classes} among labelled "
-                            "cells; a classifier needs at least two. Check label_key and unknown.")
+            raise DataError(
+                f"the label column has {len(classes)} class(es) {classes} among labelled "
+                "cells; a classifier needs at least two. Check label_key and unknown."
+            )
     classes = [str(c) for c in classes]
     lookup = {c: i for i, c in enumerate(classes)}
     outside = sorted(set(names) - set(lookup))
     if outside:
-        raise DataError(f"labels {outside[:5]} are not among the model's classes {classes}; "
-                        "mark them as unknown (unknown=[...]) or train a model with those classes.")
+        raise DataError(
+            f"labels {outside[:5]} are not among the model's classes {classes}; "
+            "mark them as unknown (unknown=[...]) or train a model with those classes."
+        )
     ids = np.full(len(series), UNLABELLED, np.int32)
     ids[~missing.to_numpy()] = [lookup[n] for n in names]
     return ids, classes
@@ -284,9 +317,16 @@ def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
     return codes.codes.astype(np.int32), [str(c) for c in codes.categories]
 
 
-def encode_obs(columns: Collection[str], column: Callable[[str], Any], n_cells: int, label_key: str | None,
-               batch_key: str | None, unknown: ArrayLike = (), classes: Sequence[str] | None = None,
-               where: str = "the data") -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+def encode_obs(
+    columns: Collection[str],
+    column: Callable[[str], Any],
+    n_cells: int,
+    label_key: str | None,
+    batch_key: str | None,
+    unknown: ArrayLike = (),
+    classes: Sequence[str] | None = None,
+    where: str = "the data",
+) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """Labels and batches from a dataset's obs columns, the one place both AnnData and streams encode them.
 
     columns: the obs column names; column(name): that column's values `[n_cells]`. Returns (labels int32
@@ -296,8 +336,10 @@ def encode_obs(columns: Collection[str], column: Callable[[str], Any], n_cells: 
     """
     if label_key is not None:
         if label_key not in columns:
-            raise DataError(f"no obs column {label_key!r} in {where} (columns: {list(columns)}); "
-                            "pass label_key=None for unlabelled data.")
+            raise DataError(
+                f"no obs column {label_key!r} in {where} (columns: {list(columns)}); "
+                "pass label_key=None for unlabelled data."
+            )
         labels, classes = encode_labels(column(label_key), classes, unknown)
     else:
         labels, classes = np.full(n_cells, UNLABELLED, np.int32), list(classes or [])
@@ -321,8 +363,9 @@ def sparse_entries(counts: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([cells, counts.indices.astype(np.int64)], axis=1), counts.data.astype(np.float32, copy=False)
 
 
-def data_fingerprint(chunks: Iterable[sp.csr_matrix], labels: np.ndarray, batches: np.ndarray,
-                     genes: Iterable[str]) -> str:
+def data_fingerprint(
+    chunks: Iterable[sp.csr_matrix], labels: np.ndarray, batches: np.ndarray, genes: Iterable[str]
+) -> str:
     """16 hex digits of SHA-256 over the counts (row lengths, gene indices, values), labels, batch ids and genes.
 
     chunks: consecutive row blocks of one CSR matrix with sorted indices (the whole matrix, or a stream's
@@ -388,8 +431,13 @@ class SCData:
     def subset(self, index: ArrayLike) -> SCData:
         """The cells at `index` (an integer array or boolean mask)."""
         index = np.asarray(index)
-        return dataclasses.replace(self, counts=self.counts[index], labels=self.labels[index],
-                                   batches=self.batches[index], obs_names=self.obs_names[index])
+        return dataclasses.replace(
+            self,
+            counts=self.counts[index],
+            labels=self.labels[index],
+            batches=self.batches[index],
+            obs_names=self.obs_names[index],
+        )
 
     def hide_labels(self, keep: ArrayLike) -> SCData:
         """A copy in which only the cells in `keep` (index or mask) keep their labels."""
@@ -427,13 +475,17 @@ class SCData:
             indices.set_shape([None, 2])
             values.set_shape([None])
             shape = tf.stack([tf.size(index, out_type=tf.int64), tf.constant(n_genes, tf.int64)])
-            return {COUNTS: tf.SparseTensor(indices, values, shape), LABEL: tf.gather(labels, index),
-                    BATCH: tf.gather(batches, index)}
+            return {
+                COUNTS: tf.SparseTensor(indices, values, shape),
+                LABEL: tf.gather(labels, index),
+                BATCH: tf.gather(batches, index),
+            }
 
         return index_batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
-    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
-                repeat: bool = False) -> tf.data.Dataset:
+    def dataset(
+        self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, repeat: bool = False
+    ) -> tf.data.Dataset:
         """tf.data of minibatch dicts {"counts": float32 SparseTensor [B, n_genes], "label": int32 [B],
         "batch": int32 [B]}, B = `batch_size` (the last batch of a pass may be smaller).
 
@@ -449,10 +501,17 @@ class SCData:
         return self.minibatches(ds.batch(batch_size))
 
 
-def from_anndata(adata: anndata.AnnData | str | os.PathLike[str], counts: str | None = None,
-                 label_key: str | None = "cell_type", batch_key: str | None = None, unknown: ArrayLike = (),
-                 genes: Sequence[str] | np.ndarray | None = None, classes: Sequence[str] | None = None,
-                 min_gene_fraction: float = 0.5, allow_empty_cells: bool = False) -> SCData:
+def from_anndata(
+    adata: anndata.AnnData | str | os.PathLike[str],
+    counts: str | None = None,
+    label_key: str | None = "cell_type",
+    batch_key: str | None = None,
+    unknown: ArrayLike = (),
+    genes: Sequence[str] | np.ndarray | None = None,
+    classes: Sequence[str] | None = None,
+    min_gene_fraction: float = 0.5,
+    allow_empty_cells: bool = False,
+) -> SCData:
     """Validated `SCData` from an AnnData object or an .h5ad path.
 
     counts: "X", "raw", a layer name, or None to detect raw counts. label_key: obs column with cell
@@ -478,13 +537,29 @@ def from_anndata(adata: anndata.AnnData | str | os.PathLike[str], counts: str | 
         align_genes(matrix, var_names, var_names)  # raises the duplicated-genes error
     library = np.asarray(matrix.sum(axis=1)).ravel()
     if not allow_empty_cells and (library == 0).any():
-        raise DataError(f"{int((library == 0).sum())} cells have no counts over the model's genes; "
-                        "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0]).")
+        raise DataError(
+            f"{int((library == 0).sum())} cells have no counts over the model's genes; "
+            "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0])."
+        )
     labels, classes, batches, batch_names = encode_obs(
-        list(adata.obs.columns), lambda key: adata.obs[key].values, adata.n_obs, label_key, batch_key, unknown,
-        classes, "the AnnData")
-    return SCData(matrix, np.asarray(var_names, dtype=str), labels, list(classes), batches,
-                  batch_names, np.asarray(adata.obs_names, dtype=str))
+        list(adata.obs.columns),
+        lambda key: adata.obs[key].values,
+        adata.n_obs,
+        label_key,
+        batch_key,
+        unknown,
+        classes,
+        "the AnnData",
+    )
+    return SCData(
+        matrix,
+        np.asarray(var_names, dtype=str),
+        labels,
+        list(classes),
+        batches,
+        batch_names,
+        np.asarray(adata.obs_names, dtype=str),
+    )
 
 
 def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0) -> tf.data.Dataset:
@@ -499,8 +574,9 @@ def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial
     import tensorflow as tf
 
     def epoch_order(epoch):
-        order = tf.random.experimental.stateless_shuffle(tf.range(data.n_cells, dtype=tf.int64),
-                                                         seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(data.n_cells, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
     return data.minibatches(tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order))

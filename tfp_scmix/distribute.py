@@ -50,10 +50,12 @@ def get_strategy(name: str = "default", devices: Sequence[str] | None = None) ->
     if name == "multi_worker":
         config = os.environ.get("TF_CONFIG")
         if not config:
-            raise ValueError("strategy 'multi_worker' reads the cluster from the TF_CONFIG environment variable, "
-                             "which is not set. Set it on every machine, e.g. TF_CONFIG='{\"cluster\": {\"worker\": "
-                             "[\"host1:2222\", \"host2:2222\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}' "
-                             "(index 1 on the second machine), or use strategy='mirrored' for one machine.")
+            raise ValueError(
+                "strategy 'multi_worker' reads the cluster from the TF_CONFIG environment variable, "
+                'which is not set. Set it on every machine, e.g. TF_CONFIG=\'{"cluster": {"worker": '
+                '["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}}\' '
+                "(index 1 on the second machine), or use strategy='mirrored' for one machine."
+            )
         try:
             json.loads(config)
         except json.JSONDecodeError as err:
@@ -93,9 +95,15 @@ def prepare(model: SCMix, strategy: tf.distribute.Strategy) -> SCMix:
     return model
 
 
-def fit(model: SCMix, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset | tf.distribute.DistributedDataset,
-        epochs: int = 1, steps_per_epoch: int = 1, callbacks: Iterable[keras.callbacks.Callback] = (),
-        verbose: int = 1) -> keras.callbacks.History:
+def fit(
+    model: SCMix,
+    strategy: tf.distribute.Strategy,
+    dataset: tf.data.Dataset | tf.distribute.DistributedDataset,
+    epochs: int = 1,
+    steps_per_epoch: int = 1,
+    callbacks: Iterable[keras.callbacks.Callback] = (),
+    verbose: int = 1,
+) -> keras.callbacks.History:
     """Train `model` under `strategy` on a distributed `dataset`; returns the Keras `History`.
 
     dataset: a repeating tf.data.Dataset or distributed dataset (`stream_dataset`) of minibatch dicts;
@@ -111,16 +119,24 @@ def fit(model: SCMix, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
     import tensorflow as tf
 
     if strategy.num_replicas_in_sync == 1 and getattr(strategy, "cluster_resolver", None) is None:
-        return model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=list(callbacks),
-                         verbose=verbose)
+        return model.fit(
+            dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=list(callbacks), verbose=verbose
+        )
 
     @tf.function
     def step(iterator):
         logs = strategy.run(model.train_step, args=(next(iterator),))
         return {name: strategy.reduce("MEAN", value, axis=None) for name, value in logs.items()}
 
-    callback_list = keras.callbacks.CallbackList(list(callbacks), add_history=True, add_progbar=verbose != 0,
-                                                 model=model, verbose=verbose, epochs=epochs, steps=steps_per_epoch)
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks),
+        add_history=True,
+        add_progbar=verbose != 0,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
+    )
     iterator = iter(dataset)
     model.stop_training = False
     callback_list.on_train_begin()
@@ -138,8 +154,12 @@ def fit(model: SCMix, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
     return model.history
 
 
-def build(strategy: tf.distribute.Strategy, make_model: Callable[[], SCMix], learning_rate: float = 2e-3,
-          jit_compile: bool | str = False) -> SCMix:
+def build(
+    strategy: tf.distribute.Strategy,
+    make_model: Callable[[], SCMix],
+    learning_rate: float = 2e-3,
+    jit_compile: bool | str = False,
+) -> SCMix:
     """`make_model()` (an uncompiled SCMix) built and compiled inside `strategy.scope()`, then `prepare`d.
 
     Compiled with Adam(learning_rate); `jit_compile` goes to `compile` (SCMix declines XLA for the whole
@@ -153,8 +173,14 @@ def build(strategy: tf.distribute.Strategy, make_model: Callable[[], SCMix], lea
     return prepare(model, strategy)
 
 
-def stream_dataset(strategy: tf.distribute.Strategy, stream: H5ADStream, global_batch_size: int, seed: int = 0,
-                   shard: bool = True, **kwargs: Any) -> tf.distribute.DistributedDataset:
+def stream_dataset(
+    strategy: tf.distribute.Strategy,
+    stream: H5ADStream,
+    global_batch_size: int,
+    seed: int = 0,
+    shard: bool = True,
+    **kwargs: Any,
+) -> tf.distribute.DistributedDataset:
     """A distributed dataset of `stream` (an `H5ADStream`) in which each worker reads its own chunks.
 
     Each replica gets `global_batch_size / replicas` cells per step. The dataset repeats: pass

@@ -36,8 +36,10 @@ class SCMixEnsemble(keras.Model):
         first = members[0]
         for m in members[1:]:
             if m.genes != first.genes or m.class_names != first.class_names:
-                raise ValueError("every member of an ensemble must have the same genes and classes, in the same "
-                                 "order: train them on the same data")
+                raise ValueError(
+                    "every member of an ensemble must have the same genes and classes, in the same "
+                    "order: train them on the same data"
+                )
         self.members = members  # a plain list attribute: Keras tracks and saves each member
         self.genes, self.class_names, self.provenance = first.genes, first.class_names, first.provenance
         self.n_genes, self.n_classes = first.n_genes, first.n_classes
@@ -59,13 +61,19 @@ class SCMixEnsemble(keras.Model):
         if len(outputs) == 1:
             return outputs[0]
         probs = tf.add_n([o["probs"] for o in outputs]) / len(outputs)
-        return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
-                "confidence": tf.reduce_max(probs, axis=-1),
-                "cell_topic": tf.concat([o["cell_topic"] for o in outputs], axis=-1)}
+        return {
+            "probs": probs,
+            "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
+            "confidence": tf.reduce_max(probs, axis=-1),
+            "cell_topic": tf.concat([o["cell_topic"] for o in outputs], axis=-1),
+        }
 
     def get_config(self):
-        return {**super().get_config(), "members": [keras.saving.serialize_keras_object(m) for m in self.members],
-                "provenance": self.provenance}
+        return {
+            **super().get_config(),
+            "members": [keras.saving.serialize_keras_object(m) for m in self.members],
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_config(cls, config):

@@ -33,7 +33,7 @@ def few_shot_split(n_cells: int, n_test: int, n_labelled: int, seed: int) -> tup
     if n_test + n_labelled > n_cells:
         raise ValueError(f"{n_test} test + {n_labelled} labelled cells exceed the {n_cells} cells")
     order = np.random.default_rng(seed).permutation(n_cells)
-    return order[:n_test], order[n_test:n_test + n_labelled]
+    return order[:n_test], order[n_test : n_test + n_labelled]
 
 
 def scores(true: ArrayLike, predicted: ArrayLike) -> dict[str, float]:
@@ -42,8 +42,11 @@ def scores(true: ArrayLike, predicted: ArrayLike) -> dict[str, float]:
     from sklearn.metrics import f1_score
 
     true, predicted = np.asarray(true), np.asarray(predicted)
-    return {"errors": int((true != predicted).sum()), "accuracy": float((true == predicted).mean()),
-            "macro_f1": float(f1_score(true, predicted, average="macro"))}
+    return {
+        "errors": int((true != predicted).sum()),
+        "accuracy": float((true == predicted).mean()),
+        "macro_f1": float(f1_score(true, predicted, average="macro")),
+    }
 
 
 UNASSIGNED_SCORES = ("max_prob", "entropy")
@@ -62,8 +65,9 @@ def _check(probs: ArrayLike, true: ArrayLike | None = None) -> tuple[np.ndarray,
     if true is not None:
         true = np.asarray(true)
         if true.shape != (probs.shape[0],):
-            raise ValueError(f"true must hold one class id per row of probs ({probs.shape[0]}), "
-                             f"received shape {true.shape}")
+            raise ValueError(
+                f"true must hold one class id per row of probs ({probs.shape[0]}), received shape {true.shape}"
+            )
     return probs, true
 
 
@@ -84,8 +88,9 @@ def reliability_table(probs: ArrayLike, true: ArrayLike, n_bins: int = 15) -> pd
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_confidence = np.bincount(index, confidence, n_bins) / cells
         accuracy = np.bincount(index, correct, n_bins) / cells
-    return pd.DataFrame({"lower": edges[:-1], "upper": edges[1:], "cells": cells,
-                         "confidence": mean_confidence, "accuracy": accuracy})
+    return pd.DataFrame(
+        {"lower": edges[:-1], "upper": edges[1:], "cells": cells, "confidence": mean_confidence, "accuracy": accuracy}
+    )
 
 
 def expected_calibration_error(probs: ArrayLike, true: ArrayLike, n_bins: int = 15) -> float:
@@ -100,8 +105,9 @@ def expected_calibration_error(probs: ArrayLike, true: ArrayLike, n_bins: int = 
     return float((filled.cells * (filled.accuracy - filled.confidence).abs()).sum() / filled.cells.sum())
 
 
-def reliability_diagram(probs: ArrayLike, true: ArrayLike, path: str | Path, n_bins: int = 15,
-                        title: str | None = None) -> str | Path:
+def reliability_diagram(
+    probs: ArrayLike, true: ArrayLike, path: str | Path, n_bins: int = 15, title: str | None = None
+) -> str | Path:
     """Write a reliability diagram (accuracy and cell count per confidence bin) as a PNG at `path`.
 
     Written atomically (`tfp_scmix.io.atomic_path`); returns `path` as given. The title shows the ECE
@@ -116,10 +122,24 @@ def reliability_diagram(probs: ArrayLike, true: ArrayLike, path: str | Path, n_b
     ece = expected_calibration_error(probs, true, n_bins)
     width = 1.0 / n_bins
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(table.lower, table.accuracy.fillna(0), width=width, align="edge", edgecolor="black",
-            color="tab:blue", label="accuracy")
-    top.plot(table.lower + width / 2, table.confidence, "_", color="tab:red", markersize=12, markeredgewidth=2,
-             label="mean confidence")
+    top.bar(
+        table.lower,
+        table.accuracy.fillna(0),
+        width=width,
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        label="accuracy",
+    )
+    top.plot(
+        table.lower + width / 2,
+        table.confidence,
+        "_",
+        color="tab:red",
+        markersize=12,
+        markeredgewidth=2,
+        label="mean confidence",
+    )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
     top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     top.set_title(f"{title + chr(10) if title else ''}ECE {ece:.3f} ({int(table.cells.sum())} cells)", fontsize=9)
@@ -197,8 +217,10 @@ class TopicNovelty:
         labels = labels[labels >= 0]
         classes = np.unique(labels)
         if len(classes) < 2 or len(labels) <= len(classes):
-            raise ValueError(f"TopicNovelty.fit needs labelled cells of at least two classes, received "
-                             f"{len(labels)} labelled cells of {len(classes)} class(es)")
+            raise ValueError(
+                f"TopicNovelty.fit needs labelled cells of at least two classes, received "
+                f"{len(labels)} labelled cells of {len(classes)} class(es)"
+            )
         features = cls.features(topics)
         means = np.stack([features[labels == c].mean(axis=0) for c in classes])
         within = features - means[np.searchsorted(classes, labels)]
@@ -214,7 +236,8 @@ class TopicNovelty:
     def score(self, topics: ArrayLike) -> np.ndarray:
         """`[n_cells]` in [0, 1]: the fraction of reference cells at a smaller `distance`."""
         return np.searchsorted(self.reference_distances, self.distance(topics), side="left") / len(
-            self.reference_distances)
+            self.reference_distances
+        )
 
     def unassigned(self, topics: ArrayLike) -> np.ndarray:
         """`[n_cells]` bool: cells whose `score` exceeds `threshold`."""

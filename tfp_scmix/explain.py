@@ -48,8 +48,9 @@ def _background(model: SCMix | SCMixEnsemble, member: int | None) -> pd.DataFram
     return pd.DataFrame(np.concatenate(columns, axis=1), index=model.genes, columns=topic_names(model, member))
 
 
-def top_genes(model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "weight",
-              member: int | None = None) -> pd.DataFrame:
+def top_genes(
+    model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "weight", member: int | None = None
+) -> pd.DataFrame:
     """Top `n_genes` genes of each topic: long table (topic, rank, gene, weight, lift).
 
     weight: the gene's probability in the topic; lift: that probability over the background profile's
@@ -88,8 +89,9 @@ def class_topic_table(model: SCMix | SCMixEnsemble, member: int | None = None) -
     return pd.DataFrame(rows, columns=["class", "topic", "rank", "weight", "contrast", "scale"])
 
 
-def class_genes(model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "lift",
-                member: int | None = None) -> pd.DataFrame:
+def class_genes(
+    model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "lift", member: int | None = None
+) -> pd.DataFrame:
     """For each class, the top genes of its most predictive topic: (class, topic, rank, gene, weight, lift).
 
     Ranked by lift by default: by weight, every topic's top genes are the genes that are abundant in
@@ -100,8 +102,9 @@ def class_genes(model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "lift
     return best.merge(top_genes(model, n_genes, by, member), on="topic")
 
 
-def marker_score(model: SCMix | SCMixEnsemble, markers: dict, n_genes: int = 30, by: str = "lift",
-                 member: int | None = None) -> tuple[float, pd.DataFrame]:
+def marker_score(
+    model: SCMix | SCMixEnsemble, markers: dict, n_genes: int = 30, by: str = "lift", member: int | None = None
+) -> tuple[float, pd.DataFrame]:
     """Fraction of canonical markers found among the top `n_genes` (ranked `by` lift or weight) of their
     class's most predictive topic.
 
@@ -116,8 +119,9 @@ def marker_score(model: SCMix | SCMixEnsemble, markers: dict, n_genes: int = 30,
     return float(found["found"].mean()), found
 
 
-def plot_class_topics(model: SCMix | SCMixEnsemble, path, n_topics: int | None = None,
-                      member: int | None = None) -> None:
+def plot_class_topics(
+    model: SCMix | SCMixEnsemble, path, n_topics: int | None = None, member: int | None = None
+) -> None:
     """Heatmap of class x topic contrast weights (PNG); the `n_topics` most used topics when given."""
     import matplotlib
 
@@ -178,8 +182,9 @@ def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) 
         "topic_genes_by_lift": write_csv(top_genes(model, n_genes, by="lift"), folder / "topic_genes_by_lift.csv"),
         "class_topics": write_csv(class_topic_table(model), folder / "class_topics.csv"),
         "class_genes": write_csv(class_genes(model, n_genes), folder / "class_genes.csv"),
-        "class_genes_by_weight": write_csv(class_genes(model, n_genes, by="weight"),
-                                           folder / "class_genes_by_weight.csv"),
+        "class_genes_by_weight": write_csv(
+            class_genes(model, n_genes, by="weight"), folder / "class_genes_by_weight.csv"
+        ),
     }
     plot_class_topics(model, folder / "class_topics.png")
     plot_topic_genes(model, folder / "topic_genes.png")

@@ -60,11 +60,17 @@ MLFLOW_CODE = Path(__file__).with_name("mlflow_serving.py")
 
 
 def _metadata(model: SCMix | SCMixEnsemble) -> dict[str, Any]:
-    return {"genes": list(model.genes), "class_names": list(model.class_names),
-            "gene_fingerprint": model.gene_fingerprint, "version": __version__,
-            "n_genes": model.n_genes, "n_classes": model.n_classes, "n_topics": model.n_topics,
-            "signatures": {"dense": SERVING_DENSE, "sparse": SERVING_SPARSE, "metadata": METADATA},
-            "settings": model.settings}
+    return {
+        "genes": list(model.genes),
+        "class_names": list(model.class_names),
+        "gene_fingerprint": model.gene_fingerprint,
+        "version": __version__,
+        "n_genes": model.n_genes,
+        "n_classes": model.n_classes,
+        "n_topics": model.n_topics,
+        "signatures": {"dense": SERVING_DENSE, "sparse": SERVING_SPARSE, "metadata": METADATA},
+        "settings": model.settings,
+    }
 
 
 def _serving_module(model: SCMix | SCMixEnsemble, asset_dir: Path) -> tuple[tf.Module, dict[str, Any]]:
@@ -80,37 +86,55 @@ def _serving_module(model: SCMix | SCMixEnsemble, asset_dir: Path) -> tuple[tf.M
     module = tf.Module(name="tfp_scmix_serving")
     # Lists assigned to a tf.Module are tracked, so every variable the functions capture is saved.
     module.model_variables = list(model.variables)
-    module.assets = [tf.saved_model.Asset(str(asset_dir / name))
-                     for name in (GENES_FILE, CLASSES_FILE, METADATA_FILE)]
+    module.assets = [tf.saved_model.Asset(str(asset_dir / name)) for name in (GENES_FILE, CLASSES_FILE, METADATA_FILE)]
     n_genes = model.n_genes
     class_names = tf.constant(meta["class_names"])
 
     def predict(counts):
         out = model(counts, training=False)
-        return {"probs": out["probs"], "label": tf.gather(class_names, out["label"]),
-                "label_id": out["label"], "confidence": out["confidence"], "cell_topic": out["cell_topic"]}
+        return {
+            "probs": out["probs"],
+            "label": tf.gather(class_names, out["label"]),
+            "label_id": out["label"],
+            "confidence": out["confidence"],
+            "cell_topic": out["cell_topic"],
+        }
 
     @tf.function(input_signature=[tf.TensorSpec([None, n_genes], tf.float32, name="counts")])
     def serve_dense(counts):
-        with tf.control_dependencies([tf.debugging.assert_non_negative(
-                counts, message="counts must be raw (non-negative) counts")]):
+        with tf.control_dependencies(
+            [tf.debugging.assert_non_negative(counts, message="counts must be raw (non-negative) counts")]
+        ):
             return predict(tf.identity(counts))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.int64, name="indices"),
-                                  tf.TensorSpec([None], tf.float32, name="values"),
-                                  tf.TensorSpec([2], tf.int64, name="dense_shape")])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 2], tf.int64, name="indices"),
+            tf.TensorSpec([None], tf.float32, name="values"),
+            tf.TensorSpec([2], tf.int64, name="dense_shape"),
+        ]
+    )
     def serve_sparse(indices, values, dense_shape):
-        checks = [tf.debugging.assert_equal(dense_shape[1], tf.constant(n_genes, tf.int64), message=(
-                      f"dense_shape[1] must be the model's number of genes ({n_genes})")),
-                  tf.debugging.assert_non_negative(values, message="counts must be raw (non-negative) counts")]
+        checks = [
+            tf.debugging.assert_equal(
+                dense_shape[1],
+                tf.constant(n_genes, tf.int64),
+                message=(f"dense_shape[1] must be the model's number of genes ({n_genes})"),
+            ),
+            tf.debugging.assert_non_negative(values, message="counts must be raw (non-negative) counts"),
+        ]
         with tf.control_dependencies(checks):
             counts = tf.sparse.reorder(tf.SparseTensor(indices, values, dense_shape))
         return predict(counts)
 
     @tf.function(input_signature=[])
     def metadata():
-        return {"genes": tf.constant(meta["genes"]), "class_names": class_names,
-                "gene_fingerprint": tf.constant(meta["gene_fingerprint"]), "version": tf.constant(__version__)}
+        return {
+            "genes": tf.constant(meta["genes"]),
+            "class_names": class_names,
+            "gene_fingerprint": tf.constant(meta["gene_fingerprint"]),
+            "version": tf.constant(__version__),
+        }
 
     module.serve_dense, module.serve_sparse, module.metadata = serve_dense, serve_sparse, metadata
     signatures = {SERVING_DENSE: serve_dense, SERVING_SPARSE: serve_sparse, METADATA: metadata}
@@ -155,8 +179,10 @@ class ExportedAnnotator:
 
         path = Path(path)
         if not (path / "saved_model.pb").exists():
-            raise FileNotFoundError(f"no SavedModel at {path} (saved_model.pb is missing); "
-                                    "write one with tfp_scmix.export.export_serving(model, path).")
+            raise FileNotFoundError(
+                f"no SavedModel at {path} (saved_model.pb is missing); "
+                "write one with tfp_scmix.export.export_serving(model, path)."
+            )
         self.path, self.batch_size = path, int(batch_size)
         self.loaded = tf.saved_model.load(str(path))
         meta = {k: v.numpy() for k, v in self.loaded.signatures[METADATA]().items()}
@@ -171,13 +197,16 @@ class ExportedAnnotator:
         if genes is not None:
             fingerprint = gene_fingerprint(genes)
         if fingerprint is not None and fingerprint != self.gene_fingerprint:
-            raise DataError(f"gene fingerprint {fingerprint} does not match the exported model's "
-                            f"{self.gene_fingerprint}: the columns are not the model's {self.n_genes} genes "
-                            "in its order. Align them first (ExportedAnnotator.annotate(adata) does it by "
-                            f"name; the model's genes are in {self.path / 'assets' / GENES_FILE}).")
+            raise DataError(
+                f"gene fingerprint {fingerprint} does not match the exported model's "
+                f"{self.gene_fingerprint}: the columns are not the model's {self.n_genes} genes "
+                "in its order. Align them first (ExportedAnnotator.annotate(adata) does it by "
+                f"name; the model's genes are in {self.path / 'assets' / GENES_FILE})."
+            )
 
-    def predict(self, counts: sp.spmatrix | ArrayLike, genes: Iterable[str] | None = None,
-                fingerprint: str | None = None) -> dict[str, np.ndarray]:
+    def predict(
+        self, counts: sp.spmatrix | ArrayLike, genes: Iterable[str] | None = None, fingerprint: str | None = None
+    ) -> dict[str, np.ndarray]:
         """Outputs for raw counts `[cells, n_genes]` (CSR or dense) in the model's gene order.
 
         genes / fingerprint: the caller's column names or their fingerprint, checked against the model's.
@@ -191,25 +220,30 @@ class ExportedAnnotator:
         self.check_genes(genes, fingerprint)
         counts = sp.csr_matrix(counts, dtype=np.float32)
         if counts.ndim != 2 or counts.shape[1] != self.n_genes:
-            raise DataError(f"counts have shape {counts.shape}, the exported model expects "
-                            f"[cells, {self.n_genes}] in its gene order; align them first "
-                            "(ExportedAnnotator.annotate(adata) aligns an AnnData by gene name).")
+            raise DataError(
+                f"counts have shape {counts.shape}, the exported model expects "
+                f"[cells, {self.n_genes}] in its gene order; align them first "
+                "(ExportedAnnotator.annotate(adata) aligns an AnnData by gene name)."
+            )
         if counts.shape[0] == 0:
             raise DataError("no cells to predict (0 rows).")
         coo = counts.tocoo()  # rows then columns, as a SparseTensor wants them
 
         def block(start, stop):
             rows = slice(*np.searchsorted(coo.row, [start, stop]))
-            return {"indices": tf.constant(np.stack([coo.row[rows] - start, coo.col[rows]], 1), tf.int64),
-                    "values": tf.constant(coo.data[rows], tf.float32),
-                    "dense_shape": tf.constant([stop - start, self.n_genes], tf.int64)}
+            return {
+                "indices": tf.constant(np.stack([coo.row[rows] - start, coo.col[rows]], 1), tf.int64),
+                "values": tf.constant(coo.data[rows], tf.float32),
+                "dense_shape": tf.constant([stop - start, self.n_genes], tf.int64),
+            }
 
         result = call_in_batches(self.loaded.signatures[SERVING_SPARSE], self.batch_size, counts.shape[0], block)
         result["label"] = np.char.decode(result["label"].astype(bytes))
         return result
 
-    def annotate(self, adata: anndata.AnnData | str | os.PathLike[str], counts: str | None = None,
-                 min_gene_fraction: float = 0.5) -> pd.DataFrame:
+    def annotate(
+        self, adata: anndata.AnnData | str | os.PathLike[str], counts: str | None = None, min_gene_fraction: float = 0.5
+    ) -> pd.DataFrame:
         """Align an AnnData (or .h5ad path) to the model's genes by name and predict every cell.
 
         counts: the slot of the raw counts, as in `tfp_scmix.data.from_anndata`; min_gene_fraction: the
@@ -217,8 +251,14 @@ class ExportedAnnotator:
         Returns a DataFrame indexed by obs_names: label, confidence, prob_<class>..., topic_<k>...
         Raises DataError as `from_anndata` does (no raw counts, too few of the model's genes, ...).
         """
-        data = from_anndata(adata, counts=counts, label_key=None, genes=self.genes,
-                            min_gene_fraction=min_gene_fraction, allow_empty_cells=True)
+        data = from_anndata(
+            adata,
+            counts=counts,
+            label_key=None,
+            genes=self.genes,
+            min_gene_fraction=min_gene_fraction,
+            allow_empty_cells=True,
+        )
         out = self.predict(data.counts, genes=data.genes)
         return outputs_frame(out, self.class_names, index=data.obs_names)
 
@@ -233,8 +273,12 @@ def load_exported(path: str | os.PathLike[str], batch_size: int = 1024) -> Expor
 # --------------------------------------------------------------------------------------------
 
 
-def log_mlflow(model_or_export: SCMix | SCMixEnsemble | str | os.PathLike[str], name: str = "model",
-               input_example_cells: int = 2, **log_kwargs: Any) -> ModelInfo:
+def log_mlflow(
+    model_or_export: SCMix | SCMixEnsemble | str | os.PathLike[str],
+    name: str = "model",
+    input_example_cells: int = 2,
+    **log_kwargs: Any,
+) -> ModelInfo:
     """Log a served model to the active MLflow run (one is started if none is); return its ModelInfo.
 
     `model_or_export`: an SCMix or SCMixEnsemble (exported to a temporary SavedModel first) or an export
@@ -255,23 +299,33 @@ def log_mlflow(model_or_export: SCMix | SCMixEnsemble | str | os.PathLike[str], 
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfp_scmix_export-"))
             export = export_serving(model_or_export, Path(tmp) / "saved_model")
         annotator = ExportedAnnotator(export)
-        example = pd.DataFrame(np.zeros((input_example_cells, annotator.n_genes), np.float32),
-                               columns=annotator.genes)
+        example = pd.DataFrame(np.zeros((input_example_cells, annotator.n_genes), np.float32), columns=annotator.genes)
         example.iloc[:, : min(10, annotator.n_genes)] = 1.0
         outputs = outputs_frame(annotator.predict(example.to_numpy()), annotator.class_names)
         # No input schema: MLflow's enforcement would refuse integer counts (int64 -> float is not a
         # "safe" cast for it) and bury a missing gene in a dump of the whole schema. SCMixServing checks
         # the columns itself and casts the counts to float32.
         signature = ModelSignature(inputs=None, outputs=infer_signature(outputs).inputs)
-        requirements = [f"tensorflow=={tf.__version__}", f"pandas=={pd.__version__}",
-                        f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+        requirements = [
+            f"tensorflow=={tf.__version__}",
+            f"pandas=={pd.__version__}",
+            f"numpy=={np.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ]
         if mlflow.active_run() is None:
             stack.enter_context(mlflow.start_run())
-        mlflow.set_tags({"tfp_scmix.version": annotator.version,
-                         "tfp_scmix.gene_fingerprint": annotator.gene_fingerprint})
-        return mlflow.pyfunc.log_model(name=name, python_model=str(MLFLOW_CODE),
-                                       artifacts={"saved_model": str(export)}, signature=signature,
-                                       input_example=example, pip_requirements=requirements, **log_kwargs)
+        mlflow.set_tags(
+            {"tfp_scmix.version": annotator.version, "tfp_scmix.gene_fingerprint": annotator.gene_fingerprint}
+        )
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MLFLOW_CODE),
+            artifacts={"saved_model": str(export)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+            **log_kwargs,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,14 +336,17 @@ def log_mlflow(model_or_export: SCMix | SCMixEnsemble | str | os.PathLike[str], 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status. Exits with status 2 (argparse)
     when the model file cannot be loaded."""
-    parser = argparse.ArgumentParser(prog="python -m tfp_scmix.export",
-                                     description="Export a trained tfp_scmix model (.keras) as a SavedModel.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tfp_scmix.export", description="Export a trained tfp_scmix model (.keras) as a SavedModel."
+    )
     parser.add_argument("model", help="trained model file (MODEL.keras)")
     parser.add_argument("out_dir", help="SavedModel directory to write (e.g. export/1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    parser.add_argument("--mlflow-experiment", default=None,
-                        help="also log a served pyfunc model to this MLflow experiment "
-                             "(tracking store: $MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--mlflow-experiment",
+        default=None,
+        help="also log a served pyfunc model to this MLflow experiment (tracking store: $MLFLOW_TRACKING_URI)",
+    )
     args = parser.parse_args(argv)
 
     from tfp_scmix.io import ModelFileError, load_model
@@ -299,8 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelFileError as err:
         parser.error(str(err))
     path = export_serving(model, args.out_dir, overwrite=args.overwrite)
-    print(f"exported {model.n_genes} genes x {model.n_classes} classes (gene fingerprint "
-          f"{model.gene_fingerprint}) to {path}")
+    print(
+        f"exported {model.n_genes} genes x {model.n_classes} classes (gene fingerprint "
+        f"{model.gene_fingerprint}) to {path}"
+    )
     if args.mlflow_experiment:
         import mlflow
 

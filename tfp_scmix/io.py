@@ -69,8 +69,10 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it, "
-                              "or export to a new version directory (e.g. export/2).")
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True (--overwrite) to replace it, "
+            "or export to a new version directory (e.g. export/2)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -95,8 +97,10 @@ def check_model_path(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.suffix != MODEL_SUFFIX:
-        raise ModelFileError(f"model path {path} must end in {MODEL_SUFFIX!r} (Keras 3's archive, the format "
-                             f"load_model reads): pass e.g. {path.with_suffix(MODEL_SUFFIX)}.")
+        raise ModelFileError(
+            f"model path {path} must end in {MODEL_SUFFIX!r} (Keras 3's archive, the format "
+            f"load_model reads): pass e.g. {path.with_suffix(MODEL_SUFFIX)}."
+        )
     if path.is_dir():
         raise ModelFileError(f"model path {path} is a folder; pass a file name ending in {MODEL_SUFFIX!r}.")
     folder = path.parent
@@ -126,10 +130,15 @@ def _read_archive(path: Path) -> tuple[dict, dict]:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(8)
-        kind = ("an HDF5 file (the legacy .h5 format of Keras 2?)" if head.startswith(b"\x89HDF")
-                else "not a .keras archive")
-        raise ModelFileError(f"{path} is {kind}: it may be truncated or corrupt, or not a tfp_scmix model. "
-                             "Save models with model.save('name.keras') and copy the whole file.")
+        kind = (
+            "an HDF5 file (the legacy .h5 format of Keras 2?)"
+            if head.startswith(b"\x89HDF")
+            else "not a .keras archive"
+        )
+        raise ModelFileError(
+            f"{path} is {kind}: it may be truncated or corrupt, or not a tfp_scmix model. "
+            "Save models with model.save('name.keras') and copy the whole file."
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
@@ -137,8 +146,10 @@ def _read_archive(path: Path) -> tuple[dict, dict]:
             if archive.testzip() is not None:
                 raise zipfile.BadZipFile("a member fails its CRC check")
     except (KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
-        raise ModelFileError(f"{path} is a damaged .keras archive ({type(err).__name__}: {err}); it may be "
-                             "truncated or corrupt: copy it again or re-train.") from err
+        raise ModelFileError(
+            f"{path} is a damaged .keras archive ({type(err).__name__}: {err}); it may be "
+            "truncated or corrupt: copy it again or re-train."
+        ) from err
     return config, metadata
 
 
@@ -154,8 +165,10 @@ def load_model(path: str | Path, compile: bool = True) -> SCMix | SCMixEnsemble:
         raise ModelFileError(f"no model file at {path}; train one with `tfp-scmix train ... --out {path}`.")
     config, metadata = _read_archive(path)
     if config.get("registered_name") not in ("tfp_scmix>SCMix", "tfp_scmix>SCMixEnsemble"):
-        raise ModelFileError(f"{path} holds a {config.get('registered_name') or config.get('class_name')!r} "
-                             "model, not a tfp_scmix SCMix model.")
+        raise ModelFileError(
+            f"{path} holds a {config.get('registered_name') or config.get('class_name')!r} "
+            "model, not a tfp_scmix SCMix model."
+        )
     recorded = dict(config.get("config", {}).get("provenance") or {})
     recorded["keras"] = metadata.get("keras_version", recorded.get("keras"))  # the Keras that wrote the file
     current = library_versions()
@@ -168,20 +181,33 @@ def load_model(path: str | Path, compile: bool = True) -> SCMix | SCMixEnsemble:
     except Exception as err:  # Keras raises many types; the message carries the cause
         text = str(err)
         if "safe_mode" in text or "unsafe" in text.lower():
-            raise ModelFileError(f"{path} asks to run Python code stored in the file (e.g. a lambda); "
-                                 "refusing it: loading is in safe mode. Load only models you trained, or "
-                                 "re-save the model without custom code.") from err
-        raise ModelFileError(f"could not load {path}: it was written by {written}; this is {running}. "
-                             f"({type(err).__name__}: {text.splitlines()[0][:300]}) Install the version "
-                             "that wrote it, or re-train the model with this one.") from err
+            raise ModelFileError(
+                f"{path} asks to run Python code stored in the file (e.g. a lambda); "
+                "refusing it: loading is in safe mode. Load only models you trained, or "
+                "re-save the model without custom code."
+            ) from err
+        raise ModelFileError(
+            f"could not load {path}: it was written by {written}; this is {running}. "
+            f"({type(err).__name__}: {text.splitlines()[0][:300]}) Install the version "
+            "that wrote it, or re-train the model with this one."
+        ) from err
     skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
     if skipped:
-        raise ModelFileError(f"{path} does not match this version's model (written by {written}; this is "
-                             f"{running}): {skipped[0]} Re-train the model, or install the version that wrote it.")
-    differ = [k for k in ("tfp_scmix", "keras", "tensorflow", "tensorflow_probability")
-              if k in recorded and recorded[k] != current[k]]
+        raise ModelFileError(
+            f"{path} does not match this version's model (written by {written}; this is "
+            f"{running}): {skipped[0]} Re-train the model, or install the version that wrote it."
+        )
+    differ = [
+        k
+        for k in ("tfp_scmix", "keras", "tensorflow", "tensorflow_probability")
+        if k in recorded and recorded[k] != current[k]
+    ]
     if differ:
-        logger.warning("%s was written by %s; loading it with %s (%s differ): predictions may differ slightly.",
-                       path, ", ".join(f"{k} {recorded[k]}" for k in differ),
-                       ", ".join(f"{k} {current[k]}" for k in differ), ", ".join(differ))
+        logger.warning(
+            "%s was written by %s; loading it with %s (%s differ): predictions may differ slightly.",
+            path,
+            ", ".join(f"{k} {recorded[k]}" for k in differ),
+            ", ".join(f"{k} {current[k]}" for k in differ),
+            ", ".join(differ),
+        )
     return model

@@ -14,9 +14,14 @@ if TYPE_CHECKING:
 ELBO_TERMS = ("loss", "reconstruction", "kl_cell", "kl_topic", "kl_class", "kl_batch", "label_nll")
 
 
-def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic: tf.Tensor, log_topic_gene: tf.Tensor,
-                         offsets: tf.Tensor | None = None, batch_ids: tf.Tensor | None = None,
-                         jit: bool = True) -> tf.Tensor:
+def multinomial_log_prob(
+    counts: tf.SparseTensor,
+    log_cell_topic: tf.Tensor,
+    log_topic_gene: tf.Tensor,
+    offsets: tf.Tensor | None = None,
+    batch_ids: tf.Tensor | None = None,
+    jit: bool = True,
+) -> tf.Tensor:
     """log Multinomial(x_n | l_n, normalise(cell_topic_n @ topic_gene * exp(gamma_b))) per cell `[batch]`, in nats.
 
     Only the nonzero counts enter: log p = lgamma(l_n + 1) - sum_g lgamma(x_ng + 1) + sum_g x_ng log rate_ng,
@@ -44,8 +49,9 @@ def multinomial_log_prob(counts: tf.SparseTensor, log_cell_topic: tf.Tensor, log
         # sum_g x_ng gamma_bg - l_n log Z_n: per cell, with no per-nonzero gather of the normaliser.
         in_batch = tf.one_hot(batch_ids, tf.shape(offsets)[0])  # [batch, n_batches]
         log_prob += tf.reduce_sum(tf.sparse.sparse_dense_matmul(counts, offsets, adjoint_b=True) * in_batch, axis=-1)
-        normaliser = tf.reduce_sum(cell_topic * tf.matmul(in_batch, tf.matmul(tf.exp(offsets), topic_gene,
-                                                                               transpose_b=True)), axis=-1)
+        normaliser = tf.reduce_sum(
+            cell_topic * tf.matmul(in_batch, tf.matmul(tf.exp(offsets), topic_gene, transpose_b=True)), axis=-1
+        )
         log_prob -= library * tf.math.log(normaliser)
     # The multinomial coefficient: no parameter enters it.
     log_coefficient = tf.math.lgamma(library + 1.0) - row_sums(log_factorial(counts.values), rows, n_rows)

@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # annotations only: this file must run with TensorFlow, panda
     import tensorflow as tf
 
 
-def outputs_frame(out: Mapping[str, np.ndarray], class_names: Sequence[str],
-                  index: Sequence[str] | pd.Index | None = None) -> pd.DataFrame:
+def outputs_frame(
+    out: Mapping[str, np.ndarray], class_names: Sequence[str], index: Sequence[str] | pd.Index | None = None
+) -> pd.DataFrame:
     """Serving outputs (dict of arrays) as a DataFrame: label, confidence, prob_<class>..., topic_<k>...
 
     out: "label" `[n_cells]` (str, or bytes as a SavedModel returns them), "confidence" `[n_cells]`,
@@ -33,21 +34,28 @@ def outputs_frame(out: Mapping[str, np.ndarray], class_names: Sequence[str],
     label = np.char.decode(label.astype(bytes)) if label.dtype.kind in "OS" else label.astype(str)
     frame = pd.DataFrame({"label": label, "confidence": out["confidence"]}, index=index)
     probs = pd.DataFrame(out["probs"], columns=[f"prob_{c}" for c in class_names], index=frame.index)
-    topics = pd.DataFrame(out["cell_topic"], columns=[f"topic_{k}" for k in range(out["cell_topic"].shape[1])],
-                          index=frame.index)
+    topics = pd.DataFrame(
+        out["cell_topic"], columns=[f"topic_{k}" for k in range(out["cell_topic"].shape[1])], index=frame.index
+    )
     return pd.concat([frame, probs, topics], axis=1)
 
 
-def call_in_batches(signature: Callable[..., Mapping[str, tf.Tensor]], batch_size: int, n_rows: int,
-                    make_inputs: Callable[[int, int], Mapping[str, tf.Tensor]]) -> dict[str, np.ndarray]:
+def call_in_batches(
+    signature: Callable[..., Mapping[str, tf.Tensor]],
+    batch_size: int,
+    n_rows: int,
+    make_inputs: Callable[[int, int], Mapping[str, tf.Tensor]],
+) -> dict[str, np.ndarray]:
     """Run a serving signature over rows [0, n_rows) in blocks; concatenated numpy outputs.
 
     make_inputs(start, stop) gives the signature's keyword arguments for rows start:stop (at most
     `batch_size` rows). Each output is concatenated along its first axis (`[n_rows, ...]`). Raises
     IndexError when n_rows is 0 (no block to run).
     """
-    parts = [{k: v.numpy() for k, v in signature(**make_inputs(start, min(start + batch_size, n_rows))).items()}
-             for start in range(0, n_rows, batch_size)]
+    parts = [
+        {k: v.numpy() for k, v in signature(**make_inputs(start, min(start + batch_size, n_rows))).items()}
+        for start in range(0, n_rows, batch_size)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -92,23 +100,27 @@ if mlflow is not None:
             frame = pd.DataFrame(model_input)
             if frame.columns.has_duplicates:
                 raise MlflowException.invalid_parameter_value(
-                    f"duplicated gene columns {list(frame.columns[frame.columns.duplicated()][:5])}: send each once.")
+                    f"duplicated gene columns {list(frame.columns[frame.columns.duplicated()][:5])}: send each once."
+                )
             unknown = frame.columns.difference(pd.Index(self.genes))
             if len(unknown):
                 raise MlflowException.invalid_parameter_value(
                     f"{len(unknown)} columns are not genes of the model (e.g. {list(unknown[:5])}); send only "
                     f"columns named as in the model's assets/genes.txt ({len(self.genes)} genes; genes not "
-                    "sent count as zero).")
+                    "sent count as zero)."
+                )
             if len(frame) == 0:
                 raise MlflowException.invalid_parameter_value("the request has no rows (cells).")
             try:
                 # A gene not sent, or null in a record, is a zero count (records can list nonzeros only).
                 counts = frame.reindex(columns=self.genes).fillna(0).to_numpy(np.float32)
-                out = call_in_batches(self.serve, self.batch_size, len(counts),
-                                      lambda i, j: {"counts": tf.constant(counts[i:j])})
+                out = call_in_batches(
+                    self.serve, self.batch_size, len(counts), lambda i, j: {"counts": tf.constant(counts[i:j])}
+                )
             except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
                 raise MlflowException.invalid_parameter_value(
-                    f"counts must be numbers (raw, non-negative counts): {getattr(err, 'message', err)}") from err
+                    f"counts must be numbers (raw, non-negative counts): {getattr(err, 'message', err)}"
+                ) from err
             return outputs_frame(out, self.class_names, index=frame.index)
 
     mlflow.models.set_model(SCMixServing())

@@ -25,9 +25,14 @@ DATA_SIZES = ("n_cells", "n_labelled", "total_counts", "n_batches")
 
 def library_versions() -> dict[str, str]:
     """Versions of the package and of the libraries its numbers depend on."""
-    return {"tfp_scmix": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "tensorflow_probability": tfp.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+    return {
+        "tfp_scmix": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tensorflow_probability": tfp.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def provenance(data: SCData | H5ADStream) -> dict[str, Any]:
@@ -70,10 +75,21 @@ class SCMix(keras.Model):
     Raises ValueError for fewer than two classes or a data size below 1.
     """
 
-    def __init__(self, genes: Sequence[str], class_names: Sequence[str], config: Config | dict | None = None, *,
-                 n_cells: int, n_labelled: int,
-                 total_counts: float, n_batches: int, seed: int = 0, adapted_batch: int | None = None,
-                 provenance: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        genes: Sequence[str],
+        class_names: Sequence[str],
+        config: Config | dict | None = None,
+        *,
+        n_cells: int,
+        n_labelled: int,
+        total_counts: float,
+        n_batches: int,
+        seed: int = 0,
+        adapted_batch: int | None = None,
+        provenance: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         # The training step has sparse ops without XLA kernels (sparse-dense products, sorted segment sums):
         # Keras's jit_compile="auto", which turns XLA on where there is a GPU, must leave it off. The nonzero
@@ -85,8 +101,10 @@ class SCMix(keras.Model):
         sizes = {"n_cells": n_cells, "n_labelled": n_labelled, "total_counts": total_counts, "n_batches": n_batches}
         small = {k: v for k, v in sizes.items() if not float(v) >= (1 if k != "n_labelled" else 0)}
         if small:
-            raise ValueError(f"data sizes must be positive, received {small}: build the model with "
-                             "SCMix.from_data(data, config), which reads them from the data")
+            raise ValueError(
+                f"data sizes must be positive, received {small}: build the model with "
+                "SCMix.from_data(data, config), which reads them from the data"
+            )
         self.genes, self.class_names = [str(g) for g in genes], [str(c) for c in class_names]
         # Library versions and the fingerprint of the training data (`provenance`).
         self.provenance = dict(provenance or {})
@@ -94,8 +112,12 @@ class SCMix(keras.Model):
         self.config = config
         self.seed = int(seed)
         self.adapted_batch = None if adapted_batch is None else int(adapted_batch)
-        self.sizes = {"n_cells": int(n_cells), "n_labelled": int(n_labelled), "total_counts": float(total_counts),
-                      "n_batches": int(n_batches)}
+        self.sizes = {
+            "n_cells": int(n_cells),
+            "n_labelled": int(n_labelled),
+            "total_counts": float(total_counts),
+            "n_batches": int(n_batches),
+        }
         expected_active_topics = config.expected_active_topics
         if expected_active_topics is None:
             expected_active_topics = self.n_topics / 2
@@ -103,29 +125,48 @@ class SCMix(keras.Model):
         if global_scale is None:
             global_scale = default_global_scale(self.n_topics, n_labelled, expected_active_topics)
         # The settings with the defaults resolved, and the data sizes (what MLflow logs and the loss reads).
-        self.settings = {**config.to_dict(), "expected_active_topics": float(expected_active_topics),
-                         "global_scale": float(global_scale), **self.sizes, "seed": self.seed}
+        self.settings = {
+            **config.to_dict(),
+            "expected_active_topics": float(expected_active_topics),
+            "global_scale": float(global_scale),
+            **self.sizes,
+            "seed": self.seed,
+        }
         # The label terms are means over the labelled cells: at least one, so that a model of unlabelled
         # data (adapting, streaming) still has a finite loss.
         self.settings["n_labelled"] = max(self.sizes["n_labelled"], 1)
         self.topics = TopicBranch(self.n_topics, self.n_genes, config.topic_prior_scale, name="topic_branch")
-        self.encoder = CellEncoder(self.n_genes, self.n_topics, config.hidden_units, config.dropout,
-                                   config.prior_alpha, config.learn_alpha, name="cell_branch")
-        self.classifier = ClassBranch(self.n_classes, self.n_topics, config.prior, global_scale, config.slab_scale,
-                                      config.slab_df, config.label_noise, config.n_predictive_samples,
-                                      name="class_branch")
+        self.encoder = CellEncoder(
+            self.n_genes,
+            self.n_topics,
+            config.hidden_units,
+            config.dropout,
+            config.prior_alpha,
+            config.learn_alpha,
+            name="cell_branch",
+        )
+        self.classifier = ClassBranch(
+            self.n_classes,
+            self.n_topics,
+            config.prior,
+            global_scale,
+            config.slab_scale,
+            config.slab_df,
+            config.label_noise,
+            config.n_predictive_samples,
+            name="class_branch",
+        )
         self.batch_offsets = BatchOffsets(self.sizes["n_batches"], self.n_genes, name="batch_offsets")
         if config.label_mode == "class_prior":
-            self.class_centres = self.add_weight(shape=(self.n_classes, self.n_topics), initializer="zeros",
-                                                 name="class_centres")
+            self.class_centres = self.add_weight(
+                shape=(self.n_classes, self.n_topics), initializer="zeros", name="class_centres"
+            )
         self.cells_seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="cells_seen")
         self.seed_generator = keras.random.SeedGenerator(self.seed, name="seed_generator")
         # The classification branch sees ~150 labelled cells a few at a time: it gets its own, faster
         # optimizer so that it converges within the epochs the topics need.
-        self.classifier_optimizer = keras.optimizers.Adam(config.classifier_learning_rate,
-                                                          name="classifier_optimizer")
-        self.trackers = {name: keras.metrics.Mean(name=name)
-                         for name in ELBO_TERMS + ("label_accuracy", "topic_usage")}
+        self.classifier_optimizer = keras.optimizers.Adam(config.classifier_learning_rate, name="classifier_optimizer")
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in ELBO_TERMS + ("label_accuracy", "topic_usage")}
         self.built = True
 
     @classmethod
@@ -138,15 +179,25 @@ class SCMix(keras.Model):
         if isinstance(data, H5ADStream):
             library, gene_sums = data.summary()
             if (library == 0).any():
-                raise DataError(f"{int((library == 0).sum())} cells of {data.path} have no counts over the "
-                                "model's genes; remove them from the file first.")
+                raise DataError(
+                    f"{int((library == 0).sum())} cells of {data.path} have no counts over the "
+                    "model's genes; remove them from the file first."
+                )
             background = gene_sums / data.n_cells
         else:
             library = data.library_size
             background = np.asarray(data.counts.mean(axis=0)).ravel()
-        model = cls(list(data.genes), list(data.classes), config, n_cells=data.n_cells, n_labelled=data.n_labelled,
-                    total_counts=float(library.sum()), n_batches=len(data.batch_names), seed=seed,
-                    provenance=provenance(data))
+        model = cls(
+            list(data.genes),
+            list(data.classes),
+            config,
+            n_cells=data.n_cells,
+            n_labelled=data.n_labelled,
+            total_counts=float(library.sum()),
+            n_batches=len(data.batch_names),
+            seed=seed,
+            provenance=provenance(data),
+        )
         model.topics.set_background(background)
         return model
 
@@ -172,8 +223,9 @@ class SCMix(keras.Model):
             batch_ids = tf.fill(tf.shape(counts, out_type=tf.int64)[:1], fill)
         return counts, tf.cast(batch_ids, tf.int32)
 
-    def encode(self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor,
-               training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    def encode(
+        self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor, training: bool = False
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out."""
         return self.encoder(counts, batch_ids, self.batch_offsets.loc, training=training)
 
@@ -181,8 +233,12 @@ class SCMix(keras.Model):
         counts, batch_ids = self._unpack(inputs)
         loc, _ = self.encode(counts, batch_ids, training=training)
         probs = self.classifier(topic_features(loc))
-        return {"probs": probs, "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
-                "confidence": tf.reduce_max(probs, axis=-1), "cell_topic": tf.nn.softmax(loc, axis=-1)}
+        return {
+            "probs": probs,
+            "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
+            "confidence": tf.reduce_max(probs, axis=-1),
+            "cell_topic": tf.nn.softmax(loc, axis=-1),
+        }
 
     # -- the classification branch to convergence ----------------------------------------------
     def fit_classifier(self, data: SCData, steps: int | None = None, batch_size: int = 1024, verbose: int = 0) -> float:
@@ -244,8 +300,13 @@ class SCMix(keras.Model):
         # Cell and topic branches: one reparameterized draw each.
         z = loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=seeds[0])
         log_cell_topic = tf.nn.log_softmax(z, axis=-1)
-        log_likelihood = multinomial_log_prob(counts, log_cell_topic, self.topics.sample_log_topic_gene(seeds[1]),
-                                              self.batch_offsets.sample(seeds[3]), batch_ids)
+        log_likelihood = multinomial_log_prob(
+            counts,
+            log_cell_topic,
+            self.topics.sample_log_topic_gene(seeds[1]),
+            self.batch_offsets.sample(seeds[3]),
+            batch_ids,
+        )
         n_counts = tf.reduce_sum(counts.values)
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
@@ -263,8 +324,11 @@ class SCMix(keras.Model):
         prior_shift = 0.0
         if s["label_mode"] == "class_prior":
             # Known labels pick their class centre; other cells use the classifier's expectation.
-            responsibility = tf.where(labelled[:, None], tf.one_hot(safe_labels, self.n_classes),
-                                      tf.stop_gradient(tf.exp(log_probs[:n_cells])))
+            responsibility = tf.where(
+                labelled[:, None],
+                tf.one_hot(safe_labels, self.n_classes),
+                tf.stop_gradient(tf.exp(log_probs[:n_cells])),
+            )
             prior_shift = tf.matmul(responsibility, self.class_centres)
         kl_cell = tf.reduce_sum(self.encoder.kl(loc, scale, prior_shift)) / n_counts
 
@@ -279,8 +343,12 @@ class SCMix(keras.Model):
             "kl_batch": self.batch_offsets.kl() / s["total_counts"],
             "label_nll": label_nll,
         }
-        terms["loss"] = (terms["reconstruction"] + warmup * (terms["kl_cell"] + terms["kl_topic"]) + terms["kl_batch"]
-                         + s["label_weight"] * (terms["label_nll"] + terms["kl_class"]))
+        terms["loss"] = (
+            terms["reconstruction"]
+            + warmup * (terms["kl_cell"] + terms["kl_topic"])
+            + terms["kl_batch"]
+            + s["label_weight"] * (terms["label_nll"] + terms["kl_class"])
+        )
         correct = tf.cast(tf.equal(tf.argmax(log_probs[:n_cells], -1, output_type=tf.int32), labels), tf.float32)
         terms["label_accuracy"] = (tf.reduce_sum(correct), tf.reduce_sum(tf.cast(labelled, tf.float32)))
         mean_topic = tf.reduce_mean(tf.nn.softmax(loc, axis=-1), axis=0)
@@ -337,9 +405,16 @@ class SCMix(keras.Model):
         return self._update_metrics(self.elbo_terms(self._inputs(data), training=False))
 
     def get_config(self):
-        return {**super().get_config(), "genes": self.genes, "class_names": self.class_names,
-                "config": self.config.to_dict(), **self.sizes, "seed": self.seed,
-                "adapted_batch": self.adapted_batch, "provenance": self.provenance}
+        return {
+            **super().get_config(),
+            "genes": self.genes,
+            "class_names": self.class_names,
+            "config": self.config.to_dict(),
+            **self.sizes,
+            "seed": self.seed,
+            "adapted_batch": self.adapted_batch,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_config(cls, config):

@@ -38,8 +38,10 @@ def _open(source, model, min_gene_fraction) -> tuple[int, Any]:
     else:
         source = source if sp.issparse(source) else np.asarray(source)
         if source.ndim != 2 or source.shape[1] != model.n_genes:
-            raise DataError(f"the count matrix has shape {source.shape}; the model reads {model.n_genes} genes "
-                            "in its own order (model.genes). Pass an AnnData to align genes by name.")
+            raise DataError(
+                f"the count matrix has shape {source.shape}; the model reads {model.n_genes} genes "
+                "in its own order (model.genes). Pass an AnnData to align genes by name."
+            )
         n_cells = source.shape[0]
     if n_cells == 0:
         raise DataError("the dataset is empty (0 cells).")
@@ -53,13 +55,26 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
     if hasattr(source, "obs_names"):
         chunk = source[start:stop]
         chunk = chunk.to_memory() if source.isbacked else chunk
-        return from_anndata(chunk, counts=counts, label_key=None, genes=model.genes,
-                            min_gene_fraction=min_gene_fraction, allow_empty_cells=True)
+        return from_anndata(
+            chunk,
+            counts=counts,
+            label_key=None,
+            genes=model.genes,
+            min_gene_fraction=min_gene_fraction,
+            allow_empty_cells=True,
+        )
     csr = sp.csr_matrix(source[start:stop], dtype=np.float32)
     check_counts(csr, f"rows {start}-{stop} of the count matrix")
     n = csr.shape[0]
-    return SCData(csr, np.asarray(model.genes, dtype=str), np.full(n, UNLABELLED, np.int32),
-                  list(model.class_names), np.zeros(n, np.int32), ["0"], np.arange(start, stop).astype(str))
+    return SCData(
+        csr,
+        np.asarray(model.genes, dtype=str),
+        np.full(n, UNLABELLED, np.int32),
+        list(model.class_names),
+        np.zeros(n, np.int32),
+        ["0"],
+        np.arange(start, stop).astype(str),
+    )
 
 
 class _OncePerMessage(logging.Filter):
@@ -77,8 +92,16 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
-def predict(model: SCMix | SCMixEnsemble, source, *, counts: str | None = None, chunk_size: int = 10_000,
-            batch_size: int = 1024, min_gene_fraction: float = 0.5, keys=None) -> dict[str, np.ndarray]:
+def predict(
+    model: SCMix | SCMixEnsemble,
+    source,
+    *,
+    counts: str | None = None,
+    chunk_size: int = 10_000,
+    batch_size: int = 1024,
+    min_gene_fraction: float = 0.5,
+    keys=None,
+) -> dict[str, np.ndarray]:
     """Model outputs for any number of cells, read and predicted `chunk_size` cells at a time.
 
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad

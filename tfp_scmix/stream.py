@@ -70,8 +70,9 @@ def _counts_element(f: h5py.File, counts: str | None) -> tuple[Any, h5py.Group, 
         return f["raw"]["X"], f["raw"]["var"], "raw/X"
     layers = f["layers"] if "layers" in f else {}
     if counts not in layers:
-        raise DataError(f"no layer {counts!r} in the file (layers: {list(layers)}); pass counts='X', 'raw' "
-                        "or one of those layers.")
+        raise DataError(
+            f"no layer {counts!r} in the file (layers: {list(layers)}); pass counts='X', 'raw' or one of those layers."
+        )
     return layers[counts], f["var"], f"layers/{counts}"
 
 
@@ -94,9 +95,18 @@ class H5ADStream:
     (`tfp_scmix.data.check_counts`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], counts: str | None = "X", label_key: str | None = "cell_type",
-                 batch_key: str | None = None, unknown: ArrayLike = (), genes: Sequence[str] | np.ndarray | None = None,
-                 classes: Sequence[str] | None = None, min_gene_fraction: float = 0.5, chunk_cells: int = 8192) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        counts: str | None = "X",
+        label_key: str | None = "cell_type",
+        batch_key: str | None = None,
+        unknown: ArrayLike = (),
+        genes: Sequence[str] | np.ndarray | None = None,
+        classes: Sequence[str] | None = None,
+        min_gene_fraction: float = 0.5,
+        chunk_cells: int = 8192,
+    ) -> None:
         self.path = data_path(str(path))
         if chunk_cells < 1:
             raise ValueError(f"chunk_cells must be positive, received {chunk_cells}")
@@ -105,17 +115,21 @@ class H5ADStream:
         try:
             f = h5py.File(self.path, "r")
         except OSError as err:
-            raise DataError(f"could not open {self.path} as an .h5ad (HDF5) file ({err}). Streaming needs an "
-                            "uncorrupted .h5ad; zarr stores are not supported.") from err
+            raise DataError(
+                f"could not open {self.path} as an .h5ad (HDF5) file ({err}). Streaming needs an "
+                "uncorrupted .h5ad; zarr stores are not supported."
+            ) from err
         with f:
             matrix, var, self.where = _counts_element(f, counts)
             self._csr = isinstance(matrix, h5py.Group)
             if self._csr:
                 encoding = matrix.attrs.get("encoding-type", "")
                 if encoding != "csr_matrix":
-                    raise DataError(f"{self.where} is stored as {encoding or 'an unknown group'}; streaming reads "
-                                    "rows, so it needs CSR: rewrite the file with adata.X = adata.X.tocsr(); "
-                                    "adata.write_h5ad(path).")
+                    raise DataError(
+                        f"{self.where} is stored as {encoding or 'an unknown group'}; streaming reads "
+                        "rows, so it needs CSR: rewrite the file with adata.X = adata.X.tocsr(); "
+                        "adata.write_h5ad(path)."
+                    )
                 shape = tuple(int(s) for s in matrix.attrs["shape"])
             else:
                 shape = matrix.shape
@@ -127,14 +141,15 @@ class H5ADStream:
                 genes = file_genes
             else:
                 # The selection matrix [file genes, vocabulary]: the alignment of an identity matrix.
-                self._select, _ = align_genes(sp.identity(len(file_genes), np.float32, format="csr"), file_genes,
-                                              genes, min_gene_fraction)
+                self._select, _ = align_genes(
+                    sp.identity(len(file_genes), np.float32, format="csr"), file_genes, genes, min_gene_fraction
+                )
             self._file_genes = len(file_genes)
             obs = f["obs"]
             names = [k for k in obs if k != obs.attrs["_index"]]
             self.labels, self.classes, self.batches, self.batch_names = encode_obs(
-                names, lambda key: _read_elem(obs[key]), n_cells, label_key, batch_key, unknown, classes,
-                str(self.path))
+                names, lambda key: _read_elem(obs[key]), n_cells, label_key, batch_key, unknown, classes, str(self.path)
+            )
         self.genes = np.asarray(genes, dtype=str)
         # Cached by `summary`, both at once; _gene_sums is typed Any as mypy cannot tie its None to _library's.
         self._library: np.ndarray | None = None  # [n_cells]
@@ -176,10 +191,12 @@ class H5ADStream:
         Raises DataError when they are not raw counts (`check_counts`).
         """
         if self._csr:
-            pointers = matrix["indptr"][start:stop + 1].astype(np.int64)
+            pointers = matrix["indptr"][start : stop + 1].astype(np.int64)
             lo, hi = int(pointers[0]), int(pointers[-1])
-            rows = sp.csr_matrix((matrix["data"][lo:hi].astype(np.float32, copy=False), matrix["indices"][lo:hi],
-                                  pointers - lo), shape=(stop - start, self._file_genes))
+            rows = sp.csr_matrix(
+                (matrix["data"][lo:hi].astype(np.float32, copy=False), matrix["indices"][lo:hi], pointers - lo),
+                shape=(stop - start, self._file_genes),
+            )
         else:
             rows = sp.csr_matrix(np.asarray(matrix[start:stop], np.float32))
         check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}")
@@ -241,12 +258,26 @@ class H5ADStream:
         counts = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_genes), dtype=np.float32)
         with h5py.File(self.path, "r") as f:
             names = _index(f["obs"])[index]
-        return SCData(counts.astype(np.float32), self.genes, self.labels[index], list(self.classes),
-                      self.batches[index], list(self.batch_names), names)
+        return SCData(
+            counts.astype(np.float32),
+            self.genes,
+            self.labels[index],
+            list(self.classes),
+            self.batches[index],
+            list(self.batch_names),
+            names,
+        )
 
     # -- minibatches -----------------------------------------------------------------------------
-    def batches_numpy(self, batch_size: int = 256, shuffle: bool = True, seed: int | Sequence[int] = 0,
-                      buffer_chunks: int = 4, num_shards: int = 1, shard_index: int = 0) -> Iterator[NumpyBatch]:
+    def batches_numpy(
+        self,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int | Sequence[int] = 0,
+        buffer_chunks: int = 4,
+        num_shards: int = 1,
+        shard_index: int = 0,
+    ) -> Iterator[NumpyBatch]:
         """Yield minibatches as numpy (indices int64 `[nnz, 2]`, values float32 `[nnz]`, labels int32 `[B]`,
         batches int32 `[B]`), B = `batch_size` except perhaps for the last of the pass.
 
@@ -257,15 +288,17 @@ class H5ADStream:
         rng = np.random.default_rng(seed)
         starts = np.arange(0, self.n_cells, self.chunk_cells)
         if len(starts) < num_shards:
-            raise ValueError(f"{self.path} has {len(starts)} chunk(s) of {self.chunk_cells} cells for {num_shards} "
-                             f"shards (workers), so some would get no cells; use chunk_cells <= "
-                             f"{max(1, self.n_cells // num_shards)}.")
+            raise ValueError(
+                f"{self.path} has {len(starts)} chunk(s) of {self.chunk_cells} cells for {num_shards} "
+                f"shards (workers), so some would get no cells; use chunk_cells <= "
+                f"{max(1, self.n_cells // num_shards)}."
+            )
         order = starts[shard_index::num_shards]
         if shuffle:
             order = rng.permutation(order)
         pending = None  # rows left over from the previous buffer: (row ids, CSR)
         for i in range(0, len(order), buffer_chunks):
-            parts = list(self.chunks(order[i:i + buffer_chunks]))
+            parts = list(self.chunks(order[i : i + buffer_chunks]))
             if pending is not None:
                 parts.insert(0, pending)
             rows = np.concatenate([p[0] for p in parts])
@@ -275,7 +308,7 @@ class H5ADStream:
                 rows, counts = rows[permutation], counts[permutation]
             n_full = len(rows) // batch_size * batch_size
             for start in range(0, n_full, batch_size):
-                yield self._pack(rows[start:start + batch_size], counts[start:start + batch_size])
+                yield self._pack(rows[start : start + batch_size], counts[start : start + batch_size])
             pending = (rows[n_full:], counts[n_full:]) if n_full < len(rows) else None
         if pending is not None:
             yield self._pack(*pending)
@@ -284,8 +317,16 @@ class H5ADStream:
         counts.sort_indices()
         return (*sparse_entries(counts), self.labels[rows], self.batches[rows])
 
-    def dataset(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0, buffer_chunks: int = 4,
-                repeat: bool = False, num_shards: int = 1, shard_index: int = 0) -> tf.data.Dataset:
+    def dataset(
+        self,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_chunks: int = 4,
+        repeat: bool = False,
+        num_shards: int = 1,
+        shard_index: int = 0,
+    ) -> tf.data.Dataset:
         """tf.data of minibatch dicts {"counts": float32 SparseTensor [B, n_genes], "label": int32 [B],
         "batch": int32 [B]}, as `batches_numpy` yields them.
 
@@ -299,11 +340,16 @@ class H5ADStream:
         n_genes = self.n_genes
 
         def generate():
-            yield from self.batches_numpy(batch_size, shuffle, (seed, next(passes)), buffer_chunks, num_shards,
-                                          shard_index)
+            yield from self.batches_numpy(
+                batch_size, shuffle, (seed, next(passes)), buffer_chunks, num_shards, shard_index
+            )
 
-        signature = (tf.TensorSpec([None, 2], tf.int64), tf.TensorSpec([None], tf.float32),
-                     tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32))
+        signature = (
+            tf.TensorSpec([None, 2], tf.int64),
+            tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.int32),
+        )
 
         def as_dict(indices, values, labels, batches):
             shape = tf.stack([tf.shape(labels, out_type=tf.int64)[0], tf.constant(n_genes, tf.int64)])

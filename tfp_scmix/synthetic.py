@@ -23,9 +23,17 @@ class Planted:
     class_weights: np.ndarray
 
 
-def sample_counts(n_cells: int = 1000, n_genes: int = 300, n_topics: int = 6, n_classes: int = 3,
-                  alpha: float = 0.3, library_size: float = 2000, genes_per_topic: int = 15,
-                  n_labelled: int | None = None, seed: int = 0) -> tuple[SCData, Planted]:
+def sample_counts(
+    n_cells: int = 1000,
+    n_genes: int = 300,
+    n_topics: int = 6,
+    n_classes: int = 3,
+    alpha: float = 0.3,
+    library_size: float = 2000,
+    genes_per_topic: int = 15,
+    n_labelled: int | None = None,
+    seed: int = 0,
+) -> tuple[SCData, Planted]:
     """Draw (SCData, Planted) from the generative process.
 
     Each class has its own dominant topics (class_weights is sparse, as under the horseshoe); a cell's
@@ -60,9 +68,15 @@ def sample_counts(n_cells: int = 1000, n_genes: int = 300, n_topics: int = 6, n_
     labels = (np.log(cell_topic + 1e-12) @ class_weights.T).argmax(axis=1).astype(np.int32)
     if n_labelled is not None:
         labels[rng.permutation(n_cells)[n_labelled:]] = -1
-    data = SCData(sp.csr_matrix(counts.astype(np.float32)), np.array([f"gene{g}" for g in range(n_genes)]),
-                  labels, [f"type{c}" for c in range(n_classes)], np.zeros(n_cells, np.int32), ["0"],
-                  np.array([f"cell{n}" for n in range(n_cells)]))
+    data = SCData(
+        sp.csr_matrix(counts.astype(np.float32)),
+        np.array([f"gene{g}" for g in range(n_genes)]),
+        labels,
+        [f"type{c}" for c in range(n_classes)],
+        np.zeros(n_cells, np.int32),
+        ["0"],
+        np.array([f"cell{n}" for n in range(n_cells)]),
+    )
     return data, Planted(topic_gene, cell_topic, class_weights)
 
 
@@ -72,5 +86,8 @@ def to_anndata(data: SCData) -> anndata.AnnData:
     import pandas as pd
 
     labels = pd.Categorical.from_codes(data.labels, categories=data.classes)
-    return anndata.AnnData(X=data.counts.copy(), obs=pd.DataFrame({"cell_type": labels}, index=data.obs_names),
-                           var=pd.DataFrame(index=data.genes))
+    return anndata.AnnData(
+        X=data.counts.copy(),
+        obs=pd.DataFrame({"cell_type": labels}, index=data.obs_names),
+        var=pd.DataFrame(index=data.genes),
+    )

@@ -49,14 +49,24 @@ def _config(config: Config | dict | None, overrides: dict[str, Any]) -> Config:
     elif isinstance(config, dict):
         config = Config.from_dict(config)
     elif not isinstance(config, Config):
-        raise TypeError(f"config must be a tfp_scmix.Config, a dict of settings or None, received "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"config must be a tfp_scmix.Config, a dict of settings or None, received {type(config).__name__}"
+        )
     return config.replace(**overrides) if overrides else config
 
 
-def train(data: SCData | H5ADStream, config: Config | dict | None = None, *, restarts: int = 3,
-          epochs: int | None = None, seed: int = 0, checkpoint_dir: str | Path | None = None,
-          strategy: str | tf.distribute.Strategy | None = None, callbacks=(), verbose: int = 1) -> SCMixEnsemble:
+def train(
+    data: SCData | H5ADStream,
+    config: Config | dict | None = None,
+    *,
+    restarts: int = 3,
+    epochs: int | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    strategy: str | tf.distribute.Strategy | None = None,
+    callbacks=(),
+    verbose: int = 1,
+) -> SCMixEnsemble:
     """Train `restarts` models on `data` (labels where known) and return them as one `SCMixEnsemble`.
 
     data: `SCData` (in memory) or `H5ADStream` (read from disk in chunks; its labelled cells are read into
@@ -78,14 +88,20 @@ def train(data: SCData | H5ADStream, config: Config | dict | None = None, *, res
     if int(restarts) < 1:
         raise ValueError(f"restarts must be 1 or more, received {restarts!r}")
     if not isinstance(data, (SCData, H5ADStream)):
-        raise TypeError(f"train takes SCData (tfp_scmix.from_anndata) or an H5ADStream, received "
-                        f"{type(data).__name__}; read an AnnData with tfp_scmix.from_anndata(adata)")
+        raise TypeError(
+            f"train takes SCData (tfp_scmix.from_anndata) or an H5ADStream, received "
+            f"{type(data).__name__}; read an AnnData with tfp_scmix.from_anndata(adata)"
+        )
     if data.n_classes < 2:
-        raise DataError(f"training needs labelled cells of at least two classes; the data has {data.n_classes}. "
-                        "Pass label_key= the obs column of cell types to from_anndata.")
+        raise DataError(
+            f"training needs labelled cells of at least two classes; the data has {data.n_classes}. "
+            "Pass label_key= the obs column of cell types to from_anndata."
+        )
     if strategy is not None and isinstance(data, SCData):
-        raise ValueError("strategy= trains from a stream (tfp_scmix.stream.H5ADStream) so that each worker reads "
-                         "its own chunks; pass the .h5ad as H5ADStream(path, ...)")
+        raise ValueError(
+            "strategy= trains from a stream (tfp_scmix.stream.H5ADStream) so that each worker reads "
+            "its own chunks; pass the .h5ad as H5ADStream(path, ...)"
+        )
     members = []
     for restart in range(int(restarts)):
         member_seed = seed + restart
@@ -111,10 +127,16 @@ def train(data: SCData | H5ADStream, config: Config | dict | None = None, *, res
 def _finished_restart(path: Path, data, config: Config, seed: int) -> SCMix:
     """A restart that an interrupted `train` finished and saved, if it is this run's; else ModelFileError."""
     model = load_model(path)
-    if not isinstance(model, SCMix) or model.seed != seed or model.config != config or \
-            model.provenance.get("data_fingerprint") != data.fingerprint():
-        raise ModelFileError(f"{path} holds a restart of another training run (other data, settings or seed); "
-                             "delete it, or pass this run's checkpoint_dir.")
+    if (
+        not isinstance(model, SCMix)
+        or model.seed != seed
+        or model.config != config
+        or model.provenance.get("data_fingerprint") != data.fingerprint()
+    ):
+        raise ModelFileError(
+            f"{path} holds a restart of another training run (other data, settings or seed); "
+            "delete it, or pass this run's checkpoint_dir."
+        )
     logger.info("restart with seed %d was finished by an interrupted run: loaded from %s", seed, path)
     return model
 
@@ -130,23 +152,34 @@ def _fit(data: SCData, config: Config, seed: int, backup: Path | None, callbacks
     model = _compiled(data, config, seed)
     recipe = default(data)
     if backup is None:
-        model.fit(data.dataset(config.batch_size, seed=seed), epochs=config.epochs, verbose=verbose,
-                  callbacks=[*recipe, *callbacks])
+        model.fit(
+            data.dataset(config.batch_size, seed=seed),
+            epochs=config.epochs,
+            verbose=verbose,
+            callbacks=[*recipe, *callbacks],
+        )
         return model
-    checkpoint = ResumableCheckpoint(backup, run={"data_fingerprint": data.fingerprint(), "seed": int(seed),
-                                                  "batch_size": int(config.batch_size)})
+    checkpoint = ResumableCheckpoint(
+        backup, run={"data_fingerprint": data.fingerprint(), "seed": int(seed), "batch_size": int(config.batch_size)}
+    )
     initial_epoch = checkpoint.resume_epoch
     steps = math.ceil(data.n_cells / config.batch_size)
     # The guard first (later callbacks save the restored state), the backup before the refit so that a
     # kill during the refit resumes at the last epoch and refits again.
-    model.fit(epoch_batches(data, config.batch_size, seed, config.epochs, initial_epoch), epochs=config.epochs,
-              steps_per_epoch=steps, verbose=verbose, callbacks=[recipe[0], checkpoint, *recipe[1:], *callbacks])
+    model.fit(
+        epoch_batches(data, config.batch_size, seed, config.epochs, initial_epoch),
+        epochs=config.epochs,
+        steps_per_epoch=steps,
+        verbose=verbose,
+        callbacks=[recipe[0], checkpoint, *recipe[1:], *callbacks],
+    )
     return model
 
 
 def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbacks, verbose: int) -> SCMix:
-    strategy = distribute.get_strategy(strategy or "default") if not isinstance(
-        strategy, tf.distribute.Strategy) else strategy
+    strategy = (
+        distribute.get_strategy(strategy or "default") if not isinstance(strategy, tf.distribute.Strategy) else strategy
+    )
     resolver = getattr(strategy, "cluster_resolver", None)
     workers = max(1, len(resolver.cluster_spec().as_dict().get("worker", []))) if resolver is not None else 1
     if stream.n_cells < 2 * workers * stream.chunk_cells:  # at least two chunks per worker, so that none is idle
@@ -154,9 +187,15 @@ def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbac
     keras.utils.set_random_seed(seed)
     model = distribute.build(strategy, lambda: SCMix.from_data(stream, config, seed=seed), config.learning_rate)
     batches = distribute.stream_dataset(strategy, stream, config.batch_size, seed=seed)
-    distribute.fit(model, strategy, batches, epochs=config.epochs,
-                   steps_per_epoch=distribute.steps_per_epoch(stream.n_cells, config.batch_size),
-                   callbacks=[StopOnDivergence(), *callbacks], verbose=verbose)
+    distribute.fit(
+        model,
+        strategy,
+        batches,
+        epochs=config.epochs,
+        steps_per_epoch=distribute.steps_per_epoch(stream.n_cells, config.batch_size),
+        callbacks=[StopOnDivergence(), *callbacks],
+        verbose=verbose,
+    )
     if strategy is not tf.distribute.get_strategy():
         # The trained weights in a plain model: fit_classifier and saving run ordinary TensorFlow code,
         # which cannot update distributed variables outside a replica context.
@@ -168,8 +207,16 @@ def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbac
     return model
 
 
-def adapt(model: SCMix | SCMixEnsemble, query: SCData, *, epochs: int = 30, batch_size: int = 256,
-          learning_rate: float = 5e-2, shrinkage: float | None = None, verbose: int = 0) -> SCMixEnsemble:
+def adapt(
+    model: SCMix | SCMixEnsemble,
+    query: SCData,
+    *,
+    epochs: int = 30,
+    batch_size: int = 256,
+    learning_rate: float = 5e-2,
+    shrinkage: float | None = None,
+    verbose: int = 0,
+) -> SCMixEnsemble:
     """A copy of `model` adapted to the `query` dataset: each member gets the query's own batch offsets.
 
     Every global parameter (topics, encoder, classifier, the offsets' shrinkage scale and the reference
@@ -183,10 +230,16 @@ def adapt(model: SCMix | SCMixEnsemble, query: SCData, *, epochs: int = 30, batc
     Raises DataError when the query's genes are not the model's.
     """
     if list(query.genes) != list(model.genes):
-        raise DataError("adapt needs the query in the model's gene order: build it with "
-                        "from_anndata(adata, genes=model.genes, label_key=None)")
-    return SCMixEnsemble([_adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, verbose)
-                          for m in as_ensemble(model).members])
+        raise DataError(
+            "adapt needs the query in the model's gene order: build it with "
+            "from_anndata(adata, genes=model.genes, label_key=None)"
+        )
+    return SCMixEnsemble(
+        [
+            _adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, verbose)
+            for m in as_ensemble(model).members
+        ]
+    )
 
 
 def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rate, shrinkage, verbose) -> SCMix:

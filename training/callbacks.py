@@ -58,8 +58,10 @@ class MLflowLogger(keras.callbacks.Callback):
     def __init__(self, validation: SCData | None = None, batch_size: int = 512):
         super().__init__()
         if validation is not None and (validation.labels < 0).any():
-            raise ValueError(f"validation cells must all be labelled; {int((validation.labels < 0).sum())} of "
-                             f"{validation.n_cells} are not: pass data.subset(data.labels >= 0).")
+            raise ValueError(
+                f"validation cells must all be labelled; {int((validation.labels < 0).sum())} of "
+                f"{validation.n_cells} are not: pass data.subset(data.labels >= 0)."
+            )
         self.validation, self.batch_size = validation, batch_size
         self.run_id, self._owns_run = None, False
         self.restart = -1  # the fit being logged: 0 for the first
@@ -76,14 +78,18 @@ class MLflowLogger(keras.callbacks.Callback):
         random_states = _random_states(self.model)
         saved = [keras.ops.convert_to_numpy(v) for v in random_states]
         try:
-            terms = self.model.evaluate(self.validation.dataset(self.batch_size, shuffle=False), verbose=0,
-                                        return_dict=True)
+            terms = self.model.evaluate(
+                self.validation.dataset(self.batch_size, shuffle=False), verbose=0, return_dict=True
+            )
         finally:  # evaluating draws from the model's generators; training goes on with the draws it had
             for variable, value in zip(random_states, saved):
                 variable.assign(value)
         scores = classification_scores(self.validation.labels, predict_labels(self.model, self.validation), "val_")
-        return {**{f"val_{name}": value for name, value in terms.items()},
-                "val_accuracy": scores["val_accuracy"], "val_macro_f1": scores["val_macro_f1"]}
+        return {
+            **{f"val_{name}": value for name, value in terms.items()},
+            "val_accuracy": scores["val_accuracy"],
+            "val_macro_f1": scores["val_macro_f1"],
+        }
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}

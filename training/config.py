@@ -67,14 +67,22 @@ class DataConfig:
 # the epochs without a better val_macro_f1 after which a restart stops).
 TrainingConfig = dataclasses.make_dataclass(
     "TrainingConfig",
-    [(f.name, _TYPES[f.name], dataclasses.field(default=f.default))
-     for f in dataclasses.fields(scm.Config) if f.name in TRAINING_SETTINGS]
-    + [("restarts", int, dataclasses.field(default=RESTARTS)),
-       ("early_stopping_patience", int, dataclasses.field(default=0))],
-    frozen=True)
+    [
+        (f.name, _TYPES[f.name], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(scm.Config)
+        if f.name in TRAINING_SETTINGS
+    ]
+    + [
+        ("restarts", int, dataclasses.field(default=RESTARTS)),
+        ("early_stopping_patience", int, dataclasses.field(default=0)),
+    ],
+    frozen=True,
+)
 TrainingConfig.__module__ = __name__
-TrainingConfig.__doc__ = (f"The [training] table: {', '.join(TRAINING_SETTINGS)} (tfp_scmix.Config's settings, "
-                          "with its defaults), restarts and early_stopping_patience.")
+TrainingConfig.__doc__ = (
+    f"The [training] table: {', '.join(TRAINING_SETTINGS)} (tfp_scmix.Config's settings, "
+    "with its defaults), restarts and early_stopping_patience."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +161,9 @@ def _check_value(name: str, value, hint, where: str):
     else:
         fits = isinstance(value, hint)
     if not fits:
-        raise ConfigError(f"{where}: {name} must be {_type_name(hint)}, received {value!r}; write e.g. "
-                          f"{name} = {_example(name)}.")
+        raise ConfigError(
+            f"{where}: {name} must be {_type_name(hint)}, received {value!r}; write e.g. {name} = {_example(name)}."
+        )
 
 
 def _example(name: str) -> str:
@@ -169,8 +178,11 @@ def _section(cls, raw: dict, where: str):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}.")
-    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and n not in raw]
+    missing = [
+        n
+        for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in raw
+    ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}.")
     values = {k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in raw.items()}
@@ -190,8 +202,10 @@ def _settings_table(raw: dict, table: str, allowed: tuple, source: str) -> dict:
         raise ConfigError(f"{where}: {misplaced} belong to [{other}]: move them to the [{other}] table.")
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {unknown}; [{table}] takes {sorted(allowed)} "
-                          "(the settings of tfp_scmix.Config).")
+        raise ConfigError(
+            f"{where}: unknown setting(s) {unknown}; [{table}] takes {sorted(allowed)} "
+            "(the settings of tfp_scmix.Config)."
+        )
     for name, value in raw.items():
         _check_value(name, value, setting_type(name), where)
     return dict(raw)
@@ -200,8 +214,9 @@ def _settings_table(raw: dict, table: str, allowed: tuple, source: str) -> dict:
 def _check_space(space: dict, cfg: RunConfig, where: str):
     for name, spec in space.items():
         if name not in SEARCHABLE:
-            raise ConfigError(f"{where}: {name!r} is not a setting a search can vary; choose from "
-                              f"{sorted(SEARCHABLE)}.")
+            raise ConfigError(
+                f"{where}: {name!r} is not a setting a search can vary; choose from {sorted(SEARCHABLE)}."
+            )
         if isinstance(spec, list):
             if not spec:
                 raise ConfigError(f"{where}: {name} lists no values to choose from.")
@@ -209,8 +224,10 @@ def _check_space(space: dict, cfg: RunConfig, where: str):
         elif isinstance(spec, dict):
             extra = set(spec) - {"min", "max", "log", "step"}
             if extra or not {"min", "max"} <= set(spec) or spec["min"] >= spec["max"]:
-                raise ConfigError(f"{where}: {name} must be a list of choices or a range "
-                                  f"{{min = a, max = b, log = true|false, step = s}} with min < max; received {spec}.")
+                raise ConfigError(
+                    f"{where}: {name} must be a list of choices or a range "
+                    f"{{min = a, max = b, log = true|false, step = s}} with min < max; received {spec}."
+                )
             if setting_type(name) not in (int, float):
                 raise ConfigError(f"{where}: {name} is not a number: list its choices, e.g. {name} = [...].")
             if "step" in spec:
@@ -222,8 +239,10 @@ def _check_space(space: dict, cfg: RunConfig, where: str):
             _check_value(name, value, setting_type(name), where)
             _check_settings(cfg.with_settings({name: value}), where)
     if cfg.search.algorithm == "hyperband" and "epochs" in space:
-        raise ConfigError(f"{where}: hyperband chooses each trial's epochs itself (up to [training] epochs); "
-                          "remove epochs from the space, or use algorithm = \"bayesian\".")
+        raise ConfigError(
+            f"{where}: hyperband chooses each trial's epochs itself (up to [training] epochs); "
+            'remove epochs from the space, or use algorithm = "bayesian".'
+        )
 
 
 def _check_settings(cfg: RunConfig, where: str):
@@ -233,11 +252,15 @@ def _check_settings(cfg: RunConfig, where: str):
     except ValueError as err:
         raise ConfigError(f"{where}: {err}.") from err
     if cfg.training.restarts < 1:
-        raise ConfigError(f"{where}: restarts must be 1 or more (the members of the trained ensemble), "
-                          f"received {cfg.training.restarts}.")
+        raise ConfigError(
+            f"{where}: restarts must be 1 or more (the members of the trained ensemble), "
+            f"received {cfg.training.restarts}."
+        )
     if cfg.training.early_stopping_patience < 0:
-        raise ConfigError(f"{where}: early_stopping_patience must be 0 (off) or more, "
-                          f"received {cfg.training.early_stopping_patience}.")
+        raise ConfigError(
+            f"{where}: early_stopping_patience must be 0 (off) or more, "
+            f"received {cfg.training.early_stopping_patience}."
+        )
 
 
 def from_dict(raw: dict, source: str = "<config>", overrides=()) -> RunConfig:
@@ -245,19 +268,24 @@ def from_dict(raw: dict, source: str = "<config>", overrides=()) -> RunConfig:
     raw = dict(raw)
     unknown = sorted(set(raw) - {"experiment", "run_name", "data", "model", "training", "search"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; expected experiment, run_name and "
-                          "the tables [data], [model], [training], [search].")
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {unknown}; expected experiment, run_name and "
+            "the tables [data], [model], [training], [search]."
+        )
     if not isinstance(raw.get("experiment"), str) or not raw["experiment"]:
         raise ConfigError(f'{source}: set experiment = "name" (the MLflow experiment the runs go to).')
     data = _section(DataConfig, raw.get("data", {}), f"{source} [data]")
     if data.setting not in SETTINGS:
         raise ConfigError(f"{source} [data]: setting must be one of {SETTINGS}, received {data.setting!r}.")
     if not 0 <= data.n_validation < data.n_labelled:
-        raise ConfigError(f"{source} [data]: n_validation ({data.n_validation}) must be at least 0 and smaller "
-                          f"than the label budget n_labelled ({data.n_labelled}): it is carved from it.")
+        raise ConfigError(
+            f"{source} [data]: n_validation ({data.n_validation}) must be at least 0 and smaller "
+            f"than the label budget n_labelled ({data.n_labelled}): it is carved from it."
+        )
     model = _settings_table(raw.get("model", {}), "model", MODEL_SETTINGS, source)
-    training = TrainingConfig(**_settings_table(raw.get("training", {}), "training",
-                                                TRAINING_SETTINGS + RUN_SETTINGS, source))
+    training = TrainingConfig(
+        **_settings_table(raw.get("training", {}), "training", TRAINING_SETTINGS + RUN_SETTINGS, source)
+    )
     search = _section(SearchConfig, dict(raw.get("search", {})), f"{source} [search]")
     if search.algorithm not in ALGORITHMS:
         raise ConfigError(f"{source} [search]: algorithm must be one of {ALGORITHMS}, received {search.algorithm!r}.")

@@ -28,8 +28,9 @@ def read_table(path) -> pd.DataFrame:
         raise FileNotFoundError(f"results table {path} not found; run the benchmark that writes it first.")
     frame = pd.read_json(path) if path.suffix == ".json" else pd.read_csv(path)
     if "method" not in frame.columns:
-        raise ValueError(f"{path} has no 'method' column (columns: {list(frame.columns)}); each row must name "
-                         "the method it scores.")
+        raise ValueError(
+            f"{path} has no 'method' column (columns: {list(frame.columns)}); each row must name the method it scores."
+        )
     return frame
 
 
@@ -42,18 +43,24 @@ def record(path, experiment: str = "few_shot") -> list:
     new = []
     for index, row in frame.iterrows():
         key = f"{digest}:{index}"
-        if mlflow.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-                              output_format="list", max_results=1):
+        if mlflow.search_runs(
+            [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", output_format="list", max_results=1
+        ):
             continue
-        params = {name: value for name, value in row.items()
-                  if name in IDENTIFIERS or not pd.api.types.is_number(value)}
-        metrics = {f"test_{name}" if name in SCORES else name: float(value)
-                   for name, value in row.items() if name not in params and pd.notna(value)}
+        params = {
+            name: value for name, value in row.items() if name in IDENTIFIERS or not pd.api.types.is_number(value)
+        }
+        metrics = {
+            f"test_{name}" if name in SCORES else name: float(value)
+            for name, value in row.items()
+            if name not in params and pd.notna(value)
+        }
         run_name = " ".join(str(params[k]) for k in ("method", "dataset") if k in params)
         if "seed" in params:
             run_name += f" seed {params['seed']}"
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                              tags={KEY_TAG: key, "record.source": str(path)}) as run:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags={KEY_TAG: key, "record.source": str(path)}
+        ) as run:
             mlflow.log_params(params)
             mlflow.log_metrics(metrics)
         new.append(run.info.run_id)

@@ -47,10 +47,17 @@ def fit(cfg: run_config.RunConfig, splits: run_data.Splits, callbacks=(), verbos
     """
     ours = [MLflowLogger(splits.validation if splits.validation.n_cells else None)]
     if cfg.training.early_stopping_patience:
-        ours.append(keras.callbacks.EarlyStopping("val_macro_f1", mode="max",
-                                                  patience=cfg.training.early_stopping_patience))
-    model = scm.train(splits.train, cfg.model_config(), restarts=cfg.training.restarts, seed=cfg.data.seed,
-                      callbacks=[*ours, *callbacks], verbose=verbose)
+        ours.append(
+            keras.callbacks.EarlyStopping("val_macro_f1", mode="max", patience=cfg.training.early_stopping_patience)
+        )
+    model = scm.train(
+        splits.train,
+        cfg.model_config(),
+        restarts=cfg.training.restarts,
+        seed=cfg.data.seed,
+        callbacks=[*ours, *callbacks],
+        verbose=verbose,
+    )
     settings = model.members[0].settings  # the same in every member: they depend on the data and the Config
     mlflow.log_params({f"resolved.{name}": settings[name] for name in RESOLVED})
     return model
@@ -72,8 +79,9 @@ def log_model(model, registered_model: str | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         path = scm.save_model(model, Path(tmp) / "scmix.keras")
         mlflow.log_artifact(str(path), "model")
-    return mlflow.keras.log_model(model, name="scmix", pip_requirements=_requirements(),
-                                  registered_model_name=registered_model)
+    return mlflow.keras.log_model(
+        model, name="scmix", pip_requirements=_requirements(), registered_model_name=registered_model
+    )
 
 
 def log_evaluation(model, cells: scm.SCData, prefix: str = "test_") -> dict:
@@ -84,12 +92,12 @@ def log_evaluation(model, cells: scm.SCData, prefix: str = "test_") -> dict:
     names = list(model.class_names)
     matrix = confusion_matrix(cells.labels, predicted, labels=np.arange(len(names)))
     with tempfile.TemporaryDirectory() as tmp:
-        pd.DataFrame(matrix, index=pd.Index(names, name="true"), columns=pd.Index(names, name="predicted")
-                     ).to_csv(Path(tmp) / "confusion_matrix.csv")
+        pd.DataFrame(matrix, index=pd.Index(names, name="true"), columns=pd.Index(names, name="predicted")).to_csv(
+            Path(tmp) / "confusion_matrix.csv"
+        )
         size = 3 + 0.6 * len(names)
         fig, ax = plt.subplots(figsize=(size, size))
-        ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, xticks_rotation="vertical",
-                                                                   colorbar=False)
+        ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, xticks_rotation="vertical", colorbar=False)
         ax.set_title(f"{prefix.rstrip('_')} cells: {scores[prefix + 'errors']} errors of {cells.n_cells}")
         fig.tight_layout()
         fig.savefig(Path(tmp) / "confusion_matrix.png", dpi=100)
@@ -118,11 +126,25 @@ def log_outputs(model, splits: run_data.Splits, registered_model: str | None = N
 def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
     """Parameters, data identity, code version and the configuration file of the active run."""
     # The parameters a benchmark's peers are recorded with (training/record.py, experiments/few_shot).
-    mlflow.log_params({"method": "tfp_scmix", "dataset": splits.identity["data.name"], "seed": cfg.data.seed,
-                       "setting": cfg.data.setting, "labels": cfg.data.n_labelled, **cfg.params(),
-                       **splits.identity})
-    mlflow.set_tags({**store.code_version(), "tfp_scmix.version": scm.__version__,
-                     "config": cfg.source or "", "config.overrides": " ".join(cfg.overrides)})
+    mlflow.log_params(
+        {
+            "method": "tfp_scmix",
+            "dataset": splits.identity["data.name"],
+            "seed": cfg.data.seed,
+            "setting": cfg.data.setting,
+            "labels": cfg.data.n_labelled,
+            **cfg.params(),
+            **splits.identity,
+        }
+    )
+    mlflow.set_tags(
+        {
+            **store.code_version(),
+            "tfp_scmix.version": scm.__version__,
+            "config": cfg.source or "",
+            "config.overrides": " ".join(cfg.overrides),
+        }
+    )
     if cfg.source and Path(cfg.source).is_file():
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(cfg.source, Path(tmp) / Path(cfg.source).name)
@@ -145,8 +167,13 @@ def train(cfg: run_config.RunConfig, callbacks=(), verbose: int = 0):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="run configuration (TOML), e.g. training/configs/pbmc68k_reduced.toml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a configuration value, e.g. --set training.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a configuration value, e.g. --set training.epochs=3 (repeatable)",
+    )
     args = parser.parse_args(argv)
     cfg = run_config.load(args.config, args.set)
     run_id, _, scores = train(cfg, verbose=2)

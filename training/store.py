@@ -42,7 +42,7 @@ def _artifact_location(name: str) -> str | None:
     uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts" / name).as_uri()
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts" / name).as_uri()
 
 
 def experiment_id(name: str) -> str:
@@ -50,9 +50,11 @@ def experiment_id(name: str) -> str:
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
         if existing.lifecycle_stage == "deleted":
-            raise MlflowException(f"experiment {name!r} is deleted in {tracking_uri()}; restore it "
-                                  f"(mlflow experiments restore --experiment-id {existing.experiment_id}) "
-                                  "or choose another experiment name.")
+            raise MlflowException(
+                f"experiment {name!r} is deleted in {tracking_uri()}; restore it "
+                f"(mlflow experiments restore --experiment-id {existing.experiment_id}) "
+                "or choose another experiment name."
+            )
         return existing.experiment_id
     try:
         return mlflow.create_experiment(name, artifact_location=_artifact_location(name))
@@ -65,9 +67,12 @@ def experiment_id(name: str) -> str:
 
 def code_version() -> dict:
     """The git commit of the code that runs, and whether tracked files differ from it."""
+
     def git(*args):
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))

@@ -74,8 +74,9 @@ class SCMixHyperModel(kt.HyperModel):
         # these tuners leave empty.
         callbacks = [c for c in callbacks if not type(c).__module__.startswith("keras_tuner")]
         ensemble = tracked.fit(cfg, self.splits, callbacks=callbacks, verbose=verbose)
-        scores = classification_scores(self.splits.validation.labels,
-                                       predict_labels(ensemble, self.splits.validation), "val_final_")
+        scores = classification_scores(
+            self.splits.validation.labels, predict_labels(ensemble, self.splits.validation), "val_final_"
+        )
         mlflow.log_metrics(scores)
         if model_path is not None:
             scm.save_model(ensemble, model_path)
@@ -90,9 +91,12 @@ class _TrackedTrials:
 
     def run_trial(self, trial, *args, **kwargs):
         parent = mlflow.active_run()
-        with store.start_run(run_name=f"trial {trial.trial_id}", nested=True,
-                             experiment_id=parent.info.experiment_id,
-                             tags={"trial_id": trial.trial_id, "search": parent.info.run_name}):
+        with store.start_run(
+            run_name=f"trial {trial.trial_id}",
+            nested=True,
+            experiment_id=parent.info.experiment_id,
+            tags={"trial_id": trial.trial_id, "search": parent.info.run_name},
+        ):
             mlflow.log_params({f"hp.{k}": v for k, v in trial.hyperparameters.values.items()})
             try:
                 return super().run_trial(trial, *args, model_path=self.model_path(trial.trial_id), **kwargs)
@@ -119,12 +123,16 @@ class HyperbandSearch(_TrackedTrials, kt.Hyperband):
 def make_tuner(cfg: run_config.RunConfig, hypermodel, directory: Path, max_trials: int):
     """The keras-tuner tuner of `cfg`, reloaded from `directory` when a search was started there."""
     # keras-tuner takes seed 0 for "no seed" (a random one): data.seed 0 would make the search unrepeatable.
-    common = dict(objective=OBJECTIVE, directory=str(directory), project_name=project_name(cfg),
-                  overwrite=False, seed=cfg.data.seed + 1)
+    common = dict(
+        objective=OBJECTIVE,
+        directory=str(directory),
+        project_name=project_name(cfg),
+        overwrite=False,
+        seed=cfg.data.seed + 1,
+    )
     if cfg.search.algorithm == "bayesian":
         return BayesianSearch(hypermodel, max_trials=max_trials, **common)
-    tuner = HyperbandSearch(hypermodel, max_epochs=cfg.training.epochs, factor=cfg.search.hyperband_factor,
-                            **common)
+    tuner = HyperbandSearch(hypermodel, max_epochs=cfg.training.epochs, factor=cfg.search.hyperband_factor, **common)
     tuner.oracle.max_trials = max_trials  # Hyperband has no trial cap of its own; the base oracle honours it
     return tuner
 
@@ -141,38 +149,52 @@ def _parent_run(path: Path, splits: run_data.Splits):
     try:
         run = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        logger.warning("search run %s (from %s) is not in %s: starting a new MLflow run for this search.",
-                       run_id, path, store.tracking_uri())
+        logger.warning(
+            "search run %s (from %s) is not in %s: starting a new MLflow run for this search.",
+            run_id,
+            path,
+            store.tracking_uri(),
+        )
         return None
     recorded = run.data.params.get("data.fingerprint")
     if recorded not in (None, splits.identity["data.fingerprint"]):
         raise run_config.ConfigError(
             f"the search in {path.parent} was run on other data (fingerprint {recorded}, now "
-            f"{splits.identity['data.fingerprint']}); pass another --directory or delete {path.parent}.")
+            f"{splits.identity['data.fingerprint']}); pass another --directory or delete {path.parent}."
+        )
     return run_id
 
 
-def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=None, callbacks=(),
-           verbose: int = 0) -> dict:
+def search(
+    cfg: run_config.RunConfig, max_trials: int | None = None, directory=None, callbacks=(), verbose: int = 0
+) -> dict:
     """Run (or resume) the search of `cfg`; returns {"run_id", "best_trial", "best_value", "scores", ...}."""
     store.configure()
     experiment = store.experiment_id(cfg.experiment)
     splits = run_data.load(cfg.data)
     if not splits.validation.n_cells:
-        raise run_config.ConfigError(f"{cfg.source} [data]: a search scores each trial on validation cells; "
-                                     "set n_validation to 1 or more (e.g. 30).")
+        raise run_config.ConfigError(
+            f"{cfg.source} [data]: a search scores each trial on validation cells; "
+            "set n_validation to 1 or more (e.g. 30)."
+        )
     directory = Path(directory or cfg.search.directory or store.REPO / "outputs" / "tuning")
     max_trials = max_trials or cfg.search.max_trials
     tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)
     run_file = Path(tuner.project_dir) / PARENT_RUN_FILE
     parent_id = _parent_run(run_file, splits)
     name = f"search {project_name(cfg)} ({cfg.search.algorithm})"
-    with store.start_run(run_id=parent_id, experiment_id=None if parent_id else experiment,
-                         run_name=None if parent_id else name) as parent:
+    with store.start_run(
+        run_id=parent_id, experiment_id=None if parent_id else experiment, run_name=None if parent_id else name
+    ) as parent:
         if parent_id is None:
             tracked.log_context(cfg, splits)
-            mlflow.log_params({"search.algorithm": cfg.search.algorithm, "search.directory": str(directory),
-                               "search.objective": OBJECTIVE.name})
+            mlflow.log_params(
+                {
+                    "search.algorithm": cfg.search.algorithm,
+                    "search.directory": str(directory),
+                    "search.objective": OBJECTIVE.name,
+                }
+            )
             tmp = run_file.with_suffix(".tmp")
             tmp.write_text(parent.info.run_id)
             os.replace(tmp, run_file)
@@ -182,8 +204,10 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
         tuner.search(callbacks=list(callbacks), verbose=verbose)
         completed = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
         if not completed:
-            raise RuntimeError(f"no trial of the search in {tuner.project_dir} completed; each trial's error is "
-                               "in its trial.json file and in the tag 'error' of its MLflow run.")
+            raise RuntimeError(
+                f"no trial of the search in {tuner.project_dir} completed; each trial's error is "
+                "in its trial.json file and in the tag 'error' of its MLflow run."
+            )
         best = tuner.oracle.get_best_trials(1)[0]
         registered = cfg.search.registered_model or f"scmix-{project_name(cfg)}"
         recorded = mlflow.get_run(parent.info.run_id).data
@@ -193,12 +217,20 @@ def search(cfg: run_config.RunConfig, max_trials: int | None = None, directory=N
             model = tuner.get_best_models(1)[0]  # the best trial's ensemble, as it saved it
             mlflow.log_metric("best_val_macro_f1", best.score)
             scores = tracked.log_outputs(model, splits, registered_model=registered)
-            mlflow.set_tags({"best_trial": best.trial_id,
-                             **{f"best.{k}": str(v) for k, v in best.hyperparameters.values.items()}})
+            mlflow.set_tags(
+                {"best_trial": best.trial_id, **{f"best.{k}": str(v) for k, v in best.hyperparameters.values.items()}}
+            )
         mlflow.set_tag("n_trials_completed", str(len(completed)))
-    return {"run_id": parent.info.run_id, "best_trial": best.trial_id, "best_value": best.score,
-            "best_hyperparameters": dict(best.hyperparameters.values), "n_completed": len(completed),
-            "registered_model": registered, "project_dir": tuner.project_dir, "scores": scores}
+    return {
+        "run_id": parent.info.run_id,
+        "best_trial": best.trial_id,
+        "best_value": best.score,
+        "best_hyperparameters": dict(best.hyperparameters.values),
+        "n_completed": len(completed),
+        "registered_model": registered,
+        "project_dir": tuner.project_dir,
+        "scores": scores,
+    }
 
 
 def main(argv=None):
@@ -206,8 +238,13 @@ def main(argv=None):
     parser.add_argument("config", help="run configuration (TOML) with a [search] table")
     parser.add_argument("--max-trials", type=int, default=None, help="trials in all (default: [search] max_trials)")
     parser.add_argument("--directory", default=None, help="keras-tuner directory (default: outputs/tuning)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a configuration value, e.g. --set training.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a configuration value, e.g. --set training.epochs=3 (repeatable)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show keras-tuner's and Keras's progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -217,8 +254,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         raise SystemExit("search interrupted: run the same command again to resume it") from None
     print(f"search run {result['run_id']} in experiment {cfg.experiment!r} of {store.tracking_uri()}")
-    print(f"best trial {result['best_trial']} (val_macro_f1 {result['best_value']:.4f}) of "
-          f"{result['n_completed']} completed: {result['best_hyperparameters']}")
+    print(
+        f"best trial {result['best_trial']} (val_macro_f1 {result['best_value']:.4f}) of "
+        f"{result['n_completed']} completed: {result['best_hyperparameters']}"
+    )
     print(" ".join(f"{k}={v:.4g}" for k, v in result["scores"].items()))
     print(f"registered as {result['registered_model']!r}")
     if store.uses_default_store():

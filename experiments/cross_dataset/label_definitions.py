@@ -20,8 +20,23 @@ from tfp_scmix.io import write_csv
 
 HERE = Path(__file__).parent
 # Naive versus effector CD8 T, CD4 T, NK, monocytes versus dendritic cells.
-MARKERS = ["CD8A", "CD8B", "CD4", "IL7R", "CCR7", "CCL5", "NKG7", "GZMK", "FCGR3A", "CD14", "LYZ", "S100A8",
-           "FCER1A", "CLEC10A", "CD1C"]
+MARKERS = [
+    "CD8A",
+    "CD8B",
+    "CD4",
+    "IL7R",
+    "CCR7",
+    "CCL5",
+    "NKG7",
+    "GZMK",
+    "FCGR3A",
+    "CD14",
+    "LYZ",
+    "S100A8",
+    "FCER1A",
+    "CLEC10A",
+    "CD1C",
+]
 
 
 def detection(data, markers):
@@ -51,13 +66,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     reference, query = (load_dataset(name) for name in (REFERENCE, QUERY))
-    table = pd.concat({REFERENCE: detection(reference, MARKERS), QUERY: detection(query, MARKERS)},
-                      names=["dataset"]).reset_index()
+    table = pd.concat(
+        {REFERENCE: detection(reference, MARKERS), QUERY: detection(query, MARKERS)}, names=["dataset"]
+    ).reset_index()
     write_csv(table, out / "label_definitions.csv")
     accuracy = own_label_accuracy(query)
-    text = ("# Marker detection by population (fraction of cells with a nonzero count)\n\n"
-            f"Coarse accuracy of logistic regression trained on {QUERY}'s own labels (5-fold CV): "
-            f"{accuracy:.3f}\n\n" + markdown_table(table) + "\n")
+    text = (
+        "# Marker detection by population (fraction of cells with a nonzero count)\n\n"
+        f"Coarse accuracy of logistic regression trained on {QUERY}'s own labels (5-fold CV): "
+        f"{accuracy:.3f}\n\n" + markdown_table(table) + "\n"
+    )
     write_text(out / "label_definitions.md", text)
     print(text)
 

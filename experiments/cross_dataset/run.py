@@ -53,11 +53,27 @@ REFERENCE, QUERY, KANG_CTRL, KANG_STIM = "pbmc3k", "pbmc_sorted_zheng", "kang_ct
 PEERS = {"logistic_regression": logistic_regression, "linear_svm": linear_svm, "knn_pca": knn_pca}
 
 # Coarse classes shared by pbmc3k and the FACS-sorted set (the label map of the data README).
-QUERY_COARSE = {"bcells": "B", "thelper": "CD4 T", "memoryt": "CD4 T", "naivet": "CD4 T", "regulatoryt": "CD4 T",
-                "cytotoxict": "CD8 T", "naivecytotoxic": "CD8 T", "nk": "NK", "monocytes": "Monocytes"}
-REFERENCE_COARSE = {"B cells": "B", "CD4 T cells": "CD4 T", "CD8 T cells": "CD8 T", "NK cells": "NK",
-                    "CD14+ Monocytes": "Monocytes", "FCGR3A+ Monocytes": "Monocytes",
-                    "Dendritic cells": "DC", "Megakaryocytes": "Megakaryocytes"}
+QUERY_COARSE = {
+    "bcells": "B",
+    "thelper": "CD4 T",
+    "memoryt": "CD4 T",
+    "naivet": "CD4 T",
+    "regulatoryt": "CD4 T",
+    "cytotoxict": "CD8 T",
+    "naivecytotoxic": "CD8 T",
+    "nk": "NK",
+    "monocytes": "Monocytes",
+}
+REFERENCE_COARSE = {
+    "B cells": "B",
+    "CD4 T cells": "CD4 T",
+    "CD8 T cells": "CD8 T",
+    "NK cells": "NK",
+    "CD14+ Monocytes": "Monocytes",
+    "FCGR3A+ Monocytes": "Monocytes",
+    "Dendritic cells": "DC",
+    "Megakaryocytes": "Megakaryocytes",
+}
 COARSE = ["B", "CD4 T", "CD8 T", "NK", "Monocytes"]  # the sorted set's coarse classes
 NO_COUNTERPART = ["DC", "Megakaryocytes"]  # pbmc3k types absent from the sorted set: always errors there
 GOALS = {"transfer_accuracy": 0.95, "unknown_auroc": 0.9, "ece_in_dataset": 0.03}
@@ -72,10 +88,15 @@ def stack(first: SCData, second: SCData) -> SCData:
     """The cells of two datasets over the same genes, labels in `first`'s classes; batch 0 and 1."""
     if list(first.genes) != list(second.genes):
         raise ValueError("stack needs both datasets over the same genes in the same order; align them first")
-    return SCData(sp.vstack([first.counts, second.counts]).tocsr(), first.genes,
-                  np.concatenate([first.labels, second.labels]).astype(np.int32), list(first.classes),
-                  np.repeat(np.array([0, 1], np.int32), [first.n_cells, second.n_cells]), ["first", "second"],
-                  np.concatenate([first.obs_names, second.obs_names]))
+    return SCData(
+        sp.vstack([first.counts, second.counts]).tocsr(),
+        first.genes,
+        np.concatenate([first.labels, second.labels]).astype(np.int32),
+        list(first.classes),
+        np.repeat(np.array([0, 1], np.int32), [first.n_cells, second.n_cells]),
+        ["first", "second"],
+        np.concatenate([first.obs_names, second.obs_names]),
+    )
 
 
 def without_class(data: SCData, label: int, keep_cells=False) -> SCData:
@@ -120,8 +141,11 @@ def reference_model(args, seed, cache):
         start = time.time()
         model = fit(reference, args, seed)
         cache[seed] = reference, model, time.time() - start
-        print(f"pbmc3k model: {reference.n_cells} cells ({reference.n_labelled} labelled) x {reference.n_genes} "
-              f"genes, trained in {cache[seed][2]:.0f} s", flush=True)
+        print(
+            f"pbmc3k model: {reference.n_cells} cells ({reference.n_labelled} labelled) x {reference.n_genes} "
+            f"genes, trained in {cache[seed][2]:.0f} s",
+            flush=True,
+        )
     return cache[seed]
 
 
@@ -143,10 +167,13 @@ def coarse_scores(truth, predicted):
 
     classes = list(range(len(COARSE)))
     recall = recall_score(truth, predicted, labels=classes, average=None, zero_division=0)
-    return {"accuracy": float((truth == predicted).mean()), "errors": int((truth != predicted).sum()),
-            "macro_f1": float(f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)),
-            "no_counterpart": float((predicted >= len(COARSE)).mean()),
-            "per_class_recall": json.dumps(dict(zip(COARSE, np.round(recall, 3).tolist())))}
+    return {
+        "accuracy": float((truth == predicted).mean()),
+        "errors": int((truth != predicted).sum()),
+        "macro_f1": float(f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)),
+        "no_counterpart": float((predicted >= len(COARSE)).mean()),
+        "per_class_recall": json.dumps(dict(zip(COARSE, np.round(recall, 3).tolist()))),
+    }
 
 
 def transfer(args, seed, cache, out):
@@ -162,17 +189,34 @@ def transfer(args, seed, cache, out):
         start = time.time()
         outputs = adapt(model, query, args) if method.endswith("adapt") else scm.predict(model, query)
         probs, predicted[method] = outputs["probs"] @ to_coarse, outputs["label"]
-        rows.append({**base, "method": method, **coarse_scores(truth, probs.argmax(axis=1)),
-                     "ece": expected_calibration_error(probs, truth),
-                     "unassigned": float(unassigned(outputs["probs"]).mean()),
-                     "epochs": args.epochs, "seconds": train_seconds + time.time() - start})
+        rows.append(
+            {
+                **base,
+                "method": method,
+                **coarse_scores(truth, probs.argmax(axis=1)),
+                "ece": expected_calibration_error(probs, truth),
+                "unassigned": float(unassigned(outputs["probs"]).mean()),
+                "epochs": args.epochs,
+                "seconds": train_seconds + time.time() - start,
+            }
+        )
         if seed == args.seeds[0]:
             suffix = "_adapted" if method.endswith("adapt") else ""
-            reliability_diagram(probs, truth, out / f"reliability_{QUERY}{suffix}.png",
-                                title=f"{REFERENCE} -> {QUERY}{' adapted' if suffix else ''} (coarse)")
+            reliability_diagram(
+                probs,
+                truth,
+                out / f"reliability_{QUERY}{suffix}.png",
+                title=f"{REFERENCE} -> {QUERY}{' adapted' if suffix else ''} (coarse)",
+            )
     for method, (predicted[method], seconds) in peer_predictions(reference, query, seed).items():
-        rows.append({**base, "method": method, **coarse_scores(truth, to_coarse[predicted[method]].argmax(axis=1)),
-                     "seconds": seconds})
+        rows.append(
+            {
+                **base,
+                "method": method,
+                **coarse_scores(truth, to_coarse[predicted[method]].argmax(axis=1)),
+                "seconds": seconds,
+            }
+        )
     if seed == args.seeds[0]:
         write_csv(confusion(predicted, sorted_types, model.class_names), out / "transfer_confusion.csv")
     return rows
@@ -182,9 +226,12 @@ def confusion(predicted, sorted_types, class_names):
     """Per method and sorted type, the fraction of cells given each pbmc3k class (rows sum to 1)."""
     frames = []
     for method, labels in predicted.items():
-        table = pd.crosstab(pd.Series(sorted_types, name="sorted_type"),
-                            pd.Categorical(np.asarray(class_names)[labels], categories=class_names), normalize="index",
-                            dropna=False)
+        table = pd.crosstab(
+            pd.Series(sorted_types, name="sorted_type"),
+            pd.Categorical(np.asarray(class_names)[labels], categories=class_names),
+            normalize="index",
+            dropna=False,
+        )
         frames.append(table.round(3).reset_index().assign(method=method))
     frame = pd.concat(frames, ignore_index=True)
     return frame[["method", "sorted_type", *class_names]]
@@ -202,12 +249,17 @@ def kang(args, seed, cache, out):
     from_reference = adapt(reference, from_anndata(ctrl_adata, label_key=None, genes=reference.genes), args)
     confident = ~unassigned(from_reference["probs"], "entropy", threshold=args.pseudo_label_entropy)
     if not confident.any():
-        raise ValueError(f"the pbmc3k model is unsure of every kang_ctrl cell (normalised entropy above "
-                         f"{args.pseudo_label_entropy}): train it longer or raise --pseudo-label-entropy")
+        raise ValueError(
+            f"the pbmc3k model is unsure of every kang_ctrl cell (normalised entropy above "
+            f"{args.pseudo_label_entropy}): train it longer or raise --pseudo-label-entropy"
+        )
     ctrl = from_anndata(ctrl_adata, label_key=None)
     ctrl = most_variable(ctrl, args.genes)
-    ctrl = dataclasses.replace(ctrl, labels=np.where(confident, from_reference["label"], -1).astype(np.int32),
-                               classes=list(reference.class_names))
+    ctrl = dataclasses.replace(
+        ctrl,
+        labels=np.where(confident, from_reference["label"], -1).astype(np.int32),
+        classes=list(reference.class_names),
+    )
     start = time.time()
     model = fit(ctrl, args, seed)
     train_seconds = time.time() - start
@@ -215,35 +267,55 @@ def kang(args, seed, cache, out):
     # The direct route for comparison: the pbmc3k model adapted to kang_stim.
     direct = adapt(reference, from_anndata(stim_adata, label_key=None, genes=reference.genes), args)["label"]
 
-    base = {"part": "kang", "dataset": f"{KANG_CTRL} -> {KANG_STIM}", "seed": seed, "genes": model.n_genes,
-            "labelled": float(confident.mean())}
+    base = {
+        "part": "kang",
+        "dataset": f"{KANG_CTRL} -> {KANG_STIM}",
+        "seed": seed,
+        "genes": model.n_genes,
+        "labelled": float(confident.mean()),
+    }
     n_classes = model.n_classes
     ctrl_out = scm.predict(model, ctrl)
     rows = []
     for method in ("tfp_scmix", "tfp_scmix+adapt"):
         start = time.time()
         stim_out = adapt(model, stim, args) if method.endswith("adapt") else scm.predict(model, stim)
-        rows.append({**base, "method": method,
-                     "composition_tvd": 0.5 * float(np.abs(proportions(ctrl_out["label"], n_classes)
-                                                           - proportions(stim_out["label"], n_classes)).sum()),
-                     "agreement_pbmc3k": float((stim_out["label"] == direct).mean()),
-                     "ctrl_confidence": float(ctrl_out["confidence"].mean()),
-                     "stim_confidence": float(stim_out["confidence"].mean()),
-                     "ctrl_unassigned": float(unassigned(ctrl_out["probs"]).mean()),
-                     "stim_unassigned": float(unassigned(stim_out["probs"]).mean()),
-                     "stim_composition": json.dumps(dict(zip(model.class_names, np.round(
-                         proportions(stim_out["label"], n_classes), 3).tolist()))),
-                     "epochs": args.epochs, "seconds": train_seconds + time.time() - start})
+        rows.append(
+            {
+                **base,
+                "method": method,
+                "composition_tvd": 0.5
+                * float(
+                    np.abs(proportions(ctrl_out["label"], n_classes) - proportions(stim_out["label"], n_classes)).sum()
+                ),
+                "agreement_pbmc3k": float((stim_out["label"] == direct).mean()),
+                "ctrl_confidence": float(ctrl_out["confidence"].mean()),
+                "stim_confidence": float(stim_out["confidence"].mean()),
+                "ctrl_unassigned": float(unassigned(ctrl_out["probs"]).mean()),
+                "stim_unassigned": float(unassigned(stim_out["probs"]).mean()),
+                "stim_composition": json.dumps(
+                    dict(zip(model.class_names, np.round(proportions(stim_out["label"], n_classes), 3).tolist()))
+                ),
+                "epochs": args.epochs,
+                "seconds": train_seconds + time.time() - start,
+            }
+        )
     both = stack(ctrl, stim)
     for method, (predicted, seconds) in peer_predictions(ctrl, both, seed).items():
-        ctrl_pred, stim_pred = predicted[:ctrl.n_cells], predicted[ctrl.n_cells:]
-        rows.append({**base, "method": method,
-                     "composition_tvd": 0.5 * float(np.abs(proportions(ctrl_pred, n_classes)
-                                                           - proportions(stim_pred, n_classes)).sum()),
-                     "agreement_pbmc3k": float((stim_pred == direct).mean()),
-                     "stim_composition": json.dumps(dict(zip(model.class_names, np.round(
-                         proportions(stim_pred, n_classes), 3).tolist()))),
-                     "seconds": seconds})
+        ctrl_pred, stim_pred = predicted[: ctrl.n_cells], predicted[ctrl.n_cells :]
+        rows.append(
+            {
+                **base,
+                "method": method,
+                "composition_tvd": 0.5
+                * float(np.abs(proportions(ctrl_pred, n_classes) - proportions(stim_pred, n_classes)).sum()),
+                "agreement_pbmc3k": float((stim_pred == direct).mean()),
+                "stim_composition": json.dumps(
+                    dict(zip(model.class_names, np.round(proportions(stim_pred, n_classes), 3).tolist()))
+                ),
+                "seconds": seconds,
+            }
+        )
     return rows
 
 
@@ -255,7 +327,7 @@ def split_reference(args, seed, cache):
         data = from_anndata(read(REFERENCE, args))
         data = most_variable(data, args.genes)
         order = np.random.default_rng(seed).permutation(data.n_cells)
-        cache[key] = data, order[data.n_cells // 2:], order[:data.n_cells // 2]
+        cache[key] = data, order[data.n_cells // 2 :], order[: data.n_cells // 2]
     return cache[key]
 
 
@@ -275,29 +347,48 @@ def unknown(args, seed, cache, out):
             start = time.time()
             # main: every cell's counts train the topics, labels of the known training cells only;
             # inductive: the training half without the left-out class's cells.
-            training = (without_class(data.hide_labels(train), label, keep_cells=True) if setting == "main"
-                        else without_class(data.subset(train), label))
+            training = (
+                without_class(data.hide_labels(train), label, keep_cells=True)
+                if setting == "main"
+                else without_class(data.subset(train), label)
+            )
             model = fit(training, args, seed, epochs=args.unknown_epochs)
             outputs = scm.predict(model, held_out)
             labelled = training.subset(training.labels >= 0)
             novelty = TopicNovelty.fit(scm.predict(model, labelled)["cell_topic"], labelled.labels)
-            scores = {score: (unassigned_score(outputs["probs"], score), unassigned(outputs["probs"], score))
-                      for score in UNASSIGNED_SCORES}
-            scores["topic_distance"] = (novelty.score(outputs["cell_topic"]),
-                                        novelty.unassigned(outputs["cell_topic"]))
+            scores = {
+                score: (unassigned_score(outputs["probs"], score), unassigned(outputs["probs"], score))
+                for score in UNASSIGNED_SCORES
+            }
+            scores["topic_distance"] = (novelty.score(outputs["cell_topic"]), novelty.unassigned(outputs["cell_topic"]))
             names, counts = np.unique(np.asarray(model.class_names)[outputs["label"][novel]], return_counts=True)
             for score, (values, flagged) in scores.items():
-                rows.append({"part": "unknown", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix",
-                             "setting": setting, "seed": seed, "left_out": name, "score": score,
-                             "novel_cells": int(novel.sum()), "auroc": float(roc_auc_score(novel, values)),
-                             "flagged_known": float(flagged[~novel].mean()),
-                             "flagged_novel": float(flagged[novel].mean()),
-                             "accuracy": float((outputs["label"][~novel] == known_truth).mean()),
-                             "novel_predicted_as": f"{names[counts.argmax()]} ({counts.max() / novel.sum():.0%})",
-                             "genes": model.n_genes, "epochs": args.unknown_epochs, "seconds": time.time() - start})
-            print(f"unknown {setting:<9} {name:<18} AUROC " + ", ".join(
-                f"{r['score']} {r['auroc']:.3f}" for r in rows[-len(scores):])
-                + f"; left-out cells mostly called {rows[-1]['novel_predicted_as']}", flush=True)
+                rows.append(
+                    {
+                        "part": "unknown",
+                        "dataset": f"{REFERENCE} held-out half",
+                        "method": "tfp_scmix",
+                        "setting": setting,
+                        "seed": seed,
+                        "left_out": name,
+                        "score": score,
+                        "novel_cells": int(novel.sum()),
+                        "auroc": float(roc_auc_score(novel, values)),
+                        "flagged_known": float(flagged[~novel].mean()),
+                        "flagged_novel": float(flagged[novel].mean()),
+                        "accuracy": float((outputs["label"][~novel] == known_truth).mean()),
+                        "novel_predicted_as": f"{names[counts.argmax()]} ({counts.max() / novel.sum():.0%})",
+                        "genes": model.n_genes,
+                        "epochs": args.unknown_epochs,
+                        "seconds": time.time() - start,
+                    }
+                )
+            print(
+                f"unknown {setting:<9} {name:<18} AUROC "
+                + ", ".join(f"{r['score']} {r['auroc']:.3f}" for r in rows[-len(scores) :])
+                + f"; left-out cells mostly called {rows[-1]['novel_predicted_as']}",
+                flush=True,
+            )
     return rows
 
 
@@ -308,13 +399,23 @@ def calibration(args, seed, cache, out):
     held_out = data.subset(test)
     probs = scm.predict(model, held_out)["probs"]
     if seed == args.seeds[0]:
-        reliability_diagram(probs, held_out.labels, out / f"reliability_{REFERENCE}.png",
-                            title=f"{REFERENCE} held-out half")
-    return [{"part": "calibration", "dataset": f"{REFERENCE} held-out half", "method": "tfp_scmix", "seed": seed,
-             "ece": expected_calibration_error(probs, held_out.labels),
-             "accuracy": float((probs.argmax(axis=1) == held_out.labels).mean()),
-             "mean_confidence": float(probs.max(axis=1).mean()), "genes": model.n_genes, "epochs": args.epochs,
-             "seconds": time.time() - start}]
+        reliability_diagram(
+            probs, held_out.labels, out / f"reliability_{REFERENCE}.png", title=f"{REFERENCE} held-out half"
+        )
+    return [
+        {
+            "part": "calibration",
+            "dataset": f"{REFERENCE} held-out half",
+            "method": "tfp_scmix",
+            "seed": seed,
+            "ece": expected_calibration_error(probs, held_out.labels),
+            "accuracy": float((probs.argmax(axis=1) == held_out.labels).mean()),
+            "mean_confidence": float(probs.max(axis=1).mean()),
+            "genes": model.n_genes,
+            "epochs": args.epochs,
+            "seconds": time.time() - start,
+        }
+    ]
 
 
 # -- results -----------------------------------------------------------------------------------------------
@@ -331,23 +432,41 @@ def summary_tables(frame):
 
     if (frame.part == "transfer").any():
         tables["Label transfer pbmc3k -> pbmc_sorted_zheng (coarse classes)"] = mean_over_seeds(
-            "transfer", ["method"],
-            ["accuracy", "errors", "macro_f1", "no_counterpart", "ece", "unassigned", "seconds"])
+            "transfer", ["method"], ["accuracy", "errors", "macro_f1", "no_counterpart", "ece", "unassigned", "seconds"]
+        )
     if (frame.part == "kang").any():
         tables["Stability kang_ctrl -> kang_stim"] = mean_over_seeds(
-            "kang", ["method"], ["composition_tvd", "agreement_pbmc3k", "ctrl_confidence", "stim_confidence",
-                                 "ctrl_unassigned", "stim_unassigned", "labelled", "seconds"])
+            "kang",
+            ["method"],
+            [
+                "composition_tvd",
+                "agreement_pbmc3k",
+                "ctrl_confidence",
+                "stim_confidence",
+                "ctrl_unassigned",
+                "stim_unassigned",
+                "labelled",
+                "seconds",
+            ],
+        )
     if (frame.part == "unknown").any():
-        table = mean_over_seeds("unknown", ["setting", "left_out", "score"],
-                                ["auroc", "flagged_known", "flagged_novel", "accuracy", "novel_cells"])
-        tables["Unknown cell types (pbmc3k, one class left out): AUROC of each unassigned score"] = table.pivot(
-            index=["setting", "left_out"], columns="score", values="auroc").round(3).reset_index()
+        table = mean_over_seeds(
+            "unknown",
+            ["setting", "left_out", "score"],
+            ["auroc", "flagged_known", "flagged_novel", "accuracy", "novel_cells"],
+        )
+        tables["Unknown cell types (pbmc3k, one class left out): AUROC of each unassigned score"] = (
+            table.pivot(index=["setting", "left_out"], columns="score", values="auroc").round(3).reset_index()
+        )
         tables["Unknown cell types: fraction of known and of left-out cells flagged at the default thresholds"] = (
-            table.pivot(index=["setting", "left_out"], columns="score", values=["flagged_known", "flagged_novel"])
-            .round(3))
+            table.pivot(
+                index=["setting", "left_out"], columns="score", values=["flagged_known", "flagged_novel"]
+            ).round(3)
+        )
     if (frame.part == "calibration").any():
         tables["Calibration in-dataset (pbmc3k held-out half)"] = mean_over_seeds(
-            "calibration", ["method"], ["ece", "accuracy", "mean_confidence", "seconds"])
+            "calibration", ["method"], ["ece", "accuracy", "mean_confidence", "seconds"]
+        )
     return tables
 
 
@@ -356,16 +475,20 @@ def goal_lines(frame):
     transfer_rows = frame[frame.part == "transfer"].groupby("method")["accuracy"].mean()
     for method in ("tfp_scmix", "tfp_scmix+adapt"):
         if method in transfer_rows:
-            lines.append(f"- transfer coarse accuracy, {method}: {transfer_rows[method]:.3f} "
-                         f"(goal >= {GOALS['transfer_accuracy']}; logistic regression "
-                         f"{transfer_rows.get('logistic_regression', float('nan')):.3f})")
+            lines.append(
+                f"- transfer coarse accuracy, {method}: {transfer_rows[method]:.3f} "
+                f"(goal >= {GOALS['transfer_accuracy']}; logistic regression "
+                f"{transfer_rows.get('logistic_regression', float('nan')):.3f})"
+            )
     unknown_rows = frame[frame.part == "unknown"]
-    for (setting, score), rows in (unknown_rows.groupby(["setting", "score"], sort=False) if len(unknown_rows) else []):
+    for (setting, score), rows in unknown_rows.groupby(["setting", "score"], sort=False) if len(unknown_rows) else []:
         by_class = rows.groupby("left_out")["auroc"].mean()
         flagged = rows["flagged_known"].mean()
-        lines.append(f"- unknown types ({setting} setting, {score} score): lowest AUROC {by_class.min():.3f} "
-                     f"({by_class.idxmin()}), {int((by_class >= GOALS['unknown_auroc']).sum())} of {len(by_class)} "
-                     f"classes reach the goal >= {GOALS['unknown_auroc']}; known cells flagged {flagged:.3f}")
+        lines.append(
+            f"- unknown types ({setting} setting, {score} score): lowest AUROC {by_class.min():.3f} "
+            f"({by_class.idxmin()}), {int((by_class >= GOALS['unknown_auroc']).sum())} of {len(by_class)} "
+            f"classes reach the goal >= {GOALS['unknown_auroc']}; known cells flagged {flagged:.3f}"
+        )
     ece = frame[(frame.part == "calibration")]["ece"]
     if len(ece):
         lines.append(f"- in-dataset ECE: {ece.mean():.3f} (goal <= {GOALS['ece_in_dataset']})")
@@ -373,9 +496,15 @@ def goal_lines(frame):
 
 
 def write_summary(frame, path):
-    text = ["# Cross-dataset benchmark", "",
-            "Written by `experiments/cross_dataset/run.py`; docs/cross_dataset.md explains the protocol and "
-            "the columns. Means over seeds.", "", *goal_lines(frame), ""]
+    text = [
+        "# Cross-dataset benchmark",
+        "",
+        "Written by `experiments/cross_dataset/run.py`; docs/cross_dataset.md explains the protocol and "
+        "the columns. Means over seeds.",
+        "",
+        *goal_lines(frame),
+        "",
+    ]
     for title, table in summary_tables(frame).items():
         if isinstance(table.columns, pd.MultiIndex):
             table.columns = [f"{score} {name}" for name, score in table.columns]
@@ -422,22 +551,35 @@ def build_parser():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the transfer, kang and calibration models")
     parser.add_argument("--unknown-epochs", type=int, default=50, help="epochs of each left-one-out model")
-    parser.add_argument("--unknown-settings", nargs="+", default=["main"], choices=["main", "inductive"],
-                        help="main: every cell's counts train the topics (left-out cells unlabelled); "
-                             "inductive: the left-out cells are never seen")
+    parser.add_argument(
+        "--unknown-settings",
+        nargs="+",
+        default=["main"],
+        choices=["main", "inductive"],
+        help="main: every cell's counts train the topics (left-out cells unlabelled); "
+        "inductive: the left-out cells are never seen",
+    )
     parser.add_argument("--adapt-epochs", type=int, default=30)
     parser.add_argument("--classifier-steps", type=int, default=2000)
-    parser.add_argument("--pseudo-label-entropy", type=float, default=UNASSIGNED_THRESHOLDS["entropy"],
-                        help="kang_ctrl cells whose normalised entropy under the pbmc3k model exceeds this stay "
-                             "unlabelled")
+    parser.add_argument(
+        "--pseudo-label-entropy",
+        type=float,
+        default=UNASSIGNED_THRESHOLDS["entropy"],
+        help="kang_ctrl cells whose normalised entropy under the pbmc3k model exceeds this stay unlabelled",
+    )
     parser.add_argument("--left-out", nargs="+", help="pbmc3k classes to leave out in turn (default: all)")
     parser.add_argument("--genes", type=int, default=2000, help="highly variable genes")
     parser.add_argument("--topics", type=int, default=50)
-    parser.add_argument("--restarts", type=int, default=1,
-                        help="models averaged (the package default is 3; these results were measured with 1)")
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="models averaged (the package default is 3; these results were measured with 1)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-cells", type=int,
-                        help="use at most this many random cells of each dataset (quick checks)")
+    parser.add_argument(
+        "--max-cells", type=int, help="use at most this many random cells of each dataset (quick checks)"
+    )
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
     return parser

@@ -43,11 +43,13 @@ def verdicts(main):
         ours, best = ours.iloc[0], peers.sort_values("errors").iloc[0]
         best_f1 = peers.macro_f1.max()
         ahead = ours.errors < best.errors and ours.macro_f1 > best_f1
-        lines.append(f"- {dataset}, {setting} setting, {labels} labels: tfp_scmix {ours.errors:g} errors "
-                     f"(macro-F1 {ours.macro_f1:.3f}); best peer {best.method} {best.errors:g} (best peer macro-F1 "
-                     f"{best_f1:.3f}): {'ahead of every peer' if ahead else 'NOT ahead of every peer'}; "
-                     f"{ours.errors / best.errors:.2f} x the best peer's errors (goal 0.5: "
-                     f"{'met' if ours.errors <= 0.5 * best.errors else 'not met'}).")
+        lines.append(
+            f"- {dataset}, {setting} setting, {labels} labels: tfp_scmix {ours.errors:g} errors "
+            f"(macro-F1 {ours.macro_f1:.3f}); best peer {best.method} {best.errors:g} (best peer macro-F1 "
+            f"{best_f1:.3f}): {'ahead of every peer' if ahead else 'NOT ahead of every peer'}; "
+            f"{ours.errors / best.errors:.2f} x the best peer's errors (goal 0.5: "
+            f"{'met' if ours.errors <= 0.5 * best.errors else 'not met'})."
+        )
     return lines
 
 
@@ -62,36 +64,64 @@ def noise_table(noisy, clean):
     keys = KEYS + ["seed"]
     merged = noisy.merge(clean[keys + ["errors"]], on=keys, suffixes=("", "_clean"))
     merged["increase"] = merged["errors"] - merged["errors_clean"]
-    return (merged.groupby(KEYS, sort=False)
-            .agg(errors_clean=("errors_clean", "mean"), errors_noisy=("errors", "mean"),
-                 increase=("increase", "mean"), seeds=("seed", "count")).round(1).reset_index())
+    return (
+        merged.groupby(KEYS, sort=False)
+        .agg(
+            errors_clean=("errors_clean", "mean"),
+            errors_noisy=("errors", "mean"),
+            increase=("increase", "mean"),
+            seeds=("seed", "count"),
+        )
+        .round(1)
+        .reset_index()
+    )
 
 
 def report(folder=HERE):
     main, ablation = read(folder), read(folder / "ablation")
     noisy, budgets, inductive = (read(folder / name) for name in ("label_noise", "budgets", "inductive"))
-    parts = ["# Few-shot benchmark report", "",
-             "Written by `./run experiments.few_shot.report` from the results.csv files of the runs listed in "
-             "`experiments/few_shot/run.py`. Errors are of 2000 test cells, means over seeds; tfp_scmix is the "
-             "package default (3 restarts averaged) unless the method says otherwise.", ""]
+    parts = [
+        "# Few-shot benchmark report",
+        "",
+        "Written by `./run experiments.few_shot.report` from the results.csv files of the runs listed in "
+        "`experiments/few_shot/run.py`. Errors are of 2000 test cells, means over seeds; tfp_scmix is the "
+        "package default (3 restarts averaged) unless the method says otherwise.",
+        "",
+    ]
     if main is not None:
-        parts += ["## Main setting: tfp_scmix against its peers", "", *verdicts(main), "",
-                  markdown_table(mean_table(main, ["marker_score", "marker_score_by_weight", "weights_above_0.1"])),
-                  ""]
+        parts += [
+            "## Main setting: tfp_scmix against its peers",
+            "",
+            *verdicts(main),
+            "",
+            markdown_table(mean_table(main, ["marker_score", "marker_score_by_weight", "weights_above_0.1"])),
+            "",
+        ]
         for dataset, group in main.groupby("dataset", sort=False):
             parts += [f"Per-class F1 on {dataset}:", "", markdown_table(per_class(group)), ""]
-        parts += ["`marker_score`: fraction of the design note's canonical pbmc3k markers among the top 30 genes "
-                  "(by lift over the background) of the most predictive topic of their class, averaged over the "
-                  "ensemble's members; `marker_score_by_weight` ranks genes by their weight in the topic instead. "
-                  "`weights_above_0.1`: fraction of class weights whose posterior mean exceeds 0.1 in size.", ""]
+        parts += [
+            "`marker_score`: fraction of the design note's canonical pbmc3k markers among the top 30 genes "
+            "(by lift over the background) of the most predictive topic of their class, averaged over the "
+            "ensemble's members; `marker_score_by_weight` ranks genes by their weight in the topic instead. "
+            "`weights_above_0.1`: fraction of class weights whose posterior mean exceeds 0.1 in size.",
+            "",
+        ]
     if ablation is not None:
-        parts += ["## Ablation (single models; pbmc3k)", "",
-                  markdown_table(mean_table(ablation, ["marker_score", "weights_above_0.1"])), ""]
+        parts += [
+            "## Ablation (single models; pbmc3k)",
+            "",
+            markdown_table(mean_table(ablation, ["marker_score", "weights_above_0.1"])),
+            "",
+        ]
     if noisy is not None:
         clean = pd.concat([f for f in (main, ablation) if f is not None])
         clean = clean[clean.label_noise == 0]
-        parts += ["## Label noise: 10% of the training labels flipped", "",
-                  markdown_table(noise_table(noisy, clean)), ""]
+        parts += [
+            "## Label noise: 10% of the training labels flipped",
+            "",
+            markdown_table(noise_table(noisy, clean)),
+            "",
+        ]
     for title, frame in (("Label budgets", budgets), ("Inductive setting (test cells held out)", inductive)):
         if frame is not None:
             parts += [f"## {title}", "", *verdicts(frame), "", markdown_table(mean_table(frame)), ""]

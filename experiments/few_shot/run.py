@@ -77,24 +77,38 @@ def lda_logistic(data, visible, test, labelled, seed):
 
 
 # Canonical markers of the design note, by pbmc3k's class names.
-PBMC3K_MARKERS = {"B cells": ["MS4A1", "CD79A"], "NK cells": ["GNLY", "NKG7"], "CD14+ Monocytes": ["CD14", "LYZ"],
-                  "FCGR3A+ Monocytes": ["FCGR3A", "MS4A7"], "Dendritic cells": ["FCER1A", "CST3"],
-                  "Megakaryocytes": ["PPBP", "PF4"], "CD8 T cells": ["CD8A"], "CD4 T cells": ["IL7R"]}
+PBMC3K_MARKERS = {
+    "B cells": ["MS4A1", "CD79A"],
+    "NK cells": ["GNLY", "NKG7"],
+    "CD14+ Monocytes": ["CD14", "LYZ"],
+    "FCGR3A+ Monocytes": ["FCGR3A", "MS4A7"],
+    "Dendritic cells": ["FCER1A", "CST3"],
+    "Megakaryocytes": ["PPBP", "PF4"],
+    "CD8 T cells": ["CD8A"],
+    "CD4 T cells": ["IL7R"],
+}
 
 # The ablation of issue 3, on single models (the default averages 3 restarts): how labels shape topics
 # ((a) joint, (b) cut = the default, (c) class-conditional prior, (d) joint with the label-noise-tolerant
 # likelihood; joint with a label weight of 0.01, below which the label term stops overwhelming the
 # count likelihood in the encoder), the prior on the class weights, the number of topics. The default itself is the
 # restarts row: compare "tfp_scmix" (the main table, same seeds) with "tfp_scmix:restarts=1".
-ABLATION = ["tfp_scmix:restarts=1", "tfp_scmix:restarts=1,label_mode=joint",
-            "tfp_scmix:restarts=1,label_mode=class_prior", "tfp_scmix:restarts=1,label_mode=joint,prior=santa_barbara",
-            "tfp_scmix:restarts=1,prior=horseshoe", "tfp_scmix:restarts=1,prior=santa_barbara",
-            "tfp_scmix:restarts=1,prior=normal", "tfp_scmix:restarts=1,n_topics=20",
-            "tfp_scmix:restarts=1,n_topics=100", "tfp_scmix:restarts=1,label_mode=joint,label_weight=0.01"]
+ABLATION = [
+    "tfp_scmix:restarts=1",
+    "tfp_scmix:restarts=1,label_mode=joint",
+    "tfp_scmix:restarts=1,label_mode=class_prior",
+    "tfp_scmix:restarts=1,label_mode=joint,prior=santa_barbara",
+    "tfp_scmix:restarts=1,prior=horseshoe",
+    "tfp_scmix:restarts=1,prior=santa_barbara",
+    "tfp_scmix:restarts=1,prior=normal",
+    "tfp_scmix:restarts=1,n_topics=20",
+    "tfp_scmix:restarts=1,n_topics=100",
+    "tfp_scmix:restarts=1,label_mode=joint,label_weight=0.01",
+]
 
 
 def parse_method(spec):
-    """"tfp_scmix:key=value,key=value" -> ("tfp_scmix", {key: value}) with numbers converted."""
+    """ "tfp_scmix:key=value,key=value" -> ("tfp_scmix", {key: value}) with numbers converted."""
     name, _, options = spec.partition(":")
     settings = {}
     for item in filter(None, options.split(",")):
@@ -117,12 +131,19 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=100, restarts=3, **set
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
     predicted = scm.predict(model, data.subset(test))["label"]
-    extras = {"weights_above_0.1": np.mean([(np.abs(m.classifier.class_weights(None).numpy()) > 0.1).mean()
-                                            for m in model.members])}
+    extras = {
+        "weights_above_0.1": np.mean(
+            [(np.abs(m.classifier.class_weights(None).numpy()) > 0.1).mean() for m in model.members]
+        )
+    }
     if set(PBMC3K_MARKERS) <= set(model.class_names):
         for by, key in (("lift", "marker_score"), ("weight", "marker_score_by_weight")):
-            extras[key] = np.mean([scm.explain.marker_score(model, PBMC3K_MARKERS, n_genes=30, by=by, member=i)[0]
-                                   for i in range(len(model.members))])
+            extras[key] = np.mean(
+                [
+                    scm.explain.marker_score(model, PBMC3K_MARKERS, n_genes=30, by=by, member=i)[0]
+                    for i in range(len(model.members))
+                ]
+            )
     return predicted, extras
 
 
@@ -135,8 +156,12 @@ def flip_labels(labels, labelled, fraction, n_classes, seed):
     return noisy
 
 
-PEERS = {"logistic_regression": logistic_regression, "linear_svm": linear_svm, "knn_pca": knn_pca,
-         "lda_logistic": lda_logistic}
+PEERS = {
+    "logistic_regression": logistic_regression,
+    "linear_svm": linear_svm,
+    "knn_pca": knn_pca,
+    "lda_logistic": lda_logistic,
+}
 
 
 def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_genes=2000, out=HERE):
@@ -154,13 +179,15 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
             for budget in budgets:
                 for seed in seeds:
                     test, labelled = few_shot_split(full.n_cells, N_TEST, budget, seed)
-                    visible = (np.arange(full.n_cells) if setting == "main"
-                               else np.setdiff1d(np.arange(full.n_cells), test))
+                    visible = (
+                        np.arange(full.n_cells) if setting == "main" else np.setdiff1d(np.arange(full.n_cells), test)
+                    )
                     data = most_variable(full, n_genes, cells=visible)
                     truth = data.labels[test]
                     if label_noise:
-                        data = dataclasses.replace(data, labels=flip_labels(data.labels, labelled, label_noise,
-                                                                             data.n_classes, seed))
+                        data = dataclasses.replace(
+                            data, labels=flip_labels(data.labels, labelled, label_noise, data.n_classes, seed)
+                        )
                     for spec in methods:
                         method, options = parse_method(spec)
                         start, extras = time.time(), {}
@@ -168,15 +195,27 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
                             predicted, extras = tfp_scmix(data, visible, test, labelled, seed, epochs=epochs, **options)
                         else:
                             predicted = PEERS[method](data, visible, test, labelled, seed)
-                        row = {"method": spec, "dataset": name, "setting": setting, "labels": budget,
-                               "label_noise": label_noise, "seed": seed, **scores(truth, predicted),
-                               "seconds": time.time() - start, **extras}
-                        per_class = f1_score(truth, predicted, average=None, labels=range(data.n_classes),
-                                             zero_division=0)
+                        row = {
+                            "method": spec,
+                            "dataset": name,
+                            "setting": setting,
+                            "labels": budget,
+                            "label_noise": label_noise,
+                            "seed": seed,
+                            **scores(truth, predicted),
+                            "seconds": time.time() - start,
+                            **extras,
+                        }
+                        per_class = f1_score(
+                            truth, predicted, average=None, labels=range(data.n_classes), zero_division=0
+                        )
                         row["per_class_f1"] = json.dumps(dict(zip(data.classes, np.round(per_class, 3).tolist())))
                         rows.append(row)
-                        print(f"{name} {setting} {budget} labels seed {seed} {spec:<28} errors {row['errors']:4d} "
-                              f"macro-F1 {row['macro_f1']:.3f} ({row['seconds']:.0f} s)", flush=True)
+                        print(
+                            f"{name} {setting} {budget} labels seed {seed} {spec:<28} errors {row['errors']:4d} "
+                            f"macro-F1 {row['macro_f1']:.3f} ({row['seconds']:.0f} s)",
+                            flush=True,
+                        )
                         # Keep what has been measured even if a later run is interrupted.
                         write_csv(merge_rows(kept, rows), out / "results.csv")
     frame = merge_rows(kept, rows)
@@ -201,8 +240,13 @@ EXTRA_SCORES = ("marker_score", "marker_score_by_weight", "weights_above_0.1")
 
 def mean_table(frame, keys=("dataset", "setting", "labels", "label_noise", "method"), extra=EXTRA_SCORES):
     """Mean errors of 2000, accuracy, macro-F1 (and the `extra` scores present) over seeds, per `keys`."""
-    columns = {"errors": ("errors", "mean"), "accuracy": ("accuracy", "mean"), "macro_f1": ("macro_f1", "mean"),
-               "seeds": ("seed", "count"), "seconds": ("seconds", "mean")}
+    columns = {
+        "errors": ("errors", "mean"),
+        "accuracy": ("accuracy", "mean"),
+        "macro_f1": ("macro_f1", "mean"),
+        "seeds": ("seed", "count"),
+        "seconds": ("seconds", "mean"),
+    }
     columns.update({name: (name, "mean") for name in extra if name in frame})
     return frame.groupby(list(keys), sort=False).agg(**columns).round(3).reset_index()
 
@@ -210,8 +254,9 @@ def mean_table(frame, keys=("dataset", "setting", "labels", "label_noise", "meth
 def write_summary(frame, path):
     """Mean errors of 2000, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
     summary = mean_table(frame)
-    write_text(path, "# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n"
-               + markdown_table(summary) + "\n")
+    write_text(
+        path, "# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n" + markdown_table(summary) + "\n"
+    )
     print(summary.to_string(index=False))
 
 
@@ -221,8 +266,12 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--budgets", nargs="+", type=int, default=[150])
     parser.add_argument("--settings", nargs="+", default=["main"], choices=["main", "inductive"])
-    parser.add_argument("--methods", nargs="+", default=["tfp_scmix", *PEERS],
-                        help='peers and tfp_scmix variants such as "tfp_scmix:prior=normal,restarts=3"')
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["tfp_scmix", *PEERS],
+        help='peers and tfp_scmix variants such as "tfp_scmix:prior=normal,restarts=3"',
+    )
     parser.add_argument("--ablation", action="store_true", help="run the tfp_scmix variants of the ablation only")
     parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped")
     parser.add_argument("--epochs", type=int, default=100)

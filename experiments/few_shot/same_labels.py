@@ -46,8 +46,10 @@ def main(argv=None):
         line = f"{name}: {int((result['label'] != data.labels[test]).sum())} errors of {len(test)}"
         if args.compare:
             other = np.load(Path(args.compare) / f"labels_{name}.npz")
-            line += (f"; labels equal to {args.compare}: {bool(np.array_equal(other['label'], result['label']))}, "
-                     f"largest probability difference {np.abs(other['probs'] - result['probs']).max():.2e}")
+            line += (
+                f"; labels equal to {args.compare}: {bool(np.array_equal(other['label'], result['label']))}, "
+                f"largest probability difference {np.abs(other['probs'] - result['probs']).max():.2e}"
+            )
         print(line, flush=True)
 
 

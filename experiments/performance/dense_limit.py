@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from experiments.common import write_json
 
 HERE = Path(__file__).parent
-LIMITS = {"old (2^22)": 2 ** 22, "new (2^25)": 2 ** 25}
+LIMITS = {"old (2^22)": 2**22, "new (2^25)": 2**25}
 
 
 def counts_data(n_cells=8192, n_genes=5000, density=0.128, seed=0):
@@ -32,8 +32,15 @@ def counts_data(n_cells=8192, n_genes=5000, density=0.128, seed=0):
     counts = sp.random(n_cells, n_genes, density=density, random_state=seed, format="csr", dtype=np.float32)
     counts.data = rng.integers(1, 6, counts.nnz).astype(np.float32)
     labels = np.where(rng.random(n_cells) < 0.05, rng.integers(0, 3, n_cells), -1).astype(np.int32)
-    return SCData(counts, np.array([f"g{i}" for i in range(n_genes)]), labels, ["a", "b", "c"],
-                  np.zeros(n_cells, np.int32), ["0"], np.array([f"c{i}" for i in range(n_cells)]))
+    return SCData(
+        counts,
+        np.array([f"g{i}" for i in range(n_genes)]),
+        labels,
+        ["a", "b", "c"],
+        np.zeros(n_cells, np.int32),
+        ["0"],
+        np.array([f"c{i}" for i in range(n_cells)]),
+    )
 
 
 def throughput(data, limit, batch_size=1024, steps=16):
@@ -70,8 +77,10 @@ def main(argv=None):
         for name, limit in LIMITS.items():
             rates[name].append(throughput(data, limit, steps=args.steps))
             print(f"{name}: {rates[name][-1]:,.0f} cell-passes/s", flush=True)
-    result = {"data": f"synthetic {args.cells:,} cells x 5,000 genes, 12.8% nonzero; batch 1,024; 20 topics",
-              "cell_passes_per_s": {name: float(np.mean(v)) for name, v in rates.items()}}
+    result = {
+        "data": f"synthetic {args.cells:,} cells x 5,000 genes, 12.8% nonzero; batch 1,024; 20 topics",
+        "cell_passes_per_s": {name: float(np.mean(v)) for name, v in rates.items()},
+    }
     result["ratio_new_over_old"] = result["cell_passes_per_s"]["new (2^25)"] / result["cell_passes_per_s"]["old (2^22)"]
     write_json(args.out, result, indent=1)
     print(json.dumps(result, indent=1))

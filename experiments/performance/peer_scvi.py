@@ -29,7 +29,7 @@ def main(config):
     torch.set_num_threads(config.get("threads", torch.get_num_threads()))
     adata = anndata.read_h5ad(config["path"])
     if config.get("max_cells") and adata.n_obs > config["max_cells"]:
-        adata = adata[:config["max_cells"]].copy()
+        adata = adata[: config["max_cells"]].copy()
     adata.obs = adata.obs[[]]
     scvi.model.SCVI.setup_anndata(adata)
     model = scvi.model.SCVI(adata, n_latent=config["n_latent"])
@@ -46,9 +46,19 @@ def main(config):
             self.cpu.append(time.process_time() - self.start_cpu)
 
     timer = EpochTimer()
-    model.train(max_epochs=config["epochs"], batch_size=config["batch_size"], accelerator="cpu", devices=1,
-                train_size=1.0, early_stopping=False, enable_progress_bar=False, callbacks=[timer],
-                enable_model_summary=False, logger=False, enable_checkpointing=False)
+    model.train(
+        max_epochs=config["epochs"],
+        batch_size=config["batch_size"],
+        accelerator="cpu",
+        devices=1,
+        train_size=1.0,
+        early_stopping=False,
+        enable_progress_bar=False,
+        callbacks=[timer],
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
     timed = timer.times[1:] or timer.times
     timed_cpu = timer.cpu[1:] or timer.cpu
     train_rate = adata.n_obs * len(timed) / sum(timed)
@@ -57,13 +67,23 @@ def main(config):
     model.get_latent_representation(batch_size=config["predict_batch_size"])
     predict_rate = adata.n_obs / (time.perf_counter() - start)
     predict_cpu_rate = adata.n_obs / (time.process_time() - cpu)
-    print(json.dumps({"train_cells_per_s": train_rate, "predict_cells_per_s": predict_rate,
-                      "train_cells_per_cpu_s": adata.n_obs * len(timed_cpu) / sum(timed_cpu),
-                      "predict_cells_per_cpu_s": predict_cpu_rate,
-                      "n_cells": adata.n_obs, "timed_epochs": len(timed), "epoch_seconds": timed,
-                      "peak_rss_mb": peak_rss_mb(),
-                      "version": scvi.__version__, "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "train_cells_per_s": train_rate,
+                "predict_cells_per_s": predict_rate,
+                "train_cells_per_cpu_s": adata.n_obs * len(timed_cpu) / sum(timed_cpu),
+                "predict_cells_per_cpu_s": predict_cpu_rate,
+                "n_cells": adata.n_obs,
+                "timed_epochs": len(timed),
+                "epoch_seconds": timed,
+                "peak_rss_mb": peak_rss_mb(),
+                "version": scvi.__version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

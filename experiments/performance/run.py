@@ -90,7 +90,7 @@ def gene_panel(counts, genes, n_genes, seed=0):
         return counts[:, keep].tocsr(), genes[keep]
     rng = np.random.default_rng(seed)
     extra = n_genes - len(genes)
-    low = order[len(order) // 2:]  # extra genes are drawn from the low-expression half, as added genes would be
+    low = order[len(order) // 2 :]  # extra genes are drawn from the low-expression half, as added genes would be
     columns = counts.tocsc()[:, rng.choice(low, extra)]
     shuffled = columns.tocsr()[rng.permutation(counts.shape[0])]
     names = np.concatenate([genes, [f"resampled_gene{i}" for i in range(extra)]])
@@ -121,8 +121,9 @@ def write_h5ad(path, chunks, n_cells, genes):
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
         x = f.create_group("X")
-        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
-                        "shape": np.array([n_cells, len(genes)])})
+        x.attrs.update(
+            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": np.array([n_cells, len(genes)])}
+        )
         data = x.create_dataset("data", (0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
         indices = x.create_dataset("indices", (0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
         indptr = x.create_dataset("indptr", (n_cells + 1,), dtype=np.int64)
@@ -134,14 +135,16 @@ def write_h5ad(path, chunks, n_cells, genes):
             indices.resize((nnz + n,))
             data[nnz:] = chunk.data
             indices[nnz:] = chunk.indices
-            indptr[row + 1:row + 1 + chunk.shape[0]] = chunk.indptr[1:] + nnz
+            indptr[row + 1 : row + 1 + chunk.shape[0]] = chunk.indptr[1:] + nnz
             row, nnz = row + chunk.shape[0], nnz + n
             conditions.append(condition)
         if row != n_cells:
             raise RuntimeError(f"wrote {row} cells, expected {n_cells}")
         condition = np.concatenate(conditions)
-        obs = pd.DataFrame({"cell_type": labels_for(condition, rng), "condition": condition},
-                           index=[f"cell{i}" for i in range(n_cells)])
+        obs = pd.DataFrame(
+            {"cell_type": labels_for(condition, rng), "condition": condition},
+            index=[f"cell{i}" for i in range(n_cells)],
+        )
         anndata.io.write_elem(f, "obs", obs)
         anndata.io.write_elem(f, "var", pd.DataFrame(index=np.asarray(genes, dtype=str)))
     return path
@@ -185,8 +188,8 @@ def file_stats(path):
         n_cells, n_genes = (int(s) for s in f["X"].attrs["shape"])
         nnz = f["X"]["data"].shape[0]
         sample = min(n_cells, 20_000)
-        pointers = f["X"]["indptr"][:sample + 1]
-        library = np.add.reduceat(f["X"]["data"][:pointers[-1]], pointers[:-1]) if sample else np.zeros(0)
+        pointers = f["X"]["indptr"][: sample + 1]
+        library = np.add.reduceat(f["X"]["data"][: pointers[-1]], pointers[:-1]) if sample else np.zeros(0)
     return n_cells, n_genes, nnz / (n_cells * n_genes), float(np.median(library))
 
 
@@ -251,13 +254,22 @@ def child_ours(cfg):
         model.fit(dataset, epochs=1, steps_per_epoch=cfg["max_steps"], verbose=0, callbacks=[timer])
     except Exception as err:  # e.g. XLA refusing an op: recorded as the result of this measurement
         message = str(err)
-        detail = next((line for line in message.splitlines() if "unsupported" in line.lower()
-                       or "No registered" in line or "must be a compile-time constant" in line), message[:300])
+        detail = next(
+            (
+                line
+                for line in message.splitlines()
+                if "unsupported" in line.lower() or "No registered" in line or "must be a compile-time constant" in line
+            ),
+            message[:300],
+        )
         return {**result, "error": f"{type(err).__name__}: {detail.strip()[:400]}"}
     steps, cells = len(timer.times) - 1, (len(timer.times) - 1) * cfg["batch_size"]
-    result.update(train_cells_per_s=cells / (timer.times[-1] - timer.times[0]),
-                  train_cells_per_cpu_s=cells / (timer.cpu[-1] - timer.cpu[0]), timed_steps=steps,
-                  train_peak_rss_mb=peak_rss_mb())
+    result.update(
+        train_cells_per_s=cells / (timer.times[-1] - timer.times[0]),
+        train_cells_per_cpu_s=cells / (timer.cpu[-1] - timer.cpu[0]),
+        timed_steps=steps,
+        train_peak_rss_mb=peak_rss_mb(),
+    )
     if cfg.get("predict"):
         data = data if cfg["mode"] == "memory" else stream.to_data(np.arange(stream.n_cells))
         scm.predict(model, data.subset(np.arange(min(2048, data.n_cells))), batch_size=cfg["predict_batch_size"])
@@ -276,14 +288,24 @@ def child_lda(cfg):
 
     baseline = rss_mb()
     counts = sp.csr_matrix(anndata.read_h5ad(cfg["path"]).X)
-    train = counts[:cfg["max_cells"]] if cfg.get("max_cells") else counts
+    train = counts[: cfg["max_cells"]] if cfg.get("max_cells") else counts
     # n_jobs: its E-step on every core, as the other methods use every thread (1.3x faster on 2 cores than 1 job).
-    lda = LatentDirichletAllocation(n_components=cfg["n_topics"], learning_method="online", max_iter=1,
-                                    total_samples=train.shape[0], random_state=0, n_jobs=cfg["threads"])
+    lda = LatentDirichletAllocation(
+        n_components=cfg["n_topics"],
+        learning_method="online",
+        max_iter=1,
+        total_samples=train.shape[0],
+        random_state=0,
+        n_jobs=cfg["threads"],
+    )
     start, cpu = time.perf_counter(), cpu_s()
     lda.fit(train)
-    result = {"train_cells_per_s": train.shape[0] / (time.perf_counter() - start), "train_cells": train.shape[0],
-              "train_cells_per_cpu_s": train.shape[0] / (cpu_s() - cpu), "baseline_rss_mb": baseline}
+    result = {
+        "train_cells_per_s": train.shape[0] / (time.perf_counter() - start),
+        "train_cells": train.shape[0],
+        "train_cells_per_cpu_s": train.shape[0] / (cpu_s() - cpu),
+        "baseline_rss_mb": baseline,
+    }
     if cfg.get("predict"):
         start, cpu = time.perf_counter(), cpu_s()
         lda.transform(counts)
@@ -327,12 +349,18 @@ def child_kernel(cfg):
         return tf.function(run)
 
     def autodiff(cell_topic, topic_gene, indices):  # the plain product, differentiated by TensorFlow
-        return tf.reduce_sum(tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]),
-                             axis=-1)
+        return tf.reduce_sum(
+            tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]), axis=-1
+        )
 
     result = {"nnz": int(counts.values.shape[0])}
-    for name, fn in (("graph", likelihood(False)), ("xla", likelihood(True)), ("rate_autodiff", product(autodiff)),
-                     ("rate_graph", product(lambda *a: topic_rate(*a, jit=False))), ("rate_xla", product(topic_rate))):
+    for name, fn in (
+        ("graph", likelihood(False)),
+        ("xla", likelihood(True)),
+        ("rate_autodiff", product(autodiff)),
+        ("rate_graph", product(lambda *a: topic_rate(*a, jit=False))),
+        ("rate_xla", product(topic_rate)),
+    ):
         try:
             fn()
             start = time.perf_counter()
@@ -354,8 +382,14 @@ def run_child(kind, cfg, timeout):
     else:
         command = [sys.executable, "-m", "experiments.performance.run", "--child", kind, json.dumps(cfg)]
     threads = str(cfg["threads"])
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads,
-           "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -379,8 +413,13 @@ def ensure_scvi(log):
     try:
         subprocess.run([sys.executable, "-m", "venv", str(SCVI_ENV)], check=True, capture_output=True)
         for packages in SCVI_PACKAGES:
-            subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True,
-                           capture_output=True, text=True, timeout=1800)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", *packages],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         detail = getattr(err, "stderr", "") or ""
         return f"scvi-tools did not install ({type(err).__name__}: {detail.strip().splitlines()[-1:] or ''})"
@@ -413,16 +452,23 @@ def plan(quick, targets_only=False):
         for batch_size in (128, 1024) if k == topics[0] else (128,):
             jobs.append(("scvi", ref, dict(n_latent=k, batch_size=batch_size, epochs=2, predict_batch_size=1024)))
         for name in by_cells[1:2] + by_genes[1:]:
-            jobs.append(("scvi", name, dict(n_latent=k, batch_size=128, epochs=2, max_cells=20_000,
-                                            predict_batch_size=1024)))
+            jobs.append(
+                ("scvi", name, dict(n_latent=k, batch_size=128, epochs=2, max_cells=20_000, predict_batch_size=1024))
+            )
     for name in by_cells:  # streaming from disk: memory should not grow with the cells
         jobs.append(("ours", name, dict(common, mode="stream", n_topics=topics[0], batch_size=batch)))
     jobs.append(("ours", ref, dict(common, mode="memory", n_topics=topics[0], batch_size=batch, jit=True)))
     jobs.append(("kernel", ref, dict(n_topics=topics[0], batch_size=batch, repeats=5 if quick else 20)))
     if targets_only:  # the rows of the targets: the reference data, the first number of topics, every method
-        jobs = [(kind, name, cfg) for kind, name, cfg in jobs if name == ref and kind != "kernel"
-                and cfg.get("n_topics", cfg.get("n_latent")) == topics[0] and cfg.get("mode", "memory") == "memory"
-                and not cfg.get("jit")]
+        jobs = [
+            (kind, name, cfg)
+            for kind, name, cfg in jobs
+            if name == ref
+            and kind != "kernel"
+            and cfg.get("n_topics", cfg.get("n_latent")) == topics[0]
+            and cfg.get("mode", "memory") == "memory"
+            and not cfg.get("jit")
+        ]
         sizes = sizes[:1]
     return sizes, jobs
 
@@ -430,12 +476,19 @@ def plan(quick, targets_only=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a check that the script works)")
-    parser.add_argument("--targets", action="store_true",
-                        help="only the target rows (Kang data, 20 topics, every method; about 2 minutes)")
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="only the target rows (Kang data, 20 topics, every method; about 2 minutes)",
+    )
     parser.add_argument("--peers", default="lda,scvi", help="comma-separated peers to measure: lda, scvi")
     parser.add_argument("--out", default=str(HERE), help="folder for results.md and results.json")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="threads of every method (TensorFlow pools, PyTorch, BLAS/OpenMP); default all cores")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="threads of every method (TensorFlow pools, PyTorch, BLAS/OpenMP); default all cores",
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -461,16 +514,26 @@ def main(argv=None):
         result = run_child(kind, {**cfg, "path": files[name], "threads": args.threads}, timeout=900)
         results.append({"method": kind, "data": name, **cfg, **result})
         shown = {k: v for k, v in cfg.items() if k in ("mode", "n_topics", "n_latent", "batch_size", "jit")}
-        log(f"{kind:6s} {name:16s} {json.dumps(shown)} -> "
-            + (result.get("error") or f"train {result.get('train_cells_per_s', float('nan')):.0f} cells/s, "
-               f"predict {result.get('predict_cells_per_s', float('nan')):.0f} cells/s, "
-               f"peak {result.get('peak_rss_mb', float('nan')):.0f} MB"))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "targets_only": args.targets,
-            "machine": machine(), "threads": args.threads,
-            "load_average_start": load_start, "load_average_end": os.getloadavg(),
-            "minutes": (time.time() - started) / 60, "data": {n: dict(zip(("cells", "genes", "nonzero",
-                                                                           "median_library"), s))
-                                                               for n, s in stats.items()}}
+        log(
+            f"{kind:6s} {name:16s} {json.dumps(shown)} -> "
+            + (
+                result.get("error")
+                or f"train {result.get('train_cells_per_s', float('nan')):.0f} cells/s, "
+                f"predict {result.get('predict_cells_per_s', float('nan')):.0f} cells/s, "
+                f"peak {result.get('peak_rss_mb', float('nan')):.0f} MB"
+            )
+        )
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "quick": args.quick,
+        "targets_only": args.targets,
+        "machine": machine(),
+        "threads": args.threads,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "minutes": (time.time() - started) / 60,
+        "data": {n: dict(zip(("cells", "genes", "nonzero", "median_library"), s)) for n, s in stats.items()},
+    }
     stem = "results_targets" if args.targets else "results"
     write_results(Path(args.out), meta, results, stem)
     log(f"wrote {Path(args.out) / (stem + '.md')}")
@@ -482,10 +545,18 @@ def machine():
     import sklearn
     import tensorflow as tf
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "scikit-learn": sklearn.__version__}
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
 
 
 # -- the results file --------------------------------------------------------------------------
@@ -502,6 +573,7 @@ def _fmt(value, digits=0):
 
 def render(meta, results):
     """results.md: the target check, the size grid with ratios, streaming memory, XLA."""
+
     def find(method, data, **keys):
         for r in results:
             if r["method"] == method and r["data"] == data and all(r.get(k) == v for k, v in keys.items()):
@@ -521,18 +593,25 @@ def render(meta, results):
     k0 = topics[0]
     big_batch = max(r["batch_size"] for r in results if r["method"] == "ours")
     kind = "quick check" if meta["quick"] else "target rows" if meta.get("targets_only") else "full grid"
-    lines = [f"# Performance benchmark ({kind})", "",
-             f"Written by `experiments/performance/run.py` on {meta['date']} in {meta['minutes']:.1f} min. "
-             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, shared with other jobs "
-             f"(load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
-             f"at the end: absolute numbers move with that load; the ratios are measured side by side). "
-             f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}, scikit-learn "
-             f"{meta['machine']['scikit-learn']}. Every method ran with {meta['threads']} thread(s) "
-             "(TensorFlow's pools, PyTorch, BLAS/OpenMP).", "",
-             "Data (cells x genes, nonzero fraction, median library size):", ""]
+    lines = [
+        f"# Performance benchmark ({kind})",
+        "",
+        f"Written by `experiments/performance/run.py` on {meta['date']} in {meta['minutes']:.1f} min. "
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, shared with other jobs "
+        f"(load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
+        f"at the end: absolute numbers move with that load; the ratios are measured side by side). "
+        f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}, scikit-learn "
+        f"{meta['machine']['scikit-learn']}. Every method ran with {meta['threads']} thread(s) "
+        "(TensorFlow's pools, PyTorch, BLAS/OpenMP).",
+        "",
+        "Data (cells x genes, nonzero fraction, median library size):",
+        "",
+    ]
     for name, d in data.items():
-        lines.append(f"- `{name}`: {d['cells']:,} x {d['genes']:,}, {d['nonzero']:.1%} nonzero, median library "
-                     f"{d['median_library']:,.0f}")
+        lines.append(
+            f"- `{name}`: {d['cells']:,} x {d['genes']:,}, {d['nonzero']:.1%} nonzero, median library "
+            f"{d['median_library']:,.0f}"
+        )
     # Target check on the reference.
     ours = find("ours", ref, mode="memory", n_topics=k0, batch_size=big_batch, jit=None)
     ours_small = find("ours", ref, mode="memory", n_topics=k0, batch_size=256, jit=None)
@@ -543,42 +622,78 @@ def render(meta, results):
     def best(key):
         return max((rate(r, key) or 0 for r in (scvi_default, scvi_big)), default=0) or None
 
-    lines += ["", f"## Targets on `{ref}` with {k0} topics", "",
-              "Wall-clock rates, and in brackets cells per CPU-second of the process (all its threads), which "
-              "the other jobs on this shared machine disturb much less: the ratios by CPU time are the fairer "
-              "comparison here.", "",
-              "| measure | tfp_scmix | LDA (sklearn, online) | scVI | ours / LDA | ours / scVI | target | met |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Targets on `{ref}` with {k0} topics",
+        "",
+        "Wall-clock rates, and in brackets cells per CPU-second of the process (all its threads), which "
+        "the other jobs on this shared machine disturb much less: the ratios by CPU time are the fairer "
+        "comparison here.",
+        "",
+        "| measure | tfp_scmix | LDA (sklearn, online) | scVI | ours / LDA | ours / scVI | target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def row(label, key, ours_row, lda_row, target, check):
         cpu_key = key.replace("_per_s", "_per_cpu_s")
         a, b, c = rate(ours_row, key), rate(lda_row, key), best(key)
         a_cpu, b_cpu, c_cpu = rate(ours_row, cpu_key), rate(lda_row, cpu_key), best(cpu_key)
         met = [check(*values) for values in ((a, b, c), (a_cpu, b_cpu, c_cpu))]
-        lines.append(f"| {label} | {_fmt(a)} ({_fmt(a_cpu)}) | {_fmt(b)} ({_fmt(b_cpu)}) | {_fmt(c)} ({_fmt(c_cpu)}) "
-                     f"| {_fmt(ratio(a, b), 1)} ({_fmt(ratio(a_cpu, b_cpu), 1)}) "
-                     f"| {_fmt(ratio(a, c), 2)} ({_fmt(ratio(a_cpu, c_cpu), 2)}) | {target} "
-                     f"| {'yes' if met[0] else 'no'} ({'yes' if met[1] else 'no'}) |")
+        lines.append(
+            f"| {label} | {_fmt(a)} ({_fmt(a_cpu)}) | {_fmt(b)} ({_fmt(b_cpu)}) | {_fmt(c)} ({_fmt(c_cpu)}) "
+            f"| {_fmt(ratio(a, b), 1)} ({_fmt(ratio(a_cpu, b_cpu), 1)}) "
+            f"| {_fmt(ratio(a, c), 2)} ({_fmt(ratio(a_cpu, c_cpu), 2)}) | {target} "
+            f"| {'yes' if met[0] else 'no'} ({'yes' if met[1] else 'no'}) |"
+        )
 
-    row(f"training, cell-passes/s (ours: batch {big_batch}; scVI: best of batch 128 and 1024)", "train_cells_per_s",
-        ours, lda, "ours >= 20 x LDA and >= 2 x scVI",
-        lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c)
+    row(
+        f"training, cell-passes/s (ours: batch {big_batch}; scVI: best of batch 128 and 1024)",
+        "train_cells_per_s",
+        ours,
+        lda,
+        "ours >= 20 x LDA and >= 2 x scVI",
+        lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c,
+    )
     if ours_small:
-        row("training at the package default batch 256", "train_cells_per_s", ours_small, lda,
-            "ours >= 20 x LDA and >= 2 x scVI", lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c)
-    row("prediction, cells/s (batch 1024)", "predict_cells_per_s", ours, lda, ">= 200,000 cells/s",
-        lambda a, b, c: a is not None and a >= 200_000)
-    lines += ["", f"scVI per batch size on `{ref}`: " + "; ".join(
-        f"batch {r.get('batch_size')}: train {_fmt(rate(r))} ({_fmt(rate(r, 'train_cells_per_cpu_s'))} per CPU-s), "
-        f"encode {_fmt(rate(r, 'predict_cells_per_s'))} cells/s"
-        if not r.get("error") else f"batch {r.get('batch_size')}: {r['error']}"
-        for r in results if r["method"] == "scvi" and r["data"] == ref and r.get("n_latent") == k0)]
+        row(
+            "training at the package default batch 256",
+            "train_cells_per_s",
+            ours_small,
+            lda,
+            "ours >= 20 x LDA and >= 2 x scVI",
+            lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c,
+        )
+    row(
+        "prediction, cells/s (batch 1024)",
+        "predict_cells_per_s",
+        ours,
+        lda,
+        ">= 200,000 cells/s",
+        lambda a, b, c: a is not None and a >= 200_000,
+    )
+    lines += [
+        "",
+        f"scVI per batch size on `{ref}`: "
+        + "; ".join(
+            f"batch {r.get('batch_size')}: train {_fmt(rate(r))} ({_fmt(rate(r, 'train_cells_per_cpu_s'))} per CPU-s), "
+            f"encode {_fmt(rate(r, 'predict_cells_per_s'))} cells/s"
+            if not r.get("error")
+            else f"batch {r.get('batch_size')}: {r['error']}"
+            for r in results
+            if r["method"] == "scvi" and r["data"] == ref and r.get("n_latent") == k0
+        ),
+    ]
     if meta.get("targets_only"):
         return "\n".join(lines) + "\n"
     # The grid.
-    lines += ["", "## Size grid (training in memory; each row its own process)", "",
-              "| data | topics | tfp_scmix cells/s | peak MB | LDA cells/s | peak MB | scVI cells/s | peak MB "
-              "| ours / LDA (by CPU time) | ours / scVI (by CPU time) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Size grid (training in memory; each row its own process)",
+        "",
+        "| data | topics | tfp_scmix cells/s | peak MB | LDA cells/s | peak MB | scVI cells/s | peak MB "
+        "| ours / LDA (by CPU time) | ours / scVI (by CPU time) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     cpu = "train_cells_per_cpu_s"
     for k in topics:
         for name in names:
@@ -588,45 +703,74 @@ def render(meta, results):
             lr, sr = find("lda", name, n_topics=k), find("scvi", name, n_latent=k, batch_size=128)
             if not o:
                 continue
-            lines.append(f"| `{name}` | {k} | {_fmt(rate(o))} | {_fmt(o.get('peak_rss_mb'))} | {_fmt(rate(lr))} "
-                         f"| {_fmt(lr.get('peak_rss_mb'))} | {_fmt(rate(sr))} | {_fmt(sr.get('peak_rss_mb'))} "
-                         f"| {_fmt(ratio(rate(o), rate(lr)), 1)} ({_fmt(ratio(rate(o, cpu), rate(lr, cpu)), 1)}) "
-                         f"| {_fmt(ratio(rate(o), rate(sr)), 2)} ({_fmt(ratio(rate(o, cpu), rate(sr, cpu)), 2)}) |")
+            lines.append(
+                f"| `{name}` | {k} | {_fmt(rate(o))} | {_fmt(o.get('peak_rss_mb'))} | {_fmt(rate(lr))} "
+                f"| {_fmt(lr.get('peak_rss_mb'))} | {_fmt(rate(sr))} | {_fmt(sr.get('peak_rss_mb'))} "
+                f"| {_fmt(ratio(rate(o), rate(lr)), 1)} ({_fmt(ratio(rate(o, cpu), rate(lr, cpu)), 1)}) "
+                f"| {_fmt(ratio(rate(o), rate(sr)), 2)} ({_fmt(ratio(rate(o, cpu), rate(sr, cpu)), 2)}) |"
+            )
     errors = [r for r in results if r.get("error") and not r.get("jit")]
     if errors:
-        lines += ["", "Measurements that did not complete: " + "; ".join(
-            f"{r['method']} on `{r['data']}`: {r['error']}" for r in errors)]
+        lines += [
+            "",
+            "Measurements that did not complete: "
+            + "; ".join(f"{r['method']} on `{r['data']}`: {r['error']}" for r in errors),
+        ]
     # Streaming.
-    lines += ["", f"## Streaming from disk (`H5ADStream`, {k0} topics, batch {big_batch})", "",
-              "| data | cells | tfp_scmix cells/s | peak MB | after imports MB | peak minus baseline MB | "
-              "counts in memory would be MB |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Streaming from disk (`H5ADStream`, {k0} topics, batch {big_batch})",
+        "",
+        "| data | cells | tfp_scmix cells/s | peak MB | after imports MB | peak minus baseline MB | "
+        "counts in memory would be MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in names:
         r = find("ours", name, mode="stream")
         if not r:
             continue
-        in_memory = data[name]["cells"] * data[name]["genes"] * data[name]["nonzero"] * 8 / 2 ** 20
+        in_memory = data[name]["cells"] * data[name]["genes"] * data[name]["nonzero"] * 8 / 2**20
         peak, base = r.get("train_peak_rss_mb"), r.get("baseline_rss_mb")
-        lines.append(f"| `{name}` | {data[name]['cells']:,} | {_fmt(rate(r))} | {_fmt(peak)} | {_fmt(base)} | "
-                     f"{_fmt(peak - base if peak and base else None)} | {_fmt(in_memory)} |")
+        lines.append(
+            f"| `{name}` | {data[name]['cells']:,} | {_fmt(rate(r))} | {_fmt(peak)} | {_fmt(base)} | "
+            f"{_fmt(peak - base if peak and base else None)} | {_fmt(in_memory)} |"
+        )
     # XLA.
     jit = find("ours", ref, jit=True)
     kernel = find("kernel", ref)
-    lines += ["", "## XLA", "", "- `model.compile(jit_compile=True)`, full training step: "
-              + (f"**fails**: {jit['error']}" if jit.get("error") else
-                 "Keras declined XLA for this model and trained without it" if not jit.get("jit_effective") else
-                 f"{_fmt(rate(jit))} cells/s (graph mode: {_fmt(rate(ours))})"),
-              f"- The count likelihood alone (`multinomial_log_prob` forward + gradient, one minibatch of "
-              f"{big_batch} cells, {kernel.get('nnz', 0):,} nonzeros, {k0} topics): its nonzero product in graph mode "
-              f"{_fmt(kernel.get('graph_ms'), 1)} ms, compiled with XLA {_fmt(kernel.get('xla_ms'), 1)} ms"
-              + (f" ({kernel['graph_ms'] / kernel['xla_ms']:.1f}x)"
-                 if kernel.get("xla_ms") and kernel.get("graph_ms") else "")
-              + (f"; XLA error: {kernel['xla_error']}" if kernel.get("xla_error") else "") + ".",
-              f"- Its topic-rate product (the gather-multiply-sum over nonzeros) with its gradient: differentiated by "
-              f"TensorFlow {_fmt(kernel.get('rate_autodiff_ms'), 1)} ms; `tfp_scmix.sparse_ops.topic_rate` (gradient "
-              f"by two sparse-dense products) {_fmt(kernel.get('rate_graph_ms'), 1)} ms in graph mode, "
-              f"{_fmt(kernel.get('rate_xla_ms'), 1)} ms with its forward compiled by XLA (padded nonzeros)"
-              + (f" ({kernel['rate_autodiff_ms'] / kernel['rate_xla_ms']:.1f}x the automatic gradient)"
-                 if kernel.get("rate_xla_ms") and kernel.get("rate_autodiff_ms") else "") + "."]
+    lines += [
+        "",
+        "## XLA",
+        "",
+        "- `model.compile(jit_compile=True)`, full training step: "
+        + (
+            f"**fails**: {jit['error']}"
+            if jit.get("error")
+            else "Keras declined XLA for this model and trained without it"
+            if not jit.get("jit_effective")
+            else f"{_fmt(rate(jit))} cells/s (graph mode: {_fmt(rate(ours))})"
+        ),
+        f"- The count likelihood alone (`multinomial_log_prob` forward + gradient, one minibatch of "
+        f"{big_batch} cells, {kernel.get('nnz', 0):,} nonzeros, {k0} topics): its nonzero product in graph mode "
+        f"{_fmt(kernel.get('graph_ms'), 1)} ms, compiled with XLA {_fmt(kernel.get('xla_ms'), 1)} ms"
+        + (
+            f" ({kernel['graph_ms'] / kernel['xla_ms']:.1f}x)"
+            if kernel.get("xla_ms") and kernel.get("graph_ms")
+            else ""
+        )
+        + (f"; XLA error: {kernel['xla_error']}" if kernel.get("xla_error") else "")
+        + ".",
+        f"- Its topic-rate product (the gather-multiply-sum over nonzeros) with its gradient: differentiated by "
+        f"TensorFlow {_fmt(kernel.get('rate_autodiff_ms'), 1)} ms; `tfp_scmix.sparse_ops.topic_rate` (gradient "
+        f"by two sparse-dense products) {_fmt(kernel.get('rate_graph_ms'), 1)} ms in graph mode, "
+        f"{_fmt(kernel.get('rate_xla_ms'), 1)} ms with its forward compiled by XLA (padded nonzeros)"
+        + (
+            f" ({kernel['rate_autodiff_ms'] / kernel['rate_xla_ms']:.1f}x the automatic gradient)"
+            if kernel.get("rate_xla_ms") and kernel.get("rate_autodiff_ms")
+            else ""
+        )
+        + ".",
+    ]
     lines += ["", "## How it was measured", "", __doc__.split("Measures.")[1].split("Writes results")[0].strip(), ""]
     return "\n".join(lines) + "\n"
 

@@ -68,9 +68,23 @@ print(json.dumps({"seconds": round(seconds, 1), "rss_before_mb": round(base, 1),
 
 def measure(method, model_path, data_path, chunk_size, work, n_first, timeout):
     first = work / f"{method}.npy"
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(MEASURE), method, str(model_path), str(data_path),
-                           str(chunk_size), str(first), str(n_first)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(MEASURE),
+            method,
+            str(model_path),
+            str(data_path),
+            str(chunk_size),
+            str(first),
+            str(n_first),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{method} prediction failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]), np.load(first)
@@ -105,25 +119,37 @@ def main(argv=None):
             model = load_model(model_path)
         else:
             labelled = np.random.default_rng(0).permutation(data.n_cells)[:150]
-            model = scm.train(data.hide_labels(labelled), scm.Config(classifier_steps=500), restarts=1,
-                              epochs=args.epochs, verbose=0)
+            model = scm.train(
+                data.hide_labels(labelled), scm.Config(classifier_steps=500), restarts=1, epochs=args.epochs, verbose=0
+            )
             model_path = scm.save_model(model, work / "model.keras")
         train_seconds = time.time() - start
         expected = scm.predict(model, data.select_genes(model.genes))["probs"]
         copies = -(-args.cells // data.n_cells)
-        counts = sp.vstack([data.counts] * copies, format="csr")[:args.cells]
-        big = anndata.AnnData(X=counts, obs=pd.DataFrame(index=[f"cell{i}" for i in range(args.cells)]),
-                              var=pd.DataFrame(index=data.genes))
+        counts = sp.vstack([data.counts] * copies, format="csr")[: args.cells]
+        big = anndata.AnnData(
+            X=counts,
+            obs=pd.DataFrame(index=[f"cell{i}" for i in range(args.cells)]),
+            var=pd.DataFrame(index=data.genes),
+        )
         big[:, ::-1].write_h5ad(work / "cells.h5ad")  # genes in another order than the model's: aligned by name
         nonzeros = int(counts.nnz)
         del big, counts
-        result = {"dataset": args.dataset, "n_cells": args.cells, "n_genes": int(data.n_genes),
-                  "nonzeros": nonzeros, "n_topics": model.n_topics, "chunk_size": args.chunk_size,
-                  "h5ad_mb": round((work / "cells.h5ad").stat().st_size / 2 ** 20, 1),
-                  "train_seconds": round(train_seconds, 1), "cpu_count": __import__("os").cpu_count()}
+        result = {
+            "dataset": args.dataset,
+            "n_cells": args.cells,
+            "n_genes": int(data.n_genes),
+            "nonzeros": nonzeros,
+            "n_topics": model.n_topics,
+            "chunk_size": args.chunk_size,
+            "h5ad_mb": round((work / "cells.h5ad").stat().st_size / 2**20, 1),
+            "train_seconds": round(train_seconds, 1),
+            "cpu_count": __import__("os").cpu_count(),
+        }
         for method in ("streamed",) if args.skip_whole else ("streamed", "whole"):
-            numbers, first = measure(method, model_path, work / "cells.h5ad", args.chunk_size, work,
-                                     data.n_cells, args.timeout)
+            numbers, first = measure(
+                method, model_path, work / "cells.h5ad", args.chunk_size, work, data.n_cells, args.timeout
+            )
             numbers["first_copy_equals_model"] = bool(np.allclose(first, expected, atol=1e-5))
             result[method] = numbers
             print(method, numbers, flush=True)

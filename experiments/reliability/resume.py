@@ -92,11 +92,28 @@ def backup_epoch(backup_dir, keras_backup):
 
 
 def child(args, work, name, delay):
-    command = [sys.executable, "-m", "experiments.reliability.resume", "--train",
-               "--backup-dir", str(work / f"backup-{name}"), "--predictions", str(work / f"{name}.npz"),
-               "--epochs", str(args.epochs), "--topics", str(args.topics), "--seed", str(args.seed),
-               "--batch-size", str(args.batch_size), "--classifier-steps", str(args.classifier_steps),
-               "--epoch-delay", str(delay)] + (["--keras-backup"] if args.keras_backup else [])
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.reliability.resume",
+        "--train",
+        "--backup-dir",
+        str(work / f"backup-{name}"),
+        "--predictions",
+        str(work / f"{name}.npz"),
+        "--epochs",
+        str(args.epochs),
+        "--topics",
+        str(args.topics),
+        "--seed",
+        str(args.seed),
+        "--batch-size",
+        str(args.batch_size),
+        "--classifier-steps",
+        str(args.classifier_steps),
+        "--epoch-delay",
+        str(delay),
+    ] + (["--keras-backup"] if args.keras_backup else [])
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -117,8 +134,11 @@ def build_parser():
     parser.add_argument("--classifier-steps", type=int, default=500)
     parser.add_argument("--epoch-delay", type=float, default=0.3, help="pause of the killed run after each epoch")
     parser.add_argument("--keras-backup", action="store_true")
-    parser.add_argument("--reference", default=None,
-                        help="predictions (.npz) of an uninterrupted run made elsewhere; default: run one here")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="predictions (.npz) of an uninterrupted run made elsewhere; default: run one here",
+    )
     parser.add_argument("--work", default=None, help="folder for backups and predictions (default: a temporary one)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--timeout", type=float, default=900)
@@ -160,17 +180,25 @@ def main(argv=None):
             finish(reference, args.timeout)
         a, b = np.load(args.reference or work / "uninterrupted.npz"), np.load(work / "resumed.npz")
         result = {
-            "method": ("keras BackupAndRestore + SCData.dataset" if args.keras_backup
-                       else "tfp_scmix.train(checkpoint_dir=...)"),
-            "epochs": args.epochs, "topics": args.topics, "seed": args.seed,
+            "method": (
+                "keras BackupAndRestore + SCData.dataset"
+                if args.keras_backup
+                else "tfp_scmix.train(checkpoint_dir=...)"
+            ),
+            "epochs": args.epochs,
+            "topics": args.topics,
+            "seed": args.seed,
             "reference": args.reference or "an uninterrupted process",
-            "kill_signal": "SIGKILL", "killed_returncode": killed.returncode,
-            "backup_epoch_at_kill": killed_at, "results_file_after_kill": left_results,
+            "kill_signal": "SIGKILL",
+            "killed_returncode": killed.returncode,
+            "backup_epoch_at_kill": killed_at,
+            "results_file_after_kill": left_results,
             "resumed_at_epoch": int(resumed_output.split("starting at epoch ")[1].split()[0]),
             "identical_probs": bool(np.array_equal(a["probs"], b["probs"])),
             "identical_labels": bool(np.array_equal(a["label"], b["label"])),
             "max_abs_prob_difference": float(np.abs(a["probs"] - b["probs"]).max()),
-            "labels_differing": int((a["label"] != b["label"]).sum()), "n_cells": int(a["label"].size),
+            "labels_differing": int((a["label"] != b["label"]).sum()),
+            "n_cells": int(a["label"].size),
             "seconds": round(time.time() - start, 1),
         }
     out = Path(args.out) if args.out else HERE / ("results_keras_backup.json" if args.keras_backup else "results.json")

@@ -13,17 +13,44 @@ from tfp_scmix.data import DATA_DIR_ENV
 FILES = ["pbmc3k.h5ad", "pbmc_sorted_zheng.h5ad", "kang_ctrl.h5ad", "kang_stim.h5ad"]
 ROOT = os.environ.get(DATA_DIR_ENV)
 missing = [f for f in FILES if not (ROOT and (Path(ROOT) / f).is_file())]
-pytestmark = pytest.mark.skipif(bool(missing), reason=(
-    f"real datasets {missing} not found: set ${DATA_DIR_ENV} to the folder holding them "
-    f"(currently {ROOT!r}; ./run test sets it to ../shared/data)"))
+pytestmark = pytest.mark.skipif(
+    bool(missing),
+    reason=(
+        f"real datasets {missing} not found: set ${DATA_DIR_ENV} to the folder holding them "
+        f"(currently {ROOT!r}; ./run test sets it to ../shared/data)"
+    ),
+)
 
 
 def test_every_part_runs_and_writes_its_results(tmp_path):
     from experiments.cross_dataset.run import COARSE, main
 
-    argv = ["--epochs", "2", "--unknown-epochs", "2", "--adapt-epochs", "1", "--classifier-steps", "10",
-            "--genes", "300", "--topics", "8", "--max-cells", "400", "--pseudo-label-entropy", "1",
-            "--left-out", "B cells", "--unknown-settings", "main", "inductive", "--out", str(tmp_path), "--no-mlflow"]
+    argv = [
+        "--epochs",
+        "2",
+        "--unknown-epochs",
+        "2",
+        "--adapt-epochs",
+        "1",
+        "--classifier-steps",
+        "10",
+        "--genes",
+        "300",
+        "--topics",
+        "8",
+        "--max-cells",
+        "400",
+        "--pseudo-label-entropy",
+        "1",
+        "--left-out",
+        "B cells",
+        "--unknown-settings",
+        "main",
+        "inductive",
+        "--out",
+        str(tmp_path),
+        "--no-mlflow",
+    ]
     frame = main(argv)
     saved = pd.read_csv(tmp_path / "results.csv")
     assert len(saved) == len(frame)
@@ -42,12 +69,14 @@ def test_every_part_runs_and_writes_its_results(tmp_path):
     assert set(unknown.score) == {"max_prob", "entropy", "topic_distance"}
     assert unknown.auroc.between(0, 1).all() and (unknown.novel_cells > 0).all()
     assert saved[saved.part == "calibration"].ece.between(0, 1).all()
-    for name in ["reliability_pbmc_sorted_zheng.png", "reliability_pbmc_sorted_zheng_adapted.png",
-                 "reliability_pbmc3k.png"]:
+    for name in [
+        "reliability_pbmc_sorted_zheng.png",
+        "reliability_pbmc_sorted_zheng_adapted.png",
+        "reliability_pbmc3k.png",
+    ]:
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "results.md").read_text()
     assert "tfp_scmix+adapt" in summary and "in-dataset ECE" in summary
-
 
 
 def test_running_one_part_again_replaces_only_its_rows(tmp_path, monkeypatch):

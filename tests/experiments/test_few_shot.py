@@ -9,8 +9,12 @@ import pytest
 from tfp_scmix.data import DATA_DIR_ENV
 
 ROOT = os.environ.get(DATA_DIR_ENV)
-pytestmark = pytest.mark.skipif(not (ROOT and (Path(ROOT) / "pbmc3k.h5ad").is_file()), reason=(
-    f"pbmc3k.h5ad not found: set ${DATA_DIR_ENV} to the folder holding it (./run test sets it to ../shared/data)"))
+pytestmark = pytest.mark.skipif(
+    not (ROOT and (Path(ROOT) / "pbmc3k.h5ad").is_file()),
+    reason=(
+        f"pbmc3k.h5ad not found: set ${DATA_DIR_ENV} to the folder holding it (./run test sets it to ../shared/data)"
+    ),
+)
 
 
 def test_runs_keep_earlier_rows_and_the_report_scores_noise(tmp_path):
@@ -25,8 +29,19 @@ def test_runs_keep_earlier_rows_and_the_report_scores_noise(tmp_path):
     assert saved.errors.between(0, 2000).all()
     row = saved.set_index("method").loc["tfp_scmix:restarts=1"]
     assert 0 <= row.marker_score <= 1 and 0 <= row["weights_above_0.1"] <= 1
-    noise = ["--datasets", "pbmc3k", "--seeds", "0", "--no-mlflow", "--label-noise", "0.1",
-             "--methods", "logistic_regression", "--out", str(tmp_path / "label_noise")]
+    noise = [
+        "--datasets",
+        "pbmc3k",
+        "--seeds",
+        "0",
+        "--no-mlflow",
+        "--label-noise",
+        "0.1",
+        "--methods",
+        "logistic_regression",
+        "--out",
+        str(tmp_path / "label_noise"),
+    ]
     run.main(noise)
     text = report.report(tmp_path)
     assert "## Main setting" in text and "## Label noise" in text

@@ -13,7 +13,7 @@ def test_benchmark_writes_readable_h5ad_in_chunks(tmp_path, synthetic_file):
     condition = np.where(np.arange(data.n_cells) % 2, "ctrl", "stim")
     panel, genes = gene_panel(data.counts, data.genes, 150)  # 120 real genes + 30 resampled columns
     assert panel.shape == (700, 150) and list(genes[:120]) == list(data.genes)
-    chunks = [(panel[i:i + 256], condition[i:i + 256]) for i in range(0, 700, 256)]
+    chunks = [(panel[i : i + 256], condition[i : i + 256]) for i in range(0, 700, 256)]
     path = write_h5ad(tmp_path / "panel.h5ad", iter(chunks), 700, genes)
     adata = anndata.read_h5ad(path)
     assert abs(sp.csr_matrix(adata.X) - panel).sum() == 0 and list(adata.var_names) == list(genes)

@@ -12,4 +12,4 @@ def roundtrip(layer):
 
 def normal_kl(m1, s1, m2, s2):
     """KL(N(m1, s1) || N(m2, s2)), elementwise."""
-    return np.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
+    return np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5

@@ -18,11 +18,12 @@ def test_horseshoe_prior_log_prob_against_scipy(variant):
         scale = lam * tau
         expected = 0.0
     else:
-        scale = tau * np.sqrt(c2 * lam ** 2 / (c2 + tau ** 2 * lam ** 2))
+        scale = tau * np.sqrt(c2 * lam**2 / (c2 + tau**2 * lam**2))
         params["c2"] = np.array(c2)
         expected = st.invgamma.logpdf(c2, layer.slab_df / 2, scale=layer.slab_df * 4.0 / 2)
-    expected += (st.norm.logpdf(w, scale=scale).sum() + st.halfcauchy.logpdf(lam).sum()
-                 + st.halfcauchy.logpdf(tau, scale=0.1))
+    expected += (
+        st.norm.logpdf(w, scale=scale).sum() + st.halfcauchy.logpdf(lam).sum() + st.halfcauchy.logpdf(tau, scale=0.1)
+    )
     tf_params = {k: tf.constant(v, tf.float32) for k, v in params.items()}
     assert float(layer.prior_log_prob(tf_params)) == pytest.approx(expected, rel=1e-4)
     roundtrip(layer)
@@ -30,7 +31,7 @@ def test_horseshoe_prior_log_prob_against_scipy(variant):
 
 def test_regularized_weights_formula():
     z, lam, tau, c2 = 1.5, 4.0, 0.2, 2.0
-    expected = z * tau * np.sqrt(c2 * lam ** 2 / (c2 + tau ** 2 * lam ** 2))
+    expected = z * tau * np.sqrt(c2 * lam**2 / (c2 + tau**2 * lam**2))
     assert float(params_to_weights(z, lam, tau, c2)) == pytest.approx(expected, rel=1e-6)
     assert float(params_to_weights(z, lam, tau)) == pytest.approx(z * lam * tau)
     # the slab caps a huge local scale at c / tau * tau = c

@@ -11,9 +11,16 @@ from training import data as run_data
 
 CONFIG = Path(__file__).resolve().parents[2] / "training" / "configs" / "pbmc68k_reduced.toml"
 # Tiny: 2 epochs, one restart, 8 topics, a short classifier refit (a run takes seconds on 2 cores).
-SMALL = ("training.epochs=2", "training.restarts=1", "training.classifier_steps=200", "model.n_topics=8",
-         "model.hidden_units=32", "model.n_predictive_samples=8", "search.space.n_topics=[8, 10]",
-         "search.space.hidden_units=[16, 32]")
+SMALL = (
+    "training.epochs=2",
+    "training.restarts=1",
+    "training.classifier_steps=200",
+    "model.n_topics=8",
+    "model.hidden_units=32",
+    "model.n_predictive_samples=8",
+    "search.space.n_topics=[8, 10]",
+    "search.space.hidden_units=[16, 32]",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -26,11 +26,23 @@ def test_logger_records_each_restart_of_the_recipe(tracking, splits, small_confi
         # the last epoch is scored after the recipe's classifier refit: it is the member as trained
         final = classification_scores(splits.validation.labels, predict_labels(member, splits.validation))
         assert max(f1, key=lambda m: m.step).value == pytest.approx(final["macro_f1"])
-        assert [m.step for m in tracking.get_metric_history(run.info.run_id, f"restart_{restart}/classifier_loss")] \
-            == [config.epochs - 1]
+        assert [m.step for m in tracking.get_metric_history(run.info.run_id, f"restart_{restart}/classifier_loss")] == [
+            config.epochs - 1
+        ]
     assert stopper.best == max(m.value for m in tracking.get_metric_history(run.info.run_id, "restart_1/val_macro_f1"))
-    assert {f"restart_1/{name}" for name in ("reconstruction", "kl_cell", "kl_topic", "kl_class", "label_nll",
-                                             "val_loss", "val_label_nll", "val_accuracy")} <= set(run.data.metrics)
+    assert {
+        f"restart_1/{name}"
+        for name in (
+            "reconstruction",
+            "kl_cell",
+            "kl_topic",
+            "kl_class",
+            "label_nll",
+            "val_loss",
+            "val_label_nll",
+            "val_accuracy",
+        )
+    } <= set(run.data.metrics)
     assert not any(name.startswith("restart_2/") for name in run.data.metrics)
     with pytest.raises(ValueError, match="validation cells must all be labelled"):
         MLflowLogger(splits.train)

@@ -23,8 +23,11 @@ def test_config_rejects_mistakes_with_the_fix(tmp_path, small_config, config_fil
         small_config("search.space.n_cells=[100, 200]")
     with pytest.raises(config.ConfigError, match="list of choices or a range"):
         small_config("search.space.label_weight={min = 2.0, max = 1.0}")
-    with pytest.raises(config.ConfigError, match=r"\[training\]: epochs must be a whole number, received 'ten'; "
-                                                 "write e.g. epochs = 100"):
+    with pytest.raises(
+        config.ConfigError,
+        match=r"\[training\]: epochs must be a whole number, received 'ten'; "
+        "write e.g. epochs = 100",
+    ):
         small_config('training.epochs="ten"')
     with pytest.raises(config.ConfigError, match=r"\[training\]: restarts must be a whole number, received 1.5"):
         small_config("training.restarts=1.5")
@@ -54,15 +57,28 @@ def test_config_rejects_mistakes_with_the_fix(tmp_path, small_config, config_fil
 
 def test_model_config_is_the_package_config_of_the_model_and_training_tables(small_config):
     cfg = small_config("training.restarts=2", "model.global_scale=0.5")
-    assert cfg.model_config() == scm.Config(n_topics=8, hidden_units=32, n_predictive_samples=8, prior="regularized",
-                                            label_mode="cut", kl_warmup_epochs=10, global_scale=0.5, epochs=2,
-                                            batch_size=128, learning_rate=2e-3, classifier_steps=200)
+    assert cfg.model_config() == scm.Config(
+        n_topics=8,
+        hidden_units=32,
+        n_predictive_samples=8,
+        prior="regularized",
+        label_mode="cut",
+        kl_warmup_epochs=10,
+        global_scale=0.5,
+        epochs=2,
+        batch_size=128,
+        learning_rate=2e-3,
+        classifier_steps=200,
+    )
     assert cfg.training.restarts == 2 and cfg.training.early_stopping_patience == 0
     # what a file leaves out is the package's default: Config's settings, and tfp_scmix.train's 3 restarts
     bare = config.from_dict({"experiment": "x", "data": {"path": "embedded"}})
     assert bare.model_config() == scm.Config() and bare.training.restarts == 3
     assert {f.name for f in dataclasses.fields(config.TrainingConfig)} == {
-        *scm.config.TRAINING_SETTINGS, "restarts", "early_stopping_patience"}
+        *scm.config.TRAINING_SETTINGS,
+        "restarts",
+        "early_stopping_patience",
+    }
     # a search's draw goes to the table of each setting
     drawn = cfg.with_settings({"n_topics": 10, "learning_rate": 0.01, "restarts": 1})
     assert (drawn.model["n_topics"], drawn.training.learning_rate, drawn.training.restarts) == (10, 0.01, 1)

@@ -22,8 +22,11 @@ def test_splits_follow_the_few_shot_protocol(splits, small_config):
     assert (splits.test.labels >= 0).all() and (splits.validation.labels >= 0).all()
     with resources.as_file(resources.files(datasets) / datasets.EMBEDDED) as path:
         assert splits.identity["data.sha256"] == run_data.file_sha256(path)
-    assert (splits.identity["data.n_cells"], splits.identity["data.n_genes"], splits.identity["data.n_classes"]) \
-        == (700, 765, 10)
+    assert (splits.identity["data.n_cells"], splits.identity["data.n_genes"], splits.identity["data.n_classes"]) == (
+        700,
+        765,
+        10,
+    )
 
     inductive = run_data.load(small_config("data.setting='inductive'").data)
     assert inductive.train.n_cells == 700 - 230

@@ -7,9 +7,18 @@ from training import record
 
 def test_record_peers_once(tracking, tmp_path):
     table = tmp_path / "results.csv"
-    pd.DataFrame({"method": ["knn", "logreg"], "dataset": ["pbmc3k", "pbmc3k"], "setting": ["main", "main"],
-                  "labels": [150, 150], "seed": [0, 0], "errors": [190, 201], "accuracy": [0.905, 0.8995],
-                  "seconds": [1.5, 2.0]}).to_csv(table, index=False)
+    pd.DataFrame(
+        {
+            "method": ["knn", "logreg"],
+            "dataset": ["pbmc3k", "pbmc3k"],
+            "setting": ["main", "main"],
+            "labels": [150, 150],
+            "seed": [0, 0],
+            "errors": [190, 201],
+            "accuracy": [0.905, 0.8995],
+            "seconds": [1.5, 2.0],
+        }
+    ).to_csv(table, index=False)
     assert len(record.record(table, "peers")) == 2
     assert record.record(table, "peers") == []  # importing again adds nothing
     runs = tracking.search_runs([tracking.get_experiment_by_name("peers").experiment_id])

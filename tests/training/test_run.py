@@ -33,10 +33,16 @@ def test_tracked_run_records_params_metrics_and_artifacts(tracking, tmp_path, sp
     assert float(params["resolved.global_scale"]) == pytest.approx(member.settings["global_scale"])  # from the data
     assert params["data.sha256"] == splits.identity["data.sha256"]
     assert (params["data.n_cells"], params["data.n_genes"], params["data.n_classes"]) == ("700", "765", "10")
-    assert (params["method"], params["dataset"], params["setting"], params["labels"], params["seed"]) \
-        == ("tfp_scmix", "pbmc68k_reduced", "main", "150", "0")
-    commit = subprocess.run(["git", "-C", str(store.REPO), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    assert (params["method"], params["dataset"], params["setting"], params["labels"], params["seed"]) == (
+        "tfp_scmix",
+        "pbmc68k_reduced",
+        "main",
+        "150",
+        "0",
+    )
+    commit = subprocess.run(
+        ["git", "-C", str(store.REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     assert tags["mlflow.source.git.commit"] == commit and tags["code.dirty"] in ("true", "false")
     assert tags["config.overrides"].startswith("training.epochs=")
 

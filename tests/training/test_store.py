@@ -40,10 +40,27 @@ def test_tracked_run_against_an_mlflow_server(tmp_path, monkeypatch, small_confi
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
-         "--default-artifact-root", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own process group
-        env={k: v for k, v in os.environ.items() if k != store.TRACKING_URI_ENV})
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group
+        env={k: v for k, v in os.environ.items() if k != store.TRACKING_URI_ENV},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -66,7 +83,8 @@ def test_tracked_run_against_an_mlflow_server(tmp_path, monkeypatch, small_confi
         assert [m.step for m in client.get_metric_history(run_id, "restart_0/val_macro_f1")] == [0]
         assert "model/scmix.keras" in {a.path for a in client.list_artifacts(run_id, "model")}
         assert {"confusion_matrix.csv", "confusion_matrix.png"} <= {
-            Path(a.path).name for a in client.list_artifacts(run_id, "evaluation/test")}
+            Path(a.path).name for a in client.list_artifacts(run_id, "evaluation/test")
+        }
         (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
         assert logged.source_run_id == run_id
         assert isinstance(mlflow.keras.load_model(logged.model_uri), scm.SCMixEnsemble)

@@ -42,8 +42,16 @@ def test_two_trial_search_resumes_without_redoing_trials(tracking, tmp_path, spl
     scores = {t: record["score"] for t, record in trial_json(second["project_dir"]).items()}
     for trial in trials:
         params = trial.data.params
-        assert {"hp.n_topics", "hp.hidden_units", "hp.learning_rate", "hp.prior", "hp.global_scale",
-                "hp.label_weight", "hp.batch_size", "hp.restarts"} <= set(params)
+        assert {
+            "hp.n_topics",
+            "hp.hidden_units",
+            "hp.learning_rate",
+            "hp.prior",
+            "hp.global_scale",
+            "hp.label_weight",
+            "hp.batch_size",
+            "hp.restarts",
+        } <= set(params)
         # the drawn values reach the recipe's Config and restarts
         assert params["model.n_topics"] == params["hp.n_topics"] and params["model.prior"] == params["hp.prior"]
         assert float(params["training.learning_rate"]) == pytest.approx(float(params["hp.learning_rate"]))
@@ -123,16 +131,25 @@ def test_interrupted_search_resumes_the_interrupted_trial(tracking, tmp_path, sm
 def test_hyperband_trains_a_continued_trial_from_the_start(tracking, tmp_path, small_config):
     """Hyperband's second round continues its best first-round trial with more epochs: here that trial trains
     the recipe again for all of them (tfp_scmix.train does not continue another trial's ensemble)."""
-    cfg = small_config("search.algorithm='hyperband'", "search.hyperband_factor=2", "model.n_topics=4",
-                       "model.hidden_units=16", "training.classifier_steps=50", "search.space.n_topics=[4, 5]",
-                       "search.space.hidden_units=[16]")
+    cfg = small_config(
+        "search.algorithm='hyperband'",
+        "search.hyperband_factor=2",
+        "model.n_topics=4",
+        "model.hidden_units=16",
+        "training.classifier_steps=50",
+        "search.space.n_topics=[4, 5]",
+        "search.space.hidden_units=[16]",
+    )
     result = tune.search(cfg, max_trials=3, directory=tmp_path / "tuning")
     trials = trial_json(result["project_dir"])
     continued = [t for t in trials.values() if "tuner/trial_id" in t["hyperparameters"]["values"]]
     assert result["n_completed"] == 3 and len(continued) == 1
     values = continued[0]["hyperparameters"]["values"]
     assert (values["tuner/initial_epoch"], values["tuner/epochs"]) == (1, 2)
-    (run,) = [r for r in trial_runs(tracking, tracking.get_run(result["run_id"]))
-              if r.data.tags["trial_id"] == continued[0]["trial_id"]]
+    (run,) = [
+        r
+        for r in trial_runs(tracking, tracking.get_run(result["run_id"]))
+        if r.data.tags["trial_id"] == continued[0]["trial_id"]
+    ]
     assert [m.step for m in tracking.get_metric_history(run.info.run_id, "restart_0/loss")] == [0, 1]
     assert run.data.params["training.epochs"] == "2"

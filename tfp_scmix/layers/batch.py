@@ -29,10 +29,16 @@ class BatchOffsets(keras.layers.Layer):
         self.n_batches, self.n_genes, self.init_shrinkage = int(n_batches), int(n_genes), float(init_shrinkage)
         shape = (self.n_batches, self.n_genes)
         self.loc = self.add_weight(shape=shape, name="loc", initializer="zeros")
-        self.scale_raw = self.add_weight(shape=shape, name="scale_raw", initializer=keras.initializers.Constant(
-            float(tfp.math.softplus_inverse(0.01))))
-        self.shrinkage_raw = self.add_weight(shape=(), name="shrinkage_raw", initializer=keras.initializers.Constant(
-            float(tfp.math.softplus_inverse(self.init_shrinkage))))
+        self.scale_raw = self.add_weight(
+            shape=shape,
+            name="scale_raw",
+            initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(0.01))),
+        )
+        self.shrinkage_raw = self.add_weight(
+            shape=(),
+            name="shrinkage_raw",
+            initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.init_shrinkage))),
+        )
         self.built = True
 
     def shrinkage(self) -> tf.Tensor:
@@ -55,5 +61,9 @@ class BatchOffsets(keras.layers.Layer):
         return tf.gather(self.loc, batch_ids)
 
     def get_config(self):
-        return {**super().get_config(), "n_batches": self.n_batches, "n_genes": self.n_genes,
-                "init_shrinkage": self.init_shrinkage}
+        return {
+            **super().get_config(),
+            "n_batches": self.n_batches,
+            "n_genes": self.n_genes,
+            "init_shrinkage": self.init_shrinkage,
+        }

@@ -24,12 +24,13 @@ def laplace_dirichlet_prior(alpha: float | tf.Tensor, n_topics: int) -> tuple[tf
     a = tf.fill([n_topics], tf.cast(alpha, tf.float32))
     k = float(n_topics)
     loc = tf.math.log(a) - tf.reduce_mean(tf.math.log(a))
-    var = (1.0 - 2.0 / k) / a + tf.reduce_sum(1.0 / a) / k ** 2
+    var = (1.0 - 2.0 / k) / a + tf.reduce_sum(1.0 / a) / k**2
     return loc, tf.sqrt(var)
 
 
-def divide_offsets(counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor,
-                   offsets: tf.Tensor) -> tf.SparseTensor | tf.Tensor:
+def divide_offsets(
+    counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor, offsets: tf.Tensor
+) -> tf.SparseTensor | tf.Tensor:
     """counts / exp(offsets[batch of the cell]) for a sparse or dense `[batch, n_genes]` count matrix.
 
     batch_ids `[batch]` (integer); offsets gamma `[n_batches, n_genes]` (natural-log units). Sparse input
@@ -76,26 +77,38 @@ class CellEncoder(keras.layers.Layer):
     # (docs/performance.md).
     # experiments/performance/dense_limit.py measures this limit against the earlier 2^22 side by side; the
     # speed-up is in experiments/performance/results_dense_limit.json.
-    DENSE_BATCH_LIMIT = 2 ** 25
+    DENSE_BATCH_LIMIT = 2**25
 
-    def __init__(self, n_genes: int, n_topics: int, hidden_units: int = 256, dropout: float = 0.2,
-                 prior_alpha: float = 0.5, learn_alpha: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        n_genes: int,
+        n_topics: int,
+        hidden_units: int = 256,
+        dropout: float = 0.2,
+        prior_alpha: float = 0.5,
+        learn_alpha: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """dropout: the rate after the hidden layer; prior_alpha: the Dirichlet concentration of the prior
         (its initial value with `learn_alpha`). kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
         self.n_genes, self.n_topics, self.hidden_units = int(n_genes), int(n_topics), int(hidden_units)
         self.dropout_rate, self.prior_alpha, self.learn_alpha = float(dropout), float(prior_alpha), bool(learn_alpha)
-        self.kernel = self.add_weight(shape=(self.n_genes, self.hidden_units), name="kernel",
-                                      initializer="glorot_uniform")
+        self.kernel = self.add_weight(
+            shape=(self.n_genes, self.hidden_units), name="kernel", initializer="glorot_uniform"
+        )
         self.bias = self.add_weight(shape=(self.hidden_units,), name="bias", initializer="zeros")
         self.norm = keras.layers.BatchNormalization(name="norm")
         self.norm.build((None, self.hidden_units))
         self.drop = keras.layers.Dropout(self.dropout_rate)
         self.head = keras.layers.Dense(2 * self.n_topics, name="head")
         self.head.build((None, self.hidden_units))
-        self.alpha_raw = self.add_weight(shape=(), name="alpha_raw", trainable=self.learn_alpha,
-                                         initializer=keras.initializers.Constant(
-                                             float(tfp.math.softplus_inverse(self.prior_alpha))))
+        self.alpha_raw = self.add_weight(
+            shape=(),
+            name="alpha_raw",
+            trainable=self.learn_alpha,
+            initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.prior_alpha))),
+        )
         self.built = True
 
     def call(self, counts, batch_ids=None, offsets=None, training=False):
@@ -103,9 +116,11 @@ class CellEncoder(keras.layers.Layer):
         if isinstance(counts, tf.SparseTensor):
             # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
             # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
-            hidden = tf.cond(tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                             lambda: self.first_layer(tf.sparse.to_dense(counts), batch_ids, offsets),
-                             lambda: self.first_layer(counts, batch_ids, offsets))
+            hidden = tf.cond(
+                tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
+                lambda: self.first_layer(tf.sparse.to_dense(counts), batch_ids, offsets),
+                lambda: self.first_layer(counts, batch_ids, offsets),
+            )
         else:
             hidden = self.first_layer(counts, batch_ids, offsets)
         hidden = tf.nn.relu(self.norm(hidden + self.bias, training=training))
@@ -113,8 +128,9 @@ class CellEncoder(keras.layers.Layer):
         loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
         return loc, tf.nn.softplus(scale_raw) + 1e-4
 
-    def first_layer(self, counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor | None = None,
-                    offsets: tf.Tensor | None = None) -> tf.Tensor:
+    def first_layer(
+        self, counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor | None = None, offsets: tf.Tensor | None = None
+    ) -> tf.Tensor:
         """The first layer's pre-activation `[batch, hidden_units]` (without the bias) of sparse or dense counts
         `[batch, n_genes]`, divided by exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given."""
         if offsets is not None:
@@ -137,6 +153,12 @@ class CellEncoder(keras.layers.Layer):
         return tfd.kl_divergence(q, p)
 
     def get_config(self):
-        return {**super().get_config(), "n_genes": self.n_genes, "n_topics": self.n_topics,
-                "hidden_units": self.hidden_units, "dropout": self.dropout_rate,
-                "prior_alpha": self.prior_alpha, "learn_alpha": self.learn_alpha}
+        return {
+            **super().get_config(),
+            "n_genes": self.n_genes,
+            "n_topics": self.n_topics,
+            "hidden_units": self.hidden_units,
+            "dropout": self.dropout_rate,
+            "prior_alpha": self.prior_alpha,
+            "learn_alpha": self.learn_alpha,
+        }

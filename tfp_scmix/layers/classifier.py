@@ -28,23 +28,33 @@ class ClassBranch(keras.layers.Layer):
 
     NOISE_PRIOR = (1.0, 19.0)  # Beta(a, b) of the label error rate: prior mean a / (a + b) = 5%
 
-    def __init__(self, n_classes: int, n_topics: int, variant: str = "regularized", global_scale: float = 0.05,
-                 slab_scale: float = 2.0, slab_df: float | None = None, label_noise: bool | None = None,
-                 n_predictive_samples: int = 32, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        n_classes: int,
+        n_topics: int,
+        variant: str = "regularized",
+        global_scale: float = 0.05,
+        slab_scale: float = 2.0,
+        slab_df: float | None = None,
+        label_noise: bool | None = None,
+        n_predictive_samples: int = 32,
+        **kwargs: Any,
+    ) -> None:
         """variant, global_scale, slab_scale, slab_df: the prior of W (`HorseshoePrior`; ValueError for an
         unknown variant). n_predictive_samples: draws of W averaged by `call`. kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
         self.n_classes, self.n_topics = int(n_classes), int(n_topics)
         self.label_noise = bool(variant == "santa_barbara" if label_noise is None else label_noise)
         self.n_predictive_samples = int(n_predictive_samples)
-        self.class_weights = HorseshoePrior(self.n_classes, self.n_topics, variant, global_scale, slab_scale,
-                                            slab_df, name="class_weights")
+        self.class_weights = HorseshoePrior(
+            self.n_classes, self.n_topics, variant, global_scale, slab_scale, slab_df, name="class_weights"
+        )
         self.bias = self.add_weight(shape=(self.n_classes,), name="bias", initializer="zeros")
         if self.label_noise:
-            self.noise_loc = self.add_weight(shape=(), name="noise_loc",
-                                             initializer=keras.initializers.Constant(-3.0))
-            self.noise_scale_raw = self.add_weight(shape=(), name="noise_scale_raw",
-                                                   initializer=keras.initializers.Constant(-3.0))
+            self.noise_loc = self.add_weight(shape=(), name="noise_loc", initializer=keras.initializers.Constant(-3.0))
+            self.noise_scale_raw = self.add_weight(
+                shape=(), name="noise_scale_raw", initializer=keras.initializers.Constant(-3.0)
+            )
         self.built = True
 
     def noise_posterior(self) -> tuple[tfp.distributions.Distribution, tfp.distributions.Distribution]:
@@ -64,8 +74,12 @@ class ClassBranch(keras.layers.Layer):
         if not self.label_noise:
             return log_softmax
         # eps is one scalar draw: mix the softmax with a uniform over the classes.
-        return tf.reduce_logsumexp(tf.stack([tf.math.log1p(-eps) + log_softmax,
-                                             tf.math.log(eps / self.n_classes) + tf.zeros_like(log_softmax)]), 0)
+        return tf.reduce_logsumexp(
+            tf.stack(
+                [tf.math.log1p(-eps) + log_softmax, tf.math.log(eps / self.n_classes) + tf.zeros_like(log_softmax)]
+            ),
+            0,
+        )
 
     def sample_log_probs(self, features: tf.Tensor, seed: tf.Tensor | tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
         """One posterior draw: (log class probabilities `[batch, n_classes]`, Monte Carlo KL scalar in nats).
@@ -94,7 +108,14 @@ class ClassBranch(keras.layers.Layer):
 
     def get_config(self):
         hs = self.class_weights
-        return {**super().get_config(), "n_classes": self.n_classes, "n_topics": self.n_topics,
-                "variant": hs.variant, "global_scale": hs.global_scale, "slab_scale": hs.slab_scale,
-                "slab_df": hs.slab_df, "label_noise": self.label_noise,
-                "n_predictive_samples": self.n_predictive_samples}
+        return {
+            **super().get_config(),
+            "n_classes": self.n_classes,
+            "n_topics": self.n_topics,
+            "variant": hs.variant,
+            "global_scale": hs.global_scale,
+            "slab_scale": hs.slab_scale,
+            "slab_df": hs.slab_df,
+            "label_noise": self.label_noise,
+            "n_predictive_samples": self.n_predictive_samples,
+        }

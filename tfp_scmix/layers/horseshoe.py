@@ -33,8 +33,9 @@ PRIOR_VARIANTS = ("normal", "horseshoe", "regularized", "santa_barbara")
 DEFAULT_SLAB_DF = {"regularized": 4.0, "santa_barbara": 1.0}
 
 
-def default_global_scale(n_features: int, n_observations: float, expected_nonzero: float = 3.0,
-                         pseudo_sigma: float = 2.0) -> float:
+def default_global_scale(
+    n_features: int, n_observations: float, expected_nonzero: float = 3.0, pseudo_sigma: float = 2.0
+) -> float:
     """tau0 = p0 / (K - p0) * pseudo_sigma / sqrt(n) (Piironen & Vehtari 2017; pseudo_sigma=2 for logits).
 
     K = n_features, p0 = expected_nonzero (capped at K - 1), n = n_observations (at least 1). The
@@ -44,8 +45,9 @@ def default_global_scale(n_features: int, n_observations: float, expected_nonzer
     return p0 / (n_features - p0) * pseudo_sigma / max(float(n_observations), 1.0) ** 0.5
 
 
-def params_to_weights(z: float | tf.Tensor, local_scale: tf.Tensor, global_scale: float | tf.Tensor,
-                      slab_c2: tf.Tensor | None = None) -> tf.Tensor:
+def params_to_weights(
+    z: float | tf.Tensor, local_scale: tf.Tensor, global_scale: float | tf.Tensor, slab_c2: tf.Tensor | None = None
+) -> tf.Tensor:
     """w = z * tau * lambda (horseshoe) or z * tau * lambda~ (regularized, when slab_c2 is given)."""
     if slab_c2 is None:
         return z * local_scale * global_scale
@@ -66,8 +68,16 @@ class HorseshoePrior(keras.layers.Layer):
     `posterior_weights(n)` gives `n` fixed draws `[n, rows, cols]` (deterministic, for prediction).
     """
 
-    def __init__(self, rows: int, cols: int, variant: str = "regularized", global_scale: float = 0.05,
-                 slab_scale: float = 2.0, slab_df: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        variant: str = "regularized",
+        global_scale: float = 0.05,
+        slab_scale: float = 2.0,
+        slab_df: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         """variant: one of PRIOR_VARIANTS (ValueError otherwise); global_scale: tau0; slab_scale, slab_df: the
         slab of the regularized variants (slab_df default: `DEFAULT_SLAB_DF`). kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
@@ -79,17 +89,22 @@ class HorseshoePrior(keras.layers.Layer):
         shape = (self.rows, self.cols)
         small = keras.initializers.Constant(float(tfp.math.softplus_inverse(0.3)))
         self.w_loc = self.add_weight(shape=shape, name="w_loc", initializer="zeros")
-        self.w_scale_raw = self.add_weight(shape=shape, name="w_scale_raw", initializer=keras.initializers.Constant(
-            float(tfp.math.softplus_inverse(1e-2))))
+        self.w_scale_raw = self.add_weight(
+            shape=shape,
+            name="w_scale_raw",
+            initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(1e-2))),
+        )
         if self.variant != "normal":
             self.lambda_loc = self.add_weight(shape=shape, name="lambda_loc", initializer="zeros")
             self.lambda_scale_raw = self.add_weight(shape=shape, name="lambda_scale_raw", initializer=small)
-            self.tau_loc = self.add_weight(shape=(), name="tau_loc", initializer=keras.initializers.Constant(
-                float(tf.math.log(self.global_scale))))
+            self.tau_loc = self.add_weight(
+                shape=(), name="tau_loc", initializer=keras.initializers.Constant(float(tf.math.log(self.global_scale)))
+            )
             self.tau_scale_raw = self.add_weight(shape=(), name="tau_scale_raw", initializer=small)
         if self.regularized:
-            self.c2_loc = self.add_weight(shape=(), name="c2_loc", initializer=keras.initializers.Constant(
-                float(tf.math.log(self.slab_scale ** 2))))
+            self.c2_loc = self.add_weight(
+                shape=(), name="c2_loc", initializer=keras.initializers.Constant(float(tf.math.log(self.slab_scale**2)))
+            )
             self.c2_scale_raw = self.add_weight(shape=(), name="c2_scale_raw", initializer=small)
         self.built = True
 
@@ -117,7 +132,7 @@ class HorseshoePrior(keras.layers.Layer):
             p["lambda"] = tfd.HalfCauchy(0.0, 1.0)
             p["tau"] = tfd.HalfCauchy(0.0, self.global_scale)
         if self.regularized:
-            p["c2"] = tfd.InverseGamma(self.slab_df / 2.0, self.slab_df * self.slab_scale ** 2 / 2.0)
+            p["c2"] = tfd.InverseGamma(self.slab_df / 2.0, self.slab_df * self.slab_scale**2 / 2.0)
         return p
 
     def prior_scale(self, scales: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -163,5 +178,12 @@ class HorseshoePrior(keras.layers.Layer):
         return tf.convert_to_tensor(self.w_loc)
 
     def get_config(self):
-        return {**super().get_config(), "rows": self.rows, "cols": self.cols, "variant": self.variant,
-                "global_scale": self.global_scale, "slab_scale": self.slab_scale, "slab_df": self.slab_df}
+        return {
+            **super().get_config(),
+            "rows": self.rows,
+            "cols": self.cols,
+            "variant": self.variant,
+            "global_scale": self.global_scale,
+            "slab_scale": self.slab_scale,
+            "slab_df": self.slab_df,
+        }

@@ -28,8 +28,15 @@ class TopicBranch(keras.layers.Layer):
     distribution `[n_topics, n_genes]`.
     """
 
-    def __init__(self, n_topics: int, n_genes: int, prior_scale: float = 1.0, init_noise: float = 0.5,
-                 init_posterior_scale: float = 0.01, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        n_topics: int,
+        n_genes: int,
+        prior_scale: float = 1.0,
+        init_noise: float = 0.5,
+        init_posterior_scale: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
         """prior_scale: the prior's standard deviation of delta (logit units); init_noise: the standard
         deviation of loc's random initial values; init_posterior_scale: the initial posterior scale.
         kwargs go to `keras.layers.Layer`."""
@@ -38,12 +45,17 @@ class TopicBranch(keras.layers.Layer):
         self.prior_scale, self.init_noise = float(prior_scale), float(init_noise)
         self.init_posterior_scale = float(init_posterior_scale)
         shape = (self.n_topics, self.n_genes)
-        self.background = self.add_weight(shape=(self.n_genes,), initializer="zeros", trainable=False,
-                                          name="background")
-        self.loc = self.add_weight(shape=shape, name="loc",
-                                   initializer=keras.initializers.RandomNormal(stddev=self.init_noise))
-        self.scale_raw = self.add_weight(shape=shape, name="scale_raw", initializer=keras.initializers.Constant(
-            float(tfp.math.softplus_inverse(self.init_posterior_scale))))
+        self.background = self.add_weight(
+            shape=(self.n_genes,), initializer="zeros", trainable=False, name="background"
+        )
+        self.loc = self.add_weight(
+            shape=shape, name="loc", initializer=keras.initializers.RandomNormal(stddev=self.init_noise)
+        )
+        self.scale_raw = self.add_weight(
+            shape=shape,
+            name="scale_raw",
+            initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.init_posterior_scale))),
+        )
         self.built = True
 
     def set_background(self, mean_counts: ArrayLike) -> None:
@@ -70,6 +82,11 @@ class TopicBranch(keras.layers.Layer):
         return tf.nn.softmax(self.background + self.loc, axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "n_topics": self.n_topics, "n_genes": self.n_genes,
-                "prior_scale": self.prior_scale, "init_noise": self.init_noise,
-                "init_posterior_scale": self.init_posterior_scale}
+        return {
+            **super().get_config(),
+            "n_topics": self.n_topics,
+            "n_genes": self.n_genes,
+            "prior_scale": self.prior_scale,
+            "init_noise": self.init_noise,
+            "init_posterior_scale": self.init_posterior_scale,
+        }
