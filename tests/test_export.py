@@ -34,11 +34,11 @@ def trained(adata, tmp_path_factory):
     """(model, data, model.keras path, export dir): a tiny model trained for 2 epochs and its export."""
     keras.utils.set_random_seed(0)
     data = scm.from_anndata(adata, label_key="cell_type")
-    model = scm.SCMix.from_data(data, n_topics=10)
+    model = scm.SCMix.from_data(data, scm.Config(n_topics=10))
     model.compile(optimizer=keras.optimizers.Adam(2e-3))
     model.fit(data.dataset(128), epochs=2, verbose=0)
     root = tmp_path_factory.mktemp("export")
-    model.save(root / "model.keras")
+    scm.save_model(model, root / "model.keras")
     return model, data, root / "model.keras", export.export_serving(model, root / "serving" / "1")
 
 
@@ -110,8 +110,10 @@ def test_fresh_process_without_tfp_scmix_gets_the_same_predictions(trained, expe
     got = np.load(tmp_path / "result.npz")
     assert list(got["genes"]) == model.genes
     for form in ("dense", "sparse"):
+        assert {k[len(form) + 1:] for k in got.files if k.startswith(f"{form}_")} == set(export.OUTPUT_KEYS)
+    for form in ("dense", "sparse"):
         np.testing.assert_allclose(got[f"{form}_probs"], expected["probs"][:n], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(got[f"{form}_topics"], expected["topics"][:n], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[f"{form}_cell_topic"], expected["cell_topic"][:n], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got[f"{form}_confidence"], expected["confidence"][:n], rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(got[f"{form}_label_id"], expected["label"][:n])
         np.testing.assert_array_equal(got[f"{form}_label"], expected["label_name"][:n])
@@ -280,7 +282,7 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
             np.testing.assert_allclose([r["confidence"] for r in rows], expected["confidence"][cells],
                                        rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose([[r[f"topic_{k}"] for k in range(10)] for r in rows],
-                                       expected["topics"][cells], rtol=1e-4, atol=1e-6)
+                                       expected["cell_topic"][cells], rtol=1e-4, atol=1e-6)
 
         url = f"http://127.0.0.1:{port}/invocations"
         # Integer counts, every gene, columns in a shuffled order: the served model aligns them by name.

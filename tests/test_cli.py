@@ -1,0 +1,53 @@
+"""The command line: `tfp-scmix demo | train | annotate | explain`."""
+
+import numpy as np
+
+import tfp_scmix as scm
+from tfp_scmix.cli import main
+
+
+def test_cli_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--epochs", "2", "--topics", "8", "--verbose", "0", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out cells: accuracy" in out and "Top genes" in out
+    assert (tmp_path / "model.keras").exists() and (tmp_path / "explanations" / "class_topics.csv").exists()
+    # The demo's model (an ensemble of 3 restarts) annotates and explains from the command line.
+    from tfp_scmix.datasets import pbmc68k_reduced
+
+    assert len(scm.load_model(tmp_path / "model.keras").members) == 3
+    pbmc68k_reduced().write_h5ad(tmp_path / "query.h5ad")
+    assert main(["annotate", str(tmp_path / "model.keras"), str(tmp_path / "query.h5ad"),
+                 "--out", str(tmp_path / "annotated.h5ad")]) == 0
+    annotated = scm.data.read_h5ad(tmp_path / "annotated.h5ad")
+    assert annotated.obsm["scmix_cell_topic"].shape == (700, 24)
+    assert main(["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]) == 0
+    assert (tmp_path / "explained" / "class_genes.csv").exists()
+    (tmp_path / "broken.keras").write_bytes(b"not a model")
+    capsys.readouterr()
+    assert main(["annotate", str(tmp_path / "broken.keras"), str(tmp_path / "query.h5ad"),
+                 "--out", str(tmp_path / "never.h5ad")]) == 2
+    assert "broken.keras" in capsys.readouterr().err and not (tmp_path / "never.h5ad").exists()
+
+
+def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):
+    data, path = synthetic_file
+    common = ["--epochs", "1", "--topics", "4", "--restarts", "1", "--batch-key", "donor", "--verbose", "0"]
+    assert main(["train", str(path), "--out", str(tmp_path / "memory.keras"), "--n-genes", "0", *common]) == 0
+    assert main(["train", str(path), "--out", str(tmp_path / "stream.keras"), "--stream", *common]) == 0
+    assert "700 cells x 120 genes; 200 labelled cells of 3 types" in capsys.readouterr().out
+    for name in ("memory", "stream"):
+        model = scm.load_model(tmp_path / f"{name}.keras")
+        (member,) = model.members
+        assert member.config.n_topics == 4 and member.config.epochs == 1 and member.sizes["n_batches"] == 2
+        assert np.isfinite(scm.predict(model, path)["probs"]).all()
+
+
+def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_file, tmp_path, capsys):
+    _, path = synthetic_file
+    assert main(["train", str(path), "--out", str(tmp_path / "model.h5"), "--epochs", "1"]) == 2
+    assert "must end in '.keras'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "model.keras")]) == 2
+    assert "missing.h5ad" in capsys.readouterr().err
+    assert main(["train", str(path), "--out", str(tmp_path / "model.keras"), "--label-key", "celltype"]) == 2
+    assert "no obs column 'celltype'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
