@@ -16,16 +16,36 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
 
     assert len(scm.load_model(tmp_path / "model.keras").members) == 3
     pbmc68k_reduced().write_h5ad(tmp_path / "query.h5ad")
-    assert main(["annotate", str(tmp_path / "model.keras"), str(tmp_path / "query.h5ad"),
-                 "--out", str(tmp_path / "annotated.h5ad")]) == 0
+    assert (
+        main(
+            [
+                "annotate",
+                str(tmp_path / "model.keras"),
+                str(tmp_path / "query.h5ad"),
+                "--out",
+                str(tmp_path / "annotated.h5ad"),
+            ]
+        )
+        == 0
+    )
     annotated = scm.data.read_h5ad(tmp_path / "annotated.h5ad")
     assert annotated.obsm["scmix_cell_topic"].shape == (700, 24)
     assert main(["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]) == 0
     assert (tmp_path / "explained" / "class_genes.csv").exists()
     (tmp_path / "broken.keras").write_bytes(b"not a model")
     capsys.readouterr()
-    assert main(["annotate", str(tmp_path / "broken.keras"), str(tmp_path / "query.h5ad"),
-                 "--out", str(tmp_path / "never.h5ad")]) == 2
+    assert (
+        main(
+            [
+                "annotate",
+                str(tmp_path / "broken.keras"),
+                str(tmp_path / "query.h5ad"),
+                "--out",
+                str(tmp_path / "never.h5ad"),
+            ]
+        )
+        == 2
+    )
     assert "broken.keras" in capsys.readouterr().err and not (tmp_path / "never.h5ad").exists()
 
 

@@ -103,14 +103,19 @@ def test_fresh_process_without_tfp_scmix_gets_the_same_predictions(trained, expe
     n = 64
     np.savez(tmp_path / "inputs.npz", counts=data.counts[:n].toarray())
     (tmp_path / "client.py").write_text(FRESH_PROCESS)
-    run = subprocess.run([sys.executable, "client.py", str(path), "inputs.npz", "result.npz"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    run = subprocess.run(
+        [sys.executable, "client.py", str(path), "inputs.npz", "result.npz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": "", "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got = np.load(tmp_path / "result.npz")
     assert list(got["genes"]) == model.genes
     for form in ("dense", "sparse"):
-        assert {k[len(form) + 1:] for k in got.files if k.startswith(f"{form}_")} == set(export.OUTPUT_KEYS)
+        assert {k[len(form) + 1 :] for k in got.files if k.startswith(f"{form}_")} == set(export.OUTPUT_KEYS)
     for form in ("dense", "sparse"):
         np.testing.assert_allclose(got[f"{form}_probs"], expected["probs"][:n], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got[f"{form}_cell_topic"], expected["cell_topic"][:n], rtol=1e-4, atol=1e-6)
@@ -126,11 +131,11 @@ def test_annotator_aligns_anndata_genes_by_name(trained, expected, adata):
     keep = np.sort(rng.permutation(adata.n_vars)[: int(0.95 * adata.n_vars)])
     shuffled = adata[:, rng.permutation(keep)].copy()
     frame = export.load_exported(path, batch_size=100).annotate(shuffled)
-    reference = model.predict(scm.from_anndata(shuffled, label_key=None, genes=model.genes).counts.toarray(),
-                              verbose=0)
+    reference = model.predict(scm.from_anndata(shuffled, label_key=None, genes=model.genes).counts.toarray(), verbose=0)
     assert list(frame.index) == list(adata.obs_names)
-    np.testing.assert_allclose(frame[[f"prob_{c}" for c in model.class_names]].to_numpy(), reference["probs"],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        frame[[f"prob_{c}" for c in model.class_names]].to_numpy(), reference["probs"], rtol=1e-4, atol=1e-6
+    )
     np.testing.assert_array_equal(frame["label"].to_numpy(), np.asarray(model.class_names)[reference["label"]])
     # With every gene present, the annotator reproduces the in-process model on the full data.
     full = export.load_exported(path).annotate(adata)
@@ -154,8 +159,10 @@ def test_wrong_width_or_genes_give_clear_errors(trained, adata):
     # A client calling the sparse signature directly gets the model's gene count in the error.
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"number of genes \\({model.n_genes}\\)"):
         annotator.loaded.signatures[export.SERVING_SPARSE](
-            indices=tf.constant([[0, 0]], tf.int64), values=tf.constant([1.0]),
-            dense_shape=tf.constant([1, model.n_genes - 1], tf.int64))
+            indices=tf.constant([[0, 0]], tf.int64),
+            values=tf.constant([1.0]),
+            dense_shape=tf.constant([1, model.n_genes - 1], tf.int64),
+        )
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-negative"):
         annotator.loaded.signatures[export.SERVING_DENSE](counts=-tf.ones([1, model.n_genes]))
 
@@ -165,6 +172,7 @@ def _failing_save(real_save):
         real_save(obj, export_dir, *args, **kwargs)  # files written ...
         (Path(export_dir) / "variables" / "variables.data-00000-of-00001").write_bytes(b"truncated")
         raise OSError("disk full")  # ... then the write fails midway
+
     return save
 
 
@@ -211,13 +219,25 @@ def test_cli_exports_and_a_crash_midway_leaves_nothing_at_the_target(trained, ex
     model, data, model_file, _ = trained
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     (tmp_path / "crash.py").write_text(CRASHING_CLI)
-    crash = subprocess.run([sys.executable, "crash.py", str(model_file), "out/1"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120, env=env)
+    crash = subprocess.run(
+        [sys.executable, "crash.py", str(model_file), "out/1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert crash.returncode == 3, crash.stderr[-3000:]
     assert not (tmp_path / "out" / "1").exists()
 
-    run = subprocess.run([sys.executable, "-m", "tfp_scmix.export", str(model_file), "out/1"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, env=env)
+    run = subprocess.run(
+        [sys.executable, "-m", "tfp_scmix.export", str(model_file), "out/1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert model.gene_fingerprint in run.stdout
     out = export.load_exported(tmp_path / "out" / "1").predict(data.counts[:20])
@@ -245,11 +265,20 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
     # An explicit tracking store in tmp_path; the experiment's artifacts go to tmp_path/mlruns (cwd).
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The server execs `uvicorn` from PATH: put this environment's scripts first, as an activated venv does.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "tfp_scmix.export", str(model_file), "export/1",
-                          "--mlflow-experiment", "serving-test"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=180, env=env)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "tfp_scmix.export", str(model_file), "export/1", "--mlflow-experiment", "serving-test"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     model_uri = run.stdout.split("logged MLflow model ")[1].split()[0]
     assert (tmp_path / "mlruns").is_dir()
@@ -257,10 +286,30 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
     counts = data.counts[cells].toarray()
 
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "w"),
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -271,24 +320,37 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            assert time.monotonic() < deadline, "server not ready in 120 s:\n" + \
-                (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "server not ready in 120 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            )
             time.sleep(1)
 
         def check(rows):
             assert [r["label"] for r in rows] == list(expected["label_name"][cells])
             probs = np.array([[r[f"prob_{c}"] for c in model.class_names] for r in rows])
             np.testing.assert_allclose(probs, expected["probs"][cells], rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose([r["confidence"] for r in rows], expected["confidence"][cells],
-                                       rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose([[r[f"topic_{k}"] for k in range(10)] for r in rows],
-                                       expected["cell_topic"][cells], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(
+                [r["confidence"] for r in rows], expected["confidence"][cells], rtol=1e-4, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                [[r[f"topic_{k}"] for k in range(10)] for r in rows],
+                expected["cell_topic"][cells],
+                rtol=1e-4,
+                atol=1e-6,
+            )
 
         url = f"http://127.0.0.1:{port}/invocations"
         # Integer counts, every gene, columns in a shuffled order: the served model aligns them by name.
         order = np.random.default_rng(0).permutation(model.n_genes)
-        status, body = _post(url, {"dataframe_split": {
-            "columns": [model.genes[i] for i in order], "data": counts[:, order].astype(int).tolist()}})
+        status, body = _post(
+            url,
+            {
+                "dataframe_split": {
+                    "columns": [model.genes[i] for i in order],
+                    "data": counts[:, order].astype(int).tolist(),
+                }
+            },
+        )
         assert status == 200, body
         check(body["predictions"])
         # Records that list only each cell's nonzero genes.
