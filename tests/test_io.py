@@ -200,3 +200,20 @@ def test_save_model_writes_one_loadable_file_and_nothing_else(small_model, embed
     assert path == tmp_path / "deep" / "er" / "ensemble.keras"
     assert [p.name for p in path.parent.iterdir()] == ["ensemble.keras"]  # no temporary file left
     np.testing.assert_array_equal(predict(load_model(path), embedded)["probs"], predict(small_model, embedded)["probs"])
+
+
+def test_atomic_writes_get_a_new_file_s_usual_mode(tmp_path):
+    import os
+
+    from tfp_scmix.io import atomic_directory, atomic_path
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "table.csv") as tmp:
+            Path(tmp).write_text("a\n")
+        with atomic_directory(tmp_path / "export") as folder:
+            (folder / "x").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
