@@ -42,8 +42,8 @@ def test_bad_values_are_refused_naming_setting_and_value(changes, named):
 @pytest.mark.parametrize(
     "changes",
     [
-        pytest.param({"label_noise": 1.5}, id="label_noise>1"),
-        pytest.param({"label_noise": -0.1}, id="label_noise<0"),
+        pytest.param({"label_noise": 1.5}, id="label_noise-not-a-switch"),
+        pytest.param({"label_noise": "yes"}, id="label_noise-a-string"),
         pytest.param({"slab_df": -1.0}, id="slab_df<0"),
         pytest.param({"global_scale": -1.0}, id="global_scale<0"),
         pytest.param({"expected_active_topics": -2.0}, id="expected_active_topics<0"),
@@ -77,9 +77,9 @@ def test_replace_and_from_dict_refuse_unknown_names():
 
 
 def test_dict_round_trip_and_setting_groups():
-    custom = Config(n_topics=9, label_noise=0.1, learn_alpha=True, global_scale=0.3, epochs=3)
+    custom = Config(n_topics=9, label_noise=True, learn_alpha=True, global_scale=0.3, epochs=3)
     values = custom.to_dict()
-    assert values["n_topics"] == 9 and values["label_noise"] == 0.1 and values["global_scale"] == 0.3
+    assert values["n_topics"] == 9 and values["label_noise"] is True and values["global_scale"] == 0.3
     assert Config.from_dict(values) == custom
     assert tuple(values) == config.names() == tuple(f.name for f in dataclasses.fields(Config))
     # Every setting is either a model or a training setting, never both.

@@ -31,7 +31,8 @@ class Config:
         the cells and topics are scaled up from 0 to 1.
       expected_active_topics / global_scale / slab_scale / slab_df: the horseshoe's p0, tau0, s and nu
         (None: p0 = n_topics / 2 and tau0 from Piironen & Vehtari 2017, eq. 3.12, with the labelled cells;
-        slab_df None: the variant's own). label_noise: eps of the label-noise mixture (None: the variant's).
+        slab_df None: the variant's own). label_noise: the label-noise mixture with a
+        learned error rate eps ~ Beta(1, 19) on or off (None: on for santa_barbara only).
       topic_prior_scale: standard deviation of the topic logits' prior around the background profile.
       n_predictive_samples: draws of the class weights averaged by the posterior predictive.
     Training (`tfp_scmix.train`):
@@ -55,7 +56,7 @@ class Config:
     global_scale: float | None = None
     slab_scale: float = 2.0
     slab_df: float | None = None
-    label_noise: float | None = None
+    label_noise: bool | None = None
     topic_prior_scale: float = 1.0
     n_predictive_samples: int = 32
     epochs: int = 100
@@ -78,8 +79,11 @@ class Config:
             value = getattr(self, name)
             if value is not None and not float(value) > 0:
                 raise ValueError(f"{name} must be positive (or None for its default), received {value!r}")
-        if self.label_noise is not None and not 0.0 <= float(self.label_noise) < 1.0:
-            raise ValueError(f"label_noise is a mixture weight in [0, 1) (or None), received {self.label_noise!r}")
+        if self.label_noise is not None and not isinstance(self.label_noise, bool):
+            raise ValueError(
+                "label_noise switches the learned label-noise mixture on or off: True, False or None "
+                f"(the variant's default), received {self.label_noise!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}")
         for name in ("learning_rate", "classifier_learning_rate", "prior_alpha", "topic_prior_scale", "slab_scale"):

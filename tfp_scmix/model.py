@@ -156,7 +156,7 @@ class SCMix(keras.Model):
             config.n_predictive_samples,
             name="class_branch",
         )
-        self.batch_offsets = BatchOffsets(self.sizes["n_batches"], self.n_genes, name="batch_offsets")
+        self.batch_offsets = BatchOffsets(int(self.sizes["n_batches"]), self.n_genes, name="batch_offsets")
         if config.label_mode == "class_prior":
             self.class_centres = self.add_weight(
                 shape=(self.n_classes, self.n_topics), initializer="zeros", name="class_centres"
