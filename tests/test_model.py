@@ -39,7 +39,9 @@ def test_recovers_planted_topics_and_labels(synthetic):
 
 def test_embedded_real_data_well_above_chance(embedded):
     test, labelled = few_shot_split(embedded.n_cells, 550, 150, seed=0)
-    model = scm.train(embedded.hide_labels(labelled), Config(n_topics=20, batch_size=128), epochs=40, verbose=0)
+    model = scm.train(
+        embedded.hide_labels(labelled), Config(n_topics=20, batch_size=128), epochs=40, restarts=1, verbose=0
+    )
     result = scores(embedded.labels[test], scm.predict(model, embedded.subset(test))["label"])
     majority = np.bincount(embedded.labels[test]).max() / len(test)
     # 10 types; the largest is 34% of cells: chance is at most that
