@@ -92,6 +92,37 @@ def record_results(path, experiment):
     return record(path, experiment)
 
 
+# -- peers in their own environments ------------------------------------------------------------------
+PEER_ENVS = Path(__file__).parent  # experiments/.venv-<name>, shared by every experiment
+
+
+def ensure_venv(name, package_groups, module, log=print):
+    """Create experiments/.venv-<name> with `package_groups` (lists of pip requirements, installed in
+    order) unless it already imports `module`. Returns (python path, None) or (None, why it cannot run)."""
+    import subprocess
+    import sys
+
+    env = PEER_ENVS / f".venv-{name}"
+    python = env / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0:
+        return python, None
+    log(f"installing the {name} peer into {env} ({'; '.join(' '.join(g) for g in package_groups)}; minutes)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, capture_output=True)
+        for packages in package_groups:
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", *packages],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        detail = getattr(err, "stderr", "") or ""
+        return None, f"{name} did not install ({type(err).__name__}: {detail.strip().splitlines()[-1:] or ''})"
+    return python, None
+
+
 # -- process memory ------------------------------------------------------------------------------------
 def rss_mb():
     """Current resident memory of this process in MB."""

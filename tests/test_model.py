@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from scipy.optimize import linear_sum_assignment
 
 import tfp_scmix as scm
@@ -160,10 +161,13 @@ def old_format(config):
     }
 
 
-def test_a_model_in_the_old_flat_config_format_still_loads(small_model, embedded, tmp_path):
+def test_a_model_in_the_old_flat_config_format_still_loads(embedded, tmp_path):
     from tests.helpers import rewrite_archive
 
-    model = small_model.members[0]
+    # Old files predate the gene weights of the classification branch: a topics-only model.
+    labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
+    config = scm.Config(n_topics=12, batch_size=128, classifier_genes=False, classifier_steps=100)
+    model = scm.train(embedded.hide_labels(labelled), config, epochs=2, restarts=1, verbose=0).members[0]
     old = old_format(model.get_config())
     # expected_active_topics and global_scale as the old files held them: resolved numbers.
     old.update(
@@ -244,3 +248,22 @@ def test_from_data_records_the_same_data_fingerprint_from_a_stream_and_from_memo
         SCMix.from_data(stream, Config(n_topics=4)).provenance
         == SCMix.from_data(in_memory, Config(n_topics=4)).provenance
     )
+
+
+def test_the_class_branch_reads_the_genes_standardised_over_the_training_cells(small_model, embedded):
+    from tfp_scmix.layers import ClassBranch
+
+    model = small_model.members[0]
+    assert model.config.classifier_genes and model.classifier.n_genes == embedded.n_genes
+    x = embedded.counts.toarray()
+    x = np.log1p(x * 1e4 / x.sum(1, keepdims=True))
+    np.testing.assert_allclose(model.classifier.gene_mean.numpy(), x.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        model.classifier.gene_inv_sd.numpy(), 1 / np.maximum(x.std(0), ClassBranch.MIN_GENE_SD), rtol=1e-3
+    )
+    # Sparse and dense counts give the same prediction; the settings record the genes' global scale.
+    dense = model(tf.constant(embedded.counts[:50].toarray()))["probs"].numpy()
+    np.testing.assert_allclose(scm.predict(model, embedded.subset(np.arange(50)))["probs"], dense, atol=1e-5)
+    assert 0 < model.settings["gene_global_scale"] < model.settings["global_scale"]
+    off = SCMix.from_data(embedded, scm.Config(n_topics=4, classifier_genes=False))
+    assert off.classifier.n_genes == 0 and not any("gene_weights" in w.path for w in off.weights)

@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import scipy.sparse as sp
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -15,6 +16,7 @@ from tfp_scmix import __version__
 from tfp_scmix.config import Config
 from tfp_scmix.data import BATCH, COUNTS, LABEL, DataError, SCData, gene_fingerprint
 from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
+from tfp_scmix.layers.cell import divide_offsets, normalise_counts
 from tfp_scmix.layers.horseshoe import default_global_scale
 from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
 from tfp_scmix.stream import H5ADStream
@@ -38,6 +40,22 @@ def library_versions() -> dict[str, str]:
 def provenance(data: SCData | H5ADStream) -> dict[str, Any]:
     """What a model records about how it was made: `library_versions()` and the data it was trained on."""
     return {**library_versions(), "data_fingerprint": data.fingerprint(), "n_cells": int(data.n_cells)}
+
+
+def gene_moments(data: SCData | H5ADStream) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation `[n_genes]` of log1p counts per 10k over the cells of `data` (a stream: one
+    pass over its chunks, memory bounded by a chunk)."""
+    chunks = data.chunks() if isinstance(data, H5ADStream) else [(None, data.counts)]
+    total = np.zeros(len(data.genes))
+    squares = np.zeros(len(data.genes))
+    for _, counts in chunks:
+        library = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1.0)
+        x = sp.csr_matrix(sp.diags(1e4 / library) @ counts)
+        x.data = np.log1p(x.data)
+        total += np.asarray(x.sum(axis=0)).ravel()
+        squares += np.asarray(x.multiply(x).sum(axis=0)).ravel()
+    mean = total / data.n_cells
+    return mean, np.sqrt(np.maximum(squares / data.n_cells - mean**2, 0.0))
 
 
 def topic_features(log_cell_topic: tf.Tensor | np.ndarray) -> tf.Tensor:
@@ -125,10 +143,13 @@ class SCMix(keras.Model):
         if global_scale is None:
             global_scale = default_global_scale(self.n_topics, n_labelled, expected_active_topics)
         # The settings with the defaults resolved, and the data sizes (what MLflow logs and the loss reads).
+        n_class_genes = self.n_genes if config.classifier_genes else 0
+        gene_global_scale = default_global_scale(max(n_class_genes, 2), n_labelled, config.expected_active_genes)
         self.settings = {
             **config.to_dict(),
             "expected_active_topics": float(expected_active_topics),
             "global_scale": float(global_scale),
+            "gene_global_scale": float(gene_global_scale),
             **self.sizes,
             "seed": self.seed,
         }
@@ -154,6 +175,8 @@ class SCMix(keras.Model):
             config.slab_df,
             config.label_noise,
             config.n_predictive_samples,
+            n_genes=n_class_genes,
+            gene_global_scale=gene_global_scale,
             name="class_branch",
         )
         self.batch_offsets = BatchOffsets(int(self.sizes["n_batches"]), self.n_genes, name="batch_offsets")
@@ -199,6 +222,8 @@ class SCMix(keras.Model):
             provenance=provenance(data),
         )
         model.topics.set_background(background)
+        if model.classifier.n_genes:
+            model.classifier.set_gene_moments(*gene_moments(data))
         return model
 
     @property
@@ -229,10 +254,17 @@ class SCMix(keras.Model):
         """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out."""
         return self.encoder(counts, batch_ids, self.batch_offsets.loc, training=training)
 
+    def class_genes(self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor) -> tf.Tensor | None:
+        """The classification branch's gene input `[batch, n_genes]`: log1p CP10k of the counts with their
+        batch's offsets divided out (sparse stays sparse); None when the branch reads topics only."""
+        if not self.classifier.n_genes:
+            return None
+        return normalise_counts(divide_offsets(counts, batch_ids, self.batch_offsets.loc))
+
     def call(self, inputs, training=False):
         counts, batch_ids = self._unpack(inputs)
         loc, _ = self.encode(counts, batch_ids, training=training)
-        probs = self.classifier(topic_features(loc))
+        probs = self.classifier(topic_features(loc), self.class_genes(counts, batch_ids))
         return {
             "probs": probs,
             "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
@@ -257,6 +289,9 @@ class SCMix(keras.Model):
             raise DataError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
         topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["cell_topic"]
         features = topic_features(tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32))
+        genes = self.class_genes(
+            tf.constant(data.counts[labelled].toarray(), tf.float32), tf.constant(data.batches[labelled], tf.int32)
+        )
         labels = tf.constant(data.labels[labelled], tf.int32)
         # Decaying the step size lets the Monte Carlo gradients settle on the optimum.
         schedule = keras.optimizers.schedules.CosineDecay(self.config.classifier_learning_rate, steps)
@@ -267,7 +302,7 @@ class SCMix(keras.Model):
         @tf.function
         def step(seed):
             with tf.GradientTape() as tape:
-                log_probs, kl = self.classifier.sample_log_probs(features, seed)
+                log_probs, kl = self.classifier.sample_log_probs(features, seed, genes)
                 loss = -tf.reduce_mean(tf.gather(log_probs, labels, batch_dims=1)) + kl / n_labelled
             optimizer.apply(tape.gradient(loss, variables), variables)
             return loss
@@ -311,9 +346,13 @@ class SCMix(keras.Model):
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
         features = topic_features(tf.concat([loc, z], axis=0))
+        genes = self.class_genes(counts, batch_ids)
+        if genes is not None:
+            genes = tf.sparse.concat(0, [genes, genes])
         if s["label_mode"] != "joint":
             features = tf.stop_gradient(features)
-        log_probs, kl_class = self.classifier.sample_log_probs(features, seeds[2])
+            genes = None if genes is None else genes.with_values(tf.stop_gradient(genes.values))
+        log_probs, kl_class = self.classifier.sample_log_probs(features, seeds[2], genes)
         labelled = labels >= 0
         safe_labels = tf.maximum(labels, 0)
         nll = -tf.gather(log_probs, tf.tile(safe_labels, [2]), batch_dims=1)
@@ -423,4 +462,6 @@ class SCMix(keras.Model):
             settings = {k: config.pop(k) for k in list(config) if k in Config.__dataclass_fields__}
             settings.pop("classifier_steps", None)
             config["config"] = settings
+        # Files written before the classification branch read genes: topics only.
+        config["config"] = {"classifier_genes": False, **config["config"]}
         return cls(**config)

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import peak_rss_mb, read_dataset, rss_mb, write_json, write_text
+from experiments.common import PEER_ENVS, ensure_venv, peak_rss_mb, read_dataset, rss_mb, write_json, write_text
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS = HERE / "runs"
-SCVI_ENV = HERE / ".venv-scvi"
+SCVI_ENV = PEER_ENVS / ".venv-scvi"
 SCVI_PACKAGES = (["torch==2.13.0"], ["scvi-tools==1.4.2"])
 LABELLED_FRACTION = 0.02
 
@@ -406,24 +406,7 @@ def run_child(kind, cfg, timeout):
 
 def ensure_scvi(log):
     """Create the scVI environment if it is missing; returns None or why scVI cannot run."""
-    python = SCVI_ENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import scvi"], capture_output=True).returncode == 0:
-        return None
-    log(f"installing the scVI peer into {SCVI_ENV} (torch 2.13.0 CPU, scvi-tools 1.4.2; several minutes)")
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(SCVI_ENV)], check=True, capture_output=True)
-        for packages in SCVI_PACKAGES:
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", *packages],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        detail = getattr(err, "stderr", "") or ""
-        return f"scvi-tools did not install ({type(err).__name__}: {detail.strip().splitlines()[-1:] or ''})"
-    return None
+    return ensure_venv("scvi", SCVI_PACKAGES, "scvi", log)[1]
 
 
 # -- the plan ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -15,17 +16,24 @@ tfd, tfb = tfp.distributions, tfp.bijectors
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class ClassBranch(keras.layers.Layer):
-    """p(label | features) = (1 - eps) softmax(W f + c) + eps / C, with W under a horseshoe-family prior.
+    """p(label | f, x) = (1 - eps) softmax(W f + V s(x) + c) + eps / C, W and V under horseshoe-family priors.
 
-    Mathematical details: `class_weights` W `[n_classes, n_topics]` has the prior of `HorseshoePrior`;
-    the bias c `[n_classes]` is a point estimate. With `label_noise` (default: on for the "santa_barbara"
-    variant only), the error rate eps has a Beta(1, 19) prior (`NOISE_PRIOR`: a-priori mean error rate
-    1 / (1 + 19) = 5%) and a logit-normal posterior, so a few wrong labels are explained as noise instead
-    of bending W. Without it, eps = 0.
+    Mathematical details: `class_weights` W `[n_classes, n_topics]` reads the topic features f, and (with
+    `n_genes` > 0) `gene_weights` V `[n_classes, n_genes]` reads the genes: s(x) = (x - m) / sd, x the cell's
+    log1p counts per 10k, m and sd the genes' mean and standard deviation over the training cells
+    (`set_gene_moments`; sd floored at `MIN_GENE_SD`). Each has the prior of `HorseshoePrior`, with its own
+    global scale (`global_scale` for W, `gene_global_scale` for V: few of thousands of genes matter per
+    class, the horseshoe's own job); the bias c `[n_classes]` is a point estimate. With `label_noise`
+    (default: on for the "santa_barbara" variant only), the error rate eps has a Beta(1, 19) prior
+    (`NOISE_PRIOR`: a-priori mean error rate 1 / (1 + 19) = 5%) and a logit-normal posterior, so a few wrong
+    labels are explained as noise instead of bending W (and V). Without it, eps = 0.
 
-    Shapes: features `[batch, n_topics]` (log topic proportions) -> class probabilities `[batch, n_classes]`.
+    Shapes: features `[batch, n_topics]` (centred log topic proportions) and genes `[batch, n_genes]` (log1p
+    counts per 10k, dense or tf.SparseTensor; only with n_genes > 0) -> class probabilities `[batch, n_classes]`.
+    The gene term is computed as (x / sd) V^T - (m / sd) V^T, so sparse genes stay sparse.
     """
 
+    MIN_GENE_SD = 0.1  # log1p CP10k units: a gene seen in a handful of cells is not scaled up beyond 10x
     NOISE_PRIOR = (1.0, 19.0)  # Beta(a, b) of the label error rate: prior mean a / (a + b) = 5%
 
     def __init__(
@@ -38,17 +46,31 @@ class ClassBranch(keras.layers.Layer):
         slab_df: float | None = None,
         label_noise: bool | None = None,
         n_predictive_samples: int = 32,
+        n_genes: int = 0,
+        gene_global_scale: float = 0.005,
         **kwargs: Any,
     ) -> None:
         """variant, global_scale, slab_scale, slab_df: the prior of W (`HorseshoePrior`; ValueError for an
-        unknown variant). n_predictive_samples: draws of W averaged by `call`. kwargs go to `keras.layers.Layer`."""
+        unknown variant). n_predictive_samples: draws of W averaged by `call`. n_genes: genes read directly
+        (0: topics only); gene_global_scale: tau0 of V. kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
-        self.n_classes, self.n_topics = int(n_classes), int(n_topics)
+        self.n_classes, self.n_topics, self.n_genes = int(n_classes), int(n_topics), int(n_genes)
         self.label_noise = bool(variant == "santa_barbara" if label_noise is None else label_noise)
         self.n_predictive_samples = int(n_predictive_samples)
         self.class_weights = HorseshoePrior(
             self.n_classes, self.n_topics, variant, global_scale, slab_scale, slab_df, name="class_weights"
         )
+        self.gene_global_scale = float(gene_global_scale)
+        if self.n_genes:
+            self.gene_weights = HorseshoePrior(
+                self.n_classes, self.n_genes, variant, self.gene_global_scale, slab_scale, slab_df, name="gene_weights"
+            )
+            self.gene_mean = self.add_weight(
+                shape=(self.n_genes,), name="gene_mean", initializer="zeros", trainable=False
+            )
+            self.gene_inv_sd = self.add_weight(
+                shape=(self.n_genes,), name="gene_inv_sd", initializer="ones", trainable=False
+            )
         self.bias = self.add_weight(shape=(self.n_classes,), name="bias", initializer="zeros")
         if self.label_noise:
             self.noise_loc = self.add_weight(shape=(), name="noise_loc", initializer=keras.initializers.Constant(-3.0))
@@ -56,6 +78,24 @@ class ClassBranch(keras.layers.Layer):
                 shape=(), name="noise_scale_raw", initializer=keras.initializers.Constant(-3.0)
             )
         self.built = True
+
+    def set_gene_moments(self, mean: np.ndarray, sd: np.ndarray) -> None:
+        """Set m and sd `[n_genes]` of the gene features (log1p CP10k over the training cells)."""
+        self.gene_mean.assign(np.asarray(mean, np.float32))
+        self.gene_inv_sd.assign(1.0 / np.maximum(np.asarray(sd, np.float32), self.MIN_GENE_SD))
+
+    def gene_logits(self, genes: tf.Tensor | tf.SparseTensor, weights: tf.Tensor) -> tf.Tensor:
+        """V s(x): genes `[batch, n_genes]` (log1p CP10k, dense or sparse), weights `[..., n_classes, n_genes]`
+        -> `[batch, ..., n_classes]` (one block per leading dimension of the weights)."""
+        scaled = weights * self.gene_inv_sd  # [..., C, G]: V / sd
+        flat = tf.reshape(scaled, [-1, self.n_genes])  # [(...) C, G]
+        offset = tf.linalg.matvec(flat, self.gene_mean)  # (m / sd) V^T
+        if isinstance(genes, tf.SparseTensor):
+            logits = tf.sparse.sparse_dense_matmul(genes, flat, adjoint_b=True)
+        else:
+            logits = tf.matmul(genes, flat, transpose_b=True)
+        logits = logits - offset
+        return tf.reshape(logits, tf.concat([[-1], tf.shape(scaled)[:-1]], axis=0))
 
     def noise_posterior(self) -> tuple[tfp.distributions.Distribution, tfp.distributions.Distribution]:
         """q(logit eps) and the prior of logit eps (Beta(1, 19) pushed through the logit)."""
@@ -67,9 +107,8 @@ class ClassBranch(keras.layers.Layer):
         """Posterior median of the label error rate eps, a scalar in [0, 1] (0 without label noise)."""
         return tf.sigmoid(self.noise_loc) if self.label_noise else tf.constant(0.0)
 
-    def _log_probs(self, features: tf.Tensor, weights: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
-        """log class probabilities `[batch, n_classes]` for weights `[n_classes, n_topics]`, error rate eps."""
-        logits = tf.matmul(features, weights, transpose_b=True) + self.bias
+    def _log_probs(self, logits: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+        """log class probabilities `[batch, n_classes]` of logits `[batch, n_classes]`, error rate eps."""
         log_softmax = tf.nn.log_softmax(logits, axis=-1)
         if not self.label_noise:
             return log_softmax
@@ -81,30 +120,49 @@ class ClassBranch(keras.layers.Layer):
             0,
         )
 
-    def sample_log_probs(self, features: tf.Tensor, seed: tf.Tensor | tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+    def sample_log_probs(
+        self,
+        features: tf.Tensor,
+        seed: tf.Tensor | tuple[int, int],
+        genes: tf.Tensor | tf.SparseTensor | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """One posterior draw: (log class probabilities `[batch, n_classes]`, Monte Carlo KL scalar in nats).
 
-        features `[batch, n_topics]`; seed: a stateless seed (int32 `[2]`). With label noise the
-        probabilities are those of the noisy labels, and the KL includes the error rate's term.
+        features `[batch, n_topics]`; genes `[batch, n_genes]` (required when n_genes > 0); seed: a stateless
+        seed (int32 `[2]`). With label noise the probabilities are those of the noisy labels, and the KL
+        includes the error rate's term.
         """
-        weight_seed, noise_seed = tfp.random.split_seed(seed)
+        weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
         weights, kl = self.class_weights.sample(weight_seed)
+        logits = tf.matmul(features, weights, transpose_b=True) + self.bias
+        if self.n_genes:
+            gene_weights, gene_kl = self.gene_weights.sample(gene_seed)
+            logits += self.gene_logits(self._require_genes(genes), gene_weights)
+            kl += gene_kl
         eps = tf.constant(0.0)
         if self.label_noise:
             q, p = self.noise_posterior()
             logit = q.sample(seed=noise_seed)
             kl += q.log_prob(logit) - p.log_prob(logit)
             eps = tf.sigmoid(logit)
-        return self._log_probs(features, weights, eps), kl
+        return self._log_probs(logits, eps), kl
 
-    def call(self, features):
-        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W.
+    def _require_genes(self, genes):
+        if genes is None:
+            raise ValueError("this classification branch reads genes: pass genes [batch, n_genes]")
+        return genes
+
+    def call(self, features, genes=None):
+        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W (and V).
 
         The label-noise part is left out: it models annotation errors, not the cell's true type.
         """
         weights = self.class_weights.posterior_weights(self.n_predictive_samples)
-        logits = tf.einsum("bk,sck->sbc", features, weights) + self.bias
-        return tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=0)
+        logits = tf.einsum("bk,sck->bsc", features, weights) + self.bias
+        if self.n_genes:
+            gene_weights = self.gene_weights.posterior_weights(self.n_predictive_samples, seed=(13, 17))
+            logits += self.gene_logits(self._require_genes(genes), gene_weights)
+        return tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=1)
 
     def get_config(self):
         hs = self.class_weights
@@ -118,4 +176,6 @@ class ClassBranch(keras.layers.Layer):
             "slab_df": hs.slab_df,
             "label_noise": self.label_noise,
             "n_predictive_samples": self.n_predictive_samples,
+            "n_genes": self.n_genes,
+            "gene_global_scale": self.gene_global_scale,
         }
