@@ -2,8 +2,8 @@
 
 The results in this folder come from these runs (each writes results.csv and summary.md in its --out):
 
-    ./run experiments.few_shot.run               # main table: pbmc3k + cbmc, 150 labels, seeds 0-4
-    ./run experiments.few_shot.run --datasets pbmc3k --ablation --out experiments/few_shot/ablation
+    ./run experiments.few_shot.run               # the suite: five datasets, 150 labels, seeds 0-4
+    ./run experiments.few_shot.run --ablation --seeds 0 --out experiments/few_shot/label_modes
     ./run experiments.few_shot.run --datasets pbmc3k --label-noise 0.1 --out experiments/few_shot/label_noise \
         --methods tfp_scmix tfp_scmix:restarts=1 tfp_scmix:restarts=1,prior=santa_barbara \
                   logistic_regression linear_svm knn_pca lda_logistic
@@ -23,6 +23,7 @@ installed.
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,12 +31,43 @@ import numpy as np
 import pandas as pd
 
 import tfp_scmix as scm
-from experiments.common import load_dataset, log_normalised, markdown_table, most_variable, record_results, write_text
+from experiments.common import (
+    ensure_venv,
+    log_normalised,
+    markdown_table,
+    most_variable,
+    read_dataset,
+    record_results,
+    write_text,
+)
 from tfp_scmix.evaluate import few_shot_split, scores
 from tfp_scmix.io import write_csv
 
 HERE = Path(__file__).parent
-N_TEST = 2000
+# The suite: test cells per dataset (issue 14). Any other .h5ad with a `cell_type` column (a name in
+# $TFP_SCMIX_DATA or a path) gets `test_size`: half the cells left after the labelled ones, in hundreds,
+# at most 2000.
+SUITE = {
+    "pbmc3k": 2000,
+    "cbmc": 2000,
+    "pbmc68k_reduced": 550,
+    "pbmc_sorted_zheng": 1000,
+    "baron2016_mouse_pancreas": 1000,
+}
+
+
+def test_size(name, n_cells, budget):
+    """Test cells of dataset `name` (`SUITE`, else min(2000, (n_cells - budget) // 2 rounded down to 100))."""
+    return SUITE.get(name, min(2000, (n_cells - budget) // 200 * 100))
+
+
+def suite_dataset(name):
+    """SCData of `name` (a dataset of $TFP_SCMIX_DATA or a path to an .h5ad) with its `cell_type` labels and
+    its `batch` column as batches when it has one (the two mice of baron2016_mouse_pancreas)."""
+    from tfp_scmix.data import from_anndata, read_h5ad
+
+    adata = read_h5ad(name) if name.endswith(".h5ad") else read_dataset(name)
+    return from_anndata(adata, label_key="cell_type", batch_key="batch" if "batch" in adata.obs else None)
 
 
 # -- peers: each gets (data, visible cells, test, labelled, seed) and returns test predictions -----------
@@ -53,17 +85,87 @@ def linear_svm(data, visible, test, labelled, seed):
     return LinearSVC(random_state=seed).fit(x[labelled], data.labels[labelled]).predict(x[test])
 
 
-def knn_pca(data, visible, test, labelled, seed):
+def principal_components(data, visible, seed):
+    """30 principal components of every cell, fitted on the visible cells (scanpy's recipe: log1p CP10k,
+    genes scaled to unit variance and clipped at 10)."""
     from sklearn.decomposition import PCA
-    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.preprocessing import StandardScaler
 
     x = log_normalised(data.counts).toarray()
     scaler = StandardScaler().fit(x[visible])
     pca = PCA(30, random_state=seed).fit(np.clip(scaler.transform(x[visible]), -10, 10))
-    pcs = pca.transform(np.clip(scaler.transform(x), -10, 10))
-    knn = KNeighborsClassifier(n_neighbors=min(15, len(labelled))).fit(pcs[labelled], data.labels[labelled])
+    return pca.transform(np.clip(scaler.transform(x), -10, 10))
+
+
+def knn_pca(data, visible, test, labelled, seed, k=15):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    pcs = principal_components(data, visible, seed)
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(labelled))).fit(pcs[labelled], data.labels[labelled])
     return knn.predict(pcs[test])
+
+
+def knn_pca_k5(data, visible, test, labelled, seed):
+    return knn_pca(data, visible, test, labelled, seed, k=5)
+
+
+def label_spreading(data, visible, test, labelled, seed):
+    """scikit-learn's LabelSpreading on the kNN graph (15 neighbours) of 30 PCs of the visible cells; test
+    cells outside them (the inductive setting) are predicted by the fitted model's kNN rule."""
+    from sklearn.semi_supervised import LabelSpreading
+
+    pcs = principal_components(data, visible, seed)
+    y = np.where(np.isin(visible, labelled), data.labels[visible], -1)
+    spreading = LabelSpreading(kernel="knn", n_neighbors=15, max_iter=200).fit(pcs[visible], y)
+    return spreading.predict(pcs[test])
+
+
+def env_peer(name, module, packages):
+    """A peer run by experiments/few_shot/peer_env.py in its own environment (experiments/.venv-<env>)."""
+
+    def peer(data, visible, test, labelled, seed):
+        import subprocess
+        import tempfile
+
+        import anndata
+        import pandas as pd
+        import scipy.sparse as sp
+
+        python, problem = ensure_venv(module, packages, module)
+        if problem:
+            raise RuntimeError(problem)
+        cells = np.union1d(visible, test)
+        labels = np.array(data.classes, dtype=object)[data.labels[cells]]
+        labels[~np.isin(cells, labelled)] = "Unknown"
+        obs = pd.DataFrame(
+            {"label": pd.Categorical(labels), "is_test": np.isin(cells, test)}, index=data.obs_names[cells].astype(str)
+        )
+        if len(data.batch_names) > 1:
+            obs["batch"] = pd.Categorical(np.array(data.batch_names, dtype=object)[data.batches[cells]])
+        adata = anndata.AnnData(sp.csr_matrix(data.counts[cells]), obs=obs)
+        adata.var_names = [str(g) for g in data.genes]
+        adata.uns["seed"] = int(seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            adata.write_h5ad(Path(tmp) / "split.h5ad")
+            done = subprocess.run(
+                [str(python), str(HERE / "peer_env.py"), name, str(Path(tmp) / "split.h5ad")],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""},
+            )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"{name} failed: {' | '.join(done.stderr.strip().splitlines()[-3:])[:500]}")
+        # The child predicts the test cells in `cells` order (sorted); labels it cannot name count as errors.
+        index = {c: i for i, c in enumerate(data.classes)}
+        codes = np.array([index.get(p, -2) for p in json.loads(lines[-1])])
+        return codes[np.searchsorted(np.sort(test), test)]
+
+    return peer
+
+
+celltypist = env_peer("celltypist", "celltypist", (["celltypist==1.7.1", "scikit-learn<1.6"],))
+scanvi = env_peer("scanvi", "scvi", (["torch==2.13.0"], ["scvi-tools==1.4.2"]))
 
 
 def lda_logistic(data, visible, test, labelled, seed):
@@ -88,31 +190,28 @@ PBMC3K_MARKERS = {
     "CD4 T cells": ["IL7R"],
 }
 
-# The ablation of issue 3, on single models (the default averages 3 restarts): how labels shape topics
+# The label-mode ablation (issue 14, with the classifier on topics and genes): how labels shape the topics
 # ((a) joint, (b) cut = the default, (c) class-conditional prior, (d) joint with the label-noise-tolerant
-# likelihood; joint with a label weight of 0.01, below which the label term stops overwhelming the
-# count likelihood in the encoder), the prior on the class weights, the number of topics. The default itself is the
-# restarts row: compare "tfp_scmix" (the main table, same seeds) with "tfp_scmix:restarts=1".
+# likelihood), on single models of every suite dataset; and the classifier reading the topics only (the model
+# before issue 14). The default itself is the restarts row: compare "tfp_scmix" (the main table, same seeds).
 ABLATION = [
     "tfp_scmix:restarts=1",
     "tfp_scmix:restarts=1,label_mode=joint",
     "tfp_scmix:restarts=1,label_mode=class_prior",
     "tfp_scmix:restarts=1,label_mode=joint,prior=santa_barbara",
-    "tfp_scmix:restarts=1,prior=horseshoe",
-    "tfp_scmix:restarts=1,prior=santa_barbara",
-    "tfp_scmix:restarts=1,prior=normal",
-    "tfp_scmix:restarts=1,n_topics=20",
-    "tfp_scmix:restarts=1,n_topics=100",
-    "tfp_scmix:restarts=1,label_mode=joint,label_weight=0.01",
+    "tfp_scmix:restarts=1,classifier_genes=False",
 ]
 
 
 def parse_method(spec):
-    """ "tfp_scmix:key=value,key=value" -> ("tfp_scmix", {key: value}) with numbers converted."""
+    """ "tfp_scmix:key=value,key=value" -> ("tfp_scmix", {key: value}) with numbers and True/False converted."""
     name, _, options = spec.partition(":")
     settings = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
+        if value in ("True", "False"):
+            settings[key] = value == "True"
+            continue
         for cast in (int, float):
             try:
                 value = cast(value)
@@ -123,7 +222,9 @@ def parse_method(spec):
     return name, settings
 
 
-def tfp_scmix(data, visible, test, labelled, seed, epochs=100, restarts=3, **settings):
+def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, **settings):
+    from sklearn.linear_model import LogisticRegression
+
     """tfp_scmix trained on the visible cells (labels of `labelled` only) by `scm.train` with the package's
     defaults (an ensemble of 3 restarts unless `restarts` is given; other options are `Config` settings).
     Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
@@ -131,10 +232,18 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=100, restarts=3, **set
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
     predicted = scm.predict(model, data.subset(test))["label"]
+    truth = data.labels[test]
+    # Each restart alone (the seed-to-seed spread of single models), and the standing diagnostic: logistic
+    # regression on the first restart's own topic features (centred log proportions) of the same cells.
+    single = [int((scm.predict(m, data.subset(test))["label"] != truth).sum()) for m in model.members]
+    features = scm.evaluate.TopicNovelty.features(scm.predict(model.members[0], data)["cell_topic"])
+    probe = LogisticRegression(max_iter=3000).fit(features[labelled], data.labels[labelled]).predict(features[test])
     extras = {
         "weights_above_0.1": np.mean(
             [(np.abs(m.classifier.class_weights(None).numpy()) > 0.1).mean() for m in model.members]
-        )
+        ),
+        "single_model_errors": json.dumps(single),
+        "topics_logistic_errors": int((probe != truth).sum()),
     }
     if set(PBMC3K_MARKERS) <= set(model.class_names):
         for by, key in (("lift", "marker_score"), ("weight", "marker_score_by_weight")):
@@ -160,7 +269,11 @@ PEERS = {
     "logistic_regression": logistic_regression,
     "linear_svm": linear_svm,
     "knn_pca": knn_pca,
+    "knn_pca_k5": knn_pca_k5,
+    "label_spreading": label_spreading,
     "lda_logistic": lda_logistic,
+    "celltypist": celltypist,
+    "scanvi": scanvi,
 }
 
 
@@ -174,11 +287,11 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
     # run can add methods or seeds to a table (or resume one that was interrupted).
     kept = pd.read_csv(out / "results.csv") if (out / "results.csv").exists() else pd.DataFrame()
     for name in datasets:
-        full = load_dataset(name)
+        full = suite_dataset(name)
         for setting in settings:
             for budget in budgets:
                 for seed in seeds:
-                    test, labelled = few_shot_split(full.n_cells, N_TEST, budget, seed)
+                    test, labelled = few_shot_split(full.n_cells, test_size(name, full.n_cells, budget), budget, seed)
                     visible = (
                         np.arange(full.n_cells) if setting == "main" else np.setdiff1d(np.arange(full.n_cells), test)
                     )
@@ -194,7 +307,11 @@ def run(datasets, seeds, budgets, settings, methods, epochs, label_noise=0.0, n_
                         if method == "tfp_scmix":
                             predicted, extras = tfp_scmix(data, visible, test, labelled, seed, epochs=epochs, **options)
                         else:
-                            predicted = PEERS[method](data, visible, test, labelled, seed)
+                            try:
+                                predicted = PEERS[method](data, visible, test, labelled, seed)
+                            except RuntimeError as err:  # a peer whose environment cannot be built or that fails
+                                print(f"{name} seed {seed} {spec}: {err}", flush=True)
+                                continue
                         row = {
                             "method": spec,
                             "dataset": name,
@@ -262,7 +379,9 @@ def write_summary(frame, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["pbmc3k", "cbmc"])
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(SUITE), help="names in $TFP_SCMIX_DATA or .h5ad paths with cell_type"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--budgets", nargs="+", type=int, default=[150])
     parser.add_argument("--settings", nargs="+", default=["main"], choices=["main", "inductive"])
@@ -274,7 +393,7 @@ def main(argv=None):
     )
     parser.add_argument("--ablation", action="store_true", help="run the tfp_scmix variants of the ablation only")
     parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped")
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the package's")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)

@@ -1,0 +1,60 @@
+"""CellTypist and scANVI peers of the few-shot suite; each runs in its own environment (experiments/.venv-<name>).
+
+    experiments/.venv-celltypist/bin/python peer_env.py celltypist split.h5ad
+    experiments/.venv-scvi/bin/python peer_env.py scanvi split.h5ad
+
+split.h5ad (written by run.py): raw counts in X over the suite's genes, the cells the setting may see plus
+the test cells; obs["label"] the known labels, "Unknown" elsewhere; obs["is_test"]; obs["batch"] when the
+dataset has batches; uns["seed"]. Prints one JSON line: the predicted labels of the test cells, in order.
+Each peer is run the way its own documentation recommends for this task:
+- CellTypist 1.7.1: `celltypist.train` on the labelled cells' log1p(counts per 10k) (all genes of the
+  split, no extra feature selection, as its docs advise for small custom models), `celltypist.annotate`
+  of the test cells with `majority_voting=True` (its default over-clustering), the option its tutorials use.
+- scANVI (scvi-tools 1.4.2): `SCVI` on every visible cell's counts (batch_key when the data has batches),
+  then `SCANVI.from_scvi_model(..., unlabeled_category="Unknown")`, both with the library's default epochs,
+  `predict` on the test cells (the scvi-tools tutorial's route).
+Imports nothing from tfp_scmix.
+"""
+
+import json
+import sys
+
+
+def celltypist_peer(adata):
+    import celltypist
+    import numpy as np
+    import scanpy as sc
+
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    known = (adata.obs["label"] != "Unknown").to_numpy()
+    model = celltypist.train(adata[known], labels="label", feature_selection=False, n_jobs=1)
+    test = adata[adata.obs["is_test"].to_numpy()].copy()
+    voted = celltypist.annotate(test, model=model, majority_voting=True).predicted_labels
+    return np.asarray(voted["majority_voting"]).tolist()
+
+
+def scanvi_peer(adata):
+    import scvi
+
+    scvi.settings.seed = int(adata.uns["seed"])
+    batch_key = "batch" if "batch" in adata.obs else None
+    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key, labels_key="label")
+    vae = scvi.model.SCVI(adata)
+    vae.train(accelerator="cpu", enable_progress_bar=False)
+    scanvi = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown", labels_key="label")
+    scanvi.train(accelerator="cpu", enable_progress_bar=False)
+    predicted = scanvi.predict(adata[adata.obs["is_test"].to_numpy()])
+    return [str(p) for p in predicted]
+
+
+def main(peer, path):
+    import anndata
+
+    adata = anndata.read_h5ad(path)
+    predicted = {"celltypist": celltypist_peer, "scanvi": scanvi_peer}[peer](adata)
+    print(json.dumps(predicted))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
