@@ -2,8 +2,9 @@
 
     ./run experiments.few_shot.report            # reads the results.csv files the runs wrote; writes report.md
 
-Reads results.csv in this folder (the main table) and in its ablation/, label_noise/, budgets/ and
+Reads results.csv in this folder (the suite) and in its label_modes/, label_noise/, budgets/ and
 inductive/ folders (see run.py for the commands behind each); a folder that is missing is skipped.
+topics_only/ holds the same report for the model before its classifier read genes (issue 14).
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 
@@ -116,7 +117,7 @@ def noise_table(noisy, clean):
 
 
 def report(folder=HERE):
-    main, ablation = read(folder), read(folder / "ablation")
+    main, ablation = read(folder), read(folder / "label_modes")
     noisy, budgets, inductive = (read(folder / name) for name in ("label_noise", "budgets", "inductive"))
     parts = [
         "# Few-shot benchmark report",
@@ -155,7 +156,7 @@ def report(folder=HERE):
         ]
     if ablation is not None:
         parts += [
-            "## Ablation (single models; pbmc3k)",
+            "## Label modes and the classifier's inputs (single models)",
             "",
             markdown_table(mean_table(ablation, ["marker_score", "weights_above_0.1"])),
             "",
