@@ -48,3 +48,29 @@ def test_runs_keep_earlier_rows_and_the_report_scores_noise(tmp_path):
     table = report.noise_table(pd.read_csv(tmp_path / "label_noise" / "results.csv"), saved)
     clean = saved.set_index("method").loc["logistic_regression", "errors"]
     assert table.iloc[0].errors_clean == clean and table.iloc[0].seeds == 1
+
+
+def test_any_h5ad_with_cell_type_runs_by_path_with_the_test_size_rule_and_verdicts(tmp_path):
+    import json
+
+    import numpy as np
+
+    from experiments.few_shot import report, run
+    from tfp_scmix.data import read_h5ad
+
+    adata = read_h5ad(Path(ROOT) / "baron2016_mouse_pancreas.h5ad")
+    adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, 500, replace=False))].copy()
+    path = tmp_path / "mouse_islets.h5ad"
+    adata.write_h5ad(path)
+    assert run.test_size(str(path), 500, 150) == 100 and run.test_size("pbmc68k_reduced", 700, 150) == 550
+    data = run.suite_dataset(str(path))
+    assert data.batch_names == ["mouse1", "mouse2"]  # its batch column becomes the batches
+    methods = ["tfp_scmix:restarts=1", "label_spreading", "knn_pca_k5"]
+    args = ["--datasets", str(path), "--seeds", "0", "--epochs", "2", "--no-mlflow", "--out", str(tmp_path / "out")]
+    run.main(args + ["--methods", *methods])
+    saved = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert sorted(saved.method) == sorted(methods) and saved.errors.between(0, 100).all()
+    ours = saved.set_index("method").loc["tfp_scmix:restarts=1"]
+    assert len(json.loads(ours.single_model_errors)) == 1 and 0 <= ours.topics_logistic_errors <= 100
+    lines = report.verdicts(saved, method="tfp_scmix:restarts=1")
+    assert lines[-1].startswith("- Suite (1 datasets)") and "mean error ratio" in lines[-1]
