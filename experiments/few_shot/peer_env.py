@@ -1,6 +1,7 @@
 """CellTypist and scANVI peers of the few-shot suite; each runs in its own environment (experiments/.venv-<name>).
 
     experiments/.venv-celltypist/bin/python peer_env.py celltypist split.h5ad
+    experiments/.venv-celltypist/bin/python peer_env.py celltypist_majority_voting split.h5ad
     experiments/.venv-scvi/bin/python peer_env.py scanvi split.h5ad
 
 split.h5ad (written by run.py): raw counts in X over the suite's genes, the cells the setting may see plus
@@ -9,7 +10,8 @@ dataset has batches; uns["seed"]. Prints one JSON line: the predicted labels of 
 Each peer is run the way its own documentation recommends for this task:
 - CellTypist 1.7.1: `celltypist.train` on the labelled cells' log1p(counts per 10k) (all genes of the
   split, no extra feature selection, as its docs advise for small custom models), `celltypist.annotate`
-  of the test cells with `majority_voting=True` (its default over-clustering), the option its tutorials use.
+  of the test cells: best match ("celltypist") or with `majority_voting=True` over its default
+  over-clustering ("celltypist_majority_voting"), the option its tutorials use.
 - scANVI (scvi-tools 1.4.2): `SCVI` on every visible cell's counts (batch_key when the data has batches),
   then `SCANVI.from_scvi_model(..., unlabeled_category="Unknown")`, both with the library's default epochs,
   `predict` on the test cells (the scvi-tools tutorial's route).
@@ -20,7 +22,7 @@ import json
 import sys
 
 
-def celltypist_peer(adata):
+def celltypist_peer(adata, majority_voting=False):
     import celltypist
     import numpy as np
     import scanpy as sc
@@ -30,8 +32,8 @@ def celltypist_peer(adata):
     known = (adata.obs["label"] != "Unknown").to_numpy()
     model = celltypist.train(adata[known], labels="label", feature_selection=False, n_jobs=1)
     test = adata[adata.obs["is_test"].to_numpy()].copy()
-    voted = celltypist.annotate(test, model=model, majority_voting=True).predicted_labels
-    return np.asarray(voted["majority_voting"]).tolist()
+    predicted = celltypist.annotate(test, model=model, majority_voting=majority_voting).predicted_labels
+    return np.asarray(predicted["majority_voting" if majority_voting else "predicted_labels"]).tolist()
 
 
 def scanvi_peer(adata):
@@ -52,7 +54,12 @@ def main(peer, path):
     import anndata
 
     adata = anndata.read_h5ad(path)
-    predicted = {"celltypist": celltypist_peer, "scanvi": scanvi_peer}[peer](adata)
+    peers = {
+        "celltypist": celltypist_peer,
+        "celltypist_majority_voting": lambda a: celltypist_peer(a, majority_voting=True),
+        "scanvi": scanvi_peer,
+    }
+    predicted = peers[peer](adata)
     print(json.dumps(predicted))
 
 

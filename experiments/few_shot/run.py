@@ -164,7 +164,9 @@ def env_peer(name, module, packages):
     return peer
 
 
-celltypist = env_peer("celltypist", "celltypist", (["celltypist==1.7.1", "scikit-learn<1.6"],))
+CELLTYPIST = (["celltypist==1.7.1", "scikit-learn<1.6"],)
+celltypist = env_peer("celltypist", "celltypist", CELLTYPIST)
+celltypist_majority_voting = env_peer("celltypist_majority_voting", "celltypist", CELLTYPIST)
 scanvi = env_peer("scanvi", "scvi", (["torch==2.13.0"], ["scvi-tools==1.4.2"]))
 
 
@@ -273,6 +275,7 @@ PEERS = {
     "label_spreading": label_spreading,
     "lda_logistic": lda_logistic,
     "celltypist": celltypist,
+    "celltypist_majority_voting": celltypist_majority_voting,
     "scanvi": scanvi,
 }
 
