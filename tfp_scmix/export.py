@@ -15,7 +15,7 @@ The same metadata are in `assets/` as genes.txt, class_names.txt (one name a lin
 so a client can align its genes by reading files. `gene_fingerprint` is the first 16 hex digits of the
 SHA-256 of the gene names joined by newlines (`tfp_scmix.data.gene_fingerprint`).
 
-Usage: `python -m tfp_scmix.export MODEL.keras OUT_DIR [--overwrite] [--mlflow-experiment NAME]`.
+Usage: `python -m tfp_scmix.export MODEL.keras OUT_DIR [--overwrite] [--mlflow-experiment NAME [--max-cells N]]`.
 """
 
 from __future__ import annotations
@@ -357,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="also log a served pyfunc model to this MLflow experiment (tracking store: $MLFLOW_TRACKING_URI)",
     )
+    parser.add_argument(
+        "--max-cells",
+        type=int,
+        default=MAX_CELLS,
+        help=f"with --mlflow-experiment: the most cells one request may hold; more get HTTP 413 (default {MAX_CELLS})",
+    )
     args = parser.parse_args(argv)
 
     from tfp_scmix.io import ModelFileError, load_model
@@ -374,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import mlflow
 
         mlflow.set_experiment(args.mlflow_experiment)
-        info = log_mlflow(path)
+        info = log_mlflow(path, max_cells=args.max_cells)
         print(f"logged MLflow model {info.model_uri}")
     return 0
 
