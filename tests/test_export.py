@@ -15,6 +15,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -515,3 +516,33 @@ def _stop(server):
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_every_file_the_package_writes_honours_the_umask(trained, adata, tmp_path):
+    """Models, annotated .h5ad files (in memory and backed), CSV tables and exports get a new file's usual
+    mode under the process's umask, so that colleagues on shared storage can read them (before: 0600 /
+    0700 whatever the umask, issue 18)."""
+    import anndata
+
+    from tfp_scmix.annotate import write_h5ad
+    from tfp_scmix.io import write_csv
+
+    model, _, _, _ = trained
+    previous = os.umask(0o027)
+    try:
+        scm.save_model(model, tmp_path / "a.keras")
+        model.save(tmp_path / "b.keras")
+        write_csv(pd.DataFrame({"x": [1]}), tmp_path / "table.csv")
+        query = adata[:40].copy()
+        query.write_h5ad(tmp_path / "query.h5ad")
+        write_h5ad(scm.annotate(model, query), tmp_path / "memory.h5ad")
+        backed = anndata.read_h5ad(tmp_path / "query.h5ad", backed="r")
+        write_h5ad(scm.annotate(model, backed), tmp_path / "backed.h5ad")
+        backed.file.close()
+        export.export_serving(model, tmp_path / "export" / "1")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / n for n in ("a.keras", "b.keras", "table.csv", "memory.h5ad", "backed.h5ad")]
+    exported = list((tmp_path / "export" / "1").rglob("*"))
+    assert {oct(p.stat().st_mode & 0o777) for p in written + exported if p.is_file()} == {"0o640"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [tmp_path / "export" / "1", *exported] if p.is_dir()} == {"0o750"}
