@@ -1,10 +1,12 @@
 """scm.annotate: predictions, topic proportions and topic-gene weights written into an AnnData."""
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 import tfp_scmix as scm
 from tfp_scmix.annotate import UNASSIGNED
+from tfp_scmix.data import DataError
 
 
 def test_annotate_writes_anndata_slots(small_model, embedded_adata):
@@ -52,3 +54,59 @@ def test_cells_without_counts_over_the_model_genes_are_unassigned(small_model, e
     assert (query.obs["scmix_label"][:5] == UNASSIGNED).all()
     assert (query.obs["scmix_label"][5:] != UNASSIGNED).all()
     assert "5 cells have no counts" in caplog.text
+
+
+def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_counts(
+    small_model, embedded_adata, tmp_path
+):
+    """annotate on an AnnData opened backed="r" reads the counts a chunk at a time (before: the whole
+    matrix), gives the in-memory result, and `write_h5ad` writes the annotated file by copying the source
+    and adding the annotation; a subset (view) of a backed AnnData is refused with a way out (before: a
+    crash in anndata's copy after predicting)."""
+    import anndata
+
+    from tfp_scmix.annotate import write_h5ad
+
+    source = tmp_path / "query.h5ad"
+    embedded_adata.write_h5ad(source)
+    expected = scm.annotate(small_model, embedded_adata.copy(), min_confidence=0.5)
+    backed = anndata.read_h5ad(source, backed="r")
+    scm.annotate(small_model, backed, min_confidence=0.5, chunk_size=128)
+    assert backed.isbacked
+    for key in ("scmix_label", "scmix_confidence"):
+        np.testing.assert_array_equal(backed.obs[key].to_numpy(), expected.obs[key].to_numpy())
+    np.testing.assert_array_equal(backed.obsm["scmix_cell_topic"], expected.obsm["scmix_cell_topic"])
+    written = anndata.read_h5ad(write_h5ad(backed, tmp_path / "out" / "annotated.h5ad"))
+    backed.file.close()
+    assert (written.X != embedded_adata.X).nnz == 0 and list(written.obs_names) == list(embedded_adata.obs_names)
+    np.testing.assert_array_equal(written.obs["scmix_label"].to_numpy(), expected.obs["scmix_label"].to_numpy())
+    np.testing.assert_array_equal(written.obsm["scmix_probs"].to_numpy(), expected.obsm["scmix_probs"].to_numpy())
+    np.testing.assert_array_equal(written.varm["scmix_topic_gene"], expected.varm["scmix_topic_gene"])
+    assert written.uns["scmix"]["gene_fingerprint"] == small_model.gene_fingerprint
+    assert "cell_type" in written.obs and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["annotated.h5ad"]
+
+    backed = anndata.read_h5ad(source, backed="r")
+    with pytest.raises(DataError, match=r"subset \(view\) of a backed AnnData.*to_memory\(\)"):
+        scm.annotate(small_model, backed[:100])
+    backed.file.close()
+
+
+def test_min_confidence_is_a_probability(small_model, embedded_adata):
+    with pytest.raises(
+        ValueError, match=r"min_confidence must be a number in \[0, 1\], received 95 \(a probability: 95% is 0.95\)"
+    ):
+        scm.annotate(small_model, embedded_adata[:10].copy(), min_confidence=95)
+
+
+def test_gene_coverage_is_that_of_the_slot_the_counts_come_from(small_model, embedded_adata):
+    """Counts from adata.raw (all the model's genes) under an X of 300 log-normalized genes: coverage 1.0,
+    not the share of the model's genes in adata.var (0.39, as before)."""
+    query = embedded_adata[:60].copy()
+    query.raw = query
+    query = query[:, :300].copy()
+    query.X = query.X.log1p()
+    scm.annotate(small_model, query)
+    assert query.uns["scmix"]["gene_coverage"] == 1.0
+    np.testing.assert_array_equal(
+        query.obs["scmix_confidence"].to_numpy(), scm.predict(small_model, embedded_adata[:60])["confidence"]
+    )

@@ -87,7 +87,7 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_weights(embedde
     assert bad > 0 and len(losses) == bad + 1  # stopped at the first non-finite loss
     assert re.search(
         r"training diverged: the loss became (inf|nan) at epoch \d+, batch \d+\. The model keeps its "
-        r"state from the last batch with a finite loss\. Lower the learning rate \(it is 1000\)",
+        r"state from the last batch with a good loss\. Lower the learning rate \(it is 1000\)",
         caplog.text,
     )
     last_good = recorder.before[bad - 1]  # the weights that gave the last finite loss
@@ -114,6 +114,35 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_weights(embedde
     guard.on_train_end()
     assert "the last batch wrote non-finite weights" in guard.message
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), good))
+
+
+def test_an_exploding_loss_stops_training_like_a_nan(embedded):
+    """A finite loss that jumps above 100 times the first batch's stops as a NaN does, with the state from
+    before the last good batch; each batch's own loss is recovered from Keras's running means."""
+    model = SCMix.from_data(few_labels(embedded), CONFIG)
+    model.compile(optimizer=keras.optimizers.Adam(1.0))
+    guard = StopOnDivergence()
+    guard.set_model(model)
+    guard.on_train_begin()
+    states = []
+    # Epoch 1: batch losses 5, 4, 6 (running means 5, 4.5, 5); epoch 2: 4, then 4000 (running mean 2002).
+    for epoch, means in enumerate(([5.0, 4.5, 5.0], [4.0, 2002.0])):
+        guard.on_epoch_begin(epoch)
+        for batch, mean in enumerate(means):
+            guard.on_train_batch_begin(batch)
+            states.append(model.get_weights())
+            model.topics.loc.assign(model.topics.loc + 1.0)  # what the batch's update writes
+            guard.on_train_batch_end(batch, {"loss": mean})
+            if model.stop_training:
+                break
+    assert guard.message.startswith(
+        "training diverged: the loss exploded at epoch 2, batch 2: 4000, more than 100 times that of the first "
+        "batch (5). The model keeps its state from the last batch with a good loss. Lower the learning rate (it is 1)"
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), states[3]))  # before epoch 2, batch 1
+    with pytest.raises(ValueError, match="max_ratio must be above 1"):
+        StopOnDivergence(max_ratio=0.5)
+    assert default(embedded)[0].raise_error  # the recipe raises: a diverged model is not a trained one
 
 
 class EpochLogs(keras.callbacks.Callback):

@@ -1,5 +1,7 @@
 """The command line: `tfp-scmix demo | train | annotate | explain`."""
 
+import json
+
 import numpy as np
 
 import tfp_scmix as scm
@@ -74,3 +76,57 @@ def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_fi
     assert main(["train", str(path), "--out", str(tmp_path / "model.keras"), "--label-key", "celltype"]) == 2
     assert "no obs column 'celltype'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory(synthetic_file, tmp_path, capsys):
+    """`tfp-scmix train`, killed after some epochs and run again with the same command, resumes from its last
+    finished epoch (before: from epoch 1, issue 18): its backups are in `.model.keras.checkpoints` beside
+    --out by default, removed once the model is saved. `annotate` then reads the file backed and writes
+    what the in-memory annotate gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import anndata
+
+    from tests.helpers import ROOT
+
+    _, path = synthetic_file
+    out = tmp_path / "model.keras"
+    command = [sys.executable, "-m", "tfp_scmix", "train", str(path), "--out", str(out), "--epochs", "10"]
+    command += ["--topics", "4", "--restarts", "1", "--batch-size", "64", "--n-genes", "0", "--verbose", "0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    state = tmp_path / ".model.keras.checkpoints" / "restart-0" / "state.json"
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not (state.exists() and json.loads(state.read_text())["epoch"] >= 2):
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no backup of epoch 2 within 180 s"
+            time.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not out.exists()
+    killed_at = json.loads(state.read_text())["epoch"]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming training at epoch {killed_at + 1} from" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+
+    annotated = tmp_path / "annotated.h5ad"
+    assert main(["annotate", str(out), str(path), "--out", str(annotated), "--min-confidence", "0.5"]) == 0
+    expected = scm.annotate(scm.load_model(out), anndata.read_h5ad(path), min_confidence=0.5)
+    written = anndata.read_h5ad(annotated)
+    np.testing.assert_array_equal(written.obs["scmix_label"].to_numpy(), expected.obs["scmix_label"].to_numpy())
+    assert (written.X != expected.X).nnz == 0
+    capsys.readouterr()
+    assert main(["annotate", str(out), str(path), "--out", str(tmp_path / "x.h5ad"), "--min-confidence", "95"]) == 2
+    assert "min_confidence must be a number in [0, 1], received 95.0 (a probability: 95% is 0.95)" in (
+        capsys.readouterr().err
+    )
+    assert main(["train", str(path), "--out", str(tmp_path / "few.keras"), "--n-genes", "1", "--epochs", "1"]) == 2
+    assert "have no counts over the 1 genes trained on" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5ad").exists() and not (tmp_path / "few.keras").exists()

@@ -42,6 +42,10 @@ def test_counts_from_x_layer_and_raw():
         (COUNTS - 2.5, "negative"),
         (np.where(COUNTS == 3, np.nan, COUNTS), "NaN or infinite"),
         (np.where(COUNTS == 3, np.inf, COUNTS), "NaN or infinite"),
+        # Decimals above what a log can reach (ambient-RNA-corrected counts: max 231 in issue 18).
+        (COUNTS * 46.37, "max 232; 100% of the stored values have decimals.*look like corrected counts.*np.rint"),
+        # sc.pp.normalize_total without log1p: every cell sums to 10,000 (max 1567 in issue 18).
+        (COUNTS / COUNTS.sum(1, keepdims=True) * 1e4, "normalized but not log-transformed.*sums to 1e\\+04"),
     ],
 )
 def test_refuses_non_counts_with_a_fix(values, message):
@@ -82,6 +86,46 @@ def test_batches():
     adata.obs["donor"] = ["d2", "d1", "d2", "d1"]
     data = from_anndata(adata, batch_key="donor")
     assert data.batch_names == ["d1", "d2"] and data.batches.tolist() == [1, 0, 1, 0]
+    # A missing batch is not a batch named "nan" with offsets of its own: every kind of missing is refused.
+    for missing in (np.nan, None, ""):
+        adata.obs["donor"] = ["d2", missing, "d2", "d1"]
+        with pytest.raises(DataError, match="1 cells have no batch"):
+            from_anndata(adata, batch_key="donor")
+    adata.obs["donor"] = pd.Categorical(["d2", None, "d2", "d1"])
+    with pytest.raises(DataError, match="1 cells have no batch"):
+        from_anndata(adata, batch_key="donor")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: align_genes(sp.csr_matrix(COUNTS), list("abcd"), list("ab"), min_fraction=50), "min_fraction"),
+        (lambda: from_anndata(make_adata(COUNTS), label_key=None, genes=["G0"], min_gene_fraction=-1), "min_fraction"),
+        (lambda: highly_variable_genes(sp.csr_matrix(COUNTS), list("abcd"), n_top=0), "n_top"),
+        (lambda: highly_variable_genes(sp.csr_matrix(COUNTS), list("abcd"), n_top=2.5), "n_top"),
+        (lambda: from_anndata(make_adata(COUNTS), label_key=None).dataset(batch_size=0), "batch_size"),
+    ],
+)
+def test_numeric_arguments_out_of_range_are_refused(call, message):
+    with pytest.raises(ValueError, match=f"{message} must be .*received"):
+        call()
+
+
+def test_damaged_sparse_matrices_are_refused_before_any_arithmetic():
+    """Index arrays that do not describe the matrix (a damaged file) are refused before scipy's compiled code
+    reads them (the process-level check, where a regression would crash, is in test_predict.py)."""
+    good = sp.csr_matrix(COUNTS.astype(np.float32))
+    out_of_range = good.copy()
+    out_of_range.indices[2] = 40
+    backwards = good.copy()
+    backwards.indptr[2] = backwards.indptr[3] + 1
+    for bad, message in ((out_of_range, "indices must be < 4"), (backwards, "non-decreasing")):
+        for fmt in (bad, sp.csc_matrix((bad.data, bad.indices, bad.indptr), shape=(4, 4))):
+            adata = anndata.AnnData(X=fmt, var=pd.DataFrame(index=[f"G{i}" for i in range(4)]))
+            with pytest.raises(
+                DataError, match=f"sparse matrix of adata.X is damaged \\(.*{message}.*copy or write it again"
+            ):
+                from_anndata(adata, label_key=None)
 
 
 def test_gene_alignment_fills_missing_and_reports(caplog):

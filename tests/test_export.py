@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
 import tfp_scmix as scm
 from tfp_scmix import datasets, export
 from tfp_scmix.data import DataError, gene_fingerprint
+from tfp_scmix.io import atomic_directory as io_atomic_directory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,7 +220,7 @@ CRASHING_CLI = textwrap.dedent("""
 
 def test_cli_exports_and_a_crash_midway_leaves_nothing_at_the_target(trained, expected, tmp_path):
     model, data, model_file, _ = trained
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     (tmp_path / "crash.py").write_text(CRASHING_CLI)
     crash = subprocess.run(
         [sys.executable, "crash.py", str(model_file), "out/1"],
@@ -269,10 +272,21 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking,
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(REPO),  # this checkout, wherever the subprocess runs
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     run = subprocess.run(
-        [sys.executable, "-m", "tfp_scmix.export", str(model_file), "export/1", "--mlflow-experiment", "serving-test"],
+        [
+            sys.executable,
+            "-m",
+            "tfp_scmix.export",
+            str(model_file),
+            "export/1",
+            "--mlflow-experiment",
+            "serving-test",
+            "--max-cells",
+            "50",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -368,8 +382,126 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
         assert status == 400 and "duplicated gene columns ['CD3D']" in body["message"], body
         status, body = _post(url, {"dataframe_split": {"columns": ["CD3D"], "data": [["many"]]}})
         assert status == 400 and "counts must be numbers" in body["message"], body
+
+        # Issue 18: every invalid input gets a 4xx with a message, as the library's checks would give.
+        gene = model.genes[0]
+        for value, message in (
+            (float("inf"), "infinite or too large"),
+            (1e39, "infinite or too large"),  # beyond float32: it was read as inf, answered with NaN tokens
+            (231.5, "not integers.*normalized or corrected"),
+        ):
+            status, body = _post(url, {"dataframe_records": [{**records[0], gene: value}]})
+            assert status == 400 and re.search(message, body["message"]), (value, body)
+        logged = [{g: float(np.log1p(c)) for g, c in record.items()} for record in records]
+        status, body = _post(url, {"dataframe_records": logged})
+        assert status == 400 and re.search("not integers.*log-normalized", body["message"]), body
+        # Nested values, a deeply nested document and a string that is not a number.
+        for payload in (
+            {"dataframe_records": [{gene: [[[[1]]]]}]},
+            {"dataframe_split": {"columns": [gene], "data": [[{"a": {"b": [1]}}]]}},
+        ):
+            status, body = _post(url, payload)
+            assert 400 <= status < 500 and body.get("message"), (payload, status, body)
+        # A cell with no counts over the model's genes gets no label: "unassigned", flagged empty.
+        status, body = _post(url, {"dataframe_records": [records[1], {gene: 0}]})
+        assert status == 200, body
+        assert [r["empty"] for r in body["predictions"]] == [False, True]
+        assert body["predictions"][1]["label"] == "unassigned"
+        # The documented request limit (--max-cells 50 here): 413, with what to do.
+        status, body = _post(url, {"dataframe_records": [records[0]] * 51})
+        assert status == 413 and "51 cells; this server takes at most 50" in body["message"], body
+        assert _post(url, {"dataframe_records": [records[0]] * 50})[0] == 200
     finally:
         _stop(server)
+
+
+def test_serving_checks_are_the_library_checks():
+    """The served model's own copy of the raw-count checks (mlflow_serving runs without tfp_scmix) refuses
+    what tfp_scmix.data.check_counts refuses."""
+    import scipy.sparse as sp
+
+    from tfp_scmix.data import check_counts
+    from tfp_scmix.mlflow_serving import count_problem
+
+    good = np.array([[0.0, 3.0], [7.0, 1.0]])
+    assert count_problem(good) is None
+    check_counts(sp.csr_matrix(good), "x")
+    for bad in (np.inf, np.nan, -1.0, 2.5, 231.5):
+        values = good.copy()
+        values[1, 0] = bad
+        with pytest.raises(DataError):
+            check_counts(sp.csr_matrix(values), "x")
+        assert count_problem(values), bad
+
+
+def test_two_exports_to_one_path_and_a_kill_during_overwrite(trained, tmp_path):
+    """Two exports to one path without overwrite: one wins, the other gets FileExistsError and leaves the
+    winner alone (before: both succeeded). `--overwrite` swaps the new export in with one atomic step: a
+    kill right after it leaves the new export whole (before, between its two renames: no export)."""
+    model, data, model_file, _ = trained
+    target = tmp_path / "serving" / "1"
+    with pytest.raises(FileExistsError, match="already exists"):
+        with io_atomic_directory(target) as first:
+            (first / "from_first").write_text("x")
+            export.export_serving(model, target)  # a second writer finishes while the first is writing
+    assert not (target / "from_first").exists() and export.load_exported(target).n_genes == model.n_genes
+    assert [p.name for p in target.parent.iterdir()] == ["1"]
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
+                import os, shutil, sys
+                from tfp_scmix import io
+                from tfp_scmix.export import main
+                shutil.rmtree = lambda *args, **kwargs: os._exit(3)  # dies right after the swap
+                main(sys.argv[1:])
+            """),
+            str(model_file),
+            str(target),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert export.load_exported(target).predict(data.counts[:5])["probs"].shape == (5, model.n_classes)
+
+
+def test_annotator_refuses_damaged_sparse_counts_without_crashing(trained):
+    """A sparse matrix whose gene index is out of range reaches the export client: a DataError, not a crash
+    inside TensorFlow's sparse ops (in a fresh process, so that a crash fails this test only)."""
+    _, _, _, path = trained
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
+                import sys
+                import numpy as np, scipy.sparse as sp
+                from tfp_scmix.data import DataError
+                from tfp_scmix.export import load_exported
+                annotator = load_exported(sys.argv[1])
+                for indices, indptr in (([0, 5, 10**6], [0, 1, 3]), ([0, 5, 7], [0, 3, 1])):
+                    bad = sp.csr_matrix((np.ones(3, np.float32), indices, indptr), shape=(2, annotator.n_genes))
+                    try:
+                        annotator.predict(bad)
+                        print("no error")
+                    except DataError as err:
+                        print("DataError", "damaged" in str(err))
+            """),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["DataError True", "DataError True"], done.stdout
 
 
 def _stop(server):
@@ -384,3 +516,33 @@ def _stop(server):
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_every_file_the_package_writes_honours_the_umask(trained, adata, tmp_path):
+    """Models, annotated .h5ad files (in memory and backed), CSV tables and exports get a new file's usual
+    mode under the process's umask, so that colleagues on shared storage can read them (before: 0600 /
+    0700 whatever the umask, issue 18)."""
+    import anndata
+
+    from tfp_scmix.annotate import write_h5ad
+    from tfp_scmix.io import write_csv
+
+    model, _, _, _ = trained
+    previous = os.umask(0o027)
+    try:
+        scm.save_model(model, tmp_path / "a.keras")
+        model.save(tmp_path / "b.keras")
+        write_csv(pd.DataFrame({"x": [1]}), tmp_path / "table.csv")
+        query = adata[:40].copy()
+        query.write_h5ad(tmp_path / "query.h5ad")
+        write_h5ad(scm.annotate(model, query), tmp_path / "memory.h5ad")
+        backed = anndata.read_h5ad(tmp_path / "query.h5ad", backed="r")
+        write_h5ad(scm.annotate(model, backed), tmp_path / "backed.h5ad")
+        backed.file.close()
+        export.export_serving(model, tmp_path / "export" / "1")
+    finally:
+        os.umask(previous)
+    written = [tmp_path / n for n in ("a.keras", "b.keras", "table.csv", "memory.h5ad", "backed.h5ad")]
+    exported = list((tmp_path / "export" / "1").rglob("*"))
+    assert {oct(p.stat().st_mode & 0o777) for p in written + exported if p.is_file()} == {"0o640"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [tmp_path / "export" / "1", *exported] if p.is_dir()} == {"0o750"}

@@ -150,13 +150,15 @@ def test_saved_model_records_versions_and_data_fingerprint(embedded, tmp_path, c
 
 
 def test_killed_save_leaves_the_previous_model_whole(saved, embedded, tmp_path):
+    """`model.save(path)`, as Keras users write it, is the atomic `save_model` (before: 6 of 6 kills left a
+    damaged 24 KB file where the model had been, issue 18)."""
     target = tmp_path / "model.keras"
     target.write_bytes(saved.read_bytes())
     # A process that dies (SIGKILL) halfway through writing the model's archive over `target`.
     done = run_python(f"""
         import os, signal, zipfile
         import keras
-        from tfp_scmix.io import load_model, save_model
+        from tfp_scmix.io import load_model
         model = load_model({str(saved)!r})
         model.topics.loc.assign(model.topics.loc * 0)
         write = zipfile.ZipFile.writestr
@@ -165,7 +167,7 @@ def test_killed_save_leaves_the_previous_model_whole(saved, embedded, tmp_path):
             if str(name).endswith("weights.h5"):  # the archive's central directory is not written yet
                 os.kill(os.getpid(), signal.SIGKILL)
         zipfile.ZipFile.writestr = dying_write
-        save_model(model, {str(target)!r})
+        model.save({str(target)!r})
     """)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert target.read_bytes() == saved.read_bytes()
@@ -193,6 +195,58 @@ def test_save_model_refuses_other_suffixes_before_writing_anything(small_model, 
     with pytest.raises(ModelFileError, match="is a folder"):
         save_model(small_model, tmp_path / "folder.keras")
     assert list((tmp_path / "folder.keras").iterdir()) == []
+
+
+def test_model_save_is_save_model(small_model, embedded, tmp_path):
+    """Keras's `model.save` on an SCMix or SCMixEnsemble takes the package's atomic path: a .keras file
+    that loads and predicts the same, and no legacy .h5 file that load_model would refuse."""
+    for model in (small_model, small_model.members[0]):
+        with pytest.raises(ModelFileError, match=r"must end in '\.keras'"):
+            model.save(tmp_path / "model.h5")
+        model.save(tmp_path / "model.keras")
+        np.testing.assert_array_equal(
+            predict(load_model(tmp_path / "model.keras"), embedded)["probs"], predict(model, embedded)["probs"]
+        )
+        with pytest.raises(FileExistsError):
+            model.save(tmp_path / "model.keras", overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_sizes_in_the_config_are_checked_before_anything_is_built(saved, tmp_path, monkeypatch):
+    """A config whose sizes claim more weights than the file stores (n_topics 200000 in a 7 MB file reached
+    15.8 GB before it was refused, issue 18), an oversized or deeply nested config.json, or a malformed
+    one, is refused from the archive's directory and JSON alone: nothing is built."""
+    from tfp_scmix import io
+
+    built = []
+    monkeypatch.setattr(SCMix, "from_config", classmethod(lambda cls, config: built.append(config)))
+
+    def set_config(**changes):
+        def change(config):
+            config["config"]["config"].update(changes)
+            return config
+
+        return change
+
+    huge = rewrite_archive(saved, tmp_path / "huge.keras", config=set_config(n_topics=200_000))
+    with pytest.raises(ModelFileError, match=r"describes weights of at least 1168\.1 MB but the file stores"):
+        load_model(huge)
+    wide = rewrite_archive(saved, tmp_path / "wide.keras", config=set_config(hidden_units=10**7))
+    with pytest.raises(ModelFileError, match="describes weights of at least"):
+        load_model(wide)
+    bad = rewrite_archive(saved, tmp_path / "bad.keras", config=set_config(n_topics="many"))
+    with pytest.raises(ModelFileError, match="malformed model config.*n_topics is 'many'"):
+        load_model(bad)
+    nested = tmp_path / "nested.keras"
+    with zipfile.ZipFile(saved) as old, zipfile.ZipFile(nested, "w") as new:
+        for name in old.namelist():
+            new.writestr(name, "[" * 100_000 + "]" * 100_000 if name == "config.json" else old.read(name))
+    with pytest.raises(ModelFileError, match="damaged .keras archive .RecursionError"):
+        load_model(nested)
+    monkeypatch.setattr(io, "MAX_CONFIG_BYTES", 1000)
+    with pytest.raises(ModelFileError, match=r"its config.json is 0 MB, above the 0 MB.*Refusing to read it"):
+        load_model(saved)
+    assert built == []
 
 
 def test_save_model_writes_one_loadable_file_and_nothing_else(small_model, embedded, tmp_path):

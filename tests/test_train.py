@@ -57,8 +57,21 @@ def test_train_always_returns_an_ensemble(small_model, two_restarts, embedded):
 
 def test_bad_arguments_are_refused_before_training(embedded, embedded_adata):
     data = few_labels(embedded)
-    with pytest.raises(ValueError, match="restarts must be 1 or more, received 0"):
+    with pytest.raises(ValueError, match="restarts must be a whole number >= 1, received 0"):
         scm.train(data, TINY, restarts=0)
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, received 1.5"):
+        scm.train(data, TINY, seed=1.5)
+    with pytest.raises(ValueError, match="epochs must be a positive whole number, received 0"):
+        scm.train(data, TINY, epochs=0)
+    # A gene selection that leaves cells without counts (before: 13 of 300 labelled cells trained on, silently).
+    few_genes = data.select_genes(data.genes[:3])
+    empty = int((few_genes.library_size == 0).sum())
+    labelled_empty = int(((few_genes.library_size == 0) & (few_genes.labels >= 0)).sum())
+    assert empty > 0
+    with pytest.raises(
+        DataError, match=f"{empty} cells \\({labelled_empty} of them labelled\\) have no counts over the 3 genes"
+    ):
+        scm.train(few_genes, TINY, restarts=1)
     unlabelled = scm.from_anndata(embedded_adata, label_key=None)
     with pytest.raises(DataError, match="at least two classes; the data has 0.*label_key="):
         scm.train(unlabelled, TINY, restarts=1)
@@ -70,6 +83,16 @@ def test_bad_arguments_are_refused_before_training(embedded, embedded_adata):
         scm.train(data, {"topics": 4}, restarts=1)
     with pytest.raises(ValueError, match="strategy= trains from a stream"):
         scm.train(data, TINY, restarts=1, strategy="mirrored")
+
+
+def test_a_diverging_run_stops_with_a_clear_error(embedded):
+    """At learning rate 10 the loss jumps from about 5 to millions in one batch (before: every weight NaN and
+    every cell labelled class 0, no message): scm.train raises TrainingDiverged naming the restart."""
+    with pytest.raises(
+        scm.callbacks.TrainingDiverged,
+        match=r"restart 1 of 1 \(seed 0\): training diverged: the loss (exploded|became)",
+    ):
+        scm.train(few_labels(embedded), TINY.replace(learning_rate=10.0), restarts=1, verbose=0)
 
 
 def test_genes_no_cell_expresses_are_harmless(embedded):

@@ -2,7 +2,7 @@
 
 - `RefitClassifier`: after the last epoch, the classification branch fitted to convergence
   (`SCMix.fit_classifier`); part of the package's recipe.
-- `StopOnDivergence`: a NaN or infinite loss stops training and puts back the last good state.
+- `StopOnDivergence`: a NaN, infinite or exploding loss stops training and puts back the last good state.
 - `ResumableCheckpoint`: keras's BackupAndRestore made exact, so a killed run resumes to the same result.
 - `default(data)`: the callbacks that make `model.fit(..., callbacks=default(data))` train what
   `tfp_scmix.train(data, restarts=1)` trains.
@@ -60,40 +60,62 @@ def _build_optimizers(model) -> None:
 
 
 class StopOnDivergence(keras.callbacks.Callback):
-    """Stop `fit` when the loss becomes NaN or infinite, and put back the last good training state.
+    """Stop `fit` when the loss becomes NaN or infinite or explodes, and put back the last good training state.
 
+    A batch's loss explodes when it exceeds `max_ratio` times the loss of the first batch (in absolute
+    value): at learning rate 10 the loss of the embedded dataset went from 5.5 to about 6e6 in one batch
+    (issue 18), where a healthy run's loss only falls. Keras logs the epoch's running mean; each batch's own
+    loss is recovered from two successive means.
     The state (weights, random-generator states and optimizer slots) is copied before each batch; a batch
-    whose loss comes out finite makes that copy the last good state. On a non-finite loss the model gets
-    the last good state back (the initial one if no batch was finite), training stops, `message` says
-    where it happened and what to change, and with `raise_error` a `TrainingDiverged` is raised.
-    Put it first in the callback list, so that later callbacks save the restored weights.
+    whose loss comes out finite and not exploded makes that copy the last good state. Otherwise the model
+    gets the last good state back (the initial one if no batch was good), training stops, `message` says
+    where it happened and what to change, and with `raise_error` a `TrainingDiverged` is raised (the
+    package's recipe, `default`, raises). Put it first in the callback list, so that later callbacks save
+    the restored weights.
     """
 
-    def __init__(self, monitor: str = "loss", raise_error: bool = False):
+    def __init__(self, monitor: str = "loss", raise_error: bool = False, max_ratio: float = 100.0):
         super().__init__()
-        self.monitor, self.raise_error = monitor, raise_error
+        if not max_ratio > 1:
+            raise ValueError(f"max_ratio must be above 1, received {max_ratio!r}")
+        self.monitor, self.raise_error, self.max_ratio = monitor, raise_error, float(max_ratio)
         self.message: str | None = None
         self._epoch = 0
         self._pending: list[np.ndarray] = []  # the state before the current batch
-        self._good: list[np.ndarray] | None = None  # the state before the last batch with a finite loss
+        self._good: list[np.ndarray] | None = None  # the state before the last good batch
         self._state: list = []
+        self._first: float | None = None  # the loss of the first batch
+        self._mean = 0.0  # the epoch's running mean after the previous batch
 
     def on_train_begin(self, logs=None):
-        self.message, self._good = None, None
+        self.message, self._good, self._first = None, None, None
         self._state = _training_state(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self._epoch, self._mean = epoch, 0.0
 
     def on_train_batch_begin(self, batch, logs=None):
         self._pending = [v.numpy() for v in self._state]
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get(self.monitor)
-        if loss is None or np.isfinite(loss):
+        mean = (logs or {}).get(self.monitor)
+        if mean is None:
             self._good = self._pending
             return
-        self._stop(f"the {self.monitor} became {loss} at epoch {self._epoch + 1}, batch {batch + 1}")
+        mean = float(mean)
+        loss = (batch + 1) * mean - batch * self._mean  # this batch's own loss, from the running means
+        self._mean = mean
+        where = f"at epoch {self._epoch + 1}, batch {batch + 1}"
+        if not np.isfinite(mean):
+            self._stop(f"the {self.monitor} became {mean} {where}")
+        elif self._first is not None and abs(loss) > self.max_ratio * abs(self._first):
+            self._stop(
+                f"the {self.monitor} exploded {where}: {loss:.4g}, more than {self.max_ratio:g} times that of "
+                f"the first batch ({self._first:.4g})"
+            )
+        else:
+            self._first = loss if self._first is None else self._first
+            self._good = self._pending
 
     def on_train_end(self, logs=None):
         # The last batch's finite loss does not vouch for the weights its update wrote; no batch follows.
@@ -109,7 +131,7 @@ class StopOnDivergence(keras.callbacks.Callback):
         for variable, value in zip(self._state, restored, strict=True):
             variable.assign(value)
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        where = "the last batch with a finite loss" if self._good is not None else "before the first batch"
+        where = "the last batch with a good loss" if self._good is not None else "before the first batch"
         self.message = (
             f"training diverged: {what}. The model keeps its state from {where}. Lower the "
             f"learning rate (it is {rate:g}), or check the counts for extreme values."
@@ -254,9 +276,12 @@ class RefitClassifier(keras.callbacks.Callback):
 def default(data: SCData, classifier_steps: int | None = None) -> list[keras.callbacks.Callback]:
     """The package recipe's callbacks for `model.fit` on `data`: [StopOnDivergence, RefitClassifier].
 
+    The guard raises `TrainingDiverged` (a diverged model is not a trained one: no classifier is refitted
+    on it and nothing is returned).
+
     `model.fit(data.dataset(config.batch_size, seed=seed), epochs=config.epochs, callbacks=default(data))`
     on `SCMix.from_data(data, config, seed=seed)` compiled with Adam(config.learning_rate), after
     `keras.utils.set_random_seed(seed)`, trains what `tfp_scmix.train(data, config, restarts=1, seed=seed)`
     trains (tests/test_train.py checks the predictions are equal). Add your own callbacks after these.
     """
-    return [StopOnDivergence(), RefitClassifier(data, classifier_steps)]
+    return [StopOnDivergence(raise_error=True), RefitClassifier(data, classifier_steps)]

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import tfp_scmix as scm
 from tfp_scmix import explain
+from tfp_scmix.callbacks import TrainingDiverged
 from tfp_scmix.datasets import pbmc68k_reduced
 from tfp_scmix.distribute import STRATEGIES
 from tfp_scmix.evaluate import few_shot_split, scores
-from tfp_scmix.io import ModelFileError, check_model_path
+from tfp_scmix.io import check_model_path
 from tfp_scmix.stream import H5ADStream
 
 
@@ -61,6 +63,7 @@ def train(args) -> None:
             data = data.select_genes(scm.data.highly_variable_genes(data.counts, data.genes, args.n_genes))
     print(f"{data.n_cells} cells x {data.n_genes} genes; {data.n_labelled} labelled cells of {data.n_classes} types")
     config = scm.Config(n_topics=args.topics, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size)
+    checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
     model = scm.train(
         data,
         config,
@@ -68,24 +71,32 @@ def train(args) -> None:
         seed=args.seed,
         verbose=args.verbose,
         strategy=args.strategy,
-        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_dir=checkpoints,
     )
     if args.strategy is None or scm.distribute.is_chief(scm.distribute.get_strategy(args.strategy)):
         scm.save_model(model, args.out)
         print(f"model written to {args.out}")
+        shutil.rmtree(checkpoints, ignore_errors=True)  # train has emptied it; the model is saved
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """`train`'s default backup folder for a model written to `out`: `.NAME.checkpoints` beside it, so that
+    the same command run again after a kill resumes from the last finished epoch."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.checkpoints")
 
 
 def annotate(args) -> None:
-    from tfp_scmix.io import atomic_path
+    from tfp_scmix.annotate import write_h5ad
 
-    adata = scm.annotate(
-        scm.load_model(args.model),
-        scm.data.read_h5ad(args.data),
-        counts=args.counts,
-        min_confidence=args.min_confidence,
-    )
-    with atomic_path(args.out) as tmp:
-        adata.write_h5ad(tmp)
+    model = scm.load_model(args.model)
+    # Backed: the counts are read a chunk at a time and never enter memory whole, in annotate or in writing.
+    adata = scm.data.read_h5ad(args.data, backed="r")
+    try:
+        scm.annotate(model, adata, counts=args.counts, min_confidence=args.min_confidence)
+        write_h5ad(adata, args.out)
+    finally:
+        adata.file.close()
     print(adata.obs["scmix_label"].value_counts().to_string())
     print(f"annotated dataset written to {args.out}")
 
@@ -132,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tf.distribute strategy (with --stream); multi_worker reads TF_CONFIG",
     )
     p.add_argument(
-        "--checkpoint-dir", default=None, help="back up every epoch here; the same command after a kill resumes"
+        "--checkpoint-dir",
+        default=None,
+        help="back up every epoch here (default: .OUT.checkpoints beside --out); the same command after a kill "
+        "resumes from the last finished epoch",
     )
     p.add_argument("--verbose", type=int, default=1)
     p.set_defaults(func=train)
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (scm.DataError, ModelFileError) as err:
+    except (ValueError, TrainingDiverged) as err:  # DataError, ModelFileError and bad arguments among them
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
+import numbers
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +36,22 @@ COUNTS, LABEL, BATCH = "counts", "label", "batch"
 
 class DataError(ValueError):
     """Input data that the model cannot use; the message says what is wrong and how to fix it."""
+
+
+def check_argument(
+    name: str, value: Any, low: float, high: float = math.inf, *, integer: bool = False, hint: str = ""
+) -> None:
+    """Raise ValueError naming `name` and `value` unless `value` is a number in [low, high] (a whole one with
+    `integer`). Every public numeric argument of the package goes through it; `hint` is added to the message."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not low <= float(value) <= high
+        or (integer and not float(value).is_integer())
+    ):
+        kind = "a whole number" if integer else "a number"
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be {kind} {bounds}, received {value!r}{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,20 +94,69 @@ def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndat
         ) from err
 
 
-def _as_csr(matrix: Any) -> sp.csr_matrix:
+def check_structure(matrix: Any, where: str) -> None:
+    """Check the arrays of a compressed sparse matrix (CSR, CSC, BSR) before any arithmetic reads them.
+
+    A gene index out of range or pointers that go backwards (a damaged file, hand-built arrays) would make
+    scipy's compiled products read or write out of bounds: a segmentation fault or heap corruption instead
+    of an error. O(nnz). Raises DataError naming `where`; other matrices pass (COO checks its own indices).
+    """
+    if not hasattr(matrix, "check_format"):
+        return
+    try:
+        matrix.check_format(full_check=True)
+    except ValueError as err:
+        raise DataError(
+            f"the sparse matrix of {where} is damaged ({err}): its index arrays do not describe a "
+            f"{matrix.shape[0]} x {matrix.shape[1]} matrix. The file may be corrupt: copy or write it again."
+        ) from err
+
+
+def _as_csr(matrix: Any, where: str) -> sp.csr_matrix:
     if sp.issparse(matrix):
+        check_structure(matrix, where)  # before scipy converts or copies it
         return sp.csr_matrix(matrix)
     if hasattr(matrix, "to_memory"):  # anndata backed datasets
-        return _as_csr(matrix.to_memory())
+        return _as_csr(matrix.to_memory(), where)
     return sp.csr_matrix(np.asarray(matrix))
+
+
+def _non_integer_message(counts: sp.csr_matrix, where: str) -> str:
+    """What non-integer counts look like, from their largest value and the cells' totals, and what to do."""
+    values = counts.data
+    share = float(np.mean(values != np.round(values)))
+    found = (
+        f"counts in {where} are not integers (max {values.max():.3g}; {share:.0%} of the stored values have decimals)"
+    )
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    library = library[library > 0]
+    if values.max() <= 20:  # log1p of counts per 10,000 (or per million) stays below ~14
+        looks = "they look log-normalized"
+    elif library.size > 1 and library.std() <= 1e-3 * library.mean():
+        looks = (
+            f"they look normalized but not log-transformed (every cell sums to {library.mean():.4g}, as after "
+            "sc.pp.normalize_total)"
+        )
+    else:
+        looks = (
+            "they look like corrected counts (e.g. after ambient-RNA removal such as SoupX) or otherwise "
+            "rescaled counts"
+        )
+    return (
+        f"{found}; {looks}. Point `counts` at the raw counts: a layer such as counts='counts', or counts='raw' "
+        "for adata.raw.X. To use corrected counts, round them to integers first (np.rint)."
+    )
 
 
 def check_counts(counts: sp.csr_matrix, where: str) -> None:
     """Check that `counts` (CSR `[n_cells, n_genes]`) are raw counts: finite, non-negative integers.
 
-    Only the stored entries are read. `where` names the matrix in the messages. Raises DataError for NaN or
-    infinite values, negative values (scaled data) or non-integers (log-normalised data).
+    The index arrays are checked first (`check_structure`), then the stored entries. `where` names the
+    matrix in the messages. Raises DataError for a damaged sparse matrix, NaN or infinite values, negative
+    values (scaled data) or non-integers (log-normalized, normalized or corrected counts: the message says
+    which they look like).
     """
+    check_structure(counts, where)
     values = counts.data
     if values.size == 0:
         return
@@ -105,48 +172,46 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
             "counts='counts', or counts='raw'."
         )
     if not np.allclose(values, np.round(values)):
-        raise DataError(
-            f"counts in {where} are not integers (max {values.max():.3g}); they look "
-            "log-normalized. Point `counts` at the raw counts: a layer such as counts='counts', "
-            "or counts='raw' for adata.raw.X."
-        )
+        raise DataError(_non_integer_message(counts, where))
 
 
-def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tuple[str, Any, Any]]:
-    """Yield (description, matrix, var_names) for the count slot(s) to try, in order."""
+def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tuple[str, str, Any, Any]]:
+    """Yield (slot, description, matrix, var_names) for the count slot(s) to try, in order; slot is the
+    value of `counts` that names it ("X", "raw" or a layer)."""
     if counts == "X":
-        yield "adata.X", adata.X, adata.var_names
+        yield "X", "adata.X", adata.X, adata.var_names
     elif counts == "raw":
         if adata.raw is None:
             raise DataError("counts='raw' but adata.raw is empty; pass counts='X' or a layer name.")
-        yield "adata.raw.X", adata.raw.X, adata.raw.var_names
+        yield "raw", "adata.raw.X", adata.raw.X, adata.raw.var_names
     elif counts is not None:
         if counts not in adata.layers:
             raise DataError(
                 f"no layer {counts!r} in the AnnData (layers: {list(adata.layers)}); "
                 "pass counts='X', 'raw' or one of those layers."
             )
-        yield f"adata.layers[{counts!r}]", adata.layers[counts], adata.var_names
+        yield counts, f"adata.layers[{counts!r}]", adata.layers[counts], adata.var_names
     else:
-        yield "adata.X", adata.X, adata.var_names
+        yield "X", "adata.X", adata.X, adata.var_names
         for name in ("counts", "raw_counts", "umi"):
             if name in adata.layers:
-                yield f"adata.layers[{name!r}]", adata.layers[name], adata.var_names
+                yield name, f"adata.layers[{name!r}]", adata.layers[name], adata.var_names
         if adata.raw is not None:
-            yield "adata.raw.X", adata.raw.X, adata.raw.var_names
+            yield "raw", "adata.raw.X", adata.raw.X, adata.raw.var_names
 
 
-def extract_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+def find_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[str, sp.csr_matrix, np.ndarray]:
     """Find raw counts in an AnnData: `counts` names the slot ("X", "raw" or a layer), else detect.
 
     Detection tries adata.X, then the layers "counts", "raw_counts" and "umi", then adata.raw.X, and takes
-    the first that holds raw counts. Returns (CSR float32 `[n_cells, n_genes]`, gene names `[n_genes]`).
+    the first that holds raw counts. Returns (the slot found, as `counts` would name it; CSR float32
+    `[n_cells, n_genes]`; that slot's gene names `[n_genes]`: adata.raw's own for "raw").
     Raises DataError when the named slot is missing or holds non-count data (or, when detecting, when no
     slot holds counts: the error of adata.X); the message says how to point at the counts.
     """
     first_error: DataError | None = None
-    for where, matrix, var_names in _count_candidates(adata, counts):
-        csr = _as_csr(matrix)
+    for slot, where, matrix, var_names in _count_candidates(adata, counts):
+        csr = _as_csr(matrix, where)
         try:
             check_counts(csr, where)
         except DataError as err:
@@ -156,9 +221,14 @@ def extract_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[s
             continue
         if where != "adata.X":
             logger.info("using raw counts from %s", where)
-        return csr.astype(np.float32), np.asarray(var_names, dtype=str)
+        return slot, csr.astype(np.float32), np.asarray(var_names, dtype=str)
     assert first_error is not None  # the first candidate, adata.X, always exists
     raise first_error
+
+
+def extract_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(CSR float32 `[n_cells, n_genes]`, gene names `[n_genes]`) of the raw counts `find_counts` finds."""
+    return find_counts(adata, counts)[1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +260,7 @@ def align_genes(
     vocabulary's genes are in the data (with a hint when the two use different identifiers or look like
     different species).
     """
+    check_argument("min_fraction", min_fraction, 0, 1)
     # `genes` is typed Any: it is rebound to a pandas Index here, and pandas has no type stubs in this setup.
     genes = pd.Index(np.asarray(genes, dtype=str))
     vocabulary = np.asarray(vocabulary, dtype=str)
@@ -245,7 +316,10 @@ def highly_variable_genes(
     dispersion (Satija et al. 2015) of log1p counts per 10,000 (CP10k): the log of variance / mean of
     each gene, standardised within `n_bins` equal-width bins of the mean.
     Only counts are used, never labels, so it is safe on every cell of a dataset.
+    Raises ValueError when `n_top` or `n_bins` is not a positive whole number.
     """
+    check_argument("n_top", n_top, 1, integer=True)
+    check_argument("n_bins", n_bins, 1, integer=True)
     library = np.asarray(counts.sum(axis=1)).ravel()
     norm = sp.diags(1e4 / np.maximum(library, 1)) @ counts
     norm = norm.tocsr()
@@ -273,6 +347,11 @@ def highly_variable_genes(
 # --------------------------------------------------------------------------------------------
 
 
+def _missing(series: pd.Series) -> pd.Series:
+    """Which values of an obs column are missing: NaN, None, "" or the strings "nan", "NaN", "None"."""
+    return series.isna() | series.astype(str).str.strip().isin({"", "nan", "NaN", "None"})
+
+
 def encode_labels(
     values: ArrayLike | pd.Series | pd.Categorical, classes: Sequence[str] | None = None, unknown: ArrayLike = ()
 ) -> tuple[np.ndarray, list[str]]:
@@ -284,7 +363,7 @@ def encode_labels(
     label is not among `classes`.
     """
     series = pd.Series(np.asarray(values, dtype=object))
-    missing = series.isna() | series.astype(str).str.strip().isin({"", "nan", "NaN", "None"})
+    missing = _missing(series)
     missing |= series.astype(str).isin({str(u) for u in np.atleast_1d(unknown)})
     names = series[~missing].astype(str)
     if classes is None:
@@ -312,7 +391,16 @@ def encode_labels(
 
 
 def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
-    """Map batch values (dataset, donor) to ids: (int32 ids `[n_cells]`, batch names in sorted order)."""
+    """Map batch values (dataset, donor) to ids: (int32 ids `[n_cells]`, batch names in sorted order).
+
+    Raises DataError when a value is missing (NaN, None, ""): a missing batch is not a batch of its own.
+    """
+    missing = _missing(pd.Series(np.asarray(values, dtype=object)))
+    if missing.any():
+        raise DataError(
+            f"{int(missing.sum())} cells have no batch (NaN or empty) in the batch column; every cell needs "
+            "one. Fill them with a name of their own (e.g. 'unknown') if they share one, or remove those cells."
+        )
     codes = pd.Categorical(np.asarray(values).astype(str))
     return codes.codes.astype(np.int32), [str(c) for c in codes.categories]
 
@@ -490,9 +578,11 @@ class SCData:
         "batch": int32 [B]}, B = `batch_size` (the last batch of a pass may be smaller).
 
         shuffle: reshuffle the cells every pass, seeded by `seed`; repeat: pass over the cells forever.
+        Raises ValueError when `batch_size` is not a positive whole number.
         """
         import tensorflow as tf
 
+        check_argument("batch_size", batch_size, 1, integer=True)
         ds = tf.data.Dataset.range(self.n_cells)
         if shuffle:
             ds = ds.shuffle(self.n_cells, seed=seed, reshuffle_each_iteration=True)

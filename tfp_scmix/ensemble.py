@@ -68,6 +68,8 @@ class SCMixEnsemble(keras.Model):
             "cell_topic": tf.concat([o["cell_topic"] for o in outputs], axis=-1),
         }
 
+    save = SCMix.save  # atomic, through tfp_scmix.save_model
+
     def get_config(self):
         return {
             **super().get_config(),

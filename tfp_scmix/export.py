@@ -15,7 +15,7 @@ The same metadata are in `assets/` as genes.txt, class_names.txt (one name a lin
 so a client can align its genes by reading files. `gene_fingerprint` is the first 16 hex digits of the
 SHA-256 of the gene names joined by newlines (`tfp_scmix.data.gene_fingerprint`).
 
-Usage: `python -m tfp_scmix.export MODEL.keras OUT_DIR [--overwrite] [--mlflow-experiment NAME]`.
+Usage: `python -m tfp_scmix.export MODEL.keras OUT_DIR [--overwrite] [--mlflow-experiment NAME [--max-cells N]]`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix import __version__
-from tfp_scmix.data import DataError, from_anndata, gene_fingerprint
+from tfp_scmix.data import DataError, check_argument, check_counts, check_structure, from_anndata, gene_fingerprint
 from tfp_scmix.io import atomic_directory
-from tfp_scmix.mlflow_serving import call_in_batches, outputs_frame
+from tfp_scmix.mlflow_serving import MAX_CELLS, call_in_batches, outputs_frame
 
 if TYPE_CHECKING:  # annotations only: TensorFlow and MLflow are imported when they are used
     import anndata
@@ -173,10 +173,11 @@ class ExportedAnnotator:
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 1024) -> None:
         """Load the SavedModel at `path`; `batch_size` cells go to the serving signature per call.
 
-        Raises FileNotFoundError when `path` holds no saved_model.pb.
+        Raises FileNotFoundError when `path` holds no saved_model.pb; ValueError for a batch_size below 1.
         """
         import tensorflow as tf
 
+        check_argument("batch_size", batch_size, 1, integer=True)
         path = Path(path)
         if not (path / "saved_model.pb").exists():
             raise FileNotFoundError(
@@ -212,13 +213,16 @@ class ExportedAnnotator:
         genes / fingerprint: the caller's column names or their fingerprint, checked against the model's.
         Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id" [cells], "confidence" [cells],
         "cell_topic" [cells, n_topics]}. Raises DataError when the genes or fingerprint do not match, when
-        counts are not `[cells, n_genes]`, or when there are no cells; tf.errors.InvalidArgumentError for
-        negative counts (the export's own check).
+        counts are not `[cells, n_genes]` or not raw counts (`tfp_scmix.data.check_counts`: a damaged sparse
+        matrix, NaN, infinite, negative or non-integer values), or when there are no cells.
         """
         import tensorflow as tf
 
         self.check_genes(genes, fingerprint)
+        if sp.issparse(counts):
+            check_structure(counts, "the counts")  # before scipy converts them
         counts = sp.csr_matrix(counts, dtype=np.float32)
+        check_counts(counts, "the counts")
         if counts.ndim != 2 or counts.shape[1] != self.n_genes:
             raise DataError(
                 f"counts have shape {counts.shape}, the exported model expects "
@@ -277,6 +281,7 @@ def log_mlflow(
     model_or_export: SCMix | SCMixEnsemble | str | os.PathLike[str],
     name: str = "model",
     input_example_cells: int = 2,
+    max_cells: int = MAX_CELLS,
     **log_kwargs: Any,
 ) -> ModelInfo:
     """Log a served model to the active MLflow run (one is started if none is); return its ModelInfo.
@@ -286,9 +291,12 @@ def log_mlflow(
     The pyfunc model (tfp_scmix/mlflow_serving.py, logged as code) needs TensorFlow and pandas, not
     tfp_scmix. Serve it with `mlflow models serve -m <model_uri> --env-manager local`; its input is a
     DataFrame whose columns are the model's gene names (raw counts), its output one row per cell:
-    label, confidence, prob_<class>..., topic_<k>.... input_example_cells: rows of the logged input example;
-    log_kwargs go to `mlflow.pyfunc.log_model`. Raises FileNotFoundError for a directory without an export.
+    label, confidence, prob_<class>..., topic_<k>..., empty. input_example_cells: rows of the logged input
+    example; max_cells: the most cells one request may hold (the server answers 413 above it; the model
+    config's "max_cells"); log_kwargs go to `mlflow.pyfunc.log_model`. Raises FileNotFoundError for a
+    directory without an export, ValueError for max_cells below 1.
     """
+    check_argument("max_cells", max_cells, 1, integer=True)
     import mlflow
     import tensorflow as tf
     from mlflow.models import ModelSignature, infer_signature
@@ -302,6 +310,7 @@ def log_mlflow(
         example = pd.DataFrame(np.zeros((input_example_cells, annotator.n_genes), np.float32), columns=annotator.genes)
         example.iloc[:, : min(10, annotator.n_genes)] = 1.0
         outputs = outputs_frame(annotator.predict(example.to_numpy()), annotator.class_names)
+        outputs["empty"] = False
         # No input schema: MLflow's enforcement would refuse integer counts (int64 -> float is not a
         # "safe" cast for it) and bury a missing gene in a dump of the whole schema. SCMixServing checks
         # the columns itself and casts the counts to float32.
@@ -324,6 +333,7 @@ def log_mlflow(
             signature=signature,
             input_example=example,
             pip_requirements=requirements,
+            model_config={"max_cells": int(max_cells), **log_kwargs.pop("model_config", {})},
             **log_kwargs,
         )
 
@@ -347,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="also log a served pyfunc model to this MLflow experiment (tracking store: $MLFLOW_TRACKING_URI)",
     )
+    parser.add_argument(
+        "--max-cells",
+        type=int,
+        default=MAX_CELLS,
+        help=f"with --mlflow-experiment: the most cells one request may hold; more get HTTP 413 (default {MAX_CELLS})",
+    )
     args = parser.parse_args(argv)
 
     from tfp_scmix.io import ModelFileError, load_model
@@ -364,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import mlflow
 
         mlflow.set_experiment(args.mlflow_experiment)
-        info = log_mlflow(path)
+        info = log_mlflow(path, max_cells=args.max_cells)
         print(f"logged MLflow model {info.model_uri}")
     return 0
 

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -28,6 +30,12 @@ from tfp_scmix.model import SCMix, library_versions
 
 logger = logging.getLogger("tfp_scmix")
 MODEL_SUFFIX = ".keras"
+# The JSON documents of a .keras archive (config.json, metadata.json) are read whole: a larger one is refused
+# before it is read. A model's config is its settings and gene and class names: about 1.3 MB for an
+# ensemble of three restarts over 30,000 genes.
+MAX_CONFIG_BYTES = 64 * 2**20
+# renameat2(2) flags (Linux): rename unless the target exists; swap two paths.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 
 
 class ModelFileError(ValueError):
@@ -68,32 +76,66 @@ def write_csv(frame: pd.DataFrame, path: str | Path, **kwargs: Any) -> Path:
     return Path(path)
 
 
+def _renameat2(source: Path, target: Path, flag: int) -> bool:
+    """Rename `source` to `target` atomically with a renameat2 `flag`; False where the system lacks it.
+
+    Raises FileExistsError (RENAME_NOREPLACE, `target` exists) or another OSError.
+    """
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flag) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL):  # an older kernel, or a filesystem without the flag
+        return False
+    raise OSError(code, os.strerror(code), str(target))
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path` that becomes `path` only when the block succeeds.
 
     A failure (or a crash) inside the block leaves `path` as it was: absent, or the previous export.
-    With `overwrite`, an existing `path` is swapped out by renames and deleted after the new one is in place.
+    Where the system has renameat2 (Linux), the commit is one atomic step: with `overwrite` the new folder
+    and an existing `path` are swapped (a kill at any moment leaves one whole export at `path`), without it
+    the rename fails if `path` appeared meanwhile (two writers to one path: one wins, the other gets
+    FileExistsError). Elsewhere an existing `path` is moved aside, then replaced (a kill between the two
+    renames leaves it in a hidden `.NAME.old-*` folder beside `path`).
     Raises FileExistsError when `path` exists and `overwrite` is false.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
+
+    def exists_error() -> FileExistsError:
+        return FileExistsError(
             f"{path} already exists; pass overwrite=True (--overwrite) to replace it, "
             "or export to a new version directory (e.g. export/2)."
         )
+
+    if path.exists() and not overwrite:
+        raise exists_error()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is its owner's only
-        old = None
-        if path.exists():
+        if overwrite and path.exists():
+            if _renameat2(tmp, path, _RENAME_EXCHANGE):
+                shutil.rmtree(tmp, ignore_errors=True)  # it holds the previous export now
+                return
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
+            os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            committed = _renameat2(tmp, path, _RENAME_NOREPLACE)
+        except FileExistsError:
+            raise exists_error() from None
+        if not committed:
+            if path.exists():
+                raise exists_error()
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -122,7 +164,7 @@ def check_model_path(path: str | Path) -> Path:
 
 
 def save_model(model: SCMix | SCMixEnsemble, path: str | Path) -> Path:
-    """Save `model` as a .keras archive at `path`, atomically; returns the path.
+    """Save `model` as a .keras archive at `path`, atomically; returns the path. `model.save(path)` is this.
 
     Raises ModelFileError for a path `load_model` would not read (see `check_model_path`).
     """
@@ -131,8 +173,34 @@ def save_model(model: SCMix | SCMixEnsemble, path: str | Path) -> Path:
         if getattr(member, "optimizer", None) is not None:  # compiled, never trained (or weights copied in):
             member.build_optimizers()  # its optimizer state must be built to load back
     with atomic_path(path) as tmp:
-        model.save(tmp)
+        keras.Model.save(model, tmp)  # Keras's own writer (SCMix.save comes back here)
     return path
+
+
+def _weight_floats(config: dict) -> int:
+    """A lower bound on the number of float32 values the weights of a serialized SCMix or SCMixEnsemble hold.
+
+    Per restart: the topic-gene means and scales (2 K G), the encoder's first layer (G H) and the batch
+    offsets' means and scales (2 B G). Raises KeyError, TypeError or ValueError for a malformed config.
+    """
+    if config.get("registered_name") == "tfp_scmix>SCMixEnsemble":
+        members = config["config"]["members"]
+        if not isinstance(members, list):
+            raise TypeError("members is not a list")
+        return sum(_weight_floats(member) for member in members)
+    inner = config["config"]
+    settings = inner.get("config") or inner  # files from before Config kept the settings beside the sizes
+    sizes = {
+        "genes": len(inner["genes"]),
+        "n_topics": settings.get("n_topics", 50),
+        "hidden_units": settings.get("hidden_units", 256),
+        "n_batches": inner.get("n_batches", 1),
+    }
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} is {value!r}, not a positive whole number")
+    genes = sizes["genes"]
+    return genes * (2 * sizes["n_topics"] + sizes["hidden_units"] + 2 * sizes["n_batches"])
 
 
 def _read_archive(path: Path) -> tuple[dict, dict]:
@@ -147,19 +215,47 @@ def _read_archive(path: Path) -> tuple[dict, dict]:
         )
         raise ModelFileError(
             f"{path} is {kind}: it may be truncated or corrupt, or not a tfp_scmix model. "
-            "Save models with model.save('name.keras') and copy the whole file."
+            "Save models with tfp_scmix.save_model(model, 'name.keras') and copy the whole file."
         )
     try:
         with zipfile.ZipFile(path) as archive:
+            for name in ("config.json", "metadata.json"):
+                size = archive.getinfo(name).file_size
+                if size > MAX_CONFIG_BYTES:
+                    raise ModelFileError(
+                        f"{path}: its {name} is {size / 2**20:.0f} MB, above the {MAX_CONFIG_BYTES / 2**20:.0f} MB "
+                        "a tfp_scmix model's needs; it is not a model this package wrote. Refusing to read it."
+                    )
             config = json.loads(archive.read("config.json"))
             metadata = json.loads(archive.read("metadata.json"))
+            if not isinstance(config, dict) or not isinstance(metadata, dict):
+                raise ValueError("config.json or metadata.json is not a JSON object")
             if archive.testzip() is not None:
                 raise zipfile.BadZipFile("a member fails its CRC check")
-    except (KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
+            weights = archive.getinfo("model.weights.h5").file_size if "model.weights.h5" in archive.namelist() else 0
+    except (KeyError, ValueError, RecursionError, zipfile.BadZipFile, OSError) as err:
+        if isinstance(err, ModelFileError):
+            raise
         raise ModelFileError(
-            f"{path} is a damaged .keras archive ({type(err).__name__}: {err}); it may be "
+            f"{path} is a damaged .keras archive ({type(err).__name__}: {str(err)[:300]}); it may be "
             "truncated or corrupt: copy it again or re-train."
         ) from err
+    if config.get("registered_name") in ("tfp_scmix>SCMix", "tfp_scmix>SCMixEnsemble"):
+        # Sizes in the config decide what is allocated when the model is built: check them against the
+        # weights the file stores before building anything (a 7 MB file claiming n_topics 200000 reached
+        # 15.8 GB before it was refused; issue 18).
+        try:
+            needed = 4 * _weight_floats(config)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ModelFileError(
+                f"{path} has a malformed model config ({type(err).__name__}: {str(err)[:300]}); "
+                "copy it again or re-train."
+            ) from err
+        if needed > weights:
+            raise ModelFileError(
+                f"{path}: its config describes weights of at least {needed / 2**20:.1f} MB but the file stores "
+                f"{weights / 2**20:.1f} MB: the config was altered or the file is damaged. Refusing to build it."
+            )
     return config, metadata
 
 

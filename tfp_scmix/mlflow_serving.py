@@ -59,14 +59,50 @@ def call_in_batches(
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+# Cells one request may hold (HTTP 413 above): a request is parsed whole by MLflow before the model sees it
+# (100,000 cells took 54.5 s and 5.5 GB; issue 18). Set per model with export.log_mlflow(max_cells=...).
+MAX_CELLS = 10_000
+UNASSIGNED = "unassigned"  # as tfp_scmix.annotate marks cells without counts
+
 mlflow: ModuleType | None
 try:
     import mlflow
 except ImportError:  # tfp_scmix.export uses the helpers above without MLflow installed
     mlflow = None
 
+
+def count_problem(counts: np.ndarray) -> str | None:
+    """What makes `counts` (float64 `[cells, genes]`) not raw counts, or None: the checks of
+    `tfp_scmix.data.check_counts` (repeated here, as this file runs without tfp_scmix; tests/test_export.py
+    checks both refuse the same values). Values at or above float32's largest (3.4e38) count as infinite."""
+    finite = np.isfinite(counts) & (np.abs(counts) < np.finfo(np.float32).max)
+    if not finite.all():
+        return (
+            f"{int((~finite).sum())} counts are infinite or too large for float32; raw UMI counts are finite integers."
+        )
+    if counts.size and counts.min() < 0:
+        return f"counts are negative (min {counts.min():.3g}); send raw (non-negative) counts, not scaled values."
+    if not np.array_equal(counts, np.round(counts)):
+        kind = "log-normalized" if counts.max() <= 20 else "normalized or corrected"
+        return (
+            f"counts are not integers (max {counts.max():.3g}); they look {kind}. Send the raw UMI counts "
+            "(round corrected counts to integers first)."
+        )
+    return None
+
+
 if mlflow is not None:
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
+
+    class RequestTooLarge(MlflowException):
+        """A request of more cells than the served model's limit: HTTP 413 (Payload Too Large)."""
+
+        def __init__(self, message: str):
+            super().__init__(message, error_code=RESOURCE_EXHAUSTED)
+
+        def get_http_status_code(self):
+            return 413
 
     # mlflow.pyfunc is a LazyLoader attribute, whose module mypy cannot see through; it is a module at run time.
     class SCMixServing(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
@@ -74,6 +110,8 @@ if mlflow is not None:
 
         `load_context` and `predict` keep MLflow's signatures unannotated beyond `predict`'s DataFrames:
         MLflow reads `predict`'s type hints (typing.get_type_hints) for its schema validation.
+        The model config's "max_cells" (`export.log_mlflow(max_cells=...)`, default `MAX_CELLS`) limits the
+        cells of one request.
         """
 
         batch_size = 1024
@@ -87,17 +125,25 @@ if mlflow is not None:
             meta = loaded.signatures["metadata"]()
             self.genes = [g.decode() for g in meta["genes"].numpy()]
             self.class_names = [c.decode() for c in meta["class_names"].numpy()]
+            self.max_cells = int((getattr(context, "model_config", None) or {}).get("max_cells", MAX_CELLS))
 
         def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
             """Outputs for raw counts `[n_cells, genes sent]` whose columns are gene names of the model.
 
             Returns one row per cell, indexed as the request: label, confidence, prob_<class>...,
-            topic_<k>.... Raises MlflowException (INVALID_PARAMETER_VALUE, HTTP 400) for duplicated or
-            unknown columns, a request with no rows, or counts that are not non-negative numbers.
+            topic_<k>..., empty (the cell has no counts over the model's genes: its label is "unassigned",
+            as `tfp_scmix.annotate` marks it). Raises MlflowException (INVALID_PARAMETER_VALUE, HTTP 400) for
+            duplicated or unknown columns, a request with no rows, or counts that are not raw counts (not
+            numbers, infinite, negative or not integers); `RequestTooLarge` (HTTP 413) above `max_cells` rows.
             """
             import tensorflow as tf
 
             frame = pd.DataFrame(model_input)
+            if len(frame) > self.max_cells:
+                raise RequestTooLarge(
+                    f"the request has {len(frame)} cells; this server takes at most {self.max_cells} per request. "
+                    "Split the cells over several requests."
+                )
             if frame.columns.has_duplicates:
                 raise MlflowException.invalid_parameter_value(
                     f"duplicated gene columns {list(frame.columns[frame.columns.duplicated()][:5])}: send each once."
@@ -111,16 +157,37 @@ if mlflow is not None:
                 )
             if len(frame) == 0:
                 raise MlflowException.invalid_parameter_value("the request has no rows (cells).")
+
+            def block(start, stop):
+                # A gene not sent, or null in a record, is a zero count (records can list nonzeros only): JSON
+                # has no other way to leave a gene out, and once parsed the two cannot be told apart.
+                try:
+                    counts = frame.iloc[start:stop].reindex(columns=self.genes).fillna(0).to_numpy(np.float64)
+                except (ValueError, TypeError) as err:
+                    raise MlflowException.invalid_parameter_value(
+                        f"counts must be numbers (raw, non-negative counts): {err}"
+                    ) from err
+                problem = count_problem(counts)
+                if problem:
+                    raise MlflowException.invalid_parameter_value(f"cells {start}-{stop - 1}: {problem}")
+                return {"counts": tf.constant(counts, tf.float32)}, counts.sum(axis=1) == 0
+
+            empty = []
+
+            def inputs(start, stop):
+                counts, none = block(start, stop)
+                empty.append(none)
+                return counts
+
             try:
-                # A gene not sent, or null in a record, is a zero count (records can list nonzeros only).
-                counts = frame.reindex(columns=self.genes).fillna(0).to_numpy(np.float32)
-                out = call_in_batches(
-                    self.serve, self.batch_size, len(counts), lambda i, j: {"counts": tf.constant(counts[i:j])}
-                )
-            except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+                out = call_in_batches(self.serve, self.batch_size, len(frame), inputs)
+            except tf.errors.InvalidArgumentError as err:
                 raise MlflowException.invalid_parameter_value(
                     f"counts must be numbers (raw, non-negative counts): {getattr(err, 'message', err)}"
                 ) from err
-            return outputs_frame(out, self.class_names, index=frame.index)
+            result = outputs_frame(out, self.class_names, index=frame.index)
+            result["empty"] = np.concatenate(empty)
+            result.loc[result["empty"], "label"] = UNASSIGNED
+            return result
 
     mlflow.models.set_model(SCMixServing())

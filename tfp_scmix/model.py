@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Sequence
 from typing import Any
@@ -197,19 +198,24 @@ class SCMix(keras.Model):
         """A model sized for `data` (in memory or streamed from disk), topic background from its mean expression.
 
         data: `SCData` or `H5ADStream` (one pass over the file). Raises DataError when a cell has no counts
-        over the genes (a stream; `from_anndata` refuses those already).
+        over the genes: checked here, after any gene selection (`select_genes`, highly variable genes, a
+        stream's `genes=`), since a cell can lose all its counts there though `from_anndata` accepted it.
         """
         if isinstance(data, H5ADStream):
             library, gene_sums = data.summary()
-            if (library == 0).any():
-                raise DataError(
-                    f"{int((library == 0).sum())} cells of {data.path} have no counts over the "
-                    "model's genes; remove them from the file first."
-                )
             background = gene_sums / data.n_cells
         else:
             library = data.library_size
             background = np.asarray(data.counts.mean(axis=0)).ravel()
+        empty = library == 0
+        if empty.any():
+            labelled = int((empty & (np.asarray(data.labels) >= 0)).sum())
+            raise DataError(
+                f"{int(empty.sum())} cells ({labelled} of them labelled) have no counts over the "
+                f"{data.n_genes} genes trained on: a selection of genes can leave cells empty. Select more "
+                "genes (the command line: a larger --n-genes, or 0 for all), or remove those cells "
+                "(data.subset(data.library_size > 0))."
+            )
         model = cls(
             list(data.genes),
             list(data.classes),
@@ -442,6 +448,20 @@ class SCMix(keras.Model):
 
     def test_step(self, data):
         return self._update_metrics(self.elbo_terms(self._inputs(data), training=False))
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Save as a .keras archive, atomically (a kill leaves the old file or nothing): `tfp_scmix.save_model`.
+
+        Raises ModelFileError for a path that does not end in ".keras" (Keras would write a legacy .h5 file
+        that `load_model` refuses), FileExistsError when the file exists and `overwrite` is false.
+        """
+        # The files stage comes after the model: the import is deferred so that `model.save`, which Keras
+        # users call, takes the package's one atomic path.
+        from tfp_scmix.io import save_model
+
+        if not overwrite and os.path.exists(filepath):
+            raise FileExistsError(f"{filepath} exists; pass overwrite=True to replace it")
+        save_model(self, filepath)
 
     def get_config(self):
         return {

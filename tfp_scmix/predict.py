@@ -8,25 +8,54 @@ outputs. `annotate`, the command line, the export client and the experiments pre
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
+import weakref
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from tfp_scmix.data import UNLABELLED, DataError, SCData, check_counts, from_anndata, read_h5ad
+from tfp_scmix.data import (
+    BATCH,
+    COUNTS,
+    UNLABELLED,
+    DataError,
+    SCData,
+    check_argument,
+    check_counts,
+    check_structure,
+    find_counts,
+    from_anndata,
+    read_h5ad,
+    sparse_entries,
+)
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix
 
 logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
+# Cells read to find which slot of an AnnData holds the raw counts (`counts_slot`).
+SLOT_SAMPLE = 1000
 
 
-def _open(source, model, min_gene_fraction) -> tuple[int, Any]:
-    """The number of cells of `source` and the source ready to slice (a path opened backed, an
-    `SCData` aligned to the model's genes, a matrix checked against the model's width)."""
+def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
+    """(slot, its gene names) of the raw counts of an AnnData (in memory or backed), found in its first cells.
+
+    The slot is what `counts=` names ("X", "raw" or a layer): given, or detected as `find_counts` does on
+    the first `SLOT_SAMPLE` cells, so that every chunk of a prediction reads the same slot. Raises DataError
+    as `find_counts` does.
+    """
+    sample = adata[: min(adata.n_obs, SLOT_SAMPLE)]
+    sample = sample.to_memory() if sample.isbacked else sample
+    slot, _, genes = find_counts(sample, counts)
+    return slot, genes
+
+
+def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | None]:
+    """The number of cells of `source`, the source ready to slice (a path opened backed, an `SCData` aligned
+    to the model's genes, a matrix checked against the model's width, as CSR if sparse) and, for an AnnData,
+    the slot of its raw counts."""
     if isinstance(source, (str, os.PathLike)):
         source = read_h5ad(source, backed="r")
     if isinstance(source, SCData):
@@ -35,8 +64,14 @@ def _open(source, model, min_gene_fraction) -> tuple[int, Any]:
         n_cells = source.n_cells
     elif hasattr(source, "obs_names"):  # AnnData, in memory or backed
         n_cells = source.n_obs
+        if n_cells:
+            counts = counts_slot(source, counts)[0]
     else:
-        source = source if sp.issparse(source) else np.asarray(source)
+        if sp.issparse(source):
+            check_structure(source, "the count matrix")  # before scipy slices it
+            source = sp.csr_matrix(source)  # any sparse format (COO has no rows to slice)
+        else:
+            source = np.asarray(source)
         if source.ndim != 2 or source.shape[1] != model.n_genes:
             raise DataError(
                 f"the count matrix has shape {source.shape}; the model reads {model.n_genes} genes "
@@ -45,7 +80,7 @@ def _open(source, model, min_gene_fraction) -> tuple[int, Any]:
         n_cells = source.shape[0]
     if n_cells == 0:
         raise DataError("the dataset is empty (0 cells).")
-    return n_cells, source
+    return n_cells, source, counts
 
 
 def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
@@ -75,6 +110,53 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
         ["0"],
         np.arange(start, stop).astype(str),
     )
+
+
+# One traced function per model (keyed weakly, so that it goes with the model), reused for every batch of
+# every chunk and call. Keras's own predict loop over a tf.data pipeline per chunk traced again for each and
+# kept about 5.6 MB per 10,000-cell chunk (issue 18).
+_PREDICT_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _predict_function(model: SCMix | SCMixEnsemble):
+    function = _PREDICT_FUNCTIONS.get(model)
+    if function is None:
+        import tensorflow as tf
+
+        owner = weakref.ref(model)  # the function must not keep its model (the dictionary's key) alive
+
+        @tf.function(
+            input_signature=[
+                tf.SparseTensorSpec([None, model.n_genes], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+            ]
+        )
+        def function(counts, batch_ids):
+            traced = owner()
+            assert traced is not None  # traced while its model is alive: the dictionary holds it only then
+            return traced({COUNTS: counts, BATCH: batch_ids}, training=False)
+
+        _PREDICT_FUNCTIONS[model] = function
+    return function
+
+
+def _predict_chunk(model, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
+    """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time."""
+    import tensorflow as tf
+
+    function = _predict_function(model)
+    counts = chunk.counts
+    counts.sort_indices()
+    parts = []
+    for start in range(0, chunk.n_cells, batch_size):
+        stop = min(start + batch_size, chunk.n_cells)
+        indices, values = sparse_entries(counts[start:stop])
+        out = function(
+            tf.SparseTensor(indices, values, [stop - start, model.n_genes]),
+            tf.constant(chunk.batches[start:stop], tf.int32),
+        )
+        parts.append({key: out[key].numpy() for key in keys if key in out})
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 class _OncePerMessage(logging.Filter):
@@ -108,29 +190,37 @@ def predict(
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
     model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by one chunk
     plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells], "confidence" [n_cells],
-    "cell_topic" [n_cells, n_topics]} (`keys` keeps only some of them). Cells without counts over the model's
-    genes are predicted from no evidence: `annotate` marks them unassigned.
-    Raises DataError for an unreadable file, counts that are not raw counts, too few of the model's genes,
-    a matrix of the wrong width or no cells.
+    "cell_topic" [n_cells, n_topics]} (`keys` keeps only some of them; "library_size" [n_cells], each cell's
+    total counts over the model's genes, is there on request). Cells without counts over the model's genes
+    are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the slot of an
+    AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every chunk.
+    Peak memory: one chunk and the outputs (experiments/reliability/memory_1m.py, results_memory_1m.json).
+    Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
+    of the model's genes, a matrix of the wrong width or no cells; ValueError for a `chunk_size`,
+    `batch_size` or `min_gene_fraction` out of range.
     """
-    n_cells, source = _open(source, model, min_gene_fraction)
+    check_argument("chunk_size", chunk_size, 1, integer=True)
+    check_argument("batch_size", batch_size, 1, integer=True)
+    check_argument("min_gene_fraction", min_gene_fraction, 0, 1)
     keys = tuple(keys or OUTPUT_KEYS)
-    outputs = {}
+    unknown = sorted(set(keys) - {*OUTPUT_KEYS, "library_size"})
+    if unknown:
+        raise ValueError(f"keys {unknown} are not outputs of predict; outputs are {[*OUTPUT_KEYS, 'library_size']}")
+    n_cells, source, counts = _open(source, model, counts, min_gene_fraction)
+    outputs: dict[str, np.ndarray] = {}
     once = _OncePerMessage()
     logger.addFilter(once)
     try:
-        for start in range(0, n_cells, chunk_size):
-            stop = min(start + chunk_size, n_cells)
+        for start in range(0, n_cells, int(chunk_size)):
+            stop = min(start + int(chunk_size), n_cells)
             chunk = _chunk(source, model, start, stop, counts, min_gene_fraction)
-            out = model.predict(chunk.dataset(batch_size, shuffle=False), verbose=0)
+            out = _predict_chunk(model, chunk, int(batch_size), keys)
+            if "library_size" in keys:
+                out["library_size"] = chunk.library_size.astype(np.float32)
             for key in keys:
                 if key not in outputs:  # filled in place: no second copy of the outputs
                     outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
                 outputs[key][start:stop] = out[key]
-            # A chunk's tf.data pipeline and Keras's predict loop leave reference cycles that hold its
-            # tensors; left to the collector's schedule they kept memory creeping 1.3 MB per chunk.
-            del out
-            gc.collect(1)
     finally:
         logger.removeFilter(once)
     return outputs

@@ -21,9 +21,9 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_scmix import distribute
-from tfp_scmix.callbacks import ResumableCheckpoint, StopOnDivergence, default
+from tfp_scmix.callbacks import ResumableCheckpoint, StopOnDivergence, TrainingDiverged, default
 from tfp_scmix.config import Config
-from tfp_scmix.data import DataError, SCData, epoch_batches
+from tfp_scmix.data import DataError, SCData, check_argument, epoch_batches
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import ModelFileError, load_model, save_model
 from tfp_scmix.model import SCMix
@@ -80,13 +80,15 @@ def train(
     strategy: None (one device), a name of `distribute.STRATEGIES` or a `tf.distribute.Strategy`
     (streams only; config.batch_size is the global batch).
     callbacks: Keras callbacks added after the recipe's own (`callbacks.default`).
-    A diverged restart keeps its last good state and is logged (the `StopOnDivergence` message).
 
-    Raises ValueError for restarts < 1 or an unknown setting, DataError for data without two classes.
+    Raises ValueError for restarts < 1, a seed that is not a whole number >= 0 or an unknown setting;
+    DataError for data without two classes or with cells that have no counts over its genes (after a gene
+    selection, say); TrainingDiverged when a restart's loss becomes NaN or infinite or explodes
+    (`StopOnDivergence`: the message names the restart, the batch and the learning rate).
     """
-    config = _config(config, {} if epochs is None else {"epochs": int(epochs)})
-    if int(restarts) < 1:
-        raise ValueError(f"restarts must be 1 or more, received {restarts!r}")
+    config = _config(config, {} if epochs is None else {"epochs": epochs})
+    check_argument("restarts", restarts, 1, integer=True)
+    check_argument("seed", seed, 0, integer=True)
     if not isinstance(data, (SCData, H5ADStream)):
         raise TypeError(
             f"train takes SCData (tfp_scmix.from_anndata) or an H5ADStream, received "
@@ -108,13 +110,16 @@ def train(
         if verbose and restarts > 1:
             print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
         finished = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}.keras"
-        if finished is not None and finished.exists():
-            model = _finished_restart(finished, data, config, member_seed)
-        elif isinstance(data, H5ADStream):
-            model = _fit_stream(data, config, member_seed, strategy, callbacks, verbose)
-        else:
-            backup = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}"
-            model = _fit(data, config, member_seed, backup, callbacks, verbose)
+        try:
+            if finished is not None and finished.exists():
+                model = _finished_restart(finished, data, config, member_seed)
+            elif isinstance(data, H5ADStream):
+                model = _fit_stream(data, config, member_seed, strategy, callbacks, verbose)
+            else:
+                backup = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}"
+                model = _fit(data, config, member_seed, backup, callbacks, verbose)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"restart {restart + 1} of {restarts} (seed {member_seed}): {err}") from None
         if finished is not None:
             save_model(model, finished)  # a kill during a later restart does not train this one again
         members.append(model)
@@ -193,7 +198,7 @@ def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbac
         batches,
         epochs=config.epochs,
         steps_per_epoch=distribute.steps_per_epoch(stream.n_cells, config.batch_size),
-        callbacks=[StopOnDivergence(), *callbacks],
+        callbacks=[StopOnDivergence(raise_error=True), *callbacks],
         verbose=verbose,
     )
     if strategy is not tf.distribute.get_strategy():
@@ -227,8 +232,14 @@ def adapt(
     shrinkage: the offsets' prior scale. By default the learned one; a model trained on a single batch
     has learned nothing about differences between datasets (its scale shrinks to near zero), so there
     the default is a weakly informative 1.0 (a factor of e per standard deviation).
-    Raises DataError when the query's genes are not the model's.
+    Raises DataError when the query's genes are not the model's; ValueError for epochs, batch_size,
+    learning_rate or shrinkage out of range.
     """
+    check_argument("epochs", epochs, 1, integer=True)
+    check_argument("batch_size", batch_size, 1, integer=True)
+    check_argument("learning_rate", learning_rate, 1e-12)
+    if shrinkage is not None:
+        check_argument("shrinkage", shrinkage, 1e-12)
     if list(query.genes) != list(model.genes):
         raise DataError(
             "adapt needs the query in the model's gene order: build it with "
