@@ -11,8 +11,11 @@ def test_annotate_writes_anndata_slots(small_model, embedded_adata):
     adata = embedded_adata.copy()
     adata = adata[:, ::-1].copy()  # a different gene order is aligned by name
     assert scm.annotate(small_model, adata, min_confidence=0.99) is adata
-    assert set(adata.obs["scmix_label"].cat.categories) == set(small_model.class_names) | {UNASSIGNED}
-    assert (adata.obs["scmix_label"] == UNASSIGNED).any()
+    labels = adata.obs["scmix_label"]
+    assert (labels == UNASSIGNED).any()
+    # Only the categories that occur, in the model's class order, "unassigned" last, one colour each.
+    assert list(labels.cat.categories) == [c for c in [*small_model.class_names, UNASSIGNED] if (labels == c).any()]
+    assert len(adata.uns["scmix_label_colors"]) == len(labels.cat.categories)
     out = scm.predict(small_model, embedded_adata)
     np.testing.assert_array_equal(adata.obs["scmix_confidence"].to_numpy(), out["confidence"])
     confident = out["confidence"] >= 0.99
@@ -23,7 +26,11 @@ def test_annotate_writes_anndata_slots(small_model, embedded_adata):
     assert "scmix_topics" not in adata.obsm
     np.testing.assert_array_equal(adata.obsm["scmix_cell_topic"], out["cell_topic"])
     assert adata.obsm["scmix_cell_topic"].shape == (700, 12)
-    assert list(adata.obsm["scmix_probs"].columns) == small_model.class_names
+    np.testing.assert_allclose(adata.obsm["scmix_probs"], out["probs"], rtol=1e-6)
+    assert adata.uns["scmix"]["classes"] == small_model.class_names
+    # The classifier's own features: the centred log-ratio of the topic proportions.
+    logs = np.log(out["cell_topic"])
+    np.testing.assert_allclose(adata.obsm["X_scmix"], logs - logs.mean(axis=1, keepdims=True), rtol=1e-4, atol=1e-4)
     assert adata.varm["scmix_topic_gene"].shape == (765, 12)
     gene = small_model.genes[0]
     np.testing.assert_allclose(

@@ -108,13 +108,15 @@ def predict(
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
     model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by one chunk
     plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells], "confidence" [n_cells],
-    "cell_topic" [n_cells, n_topics]} (`keys` keeps only some of them). Cells without counts over the model's
+    "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
+    the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them. Cells without counts over the model's
     genes are predicted from no evidence: `annotate` marks them unassigned.
     Raises DataError for an unreadable file, counts that are not raw counts, too few of the model's genes,
     a matrix of the wrong width or no cells.
     """
     n_cells, source = _open(source, model, min_gene_fraction)
-    keys = tuple(keys or OUTPUT_KEYS)
+    novelty = getattr(model, "novelty", None)
+    keys = tuple(keys or (OUTPUT_KEYS if novelty is None else (*OUTPUT_KEYS, "novelty")))
     outputs = {}
     once = _OncePerMessage()
     logger.addFilter(once)
@@ -123,6 +125,8 @@ def predict(
             stop = min(start + chunk_size, n_cells)
             chunk = _chunk(source, model, start, stop, counts, min_gene_fraction)
             out = model.predict(chunk.dataset(batch_size, shuffle=False), verbose=0)
+            if novelty is not None and "novelty" in keys:
+                out["novelty"] = novelty.score(out["cell_topic"])
             for key in keys:
                 if key not in outputs:  # filled in place: no second copy of the outputs
                     outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
