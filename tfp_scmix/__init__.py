@@ -15,6 +15,7 @@ Where things happen: data enters in `data` (`from_anndata`; `stream` reads from 
 
 import os
 import sys
+import types
 from typing import TYPE_CHECKING
 
 # Quiet by default (TFP_SCMIX_VERBOSE=1, or the command line's --verbose 2, shows TensorFlow's logs):
@@ -88,6 +89,19 @@ class _QuietTensorFlowFirst:
 
 
 sys.meta_path.insert(0, _QuietTensorFlowFirst)
+
+
+class _Package(types.ModuleType):
+    """Keeps `tfp_scmix.train`, `.predict` and `.annotate` the functions when their stages load: the
+    import system binds each loaded submodule to the package attribute of the same name."""
+
+    def __setattr__(self, name, value):
+        if name in ("train", "predict", "annotate") and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:
     from tfp_scmix import callbacks, config, data, distribute, evaluate, explain, stream
