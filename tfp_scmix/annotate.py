@@ -3,19 +3,22 @@ expects them (categoricals of the categories that occur, colours in `uns`, an `X
 
 What `annotate` writes (`key` = key_added, "scmix" by default):
 
-| slot | content |
-|---|---|
-| obs[f"{key}_label"] | class names, categorical of the categories that occur; "unassigned" for cells without counts over the model's genes, below `min_confidence`, or flagged when `unassign_flagged` |
-| uns[f"{key}_label_colors"] | one colour per category (class i always gets colour i; "unassigned" light grey) |
-| obs[f"{key}_confidence"] | the largest class probability |
-| obs[f"{key}_novelty"], obs[f"{key}_novel"] | the topic-space novelty score in [0, 1] and the flag score > threshold (`TopicNovelty`; models trained by `tfp_scmix.train`) |
-| obs[f"{key}_low_counts"] | fewer than `min_counts` counts over the model's genes: too little evidence to judge |
-| obs[f"{key}_majority_voting"], obs[f"{key}_over_clustering"] | with `majority_voting=True`: each cluster's most frequent label, and the clusters |
-| obsm[f"X_{key}"] | float32 `[n_cells, n_topics]`: the classifier's features (centred log-ratio of each member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")` |
-| obsm[f"{key}_probs"] | float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"] |
-| obsm[f"{key}_cell_topic"] | `[n_cells, n_topics]` topic proportions |
-| varm[f"{key}_topic_gene"] | `[n_vars, n_topics]` topic-gene weights (zero for genes the model lacks) |
-| uns[key] | the call: classes, thresholds, gene coverage, fingerprints, versions, counts of flagged cells |
+- obs[f"{key}_label"]: class names, a categorical of the categories that occur; "unassigned" for cells
+  without counts over the model's genes, below `min_confidence`, or flagged when `unassign_flagged`;
+  uns[f"{key}_label_colors"]: one colour per category (class i always gets colour i; "unassigned" grey).
+- obs[f"{key}_confidence"]: the largest class probability.
+- obs[f"{key}_novelty"], obs[f"{key}_novel"]: the topic-space novelty score in [0, 1] and the flag score >
+  threshold (`TopicNovelty`, carried by models that `tfp_scmix.train` made).
+- obs[f"{key}_low_counts"]: fewer than `min_counts` counts over the model's genes, too little to judge.
+- obs[f"{key}_majority_voting"], obs[f"{key}_over_clustering"]: with `majority_voting=True`, each
+  cluster's most frequent label, and the clusters (when computed).
+- obsm[f"X_{key}"]: float32 `[n_cells, n_topics]`, the classifier's features (centred log-ratio of each
+  member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")`.
+- obsm[f"{key}_probs"]: float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"]
+  (an array, not a DataFrame: class names such as "CD4+/CD25 T Reg" are not keys anndata keeps writing).
+- obsm[f"{key}_cell_topic"]: `[n_cells, n_topics]` topic proportions.
+- varm[f"{key}_topic_gene"]: `[n_vars, n_topics]` topic-gene weights (zero for genes the model lacks).
+- uns[key]: the call: classes, thresholds, gene coverage, fingerprints, version, counts of flagged cells.
 """
 
 from __future__ import annotations
@@ -144,7 +147,8 @@ def annotate(
     ensemble = as_ensemble(model)
     names = np.asarray(model.class_names, dtype=object)[out["label"]]
     low_counts = library < min_counts
-    novel = np.zeros(len(names), bool) if "novelty" not in out else out["novelty"] > ensemble.novelty.threshold
+    threshold = ensemble.novelty.threshold if ensemble.novelty is not None and "novelty" in out else None
+    novel = np.zeros(len(names), bool) if threshold is None else out["novelty"] > threshold
     unassigned = empty.copy()
     if min_confidence is not None:
         unassigned |= out["confidence"] < min_confidence
@@ -156,7 +160,7 @@ def annotate(
     colors = [*class_colors(model.n_classes), UNASSIGNED_COLOR]
     adata.obs[f"{key}_label"], adata.uns[f"{key}_label_colors"] = _categorical(names, order, colors)
     adata.obs[f"{key}_confidence"] = out["confidence"]
-    if "novelty" in out:
+    if threshold is not None:
         adata.obs[f"{key}_novelty"] = out["novelty"].astype(np.float32)
         adata.obs[f"{key}_novel"] = novel
     else:
@@ -194,8 +198,8 @@ def annotate(
     }
     if min_confidence is not None:  # .h5ad files cannot hold None
         record["min_confidence"] = float(min_confidence)
-    if "novelty" in out:
-        record.update(novelty_threshold=float(ensemble.novelty.threshold), n_novel=int(novel.sum()))
+    if threshold is not None:
+        record.update(novelty_threshold=float(threshold), n_novel=int(novel.sum()))
     adata.uns[key] = record
     return adata
 
@@ -210,5 +214,7 @@ def _clusters(adata, over_clustering) -> np.ndarray:
         return adata.obs[over_clustering].astype(str).to_numpy()
     clusters = np.asarray(over_clustering)
     if clusters.shape != (adata.n_obs,):
-        raise DataError(f"over_clustering has shape {clusters.shape}; it needs one cluster id per cell ({adata.n_obs}).")
+        raise DataError(
+            f"over_clustering has shape {clusters.shape}; it needs one cluster id per cell ({adata.n_obs})."
+        )
     return clusters.astype(str)

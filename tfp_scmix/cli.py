@@ -126,7 +126,10 @@ def export_cmd(args) -> None:
 
     model = scm.load_model(args.model)
     path = export_serving(model, args.out, overwrite=args.overwrite)
-    print(f"exported {model.n_genes} genes x {model.n_classes} classes (gene fingerprint {model.gene_fingerprint}) to {path}")
+    print(
+        f"exported {model.n_genes} genes x {model.n_classes} classes "
+        f"(gene fingerprint {model.gene_fingerprint}) to {path}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

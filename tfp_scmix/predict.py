@@ -109,8 +109,8 @@ def predict(
     model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by one chunk
     plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells], "confidence" [n_cells],
     "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
-    the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them. Cells without counts over the model's
-    genes are predicted from no evidence: `annotate` marks them unassigned.
+    the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them. Cells
+    without counts over the model's genes are predicted from no evidence: `annotate` marks them unassigned.
     Raises DataError for an unreadable file, counts that are not raw counts, too few of the model's genes,
     a matrix of the wrong width or no cells.
     """

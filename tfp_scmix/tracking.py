@@ -95,7 +95,7 @@ def epoch_metrics(model: SCMixEnsemble) -> list[dict[str, float]]:
 
 def dataset(data: SCData | H5ADStream, name: str, source: str | None = None):
     """An MLflow dataset of `data`'s cells: label, batch and library size per cell (not the counts)."""
-    import mlflow
+    import mlflow.data.pandas_dataset
 
     labels = np.where(data.labels >= 0, np.asarray(data.classes + [""], dtype=object)[data.labels], "")
     frame = pd.DataFrame(
@@ -106,7 +106,7 @@ def dataset(data: SCData | H5ADStream, name: str, source: str | None = None):
     )
     if hasattr(data, "library_size"):
         frame["library_size"] = np.asarray(data.library_size, dtype=np.float64)
-    return mlflow.data.from_pandas(frame, source=source or name, name=name, targets="label")
+    return mlflow.data.pandas_dataset.from_pandas(frame, source=source or name, name=name, targets="label")
 
 
 def log_training(
