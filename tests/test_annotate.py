@@ -1,6 +1,7 @@
 """scm.annotate: predictions, topic proportions and topic-gene weights written into an AnnData."""
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 import tfp_scmix as scm
@@ -59,3 +60,71 @@ def test_cells_without_counts_over_the_model_genes_are_unassigned(small_model, e
     assert (query.obs["scmix_label"][:5] == UNASSIGNED).all()
     assert (query.obs["scmix_label"][5:] != UNASSIGNED).all()
     assert "5 cells have no counts" in caplog.text
+
+
+def test_annotated_anndata_is_what_scanpy_takes(small_model, embedded_adata, tmp_path):
+    """Used categories only, colours, X_scmix, probabilities kept by write_h5ad without a warning (class
+    names with "/"), flags and a record; with scanpy installed, its usual next steps run on the output."""
+    import warnings
+
+    adata = scm.annotate(small_model, embedded_adata[:300].copy(), majority_voting=True, over_clustering="louvain")
+    labels = adata.obs["scmix_label"]
+    assert set(labels.cat.categories) == set(labels) and UNASSIGNED not in labels.cat.categories
+    assert any("/" in c for c in adata.uns["scmix"]["classes"])  # "CD4+/CD25 T Reg": a key anndata would refuse
+    assert adata.obsm["X_scmix"].dtype == np.float32 and adata.obsm["X_scmix"].shape == (300, 12)
+    assert adata.obs["scmix_novel"].dtype == bool and adata.obs["scmix_novelty"].between(0, 1).all()
+    assert adata.uns["scmix"]["novelty_threshold"] == small_model.novelty.threshold
+    assert adata.uns["scmix"]["n_novel"] == int(adata.obs["scmix_novel"].sum())
+    # The vote: every louvain cluster gets one label, the most frequent of its cells' labels.
+    for _, cells in adata.obs.groupby("louvain", observed=True):
+        assert cells["scmix_majority_voting"].nunique() == 1
+        assert cells["scmix_majority_voting"].iloc[0] == cells["scmix_label"].value_counts().index[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adata.write_h5ad(tmp_path / "annotated.h5ad")
+    back = scm.data.read_h5ad(tmp_path / "annotated.h5ad")
+    np.testing.assert_array_equal(back.obsm["scmix_probs"], adata.obsm["scmix_probs"])
+    assert list(back.uns["scmix"]["classes"]) == small_model.class_names
+
+    sc = pytest.importorskip("scanpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.tl.rank_genes_groups(adata, "scmix_label")
+    sc.pl.dotplot(adata, ["CD3E", "LYZ", "MS4A1"], groupby="scmix_label", show=False)
+    sc.pp.neighbors(adata, use_rep="X_scmix")
+    sc.tl.umap(adata)
+    sc.pl.umap(adata, color="scmix_label", show=False)
+    assert adata.obsm["X_umap"].shape == (300, 2)
+
+
+def test_flags_change_labels_only_when_asked(small_model, embedded_adata):
+    query = embedded_adata[:100].copy()
+    dense = query.X.toarray()
+    dense[:3] = 0
+    dense[:3, :10] = 1  # 10 counts: too few to judge (MIN_COUNTS = 50)
+    query.X = sp.csr_matrix(dense)
+    flagged = scm.annotate(small_model, query.copy())
+    assert flagged.obs["scmix_low_counts"].to_numpy()[:3].all()
+    assert (flagged.obs["scmix_label"] != UNASSIGNED).all()  # flags only
+    relabelled = scm.annotate(small_model, query.copy(), unassign_flagged=True)
+    either = flagged.obs["scmix_low_counts"].to_numpy() | flagged.obs["scmix_novel"].to_numpy()
+    assert ((relabelled.obs["scmix_label"] == UNASSIGNED).to_numpy() == either).all()
+    assert relabelled.uns["scmix"]["n_unassigned"] == int(either.sum())
+
+
+def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata):
+    from tfp_scmix.annotate import majority_vote
+
+    voted = majority_vote(["a", "b", "b", UNASSIGNED, UNASSIGNED, "c"], [0, 0, 0, 1, 1, 1])
+    assert voted.tolist() == ["b", "b", "b", "c", "c", "c"]
+    assert majority_vote([UNASSIGNED, UNASSIGNED], [0, 0]).tolist() == [UNASSIGNED, UNASSIGNED]
+    query = embedded_adata[:60].copy()
+    with pytest.raises(scm.DataError, match="no obs column 'leiden'"):
+        scm.annotate(small_model, query, majority_voting=True, over_clustering="leiden")
+    with pytest.raises(scm.DataError, match="one cluster id per cell"):
+        scm.annotate(small_model, query, majority_voting=True, over_clustering=[0, 1])
+    computed = scm.annotate(small_model, query, majority_voting=True)
+    assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))

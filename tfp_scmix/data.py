@@ -176,13 +176,12 @@ def _read_10x_mtx(folder: Path) -> anndata.AnnData:
         )
     symbols = genes[1] if genes.shape[1] > 1 else genes[0]
     adata.obs_names = pd.Index(cells.to_numpy())
-    adata.var_names = pd.Index(symbols.to_numpy())
+    adata.var_names = anndata.utils.make_index_unique(pd.Index(symbols.to_numpy()))  # as scanpy's reader
     adata.var["gene_ids"] = genes[0].to_numpy()
     if genes.shape[1] > 2:
         adata.var["feature_types"] = genes[2].to_numpy()
         adata = adata[:, adata.var["feature_types"].to_numpy() == "Gene Expression"].copy()
     adata.X = sp.csr_matrix(adata.X)
-    adata.var_names_make_unique()
     return adata
 
 

@@ -80,14 +80,19 @@ class TopicNovelty:
         return novelty
 
     @classmethod
-    def fit(cls, topics: ArrayLike, labels: ArrayLike, blocks: int = 1) -> TopicNovelty:
+    def fit(cls, topics: ArrayLike, labels: ArrayLike, blocks: int = 1, folds: int = 5, seed: int = 0) -> TopicNovelty:
         """Fit on reference cells: topic proportions `[n_cells, n_topics]`, class ids `[n_cells]` (-1 unused);
         blocks: as in `log_ratio_features` (an ensemble's number of members).
 
+        The class means and covariance come from every reference cell; the reference distances that
+        `score` ranks against are cross-validated (`folds` folds, seeded): each cell's distance to the
+        means and covariance of the other folds. Distances of the very cells the means came from are
+        smaller than those of new cells of the same types, most of all with few labelled cells in many
+        dimensions: measured on pbmc3k with 150 labels and 3 restarts, in-sample distances flagged 22% of
+        cells of known types at the 0.95 threshold (docs/cross_dataset.md, "Unknown cells by default").
+        folds=0: in-sample distances (the detector of the cross-dataset benchmark).
         Raises ValueError unless the labelled cells cover at least two classes and outnumber the classes.
         """
-        from sklearn.covariance import LedoitWolf
-
         labels = np.asarray(labels)
         topics = np.asarray(topics)[labels >= 0]
         labels = labels[labels >= 0]
@@ -98,10 +103,20 @@ class TopicNovelty:
                 f"{len(labels)} labelled cells of {len(classes)} class(es)"
             )
         features = log_ratio_features(topics, blocks)
-        means = np.stack([features[labels == c].mean(axis=0) for c in classes])
-        within = features - means[np.searchsorted(classes, labels)]
-        novelty = cls(means, LedoitWolf(assume_centered=True).fit(within).precision_, np.zeros(0), blocks)
-        novelty.reference_distances = np.sort(novelty.distance(topics))
+        novelty = cls(*_class_model(features, labels), np.zeros(0), blocks)
+        if folds < 2:
+            novelty.reference_distances = np.sort(novelty.distance(topics))
+            return novelty
+        fold = np.random.default_rng(seed).permutation(len(labels)) % folds
+        distances = np.empty(len(labels))
+        for k in range(folds):
+            held = fold == k
+            if len(np.unique(labels[~held])) < 2:  # too few cells to leave any out
+                distances[held] = novelty.distance(topics[held])
+                continue
+            held_out = cls(*_class_model(features[~held], labels[~held]), np.zeros(0), blocks)
+            distances[held] = held_out.distance(topics[held])
+        novelty.reference_distances = np.sort(distances)
         return novelty
 
     def distance(self, topics: ArrayLike) -> np.ndarray:
@@ -122,3 +137,14 @@ class TopicNovelty:
     def unassigned(self, topics: ArrayLike) -> np.ndarray:
         """`[n_cells]` bool: cells whose `score` exceeds `threshold`."""
         return self.score(topics) > self.threshold
+
+
+def _class_model(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class means `[n_classes, n_features]`, shared within-class precision `[n_features, n_features]`,
+    Ledoit-Wolf shrinkage) of labelled features; the classes present in `labels`."""
+    from sklearn.covariance import LedoitWolf
+
+    classes = np.unique(labels)
+    means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+    within = features - means[np.searchsorted(classes, labels)]
+    return means, LedoitWolf(assume_centered=True).fit(within).precision_
