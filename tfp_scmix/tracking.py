@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,9 @@ def dataset(data: SCData | H5ADStream, name: str, source: str | None = None):
     )
     if hasattr(data, "library_size"):
         frame["library_size"] = np.asarray(data.library_size, dtype=np.float64)
-    return mlflow.data.pandas_dataset.from_pandas(frame, source=source or name, name=name, targets="label")
+    with warnings.catch_warnings():  # a local path matches two of MLflow's source kinds; either is right
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+        return mlflow.data.pandas_dataset.from_pandas(frame, source=source or name, name=name, targets="label")
 
 
 def log_training(
