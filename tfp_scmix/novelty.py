@@ -40,10 +40,10 @@ class TopicNovelty:
     `fit` takes the topic proportions `[n_cells, n_topics]` and class ids `[n_cells]` (-1: unlabelled, not
     used) of reference cells and keeps each class's mean feature vector and one shared within-class
     covariance (Ledoit-Wolf shrinkage). `distance` is the squared Mahalanobis distance to the nearest class
-    mean; `score` is the fraction of reference cells at a smaller distance (in [0, 1]). A threshold t thus
-    flags 1 - t of the reference cells by construction (the default 0.95: 5%); of held-out cells of known
-    types it flags somewhat more, as the reference cells trained the model (measured on pbmc3k cells:
-    docs/cross_dataset.md).
+    mean; `score` is the fraction of reference distances below a cell's (in [0, 1]). The reference
+    distances are cross-validated (`fit`), so that a threshold t flags about 1 - t (the default 0.95: 5%)
+    of new cells of the known types; measured with one type left out: docs/cross_dataset.md, "Unknown
+    cells by default".
     """
 
     threshold = 0.95

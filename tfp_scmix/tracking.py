@@ -46,9 +46,10 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
 
 
-def set_experiment(name: str) -> str:
-    """Point MLflow at `tracking_uri()` and make `name` the active experiment (created if missing, its
-    artifacts beside a SQLite database, tagged as model training); returns its id."""
+def experiment_id(name: str) -> str:
+    """Point MLflow at `tracking_uri()` and return the id of experiment `name` (created if missing, its
+    artifacts beside a SQLite database; tagged as model training). MLflow's active experiment is left
+    as it was."""
     import mlflow
 
     uri = tracking_uri()
@@ -65,7 +66,6 @@ def set_experiment(name: str) -> str:
         experiment_id = existing.experiment_id
         for key, value in EXPERIMENT_KIND.items():
             mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
-    mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
 
@@ -139,9 +139,7 @@ def log_training(
 
     name = Path(dataset_path).name if dataset_path else "data"
     active = mlflow.active_run()
-    if active is None:
-        set_experiment(experiment)
-    run = active or mlflow.start_run(run_name=run_name or f"tfp_scmix {name}")
+    run = active or mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name or f"tfp_scmix {name}")
     try:
         mlflow.log_params(params(model, data))
         mlflow.set_tags(
