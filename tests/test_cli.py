@@ -35,6 +35,10 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     assert annotated.obsm["scmix_cell_topic"].shape == (700, 16)
     assert annotated.obs["scmix_label"].cat.categories.isin(annotated.obs["scmix_label"]).all()
     assert "scmix_novel" in annotated.obs and annotated.obsm["X_scmix"].shape == (700, 16)
+    # A stored 2-D embedding is drawn as it is (t-SNE of 700 cells would take half a minute here:
+    # tests/test_explain.py embeds a few cells).
+    annotated.obsm["X_scmix_umap"] = annotated.obsm["X_scmix"][:, :2]
+    annotated.write_h5ad(tmp_path / "annotated.h5ad")
     args = ["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]
     assert main([*args, "--data", str(tmp_path / "annotated.h5ad"), "--label-key", "cell_type"]) == 0
     assert (tmp_path / "explained" / "class_genes.csv").exists()
@@ -104,11 +108,11 @@ def test_help_and_version_answer_without_tensorflow_and_runs_are_quiet(synthetic
     _, path = synthetic_file
     run = run_python(
         "import sys; from tfp_scmix.cli import main; sys.exit(main(sys.argv[1:]))",
-        "train", path, "--out", tmp_path / "m.keras", "--epochs", "2", "--topics", "4", "--restarts", "2",
+        "train", path, "--out", tmp_path / "m.keras", "--epochs", "1", "--topics", "4", "--restarts", "2",
         "--n-genes", "0",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "trained 2 model(s) x 2 epochs on 700 cells x 120 genes" in run.stdout
+    assert "trained 2 model(s) x 1 epochs on 700 cells x 120 genes" in run.stdout
     noise = [line for line in run.stderr.replace("\r", "\n").splitlines() if line and "epoch" not in line]
     assert noise == [], noise  # the progress bar's updates only
-    assert "4/4" in run.stderr  # one bar over restarts x epochs
+    assert "2/2" in run.stderr  # one bar over restarts x epochs
