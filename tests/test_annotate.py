@@ -13,8 +13,11 @@ def test_annotate_writes_anndata_slots(small_model, embedded_adata):
     adata = embedded_adata.copy()
     adata = adata[:, ::-1].copy()  # a different gene order is aligned by name
     assert scm.annotate(small_model, adata, min_confidence=0.99) is adata
-    assert set(adata.obs["scmix_label"].cat.categories) == set(small_model.class_names) | {UNASSIGNED}
-    assert (adata.obs["scmix_label"] == UNASSIGNED).any()
+    labels = adata.obs["scmix_label"]
+    assert (labels == UNASSIGNED).any()
+    # Only the categories that occur, in the model's class order, "unassigned" last, one colour each.
+    assert list(labels.cat.categories) == [c for c in [*small_model.class_names, UNASSIGNED] if (labels == c).any()]
+    assert len(adata.uns["scmix_label_colors"]) == len(labels.cat.categories)
     out = scm.predict(small_model, embedded_adata)
     np.testing.assert_array_equal(adata.obs["scmix_confidence"].to_numpy(), out["confidence"])
     confident = out["confidence"] >= 0.99
@@ -25,7 +28,11 @@ def test_annotate_writes_anndata_slots(small_model, embedded_adata):
     assert "scmix_topics" not in adata.obsm
     np.testing.assert_array_equal(adata.obsm["scmix_cell_topic"], out["cell_topic"])
     assert adata.obsm["scmix_cell_topic"].shape == (700, 12)
-    assert list(adata.obsm["scmix_probs"].columns) == small_model.class_names
+    np.testing.assert_allclose(adata.obsm["scmix_probs"], out["probs"], rtol=1e-6)
+    assert adata.uns["scmix"]["classes"] == small_model.class_names
+    # The classifier's own features: the centred log-ratio of the topic proportions.
+    logs = np.log(out["cell_topic"])
+    np.testing.assert_allclose(adata.obsm["X_scmix"], logs - logs.mean(axis=1, keepdims=True), rtol=1e-4, atol=1e-4)
     assert adata.varm["scmix_topic_gene"].shape == (765, 12)
     gene = small_model.genes[0]
     np.testing.assert_allclose(
@@ -80,7 +87,10 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     backed.file.close()
     assert (written.X != embedded_adata.X).nnz == 0 and list(written.obs_names) == list(embedded_adata.obs_names)
     np.testing.assert_array_equal(written.obs["scmix_label"].to_numpy(), expected.obs["scmix_label"].to_numpy())
-    np.testing.assert_array_equal(written.obsm["scmix_probs"].to_numpy(), expected.obsm["scmix_probs"].to_numpy())
+    # Chunks of 128 cells against one: the same up to float32 round-off of the sums.
+    np.testing.assert_allclose(written.obsm["scmix_probs"], expected.obsm["scmix_probs"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(written.obsm["X_scmix"], expected.obsm["X_scmix"], rtol=1e-5, atol=1e-5)
+    assert list(written.uns["scmix_label_colors"]) == list(expected.uns["scmix_label_colors"])
     np.testing.assert_array_equal(written.varm["scmix_topic_gene"], expected.varm["scmix_topic_gene"])
     assert written.uns["scmix"]["gene_fingerprint"] == small_model.gene_fingerprint
     assert "cell_type" in written.obs and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["annotated.h5ad"]
@@ -110,3 +120,72 @@ def test_gene_coverage_is_that_of_the_slot_the_counts_come_from(small_model, emb
     np.testing.assert_array_equal(
         query.obs["scmix_confidence"].to_numpy(), scm.predict(small_model, embedded_adata[:60])["confidence"]
     )
+
+
+def test_annotated_anndata_is_what_scanpy_takes(small_model, embedded_adata, tmp_path):
+    """Used categories only, colours, X_scmix, probabilities kept by write_h5ad without a warning (class
+    names with "/"), flags and a record; with scanpy installed, its usual next steps run on the output."""
+    import warnings
+
+    adata = scm.annotate(small_model, embedded_adata[:300].copy(), majority_voting=True, over_clustering="louvain")
+    labels = adata.obs["scmix_label"]
+    assert set(labels.cat.categories) == set(labels) and UNASSIGNED not in labels.cat.categories
+    assert any("/" in c for c in adata.uns["scmix"]["classes"])  # "CD4+/CD25 T Reg": a key anndata would refuse
+    assert adata.obsm["X_scmix"].dtype == np.float32 and adata.obsm["X_scmix"].shape == (300, 12)
+    assert adata.obs["scmix_novel"].dtype == bool and adata.obs["scmix_novelty"].between(0, 1).all()
+    assert adata.uns["scmix"]["novelty_threshold"] == small_model.novelty.threshold
+    assert adata.uns["scmix"]["n_novel"] == int(adata.obs["scmix_novel"].sum())
+    # The vote: every louvain cluster gets one label, the most frequent of its cells' labels.
+    for _, cells in adata.obs.groupby("louvain", observed=True):
+        assert cells["scmix_majority_voting"].nunique() == 1
+        counts = cells["scmix_label"].value_counts()
+        assert counts[cells["scmix_majority_voting"].iloc[0]] == counts.max()  # a most frequent one (ties)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adata.write_h5ad(tmp_path / "annotated.h5ad")
+    back = scm.data.read_h5ad(tmp_path / "annotated.h5ad")
+    np.testing.assert_array_equal(back.obsm["scmix_probs"], adata.obsm["scmix_probs"])
+    assert list(back.uns["scmix"]["classes"]) == small_model.class_names
+
+    sc = pytest.importorskip("scanpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.tl.rank_genes_groups(adata, "scmix_label")
+    sc.pl.dotplot(adata, ["CD3E", "LYZ", "MS4A1"], groupby="scmix_label", show=False)
+    sc.pp.neighbors(adata, use_rep="X_scmix")
+    sc.tl.umap(adata)
+    sc.pl.umap(adata, color="scmix_label", show=False)
+    assert adata.obsm["X_umap"].shape == (300, 2)
+
+
+def test_flags_change_labels_only_when_asked(small_model, embedded_adata):
+    query = embedded_adata[:100].copy()
+    dense = query.X.toarray()
+    dense[:3] = 0
+    dense[:3, :10] = 1  # 10 counts: too few to judge (MIN_COUNTS = 50)
+    query.X = sp.csr_matrix(dense)
+    flagged = scm.annotate(small_model, query.copy())
+    assert flagged.obs["scmix_low_counts"].to_numpy()[:3].all()
+    assert (flagged.obs["scmix_label"] != UNASSIGNED).all()  # flags only
+    relabelled = scm.annotate(small_model, query.copy(), unassign_flagged=True)
+    either = flagged.obs["scmix_low_counts"].to_numpy() | flagged.obs["scmix_novel"].to_numpy()
+    assert ((relabelled.obs["scmix_label"] == UNASSIGNED).to_numpy() == either).all()
+    assert relabelled.uns["scmix"]["n_unassigned"] == int(either.sum())
+
+
+def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata):
+    from tfp_scmix.annotate import majority_vote
+
+    voted = majority_vote(["a", "b", "b", UNASSIGNED, UNASSIGNED, "c"], [0, 0, 0, 1, 1, 1])
+    assert voted.tolist() == ["b", "b", "b", "c", "c", "c"]
+    assert majority_vote([UNASSIGNED, UNASSIGNED], [0, 0]).tolist() == [UNASSIGNED, UNASSIGNED]
+    query = embedded_adata[:60].copy()
+    with pytest.raises(scm.DataError, match="no obs column 'leiden'"):
+        scm.annotate(small_model, query, majority_voting=True, over_clustering="leiden")
+    with pytest.raises(scm.DataError, match="one cluster id per cell"):
+        scm.annotate(small_model, query, majority_voting=True, over_clustering=[0, 1])
+    computed = scm.annotate(small_model, query, majority_voting=True)
+    assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))

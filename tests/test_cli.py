@@ -35,8 +35,19 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     )
     annotated = scm.data.read_h5ad(tmp_path / "annotated.h5ad")
     assert annotated.obsm["scmix_cell_topic"].shape == (700, 16)
-    assert main(["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]) == 0
+    assert annotated.obs["scmix_label"].cat.categories.isin(annotated.obs["scmix_label"]).all()
+    assert "scmix_novel" in annotated.obs and annotated.obsm["X_scmix"].shape == (700, 16)
+    # A stored 2-D embedding is drawn as it is (t-SNE of 700 cells would take half a minute here:
+    # tests/test_explain.py embeds a few cells).
+    annotated.obsm["X_scmix_umap"] = annotated.obsm["X_scmix"][:, :2]
+    annotated.write_h5ad(tmp_path / "annotated.h5ad")
+    args = ["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "explained")]
+    assert main([*args, "--data", str(tmp_path / "annotated.h5ad"), "--label-key", "cell_type"]) == 0
     assert (tmp_path / "explained" / "class_genes.csv").exists()
+    for figure in ("embedding", "confusion", "reliability", "confidence", "dotplot", "topic_genes", "class_topics"):
+        assert (tmp_path / "explained" / f"{figure}.png").stat().st_size > 10_000
+    assert main(["export", str(tmp_path / "model.keras"), str(tmp_path / "export" / "1")]) == 0
+    assert (tmp_path / "export" / "1" / "saved_model.pb").exists()
     (tmp_path / "broken.keras").write_bytes(b"not a model")
     capsys.readouterr()
     assert (
@@ -130,3 +141,34 @@ def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory
     assert main(["train", str(path), "--out", str(tmp_path / "few.keras"), "--n-genes", "1", "--epochs", "1"]) == 2
     assert "have no counts over the 1 genes trained on" in capsys.readouterr().err
     assert not (tmp_path / "x.h5ad").exists() and not (tmp_path / "few.keras").exists()
+
+
+def test_help_and_version_answer_without_tensorflow_and_runs_are_quiet(synthetic_file, tmp_path):
+    """`--help` / `--version` import no TensorFlow; a training run writes one progress bar and a summary,
+    and none of TensorFlow's log lines or Keras's warnings."""
+    from tests.helpers import run_python
+
+    check = run_python(
+        """
+        import sys
+        from tfp_scmix.cli import main
+        try:
+            main(sys.argv[1:])
+        except SystemExit:
+            pass
+        print("tensorflow" in sys.modules, "keras" in sys.modules)
+        """,
+        "--version",
+    )
+    assert check.returncode == 0 and check.stdout.split() == ["tfp-scmix", scm.__version__, "False", "False"]
+    _, path = synthetic_file
+    run = run_python(
+        "import sys; from tfp_scmix.cli import main; sys.exit(main(sys.argv[1:]))",
+        "train", path, "--out", tmp_path / "m.keras", "--epochs", "1", "--topics", "4", "--restarts", "2",
+        "--n-genes", "0",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "trained 2 model(s) x 1 epochs on 700 cells x 120 genes" in run.stdout
+    noise = [line for line in run.stderr.replace("\r", "\n").splitlines() if line and "epoch" not in line]
+    assert noise == [], noise  # the progress bar's updates only
+    assert "2/2" in run.stderr  # one bar over restarts x epochs

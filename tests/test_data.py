@@ -214,3 +214,66 @@ def test_read_h5ad_backed_leaves_the_counts_on_disk(tmp_path):
 def test_hide_labels_with_no_cells_kept_hides_every_label():
     data = from_anndata(make_adata(COUNTS, labels=["a", "b", "a", "b"]))
     assert data.hide_labels([]).n_labelled == 0
+
+
+def test_unlabeled_category_and_placeholder_warning(caplog):
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (80, 6)).astype(np.float32) + 1)
+    adata = anndata.AnnData(counts)
+    adata.obs["cell_type"] = ["Unknown"] * 70 + ["B"] * 5 + ["T"] * 5
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        data = from_anndata(adata)
+    assert data.classes == ["B", "T", "Unknown"]
+    assert "'Unknown' (70 cells) looks like a marker of unlabelled cells" in caplog.text
+    assert "unlabeled_category='Unknown'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        data = from_anndata(adata, unlabeled_category="Unknown")
+    assert data.classes == ["B", "T"] and data.n_labelled == 10 and not caplog.text
+    adata.obs["cell_type"] = ["T cell"] * 70 + ["B"] * 10  # not a placeholder, but most of the cells
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        from_anndata(adata)
+    assert "'T cell' holds 88% of the labelled cells" in caplog.text
+
+
+def _write_10x(folder, counts, genes, barcodes, gz=True, v3=True):
+    import gzip
+
+    from scipy.io import mmwrite
+
+    folder.mkdir()
+    opener = gzip.open if gz else open
+    suffix = ".gz" if gz else ""
+    with opener(folder / f"matrix.mtx{suffix}", "wb") as f:
+        mmwrite(f, sp.coo_matrix(counts.T))  # 10x: genes x cells
+    rows = [f"ENSG{i:05d}\t{g}" + ("\tGene Expression" if v3 else "") for i, g in enumerate(genes)]
+    with opener(folder / (f"features.tsv{suffix}" if v3 else f"genes.tsv{suffix}"), "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    with opener(folder / f"barcodes.tsv{suffix}", "wt") as f:
+        f.write("\n".join(barcodes) + "\n")
+
+
+def test_read_10x_folders_and_refuse_other_formats(tmp_path, monkeypatch):
+    from tfp_scmix.data import read
+
+    counts = np.random.default_rng(1).poisson(1.0, (5, 4)).astype(np.float32)
+    genes, barcodes = ["CD3E", "MS4A1", "LYZ", "LYZ"], [f"cell{i}" for i in range(5)]
+    _write_10x(tmp_path / "v3", counts, genes, barcodes)
+    _write_10x(tmp_path / "v2", counts, genes, barcodes, gz=False, v3=False)
+    for path in (tmp_path / "v3", tmp_path / "v2", tmp_path / "v3" / "matrix.mtx.gz"):
+        adata = read(path)
+        assert list(adata.obs_names) == barcodes and list(adata.var_names) == ["CD3E", "MS4A1", "LYZ", "LYZ-1"]
+        np.testing.assert_array_equal(adata.X.toarray(), counts)
+        assert adata.var["gene_ids"].iloc[0] == "ENSG00000"
+        assert from_anndata(path, label_key=None).n_genes == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is not a 10x matrix folder: it needs matrix.mtx"):
+        read(tmp_path / "empty")
+    (tmp_path / "counts.csv").write_text("gene,cell1\nCD3E,1\n")
+    with pytest.raises(DataError, match=r"counts.csv is a \.csv file \(a text file\), which tfp_scmix does not read"):
+        read(tmp_path / "counts.csv")
+    with pytest.raises(DataError, match="not an HDF5 file"):
+        read_h5ad(tmp_path / "counts.csv")
+    (tmp_path / "data.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    monkeypatch.setitem(__import__("sys").modules, "scanpy", None)  # as if scanpy were not installed
+    with pytest.raises(DataError, match="needs the scanpy package"):
+        read(tmp_path / "data.h5")

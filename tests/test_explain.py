@@ -51,3 +51,14 @@ def test_an_ensemble_is_explained_member_by_member_or_together(two_restarts, tmp
             explain.class_topic_table(two_restarts, member=bad)
     paths = explain.write_explanations(two_restarts, tmp_path)
     assert all(path.stat().st_size > 0 for path in paths.values())
+
+
+def test_embedding_of_the_classifier_features():
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 1, (40, 6)), rng.normal(8, 1, (40, 6))])
+    coords, method = explain.embed(features)
+    assert coords.shape == (80, 2) and method in ("UMAP", "t-SNE")
+    # The two groups stay apart: every cell is nearer its own group's centre than the other's.
+    centres = np.stack([coords[:40].mean(axis=0), coords[40:].mean(axis=0)])
+    nearest = np.linalg.norm(coords[:, None] - centres[None], axis=2).argmin(axis=1)
+    assert (nearest == np.repeat([0, 1], 40)).all()

@@ -17,7 +17,10 @@ from tfp_scmix.predict import OUTPUT_KEYS
 
 def test_predict_outputs(small_model, embedded):
     out = scm.predict(small_model, embedded)
-    assert set(out) == set(OUTPUT_KEYS) == {"probs", "label", "confidence", "cell_topic"}
+    assert set(OUTPUT_KEYS) == {"probs", "label", "confidence", "cell_topic"}
+    assert set(out) == {*OUTPUT_KEYS, "novelty"}  # the model carries train's novelty detector
+    np.testing.assert_allclose(out["novelty"], small_model.novelty.score(out["cell_topic"]))
+    assert 0 <= out["novelty"].min() and out["novelty"].max() <= 1
     assert out["probs"].shape == (700, 10) and out["cell_topic"].shape == (700, 12)
     np.testing.assert_allclose(out["probs"].sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(out["cell_topic"].sum(1), 1, atol=1e-5)

@@ -1,4 +1,25 @@
-"""AnnData out: predictions, topic proportions and topic-gene weights written into a dataset."""
+"""AnnData out: predictions, flags, an embedding and topic-gene weights written into a dataset, as scanpy
+expects them (categoricals of the categories that occur, colours in `uns`, an `X_`-prefixed embedding).
+
+What `annotate` writes (`key` = key_added, "scmix" by default):
+
+- obs[f"{key}_label"]: class names, a categorical of the categories that occur; "unassigned" for cells
+  without counts over the model's genes, below `min_confidence`, or flagged when `unassign_flagged`;
+  uns[f"{key}_label_colors"]: one colour per category (class i always gets colour i; "unassigned" grey).
+- obs[f"{key}_confidence"]: the largest class probability.
+- obs[f"{key}_novelty"], obs[f"{key}_novel"]: the topic-space novelty score in [0, 1] and the flag score >
+  threshold (`TopicNovelty`, carried by models that `tfp_scmix.train` made).
+- obs[f"{key}_low_counts"]: fewer than `min_counts` counts over the model's genes, too little to judge.
+- obs[f"{key}_majority_voting"], obs[f"{key}_over_clustering"]: with `majority_voting=True`, each
+  cluster's most frequent label, and the clusters (when computed).
+- obsm[f"X_{key}"]: float32 `[n_cells, n_topics]`, the classifier's features (centred log-ratio of each
+  member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")`.
+- obsm[f"{key}_probs"]: float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"]
+  (an array, not a DataFrame: class names such as "CD4+/CD25 T Reg" are not keys anndata keeps writing).
+- obsm[f"{key}_cell_topic"]: `[n_cells, n_topics]` topic proportions.
+- varm[f"{key}_topic_gene"]: `[n_vars, n_topics]` topic-gene weights (zero for genes the model lacks).
+- uns[key]: the call: classes, thresholds, gene coverage, fingerprints, version, counts of flagged cells.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +27,76 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from tfp_scmix.data import DataError, check_argument, read_h5ad
-from tfp_scmix.ensemble import SCMixEnsemble
+from tfp_scmix import __version__
+from tfp_scmix.data import DataError, check_argument, read
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
+from tfp_scmix.novelty import log_ratio_features
 from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, predict
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger("tfp_scmix")
 UNASSIGNED = "unassigned"
+UNASSIGNED_COLOR = "#d3d3d3"
+# Fewer counts than this over the model's genes: too little evidence to judge a cell (a chosen default,
+# not measured: pbmc3k's least-covered cell has 211 counts over its 2000 most variable genes; the serving
+# doc's example cell, 9 counts, is flagged).
+MIN_COUNTS = 50
+
+
+def class_colors(n_classes: int) -> list[str]:
+    """`n_classes` hex colours: matplotlib's tab10 / tab20 (as scanpy's default palettes), then evenly
+    spaced hues, so that class i has the same colour in every dataset a model annotates."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    if n_classes <= 20:
+        palette = colormaps["tab10" if n_classes <= 10 else "tab20"]
+        return [to_hex(palette(i)) for i in range(n_classes)]
+    return [to_hex(colormaps["hsv"](i / n_classes)) for i in range(n_classes)]
+
+
+def _categorical(names: np.ndarray, order: list[str], colors: list[str]) -> tuple[pd.Categorical, np.ndarray]:
+    """Names as a categorical of only the categories that occur, in `order`, and their colours."""
+    used = set(names)
+    keep = [i for i, name in enumerate(order) if name in used]
+    return pd.Categorical(names, categories=[order[i] for i in keep]), np.asarray([colors[i] for i in keep])
+
+
+def over_clusters(features: np.ndarray, n_clusters: int | None = None, seed: int = 0) -> np.ndarray:
+    """Over-clustering for majority voting: k-means on `features` `[n_cells, n_features]` (`X_scmix`).
+
+    n_clusters: default round(sqrt(n_cells)) within [2, 500], small clusters as CellTypist's
+    over-clustering makes them. Returns int `[n_cells]` cluster ids. scikit-learn's KMeans (MiniBatchKMeans
+    above 50,000 cells), seeded.
+    """
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    n_cells = len(features)
+    k = n_clusters or int(np.clip(round(np.sqrt(n_cells)), 2, 500))
+    k = max(1, min(k, n_cells))
+    if n_cells > 50_000:
+        kmeans: Any = MiniBatchKMeans(k, random_state=seed, n_init=3, batch_size=4096)
+    else:
+        kmeans = KMeans(k, random_state=seed, n_init=3)
+    return kmeans.fit_predict(features)
+
+
+def majority_vote(labels: ArrayLike, clusters: ArrayLike) -> np.ndarray:
+    """Each cell's cluster's most frequent label `[n_cells]` (object); "unassigned" cells do not vote,
+    and a cluster of only unassigned cells stays unassigned. Ties go to the label seen first."""
+    frame = pd.DataFrame({"label": np.asarray(labels, dtype=object), "cluster": np.asarray(clusters)})
+    voting = frame[frame.label != UNASSIGNED]
+    winner = voting.groupby("cluster", sort=False)["label"].agg(lambda s: s.value_counts(sort=True).index[0])
+    return frame.cluster.map(winner).fillna(UNASSIGNED).to_numpy(dtype=object)
 
 
 def annotate(
@@ -29,33 +108,50 @@ def annotate(
     batch_size: int = 1024,
     min_gene_fraction: float = 0.5,
     chunk_size: int = 10_000,
+    *,
+    min_counts: int = MIN_COUNTS,
+    unassign_flagged: bool = False,
+    majority_voting: bool = False,
+    over_clustering: str | ArrayLike | None = None,
 ):
-    """Annotate `adata` (an AnnData, in memory or backed, or an .h5ad path) in place with the model's predictions.
+    """Annotate `adata` (an AnnData, in memory or backed, or a path `tfp_scmix.read` reads) in place; returns it.
 
-    Writes obs[f"{key}_label"] (class names; "unassigned" below `min_confidence` or without counts over
-    the model's genes), obs[f"{key}_confidence"], obsm[f"{key}_probs"] (DataFrame, one column per class),
-    obsm[f"{key}_cell_topic"] `[n_cells, n_topics]`, varm[f"{key}_topic_gene"] `[n_vars, n_topics]`
-    (zero for genes the model lacks) and uns[key] (classes, gene fingerprint, gene coverage: the fraction of
-    the model's genes found in the slot the counts were read from, adata.raw's genes for counts='raw').
-    Returns `adata` (a path is read into memory). The dataset's genes are aligned to the model's by name;
-    cells are predicted `chunk_size` at a time (`tfp_scmix.predict`), so a backed AnnData's counts never
-    enter memory whole: `write_h5ad` then writes the result with bounded memory too.
-    min_confidence: a probability in [0, 1] (None: no threshold).
-    Raises DataError as `from_anndata` does, and for a view of a backed AnnData (anndata cannot write into
-    it); ValueError for numeric arguments out of range.
+    Writes the slots of the module's table. The dataset's genes are aligned to the model's by name; cells
+    are predicted `chunk_size` at a time (`tfp_scmix.predict`), so a backed AnnData's counts never enter
+    memory whole: `write_h5ad` then writes the result with bounded memory too. Gene coverage (uns) is the
+    fraction of the model's genes found in the slot the counts were read from (adata.raw's genes for
+    counts='raw').
+    min_confidence: a probability in [0, 1]; cells whose largest probability is below it are "unassigned"
+    (default: none).
+    min_counts: cells with fewer counts over the model's genes are flagged in obs[f"{key}_low_counts"].
+    Novelty: a model trained by `tfp_scmix.train` carries a `TopicNovelty` detector; cells whose score
+    exceeds its threshold (0.95: 5% of the labelled training cells by construction; measured on
+    left-out cell types: docs/cross_dataset.md, "Unknown cell types") are flagged in obs[f"{key}_novel"].
+    Flags do not change the label unless `unassign_flagged=True` (then novel and low-count cells are
+    "unassigned").
+    majority_voting: also write obs[f"{key}_majority_voting"], each cluster's most frequent label (as
+    CellTypist's `majority_voting`); over_clustering: an obs column name or `[n_cells]` cluster ids; by
+    default `over_clusters` of X_scmix, written to obs[f"{key}_over_clustering"].
+    Raises DataError as `from_anndata` does, for a view of a backed AnnData (anndata cannot write into it)
+    and for an `over_clustering` column that is missing or of the wrong length; ValueError for numeric
+    arguments out of range.
     """
     check_argument(
         "min_confidence", 0.0 if min_confidence is None else min_confidence, 0, 1, hint=" (a probability: 95% is 0.95)"
     )
-    if isinstance(adata, (str, os.PathLike)):
-        adata = read_h5ad(adata)
+    check_argument("min_counts", min_counts, 0, integer=True)
+    if isinstance(adata, str | os.PathLike):
+        adata = read(adata)
     if adata.isbacked and adata.is_view:
         raise DataError(
             "adata is a subset (view) of a backed AnnData: anndata cannot write annotations into it without "
             "copying it, which a backed view cannot do. Annotate adata[index].to_memory() (in memory), or the "
             "whole backed AnnData and subset afterwards."
         )
+    clusters = _clusters(adata, over_clustering) if majority_voting and over_clustering is not None else None
+    ensemble = as_ensemble(model)
     slot, slot_genes = counts_slot(adata, counts)
+    keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
     out = predict(
         model,
         adata,
@@ -63,30 +159,70 @@ def annotate(
         chunk_size=chunk_size,
         batch_size=batch_size,
         min_gene_fraction=min_gene_fraction,
-        keys=(*OUTPUT_KEYS, "library_size"),
+        keys=keys,
     )
-    empty = out["library_size"] == 0
+    library = out["library_size"]
+    empty = library == 0
     if empty.any():
         logger.warning(
             "%d cells have no counts over the model's genes; they are marked %r", int(empty.sum()), UNASSIGNED
         )
     names = np.asarray(model.class_names, dtype=object)[out["label"]]
-    unassigned = empty if min_confidence is None else empty | (out["confidence"] < min_confidence)
+    low_counts = library < min_counts
+    threshold = ensemble.novelty.threshold if ensemble.novelty is not None and "novelty" in out else None
+    novel = np.zeros(len(names), bool) if threshold is None else out["novelty"] > threshold
+    unassigned = empty.copy()
+    if min_confidence is not None:
+        unassigned |= out["confidence"] < min_confidence
+    if unassign_flagged:
+        unassigned |= novel | low_counts
     names[unassigned] = UNASSIGNED
-    adata.obs[f"{key_added}_label"] = pd.Categorical(names, categories=list(model.class_names) + [UNASSIGNED])
-    adata.obs[f"{key_added}_confidence"] = out["confidence"]
-    adata.obsm[f"{key_added}_probs"] = pd.DataFrame(out["probs"], index=adata.obs_names, columns=model.class_names)
-    adata.obsm[f"{key_added}_cell_topic"] = out["cell_topic"]
+    key = key_added
+    order = [*model.class_names, UNASSIGNED]
+    colors = [*class_colors(model.n_classes), UNASSIGNED_COLOR]
+    adata.obs[f"{key}_label"], adata.uns[f"{key}_label_colors"] = _categorical(names, order, colors)
+    adata.obs[f"{key}_confidence"] = out["confidence"]
+    if threshold is not None:
+        adata.obs[f"{key}_novelty"] = out["novelty"].astype(np.float32)
+        adata.obs[f"{key}_novel"] = novel
+    else:
+        logger.info("the model has no novelty detector (train it with tfp_scmix.train): no %s_novel column", key)
+    adata.obs[f"{key}_low_counts"] = low_counts
+    features = log_ratio_features(out["cell_topic"], len(ensemble.members)).astype(np.float32)
+    adata.obsm[f"X_{key}"] = features
+    adata.obsm[f"{key}_probs"] = out["probs"].astype(np.float32)
+    adata.obsm[f"{key}_cell_topic"] = out["cell_topic"]
     position = pd.Index(model.genes).get_indexer(adata.var_names)
     topic_gene = model.topic_gene().numpy().T  # [n_genes, n_topics]
     varm = np.zeros((adata.n_vars, model.n_topics), np.float32)
     varm[position >= 0] = topic_gene[position[position >= 0]]
-    adata.varm[f"{key_added}_topic_gene"] = varm
-    adata.uns[key_added] = {
+    adata.varm[f"{key}_topic_gene"] = varm
+    if majority_voting:
+        if clusters is None:
+            clusters = over_clusters(features)
+            adata.obs[f"{key}_over_clustering"] = pd.Categorical(clusters.astype(str))
+        voted = majority_vote(names, clusters)
+        adata.obs[f"{key}_majority_voting"], adata.uns[f"{key}_majority_voting_colors"] = _categorical(
+            voted, order, colors
+        )
+    record: dict[str, Any] = {
         "classes": list(model.class_names),
+        "tfp_scmix_version": __version__,
+        "model_data_fingerprint": str(model.provenance.get("data_fingerprint", "")),
         "gene_fingerprint": model.gene_fingerprint,
         "gene_coverage": float(pd.Index(model.genes).isin(slot_genes).mean()),
+        "n_members": len(ensemble.members),
+        "min_counts": int(min_counts),
+        "unassign_flagged": bool(unassign_flagged),
+        "majority_voting": bool(majority_voting),
+        "n_unassigned": int(unassigned.sum()),
+        "n_low_counts": int(low_counts.sum()),
     }
+    if min_confidence is not None:  # .h5ad files cannot hold None
+        record["min_confidence"] = float(min_confidence)
+    if threshold is not None:
+        record.update(novelty_threshold=float(threshold), n_novel=int(novel.sum()))
+    adata.uns[key] = record
     return adata
 
 
@@ -109,15 +245,28 @@ def write_h5ad(adata, path: str | os.PathLike[str], key_added: str = "scmix") ->
         shutil.copyfile(adata.filename, tmp)
         with h5py.File(tmp, "r+") as f:
             write_elem(f, "obs", adata.obs)
-            for group, key in (
-                ("obsm", f"{key_added}_probs"),
-                ("obsm", f"{key_added}_cell_topic"),
-                ("varm", f"{key_added}_topic_gene"),
-                ("uns", key_added),
-            ):
-                value = getattr(adata, group)[key]
-                if group in f:
-                    write_elem(f[group], key, value)
-                else:
-                    write_elem(f, group, {key: value})
+            for group in ("obsm", "varm", "uns"):
+                mapping = getattr(adata, group)
+                for key in mapping:
+                    if key in (key_added, f"X_{key_added}") or key.startswith(f"{key_added}_"):
+                        if group in f:
+                            write_elem(f[group], key, mapping[key])
+                        else:
+                            write_elem(f, group, {key: mapping[key]})
     return path
+
+
+def _clusters(adata, over_clustering) -> np.ndarray:
+    if isinstance(over_clustering, str):
+        if over_clustering not in adata.obs:
+            raise DataError(
+                f"no obs column {over_clustering!r} for over_clustering (columns: {list(adata.obs.columns)}); "
+                "pass a column of cluster ids (e.g. 'leiden'), or leave it out to cluster X_scmix."
+            )
+        return adata.obs[over_clustering].astype(str).to_numpy()
+    clusters = np.asarray(over_clustering)
+    if clusters.shape != (adata.n_obs,):
+        raise DataError(
+            f"over_clustering has shape {clusters.shape}; it needs one cluster id per cell ({adata.n_obs})."
+        )
+    return clusters.astype(str)

@@ -4,6 +4,7 @@
   (`SCMix.fit_classifier`); part of the package's recipe.
 - `StopOnDivergence`: a NaN, infinite or exploding loss stops training and puts back the last good state.
 - `ResumableCheckpoint`: keras's BackupAndRestore made exact, so a killed run resumes to the same result.
+- `ProgressBar`: one tqdm bar over every restart's epochs, with the loss and the labelled cells' accuracy.
 - `default(data)`: the callbacks that make `model.fit(..., callbacks=default(data))` train what
   `tfp_scmix.train(data, restarts=1)` trains.
 """
@@ -271,6 +272,37 @@ class RefitClassifier(keras.callbacks.Callback):
         loss = self.model.fit_classifier(self.data, steps=steps)
         if logs is not None:
             logs["classifier_loss"] = loss
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """One tqdm progress bar over `total` epochs, shared by the fits it is passed to (a run's restarts).
+
+    Shows the elapsed time, the ETA, and the last epoch's loss and `label_accuracy` (the labelled cells of
+    the minibatches, a running mean over the epoch). `close()` ends the bar. Used by `tfp_scmix.train` at
+    verbose=1 in place of Keras's per-epoch lines.
+    """
+
+    def __init__(self, total: int, desc: str = "training"):
+        super().__init__()
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True)
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first:  # a resumed fit starts past its first epochs: count those as done
+            self._first = False
+            self.bar.update(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        shown = {"loss": "loss", "label_accuracy": "acc"}
+        self.bar.set_postfix({short: f"{logs[key]:.3f}" for key, short in shown.items() if key in (logs or {})})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def default(data: SCData, classifier_steps: int | None = None) -> list[keras.callbacks.Callback]:

@@ -1,29 +1,30 @@
-"""Command line: `tfp-scmix demo | train | annotate | explain` (also `python -m tfp_scmix`).
+"""Command line: `tfp-scmix demo | train | annotate | explain | export` (also `python -m tfp_scmix`).
 
 Only argument parsing and printing: every command calls the library (`train`, `predict`, `annotate`,
-`explain`, `save_model` / `load_model`).
+`explain`, `save_model` / `load_model`, `export_serving`). TensorFlow is imported only by the commands that
+need it, so `--help` and `--version` answer at once; its log lines are hidden unless `--verbose 2`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import tfp_scmix as scm
-from tfp_scmix import explain
-from tfp_scmix.callbacks import TrainingDiverged
-from tfp_scmix.datasets import pbmc68k_reduced
+from tfp_scmix.config import PRIORS, Config
 from tfp_scmix.distribute import STRATEGIES
-from tfp_scmix.evaluate import few_shot_split, scores
-from tfp_scmix.io import check_model_path
-from tfp_scmix.stream import H5ADStream
 
 
 def demo(args) -> dict:
+    from tfp_scmix import explain
+    from tfp_scmix.datasets import pbmc68k_reduced
+    from tfp_scmix.evaluate import few_shot_split, scores
+
     data = scm.from_anndata(pbmc68k_reduced())
     test, labelled = few_shot_split(data.n_cells, data.n_cells - args.labels, args.labels, args.seed)
     print(
@@ -52,8 +53,12 @@ def demo(args) -> dict:
 
 
 def train(args) -> None:
+    from tfp_scmix.io import check_model_path
+    from tfp_scmix.stream import H5ADStream
+
     check_model_path(args.out)  # before hours of training, not after
-    options = dict(counts=args.counts, label_key=args.label_key, batch_key=args.batch_key, unknown=args.unknown or ())
+    unknown = [*(args.unknown or ()), *([args.unlabeled_category] if args.unlabeled_category is not None else [])]
+    options = dict(counts=args.counts, label_key=args.label_key, batch_key=args.batch_key, unknown=unknown)
     data: scm.SCData | H5ADStream
     if args.stream:
         data = H5ADStream(args.data, **{**options, "counts": args.counts or "X"})
@@ -77,6 +82,11 @@ def train(args) -> None:
         scm.save_model(model, args.out)
         print(f"model written to {args.out}")
         shutil.rmtree(checkpoints, ignore_errors=True)  # train has emptied it; the model is saved
+        if args.mlflow:
+            from tfp_scmix import tracking
+
+            run = tracking.log_training(model, data, experiment=args.mlflow_experiment, dataset_path=args.data)
+            print(f"MLflow run {run} logged to experiment {args.mlflow_experiment!r} ({tracking.tracking_uri()})")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -90,51 +100,99 @@ def annotate(args) -> None:
     from tfp_scmix.annotate import write_h5ad
 
     model = scm.load_model(args.model)
-    # Backed: the counts are read a chunk at a time and never enter memory whole, in annotate or in writing.
-    adata = scm.data.read_h5ad(args.data, backed="r")
+    # An .h5ad is opened backed: its counts are read a chunk at a time and never enter memory whole, in
+    # annotate or in writing. Other formats (10x folders, .h5, .loom: `tfp_scmix.read`) are read into memory.
+    backed = str(args.data).endswith(".h5ad")
+    adata = scm.data.read_h5ad(args.data, backed="r") if backed else scm.read(args.data)
     try:
-        scm.annotate(model, adata, counts=args.counts, min_confidence=args.min_confidence)
+        scm.annotate(
+            model,
+            adata,
+            counts=args.counts,
+            min_confidence=args.min_confidence,
+            min_counts=args.min_counts,
+            unassign_flagged=args.unassign_flagged,
+            majority_voting=args.majority_voting,
+            over_clustering=args.over_clustering,
+        )
         write_h5ad(adata, args.out)
     finally:
-        adata.file.close()
+        if backed:
+            adata.file.close()
     print(adata.obs["scmix_label"].value_counts().to_string())
+    flags = [f"{int(adata.obs[c].sum())} {c}" for c in ("scmix_novel", "scmix_low_counts") if c in adata.obs]
+    if flags:
+        print(f"flagged: {', '.join(flags)} (obs columns; --unassign-flagged makes them unassigned)")
     print(f"annotated dataset written to {args.out}")
 
 
 def explain_cmd(args) -> None:
-    paths = explain.write_explanations(scm.load_model(args.model), args.out, n_genes=args.top_genes)
+    from tfp_scmix import explain
+
+    model = scm.load_model(args.model)
+    paths = explain.write_explanations(model, args.out, n_genes=args.top_genes)
+    if args.data:
+        adata = scm.read(args.data)
+        if "scmix_label" not in adata.obs:
+            adata = scm.annotate(model, adata, counts=args.counts)
+        paths.update(explain.write_data_figures(model, adata, args.out, label_key=args.label_key))
     print("\n".join(str(p) for p in paths.values()))
 
 
+def export_cmd(args) -> None:
+    from tfp_scmix.export import export_serving
+
+    model = scm.load_model(args.model)
+    path = export_serving(model, args.out, overwrite=args.overwrite)
+    print(
+        f"exported {model.n_genes} genes x {model.n_classes} classes "
+        f"(gene fingerprint {model.gene_fingerprint}) to {path}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = scm.Config()
+    defaults = Config()
     parser = argparse.ArgumentParser(prog="tfp-scmix", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {scm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def verbose(p, default):
+        p.add_argument(
+            "--verbose",
+            type=int,
+            default=default,
+            choices=(0, 1, 2),
+            help="0: silent; 1: one progress bar and a summary; 2: every epoch's loss terms and TensorFlow's logs",
+        )
+
+    def model_settings(p, topics, batch_size, restarts):
+        p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the cells per model")
+        p.add_argument("--topics", type=int, default=topics, help="topics per model")
+        p.add_argument("--batch-size", type=int, default=batch_size, help="cells per minibatch")
+        p.add_argument("--seed", type=int, default=0, help="random seed (model r gets seed + r)")
+        p.add_argument("--restarts", type=int, default=restarts, help="models averaged (1: a single model)")
+
     p = sub.add_parser("demo", help="train on the embedded dataset with a few labels and report held-out scores")
-    p.add_argument("--labels", type=int, default=150)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--topics", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-genes", type=int, default=10)
-    p.add_argument("--restarts", type=int, default=3, help="models averaged (1: a single model)")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--verbose", type=int, default=2)
+    p.add_argument("--labels", type=int, default=150, help="cells that keep their label")
+    model_settings(p, topics=30, batch_size=128, restarts=3)
+    p.add_argument("--top-genes", type=int, default=10, help="genes shown per class")
+    p.add_argument("--out", default="outputs/demo", help="folder for the model and its explanations")
+    verbose(p, 1)
     p.set_defaults(func=demo)
-    p = sub.add_parser("train", help="train on an .h5ad (labels where known) and save a .keras model")
-    p.add_argument("data")
+
+    p = sub.add_parser("train", help="train on counts (labels where known) and save a .keras model")
+    p.add_argument("data", help="counts: .h5ad, 10x folder or .h5, .loom")
     p.add_argument("--out", required=True, help="model path ending in .keras")
-    p.add_argument("--counts", default=None)
-    p.add_argument("--label-key", default="cell_type")
-    p.add_argument("--batch-key", default=None)
-    p.add_argument("--unknown", nargs="*", help="label values that mean unlabelled")
+    p.add_argument("--counts", default=None, help="where the raw counts are: X, raw or a layer (default: detect)")
+    p.add_argument("--label-key", default="cell_type", help="obs column of cell types (empty/NaN: unlabelled)")
+    p.add_argument("--batch-key", default=None, help="obs column of batches (dataset, donor)")
+    p.add_argument(
+        "--unlabeled-category", default=None, help="the label value that marks unlabelled cells (e.g. Unknown)"
+    )
+    p.add_argument("--unknown", nargs="*", help="more label values that mean unlabelled")
     p.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0: all; in memory only)")
-    p.add_argument("--topics", type=int, default=defaults.n_topics)
-    p.add_argument("--prior", default=defaults.prior, choices=scm.config.PRIORS)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--restarts", type=int, default=3, help="models averaged (1: a single model)")
+    model_settings(p, topics=defaults.n_topics, batch_size=defaults.batch_size, restarts=3)
+    p.add_argument("--prior", default=defaults.prior, choices=PRIORS, help="prior on the class weights")
     p.add_argument("--stream", action="store_true", help="read the counts from disk in chunks (any number of cells)")
     p.add_argument(
         "--strategy",
@@ -148,26 +206,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="back up every epoch here (default: .OUT.checkpoints beside --out); the same command after a kill "
         "resumes from the last finished epoch",
     )
-    p.add_argument("--verbose", type=int, default=1)
+    p.add_argument("--mlflow", action="store_true", help="log the run to MLflow (tfp_scmix.tracking)")
+    p.add_argument("--mlflow-experiment", default="tfp_scmix", help="MLflow experiment name (with --mlflow)")
+    verbose(p, 1)
     p.set_defaults(func=train)
-    p = sub.add_parser("annotate", help="annotate an .h5ad with a trained model")
-    p.add_argument("model")
-    p.add_argument("data")
-    p.add_argument("--out", required=True)
-    p.add_argument("--counts", default=None)
-    p.add_argument("--min-confidence", type=float, default=None)
+
+    p = sub.add_parser("annotate", help="annotate counts with a trained model and write an .h5ad for scanpy")
+    p.add_argument("model", help="trained model (.keras)")
+    p.add_argument("data", help="counts: .h5ad, 10x folder or .h5, .loom")
+    p.add_argument("--out", required=True, help="annotated .h5ad to write")
+    p.add_argument("--counts", default=None, help="where the raw counts are: X, raw or a layer (default: detect)")
+    p.add_argument("--min-confidence", type=float, default=None, help="below this top probability: unassigned")
+    p.add_argument(
+        "--min-counts", type=int, default=50, help="fewer counts over the model's genes: flagged as low_counts"
+    )
+    p.add_argument("--unassign-flagged", action="store_true", help="label novel and low-count cells unassigned")
+    p.add_argument(
+        "--majority-voting", action="store_true", help="also write each cluster's most frequent label (CellTypist)"
+    )
+    p.add_argument("--over-clustering", default=None, help="obs column of clusters to vote in (default: k-means)")
     p.set_defaults(func=annotate)
+
     p = sub.add_parser("explain", help="write explanation tables (CSV) and figures (PNG) of a trained model")
-    p.add_argument("model")
-    p.add_argument("--out", required=True)
-    p.add_argument("--top-genes", type=int, default=30)
+    p.add_argument("model", help="trained model (.keras)")
+    p.add_argument("--out", required=True, help="folder for the tables and figures")
+    p.add_argument("--top-genes", type=int, default=30, help="genes listed per topic")
+    p.add_argument("--data", default=None, help="also draw figures of this dataset (annotated first if needed)")
+    p.add_argument("--label-key", default=None, help="obs column of known labels to compare with (with --data)")
+    p.add_argument("--counts", default=None, help="where the raw counts of --data are (default: detect)")
     p.set_defaults(func=explain_cmd)
+
+    p = sub.add_parser("export", help="export a trained model as a TensorFlow SavedModel for serving")
+    p.add_argument("model", help="trained model (.keras)")
+    p.add_argument("out", help="SavedModel folder to write (e.g. export/1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=export_cmd)
+    for name in ("annotate", "explain", "export"):
+        verbose(sub.choices[name], 1)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.verbose >= 2 and "tensorflow" not in sys.modules:
+        os.environ[scm.VERBOSE_ENV] = "1"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    from tfp_scmix.callbacks import TrainingDiverged  # imports TensorFlow: after --help and --version
+
     try:
         args.func(args)
     except (ValueError, TrainingDiverged) as err:  # DataError, ModelFileError and bad arguments among them

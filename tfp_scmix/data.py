@@ -85,13 +85,122 @@ def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndat
     import anndata
 
     path = data_path(str(path))
+    if path.is_dir() or path.suffix.lower() in (".h5", ".loom", ".mtx", ".gz"):
+        raise DataError(
+            f"{path} is {'a folder' if path.is_dir() else _describe(path)}, not an .h5ad file; "
+            "read it with tfp_scmix.read (10x folders and .h5, .loom) and pass the AnnData."
+        )
     try:
         return anndata.read_h5ad(path, backed=backed)
     except Exception as err:  # h5py/anndata raise many types for damaged files
-        raise DataError(
-            f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}). "
+        described = _describe(path)
+        hint = (
             "The file may be truncated or corrupt: copy or download it again."
+            if "HDF5" in described
+            else f"It is {described}, not an HDF5 file: tfp_scmix.read lists the formats it reads."
+        )
+        raise DataError(f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}). {hint}") from err
+
+
+# What each supported file holds and how `read` reads it (the field's own readers).
+FORMATS = {
+    ".h5ad": "AnnData (anndata.read_h5ad)",
+    ".h5": "10x Genomics HDF5 matrix (scanpy.read_10x_h5)",
+    ".loom": "Loom (anndata.io.read_loom, needs loompy)",
+    "10x directory": "10x matrix.mtx(.gz) with barcodes and features/genes .tsv(.gz) (anndata.io.read_mtx)",
+}
+_MAGIC = {b"\x89HDF": "an HDF5 file", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
+
+
+def read(path: str | os.PathLike[str]) -> anndata.AnnData:
+    """Read counts from any of `FORMATS` into an AnnData: .h5ad, 10x .h5, .loom, or a 10x folder
+    (or its matrix.mtx file) of matrix.mtx, barcodes.tsv and features.tsv / genes.tsv, gzipped or not.
+
+    10x files get gene symbols as var_names (made unique, as scanpy does) and the Ensembl ids in
+    var["gene_ids"]; of a features.tsv with feature types only "Gene Expression" rows are kept.
+    Raises DataError naming the file, its format and what to do, for a missing file, a format outside
+    `FORMATS`, a missing optional reader (scanpy for .h5, loompy for .loom) or a damaged file.
+    """
+    path = data_path(str(path))
+    if path.is_dir() or path.name.startswith("matrix.mtx"):
+        return _read_10x_mtx(path if path.is_dir() else path.parent)
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        return read_h5ad(path)
+    if suffix == ".h5":
+        return _with_optional_reader(path, "scanpy", lambda: __import__("scanpy").read_10x_h5(path))
+    if suffix == ".loom":
+        import anndata
+
+        return _with_optional_reader(path, "loompy", lambda: anndata.io.read_loom(path, sparse=True, X_name=""))
+    raise DataError(
+        f"{path} is {_describe(path)}, which tfp_scmix does not read. It reads: "
+        + "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+        + ". Convert other formats with anndata or scanpy (e.g. sc.read(...).write_h5ad('data.h5ad'))."
+    )
+
+
+def _describe(path: Path) -> str:
+    """What a file looks like, for error messages: its suffix and, from its first bytes, its container."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"unreadable ({err})"
+    kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None:
+        kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "a binary file"
+    return f"a {path.suffix or 'suffix-less'} file ({kind})"
+
+
+def _with_optional_reader(path: Path, package: str, reader: Callable[[], Any]) -> anndata.AnnData:
+    try:
+        return reader()
+    except ImportError as err:
+        raise DataError(
+            f"reading {path} needs the {package} package ({err}); install it (pip install {package}) or "
+            "convert the file to .h5ad elsewhere."
         ) from err
+    except Exception as err:  # the readers raise many types for damaged files
+        raise DataError(f"could not read {path} ({type(err).__name__}: {err}); {_describe(path)}.") from err
+
+
+def _read_10x_mtx(folder: Path) -> anndata.AnnData:
+    """A 10x Genomics matrix folder (Cell Ranger 2: genes.tsv, 3+: features.tsv; gzipped or not)."""
+    import anndata
+
+    def find(*names: str) -> Path | None:
+        return next((folder / n for name in names for n in (name, name + ".gz") if (folder / n).exists()), None)
+
+    matrix, barcodes, features = find("matrix.mtx"), find("barcodes.tsv"), find("features.tsv", "genes.tsv")
+    if matrix is None or barcodes is None or features is None:
+        found = sorted(p.name for p in folder.iterdir())[:10]
+        raise DataError(
+            f"{folder} is not a 10x matrix folder: it needs matrix.mtx, barcodes.tsv and features.tsv (or "
+            f"genes.tsv), gzipped or not; it holds {found}. Point at the folder Cell Ranger wrote "
+            "(filtered_feature_bc_matrix)."
+        )
+    try:
+        adata = anndata.io.read_mtx(matrix).T  # 10x stores genes x cells
+        genes = pd.read_csv(features, sep="\t", header=None, dtype=str)
+        cells = pd.read_csv(barcodes, sep="\t", header=None, dtype=str)[0]
+    except Exception as err:
+        raise DataError(f"could not read the 10x folder {folder} ({type(err).__name__}: {err}).") from err
+    if genes.shape[0] != adata.n_vars or len(cells) != adata.n_obs:
+        raise DataError(
+            f"the 10x folder {folder} does not fit together: matrix.mtx is {adata.n_vars} genes x "
+            f"{adata.n_obs} cells, {features.name} lists {genes.shape[0]} genes and {barcodes.name} "
+            f"{len(cells)} barcodes."
+        )
+    symbols = genes[1] if genes.shape[1] > 1 else genes[0]
+    adata.obs_names = pd.Index(cells.to_numpy())
+    adata.var_names = anndata.utils.make_index_unique(pd.Index(symbols.to_numpy()))  # as scanpy's reader
+    adata.var["gene_ids"] = genes[0].to_numpy()
+    if genes.shape[1] > 2:
+        adata.var["feature_types"] = genes[2].to_numpy()
+        adata = adata[:, adata.var["feature_types"].to_numpy() == "Gene Expression"].copy()
+    adata.X = sp.csr_matrix(adata.X)
+    return adata
 
 
 def check_structure(matrix: Any, where: str) -> None:
@@ -367,6 +476,7 @@ def encode_labels(
     missing |= series.astype(str).isin({str(u) for u in np.atleast_1d(unknown)})
     names = series[~missing].astype(str)
     if classes is None:
+        _warn_placeholders(names)
         if isinstance(values, pd.Categorical) or hasattr(values, "cat"):
             cats = [str(c) for c in pd.Categorical(values).categories]
             classes = [c for c in cats if c in set(names)]
@@ -388,6 +498,40 @@ def encode_labels(
     ids = np.full(len(series), UNLABELLED, np.int32)
     ids[~missing.to_numpy()] = [lookup[n] for n in names]
     return ids, classes
+
+
+# Label values that usually mean "not labelled" (scANVI's "Unknown", CellTypist's "Unassigned", ...).
+PLACEHOLDER_LABELS = frozenset(
+    {"unknown", "unlabelled", "unlabeled", "unassigned", "nan", "na", "n/a", "none", "null", "?", "-", "other"}
+)
+
+
+def _warn_placeholders(names: pd.Series) -> None:
+    """Warn (once per call) about a class that looks like a marker of unlabelled cells: a placeholder name,
+    or one class holding more than 80% of the labelled cells."""
+    counts = names.value_counts()
+    if counts.empty:
+        return
+    placeholders = [c for c in counts.index if c.strip().lower() in PLACEHOLDER_LABELS]
+    for name in placeholders:
+        logger.warning(
+            "the label %r (%d cells) looks like a marker of unlabelled cells but is trained as a class; "
+            "if it marks unlabelled cells, pass unlabeled_category=%r (command line: --unlabeled-category)",
+            name,
+            counts[name],
+            name,
+        )
+    top, share = counts.index[0], counts.iloc[0] / counts.sum()
+    if share > 0.8 and top not in placeholders and len(names) >= 50:
+        logger.warning(
+            "the label %r holds %.0f%% of the labelled cells (%d of %d); if it marks unlabelled cells, pass "
+            "unlabeled_category=%r (command line: --unlabeled-category)",
+            top,
+            100 * share,
+            counts.iloc[0],
+            counts.sum(),
+            top,
+        )
 
 
 def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
@@ -601,11 +745,15 @@ def from_anndata(
     classes: Sequence[str] | None = None,
     min_gene_fraction: float = 0.5,
     allow_empty_cells: bool = False,
+    unlabeled_category: str | None = None,
 ) -> SCData:
-    """Validated `SCData` from an AnnData object or an .h5ad path.
+    """Validated `SCData` from an AnnData object or a path (`read`: .h5ad, 10x folder or .h5, .loom).
 
     counts: "X", "raw", a layer name, or None to detect raw counts. label_key: obs column with cell
-    types (missing labels: NaN, "" or values in `unknown`); None for no labels. batch_key: obs column
+    types (missing labels: NaN, "" or values in `unknown`); None for no labels. unlabeled_category: the
+    label value that marks unlabelled cells (scvi-tools' name; added to `unknown`). A class that looks
+    like such a marker ("Unknown", "nan", ...: `PLACEHOLDER_LABELS`, or more than 80% of the labelled
+    cells) is trained as a class, with a logged warning. batch_key: obs column
     with batch/dataset ids. genes: align to this vocabulary (a model's `genes`); classes: fix the class
     order (a model's `class_names`). min_gene_fraction: with `genes`, the fraction of them that must be in
     the data; allow_empty_cells: keep cells with no counts over the genes.
@@ -616,7 +764,9 @@ def from_anndata(
     (`encode_obs`).
     """
     if isinstance(adata, (str, os.PathLike)):
-        adata = read_h5ad(adata)
+        adata = read(adata)
+    if unlabeled_category is not None:
+        unknown = [*np.atleast_1d(np.asarray(unknown, dtype=object)), unlabeled_category]
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"the dataset is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     matrix, var_names = extract_counts(adata, counts)

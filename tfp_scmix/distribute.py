@@ -120,7 +120,12 @@ def fit(
 
     if strategy.num_replicas_in_sync == 1 and getattr(strategy, "cluster_resolver", None) is None:
         return model.fit(
-            dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=list(callbacks), verbose=verbose
+            dataset,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=list(callbacks),
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles; Keras warns when asked to shuffle a tf.data.Dataset
         )
 
     @tf.function

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from tfp_scmix.data import gene_fingerprint
 from tfp_scmix.model import SCMix
+from tfp_scmix.novelty import TopicNovelty
 
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
@@ -25,10 +26,12 @@ class SCMixEnsemble(keras.Model):
     proportions fill columns m * n_topics to (m + 1) * n_topics (each block sums to one), since topics
     of different restarts are different topics. `topic_gene()` is the matching `[n_members * n_topics,
     n_genes]` table. With one member it predicts exactly as that member.
+    novelty: the `TopicNovelty` detector of its training cells (`tfp_scmix.train` fits it; saved with the
+    model), or None (then `annotate` flags no novel cells).
     Raises ValueError for no members, a member that is not an `SCMix`, or members of other genes or classes.
     """
 
-    def __init__(self, members, **kwargs):
+    def __init__(self, members, novelty: TopicNovelty | dict | None = None, **kwargs):
         super().__init__(**kwargs)
         members = [keras.saving.deserialize_keras_object(m) if isinstance(m, dict) else m for m in members]
         if not members or not all(isinstance(m, SCMix) for m in members):
@@ -46,6 +49,7 @@ class SCMixEnsemble(keras.Model):
         self.n_topics = sum(m.n_topics for m in members)
         self.config = first.config
         self.settings = {**first.settings, "restarts": len(members)}
+        self.novelty = TopicNovelty.from_dict(novelty) if isinstance(novelty, dict) else novelty
         self.built = True
 
     @property
@@ -75,6 +79,7 @@ class SCMixEnsemble(keras.Model):
             **super().get_config(),
             "members": [keras.saving.serialize_keras_object(m) for m in self.members],
             "provenance": self.provenance,
+            "novelty": None if self.novelty is None else self.novelty.to_dict(),
         }
 
     @classmethod

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tfp_scmix.io import atomic_path
-from tfp_scmix.model import topic_features
+from tfp_scmix.novelty import TopicNovelty  # noqa: F401  (its home before the novelty stage; still imported from here)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -175,70 +175,3 @@ def unassigned(probs: ArrayLike, score: str = UNASSIGNED_SCORE, threshold: float
     """`[n_cells]` bool: cells whose `unassigned_score` exceeds `threshold` (default: the score's own in
     UNASSIGNED_THRESHOLDS). Raises ValueError as `unassigned_score` does."""
     return unassigned_score(probs, score) > (UNASSIGNED_THRESHOLDS[score] if threshold is None else threshold)
-
-
-class TopicNovelty:
-    """Distance of cells to the nearest known class in the model's topic space.
-
-    Features are the classifier's inputs, the centred log topic proportions (`model.topic_features`).
-    `fit` takes the topic proportions `[n_cells, n_topics]` and class ids `[n_cells]` (-1: unlabelled, not
-    used) of reference cells and keeps each class's mean feature vector and one shared within-class
-    covariance (Ledoit-Wolf shrinkage). `distance` is the squared Mahalanobis distance to the nearest class
-    mean; `score` is the fraction of reference cells at a smaller distance (in [0, 1]). A threshold t thus
-    flags 1 - t of the reference cells by construction (the default 0.95: 5%); of held-out cells of known
-    types it flags somewhat more, as the reference cells trained the model (measured on pbmc3k cells:
-    docs/cross_dataset.md).
-    """
-
-    threshold = 0.95
-
-    def __init__(self, means: np.ndarray, precision: np.ndarray, reference_distances: ArrayLike) -> None:
-        """means `[n_classes, n_topics]`, precision `[n_topics, n_topics]` (the inverse shared covariance),
-        reference_distances `[n_reference]` (`distance` of the reference cells); usually built by `fit`."""
-        self.means, self.precision = means, precision  # [n_classes, n_topics], [n_topics, n_topics]
-        self.reference_distances = np.sort(reference_distances)  # [n_reference]
-
-    @staticmethod
-    def features(topics: ArrayLike) -> np.ndarray:
-        """Centred log topic proportions `[n_cells, n_topics]` of topic proportions `[n_cells, n_topics]`
-        (floored at 1e-30 before the log)."""
-        return np.asarray(topic_features(np.log(np.maximum(np.asarray(topics, dtype=np.float64), 1e-30))))
-
-    @classmethod
-    def fit(cls, topics: ArrayLike, labels: ArrayLike) -> TopicNovelty:
-        """Fit on reference cells: topic proportions `[n_cells, n_topics]`, class ids `[n_cells]` (-1 unused).
-
-        Raises ValueError unless the labelled cells cover at least two classes and outnumber the classes.
-        """
-        from sklearn.covariance import LedoitWolf
-
-        labels = np.asarray(labels)
-        topics = np.asarray(topics)[labels >= 0]
-        labels = labels[labels >= 0]
-        classes = np.unique(labels)
-        if len(classes) < 2 or len(labels) <= len(classes):
-            raise ValueError(
-                f"TopicNovelty.fit needs labelled cells of at least two classes, received "
-                f"{len(labels)} labelled cells of {len(classes)} class(es)"
-            )
-        features = cls.features(topics)
-        means = np.stack([features[labels == c].mean(axis=0) for c in classes])
-        within = features - means[np.searchsorted(classes, labels)]
-        novelty = cls(means, LedoitWolf(assume_centered=True).fit(within).precision_, np.zeros(0))
-        novelty.reference_distances = np.sort(novelty.distance(topics))
-        return novelty
-
-    def distance(self, topics: ArrayLike) -> np.ndarray:
-        """`[n_cells]` squared Mahalanobis distance of each cell's features to the nearest class mean."""
-        diff = self.features(topics)[:, None, :] - self.means[None, :, :]  # [n_cells, n_classes, n_topics]
-        return np.einsum("ncj,jk,nck->nc", diff, self.precision, diff).min(axis=1)
-
-    def score(self, topics: ArrayLike) -> np.ndarray:
-        """`[n_cells]` in [0, 1]: the fraction of reference cells at a smaller `distance`."""
-        return np.searchsorted(self.reference_distances, self.distance(topics), side="left") / len(
-            self.reference_distances
-        )
-
-    def unassigned(self, topics: ArrayLike) -> np.ndarray:
-        """`[n_cells]` bool: cells whose `score` exceeds `threshold`."""
-        return self.score(topics) > self.threshold

@@ -119,50 +119,85 @@ def marker_score(
     return float(found["found"].mean()), found
 
 
-def plot_class_topics(
-    model: SCMix | SCMixEnsemble, path, n_topics: int | None = None, member: int | None = None
-) -> None:
-    """Heatmap of class x topic contrast weights (PNG); the `n_topics` most used topics when given."""
+def topic_labels(model: SCMix | SCMixEnsemble, n_genes: int = 3, member: int | None = None) -> dict[str, str]:
+    """Readable names for figures: {topic name: "topic_k: GENE1 GENE2 GENE3"}, its top `n_genes` by lift."""
+    top = top_genes(model, n_genes, by="lift", member=member)
+    return {t: f"{t}: {' '.join(rows.gene)}" for t, rows in top.groupby("topic", sort=False)}
+
+
+def _wrap(label: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_class_topics(
+    model: SCMix | SCMixEnsemble, path, n_topics: int | None = 30, member: int | None = None, min_share: float = 0.05
+) -> None:
+    """Heatmap of class x topic contrast weights (PNG). Only the topics that matter: those whose largest
+    |contrast| reaches `min_share` of the largest in the table, at most `n_topics` of them (the largest);
+    columns named by their top genes (`topic_labels`), class names wrapped."""
+    plt = _pyplot()
     table = class_topic_table(model, member).pivot(index="class", columns="topic", values="contrast")
     table = table.loc[model.class_names, topic_names(model, member)]
-    if n_topics:
-        table = table[table.abs().max().nlargest(n_topics).index]
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * table.shape[1] + 2), 0.4 * table.shape[0] + 1.5))
+    strength = table.abs().max()
+    keep = strength[strength >= min_share * strength.max()]
+    table = table[(keep.nlargest(n_topics) if n_topics else keep).index]
+    labels = topic_labels(model, member=member)
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * table.shape[1] + 3), 0.45 * table.shape[0] + 2.5))
     limit = np.abs(table.to_numpy()).max() or 1.0
     image = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
-    ax.set_title("Class-predictive topics (weight minus mean over classes)")
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_xticks(range(table.shape[1]), [labels[t] for t in table.columns], rotation=90, fontsize=7)
+    ax.set_yticks(range(table.shape[0]), [_wrap(c) for c in table.index], fontsize=8)
+    ax.set_title(f"Class-predictive topics ({table.shape[1]} of {strength.size}; weight minus mean over classes)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="contrast")
     fig.tight_layout()
     _save_figure(fig, path)
 
 
 def plot_topic_genes(model: SCMix | SCMixEnsemble, path, n_genes: int = 8, member: int | None = None) -> None:
-    """Heatmap of each class's most predictive topic x its top genes (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Heatmap of each class's most predictive topic x its top genes by lift (PNG), every member's topics
+    considered. Colour: each gene's log weight standardised over all the topics of its member (z-score),
+    so a gene specific to a topic stands out and abundant genes (MALAT1, ribosomal) do not fill every row."""
+    plt = _pyplot()
     genes = class_genes(model, n_genes, member=member)
     topics = list(dict.fromkeys(genes["topic"]))
     gene_list = list(dict.fromkeys(genes["gene"]))
-    weights = topic_gene_table(model, member).loc[gene_list, topics].T
-    labels = [f"{t} ({', '.join(genes.loc[genes.topic == t, 'class'].unique())})" for t in topics]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(gene_list) + 3), 0.45 * len(topics) + 1.5))
-    image = ax.imshow(np.log10(weights.to_numpy() + 1e-6), cmap="viridis", aspect="auto")
+    table = topic_gene_table(model, member)
+    logs = np.log(table.loc[gene_list].clip(lower=1e-12))
+    z = pd.concat(
+        [
+            _zscore(logs[[c for c in logs.columns if c.startswith(prefix)] if prefix else list(logs.columns)])
+            for prefix in dict.fromkeys(p for p, _ in _explained(model, member))
+        ],
+        axis=1,
+    )[topics].T
+    labels = topic_labels(model, member=member)
+    rows = [_wrap(f"{labels[t]} ({', '.join(genes.loc[genes.topic == t, 'class'].unique())})", 60) for t in topics]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(gene_list) + 5), 0.6 * len(topics) + 2))
+    limit = float(np.nanmax(np.abs(z.to_numpy()))) or 1.0
+    image = ax.imshow(z.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(gene_list)), gene_list, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(topics)), labels, fontsize=8)
-    ax.set_title("Top genes of class-predictive topics (log10 weight)")
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_yticks(range(len(topics)), rows, fontsize=7)
+    ax.set_title("Top genes of class-predictive topics (gene's log weight, z-score over topics)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="z-score")
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def _zscore(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each row standardised over its columns (a gene over topics); a constant row gives zeros."""
+    centred = frame.sub(frame.mean(axis=1), axis=0)
+    return centred.div(frame.std(axis=1).replace(0, 1.0), axis=0)
 
 
 def _save_figure(fig, path) -> None:
@@ -189,4 +224,212 @@ def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) 
     plot_class_topics(model, folder / "class_topics.png")
     plot_topic_genes(model, folder / "topic_genes.png")
     paths.update(class_topics_png=folder / "class_topics.png", topic_genes_png=folder / "topic_genes.png")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Figures of the data: what the model says about an annotated dataset
+# --------------------------------------------------------------------------------------------
+
+
+def embed(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D embedding `[n_cells, 2]` of `features` (X_scmix) and its method's name: UMAP through scanpy or
+    umap-learn when installed (scanpy's defaults: 15 neighbours), else scikit-learn's t-SNE."""
+    try:
+        import scanpy as sc
+
+        adata = sc.AnnData(np.asarray(features, np.float32))
+        sc.pp.neighbors(adata, use_rep="X", random_state=seed)
+        sc.tl.umap(adata, random_state=seed)
+        return np.asarray(adata.obsm["X_umap"]), "UMAP"
+    except ImportError:
+        pass
+    try:
+        import umap
+
+        return np.asarray(umap.UMAP(random_state=seed).fit_transform(features)), "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+        return TSNE(perplexity=perplexity, random_state=seed, init="pca").fit_transform(features), "t-SNE"
+
+
+def _colors(adata, column: str) -> dict[str, str]:
+    categories = list(adata.obs[column].cat.categories)
+    colors = adata.uns.get(f"{column}_colors")
+    if colors is None or len(colors) != len(categories):
+        from matplotlib import colormaps
+        from matplotlib.colors import to_hex
+
+        colors = [to_hex(colormaps["tab20"](i % 20)) for i in range(len(categories))]
+    return dict(zip(categories, colors))
+
+
+def plot_embedding(adata, path, key: str = "scmix", basis: str | None = None) -> None:
+    """Two panels (PNG): the cells of an annotated AnnData in 2-D, coloured by predicted label and by
+    confidence. basis: an obsm key holding a 2-D embedding (e.g. "X_umap"); by default `embed` of
+    obsm[f"X_{key}"], stored in obsm[f"X_{key}_umap"] (or `_tsne`) for the next call."""
+    plt = _pyplot()
+    if basis is None:
+        stored = [k for k in (f"X_{key}_umap", f"X_{key}_tsne") if k in adata.obsm]
+        if stored:
+            basis = stored[0]
+        else:
+            coords, method = embed(adata.obsm[f"X_{key}"])
+            basis = f"X_{key}_{'umap' if method == 'UMAP' else 'tsne'}"
+            adata.obsm[basis] = coords.astype(np.float32)
+    coords = np.asarray(adata.obsm[basis])[:, :2]
+    method = {"umap": "UMAP", "tsne": "t-SNE"}.get(basis.rsplit("_", 1)[-1], basis)
+    labels = adata.obs[f"{key}_label"]
+    colors = _colors(adata, f"{key}_label")
+    size = max(1.0, min(20.0, 30000 / max(len(coords), 1)))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    order = np.random.default_rng(0).permutation(len(coords))  # no class drawn on top of all the others
+    axes[0].scatter(*coords[order].T, s=size, c=[colors[v] for v in labels.to_numpy()[order]], linewidths=0)
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=colors[c], label=f"{_wrap(str(c), 30)} ({(labels == c).sum()})")
+        for c in labels.cat.categories
+    ]
+    axes[0].legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    axes[0].set_title("predicted label")
+    image = axes[1].scatter(
+        *coords[order].T, s=size, c=adata.obs[f"{key}_confidence"].to_numpy()[order], cmap="viridis", vmin=0, vmax=1
+    )
+    fig.colorbar(image, ax=axes[1], shrink=0.8, label="confidence (largest class probability)")
+    novel = f"{key}_novel"
+    if novel in adata.obs and adata.obs[novel].any():
+        flagged = adata.obs[novel].to_numpy()
+        axes[1].scatter(*coords[flagged].T, s=size * 2, facecolors="none", edgecolors="red", linewidths=0.6)
+        axes[1].set_title(f"confidence; red rings: {int(flagged.sum())} novel cells (topic distance)")
+    else:
+        axes[1].set_title("confidence")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{method} 1")
+        ax.set_ylabel(f"{method} 2")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFrame:
+    """Row-normalised confusion matrix (PNG) of obs[label_key] (rows, any labels) against the predicted
+    labels (columns); returns the counts table. Cells without a label (NaN) are left out."""
+    plt = _pyplot()
+    known = adata.obs[label_key].notna().to_numpy()
+    counts = pd.crosstab(
+        adata.obs[label_key][known].astype(str), adata.obs[f"{key}_label"][known].astype(str), dropna=False
+    )
+    predicted = [c for c in adata.obs[f"{key}_label"].cat.categories if c in counts.columns]
+    counts = counts[predicted]
+    shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0)
+    fig, ax = plt.subplots(figsize=(0.55 * len(predicted) + 4, 0.45 * len(counts) + 3))
+    image = ax.imshow(shares.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(shares.to_numpy()):
+        if value >= 0.01:
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white" if value > 0.6 else "black"
+            )
+    ax.set_xticks(range(len(predicted)), [_wrap(c, 20) for c in predicted], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(counts)), [f"{_wrap(r, 30)} ({counts.loc[r].sum()})" for r in counts.index], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel(label_key)
+    agree = np.mean(
+        adata.obs[label_key][known].astype(str).to_numpy() == adata.obs[f"{key}_label"][known].astype(str).to_numpy()
+    )
+    ax.set_title(f"Confusion, row-normalised (same name: {agree:.1%} of {int(known.sum())} cells)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the row")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return counts
+
+
+def plot_confidence(adata, path, key: str = "scmix") -> None:
+    """Histogram of the confidence of each predicted label (PNG), one row per label."""
+    plt = _pyplot()
+    labels = adata.obs[f"{key}_label"]
+    colors = _colors(adata, f"{key}_label")
+    categories = list(labels.cat.categories)
+    fig, axes = plt.subplots(len(categories), 1, figsize=(7, 0.7 * len(categories) + 1.2), sharex=True, squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for ax, category in zip(axes[:, 0], categories):
+        values = adata.obs[f"{key}_confidence"].to_numpy()[(labels == category).to_numpy()]
+        ax.hist(values, bins=bins, color=colors[category])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{_wrap(str(category), 22)}\n({len(values)})", rotation=0, ha="right", va="center", fontsize=7)
+        ax.spines[["top", "right", "left"]].set_visible(False)
+    axes[-1, 0].set_xlabel("confidence (largest class probability)")
+    axes[0, 0].set_title("Confidence per predicted label")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, key: str = "scmix", counts=None) -> None:
+    """Dotplot (PNG) of each class's topic genes (the top `n_genes` by lift of its most predictive topic)
+    by predicted label: dot size the fraction of cells with a count, colour the mean log1p counts per 10k
+    scaled to [0, 1] per gene (as scanpy's `standard_scale="var"`)."""
+    from tfp_scmix.data import extract_counts
+
+    plt = _pyplot()
+    genes = class_genes(model, n_genes)
+    matrix, var_names = extract_counts(adata, counts)
+    position = pd.Index(var_names).get_indexer(list(dict.fromkeys(genes["gene"])))
+    gene_list = [g for g, p in zip(dict.fromkeys(genes["gene"]), position) if p >= 0]
+    position = position[position >= 0]
+    library = np.asarray(matrix.sum(axis=1)).ravel()
+    selected = matrix[:, position].toarray()
+    expression = np.log1p(selected * (1e4 / np.maximum(library, 1))[:, None])
+    labels = adata.obs[f"{key}_label"]
+    groups = list(labels.cat.categories)
+    fraction = np.stack([(selected[(labels == g).to_numpy()] > 0).mean(axis=0) for g in groups])
+    mean = np.stack([expression[(labels == g).to_numpy()].mean(axis=0) for g in groups])
+    scaled = (mean - mean.min(axis=0)) / np.maximum(mean.max(axis=0) - mean.min(axis=0), 1e-12)
+    fig, ax = plt.subplots(figsize=(0.3 * len(gene_list) + 4, 0.4 * len(groups) + 2.2))
+    yy, xx = np.meshgrid(np.arange(len(groups)), np.arange(len(gene_list)), indexing="ij")
+    image = ax.scatter(xx.ravel(), yy.ravel(), s=200 * fraction.ravel(), c=scaled.ravel(), cmap="Reds", vmin=0, vmax=1)
+    ax.set_xticks(range(len(gene_list)), gene_list, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(groups)), [_wrap(str(g), 30) for g in groups], fontsize=7)
+    ax.set_ylim(len(groups) - 0.5, -0.5)
+    ax.set_title("Each class's topic genes by predicted label (size: fraction of cells; colour: scaled mean)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="mean log1p CP10k, scaled per gene")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def write_data_figures(
+    model: SCMix | SCMixEnsemble, adata, folder, label_key: str | None = None, key: str = "scmix", counts=None
+) -> dict[str, Path]:
+    """Figures of an annotated AnnData (`tfp_scmix.annotate` output) into `folder`; returns their paths:
+    embedding.png (`plot_embedding`), confidence.png, dotplot.png, and with `label_key` (an obs column of
+    known labels) confusion.png and, for the cells whose label is one of the model's classes,
+    reliability.png (`evaluate.reliability_diagram`). Raises KeyError when `adata` is not annotated or
+    `label_key` is not an obs column."""
+    from tfp_scmix.evaluate import reliability_diagram
+
+    if f"{key}_label" not in adata.obs:
+        raise KeyError(f"obs[{key + '_label'!r}] is missing: annotate the data first (tfp_scmix.annotate)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"embedding_png": folder / "embedding.png", "confidence_png": folder / "confidence.png"}
+    plot_embedding(adata, paths["embedding_png"], key)
+    plot_confidence(adata, paths["confidence_png"], key)
+    paths["dotplot_png"] = folder / "dotplot.png"
+    plot_dotplot(model, adata, paths["dotplot_png"], key=key, counts=counts)
+    if label_key is not None:
+        if label_key not in adata.obs:
+            raise KeyError(f"no obs column {label_key!r} (columns: {list(adata.obs.columns)})")
+        paths["confusion_png"] = folder / "confusion.png"
+        plot_confusion(adata, label_key, paths["confusion_png"], key)
+        truth = adata.obs[label_key].astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(model.class_names)}
+        known = np.array([t in lookup for t in truth])
+        if known.sum() >= 10:
+            paths["reliability_png"] = folder / "reliability.png"
+            reliability_diagram(
+                adata.obsm[f"{key}_probs"][known],
+                np.array([lookup[t] for t in truth[known]]),
+                paths["reliability_png"],
+                title=f"{int(known.sum())} cells labelled with one of the model's classes ({label_key})",
+            )
     return paths

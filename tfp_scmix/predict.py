@@ -190,22 +190,28 @@ def predict(
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
     model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by one chunk
     plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells], "confidence" [n_cells],
-    "cell_topic" [n_cells, n_topics]} (`keys` keeps only some of them; "library_size" [n_cells], each cell's
-    total counts over the model's genes, is there on request). Cells without counts over the model's genes
-    are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the slot of an
-    AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every chunk.
-    Peak memory: one chunk and the outputs (experiments/reliability/memory_1m.py, results_memory_1m.json).
+    "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
+    the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them; "library_size"
+    [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over
+    the model's genes are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the
+    slot of an AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every
+    chunk. Peak memory: one chunk and the outputs (experiments/reliability/memory_1m.py,
+    results_memory_1m.json).
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width or no cells; ValueError for a `chunk_size`,
-    `batch_size` or `min_gene_fraction` out of range.
+    `batch_size` or `min_gene_fraction` out of range, or an unknown key.
     """
     check_argument("chunk_size", chunk_size, 1, integer=True)
     check_argument("batch_size", batch_size, 1, integer=True)
     check_argument("min_gene_fraction", min_gene_fraction, 0, 1)
-    keys = tuple(keys or OUTPUT_KEYS)
-    unknown = sorted(set(keys) - {*OUTPUT_KEYS, "library_size"})
+    novelty = getattr(model, "novelty", None)
+    keys = tuple(keys or (OUTPUT_KEYS if novelty is None else (*OUTPUT_KEYS, "novelty")))
+    known = [*OUTPUT_KEYS, "library_size", *(["novelty"] if novelty is not None else [])]
+    unknown = sorted(set(keys) - set(known))
     if unknown:
-        raise ValueError(f"keys {unknown} are not outputs of predict; outputs are {[*OUTPUT_KEYS, 'library_size']}")
+        raise ValueError(f"keys {unknown} are not outputs of predict for this model; outputs are {known}")
+    # The model's own outputs to compute: those asked for, and the topics when the novelty score needs them.
+    model_keys = tuple(k for k in OUTPUT_KEYS if k in keys or (k == "cell_topic" and "novelty" in keys))
     n_cells, source, counts = _open(source, model, counts, min_gene_fraction)
     outputs: dict[str, np.ndarray] = {}
     once = _OncePerMessage()
@@ -214,9 +220,11 @@ def predict(
         for start in range(0, n_cells, int(chunk_size)):
             stop = min(start + int(chunk_size), n_cells)
             chunk = _chunk(source, model, start, stop, counts, min_gene_fraction)
-            out = _predict_chunk(model, chunk, int(batch_size), keys)
+            out = _predict_chunk(model, chunk, int(batch_size), model_keys)
             if "library_size" in keys:
                 out["library_size"] = chunk.library_size.astype(np.float32)
+            if novelty is not None and "novelty" in keys:
+                out["novelty"] = novelty.score(out["cell_topic"])
             for key in keys:
                 if key not in outputs:  # filled in place: no second copy of the outputs
                     outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_scmix import distribute
-from tfp_scmix.callbacks import ResumableCheckpoint, StopOnDivergence, TrainingDiverged, default
+from tfp_scmix.callbacks import ProgressBar, ResumableCheckpoint, StopOnDivergence, TrainingDiverged, default
 from tfp_scmix.config import Config
 from tfp_scmix.data import DataError, SCData, check_argument, epoch_batches
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import ModelFileError, load_model, save_model
 from tfp_scmix.model import SCMix
+from tfp_scmix.novelty import TopicNovelty
 from tfp_scmix.stream import H5ADStream
 
 logger = logging.getLogger("tfp_scmix")
@@ -80,6 +82,11 @@ def train(
     strategy: None (one device), a name of `distribute.STRATEGIES` or a `tf.distribute.Strategy`
     (streams only; config.batch_size is the global batch).
     callbacks: Keras callbacks added after the recipe's own (`callbacks.default`).
+    verbose: 0 silent; 1 one progress bar over restarts x epochs (`callbacks.ProgressBar`) and a summary
+    line; 2 Keras's line per epoch (every loss term) and the summary.
+    The returned ensemble carries `novelty`, a `TopicNovelty` fitted on (up to 20,000 of) the labelled
+    training cells, and `training_summary` (seconds, cells, labelled cells per class, accuracy on the
+    labelled training cells).
 
     Raises ValueError for restarts < 1, a seed that is not a whole number >= 0 or an unknown setting;
     DataError for data without two classes or with cells that have no counts over its genes (after a gene
@@ -105,28 +112,87 @@ def train(
             "its own chunks; pass the .h5ad as H5ADStream(path, ...)"
         )
     members = []
-    for restart in range(int(restarts)):
-        member_seed = seed + restart
-        if verbose and restarts > 1:
-            print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
-        finished = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}.keras"
-        try:
-            if finished is not None and finished.exists():
-                model = _finished_restart(finished, data, config, member_seed)
-            elif isinstance(data, H5ADStream):
-                model = _fit_stream(data, config, member_seed, strategy, callbacks, verbose)
-            else:
-                backup = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}"
-                model = _fit(data, config, member_seed, backup, callbacks, verbose)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"restart {restart + 1} of {restarts} (seed {member_seed}): {err}") from None
-        if finished is not None:
-            save_model(model, finished)  # a kill during a later restart does not train this one again
-        members.append(model)
+    started = time.time()
+    bar = ProgressBar(int(restarts) * config.epochs) if verbose == 1 else None
+    keras_verbose = 0 if verbose == 1 else verbose
+    try:
+        for restart in range(int(restarts)):
+            member_seed = seed + restart
+            if bar is not None:
+                bar.bar.set_description(f"restart {restart + 1}/{restarts}")
+            elif verbose and restarts > 1:
+                print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
+            fit_callbacks = [*callbacks, bar] if bar is not None else list(callbacks)
+            finished = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}.keras"
+            try:
+                if finished is not None and finished.exists():
+                    model = _finished_restart(finished, data, config, member_seed)
+                    if bar is not None:
+                        bar.bar.update(config.epochs)
+                elif isinstance(data, H5ADStream):
+                    model = _fit_stream(data, config, member_seed, strategy, fit_callbacks, keras_verbose)
+                else:
+                    backup = None if checkpoint_dir is None else Path(checkpoint_dir) / f"restart-{restart}"
+                    model = _fit(data, config, member_seed, backup, fit_callbacks, keras_verbose)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"restart {restart + 1} of {restarts} (seed {member_seed}): {err}") from None
+            if finished is not None:
+                save_model(model, finished)  # a kill during a later restart does not train this one again
+            members.append(model)
+    finally:
+        if bar is not None:
+            bar.close()
     if checkpoint_dir is not None:
         for restart in range(int(restarts)):
             (Path(checkpoint_dir) / f"restart-{restart}.keras").unlink(missing_ok=True)
-    return SCMixEnsemble(members)
+    ensemble = SCMixEnsemble(members)
+    _summarise(ensemble, data, time.time() - started, seed)
+    if verbose:
+        print(summary_line(ensemble.training_summary))
+    return ensemble
+
+
+# Labelled training cells that fit the novelty detector and score the training accuracy: a sample, so that
+# a fully labelled atlas costs one bounded prediction.
+SUMMARY_CELLS = 20_000
+
+
+def _summarise(ensemble: SCMixEnsemble, data: SCData | H5ADStream, seconds: float, seed: int) -> None:
+    """Set `ensemble.training_summary` and `ensemble.novelty` from (a sample of) the labelled training cells."""
+    labelled = np.flatnonzero(data.labels >= 0)
+    if len(labelled) > SUMMARY_CELLS:
+        labelled = np.sort(np.random.default_rng(seed).choice(labelled, SUMMARY_CELLS, replace=False))
+    cells = data.subset(labelled) if isinstance(data, SCData) else data.to_data(labelled)
+    counts = np.bincount(data.labels[data.labels >= 0], minlength=data.n_classes)
+    summary: dict[str, Any] = {
+        "seconds": float(seconds),
+        "restarts": len(ensemble.members),
+        "epochs": int(ensemble.config.epochs),
+        "n_cells": int(data.n_cells),
+        "n_genes": int(data.n_genes),
+        "n_labelled": int(counts.sum()),
+        "labelled_per_class": {c: int(n) for c, n in zip(data.classes, counts)},
+        "training_accuracy": None,
+    }
+    if cells.n_cells:
+        out = ensemble.predict(cells.dataset(1024, shuffle=False), verbose=0)
+        summary["training_accuracy"] = float((out["label"] == cells.labels).mean())
+        if len(np.unique(cells.labels)) >= 2 and cells.n_cells > data.n_classes:
+            ensemble.novelty = TopicNovelty.fit(out["cell_topic"], cells.labels, blocks=len(ensemble.members))
+    if ensemble.novelty is None:
+        logger.info("too few labelled cells to fit the novelty detector: annotate will flag no novel cells")
+    ensemble.training_summary = summary
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """One line saying what `train` did, from `SCMixEnsemble.training_summary`."""
+    per_class = ", ".join(f"{c} {n}" for c, n in summary["labelled_per_class"].items())
+    accuracy = summary["training_accuracy"]
+    return (
+        f"trained {summary['restarts']} model(s) x {summary['epochs']} epochs on {summary['n_cells']} cells x "
+        f"{summary['n_genes']} genes in {summary['seconds']:.0f} s; {summary['n_labelled']} labelled cells "
+        f"({per_class}); accuracy on them {'-' if accuracy is None else f'{accuracy:.3f}'}"
+    )
 
 
 def _finished_restart(path: Path, data, config: Config, seed: int) -> SCMix:
@@ -162,6 +228,7 @@ def _fit(data: SCData, config: Config, seed: int, backup: Path | None, callbacks
             epochs=config.epochs,
             verbose=verbose,
             callbacks=[*recipe, *callbacks],
+            shuffle=False,  # the dataset shuffles; Keras warns when asked to shuffle a tf.data.Dataset
         )
         return model
     checkpoint = ResumableCheckpoint(
@@ -177,6 +244,7 @@ def _fit(data: SCData, config: Config, seed: int, backup: Path | None, callbacks
         steps_per_epoch=steps,
         verbose=verbose,
         callbacks=[recipe[0], checkpoint, *recipe[1:], *callbacks],
+        shuffle=False,
     )
     return model
 
@@ -249,7 +317,8 @@ def adapt(
         [
             _adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, verbose)
             for m in as_ensemble(model).members
-        ]
+        ],
+        novelty=as_ensemble(model).novelty,
     )
 
 

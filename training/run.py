@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 import tfp_scmix as scm
-from tfp_scmix import explain
+from tfp_scmix import explain, tracking
 from training import config as run_config
 from training import data as run_data
 from training import store
@@ -60,6 +60,12 @@ def fit(cfg: run_config.RunConfig, splits: run_data.Splits, callbacks=(), verbos
     )
     settings = model.members[0].settings  # the same in every member: they depend on the data and the Config
     mlflow.log_params({f"resolved.{name}": settings[name] for name in RESOLVED})
+    # The package's own record of a training (tfp_scmix.tracking): the dataset fills the runs table's
+    # Dataset column, the training summary's accuracy goes with the scores.
+    name = str(splits.identity.get("data.name", "data"))
+    mlflow.log_input(tracking.dataset(splits.train, name), context="training")
+    if model.training_summary.get("training_accuracy") is not None:
+        mlflow.log_metric("eval/training_accuracy", model.training_summary["training_accuracy"])
     return model
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from tfp_scmix.tracking import EXPERIMENT_KIND
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = REPO / "mlruns"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -57,7 +59,8 @@ def experiment_id(name: str) -> str:
             )
         return existing.experiment_id
     try:
-        return mlflow.create_experiment(name, artifact_location=_artifact_location(name))
+        # Tagged as model training: MLflow 3's UI opens such an experiment on its runs table, not the GenAI view.
+        return mlflow.create_experiment(name, artifact_location=_artifact_location(name), tags=EXPERIMENT_KIND)
     except MlflowException:  # created meanwhile by another process
         existing = mlflow.get_experiment_by_name(name)
         if existing is None:

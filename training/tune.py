@@ -245,12 +245,15 @@ def main(argv=None):
         metavar="SECTION.KEY=VALUE",
         help="override a configuration value, e.g. --set training.epochs=3 (repeatable)",
     )
-    parser.add_argument("--verbose", action="store_true", help="show keras-tuner's and Keras's progress")
+    parser.add_argument(
+        "--verbose", action="store_true", help="every epoch's loss terms (default: each trial's progress bar)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = run_config.load(args.config, args.set)
     try:
-        result = search(cfg, args.max_trials, args.directory, verbose=2 if args.verbose else 0)
+        # verbose 1: keras-tuner's line per trial and tfp_scmix.train's one progress bar per trial
+        result = search(cfg, args.max_trials, args.directory, verbose=2 if args.verbose else 1)
     except KeyboardInterrupt:
         raise SystemExit("search interrupted: run the same command again to resume it") from None
     print(f"search run {result['run_id']} in experiment {cfg.experiment!r} of {store.tracking_uri()}")
