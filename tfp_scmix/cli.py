@@ -23,7 +23,7 @@ from tfp_scmix.distribute import STRATEGIES
 def demo(args) -> dict:
     from tfp_scmix import explain
     from tfp_scmix.datasets import pbmc68k_reduced
-    from tfp_scmix.evaluate import few_shot_split, scores
+    from tfp_scmix.evaluate import few_shot_split, linear_peers, scores
 
     data = scm.from_anndata(pbmc68k_reduced())
     test, labelled = few_shot_split(data.n_cells, data.n_cells - args.labels, args.labels, args.seed)
@@ -41,6 +41,12 @@ def demo(args) -> dict:
         f"held-out cells: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
         f"({result['errors']} errors of {len(test)})"
     )
+    # The strongest simple peers on the same split (docs/few_shot.md has the whole suite).
+    for name, peer in linear_peers(data, labelled, test, args.seed).items():
+        print(
+            f"  peer {name.replace('_', ' ')}: accuracy {peer['accuracy']:.3f}, macro-F1 {peer['macro_f1']:.3f} "
+            f"({peer['errors']} errors)"
+        )
     genes = explain.class_genes(model, n_genes=args.top_genes)
     print("\nTop genes of the most predictive topic of each class:")
     for (cls, topic), rows in genes.groupby(["class", "topic"], sort=False):

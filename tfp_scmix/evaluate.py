@@ -49,6 +49,26 @@ def scores(true: ArrayLike, predicted: ArrayLike) -> dict[str, float]:
     }
 
 
+def linear_peers(data, labelled: ArrayLike, test: ArrayLike, seed: int = 0) -> dict[str, dict[str, float]]:
+    """`scores` of the strongest simple peers of the few-shot suite on the same split: scikit-learn's
+    LogisticRegression (max_iter 3000) and LinearSVC on log1p(counts per 10k) of the `labelled` cells of
+    `data` (an SCData), predicting the `test` cells (experiments/few_shot/run.py runs them and the others).
+    Returns {"logistic_regression": scores, "linear_svm": scores}."""
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    library = np.maximum(np.asarray(data.counts.sum(axis=1)).ravel(), 1.0)
+    x = sp.csr_matrix(sp.diags(1e4 / library) @ data.counts)
+    x.data = np.log1p(x.data)
+    labelled, test = np.asarray(labelled), np.asarray(test)
+    peers = {"logistic_regression": LogisticRegression(max_iter=3000), "linear_svm": LinearSVC(random_state=seed)}
+    return {
+        name: scores(data.labels[test], peer.fit(x[labelled], data.labels[labelled]).predict(x[test]))
+        for name, peer in peers.items()
+    }
+
+
 UNASSIGNED_SCORES = ("max_prob", "entropy")
 # Default score and threshold for flagging a cell as unassigned; see docs/cross_dataset.md for the
 # measurements behind the choice.
