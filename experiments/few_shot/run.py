@@ -42,6 +42,7 @@ from experiments.common import (
 )
 from tfp_scmix.evaluate import few_shot_split, scores
 from tfp_scmix.io import write_csv
+from tfp_scmix.novelty import log_ratio_features
 
 HERE = Path(__file__).parent
 # The suite: test cells per dataset (issue 14). Any other .h5ad with a `cell_type` column (a name in
@@ -238,7 +239,7 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, **se
     # Each restart alone (the seed-to-seed spread of single models), and the standing diagnostic: logistic
     # regression on the first restart's own topic features (centred log proportions) of the same cells.
     single = [int((scm.predict(m, data.subset(test))["label"] != truth).sum()) for m in model.members]
-    features = scm.evaluate.TopicNovelty.features(scm.predict(model.members[0], data)["cell_topic"])
+    features = log_ratio_features(scm.predict(model.members[0], data)["cell_topic"])
     probe = LogisticRegression(max_iter=3000).fit(features[labelled], data.labels[labelled]).predict(features[test])
     extras = {
         "weights_above_0.1": np.mean(
