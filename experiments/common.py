@@ -50,13 +50,10 @@ def most_variable(data, n_genes, cells=None):
 
 
 def log_normalised(counts):
-    """log1p(counts per 10k) of a CSR matrix (stays sparse): what the peers read."""
-    import scipy.sparse as sp
+    """log1p(counts per 10k) of a CSR matrix (stays sparse): what the peers read (`tfp_scmix.data.log_normalised`)."""
+    from tfp_scmix.data import log_normalised as package_log_normalised
 
-    library = np.asarray(counts.sum(axis=1)).ravel()
-    norm = (sp.diags(1e4 / np.maximum(library, 1)) @ counts).tocsr()
-    norm.data = np.log1p(norm.data)
-    return norm
+    return package_log_normalised(counts)
 
 
 # -- results -------------------------------------------------------------------------------------------

@@ -416,6 +416,17 @@ def align_genes(
     return aligned.astype(np.float32), fraction
 
 
+def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
+    """log1p(counts per 10,000) of a sparse count matrix `[n_cells, n_genes]`, as CSR (stays sparse).
+
+    Counts per 10k: counts * 10,000 / the cell's total (a total below 1 counts as 1), the usual CP10k scaling
+    (scanpy's normalize_total(target_sum=1e4) then log1p)."""
+    library = np.asarray(counts.sum(axis=1)).ravel()
+    norm = sp.csr_matrix(sp.diags(1e4 / np.maximum(library, 1)) @ counts)
+    norm.data = np.log1p(norm.data)
+    return norm
+
+
 def highly_variable_genes(
     counts: sp.csr_matrix, genes: Sequence[str] | np.ndarray, n_top: int = 2000, n_bins: int = 20
 ) -> np.ndarray:
@@ -429,10 +440,7 @@ def highly_variable_genes(
     """
     check_argument("n_top", n_top, 1, integer=True)
     check_argument("n_bins", n_bins, 1, integer=True)
-    library = np.asarray(counts.sum(axis=1)).ravel()
-    norm = sp.diags(1e4 / np.maximum(library, 1)) @ counts
-    norm = norm.tocsr()
-    norm.data = np.log1p(norm.data)
+    norm = log_normalised(counts)
     mean = np.asarray(norm.mean(axis=0)).ravel()
     mean_sq = np.asarray(norm.multiply(norm).mean(axis=0)).ravel()
     var = np.maximum(mean_sq - mean**2, 0) * counts.shape[0] / max(counts.shape[0] - 1, 1)

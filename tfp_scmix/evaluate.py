@@ -54,13 +54,12 @@ def linear_peers(data, labelled: ArrayLike, test: ArrayLike, seed: int = 0) -> d
     LogisticRegression (max_iter 3000) and LinearSVC on log1p(counts per 10k) of the `labelled` cells of
     `data` (an SCData), predicting the `test` cells (experiments/few_shot/run.py runs them and the others).
     Returns {"logistic_regression": scores, "linear_svm": scores}."""
-    import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
-    library = np.maximum(np.asarray(data.counts.sum(axis=1)).ravel(), 1.0)
-    x = sp.csr_matrix(sp.diags(1e4 / library) @ data.counts)
-    x.data = np.log1p(x.data)
+    from tfp_scmix.data import log_normalised
+
+    x = log_normalised(data.counts)
     labelled, test = np.asarray(labelled), np.asarray(test)
     peers = {"logistic_regression": LogisticRegression(max_iter=3000), "linear_svm": LinearSVC(random_state=seed)}
     return {

@@ -9,13 +9,12 @@ from typing import Any
 
 import keras
 import numpy as np
-import scipy.sparse as sp
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_scmix import __version__
 from tfp_scmix.config import Config
-from tfp_scmix.data import BATCH, COUNTS, LABEL, DataError, SCData, gene_fingerprint
+from tfp_scmix.data import BATCH, COUNTS, LABEL, DataError, SCData, gene_fingerprint, log_normalised
 from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.cell import divide_offsets, normalise_counts
 from tfp_scmix.layers.horseshoe import default_global_scale
@@ -50,9 +49,7 @@ def gene_moments(data: SCData | H5ADStream) -> tuple[np.ndarray, np.ndarray]:
     total = np.zeros(len(data.genes))
     squares = np.zeros(len(data.genes))
     for _, counts in chunks:
-        library = np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1.0)
-        x = sp.csr_matrix(sp.diags(1e4 / library) @ counts)
-        x.data = np.log1p(x.data)
+        x = log_normalised(counts)
         total += np.asarray(x.sum(axis=0)).ravel()
         squares += np.asarray(x.multiply(x).sum(axis=0)).ravel()
     mean = total / data.n_cells
