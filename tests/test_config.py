@@ -84,9 +84,14 @@ def test_dict_round_trip_and_setting_groups():
     assert tuple(values) == config.names() == tuple(f.name for f in dataclasses.fields(Config))
     # Every setting is either a model or a training setting, never both.
     assert config.MODEL_SETTINGS + config.TRAINING_SETTINGS == config.names()
-    assert {"epochs", "batch_size", "learning_rate", "classifier_learning_rate", "classifier_steps"} == set(
-        config.TRAINING_SETTINGS
-    )
+    assert {
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "classifier_learning_rate",
+        "classifier_steps",
+        "self_training",
+    } == set(config.TRAINING_SETTINGS)
     assert set(config.PRIORS) == {"normal", "horseshoe", "regularized", "santa_barbara"}
     assert set(config.LABEL_MODES) == {"cut", "joint", "class_prior"}
     for prior in config.PRIORS:

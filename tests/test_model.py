@@ -267,3 +267,32 @@ def test_the_class_branch_reads_the_genes_standardised_over_the_training_cells(s
     assert 0 < model.settings["gene_global_scale"] < model.settings["global_scale"]
     off = SCMix.from_data(embedded, scm.Config(n_topics=4, classifier_genes=False))
     assert off.classifier.n_genes == 0 and not any("gene_weights" in w.path for w in off.weights)
+
+
+def test_self_training_fits_the_class_branch_to_the_propagated_probabilities(small_model, embedded):
+    """After the labelled-only fit, the self-training fit moves the branch's labels of the unlabelled cells
+    towards correct-and-smooth's labels on the kNN graph of their topic features (the soft labels it
+    fits; its accuracy is measured by experiments/few_shot)."""
+    from tfp_scmix.model import topic_features
+    from tfp_scmix.propagate import correct_and_smooth, knn_graph
+
+    model = small_model.members[0]
+    labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]  # as the fixture
+    data = embedded.hide_labels(labelled)
+    trained, config = model.classifier.get_weights(), model.config
+    try:
+        model.config = config.replace(self_training=False)
+        model.fit_classifier(data, steps=400)
+        before = scm.predict(model, data)
+        features = topic_features(np.log(before["cell_topic"])).numpy()
+        targets = correct_and_smooth(knn_graph(features), before["probs"], data.labels).argmax(axis=1)
+        model.config = config
+        model.fit_classifier(data, steps=400)
+        after = scm.predict(model, data)["label"]
+    finally:
+        model.config = config
+        model.classifier.set_weights(trained)
+    hidden = data.labels < 0
+    agree_before = (before["label"] == targets)[hidden].mean()
+    agree_after = (after == targets)[hidden].mean()
+    assert agree_after > agree_before + 0.03, (agree_before, agree_after)

@@ -42,6 +42,9 @@ class Config:
       epochs, batch_size (cells per minibatch), learning_rate (Adam, topics and encoder),
       classifier_learning_rate (the classification branch's own Adam during the epochs and its refit),
       classifier_steps (full-batch steps of the classifier refit after the last epoch; 0: none).
+      self_training: after the refit, fit the classification branch again with the unlabelled cells'
+        probabilities refined over their topic-space neighbour graph as soft labels (`SCMix.fit_classifier`,
+        `tfp_scmix.propagate`; docs/few_shot.md).
 
     Raises ValueError for an unknown option or a value out of range (the message names both).
     """
@@ -69,6 +72,7 @@ class Config:
     learning_rate: float = 2e-3
     classifier_learning_rate: float = 0.02
     classifier_steps: int = 2000
+    self_training: bool = True
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
@@ -91,6 +95,8 @@ class Config:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}")
+        if not isinstance(self.self_training, bool):
+            raise ValueError(f"self_training is True or False, received {self.self_training!r}")
         if not isinstance(self.classifier_genes, bool):
             raise ValueError(f"classifier_genes must be True or False, received {self.classifier_genes!r}")
         for name in (

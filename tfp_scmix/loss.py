@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+import scipy.sparse as sp
 import tensorflow as tf
 
+from tfp_scmix.data import sparse_entries
 from tfp_scmix.sparse_ops import log_factorial, row_sums, topic_rate
 
 if TYPE_CHECKING:
@@ -59,8 +62,12 @@ def multinomial_log_prob(
 
 
 def as_sparse(counts: tf.SparseTensor | tf.Tensor | ArrayLike) -> tf.SparseTensor:
-    """A count matrix `[batch, n_genes]` as a tf.SparseTensor: dense inputs are converted (float32, canonical
-    order); sparse ones pass through unchanged."""
+    """A count matrix `[batch, n_genes]` as a tf.SparseTensor: dense and scipy sparse inputs are converted
+    (float32, canonical order); tf.SparseTensor passes through unchanged."""
     if isinstance(counts, tf.SparseTensor):
         return counts
+    if sp.issparse(counts):
+        csr = sp.csr_matrix(counts, dtype=np.float32)
+        csr.sum_duplicates()  # also sorts the indices: canonical order
+        return tf.SparseTensor(*sparse_entries(csr), csr.shape)
     return tf.sparse.from_dense(tf.convert_to_tensor(counts, tf.float32))

@@ -19,10 +19,16 @@ from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.cell import divide_offsets, normalise_counts
 from tfp_scmix.layers.horseshoe import default_global_scale
 from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
+from tfp_scmix.propagate import correct_and_smooth, knn_graph
 from tfp_scmix.stream import H5ADStream
 
 # Sizes that come from the data: required by the constructor, never defaulted (they scale the loss).
 DATA_SIZES = ("n_cells", "n_labelled", "total_counts", "n_batches")
+# Cells the self-training refit of the classification branch reads at most (every labelled one and a
+# sample of the others): the kNN graph and the full-batch fit stay small whatever the data's size.
+SELF_TRAINING_CELLS = 5000
+# The self-training fit starts from the fitted branch: a quarter of the refit's steps.
+SELF_TRAINING_SHARE = 4
 
 
 def library_versions() -> dict[str, str]:
@@ -277,36 +283,57 @@ class SCMix(keras.Model):
 
     # -- the classification branch to convergence ----------------------------------------------
     def fit_classifier(self, data: SCData, steps: int | None = None, batch_size: int = 1024, verbose: int = 0) -> float:
-        """Fit the classification branch to convergence on the labelled cells of `data`, topics fixed.
+        """Fit the classification branch to convergence on the cells of `data`, topics fixed.
 
         Minimises the label part of the loss (mean label_nll + kl_class) on the posterior-mean topics,
         full batch, `steps` Adam steps (default `config.classifier_steps`) at `config.classifier_learning_rate`
         with cosine decay. In the "cut" mode the classifier never changes the topics, so this is exact
         coordinate ascent on the same objective; the minibatch updates during `fit` see only the few
-        labelled cells of each batch and stop short of convergence. Returns the final loss.
-        Raises DataError when `data` has no labelled cell.
+        labelled cells of each batch and stop short of convergence.
+
+        With `config.self_training` and unlabelled cells in `data`, a second fit follows (self-training):
+        the branch's probabilities for up to `SELF_TRAINING_CELLS` cells (every labelled one and a seeded
+        sample of the others) are refined by `propagate.correct_and_smooth` on the kNN graph of their topic
+        features, and the branch is fitted again, warm, for 1 / `SELF_TRAINING_SHARE` of the steps, with those
+        probabilities as soft labels of the unlabelled cells (the labelled ones keep theirs; the KL is then per
+        fitted cell).
+        Returns the final loss. Raises DataError when `data` has no labelled cell.
         """
         steps = self.config.classifier_steps if steps is None else int(steps)
         labelled = np.flatnonzero(data.labels >= 0)
         if labelled.size == 0:
             raise DataError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
-        topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["cell_topic"]
+        loss = self._fit_class_branch(data, labelled, np.eye(self.n_classes)[data.labels[labelled]], steps, verbose)
+        if not (self.config.self_training and steps and labelled.size < data.n_cells):
+            return loss
+        rng = np.random.default_rng(self.seed)
+        others = np.flatnonzero(data.labels < 0)
+        others = np.sort(rng.choice(others, min(others.size, SELF_TRAINING_CELLS - labelled.size), replace=False))
+        cells = np.concatenate([labelled, others])
+        outputs = self.predict(data.subset(cells).dataset(batch_size, shuffle=False), verbose=0)
+        graph = knn_graph(np.asarray(topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30)))))
+        labels = np.concatenate([data.labels[labelled], np.full(others.size, -1)])
+        targets = correct_and_smooth(graph, outputs["probs"], labels)
+        return self._fit_class_branch(data, cells, targets, max(steps // SELF_TRAINING_SHARE, 1), verbose)
+
+    def _fit_class_branch(self, data: SCData, cells: np.ndarray, targets: np.ndarray, steps: int, verbose: int):
+        """`steps` full-batch Adam steps of the classification branch on `cells` of `data` against `targets`
+        `[n_cells, n_classes]` (class probabilities); returns the final loss."""
+        topics = self.predict(data.subset(cells).dataset(1024, shuffle=False), verbose=0)["cell_topic"]
         features = topic_features(tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32))
-        genes = self.class_genes(
-            tf.constant(data.counts[labelled].toarray(), tf.float32), tf.constant(data.batches[labelled], tf.int32)
-        )
-        labels = tf.constant(data.labels[labelled], tf.int32)
+        genes = self.class_genes(as_sparse(data.counts[cells]), tf.constant(data.batches[cells], tf.int32))
+        targets = tf.constant(targets, tf.float32)
         # Decaying the step size lets the Monte Carlo gradients settle on the optimum.
         schedule = keras.optimizers.schedules.CosineDecay(self.config.classifier_learning_rate, steps)
         optimizer = keras.optimizers.Adam(schedule)
         variables = self.classifier.trainable_variables
-        n_labelled = float(self.settings["n_labelled"])
+        n_fitted = float(max(self.settings["n_labelled"], len(cells)))
 
         @tf.function
         def step(seed):
             with tf.GradientTape() as tape:
                 log_probs, kl = self.classifier.sample_log_probs(features, seed, genes)
-                loss = -tf.reduce_mean(tf.gather(log_probs, labels, batch_dims=1)) + kl / n_labelled
+                loss = -tf.reduce_mean(tf.reduce_sum(targets * log_probs, axis=-1)) + kl / n_fitted
             optimizer.apply(tape.gradient(loss, variables), variables)
             return loss
 

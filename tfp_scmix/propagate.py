@@ -1,0 +1,94 @@
+"""Propagation stage: class probabilities spread over a k-nearest-neighbour graph of cells.
+
+The classification branch labels each cell from its own counts. Cells of one type sit together in the
+model's topic space, so the few known labels and the branch's own mistakes carry information about
+their neighbours. `correct_and_smooth` uses it the way Huang et al. (2021, "Combining label propagation
+and simple models out-performs graph neural networks", ICLR; their "autoscale" variant) do:
+
+1. correct: the residuals (one-hot label minus predicted probabilities) of the labelled cells are
+   propagated over the graph and added back to every cell's prediction, rescaled to the mean residual
+   size of the labelled cells;
+2. smooth: the corrected predictions, with the labelled cells clamped to their labels, are propagated
+   once more.
+
+Propagation iterates f <- (1 - alpha) f0 + alpha S f with S = D^-1/2 A D^-1/2, A the symmetrised kNN
+connectivity (Zhou et al. 2004, "Learning with local and global consistency", the label spreading that
+scikit-learn's `LabelSpreading` implements; that class clamps one-hot labels only, so it cannot start from
+a classifier's probabilities). `SCMix.fit_classifier` uses the result as targets for the unlabelled
+cells (self-training, docs/few_shot.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+# Neighbours per cell (scanpy's `pp.neighbors` default) and the propagation settings of Huang et al.
+N_NEIGHBORS = 15
+ALPHA = 0.8
+ITERATIONS = 50
+
+
+def knn_graph(features: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> sp.csr_matrix:
+    """S = D^-1/2 A D^-1/2 `[n_cells, n_cells]` of the symmetrised kNN connectivity A of `features`
+    `[n_cells, n_features]` (Euclidean; each cell's `n_neighbors` nearest other cells, fewer when there
+    are fewer cells). Raises ValueError for fewer than two cells."""
+    from sklearn.neighbors import NearestNeighbors
+
+    features = np.asarray(features, np.float64)
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"a neighbour graph needs at least two cells, received {n}")
+    k = min(int(n_neighbors), n - 1)
+    _, index = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
+    # Identical cells can push a cell out of its own first place: drop self-loops wherever they landed.
+    rows = np.repeat(np.arange(n), k + 1)
+    keep = index.ravel() != rows
+    connect = sp.csr_matrix((np.ones(keep.sum()), (rows[keep], index.ravel()[keep])), shape=(n, n))
+    connect = connect.maximum(connect.T)
+    scale = sp.diags(1.0 / np.sqrt(np.asarray(connect.sum(axis=1)).ravel()))
+    return sp.csr_matrix(scale @ connect @ scale)
+
+
+def spread(
+    graph: sp.csr_matrix,
+    start: np.ndarray,
+    clamped: np.ndarray,
+    alpha: float = ALPHA,
+    iterations: int = ITERATIONS,
+) -> np.ndarray:
+    """Iterate f <- (1 - alpha) start + alpha graph f `iterations` times, rows `clamped` (index) held at
+    their `start` values; start `[n_cells, n_classes]`. Returns f `[n_cells, n_classes]`."""
+    result = start.copy()
+    for _ in range(int(iterations)):
+        result = (1.0 - alpha) * start + alpha * (graph @ result)
+        result[clamped] = start[clamped]
+    return result
+
+
+def correct_and_smooth(graph: sp.csr_matrix, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Class probabilities `[n_cells, n_classes]` after correct-and-smooth (module docstring).
+
+    graph: `knn_graph` of the cells; probs: the classifier's probabilities `[n_cells, n_classes]`; labels:
+    `[n_cells]` class index, -1 where unknown. Labelled cells come back as their one-hot label; each row
+    sums to one. Raises ValueError when the shapes disagree or no cell is labelled.
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels)
+    if graph.shape != (probs.shape[0],) * 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(
+            f"graph {graph.shape}, probs {probs.shape} and labels {labels.shape} must describe the same cells"
+        )
+    labelled = np.flatnonzero(labels >= 0)
+    if labelled.size == 0:
+        raise ValueError("correct_and_smooth needs labelled cells; every label is unknown (-1)")
+    onehot = np.zeros_like(probs)
+    onehot[labelled, labels[labelled]] = 1.0
+    residual = np.zeros_like(probs)
+    residual[labelled] = onehot[labelled] - probs[labelled]
+    residual = spread(graph, residual, labelled)
+    size = np.abs(residual[labelled]).sum(axis=1).mean()
+    corrected = probs + size * residual / np.maximum(np.abs(residual).sum(axis=1, keepdims=True), 1e-12)
+    corrected[labelled] = onehot[labelled]
+    smoothed = np.clip(spread(graph, corrected, labelled), 0.0, None)
+    return smoothed / np.maximum(smoothed.sum(axis=1, keepdims=True), 1e-12)
