@@ -4,7 +4,9 @@
 
 Reads results.csv in this folder (the suite) and in its label_modes/, label_noise/, budgets/ and
 inductive/ folders (see run.py for the commands behind each); a folder that is missing is skipped.
-topics_only/ holds the same report for the model before its classifier read genes (issue 14).
+topics_only/ holds the same report for the model before its classifier read genes (issue 14), and
+before_self_training/ the suite's results of the model before self-training (commit 2f34231, the same
+splits and settings otherwise): the report sets its tfp_scmix rows beside today's.
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 
@@ -116,6 +118,35 @@ def noise_table(noisy, clean):
     )
 
 
+def self_training_table(main, before, method="tfp_scmix"):
+    """tfp_scmix's mean errors, macro-F1 and single-model errors with self-training (`main`) and before it
+    (`before`), on the datasets and seeds both measured."""
+    rows = []
+    for name, frame in (("self-training (default)", main), ("before self-training", before)):
+        frame = frame[(frame.method == method) & (frame.setting == "main")].copy()
+        frame["single_model_mean"] = frame.single_model_errors.map(
+            lambda text: sum(json.loads(text)) / len(json.loads(text))
+        )
+        frame["variant"] = name
+        rows.append(frame)
+    both = pd.concat(rows)
+    shared = both.groupby(["dataset", "seed"]).variant.transform("nunique") == 2
+    table = (
+        both[shared]
+        .groupby(["dataset", "variant"], sort=False)
+        .agg(
+            errors=("errors", "mean"),
+            macro_f1=("macro_f1", "mean"),
+            single_model_errors=("single_model_mean", "mean"),
+            seeds=("seed", "nunique"),
+        )
+        .round(3)
+        .reset_index()
+    )
+    order = pd.Categorical(table.dataset, categories=list(dict.fromkeys(table.dataset)), ordered=True)
+    return table.assign(order=order).sort_values("order", kind="stable").drop(columns="order")
+
+
 def report(folder=HERE):
     main, ablation = read(folder), read(folder / "label_modes")
     noisy, budgets, inductive = (read(folder / name) for name in ("label_noise", "budgets", "inductive"))
@@ -152,6 +183,14 @@ def report(folder=HERE):
             "(by lift over the background) of the most predictive topic of their class, averaged over the "
             "ensemble's members; `marker_score_by_weight` ranks genes by their weight in the topic instead. "
             "`weights_above_0.1`: fraction of class weights whose posterior mean exceeds 0.1 in size.",
+            "",
+        ]
+    before = read(folder / "before_self_training")
+    if main is not None and before is not None:
+        parts += [
+            "## Self-training: the default against the model before it (same splits, genes and seeds)",
+            "",
+            markdown_table(self_training_table(main, before)),
             "",
         ]
     if ablation is not None:
