@@ -31,6 +31,17 @@ SELF_TRAINING_CELLS = 5000
 SELF_TRAINING_SHARE = 4
 
 
+def self_training_cells(labels: np.ndarray, seed: int) -> np.ndarray:
+    """The cells `SCMix.fit_classifier`'s self-training reads (sorted index `[n]`): every labelled one
+    (label >= 0) and a sample, seeded by `seed`, of the others, `SELF_TRAINING_CELLS` in all at most."""
+    labels = np.asarray(labels)
+    labelled, others = np.flatnonzero(labels >= 0), np.flatnonzero(labels < 0)
+    sample = np.random.default_rng(seed).choice(
+        others, min(others.size, max(SELF_TRAINING_CELLS - labelled.size, 0)), replace=False
+    )
+    return np.sort(np.concatenate([labelled, sample]))
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the package and of the libraries its numbers depend on."""
     return {
@@ -306,14 +317,10 @@ class SCMix(keras.Model):
         loss = self._fit_class_branch(data, labelled, np.eye(self.n_classes)[data.labels[labelled]], steps, verbose)
         if not (self.config.self_training and steps and labelled.size < data.n_cells):
             return loss
-        rng = np.random.default_rng(self.seed)
-        others = np.flatnonzero(data.labels < 0)
-        others = np.sort(rng.choice(others, min(others.size, SELF_TRAINING_CELLS - labelled.size), replace=False))
-        cells = np.concatenate([labelled, others])
+        cells = self_training_cells(data.labels, self.seed)
         outputs = self.predict(data.subset(cells).dataset(batch_size, shuffle=False), verbose=0)
         graph = knn_graph(np.asarray(topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30)))))
-        labels = np.concatenate([data.labels[labelled], np.full(others.size, -1)])
-        targets = correct_and_smooth(graph, outputs["probs"], labels)
+        targets = correct_and_smooth(graph, outputs["probs"], data.labels[cells])
         return self._fit_class_branch(data, cells, targets, max(steps // SELF_TRAINING_SHARE, 1), verbose)
 
     def _fit_class_branch(self, data: SCData, cells: np.ndarray, targets: np.ndarray, steps: int, verbose: int):

@@ -27,7 +27,7 @@ from tfp_scmix.config import Config
 from tfp_scmix.data import DataError, SCData, check_argument, epoch_batches
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import ModelFileError, load_model, save_model
-from tfp_scmix.model import SCMix
+from tfp_scmix.model import SCMix, self_training_cells
 from tfp_scmix.novelty import TopicNovelty
 from tfp_scmix.stream import H5ADStream
 
@@ -276,7 +276,8 @@ def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbac
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
         model.set_weights(trained.get_weights())
     if config.classifier_steps and stream.n_labelled:
-        model.fit_classifier(stream.to_data(), verbose=verbose)
+        cells = self_training_cells(stream.labels, seed) if config.self_training else None
+        model.fit_classifier(stream.to_data(cells), verbose=verbose)
     return model
 
 
