@@ -271,10 +271,10 @@ def test_the_class_branch_reads_the_genes_standardised_over_the_training_cells(s
 
 def test_self_training_fits_the_class_branch_to_the_propagated_probabilities(small_model, embedded):
     """After the labelled-only fit, the self-training fit moves the branch's labels of the unlabelled cells
-    towards correct-and-smooth's labels on the kNN graph of their topic features (the soft labels it
+    towards its soft labels (`self_training_targets`) on the kNN graph of their topic features (the soft labels it
     fits; its accuracy is measured by experiments/few_shot)."""
     from tfp_scmix.model import topic_features
-    from tfp_scmix.propagate import correct_and_smooth, knn_graph
+    from tfp_scmix.propagate import knn_graph, self_training_targets
 
     model = small_model.members[0]
     labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]  # as the fixture
@@ -285,7 +285,7 @@ def test_self_training_fits_the_class_branch_to_the_propagated_probabilities(sma
         model.fit_classifier(data, steps=400)
         before = scm.predict(model, data)
         features = topic_features(np.log(before["cell_topic"])).numpy()
-        targets = correct_and_smooth(knn_graph(features), before["probs"], data.labels).argmax(axis=1)
+        targets = self_training_targets(knn_graph(features), before["probs"], data.labels).argmax(axis=1)
         model.config = config
         model.fit_classifier(data, steps=400)
         after = scm.predict(model, data)["label"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tfp_scmix.propagate import correct_and_smooth, knn_graph, spread
+from tfp_scmix.propagate import PROPAGATED_WEIGHT, correct_and_smooth, knn_graph, self_training_targets, spread
 
 
 def two_clusters(n=40, seed=0):
@@ -62,3 +62,28 @@ def test_correct_and_smooth_refuses_what_it_cannot_use():
         correct_and_smooth(graph, probs, np.full(40, -1))
     with pytest.raises(ValueError, match="must describe the same cells"):
         correct_and_smooth(graph, probs[:30], truth[:30])
+
+
+def test_self_training_targets_keep_the_classifiers_class_proportions():
+    points, truth = two_clusters()
+    labels = np.full(40, -1)
+    labels[[0, 20]] = [0, 1]
+    probs = np.where(truth[:, None] == np.arange(2), 0.7, 0.3)
+    wrong = np.r_[5:10, 25:30]
+    probs[wrong] = probs[wrong, ::-1]
+    graph = knn_graph(points, n_neighbors=8)
+    targets = self_training_targets(graph, probs, labels)
+    assert np.array_equal(targets[[0, 20]], np.eye(2))
+    assert np.allclose(targets.sum(axis=1), 1.0)
+    assert np.array_equal(targets.argmax(axis=1), truth)
+    # The unlabelled rows mix the aligned propagated probabilities with the classifier's own.
+    hidden = labels < 0
+    propagated = correct_and_smooth(graph, probs, labels)[hidden]
+    aligned = propagated * probs[hidden].mean(0) / propagated.mean(0)
+    aligned /= aligned.sum(axis=1, keepdims=True)
+    expected = PROPAGATED_WEIGHT * aligned + (1 - PROPAGATED_WEIGHT) * probs[hidden]
+    np.testing.assert_allclose(targets[hidden], expected)
+    # A classifier that puts a fifth of the cells in class 1 keeps a fifth there, where propagation alone
+    # would follow the graph's two halves.
+    skewed = np.tile([0.8, 0.2], (40, 1))
+    assert abs(self_training_targets(graph, skewed, labels)[hidden].mean(0)[1] - 0.2) < 0.05

@@ -14,8 +14,13 @@ and simple models out-performs graph neural networks", ICLR; their "autoscale" v
 Propagation iterates f <- (1 - alpha) f0 + alpha S f with S = D^-1/2 A D^-1/2, A the symmetrised kNN
 connectivity (Zhou et al. 2004, "Learning with local and global consistency", the label spreading that
 scikit-learn's `LabelSpreading` implements; that class clamps one-hot labels only, so it cannot start from
-a classifier's probabilities). `SCMix.fit_classifier` uses the result as targets for the unlabelled
-cells (self-training, docs/few_shot.md).
+a classifier's probabilities).
+
+`self_training_targets` turns the result into the soft labels `SCMix.fit_classifier` fits the unlabelled
+cells to (self-training, docs/few_shot.md): propagation alone can let a large class swallow a small one
+whose few labelled cells sit near it, so the propagated probabilities are first rescaled per class to the
+classifier's own class proportions over the unlabelled cells (distribution alignment, Berthelot et al.
+2020, "ReMixMatch", ICLR) and then averaged with the classifier's probabilities.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import scipy.sparse as sp
 N_NEIGHBORS = 15
 ALPHA = 0.8
 ITERATIONS = 50
+# Weight of the aligned propagated probabilities against the classifier's own in the self-training labels.
+PROPAGATED_WEIGHT = 0.5
 
 
 def knn_graph(features: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> sp.csr_matrix:
@@ -92,3 +99,19 @@ def correct_and_smooth(graph: sp.csr_matrix, probs: np.ndarray, labels: np.ndarr
     corrected[labelled] = onehot[labelled]
     smoothed = np.clip(spread(graph, corrected, labelled), 0.0, None)
     return smoothed / np.maximum(smoothed.sum(axis=1, keepdims=True), 1e-12)
+
+
+def self_training_targets(graph: sp.csr_matrix, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Soft labels `[n_cells, n_classes]` for self-training (module docstring): one-hot for labelled cells;
+    for the others `PROPAGATED_WEIGHT` x correct-and-smooth's probabilities, aligned to the classifier's
+    class proportions over them, plus the rest x `probs`. Arguments and errors as `correct_and_smooth`."""
+    targets = correct_and_smooth(graph, probs, labels)
+    unlabelled = np.asarray(labels) < 0
+    if unlabelled.any():
+        probs = np.asarray(probs, np.float64)
+        aligned = (
+            targets[unlabelled] * probs[unlabelled].mean(axis=0) / np.maximum(targets[unlabelled].mean(axis=0), 1e-12)
+        )
+        aligned /= np.maximum(aligned.sum(axis=1, keepdims=True), 1e-12)
+        targets[unlabelled] = PROPAGATED_WEIGHT * aligned + (1.0 - PROPAGATED_WEIGHT) * probs[unlabelled]
+    return targets
