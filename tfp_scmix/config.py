@@ -44,7 +44,8 @@ class Config:
       classifier_steps (full-batch steps of the classifier refit after the last epoch; 0: none).
       self_training: after the refit, fit the classification branch again with the unlabelled cells'
         probabilities refined over their topic-space neighbour graph as soft labels (`SCMix.fit_classifier`,
-        `tfp_scmix.propagate`; docs/few_shot.md).
+        `tfp_scmix.propagate`). Off by default: it helped on three datasets of the few-shot suite and cost
+        more on the pancreas set than it saved elsewhere (docs/few_shot.md).
 
     Raises ValueError for an unknown option or a value out of range (the message names both).
     """
@@ -72,7 +73,7 @@ class Config:
     learning_rate: float = 2e-3
     classifier_learning_rate: float = 0.02
     classifier_steps: int = 2000
-    self_training: bool = True
+    self_training: bool = False
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
