@@ -5,8 +5,8 @@
 Reads results.csv in this folder (the suite) and in its label_modes/, label_noise/, budgets/ and
 inductive/ folders (see run.py for the commands behind each); a folder that is missing is skipped.
 topics_only/ holds the same report for the model before its classifier read genes (issue 14), and
-before_self_training/ the suite's results of the model before self-training (commit 2f34231, the same
-splits and settings otherwise): the report sets its tfp_scmix rows beside today's.
+self_training/ holds tfp_scmix with `self_training=True` on the suite's splits; the report sets it beside
+the default's rows of the same datasets and seeds.
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 
@@ -118,11 +118,15 @@ def noise_table(noisy, clean):
     )
 
 
-def self_training_table(main, before, method="tfp_scmix"):
-    """tfp_scmix's mean errors, macro-F1 and single-model errors with self-training (`main`) and before it
-    (`before`), on the datasets and seeds both measured."""
+SELF_TRAINING = "tfp_scmix:self_training=True"
+
+
+def self_training_table(main, trained):
+    """Mean errors, macro-F1 and single-model errors of the default (`main`'s tfp_scmix rows) and of
+    `SELF_TRAINING` (`trained`'s rows), on the datasets and seeds both measured."""
     rows = []
-    for name, frame in (("self-training (default)", main), ("before self-training", before)):
+    for name, frame in (("default (no self-training)", main), ("self_training=True", trained)):
+        method = "tfp_scmix" if frame is main else SELF_TRAINING
         frame = frame[(frame.method == method) & (frame.setting == "main")].copy()
         frame["single_model_mean"] = frame.single_model_errors.map(
             lambda text: sum(json.loads(text)) / len(json.loads(text))
@@ -185,12 +189,12 @@ def report(folder=HERE):
             "`weights_above_0.1`: fraction of class weights whose posterior mean exceeds 0.1 in size.",
             "",
         ]
-    before = read(folder / "before_self_training")
-    if main is not None and before is not None:
+    trained = read(folder / "self_training")
+    if main is not None and trained is not None:
         parts += [
-            "## Self-training: the default against the model before it (same splits, genes and seeds)",
+            "## Self-training against the default (same splits, genes and seeds)",
             "",
-            markdown_table(self_training_table(main, before)),
+            markdown_table(self_training_table(main, trained)),
             "",
         ]
     if ablation is not None:
