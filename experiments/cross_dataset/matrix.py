@@ -154,10 +154,13 @@ def read_spec(spec, max_cells=None):
 
 
 def stack(datasets):
-    """The cells of `datasets` (same genes, same classes) one after another, each keeping its batches."""
+    """The cells of `datasets` (same genes) one after another, each keeping its batches; labels in the first's
+    classes (the others must have the same classes or no labels)."""
     first = datasets[0]
-    if any(list(d.genes) != list(first.genes) or list(d.classes) != list(first.classes) for d in datasets):
-        raise ValueError("stack needs the datasets over the same genes and classes in the same order")
+    if any(list(d.genes) != list(first.genes) for d in datasets):
+        raise ValueError("stack needs the datasets over the same genes in the same order; align them first")
+    if any(d.n_labelled and list(d.classes) != list(first.classes) for d in datasets):
+        raise ValueError("stack needs labelled datasets in the same classes (from_anndata(..., classes=))")
     offsets = np.cumsum([0] + [len(d.batch_names) for d in datasets])
     return SCData(
         sp.vstack([d.counts for d in datasets]).tocsr(),
@@ -287,7 +290,7 @@ def pair_rows(sources, target, args, seed, cache):
             )
     peers = [m for m in PEERS if m in args.methods]
     if peers:
-        both = stack([source, _as_unlabelled(query, source, target)])
+        both = stack([source, dataclasses.replace(query, batch_names=[target])])
         visible = np.arange(source.n_cells)
         test = source.n_cells + np.arange(query.n_cells)
         for method in peers:
@@ -311,19 +314,6 @@ def pair_rows(sources, target, args, seed, cache):
         confusion = confusion_table(predicted, read_spec(target, args.max_cells).obs["cell_type"], source.classes)
         confusion.insert(0, "pair", base["pair"])
     return rows, confusion
-
-
-def _as_unlabelled(query, source, target):
-    """The target cells in the source's classes, every label unknown (what the peers may see of them)."""
-    return SCData(
-        query.counts,
-        query.genes,
-        np.full(query.n_cells, -1, np.int32),
-        list(source.classes),
-        np.zeros(query.n_cells, np.int32),
-        [target],
-        query.obs_names,
-    )
 
 
 def confusion_table(predicted, target_types, class_names):

@@ -197,7 +197,7 @@ def kang(args, seed, cache, out):
                 "seconds": train_seconds + time.time() - start,
             }
         )
-    both = stack(ctrl, stim)
+    both = stack([ctrl, stim])
     for method, (predicted, seconds) in peer_predictions(ctrl, both, seed).items():
         ctrl_pred, stim_pred = predicted[: ctrl.n_cells], predicted[ctrl.n_cells :]
         rows.append(
