@@ -1,13 +1,16 @@
 """Cross-dataset benchmark: label transfer, stability under stimulation, unknown cell types, calibration.
 
     ./run experiments.cross_dataset.run                                # every part, seed 0
-    ./run experiments.cross_dataset.run --parts transfer --seeds 0 1 2
+    ./run experiments.cross_dataset.run --parts transfer --seeds 0 1 2  # the transfer matrix
 
 Parts (docs/cross_dataset.md says what each number means):
-- transfer: train on pbmc3k (all 2638 cells labelled, 8 types) over the `--genes` most variable of the genes it
-  shares with pbmc_sorted_zheng, predict the sorted set without and with `adapt`; logistic regression, linear
-  SVM and kNN on PCA on the same genes and cells. Scored on the coarse classes of the label map below:
-  predictions of pbmc3k's DC and Megakaryocytes have no counterpart and count as errors.
+- transfer: the transfer matrix (matrix.py): train on every label of one dataset (or of several with their
+  batch ids) and annotate another of the same tissue over the genes they share, for every ordered pair of
+  pbmc3k, pbmc_sorted_zheng and pbmc68k_reduced, both ways between the two Baron mice, and pbmc3k +
+  pbmc_sorted_zheng -> pbmc68k_reduced; tfp_scmix without and with `adapt` and the peers (logistic regression,
+  linear SVM, kNN on PCA, CellTypist, scANVI with scArches query mapping) on the same cells and genes, scored
+  through one coarse label map per tissue. `--pairs`, `--methods` and `--seeds` choose what to measure; rows of
+  other pairs, methods and seeds are kept, so the matrix can be filled in several runs.
 - kang: the pbmc3k model of `transfer`, adapted to kang_ctrl, labels its cells (those it leaves unassigned
   stay unlabelled); a model trained on kang_ctrl (its own most variable genes) with those labels predicts
   kang_stim without and with `adapt`, beside the peers trained on the same labels. Both conditions hold
@@ -17,9 +20,10 @@ Parts (docs/cross_dataset.md says what each number means):
   (left-out cells against known ones) and the fraction of known cells flagged at the default threshold.
 - calibration: a model trained on the training half with every class; ECE and a reliability diagram on
   the held-out half (the cross-dataset ECE is part of `transfer`).
-Writes results.csv (one row per part, method, seed and left-out class; rows of parts not run this time
-are kept), results.md and reliability_*.png into `--out` (this folder by default), and records the rows
-as MLflow runs of the experiment "cross_dataset" when MLflow is installed.
+Writes results.csv (one row per part, method, seed, pair and left-out class; rows of parts not run this time
+are kept), results.md (goals, the matrices, summary tables), transfer_matrix.png (a heatmap of coarse accuracy
+per method), transfer_confusion.csv and reliability_pbmc3k.png into `--out` (this folder by default), and
+records the rows as MLflow runs of the experiment "cross_dataset" when MLflow is installed.
 """
 
 import argparse
@@ -113,12 +117,14 @@ def reference_model(args, seed, cache):
 
 def transfer(args, seed, cache, out):
     """The matrix's rows for `seed` (`selected_pairs`), one pair at a time; the first seed's confusions."""
-    confusions = []
+    path = out / "transfer_confusion.csv"
     for sources, target in selected_pairs(args):
         rows, confusion = pair_rows(sources, target, args, seed, cache)
         if confusion is not None:
-            confusions.append(confusion)
-            write_csv(pd.concat(confusions, ignore_index=True), out / "transfer_confusion.csv")
+            kept = pd.read_csv(path) if path.is_file() else confusion.iloc[:0]
+            kept = kept if "pair" in kept else confusion.iloc[:0]  # the one-pair benchmark's table: replaced
+            kept = kept[~(kept.pair.isin(confusion.pair) & kept.method.isin(confusion.method))]
+            write_csv(pd.concat([kept, confusion], ignore_index=True), path)
         yield rows
 
 
@@ -406,11 +412,12 @@ def write_summary(frame, path):
 def run(parts, args, out=HERE):
     """Run `parts` for every seed; rows not measured again are kept from `out`/results.csv (`replaced`)."""
     out.mkdir(parents=True, exist_ok=True)
-    kept = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
-    kept = kept[~replaced(kept, parts, args)]
     rows, cache = [], {}
 
     def table():
+        # Read again at every write: another run filling other pairs or methods into the same folder keeps its rows.
+        kept = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
+        kept = kept[~replaced(kept, parts, args)]
         return pd.concat([f for f in (kept, pd.DataFrame(rows)) if len(f)], ignore_index=True).astype({"seed": int})
 
     for part in parts:
