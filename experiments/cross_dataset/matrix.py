@@ -22,6 +22,7 @@ import dataclasses
 import json
 import time
 from itertools import permutations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,15 +136,15 @@ def tissue_order(spec):
 
 
 def label_map_table():
-    """The label maps as one DataFrame: tissue, dataset, label, coarse class."""
-    return pd.DataFrame(
-        [
-            {"tissue": tissue, "dataset": short(spec), "label": label, "coarse": coarse}
-            for tissue, datasets in TISSUES.items()
-            for spec, labels in datasets.items()
-            for label, coarse in labels.items()
-        ]
-    )
+    """The label maps as one table: for each tissue and coarse class, each dataset's labels in it ("-": none)."""
+    rows = []
+    for tissue, datasets in TISSUES.items():
+        for coarse in list(dict.fromkeys(c for labels in datasets.values() for c in labels.values())):
+            row = {"tissue": tissue, "coarse class": coarse}
+            for spec, labels in datasets.items():
+                row[short(spec)] = ", ".join(label for label, c in labels.items() if c == coarse) or "-"
+            rows.append(row)
+    return pd.DataFrame(rows).fillna("")
 
 
 def read_spec(spec, max_cells=None):
@@ -240,6 +241,28 @@ def scores(truth, predicted, source_classes, probs=None, flagged=None, novelty=N
     return out
 
 
+def selected_methods(args):
+    """The methods a run measures: `args.methods` and the adapt variants of `--adapt-shrinkage`."""
+    return [*args.methods, *(f"tfp_scmix+adapt(shrinkage={v:g})" for v in args.adapt_shrinkage or ())]
+
+
+def trained_model(source, args, seed, pair):
+    """(the tfp_scmix model of `pair` trained on `source`, training seconds); with `--models DIR` it is saved
+    there and loaded again by later runs of the same pair, seed and settings (adapt variants, other methods)."""
+    settings = f"{args.genes}-{args.topics}-{args.classifier_steps}-{args.restarts}-{args.epochs}-{args.max_cells}"
+    name = f"{pair.replace(' -> ', '_to_').replace('+', '_')}-seed{seed}-{settings}.keras"
+    path = Path(args.models) / name if args.models else None
+    if path is not None and path.is_file():
+        return scm.load_model(path), float("nan")
+    start = time.time()
+    model = fit(source, args, seed)
+    seconds = time.time() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scm.save_model(model, path)
+    return model, seconds
+
+
 def pair_rows(sources, target, args, seed, cache):
     """Rows of every method in `args.methods` for one pair and seed; the first seed's confusion tables too."""
     source, query, truth = pair_data(sources, target, args.genes, args.max_cells)
@@ -257,17 +280,21 @@ def pair_rows(sources, target, args, seed, cache):
         "source_cells": source.n_cells,
     }
     rows, predicted = [], {}
-    if any(m in args.methods for m in MODEL_METHODS):
-        start = time.time()
-        model = fit(source, args, seed)
-        train_seconds = time.time() - start
+    # adapt with the offsets' prior scale fixed (`--adapt-shrinkage`): the lever of the gene-wise offsets.
+    variants = {f"tfp_scmix+adapt(shrinkage={v:g})": v for v in args.adapt_shrinkage or ()}
+    methods = [m for m in selected_methods(args) if m.startswith("tfp_scmix")]
+    if methods:
+        model, train_seconds = trained_model(source, args, seed, base["pair"])
         if sources == ("pbmc3k",) and target == "pbmc_sorted_zheng":
             cache[seed] = source, model, train_seconds  # the kang part starts from this model
-        for method in [m for m in MODEL_METHODS if m in args.methods]:
+        for method in methods:
             start = time.time()
             fitted = model
-            if method.endswith("adapt"):
-                fitted = scm.adapt(model, query, epochs=args.adapt_epochs, batch_size=args.batch_size)
+            if method != "tfp_scmix":
+                shrinkage = variants.get(method)
+                fitted = scm.adapt(
+                    model, query, epochs=args.adapt_epochs, batch_size=args.batch_size, shrinkage=shrinkage
+                )
             outputs = scm.predict(fitted, query)
             probs = outputs["probs"] @ one_hot
             flagged = outputs["novelty"] > model.novelty.threshold
@@ -367,10 +394,18 @@ def pair_means(rows):
     return table.reset_index()
 
 
+def ordered_methods(methods):
+    """The methods present, in `METHODS` order, adapt variants after tfp_scmix+adapt."""
+    present = set(methods)
+    variants = sorted(m for m in present if m.startswith("tfp_scmix+adapt("))
+    order = [*MODEL_METHODS, *variants, *PEERS]
+    return [m for m in order if m in present]
+
+
 def by_pair(means, score):
     """`score` as a pair x method table (pairs in order, methods in `METHODS` order), with the best peer."""
     table = means.pivot(index="pair", columns="method", values=score)
-    table = table.reindex(index=list(dict.fromkeys(means.pair)), columns=[m for m in METHODS if m in set(means.method)])
+    table = table.reindex(index=list(dict.fromkeys(means.pair)), columns=ordered_methods(means.method))
     peers = [m for m in PEERS if m in table]
     if peers:
         table["best peer"] = table[peers].max(axis=1)
@@ -386,31 +421,24 @@ def transfer_tables(rows):
     for score, name in (("accuracy", "coarse accuracy"), ("macro_f1", "macro-F1")):
         tables[f"Transfer, {name} by pair and method (seeds {seeds})"] = by_pair(means, score).round(3).reset_index()
     single = means[~means.multi_source.astype(bool)]
-    for method in [m for m in METHODS if m in set(single.method)]:
+    for method in ordered_methods(single.method):
         matrix = single[single.method == method].pivot(index="source", columns="target", values="accuracy")
         order = [short(s) for t in TISSUES.values() for s in t]
         matrix = matrix.reindex(
             index=[o for o in order if o in matrix.index], columns=[o for o in order if o in matrix]
         )
         tables[f"Coarse accuracy of {method}: rows source, columns target"] = matrix.round(3).reset_index()
-    model = means[means.method.isin(MODEL_METHODS)]
-    if {"tfp_scmix", "tfp_scmix+adapt"} <= set(model.method):
-        accuracy, f1 = by_pair(model, "accuracy"), by_pair(model, "macro_f1")
-        ece = by_pair(model, "ece")
-        tables["What adapt changes (tfp_scmix+adapt minus tfp_scmix)"] = (
-            pd.DataFrame(
-                {
-                    "accuracy": accuracy["tfp_scmix"],
-                    "adapted accuracy": accuracy["tfp_scmix+adapt"],
-                    "accuracy gain": accuracy["tfp_scmix+adapt"] - accuracy["tfp_scmix"],
-                    "macro-F1 gain": f1["tfp_scmix+adapt"] - f1["tfp_scmix"],
-                    "ECE": ece["tfp_scmix"],
-                    "adapted ECE": ece["tfp_scmix+adapt"],
-                }
-            )
-            .round(3)
-            .reset_index()
-        )
+    model = means[means.method.str.startswith("tfp_scmix")]
+    adapted = [m for m in ordered_methods(model.method) if m.startswith("tfp_scmix+adapt")]
+    if "tfp_scmix" in set(model.method) and adapted:
+        accuracy, f1, ece = (by_pair(model, score) for score in ("accuracy", "macro_f1", "ece"))
+        table = {"accuracy": accuracy["tfp_scmix"], "ECE": ece["tfp_scmix"]}
+        for method in adapted:
+            name = method.removeprefix("tfp_scmix+")
+            table[f"{name}: accuracy gain"] = accuracy[method] - accuracy["tfp_scmix"]
+            table[f"{name}: macro-F1 gain"] = f1[method] - f1["tfp_scmix"]
+            table[f"{name}: ECE"] = ece[method]
+        tables["What adapt changes (minus tfp_scmix without it)"] = pd.DataFrame(table).round(3).reset_index()
     novelty = [c for c in SCORES[4:11] if c in model]
     if len(model):
         tables["Novelty rule and calibration of tfp_scmix per pair"] = model[["pair", "method", *novelty]].round(3)
@@ -423,6 +451,7 @@ def transfer_tables(rows):
             ],
             axis=1,
         ).T.reset_index(names="method")
+    tables["The coarse label maps (matrix.TISSUES)"] = label_map_table()
     return tables
 
 
@@ -445,14 +474,14 @@ def transfer_goal_lines(rows):
         peers = [m for m in PEERS if m in accuracy]
         best = accuracy[peers].mean().idxmax()
         lines.append(f"- best peer on average: {best} (mean accuracy {accuracy[best].mean():.3f})")
-    if {"tfp_scmix", "tfp_scmix+adapt"} <= set(accuracy):
-        gain = accuracy["tfp_scmix+adapt"] - accuracy["tfp_scmix"]
+    for method in [m for m in accuracy if m.startswith("tfp_scmix+adapt")] if "tfp_scmix" in accuracy else []:
+        gain = accuracy[method] - accuracy["tfp_scmix"]
         lines.append(
-            f"- adapt: mean accuracy gain {gain.mean():+.3f} (goal > 0), worst pair {gain.min():+.3f} "
-            f"({gain.idxmin()}; goal >= -{GOALS['adapt_cost']})"
+            f"- {method.removeprefix('tfp_scmix+')}: mean accuracy gain {gain.mean():+.3f} (goal > 0), worst pair "
+            f"{gain.min():+.3f} ({gain.idxmin()}; goal >= -{GOALS['adapt_cost']}) over {gain.notna().sum()} pairs"
         )
     if "ece" in single:
-        ece = by_pair(single[single.method.isin(MODEL_METHODS)], "ece")
+        ece = by_pair(single[single.method.str.startswith("tfp_scmix")], "ece")
         for method in ece:
             lines.append(
                 f"- ECE {method}: at most {GOALS['ece']} on {(ece[method] <= GOALS['ece']).sum()} of {len(ece)} pairs "
@@ -487,7 +516,7 @@ def transfer_heatmap(rows, path):
     from tfp_scmix.io import atomic_path
 
     means = pair_means(rows)
-    methods = [m for m in METHODS if m in set(means.method)]
+    methods = ordered_methods(means.method)
     order = [short(s) for t in TISSUES.values() for s in t]
     sources = [o for o in order if o in set(means.source)] + [s for s in dict.fromkeys(means.source) if s not in order]
     targets = [o for o in order if o in set(means.target)]

@@ -46,6 +46,7 @@ from experiments.cross_dataset.matrix import (
     pair_data,
     pair_name,
     pair_rows,
+    selected_methods,
     stack,
     transfer_goal_lines,
     transfer_heatmap,
@@ -443,7 +444,7 @@ def replaced(kept, parts, args):
     if "transfer" in parts and (kept.part == "transfer").any():
         names = [pair_name(s, t) for s, t in selected_pairs(args)]
         pair = kept["pair"] if "pair" in kept else pd.Series(np.nan, index=kept.index)
-        again = pair.isna() | (pair.isin(names) & kept.method.isin(args.methods) & kept.seed.isin(args.seeds))
+        again = pair.isna() | (pair.isin(names) & kept.method.isin(selected_methods(args)) & kept.seed.isin(args.seeds))
         mask &= ((kept.part != "transfer") | again).to_numpy()
     return mask
 
@@ -475,6 +476,13 @@ def build_parser():
         "inductive: the left-out cells are never seen",
     )
     parser.add_argument("--adapt-epochs", type=int, default=30)
+    parser.add_argument(
+        "--adapt-shrinkage",
+        nargs="+",
+        type=float,
+        help="also adapt with the offsets' prior scale fixed at each value (methods tfp_scmix+adapt(shrinkage=v))",
+    )
+    parser.add_argument("--models", help="save the transfer models here and load them again in later runs")
     parser.add_argument("--classifier-steps", type=int, help="default: the package's")
     parser.add_argument(
         "--pseudo-label-entropy",
