@@ -427,7 +427,8 @@ def transfer_tables(rows):
         matrix = matrix.reindex(
             index=[o for o in order if o in matrix.index], columns=[o for o in order if o in matrix]
         )
-        tables[f"Coarse accuracy of {method}: rows source, columns target"] = matrix.round(3).reset_index()
+        matrix = matrix.round(3).astype(object).where(matrix.notna(), "-")
+        tables[f"Coarse accuracy of {method}: rows source, columns target"] = matrix.reset_index()
     model = means[means.method.str.startswith("tfp_scmix")]
     adapted = [m for m in ordered_methods(model.method) if m.startswith("tfp_scmix+adapt")]
     if "tfp_scmix" in set(model.method) and adapted:

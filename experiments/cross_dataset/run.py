@@ -418,10 +418,10 @@ def run(parts, args, out=HERE):
     def table():
         # Read again at every write: another run filling other pairs or methods into the same folder keeps its rows.
         kept = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
-        kept = kept[~replaced(kept, parts, args)]
+        kept = kept if args.summary_only else kept[~replaced(kept, parts, args)]
         return pd.concat([f for f in (kept, pd.DataFrame(rows)) if len(f)], ignore_index=True).astype({"seed": int})
 
-    for part in parts:
+    for part in [] if args.summary_only else parts:
         for seed in args.seeds:
             start = time.time()
             for new_rows in PART_FUNCTIONS[part](args, seed, cache, out):
@@ -504,6 +504,9 @@ def build_parser():
     )
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="measure nothing: write results.md and the heatmap from results.csv"
+    )
     return parser
 
 
