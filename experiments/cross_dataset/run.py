@@ -421,6 +421,8 @@ def run(parts, args, out=HERE):
         kept = kept if args.summary_only else kept[~replaced(kept, parts, args)]
         return pd.concat([f for f in (kept, pd.DataFrame(rows)) if len(f)], ignore_index=True).astype({"seed": int})
 
+    if args.merge:
+        merge_results([pd.read_csv(p) for p in args.merge], out / "results.csv")
     for part in [] if args.summary_only else parts:
         for seed in args.seeds:
             start = time.time()
@@ -434,6 +436,16 @@ def run(parts, args, out=HERE):
         transfer_heatmap(frame[frame.part == "transfer"], out / "transfer_matrix.png")
     write_summary(frame, out / "results.md")
     return frame
+
+
+def merge_results(frames, path):
+    """Rows of `frames` (results of runs written elsewhere, --merge) into the results file at `path`, each
+    replacing the row of the same part, pair, method, seed and left-out class and score there."""
+    keys = ["part", "pair", "method", "seed", "left_out", "score", "setting"]
+    merged = pd.concat([pd.read_csv(path), *frames] if path.is_file() else frames, ignore_index=True)
+    present = [k for k in keys if k in merged]
+    merged = merged.drop_duplicates(subset=present, keep="last") if present else merged
+    write_csv(merged.reset_index(drop=True), path)
 
 
 def replaced(kept, parts, args):
@@ -504,6 +516,9 @@ def build_parser():
     )
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--merge", nargs="+", help="results.csv files of runs written elsewhere: their rows replace the same rows here"
+    )
     parser.add_argument(
         "--summary-only", action="store_true", help="measure nothing: write results.md and the heatmap from results.csv"
     )
