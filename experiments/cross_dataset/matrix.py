@@ -484,9 +484,10 @@ def transfer_goal_lines(rows):
     if "ece" in single:
         ece = by_pair(single[single.method.str.startswith("tfp_scmix")], "ece")
         for method in ece:
+            values = ece[method].dropna()
             lines.append(
-                f"- ECE {method}: at most {GOALS['ece']} on {(ece[method] <= GOALS['ece']).sum()} of {len(ece)} pairs "
-                f"(goal: every pair); worst {ece[method].max():.3f} ({ece[method].idxmax()})"
+                f"- ECE {method}: at most {GOALS['ece']} on {(values <= GOALS['ece']).sum()} of {len(values)} pairs "
+                f"(goal: every pair); worst {values.max():.3f} ({values.idxmax()})"
             )
     for sources, target in MULTI_SOURCE:
         multi = means[means.target == short(target)]
