@@ -456,6 +456,33 @@ def transfer_tables(rows):
     return tables
 
 
+def label_rule_table(confusion, max_cells=None):
+    """Coarse accuracy of every method when each cell's own label is mapped to its coarse class (the peers'
+    rule; tfp_scmix's `accuracy` takes the largest of its probabilities summed into coarse classes), from the
+    first seed's confusion table (fractions rounded to 3 decimals) and the target cells' types."""
+    rows = []
+    for pair, table in confusion.groupby("pair", sort=False):
+        specs = {short(s): s for t in TISSUES.values() for s in t}
+        sources, target = pair.split(" -> ")
+        target_map = coarse_map(specs[target])
+        merged = {k: v for s in sources.split("+") for k, v in coarse_map(specs[s]).items()}
+        counts = read_spec(specs[target], max_cells).obs["cell_type"].astype(str).value_counts()
+        for method, by_type in table.groupby("method", sort=False):
+            right = total = 0.0
+            for _, row in by_type.iterrows():
+                coarse = target_map[row.target_type]
+                if coarse not in set(merged.values()):
+                    continue  # unmatched: left out, as in `scores`
+                n = counts[row.target_type]
+                right += n * sum(row[c] for c in merged if c in row and merged[c] == coarse and pd.notna(row[c]))
+                total += n
+            rows.append({"pair": pair, "method": method, "accuracy": right / total})
+    frame = pd.DataFrame(rows)
+    return frame.pivot(index="pair", columns="method", values="accuracy").reindex(
+        index=list(dict.fromkeys(frame.pair)), columns=ordered_methods(frame.method)
+    )
+
+
 def transfer_goal_lines(rows):
     """The issue's goals, each with what was measured (means over seeds)."""
     means = pair_means(rows)

@@ -43,6 +43,7 @@ from experiments.cross_dataset.matrix import (
     PAIRS,
     PBMC,
     fit,
+    label_rule_table,
     pair_data,
     pair_name,
     pair_rows,
@@ -401,7 +402,14 @@ def write_summary(frame, path):
         *goal_lines(frame),
         "",
     ]
-    for title, table in summary_tables(frame).items():
+    tables = summary_tables(frame)
+    confusion_path = Path(path).parent / "transfer_confusion.csv"
+    if (frame.part == "transfer").any() and confusion_path.is_file():
+        table = label_rule_table(pd.read_csv(confusion_path)).round(3).reset_index()
+        tables[
+            "Coarse accuracy with each cell's own label mapped to its coarse class (the peers' rule; first seed)"
+        ] = table
+    for title, table in tables.items():
         if isinstance(table.columns, pd.MultiIndex):
             table.columns = [f"{score} {name}" for name, score in table.columns]
             table = table.reset_index()
