@@ -392,7 +392,7 @@ def goal_lines(frame):
     return lines
 
 
-def write_summary(frame, path):
+def write_summary(frame, path, max_cells=None):
     text = [
         "# Cross-dataset benchmark",
         "",
@@ -405,7 +405,7 @@ def write_summary(frame, path):
     tables = summary_tables(frame)
     confusion_path = Path(path).parent / "transfer_confusion.csv"
     if (frame.part == "transfer").any() and confusion_path.is_file():
-        table = label_rule_table(pd.read_csv(confusion_path)).round(3).reset_index()
+        table = label_rule_table(pd.read_csv(confusion_path), max_cells).round(3).reset_index()
         tables[
             "Coarse accuracy with each cell's own label mapped to its coarse class (the peers' rule; first seed)"
         ] = table
@@ -442,7 +442,7 @@ def run(parts, args, out=HERE):
     frame = table()
     if (frame.part == "transfer").any():
         transfer_heatmap(frame[frame.part == "transfer"], out / "transfer_matrix.png")
-    write_summary(frame, out / "results.md")
+    write_summary(frame, out / "results.md", args.max_cells)
     return frame
 
 
