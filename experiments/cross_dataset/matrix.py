@@ -499,7 +499,7 @@ def transfer_goal_lines(rows):
                 f"{(f1[method] - f1['best peer']).mean():+.3f} macro-F1 (goal >= +{GOALS['margin']}); "
                 f"mean accuracy {accuracy[method].mean():.3f}, best peer's {accuracy['best peer'].mean():.3f}"
             )
-        peers = [m for m in PEERS if m in accuracy]
+        peers = [m for m in PEERS if m in accuracy and accuracy[m].notna().all()]  # measured on every pair
         best = accuracy[peers].mean().idxmax()
         lines.append(f"- best peer on average: {best} (mean accuracy {accuracy[best].mean():.3f})")
     for method in [m for m in accuracy if m.startswith("tfp_scmix+adapt")] if "tfp_scmix" in accuracy else []:
