@@ -1,13 +1,16 @@
 """Cross-dataset benchmark: label transfer, stability under stimulation, unknown cell types, calibration.
 
     ./run experiments.cross_dataset.run                                # every part, seed 0
-    ./run experiments.cross_dataset.run --parts transfer --seeds 0 1 2
+    ./run experiments.cross_dataset.run --parts transfer --seeds 0 1 2  # the transfer matrix
 
 Parts (docs/cross_dataset.md says what each number means):
-- transfer: train on pbmc3k (all 2638 cells labelled, 8 types) over the `--genes` most variable of the genes it
-  shares with pbmc_sorted_zheng, predict the sorted set without and with `adapt`; logistic regression, linear
-  SVM and kNN on PCA on the same genes and cells. Scored on the coarse classes of the label map below:
-  predictions of pbmc3k's DC and Megakaryocytes have no counterpart and count as errors.
+- transfer: the transfer matrix (matrix.py): train on every label of one dataset (or of several with their
+  batch ids) and annotate another of the same tissue over the genes they share, for every ordered pair of
+  pbmc3k, pbmc_sorted_zheng and pbmc68k_reduced, both ways between the two Baron mice, and pbmc3k +
+  pbmc_sorted_zheng -> pbmc68k_reduced; tfp_scmix without and with `adapt` and the peers (logistic regression,
+  linear SVM, kNN on PCA, CellTypist, scANVI with scArches query mapping) on the same cells and genes, scored
+  through one coarse label map per tissue. `--pairs`, `--methods` and `--seeds` choose what to measure; rows of
+  other pairs, methods and seeds are kept, so the matrix can be filled in several runs.
 - kang: the pbmc3k model of `transfer`, adapted to kang_ctrl, labels its cells (those it leaves unassigned
   stay unlabelled); a model trained on kang_ctrl (its own most variable genes) with those labels predicts
   kang_stim without and with `adapt`, beside the peers trained on the same labels. Both conditions hold
@@ -17,9 +20,10 @@ Parts (docs/cross_dataset.md says what each number means):
   (left-out cells against known ones) and the fraction of known cells flagged at the default threshold.
 - calibration: a model trained on the training half with every class; ECE and a reliability diagram on
   the held-out half (the cross-dataset ECE is part of `transfer`).
-Writes results.csv (one row per part, method, seed and left-out class; rows of parts not run this time
-are kept), results.md and reliability_*.png into `--out` (this folder by default), and records the rows
-as MLflow runs of the experiment "cross_dataset" when MLflow is installed.
+Writes results.csv (one row per part, method, seed, pair and left-out class; rows of parts not run this time
+are kept), results.md (goals, the matrices, summary tables), transfer_matrix.png (a heatmap of coarse accuracy
+per method), transfer_confusion.csv and reliability_pbmc3k.png into `--out` (this folder by default), and
+records the rows as MLflow runs of the experiment "cross_dataset" when MLflow is installed.
 """
 
 import argparse
@@ -30,10 +34,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 import tfp_scmix as scm
 from experiments.common import markdown_table, most_variable, read_dataset, record_results, write_text
+from experiments.cross_dataset.matrix import (
+    METHODS,
+    MULTI_SOURCE,
+    PAIRS,
+    PBMC,
+    fit,
+    label_rule_table,
+    pair_data,
+    pair_name,
+    pair_rows,
+    selected_methods,
+    stack,
+    transfer_goal_lines,
+    transfer_heatmap,
+    transfer_tables,
+)
 from experiments.few_shot.run import knn_pca, linear_svm, logistic_regression
 from tfp_scmix.data import SCData, from_anndata
 from tfp_scmix.evaluate import (
@@ -52,51 +71,13 @@ PARTS = ("transfer", "kang", "unknown", "calibration")
 REFERENCE, QUERY, KANG_CTRL, KANG_STIM = "pbmc3k", "pbmc_sorted_zheng", "kang_ctrl", "kang_stim"
 PEERS = {"logistic_regression": logistic_regression, "linear_svm": linear_svm, "knn_pca": knn_pca}
 
-# Coarse classes shared by pbmc3k and the FACS-sorted set (the label map of the data README).
-QUERY_COARSE = {
-    "bcells": "B",
-    "thelper": "CD4 T",
-    "memoryt": "CD4 T",
-    "naivet": "CD4 T",
-    "regulatoryt": "CD4 T",
-    "cytotoxict": "CD8 T",
-    "naivecytotoxic": "CD8 T",
-    "nk": "NK",
-    "monocytes": "Monocytes",
-}
-REFERENCE_COARSE = {
-    "B cells": "B",
-    "CD4 T cells": "CD4 T",
-    "CD8 T cells": "CD8 T",
-    "NK cells": "NK",
-    "CD14+ Monocytes": "Monocytes",
-    "FCGR3A+ Monocytes": "Monocytes",
-    "Dendritic cells": "DC",
-    "Megakaryocytes": "Megakaryocytes",
-}
-COARSE = ["B", "CD4 T", "CD8 T", "NK", "Monocytes"]  # the sorted set's coarse classes
-NO_COUNTERPART = ["DC", "Megakaryocytes"]  # pbmc3k types absent from the sorted set: always errors there
+QUERY_COARSE = PBMC[QUERY]  # the sorted set's coarse classes (label_definitions.py)
 GOALS = {"transfer_accuracy": 0.95, "unknown_auroc": 0.9, "ece_in_dataset": 0.03}
 
 
 def read(name, args):
     """AnnData of dataset `name` (from $TFP_SCMIX_DATA); `args.max_cells` random cells of it when set."""
     return read_dataset(name, args.max_cells)
-
-
-def stack(first: SCData, second: SCData) -> SCData:
-    """The cells of two datasets over the same genes, labels in `first`'s classes; batch 0 and 1."""
-    if list(first.genes) != list(second.genes):
-        raise ValueError("stack needs both datasets over the same genes in the same order; align them first")
-    return SCData(
-        sp.vstack([first.counts, second.counts]).tocsr(),
-        first.genes,
-        np.concatenate([first.labels, second.labels]).astype(np.int32),
-        list(first.classes),
-        np.repeat(np.array([0, 1], np.int32), [first.n_cells, second.n_cells]),
-        ["first", "second"],
-        np.concatenate([first.obs_names, second.obs_names]),
-    )
 
 
 def without_class(data: SCData, label: int, keep_cells=False) -> SCData:
@@ -107,11 +88,6 @@ def without_class(data: SCData, label: int, keep_cells=False) -> SCData:
     return dataclasses.replace(data, labels=labels, classes=[c for i, c in enumerate(data.classes) if i != label])
 
 
-def fit(data, args, seed, epochs=None):
-    config = scm.Config(n_topics=args.topics, batch_size=args.batch_size, classifier_steps=args.classifier_steps)
-    return scm.train(data, config, restarts=args.restarts, epochs=epochs or args.epochs, seed=seed, verbose=0)
-
-
 def adapt(model, data, args):
     """Predictions for `data` of `model` adapted to it (its own batch offsets fitted)."""
     return scm.predict(scm.adapt(model, data, epochs=args.adapt_epochs, batch_size=args.batch_size), data)
@@ -120,7 +96,7 @@ def adapt(model, data, args):
 def peer_predictions(train: SCData, query: SCData, seed):
     """{peer: class ids `[query cells]`}: peers fitted on the labelled cells of `train`; kNN's PCA sees
     only `train`'s cells, as the unadapted model does."""
-    both = stack(train, query)
+    both = stack([train, query])
     labelled = np.flatnonzero(train.labels >= 0)
     visible, test = np.arange(train.n_cells), train.n_cells + np.arange(query.n_cells)
     out = {}
@@ -130,111 +106,40 @@ def peer_predictions(train: SCData, query: SCData, seed):
     return out
 
 
-# -- label transfer ---------------------------------------------------------------------------------------
+# -- label transfer: the matrix of pairs (matrix.py) -------------------------------------------------------
 def reference_model(args, seed, cache):
-    """pbmc3k, every cell labelled, over the `args.genes` most variable of its genes that the sorted set
-    also measures, and the model trained on it (kept in `cache` for the kang part)."""
+    """pbmc3k, every cell labelled, over the `args.genes` most variable of its genes that the sorted set also
+    measures, and the model trained on it: the matrix's pbmc3k -> sorted model (kept in `cache` for the kang part)."""
     if seed not in cache:
-        query_genes = read(QUERY, args).var_names
-        full = from_anndata(read(REFERENCE, args))
-        reference = most_variable(full.select_genes(full.genes[pd.Index(full.genes).isin(query_genes)]), args.genes)
+        source, _, _ = pair_data((REFERENCE,), QUERY, args.genes, args.max_cells)
         start = time.time()
-        model = fit(reference, args, seed)
-        cache[seed] = reference, model, time.time() - start
-        print(
-            f"pbmc3k model: {reference.n_cells} cells ({reference.n_labelled} labelled) x {reference.n_genes} "
-            f"genes, trained in {cache[seed][2]:.0f} s",
-            flush=True,
-        )
+        cache[seed] = source, fit(source, args, seed), time.time() - start
     return cache[seed]
 
 
-def coarse_matrix(class_names):
-    """`[n_classes, len(COARSE + NO_COUNTERPART)]` 0/1 map from pbmc3k's classes to the coarse ones."""
-    columns = COARSE + NO_COUNTERPART
-    missing = sorted(set(class_names) - set(REFERENCE_COARSE))
-    if missing:
-        raise ValueError(f"classes {missing} are not in the pbmc3k label map {sorted(REFERENCE_COARSE)}")
-    matrix = np.zeros((len(class_names), len(columns)))
-    matrix[np.arange(len(class_names)), [columns.index(REFERENCE_COARSE[c]) for c in class_names]] = 1.0
-    return matrix
-
-
-def coarse_scores(truth, predicted):
-    """Accuracy, errors, macro-F1 over the sorted set's coarse classes, recall per class, and the fraction
-    predicted as a type without counterpart. truth, predicted: `[cells]` indices into COARSE + NO_COUNTERPART."""
-    from sklearn.metrics import f1_score, recall_score
-
-    classes = list(range(len(COARSE)))
-    recall = recall_score(truth, predicted, labels=classes, average=None, zero_division=0)
-    return {
-        "accuracy": float((truth == predicted).mean()),
-        "errors": int((truth != predicted).sum()),
-        "macro_f1": float(f1_score(truth, predicted, labels=classes, average="macro", zero_division=0)),
-        "no_counterpart": float((predicted >= len(COARSE)).mean()),
-        "per_class_recall": json.dumps(dict(zip(COARSE, np.round(recall, 3).tolist()))),
-    }
-
-
 def transfer(args, seed, cache, out):
-    reference, model, train_seconds = reference_model(args, seed, cache)
-    query_adata = read(QUERY, args)
-    query = from_anndata(query_adata, label_key=None, genes=model.genes)
-    sorted_types = query_adata.obs["cell_type"].astype(str).to_numpy()
-    truth = np.array([COARSE.index(QUERY_COARSE[t]) for t in sorted_types])
-    to_coarse = coarse_matrix(model.class_names)
-    base = {"part": "transfer", "dataset": f"{REFERENCE} -> {QUERY}", "seed": seed, "genes": model.n_genes}
-    rows, predicted = [], {}
-    for method in ("tfp_scmix", "tfp_scmix+adapt"):
-        start = time.time()
-        outputs = adapt(model, query, args) if method.endswith("adapt") else scm.predict(model, query)
-        probs, predicted[method] = outputs["probs"] @ to_coarse, outputs["label"]
-        rows.append(
-            {
-                **base,
-                "method": method,
-                **coarse_scores(truth, probs.argmax(axis=1)),
-                "ece": expected_calibration_error(probs, truth),
-                "unassigned": float(unassigned(outputs["probs"]).mean()),
-                "epochs": args.epochs,
-                "seconds": train_seconds + time.time() - start,
-            }
-        )
-        if seed == args.seeds[0]:
-            suffix = "_adapted" if method.endswith("adapt") else ""
-            reliability_diagram(
-                probs,
-                truth,
-                out / f"reliability_{QUERY}{suffix}.png",
-                title=f"{REFERENCE} -> {QUERY}{' adapted' if suffix else ''} (coarse)",
-            )
-    for method, (predicted[method], seconds) in peer_predictions(reference, query, seed).items():
-        rows.append(
-            {
-                **base,
-                "method": method,
-                **coarse_scores(truth, to_coarse[predicted[method]].argmax(axis=1)),
-                "seconds": seconds,
-            }
-        )
-    if seed == args.seeds[0]:
-        write_csv(confusion(predicted, sorted_types, model.class_names), out / "transfer_confusion.csv")
-    return rows
+    """The matrix's rows for `seed` (`selected_pairs`), one pair at a time; the first seed's confusions."""
+    path = out / "transfer_confusion.csv"
+    for sources, target in selected_pairs(args):
+        rows, confusion = pair_rows(sources, target, args, seed, cache)
+        if confusion is not None:
+            kept = pd.read_csv(path) if path.is_file() else confusion.iloc[:0]
+            kept = kept if "pair" in kept else confusion.iloc[:0]  # the one-pair benchmark's table: replaced
+            kept = kept[~(kept.pair.isin(confusion.pair) & kept.method.isin(confusion.method))]
+            write_csv(pd.concat([kept, confusion], ignore_index=True), path)
+        yield rows
 
 
-def confusion(predicted, sorted_types, class_names):
-    """Per method and sorted type, the fraction of cells given each pbmc3k class (rows sum to 1)."""
-    frames = []
-    for method, labels in predicted.items():
-        table = pd.crosstab(
-            pd.Series(sorted_types, name="sorted_type"),
-            pd.Categorical(np.asarray(class_names)[labels], categories=class_names),
-            normalize="index",
-            dropna=False,
-        )
-        frames.append(table.round(3).reset_index().assign(method=method))
-    frame = pd.concat(frames, ignore_index=True)
-    return frame[["method", "sorted_type", *class_names]]
+def selected_pairs(args):
+    """The pairs to run: `PAIRS` (and `MULTI_SOURCE` unless --no-multi-source), those named by --pairs only."""
+    pairs = PAIRS + ([] if args.no_multi_source else MULTI_SOURCE)
+    if args.pairs:
+        names = {pair_name(s, t): (s, t) for s, t in pairs}
+        unknown = sorted(set(args.pairs) - set(names))
+        if unknown:
+            raise ValueError(f"--pairs {unknown} are not pairs of the matrix; choose among {sorted(names)}")
+        pairs = [names[name] for name in args.pairs]
+    return pairs
 
 
 # -- stability under interferon stimulation -----------------------------------------------------------------
@@ -300,7 +205,7 @@ def kang(args, seed, cache, out):
                 "seconds": train_seconds + time.time() - start,
             }
         )
-    both = stack(ctrl, stim)
+    both = stack([ctrl, stim])
     for method, (predicted, seconds) in peer_predictions(ctrl, both, seed).items():
         ctrl_pred, stim_pred = predicted[: ctrl.n_cells], predicted[ctrl.n_cells :]
         rows.append(
@@ -316,7 +221,7 @@ def kang(args, seed, cache, out):
                 "seconds": seconds,
             }
         )
-    return rows
+    yield rows
 
 
 # -- unknown cell types and in-dataset calibration -----------------------------------------------------------
@@ -389,7 +294,7 @@ def unknown(args, seed, cache, out):
                 + f"; left-out cells mostly called {rows[-1]['novel_predicted_as']}",
                 flush=True,
             )
-    return rows
+    yield rows
 
 
 def calibration(args, seed, cache, out):
@@ -402,7 +307,7 @@ def calibration(args, seed, cache, out):
         reliability_diagram(
             probs, held_out.labels, out / f"reliability_{REFERENCE}.png", title=f"{REFERENCE} held-out half"
         )
-    return [
+    yield [
         {
             "part": "calibration",
             "dataset": f"{REFERENCE} held-out half",
@@ -431,9 +336,7 @@ def summary_tables(frame):
         return table.reset_index()
 
     if (frame.part == "transfer").any():
-        tables["Label transfer pbmc3k -> pbmc_sorted_zheng (coarse classes)"] = mean_over_seeds(
-            "transfer", ["method"], ["accuracy", "errors", "macro_f1", "no_counterpart", "ece", "unassigned", "seconds"]
-        )
+        tables.update(transfer_tables(frame[frame.part == "transfer"]))
     if (frame.part == "kang").any():
         tables["Stability kang_ctrl -> kang_stim"] = mean_over_seeds(
             "kang",
@@ -472,14 +375,8 @@ def summary_tables(frame):
 
 def goal_lines(frame):
     lines = []
-    transfer_rows = frame[frame.part == "transfer"].groupby("method")["accuracy"].mean()
-    for method in ("tfp_scmix", "tfp_scmix+adapt"):
-        if method in transfer_rows:
-            lines.append(
-                f"- transfer coarse accuracy, {method}: {transfer_rows[method]:.3f} "
-                f"(goal >= {GOALS['transfer_accuracy']}; logistic regression "
-                f"{transfer_rows.get('logistic_regression', float('nan')):.3f})"
-            )
+    if (frame.part == "transfer").any():
+        lines += transfer_goal_lines(frame[frame.part == "transfer"])
     unknown_rows = frame[frame.part == "unknown"]
     for (setting, score), rows in unknown_rows.groupby(["setting", "score"], sort=False) if len(unknown_rows) else []:
         by_class = rows.groupby("left_out")["auroc"].mean()
@@ -495,7 +392,7 @@ def goal_lines(frame):
     return lines
 
 
-def write_summary(frame, path):
+def write_summary(frame, path, max_cells=None):
     text = [
         "# Cross-dataset benchmark",
         "",
@@ -505,41 +402,71 @@ def write_summary(frame, path):
         *goal_lines(frame),
         "",
     ]
-    for title, table in summary_tables(frame).items():
+    tables = summary_tables(frame)
+    confusion_path = Path(path).parent / "transfer_confusion.csv"
+    if (frame.part == "transfer").any() and confusion_path.is_file():
+        table = label_rule_table(pd.read_csv(confusion_path), max_cells).round(3).reset_index()
+        tables[
+            "Coarse accuracy with each cell's own label mapped to its coarse class (the peers' rule; first seed)"
+        ] = table
+    for title, table in tables.items():
         if isinstance(table.columns, pd.MultiIndex):
             table.columns = [f"{score} {name}" for name, score in table.columns]
             table = table.reset_index()
         text += [f"## {title}", "", markdown_table(table), ""]
-    confusion_path = Path(path).parent / "transfer_confusion.csv"
-    if (frame.part == "transfer").any() and confusion_path.is_file():
-        table = pd.read_csv(confusion_path)
-        text += ["## Where the sorted types go (fraction of each sorted type given each pbmc3k class; first seed)", ""]
-        for method in ("tfp_scmix+adapt", "logistic_regression"):
-            text += [f"{method}:", "", markdown_table(table[table.method == method].drop(columns="method")), ""]
     write_text(path, "\n".join(text))
     print("\n".join(text))
 
 
 def run(parts, args, out=HERE):
-    """Run `parts` for every seed; results of parts not run are kept from `out`/results.csv."""
+    """Run `parts` for every seed; rows not measured again are kept from `out`/results.csv (`replaced`)."""
     out.mkdir(parents=True, exist_ok=True)
-    kept = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
-    kept = kept[~kept.part.isin(parts)]
     rows, cache = [], {}
 
     def table():
+        # Read again at every write: another run filling other pairs or methods into the same folder keeps its rows.
+        kept = pd.read_csv(out / "results.csv") if (out / "results.csv").is_file() else pd.DataFrame({"part": []})
+        kept = kept if args.summary_only else kept[~replaced(kept, parts, args)]
         return pd.concat([f for f in (kept, pd.DataFrame(rows)) if len(f)], ignore_index=True).astype({"seed": int})
 
-    for part in parts:
+    if args.merge:
+        merge_results([pd.read_csv(p) for p in args.merge], out / "results.csv")
+    for part in [] if args.summary_only else parts:
         for seed in args.seeds:
             start = time.time()
-            rows += PART_FUNCTIONS[part](args, seed, cache, out)
+            for new_rows in PART_FUNCTIONS[part](args, seed, cache, out):
+                rows += new_rows
+                # Keep what has been measured even if a later pair or part is interrupted.
+                write_csv(table(), out / "results.csv")
             print(f"{part} seed {seed}: {time.time() - start:.0f} s", flush=True)
-            # Keep what has been measured even if a later part is interrupted.
-            write_csv(table(), out / "results.csv")
     frame = table()
-    write_summary(frame, out / "results.md")
+    if (frame.part == "transfer").any():
+        transfer_heatmap(frame[frame.part == "transfer"], out / "transfer_matrix.png")
+    write_summary(frame, out / "results.md", args.max_cells)
     return frame
+
+
+def merge_results(frames, path):
+    """Rows of `frames` (results of runs written elsewhere, --merge) into the results file at `path`, each
+    replacing the row of the same part, pair, method, seed and left-out class and score there."""
+    keys = ["part", "pair", "method", "seed", "left_out", "score", "setting"]
+    merged = pd.concat([pd.read_csv(path), *frames] if path.is_file() else frames, ignore_index=True)
+    present = [k for k in keys if k in merged]
+    merged = merged.drop_duplicates(subset=present, keep="last") if present else merged
+    write_csv(merged.reset_index(drop=True), path)
+
+
+def replaced(kept, parts, args):
+    """`[rows]` bool: the rows of `kept` this run measures again. Every row of a part that runs, except, in the
+    transfer matrix, rows of other seeds, pairs or methods than the ones selected (rows of the one-pair
+    benchmark before the matrix, without a `pair`, are replaced)."""
+    mask = kept.part.isin(parts).to_numpy()
+    if "transfer" in parts and (kept.part == "transfer").any():
+        names = [pair_name(s, t) for s, t in selected_pairs(args)]
+        pair = kept["pair"] if "pair" in kept else pd.Series(np.nan, index=kept.index)
+        again = pair.isna() | (pair.isin(names) & kept.method.isin(selected_methods(args)) & kept.seed.isin(args.seeds))
+        mask &= ((kept.part != "transfer") | again).to_numpy()
+    return mask
 
 
 PART_FUNCTIONS = {"transfer": transfer, "kang": kang, "unknown": unknown, "calibration": calibration}
@@ -549,7 +476,16 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=100, help="epochs of the transfer, kang and calibration models")
+    parser.add_argument(
+        "--epochs", type=int, help="epochs of the transfer, kang and calibration models (default: the package's)"
+    )
+    parser.add_argument(
+        "--pairs", nargs="+", help='transfer pairs to run, by name ("pbmc3k -> pbmc_sorted_zheng"; default: all)'
+    )
+    parser.add_argument("--no-multi-source", action="store_true", help="leave out the multi-source transfer rows")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="transfer methods (default: all)"
+    )
     parser.add_argument("--unknown-epochs", type=int, default=50, help="epochs of each left-one-out model")
     parser.add_argument(
         "--unknown-settings",
@@ -560,7 +496,14 @@ def build_parser():
         "inductive: the left-out cells are never seen",
     )
     parser.add_argument("--adapt-epochs", type=int, default=30)
-    parser.add_argument("--classifier-steps", type=int, default=2000)
+    parser.add_argument(
+        "--adapt-shrinkage",
+        nargs="+",
+        type=float,
+        help="also adapt with the offsets' prior scale fixed at each value (methods tfp_scmix+adapt(shrinkage=v))",
+    )
+    parser.add_argument("--models", help="save the transfer models here and load them again in later runs")
+    parser.add_argument("--classifier-steps", type=int, help="default: the package's")
     parser.add_argument(
         "--pseudo-label-entropy",
         type=float,
@@ -569,12 +512,11 @@ def build_parser():
     )
     parser.add_argument("--left-out", nargs="+", help="pbmc3k classes to leave out in turn (default: all)")
     parser.add_argument("--genes", type=int, default=2000, help="highly variable genes")
-    parser.add_argument("--topics", type=int, default=50)
+    parser.add_argument("--topics", type=int, help="default: the package's")
     parser.add_argument(
         "--restarts",
         type=int,
-        default=1,
-        help="models averaged (the package default is 3; these results were measured with 1)",
+        help="models averaged (default: the package's, 3; the unknown and calibration rows were measured with 1)",
     )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
@@ -582,6 +524,12 @@ def build_parser():
     )
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--merge", nargs="+", help="results.csv files of runs written elsewhere: their rows replace the same rows here"
+    )
+    parser.add_argument(
+        "--summary-only", action="store_true", help="measure nothing: write results.md and the heatmap from results.csv"
+    )
     return parser
 
 
