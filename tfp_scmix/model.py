@@ -65,6 +65,17 @@ def topic_features(log_cell_topic: tf.Tensor | np.ndarray) -> tf.Tensor:
     return log_cell_topic - tf.reduce_mean(log_cell_topic, axis=-1, keepdims=True)
 
 
+def outputs(probs: tf.Tensor, cell_topic: tf.Tensor) -> dict[str, tf.Tensor]:
+    """A model's outputs from its class probabilities `[batch, n_classes]` and topic proportions `[batch, topics]`:
+    {"probs", "label" [batch], "confidence" [batch], "cell_topic"}."""
+    return {
+        "probs": probs,
+        "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
+        "confidence": tf.reduce_max(probs, axis=-1),
+        "cell_topic": cell_topic,
+    }
+
+
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class SCMix(keras.Model):
     """Joint topic model and few-shot classifier of single-cell counts (one restart).
@@ -264,16 +275,31 @@ class SCMix(keras.Model):
             return None
         return normalise_counts(divide_offsets(counts, batch_ids, self.batch_offsets.loc))
 
-    def call(self, inputs, training=False):
+    def predictive_tables(self) -> dict[str, tf.Tensor]:
+        """What prediction reads that does not depend on the cells, computed once per prediction rather than per
+        minibatch: the classification branch's fixed posterior draws (`ClassBranch.predictive_tables`), with its
+        gene kernel placed beside the encoder's first-layer kernel: "kernel" `[n_genes, hidden_units (+ S *
+        n_classes)]`. Both branches read the same normalised counts, so one product serves both."""
+        tables = self.classifier.predictive_tables()
+        gene_kernel = tables.pop("gene_kernel", None)
+        kernel = tf.convert_to_tensor(self.encoder.kernel)
+        tables["kernel"] = kernel if gene_kernel is None else tf.concat([kernel, gene_kernel], axis=1)
+        return tables
+
+    def predict_with(self, tables: dict[str, tf.Tensor], inputs, training=False) -> dict[str, tf.Tensor]:
+        """`call`'s outputs from `predictive_tables()` computed beforehand (`tfp_scmix.predict` takes them once per
+        call, not once per minibatch). inputs: as for `call`, a minibatch dict or a count matrix."""
         counts, batch_ids = self._unpack(inputs)
-        loc, _ = self.encode(counts, batch_ids, training=training)
-        probs = self.classifier(topic_features(loc), self.class_genes(counts, batch_ids))
-        return {
-            "probs": probs,
-            "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
-            "confidence": tf.reduce_max(probs, axis=-1),
-            "cell_topic": tf.nn.softmax(loc, axis=-1),
-        }
+        product = self.encoder.first_layer(counts, batch_ids, self.batch_offsets.loc, kernel=tables["kernel"])
+        first, gene_products = product[:, : self.encoder.hidden_units], product[:, self.encoder.hidden_units :]
+        loc, _ = self.encoder.topics_from_first_layer(first, training=training)
+        probs = self.classifier.predictive_probs(
+            topic_features(loc), gene_products if self.classifier.n_genes else None, tables
+        )
+        return outputs(probs, tf.nn.softmax(loc, axis=-1))
+
+    def call(self, inputs, training=False):
+        return self.predict_with(self.predictive_tables(), inputs, training=training)
 
     # -- the classification branch to convergence ----------------------------------------------
     def fit_classifier(self, data: SCData, steps: int | None = None, batch_size: int = 1024, verbose: int = 0) -> float:

@@ -113,32 +113,46 @@ class CellEncoder(keras.layers.Layer):
 
     def call(self, counts, batch_ids=None, offsets=None, training=False):
         """(loc, scale) from counts `[batch, n_genes]`, divided by exp(offsets[batch_ids]) when offsets are given."""
+        return self.topics_from_first_layer(self.first_layer(counts, batch_ids, offsets), training=training)
+
+    def first_layer(
+        self,
+        counts: tf.SparseTensor | tf.Tensor,
+        batch_ids: tf.Tensor | None = None,
+        offsets: tf.Tensor | None = None,
+        kernel: tf.Tensor | None = None,
+    ) -> tf.Tensor:
+        """x @ kernel `[batch, units]`: x the log1p CP10k `[batch, n_genes]` of sparse or dense counts, divided by
+        exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given; kernel `[n_genes, units]` defaults
+        to the first layer's own (without its bias). Prediction passes the first layer's kernel with the
+        classification branch's gene weights beside it, so that one product reads x for both branches.
+        """
+        kernel = self.kernel if kernel is None else kernel
         if isinstance(counts, tf.SparseTensor):
             # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
             # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
-            hidden = tf.cond(
+            return tf.cond(
                 tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                lambda: self.first_layer(tf.sparse.to_dense(counts), batch_ids, offsets),
-                lambda: self.first_layer(counts, batch_ids, offsets),
+                lambda: self._product(tf.sparse.to_dense(counts), batch_ids, offsets, kernel),
+                lambda: self._product(counts, batch_ids, offsets, kernel),
             )
-        else:
-            hidden = self.first_layer(counts, batch_ids, offsets)
-        hidden = tf.nn.relu(self.norm(hidden + self.bias, training=training))
-        hidden = self.drop(hidden, training=training)
-        loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
-        return loc, tf.nn.softplus(scale_raw) + 1e-4
+        return self._product(counts, batch_ids, offsets, kernel)
 
-    def first_layer(
-        self, counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor | None = None, offsets: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """The first layer's pre-activation `[batch, hidden_units]` (without the bias) of sparse or dense counts
-        `[batch, n_genes]`, divided by exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given."""
+    @staticmethod
+    def _product(counts, batch_ids, offsets, kernel) -> tf.Tensor:
         if offsets is not None:
             counts = divide_offsets(counts, batch_ids, offsets)
         x = normalise_counts(counts)
         if isinstance(x, tf.SparseTensor):
-            return tf.sparse.sparse_dense_matmul(x, self.kernel)
-        return tf.matmul(x, self.kernel)
+            return tf.sparse.sparse_dense_matmul(x, kernel)
+        return tf.matmul(x, kernel)
+
+    def topics_from_first_layer(self, first: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """(loc, scale) `[batch, n_topics]` from the first layer's product `[batch, hidden_units]` (`first_layer`)."""
+        hidden = tf.nn.relu(self.norm(first + self.bias, training=training))
+        hidden = self.drop(hidden, training=training)
+        loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
+        return loc, tf.nn.softplus(scale_raw) + 1e-4
 
     def prior(self) -> tuple[tf.Tensor, tf.Tensor]:
         """(loc, scale) `[n_topics]` of the logistic-normal prior over topics."""

@@ -87,15 +87,19 @@ class ClassBranch(keras.layers.Layer):
     def gene_logits(self, genes: tf.Tensor | tf.SparseTensor, weights: tf.Tensor) -> tf.Tensor:
         """V s(x): genes `[batch, n_genes]` (log1p CP10k, dense or sparse), weights `[..., n_classes, n_genes]`
         -> `[batch, ..., n_classes]` (one block per leading dimension of the weights)."""
-        scaled = weights * self.gene_inv_sd  # [..., C, G]: V / sd
-        flat = tf.reshape(scaled, [-1, self.n_genes])  # [(...) C, G]
-        offset = tf.linalg.matvec(flat, self.gene_mean)  # (m / sd) V^T
+        flat, offset = self._gene_table(weights)
         if isinstance(genes, tf.SparseTensor):
             logits = tf.sparse.sparse_dense_matmul(genes, flat, adjoint_b=True)
         else:
             logits = tf.matmul(genes, flat, transpose_b=True)
         logits = logits - offset
-        return tf.reshape(logits, tf.concat([[-1], tf.shape(scaled)[:-1]], axis=0))
+        return tf.reshape(logits, tf.concat([[-1], tf.shape(weights)[:-1]], axis=0))
+
+    def _gene_table(self, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(V / sd `[(...) n_classes, n_genes]`, (m / sd) V^T `[(...) n_classes]`) of weights `[..., n_classes,
+        n_genes]`: s(x) V^T = x (V / sd)^T - (m / sd) V^T keeps the product on x itself (sparse stays sparse)."""
+        flat = tf.reshape(weights * self.gene_inv_sd, [-1, self.n_genes])
+        return flat, tf.linalg.matvec(flat, self.gene_mean)
 
     def noise_posterior(self) -> tuple[tfp.distributions.Distribution, tfp.distributions.Distribution]:
         """q(logit eps) and the prior of logit eps (Beta(1, 19) pushed through the logit)."""
@@ -152,17 +156,44 @@ class ClassBranch(keras.layers.Layer):
             raise ValueError("this classification branch reads genes: pass genes [batch, n_genes]")
         return genes
 
-    def call(self, features, genes=None):
-        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W (and V).
+    def predictive_tables(self) -> dict[str, tf.Tensor]:
+        """The fixed draws of the posterior predictive, taken once for any number of cells (S =
+        n_predictive_samples): "class_weights" W `[S, n_classes, n_topics]` and, with genes, "gene_kernel"
+        `[n_genes, S * n_classes]` (column s * n_classes + c: V_sc / sd) and "gene_offset" `[S * n_classes]`
+        ((m / sd) V_sc^T). The draws come from fixed seeds: every call gives the same tables.
+        """
+        tables = {"class_weights": self.class_weights.posterior_weights(self.n_predictive_samples)}
+        if self.n_genes:
+            draws = self.gene_weights.posterior_weights(self.n_predictive_samples, seed=(13, 17))
+            flat, tables["gene_offset"] = self._gene_table(draws)
+            tables["gene_kernel"] = tf.transpose(flat)
+        return tables
+
+    def predictive_probs(self, features: tf.Tensor, gene_products: tf.Tensor | None, tables: dict) -> tf.Tensor:
+        """Posterior predictive class probabilities `[batch, n_classes]`: the softmax averaged over the draws of
+        `tables` (`predictive_tables`). features `[batch, n_topics]`; gene_products `[batch, S * n_classes]`, the
+        gene input x (log1p CP10k) times tables["gene_kernel"] (None when the branch reads topics only).
 
         The label-noise part is left out: it models annotation errors, not the cell's true type.
         """
-        weights = self.class_weights.posterior_weights(self.n_predictive_samples)
-        logits = tf.einsum("bk,sck->bsc", features, weights) + self.bias
+        logits = tf.einsum("bk,sck->bsc", features, tables["class_weights"]) + self.bias
         if self.n_genes:
-            gene_weights = self.gene_weights.posterior_weights(self.n_predictive_samples, seed=(13, 17))
-            logits += self.gene_logits(self._require_genes(genes), gene_weights)
+            gene_logits = self._require_genes(gene_products) - tables["gene_offset"]
+            logits += tf.reshape(gene_logits, [-1, self.n_predictive_samples, self.n_classes])
         return tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=1)
+
+    def call(self, features, genes=None):
+        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W (and V), from
+        features `[batch, n_topics]` and genes `[batch, n_genes]` (log1p CP10k, dense or sparse)."""
+        tables = self.predictive_tables()
+        gene_products = None
+        if self.n_genes:
+            genes = self._require_genes(genes)
+            if isinstance(genes, tf.SparseTensor):
+                gene_products = tf.sparse.sparse_dense_matmul(genes, tables["gene_kernel"])
+            else:
+                gene_products = tf.matmul(genes, tables["gene_kernel"])
+        return self.predictive_probs(features, gene_products, tables)
 
     def get_config(self):
         hs = self.class_weights
