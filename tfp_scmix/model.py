@@ -375,9 +375,7 @@ class SCMix(keras.Model):
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
         features = topic_features(tf.concat([loc, z], axis=0))
-        genes = self.class_genes(counts, batch_ids)
-        if genes is not None:
-            genes = tf.sparse.concat(0, [genes, genes])
+        genes = self.class_genes(counts, batch_ids)  # of each cell once: the classifier repeats its gene term
         if s["label_mode"] != "joint":
             features = tf.stop_gradient(features)
             genes = None if genes is None else genes.with_values(tf.stop_gradient(genes.values))

@@ -132,16 +132,18 @@ class ClassBranch(keras.layers.Layer):
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """One posterior draw: (log class probabilities `[batch, n_classes]`, Monte Carlo KL scalar in nats).
 
-        features `[batch, n_topics]`; genes `[batch, n_genes]` (required when n_genes > 0); seed: a stateless
-        seed (int32 `[2]`). With label noise the probabilities are those of the noisy labels, and the KL
-        includes the error rate's term.
+        features `[batch, n_topics]`; genes `[cells, n_genes]` (required when n_genes > 0), batch a whole multiple
+        of cells: features may stack versions of the same cells (the training step's posterior mean and draw),
+        whose gene term is computed once and repeated; seed: a stateless seed (int32 `[2]`). With label noise
+        the probabilities are those of the noisy labels, and the KL includes the error rate's term.
         """
         weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
         weights, kl = self.class_weights.sample(weight_seed)
         logits = tf.matmul(features, weights, transpose_b=True) + self.bias
         if self.n_genes:
             gene_weights, gene_kl = self.gene_weights.sample(gene_seed)
-            logits += self.gene_logits(self._require_genes(genes), gene_weights)
+            gene_logits = self.gene_logits(self._require_genes(genes), gene_weights)
+            logits += tf.tile(gene_logits, [tf.shape(features)[0] // tf.shape(gene_logits)[0], 1])
             kl += gene_kl
         eps = tf.constant(0.0)
         if self.label_noise:
