@@ -267,3 +267,21 @@ def test_the_class_branch_reads_the_genes_standardised_over_the_training_cells(s
     assert 0 < model.settings["gene_global_scale"] < model.settings["global_scale"]
     off = SCMix.from_data(embedded, scm.Config(n_topics=4, classifier_genes=False))
     assert off.classifier.n_genes == 0 and not any("gene_weights" in w.path for w in off.weights)
+
+
+@pytest.mark.parametrize("label_mode", ["cut", "joint", "class_prior"])
+def test_labels_reach_the_count_model_only_in_the_joint_mode(synthetic, label_mode):
+    """The class branch reads the encoder's normalised counts (one normalisation per minibatch): the label term's
+    gradient reaches the gene weights in every mode, and the encoder and the batch offsets (through the counts
+    it reads) only in the "joint" mode."""
+    data, _ = synthetic
+    model = SCMix.from_data(data, Config(n_topics=4, label_mode=label_mode))
+    batch = next(iter(data.dataset(128, shuffle=False)))
+    watched = [model.classifier.gene_weights.w_loc, model.encoder.kernel, model.batch_offsets.loc]
+    with tf.GradientTape() as tape:
+        label_nll = model.elbo_terms(batch, training=True)["label_nll"]
+    gene_weights, kernel, offsets = (
+        0.0 if g is None else float(tf.reduce_max(tf.abs(g))) for g in tape.gradient(label_nll, watched)
+    )
+    assert gene_weights > 0
+    assert (kernel > 0, offsets > 0) == ((True, True) if label_mode == "joint" else (False, False))

@@ -356,10 +356,26 @@ class SCMix(keras.Model):
         s = self.settings
         counts, batch_ids = self._unpack(inputs)
         counts = as_sparse(counts)
-        loc, scale = self.encode(counts, batch_ids, training=training)
+        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
+        joint = s["label_mode"] == "joint"
+        # One draw of the classification branch. Its gene weights read the normalised counts x of the encoder's
+        # first layer: in the same product in the "joint" mode, beside it with x detached otherwise.
+        draw = self.classifier.draw(seeds[2])
+        offsets, gene_logits = self.batch_offsets.loc, None
+        if not self.classifier.n_genes:
+            first = self.encoder.first_layer(counts, batch_ids, offsets)
+        else:
+            gene_kernel, gene_offset = self.classifier.gene_kernel(draw["gene_weights"])
+            if joint:
+                kernel = tf.concat([self.encoder.kernel, gene_kernel], axis=1)
+                product = self.encoder.first_layer(counts, batch_ids, offsets, kernel=kernel)
+                first, gene_products = product[:, : self.encoder.hidden_units], product[:, self.encoder.hidden_units :]
+            else:
+                first, gene_products = self.encoder.first_layer(counts, batch_ids, offsets, detached_kernel=gene_kernel)
+            gene_logits = gene_products - gene_offset
+        loc, scale = self.encoder.topics_from_first_layer(first, training=training)
         n_cells = tf.shape(loc)[0]
         labels = inputs.get(LABEL, tf.fill([n_cells], -1))
-        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
 
         # Cell and topic branches: one reparameterized draw each.
         z = loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=seeds[0])
@@ -375,11 +391,9 @@ class SCMix(keras.Model):
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
         features = topic_features(tf.concat([loc, z], axis=0))
-        genes = self.class_genes(counts, batch_ids)  # of each cell once: the classifier repeats its gene term
-        if s["label_mode"] != "joint":
+        if not joint:
             features = tf.stop_gradient(features)
-            genes = None if genes is None else genes.with_values(tf.stop_gradient(genes.values))
-        log_probs, kl_class = self.classifier.sample_log_probs(features, seeds[2], genes)
+        log_probs, kl_class = self.classifier.draw_log_probs(features, gene_logits, draw), draw["kl"]
         labelled = labels >= 0
         safe_labels = tf.maximum(labels, 0)
         nll = -tf.gather(log_probs, tf.tile(safe_labels, [2]), batch_dims=1)

@@ -121,31 +121,41 @@ class CellEncoder(keras.layers.Layer):
         batch_ids: tf.Tensor | None = None,
         offsets: tf.Tensor | None = None,
         kernel: tf.Tensor | None = None,
-    ) -> tf.Tensor:
+        detached_kernel: tf.Tensor | None = None,
+    ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
         """x @ kernel `[batch, units]`: x the log1p CP10k `[batch, n_genes]` of sparse or dense counts, divided by
         exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given; kernel `[n_genes, units]` defaults
-        to the first layer's own (without its bias). Prediction passes the first layer's kernel with the
-        classification branch's gene weights beside it, so that one product reads x for both branches.
+        to the first layer's own (without its bias).
+
+        Other readers of the same x share its normalisation: prediction passes the first layer's kernel with
+        the classification branch's gene weights beside it (one product for both branches); with
+        detached_kernel `[n_genes, m]` the result is the pair (x @ kernel, x @ detached_kernel), no gradient
+        reaching x through the second (the class branch's genes in the "cut" label mode: labels must not move
+        the batch offsets).
         """
         kernel = self.kernel if kernel is None else kernel
+
+        def product(counts):
+            if offsets is not None:
+                counts = divide_offsets(counts, batch_ids, offsets)
+            x = normalise_counts(counts)
+            if isinstance(x, tf.SparseTensor):
+                matmul, detached = tf.sparse.sparse_dense_matmul, x.with_values(tf.stop_gradient(x.values))
+            else:
+                matmul, detached = tf.matmul, tf.stop_gradient(x)
+            if detached_kernel is None:
+                return matmul(x, kernel)
+            return matmul(x, kernel), matmul(detached, detached_kernel)
+
         if isinstance(counts, tf.SparseTensor):
             # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
             # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
             return tf.cond(
                 tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                lambda: self._product(tf.sparse.to_dense(counts), batch_ids, offsets, kernel),
-                lambda: self._product(counts, batch_ids, offsets, kernel),
+                lambda: product(tf.sparse.to_dense(counts)),
+                lambda: product(counts),
             )
-        return self._product(counts, batch_ids, offsets, kernel)
-
-    @staticmethod
-    def _product(counts, batch_ids, offsets, kernel) -> tf.Tensor:
-        if offsets is not None:
-            counts = divide_offsets(counts, batch_ids, offsets)
-        x = normalise_counts(counts)
-        if isinstance(x, tf.SparseTensor):
-            return tf.sparse.sparse_dense_matmul(x, kernel)
-        return tf.matmul(x, kernel)
+        return product(counts)
 
     def topics_from_first_layer(self, first: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """(loc, scale) `[batch, n_topics]` from the first layer's product `[batch, hidden_units]` (`first_layer`)."""

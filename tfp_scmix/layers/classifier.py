@@ -124,6 +124,42 @@ class ClassBranch(keras.layers.Layer):
             0,
         )
 
+    def draw(self, seed: tf.Tensor | tuple[int, int]) -> dict[str, tf.Tensor]:
+        """One reparameterized posterior draw: {"class_weights" W `[n_classes, n_topics]`, "gene_weights" V
+        `[n_classes, n_genes]` (with genes), "error_rate" eps (0 without label noise), "kl" the Monte Carlo KL
+        scalar in nats (the error rate's term included)}. seed: a stateless seed (int32 `[2]`)."""
+        weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
+        draw = {}
+        draw["class_weights"], kl = self.class_weights.sample(weight_seed)
+        if self.n_genes:
+            draw["gene_weights"], gene_kl = self.gene_weights.sample(gene_seed)
+            kl += gene_kl
+        draw["error_rate"] = tf.constant(0.0)
+        if self.label_noise:
+            q, p = self.noise_posterior()
+            logit = q.sample(seed=noise_seed)
+            kl += q.log_prob(logit) - p.log_prob(logit)
+            draw["error_rate"] = tf.sigmoid(logit)
+        draw["kl"] = kl
+        return draw
+
+    def gene_kernel(self, gene_weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(kernel `[n_genes, n_classes]`, offset `[n_classes]`) of gene weights V `[n_classes, n_genes]`: the gene
+        term V s(x) is x @ kernel - offset, x the log1p CP10k (so that x can be shared with the encoder)."""
+        flat, offset = self._gene_table(gene_weights)
+        return tf.transpose(flat), offset
+
+    def draw_log_probs(self, features: tf.Tensor, gene_logits: tf.Tensor | None, draw: dict) -> tf.Tensor:
+        """log class probabilities `[batch, n_classes]` under one `draw`: features `[batch, n_topics]`; gene_logits
+        V s(x) `[cells, n_classes]` (with genes), batch a whole multiple of cells: features may stack versions
+        of the same cells (the training step's posterior mean and draw), whose gene term is repeated. With label
+        noise the probabilities are those of the noisy labels."""
+        logits = tf.matmul(features, draw["class_weights"], transpose_b=True) + self.bias
+        if self.n_genes:
+            gene_logits = self._require_genes(gene_logits)
+            logits += tf.tile(gene_logits, [tf.shape(features)[0] // tf.shape(gene_logits)[0], 1])
+        return self._log_probs(logits, draw["error_rate"])
+
     def sample_log_probs(
         self,
         features: tf.Tensor,
@@ -132,26 +168,12 @@ class ClassBranch(keras.layers.Layer):
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """One posterior draw: (log class probabilities `[batch, n_classes]`, Monte Carlo KL scalar in nats).
 
-        features `[batch, n_topics]`; genes `[cells, n_genes]` (required when n_genes > 0), batch a whole multiple
-        of cells: features may stack versions of the same cells (the training step's posterior mean and draw),
-        whose gene term is computed once and repeated; seed: a stateless seed (int32 `[2]`). With label noise
-        the probabilities are those of the noisy labels, and the KL includes the error rate's term.
+        features `[batch, n_topics]`; genes `[batch, n_genes]` log1p CP10k (required when n_genes > 0); seed: a
+        stateless seed (int32 `[2]`). See `draw` and `draw_log_probs`.
         """
-        weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
-        weights, kl = self.class_weights.sample(weight_seed)
-        logits = tf.matmul(features, weights, transpose_b=True) + self.bias
-        if self.n_genes:
-            gene_weights, gene_kl = self.gene_weights.sample(gene_seed)
-            gene_logits = self.gene_logits(self._require_genes(genes), gene_weights)
-            logits += tf.tile(gene_logits, [tf.shape(features)[0] // tf.shape(gene_logits)[0], 1])
-            kl += gene_kl
-        eps = tf.constant(0.0)
-        if self.label_noise:
-            q, p = self.noise_posterior()
-            logit = q.sample(seed=noise_seed)
-            kl += q.log_prob(logit) - p.log_prob(logit)
-            eps = tf.sigmoid(logit)
-        return self._log_probs(logits, eps), kl
+        draw = self.draw(seed)
+        gene_logits = self.gene_logits(self._require_genes(genes), draw["gene_weights"]) if self.n_genes else None
+        return self.draw_log_probs(features, gene_logits, draw), draw["kl"]
 
     def _require_genes(self, genes):
         if genes is None:
