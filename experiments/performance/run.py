@@ -390,18 +390,34 @@ def run_child(kind, cfg, timeout):
         "OPENBLAS_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
-    start = time.perf_counter()
+    start, busy, own = time.perf_counter(), busy_cpu_s(), children_cpu_s()
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
+    wall = time.perf_counter() - start
+    # Cores that other processes kept busy meanwhile: the machine's busy CPU time less the measurement's own.
+    other_cores = max(0.0, (busy_cpu_s() - busy) - (children_cpu_s() - own)) / wall
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}"}
-    result = json.loads(lines[-1])
-    result["wall_s"] = time.perf_counter() - start
-    return result
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}", "other_cores": other_cores}
+    return {**json.loads(lines[-1]), "wall_s": wall, "other_cores": other_cores}
+
+
+def busy_cpu_s():
+    """CPU seconds the whole machine has spent busy (every core; /proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    """CPU seconds of this process's finished children (and theirs), user and system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def ensure_scvi(log):
@@ -548,6 +564,24 @@ def write_results(out, meta, results, stem="results"):
     write_text(out / f"{stem}.md", render(meta, results))
 
 
+def machine_load(results, meta):
+    """Whether other processes shared the machine during the measurements, from the cores they kept busy."""
+    others = [r["other_cores"] for r in results if r.get("other_cores") is not None]
+    load = (
+        f"load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
+        "at the end, this benchmark's own processes included"
+    )
+    if not others:
+        return f"{load}; the other processes' share was not measured"
+    mean, most = sum(others) / len(others), max(others)
+    if most < 0.25:
+        return f"otherwise idle: other processes used at most {most:.2f} cores during any measurement ({load})"
+    return (
+        f"**shared**: other processes kept {mean:.1f} cores busy on average during the measurements, up to "
+        f"{most:.1f} ({load}); absolute rates move with that load, the ratios are measured side by side"
+    )
+
+
 def _fmt(value, digits=0):
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
@@ -580,9 +614,7 @@ def render(meta, results):
         f"# Performance benchmark ({kind})",
         "",
         f"Written by `experiments/performance/run.py` on {meta['date']} in {meta['minutes']:.1f} min. "
-        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, shared with other jobs "
-        f"(load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
-        f"at the end: absolute numbers move with that load; the ratios are measured side by side). "
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, {machine_load(results, meta)}. "
         f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}, scikit-learn "
         f"{meta['machine']['scikit-learn']}. Every method ran with {meta['threads']} thread(s) "
         "(TensorFlow's pools, PyTorch, BLAS/OpenMP).",
@@ -610,8 +642,8 @@ def render(meta, results):
         f"## Targets on `{ref}` with {k0} topics",
         "",
         "Wall-clock rates, and in brackets cells per CPU-second of the process (all its threads), which "
-        "the other jobs on this shared machine disturb much less: the ratios by CPU time are the fairer "
-        "comparison here.",
+        "other jobs on a shared machine disturb much less: there the ratios by CPU time are the fairer "
+        "comparison.",
         "",
         "| measure | tfp_scmix | LDA (sklearn, online) | scVI | ours / LDA | ours / scVI | target | met |",
         "|---|---|---|---|---|---|---|---|",
@@ -634,8 +666,8 @@ def render(meta, results):
         "train_cells_per_s",
         ours,
         lda,
-        "ours >= 20 x LDA and >= 2 x scVI",
-        lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c,
+        "ours >= 20 x LDA and >= 2.5 x scVI",
+        lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2.5 * c,
     )
     if ours_small:
         row(
@@ -643,16 +675,16 @@ def render(meta, results):
             "train_cells_per_s",
             ours_small,
             lda,
-            "ours >= 20 x LDA and >= 2 x scVI",
-            lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c,
+            "ours >= 20 x LDA and >= 2.5 x scVI",
+            lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2.5 * c,
         )
     row(
         "prediction, cells/s (batch 1024)",
         "predict_cells_per_s",
         ours,
         lda,
-        ">= 200,000 cells/s",
-        lambda a, b, c: a is not None and a >= 200_000,
+        "ours >= 1.5 x scVI's encoding",
+        lambda a, b, c: None not in (a, c) and a >= 1.5 * c,
     )
     lines += [
         "",
