@@ -49,15 +49,15 @@ def divide_offsets(
 def normalise_counts(counts: tf.SparseTensor | tf.Tensor) -> tf.SparseTensor | tf.Tensor:
     """log1p(counts per 10k) of a sparse (canonical order) or dense `[batch, n_genes]` count matrix (stays sparse).
 
-    Counts per 10k: counts * 10,000 / the cell's total (a total below 1 counts as 1), the usual CP10k scaling.
+    Counts per 10k: counts * (10,000 / the cell's total) (a total below 1 counts as 1), the usual CP10k scaling,
+    in the order of `tfp_scmix.data.log_normalised` (one product per entry).
     """
     if isinstance(counts, tf.SparseTensor):
         rows = counts.indices[:, 0]
         library = row_sums(counts.values, rows, tf.shape(counts, out_type=tf.int64)[0])
-        row_library = tf.gather(tf.maximum(library, 1.0), rows)
-        return counts.with_values(tf.math.log1p(counts.values * 1e4 / row_library))
+        return counts.with_values(tf.math.log1p(counts.values * tf.gather(1e4 / tf.maximum(library, 1.0), rows)))
     library = tf.reduce_sum(counts, axis=1, keepdims=True)
-    return tf.math.log1p(counts * 1e4 / tf.maximum(library, 1.0))
+    return tf.math.log1p(counts * (1e4 / tf.maximum(library, 1.0)))
 
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
