@@ -291,7 +291,7 @@ class SCMix(keras.Model):
         call, not once per minibatch). inputs: as for `call`, a minibatch dict or a count matrix."""
         counts, batch_ids = self._unpack(inputs)
         product = self.encoder.first_layer(counts, batch_ids, self.batch_offsets.loc, kernel=tables["kernel"])
-        first, gene_products = product[:, : self.encoder.hidden_units], product[:, self.encoder.hidden_units :]
+        first, gene_products = self.encoder.split(product)
         loc, _ = self.encoder.topics_from_first_layer(first, training=training)
         probs = self.classifier.predictive_probs(
             topic_features(loc), gene_products if self.classifier.n_genes else None, tables
@@ -368,10 +368,11 @@ class SCMix(keras.Model):
             gene_kernel, gene_offset = self.classifier.gene_kernel(draw["gene_weights"])
             if joint:
                 kernel = tf.concat([self.encoder.kernel, gene_kernel], axis=1)
-                product = self.encoder.first_layer(counts, batch_ids, offsets, kernel=kernel)
-                first, gene_products = product[:, : self.encoder.hidden_units], product[:, self.encoder.hidden_units :]
+                first, gene_products = self.encoder.split(
+                    self.encoder.first_layer(counts, batch_ids, offsets, kernel=kernel)
+                )
             else:
-                first, gene_products = self.encoder.first_layer(counts, batch_ids, offsets, detached_kernel=gene_kernel)
+                first, gene_products = self.encoder.first_layer_and_detached(counts, batch_ids, offsets, gene_kernel)
             gene_logits = gene_products - gene_offset
         loc, scale = self.encoder.topics_from_first_layer(first, training=training)
         n_cells = tf.shape(loc)[0]

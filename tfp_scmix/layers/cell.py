@@ -121,21 +121,31 @@ class CellEncoder(keras.layers.Layer):
         batch_ids: tf.Tensor | None = None,
         offsets: tf.Tensor | None = None,
         kernel: tf.Tensor | None = None,
-        detached_kernel: tf.Tensor | None = None,
-    ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+    ) -> tf.Tensor:
         """x @ kernel `[batch, units]`: x the log1p CP10k `[batch, n_genes]` of sparse or dense counts, divided by
         exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given; kernel `[n_genes, units]` defaults
-        to the first layer's own (without its bias).
-
-        Other readers of the same x share its normalisation: prediction passes the first layer's kernel with
-        the classification branch's gene weights beside it (one product for both branches); with
-        detached_kernel `[n_genes, m]` the result is the pair (x @ kernel, x @ detached_kernel), no gradient
-        reaching x through the second (the class branch's genes in the "cut" label mode: labels must not move
-        the batch offsets).
+        to the first layer's own (without its bias). Prediction passes the first layer's kernel with the
+        classification branch's gene weights beside it, so that one product reads x for both branches.
         """
+        return self._products(counts, batch_ids, offsets, kernel, None)[0]
+
+    def first_layer_and_detached(
+        self,
+        counts: tf.SparseTensor | tf.Tensor,
+        batch_ids: tf.Tensor | None,
+        offsets: tf.Tensor | None,
+        detached_kernel: tf.Tensor,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(`first_layer`'s product, x @ detached_kernel `[batch, m]`) with no gradient reaching x through the
+        second: the class branch's genes read the same x in the "cut" label mode, where labels must not move
+        the batch offsets."""
+        first, detached = self._products(counts, batch_ids, offsets, None, detached_kernel)
+        return first, detached
+
+    def _products(self, counts, batch_ids, offsets, kernel, detached_kernel) -> tuple[tf.Tensor, ...]:
         kernel = self.kernel if kernel is None else kernel
 
-        def product(counts):
+        def products(counts):
             if offsets is not None:
                 counts = divide_offsets(counts, batch_ids, offsets)
             x = normalise_counts(counts)
@@ -144,7 +154,7 @@ class CellEncoder(keras.layers.Layer):
             else:
                 matmul, detached = tf.matmul, tf.stop_gradient(x)
             if detached_kernel is None:
-                return matmul(x, kernel)
+                return (matmul(x, kernel),)
             return matmul(x, kernel), matmul(detached, detached_kernel)
 
         if isinstance(counts, tf.SparseTensor):
@@ -152,10 +162,15 @@ class CellEncoder(keras.layers.Layer):
             # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
             return tf.cond(
                 tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                lambda: product(tf.sparse.to_dense(counts)),
-                lambda: product(counts),
+                lambda: products(tf.sparse.to_dense(counts)),
+                lambda: products(counts),
             )
-        return product(counts)
+        return products(counts)
+
+    def split(self, product: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(first layer `[batch, hidden_units]`, the other readers' columns) of a product by a kernel that has the
+        first layer's beside other columns (`first_layer`'s kernel)."""
+        return product[:, : self.hidden_units], product[:, self.hidden_units :]
 
     def topics_from_first_layer(self, first: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """(loc, scale) `[batch, n_topics]` from the first layer's product `[batch, hidden_units]` (`first_layer`)."""
