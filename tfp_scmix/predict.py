@@ -8,6 +8,7 @@ outputs. `annotate`, the command line, the export client and the experiments pre
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import weakref
@@ -147,13 +148,15 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
     Each minibatch is densified here (scipy's toarray is several times faster than TensorFlow's
     sparse-to-dense), so a minibatch holds at most `CellEncoder.DENSE_BATCH_LIMIT` entries: fewer cells
     per minibatch for very many genes."""
+    import tensorflow as tf
+
     from tfp_scmix.layers.cell import CellEncoder
 
     function = _predict_function(model, tables)
     batch_size = max(1, min(batch_size, CellEncoder.DENSE_BATCH_LIMIT // model.n_genes))
     counts = chunk.counts
-    parts = []
-    for start in range(0, chunk.n_cells, batch_size):
+
+    def minibatch(start):
         stop = min(start + batch_size, chunk.n_cells)
         first, last = counts.indptr[start], counts.indptr[stop]
         # The rows as a view of the chunk's arrays (scipy's row slicing would copy them first).
@@ -161,8 +164,19 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
             (counts.data[first:last], counts.indices[first:last], counts.indptr[start : stop + 1] - first),
             shape=(stop - start, counts.shape[1]),
         )
-        out = function(rows.toarray(), chunk.batches[start:stop], tables)
-        parts.append({key: out[key].numpy() for key in keys if key in out})
+        return tf.constant(rows.toarray()), tf.constant(chunk.batches[start:stop])
+
+    # The next minibatch is built on another thread while TensorFlow predicts this one (which releases the GIL).
+    starts = range(0, chunk.n_cells, batch_size)
+    parts = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(minibatch, starts[0])
+        for i in range(len(starts)):
+            batch = ahead.result()
+            if i + 1 < len(starts):
+                ahead = pool.submit(minibatch, starts[i + 1])
+            out = function(*batch, tables)
+            parts.append({key: out[key].numpy() for key in keys if key in out})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
