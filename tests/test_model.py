@@ -300,3 +300,21 @@ def test_self_training_fits_the_class_branch_to_its_soft_labels(small_model, emb
         model.classifier.set_weights(trained)
     assert calls == [((data.n_cells, data.n_cells), (data.n_cells, data.n_classes))]
     assert share[False] < 0.3 and share[True] > 0.9, share
+
+
+@pytest.mark.parametrize("label_mode", ["cut", "joint", "class_prior"])
+def test_labels_reach_the_count_model_only_in_the_joint_mode(synthetic, label_mode):
+    """The class branch reads the encoder's normalised counts (one normalisation per minibatch): the label term's
+    gradient reaches the gene weights in every mode, and the encoder and the batch offsets (through the counts
+    it reads) only in the "joint" mode."""
+    data, _ = synthetic
+    model = SCMix.from_data(data, Config(n_topics=4, label_mode=label_mode))
+    batch = next(iter(data.dataset(128, shuffle=False)))
+    watched = [model.classifier.gene_weights.w_loc, model.encoder.kernel, model.batch_offsets.loc]
+    with tf.GradientTape() as tape:
+        label_nll = model.elbo_terms(batch, training=True)["label_nll"]
+    gene_weights, kernel, offsets = (
+        0.0 if g is None else float(tf.reduce_max(tf.abs(g))) for g in tape.gradient(label_nll, watched)
+    )
+    assert gene_weights > 0
+    assert (kernel > 0, offsets > 0) == ((True, True) if label_mode == "joint" else (False, False))

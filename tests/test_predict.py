@@ -229,12 +229,12 @@ def test_one_traced_function_serves_every_chunk_and_memory_stays_flat(small_mode
 
     cells = sp.vstack([embedded.counts] * 20, format="csr")  # 14,000 cells, 40 chunks of 350
     first = scm.predict(small_model, cells, chunk_size=350)
-    assert _predict_function(small_model).experimental_get_tracing_count() == 1
+    assert _predict_function(small_model, small_model.predictive_tables()).experimental_get_tracing_count() == 1
     scm.predict(small_model, cells, chunk_size=350)
     before = rss_mb()
     again = scm.predict(small_model, cells, chunk_size=350)
     growth = rss_mb() - before
-    assert _predict_function(small_model).experimental_get_tracing_count() == 1
+    assert _predict_function(small_model, small_model.predictive_tables()).experimental_get_tracing_count() == 1
     np.testing.assert_array_equal(again["probs"], first["probs"])
     assert growth < 8, f"memory grew {growth:.1f} MB over a call of 40 chunks"
 
@@ -249,3 +249,35 @@ def test_numeric_arguments_out_of_range_are_refused(small_model, embedded):
             scm.predict(small_model, embedded, **kwargs)
     with pytest.raises(ValueError, match="keys \\['topics'\\] are not outputs"):
         scm.predict(small_model, embedded, keys=["topics"])
+
+
+def test_predictions_are_the_model_written_out_term_by_term(small_model, embedded):
+    """`predict` (posterior draws taken once per call, one product over the normalised counts for the encoder
+    and the class branch's genes, dense minibatches) against the model written out in numpy: x = log1p CP10k
+    of the counts over exp(batch offsets); the encoder's Dense -> BatchNorm (moving statistics) -> ReLU -> head;
+    class probabilities the softmax of W_s f + V_s (x - m) / sd + c averaged over the branch's S fixed draws.
+    Tolerance: 1e-5 on probabilities and topic proportions (float32 sums in another order); equal labels."""
+    member = small_model.members[0]
+    encoder, branch = member.encoder, member.classifier
+    counts = embedded.counts.toarray().astype(np.float64)
+    scaled = counts * np.exp(-member.batch_offsets.loc.numpy())[embedded.batches]
+    x = np.log1p(scaled * 1e4 / np.maximum(scaled.sum(1, keepdims=True), 1.0))
+    norm = encoder.norm
+    hidden = x @ encoder.kernel.numpy() + encoder.bias.numpy()
+    hidden = (hidden - norm.moving_mean.numpy()) / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
+    hidden = np.maximum(hidden * norm.gamma.numpy() + norm.beta.numpy(), 0.0)
+    loc = np.split(hidden @ encoder.head.kernel.numpy() + encoder.head.bias.numpy(), 2, axis=1)[0]
+    features = loc - loc.mean(1, keepdims=True)
+    genes = (x - branch.gene_mean.numpy()) * branch.gene_inv_sd.numpy()
+    class_draws = branch.class_weights.posterior_weights(branch.n_predictive_samples).numpy()
+    gene_draws = branch.gene_weights.posterior_weights(branch.n_predictive_samples, seed=(13, 17)).numpy()
+    probs = 0.0
+    for w, v in zip(class_draws, gene_draws, strict=True):
+        logits = features @ w.T + genes @ v.T + branch.bias.numpy()
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probs = probs + e / e.sum(1, keepdims=True) / branch.n_predictive_samples
+    out = scm.predict(small_model, embedded, batch_size=300)
+    np.testing.assert_allclose(out["probs"], probs, atol=1e-5)
+    topics = np.exp(loc - loc.max(1, keepdims=True))
+    np.testing.assert_allclose(out["cell_topic"], topics / topics.sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_array_equal(out["label"], probs.argmax(1))

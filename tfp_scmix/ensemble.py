@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from tfp_scmix.data import gene_fingerprint
-from tfp_scmix.model import SCMix
+from tfp_scmix.model import SCMix, outputs
 from tfp_scmix.novelty import TopicNovelty
 
 
@@ -60,17 +60,20 @@ class SCMixEnsemble(keras.Model):
         """Every member's posterior-mean topic-gene distributions, stacked: `[n_members * n_topics, n_genes]`."""
         return tf.concat([m.topic_gene() for m in self.members], axis=0)
 
+    def predictive_tables(self) -> list[dict[str, tf.Tensor]]:
+        """Every member's `SCMix.predictive_tables()`, for `predict_with`."""
+        return [m.predictive_tables() for m in self.members]
+
+    def predict_with(self, tables: list[dict[str, tf.Tensor]], inputs, training=False) -> dict[str, tf.Tensor]:
+        """`call`'s outputs from `predictive_tables()` computed beforehand (see `SCMix.predict_with`)."""
+        members = [m.predict_with(t, inputs, training=training) for m, t in zip(self.members, tables, strict=True)]
+        if len(members) == 1:
+            return members[0]
+        probs = tf.add_n([o["probs"] for o in members]) / len(members)
+        return outputs(probs, tf.concat([o["cell_topic"] for o in members], axis=-1))
+
     def call(self, inputs, training=False):
-        outputs = [m(inputs, training=training) for m in self.members]
-        if len(outputs) == 1:
-            return outputs[0]
-        probs = tf.add_n([o["probs"] for o in outputs]) / len(outputs)
-        return {
-            "probs": probs,
-            "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
-            "confidence": tf.reduce_max(probs, axis=-1),
-            "cell_topic": tf.concat([o["cell_topic"] for o in outputs], axis=-1),
-        }
+        return self.predict_with(self.predictive_tables(), inputs, training=training)
 
     save = SCMix.save  # atomic, through tfp_scmix.save_model
 

@@ -82,6 +82,17 @@ def topic_features(log_cell_topic: tf.Tensor | np.ndarray) -> tf.Tensor:
     return log_cell_topic - tf.reduce_mean(log_cell_topic, axis=-1, keepdims=True)
 
 
+def outputs(probs: tf.Tensor, cell_topic: tf.Tensor) -> dict[str, tf.Tensor]:
+    """A model's outputs from its class probabilities `[batch, n_classes]` and topic proportions `[batch, topics]`:
+    {"probs", "label" [batch], "confidence" [batch], "cell_topic"}."""
+    return {
+        "probs": probs,
+        "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
+        "confidence": tf.reduce_max(probs, axis=-1),
+        "cell_topic": cell_topic,
+    }
+
+
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class SCMix(keras.Model):
     """Joint topic model and few-shot classifier of single-cell counts (one restart).
@@ -281,16 +292,31 @@ class SCMix(keras.Model):
             return None
         return normalise_counts(divide_offsets(counts, batch_ids, self.batch_offsets.loc))
 
-    def call(self, inputs, training=False):
+    def predictive_tables(self) -> dict[str, tf.Tensor]:
+        """What prediction reads that does not depend on the cells, computed once per prediction rather than per
+        minibatch: the classification branch's fixed posterior draws (`ClassBranch.predictive_tables`), with its
+        gene kernel placed beside the encoder's first-layer kernel: "kernel" `[n_genes, hidden_units (+ S *
+        n_classes)]`. Both branches read the same normalised counts, so one product serves both."""
+        tables = self.classifier.predictive_tables()
+        gene_kernel = tables.pop("gene_kernel", None)
+        kernel = tf.convert_to_tensor(self.encoder.kernel)
+        tables["kernel"] = kernel if gene_kernel is None else tf.concat([kernel, gene_kernel], axis=1)
+        return tables
+
+    def predict_with(self, tables: dict[str, tf.Tensor], inputs, training=False) -> dict[str, tf.Tensor]:
+        """`call`'s outputs from `predictive_tables()` computed beforehand (`tfp_scmix.predict` takes them once per
+        call, not once per minibatch). inputs: as for `call`, a minibatch dict or a count matrix."""
         counts, batch_ids = self._unpack(inputs)
-        loc, _ = self.encode(counts, batch_ids, training=training)
-        probs = self.classifier(topic_features(loc), self.class_genes(counts, batch_ids))
-        return {
-            "probs": probs,
-            "label": tf.argmax(probs, axis=-1, output_type=tf.int32),
-            "confidence": tf.reduce_max(probs, axis=-1),
-            "cell_topic": tf.nn.softmax(loc, axis=-1),
-        }
+        product = self.encoder.first_layer(counts, batch_ids, self.batch_offsets.loc, kernel=tables["kernel"])
+        first, gene_products = self.encoder.split(product)
+        loc, _ = self.encoder.topics_from_first_layer(first, training=training)
+        probs = self.classifier.predictive_probs(
+            topic_features(loc), gene_products if self.classifier.n_genes else None, tables
+        )
+        return outputs(probs, tf.nn.softmax(loc, axis=-1))
+
+    def call(self, inputs, training=False):
+        return self.predict_with(self.predictive_tables(), inputs, training=training)
 
     # -- the classification branch to convergence ----------------------------------------------
     def fit_classifier(self, data: SCData, steps: int | None = None, batch_size: int = 1024, verbose: int = 0) -> float:
@@ -364,10 +390,27 @@ class SCMix(keras.Model):
         s = self.settings
         counts, batch_ids = self._unpack(inputs)
         counts = as_sparse(counts)
-        loc, scale = self.encode(counts, batch_ids, training=training)
+        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
+        joint = s["label_mode"] == "joint"
+        # One draw of the classification branch. Its gene weights read the normalised counts x of the encoder's
+        # first layer: in the same product in the "joint" mode, beside it with x detached otherwise.
+        draw = self.classifier.draw(seeds[2])
+        offsets, gene_logits = self.batch_offsets.loc, None
+        if not self.classifier.n_genes:
+            first = self.encoder.first_layer(counts, batch_ids, offsets)
+        else:
+            gene_kernel, gene_offset = self.classifier.gene_kernel(draw["gene_weights"])
+            if joint:
+                kernel = tf.concat([self.encoder.kernel, gene_kernel], axis=1)
+                first, gene_products = self.encoder.split(
+                    self.encoder.first_layer(counts, batch_ids, offsets, kernel=kernel)
+                )
+            else:
+                first, gene_products = self.encoder.first_layer_and_detached(counts, batch_ids, offsets, gene_kernel)
+            gene_logits = gene_products - gene_offset
+        loc, scale = self.encoder.topics_from_first_layer(first, training=training)
         n_cells = tf.shape(loc)[0]
         labels = inputs.get(LABEL, tf.fill([n_cells], -1))
-        seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
 
         # Cell and topic branches: one reparameterized draw each.
         z = loc + scale * tf.random.stateless_normal(tf.shape(loc), seed=seeds[0])
@@ -383,13 +426,9 @@ class SCMix(keras.Model):
 
         # Classification branch, on the posterior-mean topics and on the draw, with one draw of W.
         features = topic_features(tf.concat([loc, z], axis=0))
-        genes = self.class_genes(counts, batch_ids)
-        if genes is not None:
-            genes = tf.sparse.concat(0, [genes, genes])
-        if s["label_mode"] != "joint":
+        if not joint:
             features = tf.stop_gradient(features)
-            genes = None if genes is None else genes.with_values(tf.stop_gradient(genes.values))
-        log_probs, kl_class = self.classifier.sample_log_probs(features, seeds[2], genes)
+        log_probs, kl_class = self.classifier.draw_log_probs(features, gene_logits, draw), draw["kl"]
         labelled = labels >= 0
         safe_labels = tf.maximum(labels, 0)
         nll = -tf.gather(log_probs, tf.tile(safe_labels, [2]), batch_dims=1)

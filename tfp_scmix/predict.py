@@ -8,6 +8,7 @@ outputs. `annotate`, the command line, the export client and the experiments pre
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import weakref
@@ -28,7 +29,6 @@ from tfp_scmix.data import (
     find_counts,
     from_anndata,
     read_h5ad,
-    sparse_entries,
 )
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix
@@ -118,7 +118,8 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
 _PREDICT_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _predict_function(model: SCMix | SCMixEnsemble):
+def _predict_function(model: SCMix | SCMixEnsemble, tables):
+    """The model's prediction of one dense minibatch `[cells, n_genes]` from its `predictive_tables()`, traced once."""
     function = _PREDICT_FUNCTIONS.get(model)
     if function is None:
         import tensorflow as tf
@@ -127,35 +128,55 @@ def _predict_function(model: SCMix | SCMixEnsemble):
 
         @tf.function(
             input_signature=[
-                tf.SparseTensorSpec([None, model.n_genes], tf.float32),
+                tf.TensorSpec([None, model.n_genes], tf.float32),
                 tf.TensorSpec([None], tf.int32),
+                tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), tables),
             ]
         )
-        def function(counts, batch_ids):
+        def function(counts, batch_ids, tables):
             traced = owner()
             assert traced is not None  # traced while its model is alive: the dictionary holds it only then
-            return traced({COUNTS: counts, BATCH: batch_ids}, training=False)
+            return traced.predict_with(tables, {COUNTS: counts, BATCH: batch_ids})
 
         _PREDICT_FUNCTIONS[model] = function
     return function
 
 
-def _predict_chunk(model, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
-    """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time."""
+def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
+    """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time.
+
+    Each minibatch is densified here (scipy's toarray is several times faster than TensorFlow's
+    sparse-to-dense), so a minibatch holds at most `CellEncoder.DENSE_BATCH_LIMIT` entries: fewer cells
+    per minibatch for very many genes."""
     import tensorflow as tf
 
-    function = _predict_function(model)
+    from tfp_scmix.layers.cell import CellEncoder
+
+    function = _predict_function(model, tables)
+    batch_size = max(1, min(batch_size, CellEncoder.DENSE_BATCH_LIMIT // model.n_genes))
     counts = chunk.counts
-    counts.sort_indices()
-    parts = []
-    for start in range(0, chunk.n_cells, batch_size):
+
+    def minibatch(start):
         stop = min(start + batch_size, chunk.n_cells)
-        indices, values = sparse_entries(counts[start:stop])
-        out = function(
-            tf.SparseTensor(indices, values, [stop - start, model.n_genes]),
-            tf.constant(chunk.batches[start:stop], tf.int32),
+        first, last = counts.indptr[start], counts.indptr[stop]
+        # The rows as a view of the chunk's arrays (scipy's row slicing would copy them first).
+        rows = sp.csr_matrix(
+            (counts.data[first:last], counts.indices[first:last], counts.indptr[start : stop + 1] - first),
+            shape=(stop - start, counts.shape[1]),
         )
-        parts.append({key: out[key].numpy() for key in keys if key in out})
+        return tf.constant(rows.toarray()), tf.constant(chunk.batches[start:stop])
+
+    # The next minibatch is built on another thread while TensorFlow predicts this one (which releases the GIL).
+    starts = range(0, chunk.n_cells, batch_size)
+    parts = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(minibatch, starts[0])
+        for i in range(len(starts)):
+            batch = ahead.result()
+            if i + 1 < len(starts):
+                ahead = pool.submit(minibatch, starts[i + 1])
+            out = function(*batch, tables)
+            parts.append({key: out[key].numpy() for key in keys if key in out})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -214,13 +235,14 @@ def predict(
     model_keys = tuple(k for k in OUTPUT_KEYS if k in keys or (k == "cell_topic" and "novelty" in keys))
     n_cells, source, counts = _open(source, model, counts, min_gene_fraction)
     outputs: dict[str, np.ndarray] = {}
+    tables = model.predictive_tables()  # the posterior draws, once per call
     once = _OncePerMessage()
     logger.addFilter(once)
     try:
         for start in range(0, n_cells, int(chunk_size)):
             stop = min(start + int(chunk_size), n_cells)
             chunk = _chunk(source, model, start, stop, counts, min_gene_fraction)
-            out = _predict_chunk(model, chunk, int(batch_size), model_keys)
+            out = _predict_chunk(model, tables, chunk, int(batch_size), model_keys)
             if "library_size" in keys:
                 out["library_size"] = chunk.library_size.astype(np.float32)
             if novelty is not None and "novelty" in keys:

@@ -375,6 +375,19 @@ def child_kernel(cfg):
 CHILDREN = {"ours": child_ours, "lda": child_lda, "kernel": child_kernel}
 
 
+# Set by `main` when other processes keep the machine busy: OpenMP threads (PyTorch's, scVI's) that spin while
+# they wait for a descheduled sibling lose most of their time on a shared machine (an encoder product took
+# 41 ms with spinning threads against 10 ms with sleeping ones at a load average of 9 on 2 cores).
+OMP_ENV: dict[str, str] = {}
+
+
+def other_cores_now(seconds=3.0):
+    """Cores that other processes keep busy, sampled over `seconds` while this benchmark runs nothing."""
+    busy, start = busy_cpu_s(), time.perf_counter()
+    time.sleep(seconds)
+    return max(0.0, busy_cpu_s() - busy) / (time.perf_counter() - start)
+
+
 def run_child(kind, cfg, timeout):
     """Run one measurement in a fresh process; returns its result dict (or {"error": ...})."""
     if kind == "scvi":
@@ -389,19 +402,36 @@ def run_child(kind, cfg, timeout):
         "OMP_NUM_THREADS": threads,
         "OPENBLAS_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
+        **OMP_ENV,
     }
-    start = time.perf_counter()
+    start, busy, own = time.perf_counter(), busy_cpu_s(), children_cpu_s()
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
+    wall = time.perf_counter() - start
+    # Cores that other processes kept busy meanwhile: the machine's busy CPU time less the measurement's own.
+    other_cores = max(0.0, (busy_cpu_s() - busy) - (children_cpu_s() - own)) / wall
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}"}
-    result = json.loads(lines[-1])
-    result["wall_s"] = time.perf_counter() - start
-    return result
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}", "other_cores": other_cores}
+    return {**json.loads(lines[-1]), "wall_s": wall, "other_cores": other_cores}
+
+
+def busy_cpu_s():
+    """CPU seconds the whole machine has spent busy (every core; /proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    """CPU seconds of this process's finished children (and theirs), user and system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def ensure_scvi(log):
@@ -483,6 +513,12 @@ def main(argv=None):
     peers = set(filter(None, args.peers.split(",")))
     scvi_problem = ensure_scvi(log) if "scvi" in peers else "not requested (--peers)"
     load_start = os.getloadavg()
+    others_at_start = other_cores_now()
+    if others_at_start > 0.5:
+        OMP_ENV["OMP_WAIT_POLICY"] = "PASSIVE"
+        log(
+            f"other processes keep {others_at_start:.1f} cores busy: OpenMP threads will sleep, not spin, while waiting"
+        )
     sizes, jobs = plan(args.quick, args.targets)
     files = prepare_data(sizes, args.quick)
     stats = {name: file_stats(path) for name, path in files.items()}
@@ -514,6 +550,8 @@ def main(argv=None):
         "threads": args.threads,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
+        "other_cores_at_start": others_at_start,
+        "omp_wait_policy": OMP_ENV.get("OMP_WAIT_POLICY", "default"),
         "minutes": (time.time() - started) / 60,
         "data": {n: dict(zip(("cells", "genes", "nonzero", "median_library"), s)) for n, s in stats.items()},
     }
@@ -548,6 +586,30 @@ def write_results(out, meta, results, stem="results"):
     write_text(out / f"{stem}.md", render(meta, results))
 
 
+def machine_load(results, meta):
+    """Whether other processes shared the machine during the measurements, from the cores they kept busy."""
+    others = [r["other_cores"] for r in results if r.get("other_cores") is not None]
+    load = (
+        f"load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
+        "at the end, this benchmark's own processes included"
+    )
+    if not others:
+        return f"{load}; the other processes' share was not measured"
+    mean, most = sum(others) / len(others), max(others)
+    if most < 0.25:
+        return f"otherwise idle: other processes used at most {most:.2f} cores during any measurement ({load})"
+    passive = (
+        "; OpenMP threads (PyTorch's) were set to sleep while waiting (OMP_WAIT_POLICY=PASSIVE), since spinning "
+        "ones lose most of their time on a busy machine"
+        if meta.get("omp_wait_policy") == "PASSIVE"
+        else ""
+    )
+    return (
+        f"**shared**: other processes kept {mean:.1f} cores busy on average during the measurements, up to "
+        f"{most:.1f} ({load}); absolute rates move with that load, the ratios are measured side by side{passive}"
+    )
+
+
 def _fmt(value, digits=0):
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
@@ -580,9 +642,7 @@ def render(meta, results):
         f"# Performance benchmark ({kind})",
         "",
         f"Written by `experiments/performance/run.py` on {meta['date']} in {meta['minutes']:.1f} min. "
-        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, shared with other jobs "
-        f"(load average {meta['load_average_start'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} "
-        f"at the end: absolute numbers move with that load; the ratios are measured side by side). "
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, {machine_load(results, meta)}. "
         f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}, scikit-learn "
         f"{meta['machine']['scikit-learn']}. Every method ran with {meta['threads']} thread(s) "
         "(TensorFlow's pools, PyTorch, BLAS/OpenMP).",
@@ -610,8 +670,8 @@ def render(meta, results):
         f"## Targets on `{ref}` with {k0} topics",
         "",
         "Wall-clock rates, and in brackets cells per CPU-second of the process (all its threads), which "
-        "the other jobs on this shared machine disturb much less: the ratios by CPU time are the fairer "
-        "comparison here.",
+        "other jobs on a shared machine disturb much less: there the ratios by CPU time are the fairer "
+        "comparison.",
         "",
         "| measure | tfp_scmix | LDA (sklearn, online) | scVI | ours / LDA | ours / scVI | target | met |",
         "|---|---|---|---|---|---|---|---|",
@@ -634,8 +694,8 @@ def render(meta, results):
         "train_cells_per_s",
         ours,
         lda,
-        "ours >= 20 x LDA and >= 2 x scVI",
-        lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c,
+        "ours >= 20 x LDA and >= 2.5 x scVI",
+        lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2.5 * c,
     )
     if ours_small:
         row(
@@ -643,16 +703,16 @@ def render(meta, results):
             "train_cells_per_s",
             ours_small,
             lda,
-            "ours >= 20 x LDA and >= 2 x scVI",
-            lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2 * c,
+            "ours >= 20 x LDA and >= 2.5 x scVI",
+            lambda a, b, c: None not in (a, b, c) and a >= 20 * b and a >= 2.5 * c,
         )
     row(
         "prediction, cells/s (batch 1024)",
         "predict_cells_per_s",
         ours,
         lda,
-        ">= 200,000 cells/s",
-        lambda a, b, c: a is not None and a >= 200_000,
+        "ours >= 1.5 x scVI's encoding",
+        lambda a, b, c: None not in (a, c) and a >= 1.5 * c,
     )
     lines += [
         "",

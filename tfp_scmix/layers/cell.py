@@ -49,15 +49,15 @@ def divide_offsets(
 def normalise_counts(counts: tf.SparseTensor | tf.Tensor) -> tf.SparseTensor | tf.Tensor:
     """log1p(counts per 10k) of a sparse (canonical order) or dense `[batch, n_genes]` count matrix (stays sparse).
 
-    Counts per 10k: counts * 10,000 / the cell's total (a total below 1 counts as 1), the usual CP10k scaling.
+    Counts per 10k: counts * (10,000 / the cell's total) (a total below 1 counts as 1), the usual CP10k scaling,
+    in the order of `tfp_scmix.data.log_normalised` (one product per entry).
     """
     if isinstance(counts, tf.SparseTensor):
         rows = counts.indices[:, 0]
         library = row_sums(counts.values, rows, tf.shape(counts, out_type=tf.int64)[0])
-        row_library = tf.gather(tf.maximum(library, 1.0), rows)
-        return counts.with_values(tf.math.log1p(counts.values * 1e4 / row_library))
+        return counts.with_values(tf.math.log1p(counts.values * tf.gather(1e4 / tf.maximum(library, 1.0), rows)))
     library = tf.reduce_sum(counts, axis=1, keepdims=True)
-    return tf.math.log1p(counts * 1e4 / tf.maximum(library, 1.0))
+    return tf.math.log1p(counts * (1e4 / tf.maximum(library, 1.0)))
 
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
@@ -113,32 +113,71 @@ class CellEncoder(keras.layers.Layer):
 
     def call(self, counts, batch_ids=None, offsets=None, training=False):
         """(loc, scale) from counts `[batch, n_genes]`, divided by exp(offsets[batch_ids]) when offsets are given."""
+        return self.topics_from_first_layer(self.first_layer(counts, batch_ids, offsets), training=training)
+
+    def first_layer(
+        self,
+        counts: tf.SparseTensor | tf.Tensor,
+        batch_ids: tf.Tensor | None = None,
+        offsets: tf.Tensor | None = None,
+        kernel: tf.Tensor | None = None,
+    ) -> tf.Tensor:
+        """x @ kernel `[batch, units]`: x the log1p CP10k `[batch, n_genes]` of sparse or dense counts, divided by
+        exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given; kernel `[n_genes, units]` defaults
+        to the first layer's own (without its bias). Prediction passes the first layer's kernel with the
+        classification branch's gene weights beside it, so that one product reads x for both branches.
+        """
+        return self._products(counts, batch_ids, offsets, kernel, None)[0]
+
+    def first_layer_and_detached(
+        self,
+        counts: tf.SparseTensor | tf.Tensor,
+        batch_ids: tf.Tensor | None,
+        offsets: tf.Tensor | None,
+        detached_kernel: tf.Tensor,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(`first_layer`'s product, x @ detached_kernel `[batch, m]`) with no gradient reaching x through the
+        second: the class branch's genes read the same x in the "cut" label mode, where labels must not move
+        the batch offsets."""
+        first, detached = self._products(counts, batch_ids, offsets, None, detached_kernel)
+        return first, detached
+
+    def _products(self, counts, batch_ids, offsets, kernel, detached_kernel) -> tuple[tf.Tensor, ...]:
+        kernel = self.kernel if kernel is None else kernel
+
+        def products(counts):
+            if offsets is not None:
+                counts = divide_offsets(counts, batch_ids, offsets)
+            x = normalise_counts(counts)
+            if isinstance(x, tf.SparseTensor):
+                matmul, detached = tf.sparse.sparse_dense_matmul, x.with_values(tf.stop_gradient(x.values))
+            else:
+                matmul, detached = tf.matmul, tf.stop_gradient(x)
+            if detached_kernel is None:
+                return (matmul(x, kernel),)
+            return matmul(x, kernel), matmul(detached, detached_kernel)
+
         if isinstance(counts, tf.SparseTensor):
             # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
             # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
-            hidden = tf.cond(
+            return tf.cond(
                 tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                lambda: self.first_layer(tf.sparse.to_dense(counts), batch_ids, offsets),
-                lambda: self.first_layer(counts, batch_ids, offsets),
+                lambda: products(tf.sparse.to_dense(counts)),
+                lambda: products(counts),
             )
-        else:
-            hidden = self.first_layer(counts, batch_ids, offsets)
-        hidden = tf.nn.relu(self.norm(hidden + self.bias, training=training))
+        return products(counts)
+
+    def split(self, product: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(first layer `[batch, hidden_units]`, the other readers' columns) of a product by a kernel that has the
+        first layer's beside other columns (`first_layer`'s kernel)."""
+        return product[:, : self.hidden_units], product[:, self.hidden_units :]
+
+    def topics_from_first_layer(self, first: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """(loc, scale) `[batch, n_topics]` from the first layer's product `[batch, hidden_units]` (`first_layer`)."""
+        hidden = tf.nn.relu(self.norm(first + self.bias, training=training))
         hidden = self.drop(hidden, training=training)
         loc, scale_raw = tf.split(self.head(hidden), 2, axis=-1)
         return loc, tf.nn.softplus(scale_raw) + 1e-4
-
-    def first_layer(
-        self, counts: tf.SparseTensor | tf.Tensor, batch_ids: tf.Tensor | None = None, offsets: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """The first layer's pre-activation `[batch, hidden_units]` (without the bias) of sparse or dense counts
-        `[batch, n_genes]`, divided by exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given."""
-        if offsets is not None:
-            counts = divide_offsets(counts, batch_ids, offsets)
-        x = normalise_counts(counts)
-        if isinstance(x, tf.SparseTensor):
-            return tf.sparse.sparse_dense_matmul(x, self.kernel)
-        return tf.matmul(x, self.kernel)
 
     def prior(self) -> tuple[tf.Tensor, tf.Tensor]:
         """(loc, scale) `[n_topics]` of the logistic-normal prior over topics."""

@@ -87,15 +87,19 @@ class ClassBranch(keras.layers.Layer):
     def gene_logits(self, genes: tf.Tensor | tf.SparseTensor, weights: tf.Tensor) -> tf.Tensor:
         """V s(x): genes `[batch, n_genes]` (log1p CP10k, dense or sparse), weights `[..., n_classes, n_genes]`
         -> `[batch, ..., n_classes]` (one block per leading dimension of the weights)."""
-        scaled = weights * self.gene_inv_sd  # [..., C, G]: V / sd
-        flat = tf.reshape(scaled, [-1, self.n_genes])  # [(...) C, G]
-        offset = tf.linalg.matvec(flat, self.gene_mean)  # (m / sd) V^T
+        flat, offset = self._gene_table(weights)
         if isinstance(genes, tf.SparseTensor):
             logits = tf.sparse.sparse_dense_matmul(genes, flat, adjoint_b=True)
         else:
             logits = tf.matmul(genes, flat, transpose_b=True)
         logits = logits - offset
-        return tf.reshape(logits, tf.concat([[-1], tf.shape(scaled)[:-1]], axis=0))
+        return tf.reshape(logits, tf.concat([[-1], tf.shape(weights)[:-1]], axis=0))
+
+    def _gene_table(self, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(V / sd `[(...) n_classes, n_genes]`, (m / sd) V^T `[(...) n_classes]`) of weights `[..., n_classes,
+        n_genes]`: s(x) V^T = x (V / sd)^T - (m / sd) V^T keeps the product on x itself (sparse stays sparse)."""
+        flat = tf.reshape(weights * self.gene_inv_sd, [-1, self.n_genes])
+        return flat, tf.linalg.matvec(flat, self.gene_mean)
 
     def noise_posterior(self) -> tuple[tfp.distributions.Distribution, tfp.distributions.Distribution]:
         """q(logit eps) and the prior of logit eps (Beta(1, 19) pushed through the logit)."""
@@ -120,6 +124,42 @@ class ClassBranch(keras.layers.Layer):
             0,
         )
 
+    def draw(self, seed: tf.Tensor | tuple[int, int]) -> dict[str, tf.Tensor]:
+        """One reparameterized posterior draw: {"class_weights" W `[n_classes, n_topics]`, "gene_weights" V
+        `[n_classes, n_genes]` (with genes), "error_rate" eps (0 without label noise), "kl" the Monte Carlo KL
+        scalar in nats (the error rate's term included)}. seed: a stateless seed (int32 `[2]`)."""
+        weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
+        draw = {}
+        draw["class_weights"], kl = self.class_weights.sample(weight_seed)
+        if self.n_genes:
+            draw["gene_weights"], gene_kl = self.gene_weights.sample(gene_seed)
+            kl += gene_kl
+        draw["error_rate"] = tf.constant(0.0)
+        if self.label_noise:
+            q, p = self.noise_posterior()
+            logit = q.sample(seed=noise_seed)
+            kl += q.log_prob(logit) - p.log_prob(logit)
+            draw["error_rate"] = tf.sigmoid(logit)
+        draw["kl"] = kl
+        return draw
+
+    def gene_kernel(self, gene_weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(kernel `[n_genes, n_classes]`, offset `[n_classes]`) of gene weights V `[n_classes, n_genes]`: the gene
+        term V s(x) is x @ kernel - offset, x the log1p CP10k (so that x can be shared with the encoder)."""
+        flat, offset = self._gene_table(gene_weights)
+        return tf.transpose(flat), offset
+
+    def draw_log_probs(self, features: tf.Tensor, gene_logits: tf.Tensor | None, draw: dict) -> tf.Tensor:
+        """log class probabilities `[batch, n_classes]` under one `draw`: features `[batch, n_topics]`; gene_logits
+        V s(x) `[cells, n_classes]` (with genes), batch a whole multiple of cells: features may stack versions
+        of the same cells (the training step's posterior mean and draw), whose gene term is repeated. With label
+        noise the probabilities are those of the noisy labels."""
+        logits = tf.matmul(features, draw["class_weights"], transpose_b=True) + self.bias
+        if self.n_genes:
+            gene_logits = self._require_genes(gene_logits)
+            logits += tf.tile(gene_logits, [tf.shape(features)[0] // tf.shape(gene_logits)[0], 1])
+        return self._log_probs(logits, draw["error_rate"])
+
     def sample_log_probs(
         self,
         features: tf.Tensor,
@@ -128,41 +168,56 @@ class ClassBranch(keras.layers.Layer):
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """One posterior draw: (log class probabilities `[batch, n_classes]`, Monte Carlo KL scalar in nats).
 
-        features `[batch, n_topics]`; genes `[batch, n_genes]` (required when n_genes > 0); seed: a stateless
-        seed (int32 `[2]`). With label noise the probabilities are those of the noisy labels, and the KL
-        includes the error rate's term.
+        features `[batch, n_topics]`; genes `[batch, n_genes]` log1p CP10k (required when n_genes > 0); seed: a
+        stateless seed (int32 `[2]`). See `draw` and `draw_log_probs`.
         """
-        weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
-        weights, kl = self.class_weights.sample(weight_seed)
-        logits = tf.matmul(features, weights, transpose_b=True) + self.bias
-        if self.n_genes:
-            gene_weights, gene_kl = self.gene_weights.sample(gene_seed)
-            logits += self.gene_logits(self._require_genes(genes), gene_weights)
-            kl += gene_kl
-        eps = tf.constant(0.0)
-        if self.label_noise:
-            q, p = self.noise_posterior()
-            logit = q.sample(seed=noise_seed)
-            kl += q.log_prob(logit) - p.log_prob(logit)
-            eps = tf.sigmoid(logit)
-        return self._log_probs(logits, eps), kl
+        draw = self.draw(seed)
+        gene_logits = self.gene_logits(self._require_genes(genes), draw["gene_weights"]) if self.n_genes else None
+        return self.draw_log_probs(features, gene_logits, draw), draw["kl"]
 
     def _require_genes(self, genes):
         if genes is None:
             raise ValueError("this classification branch reads genes: pass genes [batch, n_genes]")
         return genes
 
-    def call(self, features, genes=None):
-        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W (and V).
+    def predictive_tables(self) -> dict[str, tf.Tensor]:
+        """The fixed draws of the posterior predictive, taken once for any number of cells (S =
+        n_predictive_samples): "class_weights" W `[S, n_classes, n_topics]` and, with genes, "gene_kernel"
+        `[n_genes, S * n_classes]` (column s * n_classes + c: V_sc / sd) and "gene_offset" `[S * n_classes]`
+        ((m / sd) V_sc^T). The draws come from fixed seeds: every call gives the same tables.
+        """
+        tables = {"class_weights": self.class_weights.posterior_weights(self.n_predictive_samples)}
+        if self.n_genes:
+            draws = self.gene_weights.posterior_weights(self.n_predictive_samples, seed=(13, 17))
+            flat, tables["gene_offset"] = self._gene_table(draws)
+            tables["gene_kernel"] = tf.transpose(flat)
+        return tables
+
+    def predictive_probs(self, features: tf.Tensor, gene_products: tf.Tensor | None, tables: dict) -> tf.Tensor:
+        """Posterior predictive class probabilities `[batch, n_classes]`: the softmax averaged over the draws of
+        `tables` (`predictive_tables`). features `[batch, n_topics]`; gene_products `[batch, S * n_classes]`, the
+        gene input x (log1p CP10k) times tables["gene_kernel"] (None when the branch reads topics only).
 
         The label-noise part is left out: it models annotation errors, not the cell's true type.
         """
-        weights = self.class_weights.posterior_weights(self.n_predictive_samples)
-        logits = tf.einsum("bk,sck->bsc", features, weights) + self.bias
+        logits = tf.einsum("bk,sck->bsc", features, tables["class_weights"]) + self.bias
         if self.n_genes:
-            gene_weights = self.gene_weights.posterior_weights(self.n_predictive_samples, seed=(13, 17))
-            logits += self.gene_logits(self._require_genes(genes), gene_weights)
+            gene_logits = self._require_genes(gene_products) - tables["gene_offset"]
+            logits += tf.reshape(gene_logits, [-1, self.n_predictive_samples, self.n_classes])
         return tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=1)
+
+    def call(self, features, genes=None):
+        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W (and V), from
+        features `[batch, n_topics]` and genes `[batch, n_genes]` (log1p CP10k, dense or sparse)."""
+        tables = self.predictive_tables()
+        gene_products = None
+        if self.n_genes:
+            genes = self._require_genes(genes)
+            if isinstance(genes, tf.SparseTensor):
+                gene_products = tf.sparse.sparse_dense_matmul(genes, tables["gene_kernel"])
+            else:
+                gene_products = tf.matmul(genes, tables["gene_kernel"])
+        return self.predictive_probs(features, gene_products, tables)
 
     def get_config(self):
         hs = self.class_weights
