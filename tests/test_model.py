@@ -250,21 +250,17 @@ def test_from_data_records_the_same_data_fingerprint_from_a_stream_and_from_memo
     )
 
 
-def test_the_class_branch_reads_the_genes_standardised_over_the_training_cells(small_model, embedded):
-    from tfp_scmix.layers import ClassBranch
-
+def test_the_class_branch_reads_the_genes_centred_over_the_training_cells(small_model, embedded):
     model = small_model.members[0]
     assert model.config.classifier_genes and model.classifier.n_genes == embedded.n_genes
     x = embedded.counts.toarray()
     x = np.log1p(x * 1e4 / x.sum(1, keepdims=True))
     np.testing.assert_allclose(model.classifier.gene_mean.numpy(), x.mean(0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(
-        model.classifier.gene_inv_sd.numpy(), 1 / np.maximum(x.std(0), ClassBranch.MIN_GENE_SD), rtol=1e-3
-    )
-    # Sparse and dense counts give the same prediction; the settings record the genes' global scale.
+    # Sparse and dense counts give the same prediction; the gene weights left zero.
     dense = model(tf.constant(embedded.counts[:50].toarray()))["probs"].numpy()
     np.testing.assert_allclose(scm.predict(model, embedded.subset(np.arange(50)))["probs"], dense, atol=1e-5)
-    assert 0 < model.settings["gene_global_scale"] < model.settings["global_scale"]
+    assert model.classifier.gene_prior_scale == model.config.gene_prior_scale
+    assert np.abs(model.classifier.gene_weights.numpy()).max() > 0.05
     off = SCMix.from_data(embedded, scm.Config(n_topics=4, classifier_genes=False))
     assert off.classifier.n_genes == 0 and not any("gene_weights" in w.path for w in off.weights)
 
@@ -310,7 +306,7 @@ def test_labels_reach_the_count_model_only_in_the_joint_mode(synthetic, label_mo
     data, _ = synthetic
     model = SCMix.from_data(data, Config(n_topics=4, label_mode=label_mode))
     batch = next(iter(data.dataset(128, shuffle=False)))
-    watched = [model.classifier.gene_weights.w_loc, model.encoder.kernel, model.batch_offsets.loc]
+    watched = [model.classifier.gene_weights, model.encoder.kernel, model.batch_offsets.loc]
     with tf.GradientTape() as tape:
         label_nll = model.elbo_terms(batch, training=True)["label_nll"]
     gene_weights, kernel, offsets = (

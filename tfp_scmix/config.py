@@ -33,9 +33,10 @@ class Config:
         (None: p0 = n_topics / 2 and tau0 from Piironen & Vehtari 2017, eq. 3.12, with the labelled cells;
         slab_df None: the variant's own). label_noise: the label-noise mixture with a
         learned error rate eps ~ Beta(1, 19) on or off (None: on for santa_barbara only).
-      classifier_genes: the classification branch reads the genes too (log1p CP10k, standardised), under a
-        horseshoe of its own whose global scale comes from expected_active_genes (p0 of Piironen & Vehtari
-        2017, per class, as for the topics); off: topics only, as before version 0.2 (docs/few_shot.md).
+      classifier_genes: the classification branch reads the genes too (log1p CP10k, centred), with point-
+        estimated weights under a Gaussian prior of standard deviation gene_prior_scale (1: the ridge penalty
+        of scikit-learn's LogisticRegression at C = 1); off: topics only, as before version 0.2
+        (docs/few_shot.md, "The gene term").
       topic_prior_scale: standard deviation of the topic logits' prior around the background profile.
       n_predictive_samples: draws of the class weights averaged by the posterior predictive.
     Training (`tfp_scmix.train`):
@@ -65,7 +66,7 @@ class Config:
     slab_df: float | None = None
     label_noise: bool | None = None
     classifier_genes: bool = True
-    expected_active_genes: float = 20.0
+    gene_prior_scale: float = 1.0
     topic_prior_scale: float = 1.0
     n_predictive_samples: int = 32
     epochs: int = 100
@@ -106,7 +107,7 @@ class Config:
             "prior_alpha",
             "topic_prior_scale",
             "slab_scale",
-            "expected_active_genes",
+            "gene_prior_scale",
         ):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be positive, received {getattr(self, name)!r}")

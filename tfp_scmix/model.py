@@ -59,18 +59,14 @@ def provenance(data: SCData | H5ADStream) -> dict[str, Any]:
     return {**library_versions(), "data_fingerprint": data.fingerprint(), "n_cells": int(data.n_cells)}
 
 
-def gene_moments(data: SCData | H5ADStream) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation `[n_genes]` of log1p counts per 10k over the cells of `data` (a stream: one
-    pass over its chunks, memory bounded by a chunk)."""
+def gene_mean(data: SCData | H5ADStream) -> np.ndarray:
+    """Mean `[n_genes]` of log1p counts per 10k over the cells of `data` (a stream: one pass over its chunks,
+    memory bounded by a chunk)."""
     chunks = data.chunks() if isinstance(data, H5ADStream) else [(None, data.counts)]
     total = np.zeros(len(data.genes))
-    squares = np.zeros(len(data.genes))
     for _, counts in chunks:
-        x = log_normalised(counts)
-        total += np.asarray(x.sum(axis=0)).ravel()
-        squares += np.asarray(x.multiply(x).sum(axis=0)).ravel()
-    mean = total / data.n_cells
-    return mean, np.sqrt(np.maximum(squares / data.n_cells - mean**2, 0.0))
+        total += np.asarray(log_normalised(counts).sum(axis=0)).ravel()
+    return total / data.n_cells
 
 
 def topic_features(log_cell_topic: tf.Tensor | np.ndarray) -> tf.Tensor:
@@ -170,12 +166,10 @@ class SCMix(keras.Model):
             global_scale = default_global_scale(self.n_topics, n_labelled, expected_active_topics)
         # The settings with the defaults resolved, and the data sizes (what MLflow logs and the loss reads).
         n_class_genes = self.n_genes if config.classifier_genes else 0
-        gene_global_scale = default_global_scale(max(n_class_genes, 2), n_labelled, config.expected_active_genes)
         self.settings = {
             **config.to_dict(),
             "expected_active_topics": float(expected_active_topics),
             "global_scale": float(global_scale),
-            "gene_global_scale": float(gene_global_scale),
             **self.sizes,
             "seed": self.seed,
         }
@@ -202,7 +196,7 @@ class SCMix(keras.Model):
             config.label_noise,
             config.n_predictive_samples,
             n_genes=n_class_genes,
-            gene_global_scale=gene_global_scale,
+            gene_prior_scale=config.gene_prior_scale,
             name="class_branch",
         )
         self.batch_offsets = BatchOffsets(int(self.sizes["n_batches"]), self.n_genes, name="batch_offsets")
@@ -254,7 +248,7 @@ class SCMix(keras.Model):
         )
         model.topics.set_background(background)
         if model.classifier.n_genes:
-            model.classifier.set_gene_moments(*gene_moments(data))
+            model.classifier.set_gene_mean(gene_mean(data))
         return model
 
     @property
@@ -340,19 +334,24 @@ class SCMix(keras.Model):
         labelled = np.flatnonzero(data.labels >= 0)
         if labelled.size == 0:
             raise DataError("fit_classifier needs labelled cells; every label in the data is unknown (-1)")
-        loss = self._fit_class_branch(data, labelled, np.eye(self.n_classes)[data.labels[labelled]], steps, verbose)
+        topics = self.predict(data.subset(labelled).dataset(batch_size, shuffle=False), verbose=0)["cell_topic"]
+        targets = np.eye(self.n_classes)[data.labels[labelled]]
+        loss = self._fit_class_branch(data, labelled, topics, targets, steps, verbose)
         if not (self.config.self_training and steps and labelled.size < data.n_cells):
             return loss
         cells = self_training_cells(data.labels, self.seed)
         outputs = self.predict(data.subset(cells).dataset(batch_size, shuffle=False), verbose=0)
-        graph = knn_graph(np.asarray(topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30)))))
-        targets = self_training_targets(graph, outputs["probs"], data.labels[cells])
-        return self._fit_class_branch(data, cells, targets, max(steps // SELF_TRAINING_SHARE, 1), verbose)
+        features = topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30)))
+        targets = self_training_targets(knn_graph(np.asarray(features)), outputs["probs"], data.labels[cells])
+        steps = max(steps // SELF_TRAINING_SHARE, 1)
+        return self._fit_class_branch(data, cells, outputs["cell_topic"], targets, steps, verbose)
 
-    def _fit_class_branch(self, data: SCData, cells: np.ndarray, targets: np.ndarray, steps: int, verbose: int):
-        """`steps` full-batch Adam steps of the classification branch on `cells` of `data` against `targets`
-        `[n_cells, n_classes]` (class probabilities); returns the final loss."""
-        topics = self.predict(data.subset(cells).dataset(1024, shuffle=False), verbose=0)["cell_topic"]
+    def _fit_class_branch(
+        self, data: SCData, cells: np.ndarray, topics: np.ndarray, targets: np.ndarray, steps: int, verbose: int
+    ) -> float:
+        """`steps` full-batch Adam steps of the classification branch on `cells` of `data`, whose topic
+        proportions are `topics` `[n_cells, n_topics]`, against `targets` `[n_cells, n_classes]` (class
+        probabilities); returns the final loss."""
         features = topic_features(tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32))
         genes = self.class_genes(as_sparse(data.counts[cells]), tf.constant(data.batches[cells], tf.int32))
         targets = tf.constant(targets, tf.float32)
@@ -399,7 +398,7 @@ class SCMix(keras.Model):
         if not self.classifier.n_genes:
             first = self.encoder.first_layer(counts, batch_ids, offsets)
         else:
-            gene_kernel, gene_offset = self.classifier.gene_kernel(draw["gene_weights"])
+            gene_kernel, gene_offset = self.classifier.gene_kernel()
             if joint:
                 kernel = tf.concat([self.encoder.kernel, gene_kernel], axis=1)
                 first, gene_products = self.encoder.split(

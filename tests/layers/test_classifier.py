@@ -21,22 +21,25 @@ def test_class_branch_probabilities_and_label_noise():
     assert not ClassBranch(4, 6, "regularized").label_noise
 
 
-def test_gene_term_is_the_standardised_genes_times_the_gene_weights_dense_or_sparse():
+def test_gene_term_is_the_centred_genes_times_the_gene_weights_and_its_prior_is_a_ridge_penalty():
+    """V (x - m), dense or sparse x, and -log p(V) = 1/2 sum V^2 / s^2 (s = gene_prior_scale) in the draw's KL."""
     rng = np.random.default_rng(0)
-    branch = ClassBranch(3, 4, "regularized", 0.1, n_genes=6, gene_global_scale=0.01)
-    mean, sd = rng.uniform(0, 2, 6), np.array([0.5, 1.0, 2.0, 0.05, 1.5, 0.3])
-    branch.set_gene_moments(mean, sd)
-    genes = np.where(rng.random((5, 6)) < 0.5, 0.0, rng.uniform(0, 3, (5, 6))).astype(np.float32)
+    branch = ClassBranch(3, 4, "regularized", 0.1, n_genes=6, gene_prior_scale=0.5)
+    mean = rng.uniform(0, 2, 6)
+    branch.set_gene_mean(mean)
     weights = rng.normal(size=(3, 6)).astype(np.float32)
-    expected = ((genes - mean) / np.maximum(sd, ClassBranch.MIN_GENE_SD)) @ weights.T  # sd floored at 0.1
-    dense = branch.gene_logits(tf.constant(genes), tf.constant(weights)).numpy()
-    sparse = branch.gene_logits(tf.sparse.from_dense(genes), tf.constant(weights)).numpy()
-    np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-4)
-    # Several draws of the weights at once: one block per draw.
-    stacked = branch.gene_logits(tf.constant(genes), tf.constant(np.stack([weights, 2 * weights]))).numpy()
-    assert stacked.shape == (5, 2, 3)
-    np.testing.assert_allclose(stacked[:, 1], 2 * expected, rtol=1e-5, atol=1e-3)
+    branch.gene_weights.assign(weights)
+    genes = np.where(rng.random((5, 6)) < 0.5, 0.0, rng.uniform(0, 3, (5, 6))).astype(np.float32)
+    expected = (genes - mean) @ weights.T
+    np.testing.assert_allclose(branch.gene_logits(tf.constant(genes)).numpy(), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(branch.gene_logits(tf.sparse.from_dense(genes)).numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(float(branch.gene_penalty()), 0.5 * (weights**2).sum() / 0.25, rtol=1e-5)
+    topics_only = ClassBranch(3, 4, "regularized", 0.1)
+    topics_only.class_weights.set_weights(branch.class_weights.get_weights())
+    kl_genes, kl_topics = (float(b.draw((1, 2))["kl"]) for b in (branch, topics_only))
+    np.testing.assert_allclose(kl_genes - kl_topics, float(branch.gene_penalty()), rtol=1e-4)
+    with pytest.raises(ValueError, match="gene_prior_scale must be positive"):
+        ClassBranch(3, 4, n_genes=6, gene_prior_scale=0.0)
 
     features = tf.math.log(tf.nn.softmax(tf.random.normal([5, 4], seed=1)))
     log_probs, kl = branch.sample_log_probs(features, tf.constant([3, 4]), tf.constant(genes))

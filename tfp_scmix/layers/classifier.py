@@ -16,24 +16,28 @@ tfd, tfb = tfp.distributions, tfp.bijectors
 
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class ClassBranch(keras.layers.Layer):
-    """p(label | f, x) = (1 - eps) softmax(W f + V s(x) + c) + eps / C, W and V under horseshoe-family priors.
+    """p(label | f, x) = (1 - eps) softmax(W f + V (x - m) + c) + eps / C: W under a horseshoe-family prior.
 
-    Mathematical details: `class_weights` W `[n_classes, n_topics]` reads the topic features f, and (with
-    `n_genes` > 0) `gene_weights` V `[n_classes, n_genes]` reads the genes: s(x) = (x - m) / sd, x the cell's
-    log1p counts per 10k, m and sd the genes' mean and standard deviation over the training cells
-    (`set_gene_moments`; sd floored at `MIN_GENE_SD`). Each has the prior of `HorseshoePrior`, with its own
-    global scale (`global_scale` for W, `gene_global_scale` for V: few of thousands of genes matter per
-    class, the horseshoe's own job); the bias c `[n_classes]` is a point estimate. With `label_noise`
+    Mathematical details: `class_weights` W `[n_classes, n_topics]` reads the topic features f under the
+    prior of `HorseshoePrior` (mean-field posterior, averaged over by the posterior predictive). With
+    `n_genes` > 0, `gene_weights` V `[n_classes, n_genes]` reads the genes: x the cell's log1p counts per 10k,
+    centred by m, the genes' mean over the training cells (`set_gene_mean`), not scaled (a marker's weight
+    acts on its log-fold change, as in logistic regression on log-normalised counts). V has a Gaussian prior
+    N(0, `gene_prior_scale`^2) and is a point estimate (MAP): its loss term is -log p(V) up to a constant,
+    1/2 sum V^2 / gene_prior_scale^2, the ridge penalty of scikit-learn's LogisticRegression (C = 1 for a
+    scale of 1). A mean-field posterior over the G x C gene weights, or a horseshoe on them, measured worse:
+    the thousands of weights the few labels do not inform put prior-width noise into every predictive draw,
+    and the horseshoe's small global scale holds every gene weight at zero (docs/few_shot.md, "The gene
+    term"). The bias c `[n_classes]` is a point estimate. With `label_noise`
     (default: on for the "santa_barbara" variant only), the error rate eps has a Beta(1, 19) prior
     (`NOISE_PRIOR`: a-priori mean error rate 1 / (1 + 19) = 5%) and a logit-normal posterior, so a few wrong
     labels are explained as noise instead of bending W (and V). Without it, eps = 0.
 
     Shapes: features `[batch, n_topics]` (centred log topic proportions) and genes `[batch, n_genes]` (log1p
     counts per 10k, dense or tf.SparseTensor; only with n_genes > 0) -> class probabilities `[batch, n_classes]`.
-    The gene term is computed as (x / sd) V^T - (m / sd) V^T, so sparse genes stay sparse.
+    The gene term is computed as x V^T - m V^T, so sparse genes stay sparse.
     """
 
-    MIN_GENE_SD = 0.1  # log1p CP10k units: a gene seen in a handful of cells is not scaled up beyond 10x
     NOISE_PRIOR = (1.0, 19.0)  # Beta(a, b) of the label error rate: prior mean a / (a + b) = 5%
 
     def __init__(
@@ -47,12 +51,13 @@ class ClassBranch(keras.layers.Layer):
         label_noise: bool | None = None,
         n_predictive_samples: int = 32,
         n_genes: int = 0,
-        gene_global_scale: float = 0.005,
+        gene_prior_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         """variant, global_scale, slab_scale, slab_df: the prior of W (`HorseshoePrior`; ValueError for an
         unknown variant). n_predictive_samples: draws of W averaged by `call`. n_genes: genes read directly
-        (0: topics only); gene_global_scale: tau0 of V. kwargs go to `keras.layers.Layer`."""
+        (0: topics only); gene_prior_scale: the standard deviation of V's Gaussian prior (ValueError unless
+        positive). kwargs go to `keras.layers.Layer`."""
         super().__init__(**kwargs)
         self.n_classes, self.n_topics, self.n_genes = int(n_classes), int(n_topics), int(n_genes)
         self.label_noise = bool(variant == "santa_barbara" if label_noise is None else label_noise)
@@ -60,16 +65,15 @@ class ClassBranch(keras.layers.Layer):
         self.class_weights = HorseshoePrior(
             self.n_classes, self.n_topics, variant, global_scale, slab_scale, slab_df, name="class_weights"
         )
-        self.gene_global_scale = float(gene_global_scale)
+        self.gene_prior_scale = float(gene_prior_scale)
+        if not self.gene_prior_scale > 0:
+            raise ValueError(f"gene_prior_scale must be positive, received {gene_prior_scale!r}")
         if self.n_genes:
-            self.gene_weights = HorseshoePrior(
-                self.n_classes, self.n_genes, variant, self.gene_global_scale, slab_scale, slab_df, name="gene_weights"
+            self.gene_weights = self.add_weight(
+                shape=(self.n_classes, self.n_genes), name="gene_weights", initializer="zeros"
             )
             self.gene_mean = self.add_weight(
                 shape=(self.n_genes,), name="gene_mean", initializer="zeros", trainable=False
-            )
-            self.gene_inv_sd = self.add_weight(
-                shape=(self.n_genes,), name="gene_inv_sd", initializer="ones", trainable=False
             )
         self.bias = self.add_weight(shape=(self.n_classes,), name="bias", initializer="zeros")
         if self.label_noise:
@@ -79,27 +83,22 @@ class ClassBranch(keras.layers.Layer):
             )
         self.built = True
 
-    def set_gene_moments(self, mean: np.ndarray, sd: np.ndarray) -> None:
-        """Set m and sd `[n_genes]` of the gene features (log1p CP10k over the training cells)."""
+    def set_gene_mean(self, mean: np.ndarray) -> None:
+        """Set m `[n_genes]`, the genes' mean log1p CP10k over the training cells."""
         self.gene_mean.assign(np.asarray(mean, np.float32))
-        self.gene_inv_sd.assign(1.0 / np.maximum(np.asarray(sd, np.float32), self.MIN_GENE_SD))
 
-    def gene_logits(self, genes: tf.Tensor | tf.SparseTensor, weights: tf.Tensor) -> tf.Tensor:
-        """V s(x): genes `[batch, n_genes]` (log1p CP10k, dense or sparse), weights `[..., n_classes, n_genes]`
-        -> `[batch, ..., n_classes]` (one block per leading dimension of the weights)."""
-        flat, offset = self._gene_table(weights)
+    def gene_logits(self, genes: tf.Tensor | tf.SparseTensor) -> tf.Tensor:
+        """V (x - m) `[batch, n_classes]` of genes x `[batch, n_genes]` (log1p CP10k, dense or sparse)."""
+        kernel, offset = self.gene_kernel()
         if isinstance(genes, tf.SparseTensor):
-            logits = tf.sparse.sparse_dense_matmul(genes, flat, adjoint_b=True)
-        else:
-            logits = tf.matmul(genes, flat, transpose_b=True)
-        logits = logits - offset
-        return tf.reshape(logits, tf.concat([[-1], tf.shape(weights)[:-1]], axis=0))
+            return tf.sparse.sparse_dense_matmul(genes, kernel) - offset
+        return tf.matmul(genes, kernel) - offset
 
-    def _gene_table(self, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(V / sd `[(...) n_classes, n_genes]`, (m / sd) V^T `[(...) n_classes]`) of weights `[..., n_classes,
-        n_genes]`: s(x) V^T = x (V / sd)^T - (m / sd) V^T keeps the product on x itself (sparse stays sparse)."""
-        flat = tf.reshape(weights * self.gene_inv_sd, [-1, self.n_genes])
-        return flat, tf.linalg.matvec(flat, self.gene_mean)
+    def gene_penalty(self) -> tf.Tensor:
+        """-log p(V) up to a constant, 1/2 sum V^2 / gene_prior_scale^2 (nats; 0 without genes)."""
+        if not self.n_genes:
+            return tf.constant(0.0)
+        return 0.5 * tf.reduce_sum(tf.square(self.gene_weights)) / self.gene_prior_scale**2
 
     def noise_posterior(self) -> tuple[tfp.distributions.Distribution, tfp.distributions.Distribution]:
         """q(logit eps) and the prior of logit eps (Beta(1, 19) pushed through the logit)."""
@@ -125,15 +124,13 @@ class ClassBranch(keras.layers.Layer):
         )
 
     def draw(self, seed: tf.Tensor | tuple[int, int]) -> dict[str, tf.Tensor]:
-        """One reparameterized posterior draw: {"class_weights" W `[n_classes, n_topics]`, "gene_weights" V
-        `[n_classes, n_genes]` (with genes), "error_rate" eps (0 without label noise), "kl" the Monte Carlo KL
-        scalar in nats (the error rate's term included)}. seed: a stateless seed (int32 `[2]`)."""
-        weight_seed, noise_seed, gene_seed = tfp.random.split_seed(seed, n=3)
+        """One reparameterized posterior draw: {"class_weights" W `[n_classes, n_topics]`, "error_rate" eps (0
+        without label noise), "kl" the Monte Carlo KL scalar in nats (the error rate's term and the gene
+        weights' `gene_penalty` included)}. seed: a stateless seed (int32 `[2]`)."""
+        weight_seed, noise_seed = tfp.random.split_seed(seed, n=2)
         draw = {}
         draw["class_weights"], kl = self.class_weights.sample(weight_seed)
-        if self.n_genes:
-            draw["gene_weights"], gene_kl = self.gene_weights.sample(gene_seed)
-            kl += gene_kl
+        kl += self.gene_penalty()
         draw["error_rate"] = tf.constant(0.0)
         if self.label_noise:
             q, p = self.noise_posterior()
@@ -143,15 +140,15 @@ class ClassBranch(keras.layers.Layer):
         draw["kl"] = kl
         return draw
 
-    def gene_kernel(self, gene_weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(kernel `[n_genes, n_classes]`, offset `[n_classes]`) of gene weights V `[n_classes, n_genes]`: the gene
-        term V s(x) is x @ kernel - offset, x the log1p CP10k (so that x can be shared with the encoder)."""
-        flat, offset = self._gene_table(gene_weights)
-        return tf.transpose(flat), offset
+    def gene_kernel(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """(kernel V^T `[n_genes, n_classes]`, offset m V^T `[n_classes]`): the gene term V (x - m) is
+        x @ kernel - offset, x the log1p CP10k (so that the product on x can be shared with the encoder)."""
+        kernel = tf.transpose(self.gene_weights)
+        return kernel, tf.linalg.matvec(self.gene_weights, self.gene_mean)
 
     def draw_log_probs(self, features: tf.Tensor, gene_logits: tf.Tensor | None, draw: dict) -> tf.Tensor:
         """log class probabilities `[batch, n_classes]` under one `draw`: features `[batch, n_topics]`; gene_logits
-        V s(x) `[cells, n_classes]` (with genes), batch a whole multiple of cells: features may stack versions
+        V (x - m) `[cells, n_classes]` (with genes), batch a whole multiple of cells: features may stack versions
         of the same cells (the training step's posterior mean and draw), whose gene term is repeated. With label
         noise the probabilities are those of the noisy labels."""
         logits = tf.matmul(features, draw["class_weights"], transpose_b=True) + self.bias
@@ -172,7 +169,7 @@ class ClassBranch(keras.layers.Layer):
         stateless seed (int32 `[2]`). See `draw` and `draw_log_probs`.
         """
         draw = self.draw(seed)
-        gene_logits = self.gene_logits(self._require_genes(genes), draw["gene_weights"]) if self.n_genes else None
+        gene_logits = self.gene_logits(self._require_genes(genes)) if self.n_genes else None
         return self.draw_log_probs(features, gene_logits, draw), draw["kl"]
 
     def _require_genes(self, genes):
@@ -183,31 +180,28 @@ class ClassBranch(keras.layers.Layer):
     def predictive_tables(self) -> dict[str, tf.Tensor]:
         """The fixed draws of the posterior predictive, taken once for any number of cells (S =
         n_predictive_samples): "class_weights" W `[S, n_classes, n_topics]` and, with genes, "gene_kernel"
-        `[n_genes, S * n_classes]` (column s * n_classes + c: V_sc / sd) and "gene_offset" `[S * n_classes]`
-        ((m / sd) V_sc^T). The draws come from fixed seeds: every call gives the same tables.
+        V^T `[n_genes, n_classes]` and "gene_offset" m V^T `[n_classes]` (`gene_kernel`). The draws come from
+        a fixed seed: every call gives the same tables.
         """
         tables = {"class_weights": self.class_weights.posterior_weights(self.n_predictive_samples)}
         if self.n_genes:
-            draws = self.gene_weights.posterior_weights(self.n_predictive_samples, seed=(13, 17))
-            flat, tables["gene_offset"] = self._gene_table(draws)
-            tables["gene_kernel"] = tf.transpose(flat)
+            tables["gene_kernel"], tables["gene_offset"] = self.gene_kernel()
         return tables
 
     def predictive_probs(self, features: tf.Tensor, gene_products: tf.Tensor | None, tables: dict) -> tf.Tensor:
         """Posterior predictive class probabilities `[batch, n_classes]`: the softmax averaged over the draws of
-        `tables` (`predictive_tables`). features `[batch, n_topics]`; gene_products `[batch, S * n_classes]`, the
+        `tables` (`predictive_tables`). features `[batch, n_topics]`; gene_products `[batch, n_classes]`, the
         gene input x (log1p CP10k) times tables["gene_kernel"] (None when the branch reads topics only).
 
         The label-noise part is left out: it models annotation errors, not the cell's true type.
         """
         logits = tf.einsum("bk,sck->bsc", features, tables["class_weights"]) + self.bias
         if self.n_genes:
-            gene_logits = self._require_genes(gene_products) - tables["gene_offset"]
-            logits += tf.reshape(gene_logits, [-1, self.n_predictive_samples, self.n_classes])
+            logits += (self._require_genes(gene_products) - tables["gene_offset"])[:, None, :]
         return tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=1)
 
     def call(self, features, genes=None):
-        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W (and V), from
+        """Posterior predictive class probabilities `[batch, n_classes]` over fixed draws of W, from
         features `[batch, n_topics]` and genes `[batch, n_genes]` (log1p CP10k, dense or sparse)."""
         tables = self.predictive_tables()
         gene_products = None
@@ -232,5 +226,5 @@ class ClassBranch(keras.layers.Layer):
             "label_noise": self.label_noise,
             "n_predictive_samples": self.n_predictive_samples,
             "n_genes": self.n_genes,
-            "gene_global_scale": self.gene_global_scale,
+            "gene_prior_scale": self.gene_prior_scale,
         }
