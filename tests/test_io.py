@@ -53,6 +53,15 @@ def test_load_model_round_trip_and_model_files_from_another_version(small_model,
     ):
         load_model(later)
 
+    # A file from before the gene term became a ridge one: refused with the reason.
+    def standardised_genes(config):
+        config["config"]["config"] = {**config["config"]["config"], "expected_active_genes": 20.0}
+        config["config"]["config"].pop("gene_prior_scale")
+        return config
+
+    with pytest.raises(ModelFileError, match="standardised genes under a horseshoe.*re-train the model"):
+        load_model(rewrite_archive(saved, tmp_path / "genes.keras", config=standardised_genes))
+
     # A file whose weights are laid out differently (a variable missing).
     def drop_variable(content):
         path = tmp_path / "w.h5"

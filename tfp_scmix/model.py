@@ -553,4 +553,11 @@ class SCMix(keras.Model):
             config["config"] = settings
         # Files written before the classification branch read genes: topics only.
         config["config"] = {"classifier_genes": False, **config["config"]}
+        if config["config"].get("expected_active_genes") is not None and config["config"]["classifier_genes"]:
+            raise ValueError(
+                "the file's classification branch reads standardised genes under a horseshoe "
+                "(expected_active_genes), the gene term before the ridge one of this version, and its weights "
+                "do not fit it (docs/few_shot.md, 'The gene term')"
+            )
+        config["config"].pop("expected_active_genes", None)  # a topics-only file loads as it was
         return cls(**config)

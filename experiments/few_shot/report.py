@@ -5,8 +5,10 @@
 Reads results.csv in this folder (the suite) and in its label_modes/, label_noise/, budgets/ and
 inductive/ folders (see run.py for the commands behind each); a folder that is missing is skipped.
 topics_only/ holds the same report for the model before its classifier read genes (issue 14), and
-self_training/ holds tfp_scmix with `self_training=True` on the suite's splits; the report sets it beside
-the default's rows of the same datasets and seeds.
+standardised_genes/ holds the suite's rows of the previous default (genes standardised, under a horseshoe;
+commit a777a39), set beside this default's; self_training/ holds tfp_scmix with `self_training=True` on the
+suite's splits, measured on that previous default and set beside its rows of the same datasets and seeds;
+class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 
@@ -121,12 +123,11 @@ def noise_table(noisy, clean):
 SELF_TRAINING = "tfp_scmix:self_training=True"
 
 
-def self_training_table(main, trained):
-    """Mean errors, macro-F1 and single-model errors of the default (`main`'s tfp_scmix rows) and of
-    `SELF_TRAINING` (`trained`'s rows), on the datasets and seeds both measured."""
+def versus_table(variants):
+    """Mean errors, macro-F1 and single-model errors of each (label, frame, method) of `variants` (main setting),
+    on the datasets and seeds every variant measured."""
     rows = []
-    for name, frame in (("default (no self-training)", main), ("self_training=True", trained)):
-        method = "tfp_scmix" if frame is main else SELF_TRAINING
+    for name, frame, method in variants:
         frame = frame[(frame.method == method) & (frame.setting == "main")].copy()
         frame["single_model_mean"] = frame.single_model_errors.map(
             lambda text: sum(json.loads(text)) / len(json.loads(text))
@@ -134,7 +135,7 @@ def self_training_table(main, trained):
         frame["variant"] = name
         rows.append(frame)
     both = pd.concat(rows)
-    shared = both.groupby(["dataset", "seed"]).variant.transform("nunique") == 2
+    shared = both.groupby(["dataset", "seed"]).variant.transform("nunique") == len(variants)
     table = (
         both[shared]
         .groupby(["dataset", "variant"], sort=False)
@@ -189,12 +190,43 @@ def report(folder=HERE):
             "`weights_above_0.1`: fraction of class weights whose posterior mean exceeds 0.1 in size.",
             "",
         ]
-    trained = read(folder / "self_training")
-    if main is not None and trained is not None:
+    before, trained = read(folder / "standardised_genes"), read(folder / "self_training")
+    if main is not None and before is not None:
         parts += [
-            "## Self-training against the default (same splits, genes and seeds)",
+            "## The gene term: this version against the previous one (same splits, genes and seeds)",
             "",
-            markdown_table(self_training_table(main, trained)),
+            "The previous default read standardised genes under a horseshoe (standardised_genes/results.csv, "
+            "the rows of the suite at commit a777a39); this one reads centred log1p CP10k with a ridge prior "
+            '(docs/few_shot.md, "The gene term").',
+            "",
+            markdown_table(
+                versus_table([("standardised genes, horseshoe", before, "tfp_scmix"), ("default", main, "tfp_scmix")])
+            ),
+            "",
+        ]
+    if trained is not None and (before if before is not None else main) is not None:
+        reference = before if before is not None else main
+        parts += [
+            "## Self-training against the default it was measured with (same splits, genes and seeds)",
+            "",
+            "Measured on the previous default (standardised genes, horseshoe) and not yet on this one.",
+            "",
+            markdown_table(
+                versus_table(
+                    [
+                        ("default (no self-training)", reference, "tfp_scmix"),
+                        ("self_training=True", trained, SELF_TRAINING),
+                    ]
+                )
+            ),
+            "",
+        ]
+    ablation_summary = folder / "class_branch" / "summary.md"
+    if ablation_summary.exists():
+        parts += [
+            "## The classification branch on fixed topics (class_branch/summary.md)",
+            "",
+            ablation_summary.read_text().split("\n", 2)[2].strip(),
             "",
         ]
     if ablation is not None:
