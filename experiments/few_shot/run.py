@@ -10,7 +10,7 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k \
         --seeds 0 1 --methods tfp_scmix:self_training=True --out experiments/few_shot/self_training
     ./run experiments.few_shot.run --datasets pbmc3k pbmc68k_reduced pbmc_sorted_zheng baron2016_mouse_pancreas \
-        --seeds 0 1 --methods tfp_scmix:prior=normal --out experiments/few_shot/prior_normal
+        --seeds 0 1 2 --methods tfp_scmix:prior=normal --out experiments/few_shot/prior_normal
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
     ./run experiments.few_shot.run --datasets pbmc3k --settings inductive --seeds 0 1 2 \
