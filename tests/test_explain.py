@@ -50,7 +50,29 @@ def test_an_ensemble_is_explained_member_by_member_or_together(two_restarts, tmp
         with pytest.raises(IndexError, match=f"member {bad} out of range: the model has 2 member"):
             explain.class_topic_table(two_restarts, member=bad)
     paths = explain.write_explanations(two_restarts, tmp_path)
-    assert all(path.stat().st_size > 0 for path in paths.values())
+    assert all(path.stat().st_size > 0 for path in paths.values()) and "class_gene_weights" in paths
+
+
+def test_class_gene_weights_rank_each_class_by_its_gene_weight_contrast(two_restarts, embedded):
+    import tfp_scmix as scm
+
+    table = explain.class_gene_weights(two_restarts, n_genes=4)
+    assert len(table) == 10 * 4 and list(table["rank"][:4]) == [0, 1, 2, 3]
+    weights = np.mean([m.classifier.gene_weights.numpy() for m in two_restarts.members], axis=0)
+    contrast = weights - weights.mean(axis=0)
+    for c, cls in enumerate(two_restarts.class_names):
+        rows = table[table["class"] == cls]
+        expected = np.argsort(-contrast[c], kind="stable")[:4]
+        assert list(rows.gene) == [two_restarts.genes[g] for g in expected]
+        np.testing.assert_allclose(rows.contrast, contrast[c, expected], rtol=1e-6)
+        np.testing.assert_allclose(rows.weight, weights[c, expected], rtol=1e-6)
+    alone = explain.class_gene_weights(two_restarts, n_genes=4, member=1)
+    first = alone[alone["class"] == two_restarts.class_names[0]]
+    one = two_restarts.members[1].classifier.gene_weights.numpy()
+    np.testing.assert_allclose(first.contrast.iloc[0], (one[0] - one.mean(axis=0)).max(), rtol=1e-6)
+    topics_only = scm.SCMix.from_data(embedded, scm.Config(n_topics=4, classifier_genes=False))
+    with pytest.raises(ValueError, match="reads topics only .* use class_genes"):
+        explain.class_gene_weights(topics_only)
 
 
 def test_embedding_of_the_classifier_features():

@@ -10,6 +10,7 @@ Where things happen: data enters in `data` (`from_anndata`; `stream` reads from 
     out = scm.predict(model, "query.h5ad")     # {"probs", "label", "confidence", "cell_topic"}
     scm.annotate(model, query_adata)           # obs["scmix_label"], ...
     scm.explain.class_genes(model)             # each class's most predictive topic and its genes
+    scm.explain.class_gene_weights(model)      # each class's genes by the classifier's gene weights
     scm.save_model(model, "model.keras"); scm.load_model("model.keras")
 """
 

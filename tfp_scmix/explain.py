@@ -102,6 +102,30 @@ def class_genes(
     return best.merge(top_genes(model, n_genes, by, member), on="topic")
 
 
+def class_gene_weights(model: SCMix | SCMixEnsemble, n_genes: int = 20, member: int | None = None) -> pd.DataFrame:
+    """Each class's genes ranked by the classification branch's gene term: (class, rank, gene, weight, contrast).
+
+    weight: the gene's weight V for the class (per log1p CP10k unit above the gene's training mean; the
+    members' mean when several are explained: unlike topics, genes are the same in every member); contrast:
+    the weight minus its mean over classes (what the gene says for the class against the others, as for
+    topics in `class_topic_table`). The top `n_genes` per class by contrast. Raises ValueError for a model
+    whose branch reads topics only (`Config.classifier_genes=False`).
+    """
+    explained = [m for _, m in _explained(model, member)]
+    if not all(m.classifier.n_genes for m in explained):
+        raise ValueError(
+            "this model's classification branch reads topics only (classifier_genes=False): it has no gene "
+            "weights; use class_genes for the genes of each class's topics"
+        )
+    weights = np.mean([m.classifier.gene_weights.numpy() for m in explained], axis=0)  # [n_classes, n_genes]
+    contrast = weights - weights.mean(axis=0, keepdims=True)
+    rows = []
+    for c, cls in enumerate(model.class_names):
+        for rank, g in enumerate(np.argsort(-contrast[c], kind="stable")[:n_genes]):
+            rows.append((cls, rank, model.genes[g], weights[c, g], contrast[c, g]))
+    return pd.DataFrame(rows, columns=["class", "rank", "gene", "weight", "contrast"])
+
+
 def marker_score(
     model: SCMix | SCMixEnsemble, markers: dict, n_genes: int = 30, by: str = "lift", member: int | None = None
 ) -> tuple[float, pd.DataFrame]:
@@ -221,6 +245,8 @@ def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) 
             class_genes(model, n_genes, by="weight"), folder / "class_genes_by_weight.csv"
         ),
     }
+    if all(m.classifier.n_genes for m in as_ensemble(model).members):
+        paths["class_gene_weights"] = write_csv(class_gene_weights(model, n_genes), folder / "class_gene_weights.csv")
     plot_class_topics(model, folder / "class_topics.png")
     plot_topic_genes(model, folder / "topic_genes.png")
     paths.update(class_topics_png=folder / "class_topics.png", topic_genes_png=folder / "topic_genes.png")
