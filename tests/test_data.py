@@ -175,6 +175,9 @@ def test_corrupt_h5ad(tmp_path):
 def test_real_embedded_dataset(embedded):
     assert (embedded.n_cells, embedded.n_genes, embedded.n_classes) == (700, 765, 10)
     assert embedded.n_labelled == 700 and len(embedded.fingerprint()) == 16
+    expected = f"SCData: 700 cells x 765 genes, 700 labelled of 10 classes, 1 batch(es), {embedded.counts.nnz}"
+    assert repr(embedded) == expected + " nonzero counts"
+    assert repr(embedded.hide_labels(np.arange(150))).split(", ")[1] == "150 labelled of 10 classes"
 
 
 def test_epoch_batches_depend_on_the_epoch_alone(embedded):

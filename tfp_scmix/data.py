@@ -640,6 +640,13 @@ class SCData:
     batch_names: list[str]
     obs_names: np.ndarray
 
+    def __repr__(self) -> str:
+        """One line, as AnnData prints itself: sizes, labels and batches, not every name."""
+        return (
+            f"SCData: {self.n_cells} cells x {self.n_genes} genes, {self.n_labelled} labelled of "
+            f"{self.n_classes} classes, {len(self.batch_names)} batch(es), {self.counts.nnz} nonzero counts"
+        )
+
     @property
     def n_cells(self) -> int:
         return self.counts.shape[0]

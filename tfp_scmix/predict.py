@@ -210,7 +210,8 @@ def predict(
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
     model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by one chunk
-    plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells], "confidence" [n_cells],
+    plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells] (int32 indices into
+    `model.class_names`), "confidence" [n_cells],
     "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
     the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them; "library_size"
     [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over

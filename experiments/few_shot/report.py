@@ -161,7 +161,9 @@ def report(folder=HERE):
         "# Few-shot benchmark report",
         "",
         "Written by `./run experiments.few_shot.report` from the results.csv files of the runs listed in "
-        "`experiments/few_shot/run.py`. Errors are of 2000 test cells, means over seeds; tfp_scmix is the "
+        "`experiments/few_shot/run.py`. Errors are counts over each dataset's test cells (run.py's SUITE: "
+        "2000, 550 for pbmc68k_reduced, 1000 for the sorted PBMCs and the pancreas), means over seeds; "
+        "tfp_scmix is the "
         "package default (3 restarts averaged) unless the method says otherwise.",
         "",
     ]

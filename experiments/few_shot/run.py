@@ -365,7 +365,8 @@ EXTRA_SCORES = ("marker_score", "marker_score_by_weight", "weights_above_0.1")
 
 
 def mean_table(frame, keys=("dataset", "setting", "labels", "label_noise", "method"), extra=EXTRA_SCORES):
-    """Mean errors of 2000, accuracy, macro-F1 (and the `extra` scores present) over seeds, per `keys`."""
+    """Mean errors (of each dataset's test cells), accuracy, macro-F1 (and the `extra` scores present) over seeds,
+    per `keys`."""
     columns = {
         "errors": ("errors", "mean"),
         "accuracy": ("accuracy", "mean"),
@@ -378,10 +379,13 @@ def mean_table(frame, keys=("dataset", "setting", "labels", "label_noise", "meth
 
 
 def write_summary(frame, path):
-    """Mean errors of 2000, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
+    """Mean errors, accuracy and macro-F1 over seeds, per dataset, setting, budget and method."""
     summary = mean_table(frame)
     write_text(
-        path, "# Few-shot benchmark: mean over seeds (errors of 2000 test cells)\n\n" + markdown_table(summary) + "\n"
+        path,
+        "# Few-shot benchmark: mean over seeds (errors of each dataset's test cells: run.py's SUITE)\n\n"
+        + markdown_table(summary)
+        + "\n",
     )
     print(summary.to_string(index=False))
 
