@@ -8,7 +8,8 @@ topics_only/ holds the same report for the model before its classifier read gene
 standardised_genes/ holds the suite's rows of the previous default (genes standardised, under a horseshoe;
 commit a777a39), set beside this default's; self_training/ holds tfp_scmix with `self_training=True` on the
 suite's splits, measured on that previous default and set beside its rows of the same datasets and seeds;
-prior_normal/ holds tfp_scmix with a Gaussian prior on the class weights on the suite's splits;
+prior_normal/ and joint/ hold tfp_scmix with a Gaussian prior on the class weights and in the joint label mode
+on the suite's splits (`VARIANT_RUNS`);
 class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
@@ -122,7 +123,11 @@ def noise_table(noisy, clean):
 
 
 SELF_TRAINING = "tfp_scmix:self_training=True"
-PRIOR_NORMAL = "tfp_scmix:prior=normal"
+# Runs of one tfp_scmix variant on the suite's splits, each in its folder: (folder, method, report title).
+VARIANT_RUNS = [
+    ("prior_normal", "tfp_scmix:prior=normal", "A Gaussian prior on the class weights (`prior=normal`)"),
+    ("joint", "tfp_scmix:label_mode=joint", "The joint label mode (labels shape the topics)"),
+]
 
 
 def versus_table(variants):
@@ -225,22 +230,24 @@ def report(folder=HERE):
             ),
             "",
         ]
-    normal = read(folder / "prior_normal")
-    if main is not None and normal is not None:
-        seeds = sorted(int(seed) for seed in normal.seed.unique())
-        shared = pd.concat([main[main.seed.isin(seeds)], normal])
+    for name, method, title in VARIANT_RUNS:
+        rows = read(folder / name)
+        if main is None or rows is None:
+            continue
+        seeds = sorted(int(seed) for seed in rows.seed.unique())
+        shared = pd.concat([main[main.seed.isin(seeds)], rows])
         parts += [
-            f"## A Gaussian prior on the class weights (`prior=normal`), seeds {seeds}",
+            f"## {title} ({name}/), seeds {seeds}",
             "",
             "Against the best peer on the same seeds:",
             "",
-            *verdicts(shared, method=PRIOR_NORMAL),
+            *verdicts(shared, method=method),
             "",
             "The default on the same seeds:",
             "",
             *verdicts(shared),
             "",
-            markdown_table(versus_table([("default", main, "tfp_scmix"), ("prior=normal", normal, PRIOR_NORMAL)])),
+            markdown_table(versus_table([("default", main, "tfp_scmix"), (method, rows, method)])),
             "",
         ]
     ablation_summary = folder / "class_branch" / "summary.md"

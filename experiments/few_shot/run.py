@@ -11,6 +11,8 @@ The results in this folder come from these runs (each writes results.csv and sum
         --seeds 0 1 --methods tfp_scmix:self_training=True --out experiments/few_shot/self_training
     ./run experiments.few_shot.run --datasets pbmc3k pbmc68k_reduced pbmc_sorted_zheng baron2016_mouse_pancreas \
         --seeds 0 1 2 --methods tfp_scmix:prior=normal --out experiments/few_shot/prior_normal
+    ./run experiments.few_shot.run --datasets pbmc3k pbmc68k_reduced pbmc_sorted_zheng baron2016_mouse_pancreas \
+        --seeds 0 1 --methods tfp_scmix:label_mode=joint --out experiments/few_shot/joint
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
     ./run experiments.few_shot.run --datasets pbmc3k --settings inductive --seeds 0 1 2 \
