@@ -235,7 +235,7 @@ def report(folder=HERE):
         if main is None or rows is None:
             continue
         seeds = sorted(int(seed) for seed in rows.seed.unique())
-        shared = pd.concat([main[main.seed.isin(seeds)], rows])
+        shared = pd.concat([main[main.seed.isin(seeds) & main.dataset.isin(set(rows.dataset))], rows])
         parts += [
             f"## {title} ({name}/), seeds {seeds}",
             "",
