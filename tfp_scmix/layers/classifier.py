@@ -14,6 +14,13 @@ from tfp_scmix.layers.horseshoe import HorseshoePrior
 tfd, tfb = tfp.distributions, tfp.bijectors
 
 
+def _matmul(x: tf.Tensor | tf.SparseTensor, kernel: tf.Tensor) -> tf.Tensor:
+    """x @ kernel for a dense or sparse x `[batch, n]` and a dense kernel `[n, m]`."""
+    if isinstance(x, tf.SparseTensor):
+        return tf.sparse.sparse_dense_matmul(x, kernel)
+    return tf.matmul(x, kernel)
+
+
 @keras.saving.register_keras_serializable(package="tfp_scmix")
 class ClassBranch(keras.layers.Layer):
     """p(label | f, x) = (1 - eps) softmax(W f + V (x - m) + c) + eps / C: W under a horseshoe-family prior.
@@ -90,9 +97,7 @@ class ClassBranch(keras.layers.Layer):
     def gene_logits(self, genes: tf.Tensor | tf.SparseTensor) -> tf.Tensor:
         """V (x - m) `[batch, n_classes]` of genes x `[batch, n_genes]` (log1p CP10k, dense or sparse)."""
         kernel, offset = self.gene_kernel()
-        if isinstance(genes, tf.SparseTensor):
-            return tf.sparse.sparse_dense_matmul(genes, kernel) - offset
-        return tf.matmul(genes, kernel) - offset
+        return _matmul(genes, kernel) - offset
 
     def gene_penalty(self) -> tf.Tensor:
         """-log p(V) up to a constant, 1/2 sum V^2 / gene_prior_scale^2 (nats; 0 without genes)."""
@@ -206,11 +211,7 @@ class ClassBranch(keras.layers.Layer):
         tables = self.predictive_tables()
         gene_products = None
         if self.n_genes:
-            genes = self._require_genes(genes)
-            if isinstance(genes, tf.SparseTensor):
-                gene_products = tf.sparse.sparse_dense_matmul(genes, tables["gene_kernel"])
-            else:
-                gene_products = tf.matmul(genes, tables["gene_kernel"])
+            gene_products = _matmul(self._require_genes(genes), tables["gene_kernel"])
         return self.predictive_probs(features, gene_products, tables)
 
     def get_config(self):
