@@ -101,8 +101,8 @@ class SCMix(keras.Model):
     Loss (per minibatch; each branch's terms scaled by the size of the data it explains):
       reconstruction + warm-up * (kl_cell + kl_topic)   per count
       + label_weight * (label_nll + kl_class)           per labelled cell
-    label_mode says how labels reach the topics: "cut" (the classifier reads the topics, its gradient
-    stops there), "joint" (the label term trains the encoder too), or "class_prior" (each class has its
+    label_mode says how labels reach the topics: "joint" (the default: the label term trains the encoder
+    too), "cut" (the classifier reads the topics, its gradient stops there), or "class_prior" (each class has its
     own centre of the topic prior, so labels shape topics generatively).
 
     Build it with `SCMix.from_data(data, config)`, which reads the sizes from the data. The constructor
