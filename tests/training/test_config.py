@@ -62,7 +62,7 @@ def test_model_config_is_the_package_config_of_the_model_and_training_tables(sma
         hidden_units=32,
         n_predictive_samples=8,
         prior="regularized",
-        label_mode="cut",
+        label_mode="joint",
         kl_warmup_epochs=10,
         global_scale=0.5,
         epochs=2,
