@@ -490,6 +490,11 @@ def transfer_goal_lines(rows):
     lines = [f"- transfer matrix: {single.pair.nunique()} pairs, seeds {sorted(map(int, rows.seed.unique()))}"]
     accuracy, f1 = by_pair(single, "accuracy"), by_pair(single, "macro_f1")
     if "best peer" in accuracy:
+        # Only pairs on which peers ran are compared (a pair measured for tfp_scmix alone is listed, not scored).
+        alone = accuracy.index[accuracy["best peer"].isna()]
+        if len(alone):
+            lines.append(f"- pairs without peer rows (not compared): {', '.join(alone)}")
+        accuracy, f1 = accuracy.drop(index=alone), f1.drop(index=alone)
         for method in [m for m in MODEL_METHODS if m in accuracy]:
             ahead = ((accuracy[method] >= accuracy["best peer"]) & (f1[method] >= f1["best peer"])).sum()
             margin = accuracy[method] - accuracy["best peer"]
