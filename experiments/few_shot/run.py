@@ -17,7 +17,7 @@ The results in this folder come from these runs (each writes results.csv and sum
         --seeds 0 1 2 --methods tfp_scmix:label_mode=cut --out experiments/few_shot/cut
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc3k pbmc_sorted_zheng \
         --seeds 0 1 2 --methods tfp_scmix:batch_size=1024 --out experiments/few_shot/batch_1024
-    # prior_normal/, joint/, cut/ and batch_1024/ hold cbmc seed 0 too: the same commands with --datasets cbmc --seeds 0.
+    # prior_normal/, joint/, cut/ and batch_1024/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0).
     # cut/ holds the suite's rows of the previous default (the cut label mode; method renamed to say so).
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
