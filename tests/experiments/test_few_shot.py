@@ -21,13 +21,13 @@ def test_runs_keep_earlier_rows_and_the_report_scores_noise(tmp_path):
     from experiments.few_shot import report, run
 
     common = ["--datasets", "pbmc3k", "--seeds", "0", "--epochs", "2", "--no-mlflow", "--out", str(tmp_path)]
-    run.main(common + ["--methods", "tfp_scmix:restarts=1", "logistic_regression"])
+    run.main(common + ["--methods", "tfp_scmix:restarts=1,classifier_steps=100", "logistic_regression"])
     # A second run adds a method: the first run's rows stay, re-measured rows are replaced, not repeated.
     run.main(common + ["--methods", "linear_svm", "logistic_regression"])
     saved = pd.read_csv(tmp_path / "results.csv")
-    assert sorted(saved.method) == ["linear_svm", "logistic_regression", "tfp_scmix:restarts=1"]
+    assert sorted(saved.method) == ["linear_svm", "logistic_regression", "tfp_scmix:restarts=1,classifier_steps=100"]
     assert saved.errors.between(0, 2000).all()
-    row = saved.set_index("method").loc["tfp_scmix:restarts=1"]
+    row = saved.set_index("method").loc["tfp_scmix:restarts=1,classifier_steps=100"]
     assert 0 <= row.marker_score <= 1 and 0 <= row["weights_above_0.1"] <= 1
     noise = [
         "--datasets",
@@ -65,12 +65,12 @@ def test_any_h5ad_with_cell_type_runs_by_path_with_the_test_size_rule_and_verdic
     assert run.test_size(str(path), 500, 150) == 100 and run.test_size("pbmc68k_reduced", 700, 150) == 550
     data = run.suite_dataset(str(path))
     assert data.batch_names == ["mouse1", "mouse2"]  # its batch column becomes the batches
-    methods = ["tfp_scmix:restarts=1", "label_spreading", "knn_pca_k5"]
+    methods = ["tfp_scmix:restarts=1,classifier_steps=100", "label_spreading", "knn_pca_k5"]
     args = ["--datasets", str(path), "--seeds", "0", "--epochs", "2", "--no-mlflow", "--out", str(tmp_path / "out")]
     run.main(args + ["--methods", *methods])
     saved = pd.read_csv(tmp_path / "out" / "results.csv")
     assert sorted(saved.method) == sorted(methods) and saved.errors.between(0, 100).all()
-    ours = saved.set_index("method").loc["tfp_scmix:restarts=1"]
+    ours = saved.set_index("method").loc["tfp_scmix:restarts=1,classifier_steps=100"]
     assert len(json.loads(ours.single_model_errors)) == 1 and 0 <= ours.topics_logistic_errors <= 100
-    lines = report.verdicts(saved, method="tfp_scmix:restarts=1")
+    lines = report.verdicts(saved, method="tfp_scmix:restarts=1,classifier_steps=100")
     assert lines[-1].startswith("- Suite (1 datasets)") and "mean error ratio" in lines[-1]
