@@ -280,3 +280,28 @@ def test_read_10x_folders_and_refuse_other_formats(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "scanpy", None)  # as if scanpy were not installed
     with pytest.raises(DataError, match="needs the scanpy package"):
         read(tmp_path / "data.h5")
+
+
+def test_log_normalised_dense_is_the_encoders_normalisation_of_the_nonzeros():
+    """`log_normalised_dense` (numpy, nonzeros only) against the encoder's TensorFlow `normalise_counts(
+    divide_offsets(...))` on dense counts: three batches with their own gene factors, an empty cell, duplicate-free
+    CSR rows; without factors it is log1p CP10k. Tolerance 1e-6 (float32 rounding of the same formula)."""
+    import tensorflow as tf
+
+    from tfp_scmix.data import log_normalised_dense
+    from tfp_scmix.layers.cell import divide_offsets, normalise_counts
+
+    rng = np.random.default_rng(3)
+    dense = rng.poisson(0.6, (40, 25)).astype(np.float32)
+    dense[7] = 0  # a cell without counts
+    counts = sp.csr_matrix(dense)
+    offsets = rng.normal(0, 0.5, (3, 25)).astype(np.float32)
+    batches = rng.integers(0, 3, 40).astype(np.int32)
+    expected = normalise_counts(divide_offsets(tf.constant(dense), tf.constant(batches), tf.constant(offsets)))
+    got = log_normalised_dense(counts, np.exp(-offsets), batches)
+    assert got.dtype == np.float32 and got.shape == (40, 25)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+    assert not got[7].any()
+    np.testing.assert_allclose(log_normalised_dense(counts), normalise_counts(tf.constant(dense)).numpy(), atol=1e-6)
+    one = log_normalised_dense(counts, np.exp(-offsets[:1]))  # one batch: its factors for every cell
+    np.testing.assert_allclose(one, log_normalised_dense(counts, np.exp(-offsets), np.zeros(40, np.int32)), atol=0)

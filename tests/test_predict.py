@@ -280,3 +280,15 @@ def test_predictions_are_the_model_written_out_term_by_term(small_model, embedde
     topics = np.exp(loc - loc.max(1, keepdims=True))
     np.testing.assert_allclose(out["cell_topic"], topics / topics.sum(1, keepdims=True), atol=1e-5)
     np.testing.assert_array_equal(out["label"], probs.argmax(1))
+
+
+def test_an_ensembles_prediction_is_its_own_call(two_restarts, embedded):
+    """`predict` normalises each member's counts with that member's batch offsets in numpy; the model's Keras
+    call does it in TensorFlow: the same probabilities and topics (1e-5, float32 rounding), the same labels."""
+    from tfp_scmix.data import BATCH, COUNTS
+
+    out = scm.predict(two_restarts, embedded, batch_size=200)
+    called = two_restarts({COUNTS: embedded.counts.toarray(), BATCH: embedded.batches})
+    np.testing.assert_allclose(out["probs"], called["probs"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["cell_topic"], called["cell_topic"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out["label"], called["probs"].numpy().argmax(1))

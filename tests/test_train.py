@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import tfp_scmix as scm
 from tests.helpers import ROOT, few_labels
 from tfp_scmix.config import Config
-from tfp_scmix.data import DataError
+from tfp_scmix.data import BATCH, COUNTS, DataError
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.io import ModelFileError
 from tfp_scmix.predict import OUTPUT_KEYS
@@ -295,6 +295,9 @@ def test_adapt_returns_an_ensemble_that_saves_loads_and_predicts_with_its_offset
     out = scm.predict(adapted, query)
     assert out["probs"].shape == (query.n_cells, small_model.n_classes) and np.isfinite(out["probs"]).all()
     assert not np.allclose(out["probs"], scm.predict(small_model, query)["probs"])  # the offsets are used
+    # predict (numpy normalisation with the query's offsets) is the model's own call (TensorFlow's).
+    called = adapted({COUNTS: query.counts.toarray(), BATCH: query.batches})
+    np.testing.assert_allclose(out["probs"], called["probs"].numpy(), atol=1e-5)
     # Saved and loaded, it predicts the same.
     path = scm.save_model(adapted, tmp_path / "adapted.keras")
     loaded = scm.load_model(path)

@@ -427,6 +427,51 @@ def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
     return norm
 
 
+def log_normalised_dense(
+    counts: sp.csr_matrix,
+    factors: np.ndarray | None = None,
+    batch_ids: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """log1p(CP10k) of CSR counts `[n_cells, n_genes]` with each cell's counts first multiplied by its batch's
+    gene factors, as a dense float32 array `[n_cells, n_genes]`: the input of the encoder's first layer.
+
+    factors `[n_batches, n_genes]` (the model's exp(-offsets), `SCMix.offset_factors`; None: all ones);
+    batch_ids `[n_cells]` integers into its rows (None: batch 0). The same numbers as the model's TensorFlow
+    `normalise_counts(divide_offsets(...))` to float32 rounding, computed on the nonzeros only (a quarter
+    of the entries of typical counts) and written straight into the dense array: prediction's input
+    (docs/performance.md, "Prediction: where the time goes"). out: a C-contiguous float32 array of that shape to
+    fill (overwritten) instead of a new one.
+    """
+    n_cells, n_genes = counts.shape
+    lengths = np.diff(counts.indptr)
+    values = np.asarray(counts.data, dtype=np.float32)
+    if factors is not None:
+        factors = np.asarray(factors, dtype=np.float32)
+        if factors.shape[0] == 1 or batch_ids is None:
+            values = values * np.take(factors[0], counts.indices)
+        else:
+            flat = np.repeat(np.asarray(batch_ids, dtype=np.int64) * n_genes, lengths) + counts.indices
+            values = values * np.take(factors.ravel(), flat)
+    else:
+        values = values.copy()
+    # Each cell's total: sums of its run of values (reduceat needs a nonempty run; empty cells sum to 0).
+    library = np.zeros(n_cells, np.float32)
+    filled = lengths > 0
+    if values.size:
+        library[filled] = np.add.reduceat(values, counts.indptr[:-1][filled])
+    values *= np.repeat(np.float32(1e4) / np.maximum(library, np.float32(1.0)), lengths)
+    np.log1p(values, out=values)
+    if out is None:
+        dense = np.zeros((n_cells, n_genes), np.float32)
+    else:
+        dense = out
+        dense.fill(0)
+    positions = np.repeat(np.arange(n_cells, dtype=np.int64) * n_genes, lengths) + counts.indices
+    np.put(dense, positions, values)
+    return dense
+
+
 def highly_variable_genes(
     counts: sp.csr_matrix, genes: Sequence[str] | np.ndarray, n_top: int = 2000, n_bins: int = 20
 ) -> np.ndarray:

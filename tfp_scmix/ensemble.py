@@ -66,7 +66,19 @@ class SCMixEnsemble(keras.Model):
 
     def predict_with(self, tables: list[dict[str, tf.Tensor]], inputs, training=False) -> dict[str, tf.Tensor]:
         """`call`'s outputs from `predictive_tables()` computed beforehand (see `SCMix.predict_with`)."""
-        members = [m.predict_with(t, inputs, training=training) for m, t in zip(self.members, tables, strict=True)]
+        return self._average(
+            [m.predict_with(t, inputs, training=training) for m, t in zip(self.members, tables, strict=True)]
+        )
+
+    def predict_normalised(self, tables: list[dict[str, tf.Tensor]], xs, training=False) -> dict[str, tf.Tensor]:
+        """`predict_with`'s outputs from each member's normalised counts xs (a list of `[batch, n_genes]`, see
+        `SCMix.predict_normalised`: the members' batch offsets differ)."""
+        members = [
+            m.predict_normalised(t, x, training=training) for m, t, x in zip(self.members, tables, xs, strict=True)
+        ]
+        return self._average(members)
+
+    def _average(self, members: list[dict[str, tf.Tensor]]) -> dict[str, tf.Tensor]:
         if len(members) == 1:
             return members[0]
         probs = tf.add_n([o["probs"] for o in members]) / len(members)

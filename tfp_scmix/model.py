@@ -302,6 +302,28 @@ class SCMix(keras.Model):
         call, not once per minibatch). inputs: as for `call`, a minibatch dict or a count matrix."""
         counts, batch_ids = self._unpack(inputs)
         product = self.encoder.first_layer(counts, batch_ids, self.batch_offsets.loc, kernel=tables["kernel"])
+        return self._predict_from_product(tables, product, training)
+
+    def predict_normalised(self, tables: dict[str, tf.Tensor], x: tf.Tensor, training=False) -> dict[str, tf.Tensor]:
+        """`predict_with`'s outputs from x `[batch, n_genes]`, the cells' counts already normalised as the first
+        layer reads them: `tfp_scmix.data.log_normalised_dense(counts, self.offset_factors(),
+        self.prediction_batches(batch_ids))` (float32, dense). `tfp_scmix.predict` normalises in numpy on the
+        nonzeros only, so that TensorFlow's work per minibatch is the product and what follows it."""
+        return self._predict_from_product(tables, tf.matmul(x, tables["kernel"]), training)
+
+    def offset_factors(self) -> np.ndarray:
+        """exp(-offsets) `[n_batches, n_genes]` float32 (posterior means): what each batch's counts are multiplied
+        by before normalisation (`tfp_scmix.layers.cell.divide_offsets`)."""
+        return np.exp(-self.batch_offsets.loc.numpy()).astype(np.float32)
+
+    def prediction_batches(self, batch_ids: np.ndarray) -> np.ndarray:
+        """The batch `[n_cells]` (int32) whose offsets prediction divides out of each cell: its own, or
+        `adapted_batch` for every cell once the model has been adapted to a new dataset (as `call` does)."""
+        if self.adapted_batch is not None:
+            return np.full(len(batch_ids), self.adapted_batch, np.int32)
+        return np.asarray(batch_ids, dtype=np.int32)
+
+    def _predict_from_product(self, tables, product, training) -> dict[str, tf.Tensor]:
         first, gene_products = self.encoder.split(product)
         loc, _ = self.encoder.topics_from_first_layer(first, training=training)
         probs = self.classifier.predictive_probs(

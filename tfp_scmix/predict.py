@@ -18,8 +18,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from tfp_scmix.data import (
-    BATCH,
-    COUNTS,
     UNLABELLED,
     DataError,
     SCData,
@@ -28,6 +26,7 @@ from tfp_scmix.data import (
     check_structure,
     find_counts,
     from_anndata,
+    log_normalised_dense,
     read_h5ad,
 )
 from tfp_scmix.ensemble import SCMixEnsemble
@@ -118,43 +117,72 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
 _PREDICT_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _members(model: SCMix | SCMixEnsemble) -> list[SCMix]:
+    return list(model.members) if isinstance(model, SCMixEnsemble) else [model]
+
+
 def _predict_function(model: SCMix | SCMixEnsemble, tables):
-    """The model's prediction of one dense minibatch `[cells, n_genes]` from its `predictive_tables()`, traced once."""
+    """The model's prediction from its members' normalised minibatches (a list of dense `[cells, n_genes]`,
+    `log_normalised_dense`) and its `predictive_tables()`, traced once."""
     function = _PREDICT_FUNCTIONS.get(model)
     if function is None:
         import tensorflow as tf
 
         owner = weakref.ref(model)  # the function must not keep its model (the dictionary's key) alive
+        spec = tf.TensorSpec([None, model.n_genes], tf.float32)
 
         @tf.function(
             input_signature=[
-                tf.TensorSpec([None, model.n_genes], tf.float32),
-                tf.TensorSpec([None], tf.int32),
+                [spec] * len(_members(model)),
                 tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), tables),
             ]
         )
-        def function(counts, batch_ids, tables):
+        def function(xs, tables):
             traced = owner()
             assert traced is not None  # traced while its model is alive: the dictionary holds it only then
-            return traced.predict_with(tables, {COUNTS: counts, BATCH: batch_ids})
+            if isinstance(traced, SCMixEnsemble):
+                return traced.predict_normalised(tables, xs)
+            return traced.predict_normalised(tables, xs[0])
 
         _PREDICT_FUNCTIONS[model] = function
     return function
 
 
+def _aligned(shape: tuple[int, int]) -> np.ndarray:
+    """An uninitialised float32 array of `shape` whose data start on a 64-byte boundary, as TensorFlow's kernels
+    require of memory they are handed without a copy (`_as_tensor`)."""
+    size = shape[0] * shape[1] * 4
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + size].view(np.float32).reshape(shape)
+
+
+def _as_tensor(array: np.ndarray):
+    """The 64-byte aligned C-contiguous float32 `array` as a TensorFlow tensor that shares its memory (DLPack).
+    `tf.constant` would copy it into memory that TensorFlow's allocator maps afresh for every large minibatch:
+    about as long as computing it (docs/performance.md, "Prediction: where the time goes")."""
+    import tensorflow as tf
+
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
 def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
     """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time.
 
-    Each minibatch is densified here (scipy's toarray is several times faster than TensorFlow's
-    sparse-to-dense), so a minibatch holds at most `CellEncoder.DENSE_BATCH_LIMIT` entries: fewer cells
-    per minibatch for very many genes."""
-    import tensorflow as tf
+    Each minibatch is normalised for every member on its nonzeros and written dense by numpy
+    (`log_normalised_dense`: several times less work than TensorFlow's dense normalisation and sparse-to-dense),
+    so a minibatch holds at most `CellEncoder.DENSE_BATCH_LIMIT` entries: fewer cells per minibatch for very
+    many genes."""
 
     from tfp_scmix.layers.cell import CellEncoder
 
     function = _predict_function(model, tables)
     batch_size = max(1, min(batch_size, CellEncoder.DENSE_BATCH_LIMIT // model.n_genes))
     counts = chunk.counts
+    if not counts.has_canonical_format:  # duplicate entries are summed, as a dense matrix would hold them
+        counts = counts.copy()
+        counts.sum_duplicates()
+    normalisers = [(m.offset_factors(), m.prediction_batches(chunk.batches)) for m in _members(model)]
 
     def minibatch(start):
         stop = min(start + batch_size, chunk.n_cells)
@@ -164,18 +192,20 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
             (counts.data[first:last], counts.indices[first:last], counts.indptr[start : stop + 1] - first),
             shape=(stop - start, counts.shape[1]),
         )
-        return tf.constant(rows.toarray()), tf.constant(chunk.batches[start:stop])
+        return [
+            _as_tensor(log_normalised_dense(rows, f, b[start:stop], out=_aligned(rows.shape))) for f, b in normalisers
+        ]
 
-    # The next minibatch is built on another thread while TensorFlow predicts this one (which releases the GIL).
+    # The next minibatch is built on another thread while TensorFlow predicts this one (both release the GIL).
     starts = range(0, chunk.n_cells, batch_size)
     parts = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         ahead = pool.submit(minibatch, starts[0])
         for i in range(len(starts)):
-            batch = ahead.result()
+            xs = ahead.result()
             if i + 1 < len(starts):
                 ahead = pool.submit(minibatch, starts[i + 1])
-            out = function(*batch, tables)
+            out = function(xs, tables)
             parts.append({key: out[key].numpy() for key in keys if key in out})
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
