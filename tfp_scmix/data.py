@@ -439,7 +439,7 @@ def log_normalised_dense(
     factors `[n_batches, n_genes]` (the model's exp(-offsets), `SCMix.offset_factors`; None: all ones);
     batch_ids `[n_cells]` integers into its rows (None: batch 0). The same numbers as the model's TensorFlow
     `normalise_counts(divide_offsets(...))` to float32 rounding, computed on the nonzeros only (a quarter
-    of the entries of typical counts) and written straight into the dense array: prediction's input
+    of the entries of typical counts) and written straight into the dense array (scipy): prediction's input
     (docs/performance.md, "Prediction: where the time goes"). out: a C-contiguous float32 array of that shape to
     fill (overwritten) instead of a new one.
     """
@@ -467,8 +467,8 @@ def log_normalised_dense(
     else:
         dense = out
         dense.fill(0)
-    positions = np.repeat(np.arange(n_cells, dtype=np.int64) * n_genes, lengths) + counts.indices
-    np.put(dense, positions, values)
+    # scipy adds the entries into the zeroed array (duplicates, which canonical CSR has none of, would add up).
+    sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray(out=dense)
     return dense
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -36,6 +37,8 @@ logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
 # Cells read to find which slot of an AnnData holds the raw counts (`counts_slot`).
 SLOT_SAMPLE = 1000
+# Minibatches predicted at once (`_predict_chunk`).
+WORKERS = 2
 
 
 def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
@@ -183,8 +186,11 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
         counts = counts.copy()
         counts.sum_duplicates()
     normalisers = [(m.offset_factors(), m.prediction_batches(chunk.batches)) for m in _members(model)]
+    # Each thread writes its minibatches into its own dense buffers (one per member), reused from one minibatch
+    # to the next: TensorFlow reads them without a copy, and is done with them when the outputs are read back.
+    local = threading.local()
 
-    def minibatch(start):
+    def predicted(start):
         stop = min(start + batch_size, chunk.n_cells)
         first, last = counts.indptr[start], counts.indptr[stop]
         # The rows as a view of the chunk's arrays (scipy's row slicing would copy them first).
@@ -192,21 +198,19 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
             (counts.data[first:last], counts.indices[first:last], counts.indptr[start : stop + 1] - first),
             shape=(stop - start, counts.shape[1]),
         )
-        return [
-            _as_tensor(log_normalised_dense(rows, f, b[start:stop], out=_aligned(rows.shape))) for f, b in normalisers
+        if not hasattr(local, "buffers"):
+            local.buffers = [_aligned((batch_size, model.n_genes)) for _ in normalisers]
+        xs = [
+            _as_tensor(log_normalised_dense(rows, f, b[start:stop], out=buffer[: stop - start]))
+            for (f, b), buffer in zip(normalisers, local.buffers, strict=True)
         ]
+        out = function(xs, tables)
+        return {key: out[key].numpy() for key in keys if key in out}
 
-    # The next minibatch is built on another thread while TensorFlow predicts this one (both release the GIL).
-    starts = range(0, chunk.n_cells, batch_size)
-    parts = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = pool.submit(minibatch, starts[0])
-        for i in range(len(starts)):
-            xs = ahead.result()
-            if i + 1 < len(starts):
-                ahead = pool.submit(minibatch, starts[i + 1])
-            out = function(xs, tables)
-            parts.append({key: out[key].numpy() for key in keys if key in out})
+    # Two minibatches at a time, each normalised and predicted on its own thread (numpy and TensorFlow release
+    # the GIL), so that one's numpy work overlaps the other's product; `map` keeps the cells' order.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        parts = list(pool.map(predicted, range(0, chunk.n_cells, batch_size)))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
