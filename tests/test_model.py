@@ -195,6 +195,10 @@ def test_a_model_in_the_old_flat_config_format_still_loads(embedded, tmp_path):
     loaded = scm.load_model(tmp_path / "old.keras")
     assert loaded.sizes == model.sizes
     np.testing.assert_array_equal(scm.predict(loaded, embedded)["probs"], scm.predict(model, embedded)["probs"])
+    # A config that does not state the hidden layer's width was written when it was 256 units wide.
+    unstated = model.get_config()
+    del unstated["config"]["hidden_units"]
+    assert SCMix.from_config(unstated).encoder.hidden_units == 256 and Config().hidden_units == 128
 
 
 def test_library_versions_are_the_installed_ones():

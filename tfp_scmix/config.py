@@ -23,7 +23,9 @@ class Config:
     """Model and training settings (defaults: the package's; their source is docs/few_shot.md).
 
     Model:
-      n_topics: topics K. hidden_units / dropout: the cell encoder's one hidden layer.
+      n_topics: topics K. hidden_units / dropout: the cell encoder's one hidden layer (128 units, as scVI's
+        encoder: the few-shot suite ties the earlier 256 and prediction and training get faster,
+        docs/few_shot.md "A first layer of 128 units"; model files that do not state it load with 256).
       prior: the class weights' prior (`PRIORS`). label_mode: how labels reach the topics (`LABEL_MODES`;
         "joint" since it tied "cut" on the few-shot suite, experiments/few_shot/report.md).
       label_weight: weight of the label terms (label_nll + kl_class per labelled cell) against the
@@ -53,7 +55,7 @@ class Config:
     """
 
     n_topics: int = 50
-    hidden_units: int = 256
+    hidden_units: int = 128
     dropout: float = 0.2
     prior: Prior = "regularized"
     label_mode: LabelMode = "joint"

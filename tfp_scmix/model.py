@@ -575,6 +575,8 @@ class SCMix(keras.Model):
             config["config"] = settings
         # Files written before the classification branch read genes: topics only.
         config["config"] = {"classifier_genes": False, **config["config"]}
+        # Files that do not state the hidden layer's width were written when it was 256 units.
+        config["config"] = {"hidden_units": 256, **config["config"]}
         if config["config"].get("expected_active_genes") is not None and config["config"]["classifier_genes"]:
             raise ValueError(
                 "the file's classification branch reads standardised genes under a horseshoe "

@@ -83,7 +83,7 @@ class CellEncoder(keras.layers.Layer):
         self,
         n_genes: int,
         n_topics: int,
-        hidden_units: int = 256,
+        hidden_units: int = 128,
         dropout: float = 0.2,
         prior_alpha: float = 0.5,
         learn_alpha: bool = False,
