@@ -85,6 +85,15 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     return n_cells, source, counts
 
 
+def _rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows `start:stop` of `csr` as a CSR matrix on views of its arrays (scipy's row slicing copies them)."""
+    first, last = csr.indptr[start], csr.indptr[stop]
+    return sp.csr_matrix(
+        (csr.data[first:last], csr.indices[first:last], csr.indptr[start : stop + 1] - first),
+        shape=(stop - start, csr.shape[1]),
+    )
+
+
 def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
     """Cells `start:stop` of an opened source as validated `SCData` in the model's gene order."""
     if isinstance(source, SCData):
@@ -100,7 +109,11 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
             min_gene_fraction=min_gene_fraction,
             allow_empty_cells=True,
         )
-    csr = sp.csr_matrix(source[start:stop], dtype=np.float32)
+    if sp.issparse(source):  # CSR since `_open`
+        csr = _rows(source, start, stop)
+        csr = csr if csr.dtype == np.float32 else csr.astype(np.float32)
+    else:
+        csr = sp.csr_matrix(source[start:stop], dtype=np.float32)
     check_counts(csr, f"rows {start}-{stop} of the count matrix")
     n = csr.shape[0]
     return SCData(
@@ -192,12 +205,7 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
 
     def predicted(start):
         stop = min(start + batch_size, chunk.n_cells)
-        first, last = counts.indptr[start], counts.indptr[stop]
-        # The rows as a view of the chunk's arrays (scipy's row slicing would copy them first).
-        rows = sp.csr_matrix(
-            (counts.data[first:last], counts.indices[first:last], counts.indptr[start : stop + 1] - first),
-            shape=(stop - start, counts.shape[1]),
-        )
+        rows = _rows(counts, start, stop)
         if not hasattr(local, "buffers"):
             local.buffers = [_aligned((batch_size, model.n_genes)) for _ in normalisers]
         xs = [
