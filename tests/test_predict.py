@@ -39,8 +39,19 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
     expected = scm.predict(small_model, embedded)
     path = tmp_path / "cells.h5ad"
     embedded_adata[:, ::-1].copy().write_h5ad(path)  # genes in reverse order: aligned by name
+    layered = embedded_adata.copy()  # counts in a layer, log-normalised values in X
+    layered.layers["counts"] = layered.X.copy()
+    layered.X = layered.X.copy()
+    layered.X.data = np.log1p(layered.X.data)
+    with_raw = layered.copy()  # counts in .raw only
+    with_raw.raw = embedded_adata.copy()
+    del with_raw.layers["counts"]
+    doubled = anndata.concat([embedded_adata, embedded_adata], index_unique="-")
     sources = {
         "AnnData": embedded_adata,
+        "AnnData, counts in a layer": layered,
+        "AnnData, counts in .raw": with_raw,
+        "view of an AnnData": doubled[: embedded_adata.n_obs],
         "AnnData, other gene order": embedded_adata[:, ::-1].copy(),
         "backed AnnData": read_h5ad(path, backed="r"),
         "path": str(path),

@@ -94,13 +94,39 @@ def _rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     )
 
 
+def _in_memory_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
+    """(rows `start:stop` of the CSR matrix in `slot` ("X", "raw" or a layer) on views of its arrays, that slot's
+    gene names) for an AnnData in memory; None for a backed AnnData, a view of one or a slot that is not CSR.
+    Slicing the AnnData instead makes scipy copy the rows entry by entry (most of the time of a prediction)."""
+    if slot is None or adata.isbacked or adata.is_view:
+        return None
+    if slot == "raw":
+        matrix, names = adata.raw.X, adata.raw.var_names
+    else:
+        matrix, names = (adata.X if slot == "X" else adata.layers[slot]), adata.var_names
+    if not (sp.issparse(matrix) and matrix.format == "csr"):
+        return None
+    return _rows(matrix, start, stop), names
+
+
 def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
     """Cells `start:stop` of an opened source as validated `SCData` in the model's gene order."""
     if isinstance(source, SCData):
         return source.subset(np.arange(start, stop))
     if hasattr(source, "obs_names"):
-        chunk = source[start:stop]
-        chunk = chunk.to_memory() if source.isbacked else chunk
+        rows = _in_memory_rows(source, counts, start, stop)
+        if rows is not None:  # the slot's rows as views, in a small AnnData of their own
+            import anndata
+            import pandas as pd
+
+            matrix, names = rows
+            chunk = anndata.AnnData(
+                X=matrix, obs=pd.DataFrame(index=source.obs_names[start:stop]), var=pd.DataFrame(index=names)
+            )
+            counts = "X"
+        else:
+            chunk = source[start:stop]
+            chunk = chunk.to_memory() if source.isbacked else chunk
         return from_anndata(
             chunk,
             counts=counts,

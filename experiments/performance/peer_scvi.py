@@ -63,10 +63,12 @@ def main(config):
     timed_cpu = timer.cpu[1:] or timer.cpu
     train_rate = adata.n_obs * len(timed) / sum(timed)
     model.get_latent_representation(adata[:1000], batch_size=config["predict_batch_size"])  # warm-up
-    start, cpu = time.perf_counter(), time.process_time()
-    model.get_latent_representation(batch_size=config["predict_batch_size"])
-    predict_rate = adata.n_obs / (time.perf_counter() - start)
-    predict_cpu_rate = adata.n_obs / (time.process_time() - cpu)
+    rates = []
+    for _ in range(3):  # the best of 3 calls, as run.py times ours (PREDICT_REPEATS)
+        start, cpu = time.perf_counter(), time.process_time()
+        model.get_latent_representation(batch_size=config["predict_batch_size"])
+        rates.append((adata.n_obs / (time.perf_counter() - start), adata.n_obs / (time.process_time() - cpu)))
+    predict_rate, predict_cpu_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     print(
         json.dumps(
             {
