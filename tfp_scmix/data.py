@@ -448,7 +448,7 @@ def log_normalised_dense(
     batch_ids `[n_cells]` integers into its rows (None: batch 0). The same numbers as the model's TensorFlow
     `normalise_counts(divide_offsets(...))` to float32 rounding, computed on the nonzeros only (a quarter
     of the entries of typical counts) and written straight into the dense array (scipy): prediction's input
-    (docs/performance.md, "Prediction: where the time goes"). out: a C-contiguous float32 array of that shape to
+    (docs/performance.md, "Prediction normalised in numpy"). out: a C-contiguous float32 array of that shape to
     fill (overwritten) instead of a new one.
     """
     n_cells, n_genes = counts.shape

@@ -202,7 +202,7 @@ def _aligned(shape: tuple[int, int]) -> np.ndarray:
 def _as_tensor(array: np.ndarray):
     """The 64-byte aligned C-contiguous float32 `array` as a TensorFlow tensor that shares its memory (DLPack).
     `tf.constant` would copy it into memory that TensorFlow's allocator maps afresh for every large minibatch:
-    about as long as computing it (docs/performance.md, "Prediction: where the time goes")."""
+    about as long as computing it (docs/performance.md, "Prediction normalised in numpy")."""
     import tensorflow as tf
 
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
