@@ -43,7 +43,8 @@ class Config:
       topic_prior_scale: standard deviation of the topic logits' prior around the background profile.
       n_predictive_samples: draws of the class weights averaged by the posterior predictive.
     Training (`tfp_scmix.train`):
-      epochs, batch_size (cells per minibatch), learning_rate (Adam, topics and encoder),
+      epochs, batch_size (cells per minibatch: 512, as many errors or fewer than 256 on the few-shot suite in
+        half the steps, docs/few_shot.md "Minibatches of 512 cells"), learning_rate (Adam, topics and encoder),
       classifier_learning_rate (the classification branch's own Adam during the epochs and its refit),
       classifier_steps (full-batch steps of the classifier refit after the last epoch; 0: none).
       self_training: after the refit, fit the classification branch again with the unlabelled cells'
@@ -73,7 +74,7 @@ class Config:
     topic_prior_scale: float = 1.0
     n_predictive_samples: int = 32
     epochs: int = 100
-    batch_size: int = 256
+    batch_size: int = 512
     learning_rate: float = 2e-3
     classifier_learning_rate: float = 0.02
     classifier_steps: int = 2000

@@ -19,10 +19,13 @@ The results in this folder come from these runs (each writes results.csv and sum
         --seeds 0 1 2 --methods tfp_scmix:batch_size=1024 --out experiments/few_shot/batch_1024
     ./run experiments.few_shot.run --datasets pbmc3k pbmc68k_reduced pbmc_sorted_zheng baron2016_mouse_pancreas \
         --seeds 0 1 2 --methods tfp_scmix:hidden_units=128 --out experiments/few_shot/hidden_128
-    # prior_normal/, joint/, cut/, batch_1024/ and hidden_128/ hold cbmc seed 0 too (the same commands, --datasets
-    # cbmc --seeds 0). cut/ holds the suite's rows of the cut label mode, hidden_256/ those of the 256-unit first
-    # layer, each the default of its time (methods renamed to say so); the main results.csv's tfp_scmix rows are
-    # hidden_128/'s, the same settings as today's default.
+    ./run experiments.few_shot.run --datasets pbmc3k pbmc68k_reduced pbmc_sorted_zheng baron2016_mouse_pancreas \
+        --seeds 0 1 2 --methods tfp_scmix:batch_size=512 --out experiments/few_shot/batch_512
+    # prior_normal/, joint/, cut/, batch_1024/, hidden_128/ and batch_512/ hold cbmc seed 0 too (the same commands,
+    # --datasets cbmc --seeds 0). cut/ holds the suite's rows of the cut label mode, hidden_256/ those of the
+    # 256-unit first layer, batch_256/ those of 128 units at minibatches of 256, each the default of its time
+    # (methods renamed to say so); the main results.csv's tfp_scmix rows are batch_512/'s, the same settings as
+    # today's default.
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
     ./run experiments.few_shot.run --datasets pbmc3k --settings inductive --seeds 0 1 2 \
