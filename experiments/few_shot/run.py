@@ -246,12 +246,12 @@ def parse_method(spec):
 
 
 def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, **settings):
-    from sklearn.linear_model import LogisticRegression
-
     """tfp_scmix trained on the visible cells (labels of `labelled` only) by `scm.train` with the package's
     defaults (an ensemble of 3 restarts unless `restarts` is given; other options are `Config` settings).
     Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
     over the members)."""
+    from sklearn.linear_model import LogisticRegression
+
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
     predicted = scm.predict(model, data.subset(test))["label"]
