@@ -208,8 +208,9 @@ def _as_tensor(array: np.ndarray):
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
-def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
-    """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time.
+def _predict_chunk(model, tables, factors, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
+    """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time; tables and
+    factors (each member's `offset_factors()`) are taken once per `predict` call.
 
     Each minibatch is normalised for every member on its nonzeros and written dense by numpy
     (`log_normalised_dense`: several times less work than TensorFlow's dense normalisation and sparse-to-dense),
@@ -224,7 +225,7 @@ def _predict_chunk(model, tables, chunk: SCData, batch_size: int, keys) -> dict[
     if not counts.has_canonical_format:  # duplicate entries are summed, as a dense matrix would hold them
         counts = counts.copy()
         counts.sum_duplicates()
-    normalisers = [(m.offset_factors(), m.prediction_batches(chunk.batches)) for m in _members(model)]
+    normalisers = [(f, m.prediction_batches(chunk.batches)) for m, f in zip(_members(model), factors, strict=True)]
     # Each thread writes its minibatches into its own dense buffers (one per member), reused from one minibatch
     # to the next: TensorFlow reads them without a copy, and is done with them when the outputs are read back.
     local = threading.local()
@@ -305,13 +306,14 @@ def predict(
     n_cells, source, counts = _open(source, model, counts, min_gene_fraction)
     outputs: dict[str, np.ndarray] = {}
     tables = model.predictive_tables()  # the posterior draws, once per call
+    factors = [m.offset_factors() for m in _members(model)]  # and each member's batch factors
     once = _OncePerMessage()
     logger.addFilter(once)
     try:
         for start in range(0, n_cells, int(chunk_size)):
             stop = min(start + int(chunk_size), n_cells)
             chunk = _chunk(source, model, start, stop, counts, min_gene_fraction)
-            out = _predict_chunk(model, tables, chunk, int(batch_size), model_keys)
+            out = _predict_chunk(model, tables, factors, chunk, int(batch_size), model_keys)
             if "library_size" in keys:
                 out["library_size"] = chunk.library_size.astype(np.float32)
             if novelty is not None and "novelty" in keys:
