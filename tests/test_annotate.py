@@ -75,7 +75,9 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     from tfp_scmix.annotate import write_h5ad
 
     source = tmp_path / "query.h5ad"
-    embedded_adata.write_h5ad(source)
+    earlier = embedded_adata.copy()  # as if annotated before with smooth=True: that slot must not survive
+    earlier.obsm["scmix_smoothed_probs"] = np.zeros((earlier.n_obs, 2), np.float32)
+    earlier.write_h5ad(source)
     expected = scm.annotate(small_model, embedded_adata.copy(), min_confidence=0.5)
     backed = anndata.read_h5ad(source, backed="r")
     scm.annotate(small_model, backed, min_confidence=0.5, chunk_size=128)
@@ -93,6 +95,7 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     assert list(written.uns["scmix_label_colors"]) == list(expected.uns["scmix_label_colors"])
     np.testing.assert_array_equal(written.varm["scmix_topic_gene"], expected.varm["scmix_topic_gene"])
     assert written.uns["scmix"]["gene_fingerprint"] == small_model.gene_fingerprint
+    assert "scmix_smoothed_probs" not in written.obsm
     assert "cell_type" in written.obs and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["annotated.h5ad"]
 
     backed = anndata.read_h5ad(source, backed="r")
@@ -189,3 +192,26 @@ def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata
         scm.annotate(small_model, query, majority_voting=True, over_clustering=[0, 1])
     computed = scm.annotate(small_model, query, majority_voting=True)
     assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))
+
+
+def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(small_model, embedded_adata):
+    from tfp_scmix.novelty import log_ratio_features
+    from tfp_scmix.propagate import smooth
+
+    query = embedded_adata[:120].copy()
+    counts = query.X.tolil()
+    counts[:2] = 0  # cells without counts stay unassigned after smoothing too
+    query.X = sp.csr_matrix(counts)
+    adata = scm.annotate(small_model, query, smooth=True)
+    out = scm.predict(small_model, query)
+    expected = smooth(log_ratio_features(out["cell_topic"], 1), out["probs"])
+    np.testing.assert_allclose(adata.obsm["scmix_smoothed_probs"], expected, rtol=1e-5, atol=1e-6)
+    names = np.asarray(small_model.class_names, dtype=object)[expected.argmax(axis=1)]
+    names[:2] = UNASSIGNED
+    assert adata.obs["scmix_smoothed"].astype(str).tolist() == names.tolist()
+    assert set(adata.obs["scmix_smoothed"].cat.categories) == set(names)
+    assert adata.uns["scmix"]["smooth"] is True
+    # Annotating again without the option leaves no stale smoothed labels behind.
+    again = scm.annotate(small_model, query)
+    assert "scmix_smoothed" not in again.obs and "scmix_smoothed_probs" not in again.obsm
+    assert "scmix_smoothed_colors" not in again.uns

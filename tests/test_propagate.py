@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from tfp_scmix.propagate import PROPAGATED_WEIGHT, correct_and_smooth, knn_graph, self_training_targets, spread
+from tfp_scmix.propagate import (
+    PROPAGATED_WEIGHT,
+    correct_and_smooth,
+    knn_graph,
+    self_training_targets,
+    smooth,
+    spread,
+)
 
 
 def two_clusters(n=40, seed=0):
@@ -87,3 +94,25 @@ def test_self_training_targets_keep_the_classifiers_class_proportions():
     # would follow the graph's two halves.
     skewed = np.tile([0.8, 0.2], (40, 1))
     assert abs(self_training_targets(graph, skewed, labels)[hidden].mean(0)[1] - 0.2) < 0.05
+
+
+def test_smooth_mends_scattered_errors_without_labels_and_is_the_renormalised_fixed_point():
+    points, truth = two_clusters()
+    probs = np.where(truth[:, None] == np.arange(2), 0.7, 0.3)
+    unsure, sure = np.r_[5:8, 25:28], np.array([10, 30])  # mistakes inside each cluster
+    probs[unsure] = np.where(truth[unsure, None] == np.arange(2), 0.45, 0.55)
+    probs[sure] = np.where(truth[sure, None] == np.arange(2), 0.05, 0.95)
+    result = smooth(points, probs, n_neighbors=8)
+    # Equal weight to a cell and its neighbourhood: the unsure mistakes are mended, the sure ones stand.
+    expected = truth.copy()
+    expected[sure] = 1 - truth[sure]
+    assert np.array_equal(result.argmax(axis=1), expected)
+    assert np.allclose(result.sum(axis=1), 1.0) and (result >= 0).all()
+    closed = np.linalg.solve(np.eye(40) - 0.5 * knn_graph(points, n_neighbors=8).toarray(), probs)
+    assert np.allclose(result, closed / closed.sum(axis=1, keepdims=True))
+    assert np.array_equal(smooth(points, probs, alpha=0.0), probs)
+    assert np.array_equal(smooth(points[:1], probs[:1]), probs[:1])  # one cell: no neighbours
+    with pytest.raises(ValueError, match="must describe the same cells"):
+        smooth(points[:30], probs)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\), received 1.0"):
+        smooth(points, probs, alpha=1.0)

@@ -12,6 +12,8 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
 - obs[f"{key}_low_counts"]: fewer than `min_counts` counts over the model's genes, too little to judge.
 - obs[f"{key}_majority_voting"], obs[f"{key}_over_clustering"]: with `majority_voting=True`, each
   cluster's most frequent label, and the clusters (when computed).
+- obs[f"{key}_smoothed"], obsm[f"{key}_smoothed_probs"]: with `smooth=True`, the labels and probabilities
+  after spreading the probabilities over the 15-nearest-neighbour graph of X_scmix (`propagate.smooth`).
 - obsm[f"X_{key}"]: float32 `[n_cells, n_topics]`, the classifier's features (centred log-ratio of each
   member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")`.
 - obsm[f"{key}_probs"]: float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"]
@@ -39,6 +41,7 @@ from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
 from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, predict
+from tfp_scmix.propagate import smooth as smooth_probs
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -113,6 +116,7 @@ def annotate(
     unassign_flagged: bool = False,
     majority_voting: bool = False,
     over_clustering: str | ArrayLike | None = None,
+    smooth: bool = False,
 ):
     """Annotate `adata` (an AnnData, in memory or backed, or a path `tfp_scmix.read` reads) in place; returns it.
 
@@ -132,6 +136,12 @@ def annotate(
     majority_voting: also write obs[f"{key}_majority_voting"], each cluster's most frequent label (as
     CellTypist's `majority_voting`); over_clustering: an obs column name or `[n_cells]` cluster ids; by
     default `over_clusters` of X_scmix, written to obs[f"{key}_over_clustering"].
+    smooth: also write obs[f"{key}_smoothed"] and obsm[f"{key}_smoothed_probs"]: each cell's probabilities
+    averaged with its neighbours' over the kNN graph of X_scmix (`tfp_scmix.propagate.smooth`, equal weight
+    to the cell and its neighbourhood); the cells unassigned in obs[f"{key}_label"] stay unassigned. Meant for
+    a dataset other than the training one, annotated whole (docs/cross_dataset.md, "Smoothing over the
+    target's cells"); the neighbour search (scikit-learn) over every cell's X_scmix adds time that grows with
+    the cells.
     Raises DataError as `from_anndata` does, for a view of a backed AnnData (anndata cannot write into it)
     and for an `over_clustering` column that is missing or of the wrong length; ValueError for numeric
     arguments out of range.
@@ -197,6 +207,7 @@ def annotate(
     varm = np.zeros((adata.n_vars, model.n_topics), np.float32)
     varm[position >= 0] = topic_gene[position[position >= 0]]
     adata.varm[f"{key}_topic_gene"] = varm
+    _drop_stale(adata, key, majority_voting=majority_voting, smooth=smooth, novelty=threshold is not None)
     if majority_voting:
         if clusters is None:
             clusters = over_clusters(features)
@@ -205,6 +216,12 @@ def annotate(
         adata.obs[f"{key}_majority_voting"], adata.uns[f"{key}_majority_voting_colors"] = _categorical(
             voted, order, colors
         )
+    if smooth:
+        smoothed = smooth_probs(features, out["probs"])
+        smoothed_names = np.asarray(model.class_names, dtype=object)[smoothed.argmax(axis=1)]
+        smoothed_names[unassigned] = UNASSIGNED
+        adata.obs[f"{key}_smoothed"], adata.uns[f"{key}_smoothed_colors"] = _categorical(smoothed_names, order, colors)
+        adata.obsm[f"{key}_smoothed_probs"] = smoothed.astype(np.float32)
     record: dict[str, Any] = {
         "classes": list(model.class_names),
         "tfp_scmix_version": __version__,
@@ -215,6 +232,7 @@ def annotate(
         "min_counts": int(min_counts),
         "unassign_flagged": bool(unassign_flagged),
         "majority_voting": bool(majority_voting),
+        "smooth": bool(smooth),
         "n_unassigned": int(unassigned.sum()),
         "n_low_counts": int(low_counts.sum()),
     }
@@ -247,6 +265,10 @@ def write_h5ad(adata, path: str | os.PathLike[str], key_added: str = "scmix") ->
             write_elem(f, "obs", adata.obs)
             for group in ("obsm", "varm", "uns"):
                 mapping = getattr(adata, group)
+                for key in list(f[group]) if group in f else []:  # an earlier call's outputs this one dropped
+                    ours = key in (key_added, f"X_{key_added}") or key.startswith(f"{key_added}_")
+                    if ours and key not in mapping:
+                        del f[group][key]
                 for key in mapping:
                     if key in (key_added, f"X_{key_added}") or key.startswith(f"{key_added}_"):
                         if group in f:
@@ -254,6 +276,31 @@ def write_h5ad(adata, path: str | os.PathLike[str], key_added: str = "scmix") ->
                         else:
                             write_elem(f, group, {key: mapping[key]})
     return path
+
+
+def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty: bool) -> None:
+    """Remove the optional outputs of an earlier `annotate` call under `key` that this call does not write,
+    so that no column describes a model or an option other than the latest call's."""
+    stale = {
+        "obs": [
+            *([] if majority_voting else [f"{key}_majority_voting", f"{key}_over_clustering"]),
+            *([] if smooth else [f"{key}_smoothed"]),
+            *([] if novelty else [f"{key}_novelty", f"{key}_novel"]),
+        ],
+        "obsm": [] if smooth else [f"{key}_smoothed_probs"],
+        "uns": [
+            *([] if majority_voting else [f"{key}_majority_voting_colors"]),
+            *([] if smooth else [f"{key}_smoothed_colors"]),
+        ],
+    }
+    for name in stale["obs"]:
+        if name in adata.obs:
+            del adata.obs[name]
+    for group in ("obsm", "uns"):
+        mapping = getattr(adata, group)
+        for name in stale[group]:
+            if name in mapping:
+                del mapping[name]
 
 
 def _clusters(adata, over_clustering) -> np.ndarray:

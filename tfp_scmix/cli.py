@@ -120,6 +120,7 @@ def annotate(args) -> None:
             unassign_flagged=args.unassign_flagged,
             majority_voting=args.majority_voting,
             over_clustering=args.over_clustering,
+            smooth=args.smooth,
         )
         write_h5ad(adata, args.out)
     finally:
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--majority-voting", action="store_true", help="also write each cluster's most frequent label (CellTypist)"
     )
     p.add_argument("--over-clustering", default=None, help="obs column of clusters to vote in (default: k-means)")
+    p.add_argument(
+        "--smooth", action="store_true", help="also write labels smoothed over the cells' neighbours (another dataset)"
+    )
     p.set_defaults(func=annotate)
 
     p = sub.add_parser("explain", help="write explanation tables (CSV) and figures (PNG) of a trained model")

@@ -16,6 +16,11 @@ connectivity (Zhou et al. 2004, "Learning with local and global consistency", th
 scikit-learn's `LabelSpreading` implements; that class clamps one-hot labels only, so it cannot start from
 a classifier's probabilities).
 
+`smooth` spreads a trained model's probabilities over the kNN graph of the cells it annotates, no cell
+clamped: each cell's call then weighs its neighbours' as much as its own (alpha = 0.5), which mends calls that a
+shift between datasets scatters within a population (docs/cross_dataset.md, "Smoothing over the target's
+cells": measured on the transfer matrix, where larger alphas let large classes swallow rare ones).
+
 `self_training_targets` turns the result into the soft labels `SCMix.fit_classifier` fits the unlabelled
 cells to (self-training, docs/few_shot.md): propagation alone can let a large class swallow a small one
 whose few labelled cells sit near it, so the propagated probabilities are first rescaled per class to the
@@ -32,6 +37,10 @@ import scipy.sparse as sp
 N_NEIGHBORS = 15
 ALPHA = 0.8
 ITERATIONS = 50
+# Smoothing's weight of the neighbourhood against the cell's own prediction (`smooth`): equal weights. Of
+# 0.5, 0.8, 0.9 and 0.95 on the transfer matrix (docs/cross_dataset.md), the largest that cost no pair either
+# score; 0.8 and above merged the Baron mice's rare types into their neighbours.
+SMOOTHING_ALPHA = 0.5
 # Weight of the aligned propagated probabilities against the classifier's own in the self-training labels.
 PROPAGATED_WEIGHT = 0.5
 
@@ -71,6 +80,29 @@ def spread(
         result = (1.0 - alpha) * start + alpha * (graph @ result)
         result[clamped] = start[clamped]
     return result
+
+
+def smooth(
+    features: np.ndarray, probs: np.ndarray, alpha: float = SMOOTHING_ALPHA, n_neighbors: int = N_NEIGHBORS
+) -> np.ndarray:
+    """Class probabilities `[n_cells, n_classes]` spread over the `knn_graph` of `features`
+    `[n_cells, n_features]` (the model's `X_scmix`), no cell clamped, rows renormalised to sum to one: the
+    fixed point of f = (1 - alpha) probs + alpha S f (Zhou et al. 2004, with the classifier's probabilities
+    as the start instead of one-hot labels). alpha in [0, 1): 0 returns `probs`; larger values trust the
+    neighbourhood more. A single cell comes back unchanged. Raises ValueError when the shapes disagree or
+    alpha is outside [0, 1)."""
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or np.shape(features)[0] != probs.shape[0]:
+        raise ValueError(
+            f"features {np.shape(features)} and probs {probs.shape} must describe the same cells "
+            "([n_cells, n_features] and [n_cells, n_classes])"
+        )
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), received {alpha}")
+    if probs.shape[0] < 2 or alpha == 0.0:
+        return probs
+    smoothed = spread(knn_graph(features, n_neighbors), probs, np.array([], int), alpha=alpha)
+    return smoothed / np.maximum(smoothed.sum(axis=1, keepdims=True), 1e-12)
 
 
 def correct_and_smooth(graph: sp.csr_matrix, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -34,6 +34,8 @@ from experiments.few_shot.run import celltypist, celltypist_majority_voting, knn
 from experiments.few_shot.run import env_peer as _env_peer
 from tfp_scmix.data import SCData, from_anndata
 from tfp_scmix.evaluate import expected_calibration_error
+from tfp_scmix.novelty import log_ratio_features
+from tfp_scmix.propagate import smooth
 
 # Coarse classes that every dataset of the tissue can express. Myeloid joins monocytes and dendritic cells: the
 # sorted "monocytes" carry dendritic-cell markers and are called Dendritic cells by every pbmc3k-trained method
@@ -104,7 +106,9 @@ PEERS = {
     "celltypist_majority_voting": celltypist_majority_voting,
     "scanvi_scarches": scanvi_scarches,
 }
-MODEL_METHODS = ("tfp_scmix", "tfp_scmix+adapt")
+# "+smooth": the unadapted model's probabilities spread over the target cells' kNN graph in X_scmix
+# (`annotate(..., smooth=True)`, `tfp_scmix.propagate.smooth`).
+MODEL_METHODS = ("tfp_scmix", "tfp_scmix+adapt", "tfp_scmix+smooth")
 METHODS = (*MODEL_METHODS, *PEERS)
 
 
@@ -290,12 +294,16 @@ def pair_rows(sources, target, args, seed, cache):
         for method in methods:
             start = time.time()
             fitted = model
-            if method != "tfp_scmix":
+            if "+adapt" in method:
                 shrinkage = variants.get(method)
                 fitted = scm.adapt(
                     model, query, epochs=args.adapt_epochs, batch_size=args.batch_size, shrinkage=shrinkage
                 )
             outputs = scm.predict(fitted, query)
+            if method.endswith("+smooth"):
+                features = log_ratio_features(outputs["cell_topic"], len(model.members))
+                outputs["probs"] = smooth(features, outputs["probs"])
+                outputs["label"] = outputs["probs"].argmax(axis=1)
             probs = outputs["probs"] @ one_hot
             flagged = outputs["novelty"] > model.novelty.threshold
             predicted[method] = outputs["label"]

@@ -32,6 +32,7 @@ def test_every_part_runs_and_writes_its_results(tmp_path):
         "--methods",
         "tfp_scmix",
         "tfp_scmix+adapt",
+        "tfp_scmix+smooth",
         "logistic_regression",
         "linear_svm",
         "knn_pca",
@@ -67,7 +68,14 @@ def test_every_part_runs_and_writes_its_results(tmp_path):
     assert len(saved) == len(frame)
     transfer = saved[saved.part == "transfer"]
     assert set(transfer.pair) == {"pbmc3k -> pbmc_sorted_zheng", "pbmc3k+pbmc_sorted_zheng -> pbmc68k_reduced"}
-    assert set(transfer.method) == {"tfp_scmix", "tfp_scmix+adapt", "logistic_regression", "linear_svm", "knn_pca"}
+    assert set(transfer.method) == {
+        "tfp_scmix",
+        "tfp_scmix+adapt",
+        "tfp_scmix+smooth",
+        "logistic_regression",
+        "linear_svm",
+        "knn_pca",
+    }
     assert transfer.accuracy.between(0, 1).all() and transfer.macro_f1.between(0, 1).all()
     # Scores are over the target cells whose coarse class the source has: errors and accuracy agree.
     assert np.allclose(transfer.errors, np.round((1 - transfer.accuracy) * transfer.cells))
