@@ -188,3 +188,19 @@ def test_refit_classifier_runs_after_the_last_epoch_or_when_training_stops_early
         refit.on_train_begin()
         refit.on_train_end()
         assert refit.done and all(np.array_equal(a, b.numpy()) for a, b in zip(before, model.classifier.weights))
+
+
+def test_progress_bar_into_a_log_writes_its_start_and_end_not_every_epoch(capsys):
+    """stderr is not a terminal here (as in a pipe or a batch job's log): tqdm's ten redraws a second would
+    each be a record; the bar writes at most once a minute, and its last state at close."""
+    from tfp_scmix.callbacks import ProgressBar
+
+    bar = ProgressBar(200)
+    bar.on_train_begin()
+    for epoch in range(200):
+        bar.on_epoch_begin(epoch)
+        bar.on_epoch_end(epoch, {"loss": 1.0, "label_accuracy": 0.5})
+    bar.close()
+    records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if r.strip()]
+    assert 2 <= len(records) <= 3, records
+    assert "200/200" in records[-1] and "acc=0.500" in records[-1]

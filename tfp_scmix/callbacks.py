@@ -274,19 +274,28 @@ class RefitClassifier(keras.callbacks.Callback):
             logs["classifier_loss"] = loss
 
 
+# Seconds between progress-bar updates when stderr is not a terminal (a log file, a pipe, a batch job).
+LOG_INTERVAL_SECONDS = 60.0
+
+
 class ProgressBar(keras.callbacks.Callback):
     """One tqdm progress bar over `total` epochs, shared by the fits it is passed to (a run's restarts).
 
     Shows the elapsed time, the ETA, and the last epoch's loss and `label_accuracy` (the labelled cells of
-    the minibatches, a running mean over the epoch). `close()` ends the bar. Used by `tfp_scmix.train` at
+    the minibatches, a running mean over the epoch); updated at most once a minute when stderr is not a
+    terminal. `close()` ends the bar. Used by `tfp_scmix.train` at
     verbose=1 in place of Keras's per-epoch lines.
     """
 
     def __init__(self, total: int, desc: str = "training"):
         super().__init__()
+        import sys
+
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True)
+        # Redrawn in place on a terminal; into a log file or pipe, each redraw is a new record: one a minute.
+        interval = 0.1 if sys.stderr.isatty() else LOG_INTERVAL_SECONDS
+        self.bar = tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True, mininterval=interval)
 
     def on_train_begin(self, logs=None):
         self._first = True
@@ -298,7 +307,8 @@ class ProgressBar(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         shown = {"loss": "loss", "label_accuracy": "acc"}
-        self.bar.set_postfix({short: f"{logs[key]:.3f}" for key, short in shown.items() if key in (logs or {})})
+        postfix = {short: f"{logs[key]:.3f}" for key, short in shown.items() if key in (logs or {})}
+        self.bar.set_postfix(postfix, refresh=False)  # drawn by update, at its interval
         self.bar.update(1)
 
     def close(self) -> None:
