@@ -266,16 +266,19 @@ def write_h5ad(adata, path: str | os.PathLike[str], key_added: str = "scmix") ->
             for group in ("obsm", "varm", "uns"):
                 mapping = getattr(adata, group)
                 for key in list(f[group]) if group in f else []:  # an earlier call's outputs this one dropped
-                    ours = key in (key_added, f"X_{key_added}") or key.startswith(f"{key_added}_")
-                    if ours and key not in mapping:
+                    if _written_by_annotate(key, key_added) and key not in mapping:
                         del f[group][key]
                 for key in mapping:
-                    if key in (key_added, f"X_{key_added}") or key.startswith(f"{key_added}_"):
+                    if _written_by_annotate(key, key_added):
                         if group in f:
                             write_elem(f[group], key, mapping[key])
                         else:
                             write_elem(f, group, {key: mapping[key]})
     return path
+
+
+def _written_by_annotate(name: str, key_added: str) -> bool:
+    return name in (key_added, f"X_{key_added}") or name.startswith(f"{key_added}_")
 
 
 def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty: bool) -> None:

@@ -7,9 +7,10 @@ Parts (docs/cross_dataset.md says what each number means):
 - transfer: the transfer matrix (matrix.py): train on every label of one dataset (or of several with their
   batch ids) and annotate another of the same tissue over the genes they share, for every ordered pair of
   pbmc3k, pbmc_sorted_zheng and pbmc68k_reduced, both ways between the two Baron mice, and pbmc3k +
-  pbmc_sorted_zheng -> pbmc68k_reduced; tfp_scmix without and with `adapt` and the peers (logistic regression,
-  linear SVM, kNN on PCA, CellTypist, scANVI with scArches query mapping) on the same cells and genes, scored
-  through one coarse label map per tissue. `--pairs`, `--methods` and `--seeds` choose what to measure; rows of
+  pbmc_sorted_zheng -> pbmc68k_reduced; tfp_scmix without and with `adapt`, smoothed over the target's cells
+  (`+smooth`: `annotate(..., smooth=True)`), and the peers (logistic regression, linear SVM, kNN on PCA,
+  CellTypist, scANVI with scArches query mapping) on the same cells and genes, scored through one coarse label
+  map per tissue. `--pairs`, `--methods` and `--seeds` choose what to measure; rows of
   other pairs, methods and seeds are kept, so the matrix can be filled in several runs.
 - kang: the pbmc3k model of `transfer`, adapted to kang_ctrl, labels its cells (those it leaves unassigned
   stay unlabelled); a model trained on kang_ctrl (its own most variable genes) with those labels predicts
