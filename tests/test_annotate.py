@@ -1,5 +1,7 @@
 """scm.annotate: predictions, topic proportions and topic-gene weights written into an AnnData."""
 
+import logging
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -190,11 +192,13 @@ def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata
         scm.annotate(small_model, query, majority_voting=True, over_clustering="leiden")
     with pytest.raises(scm.DataError, match="one cluster id per cell"):
         scm.annotate(small_model, query, majority_voting=True, over_clustering=[0, 1])
+    with pytest.raises(ValueError, match="pass majority_voting=True with it"):
+        scm.annotate(small_model, query, over_clustering="louvain")  # before: silently no vote
     computed = scm.annotate(small_model, query, majority_voting=True)
     assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))
 
 
-def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(small_model, embedded_adata):
+def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(small_model, embedded_adata, caplog):
     from tfp_scmix.novelty import log_ratio_features
     from tfp_scmix.propagate import smooth
 
@@ -215,3 +219,6 @@ def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(smal
     again = scm.annotate(small_model, query)
     assert "scmix_smoothed" not in again.obs and "scmix_smoothed_probs" not in again.obsm
     assert "scmix_smoothed_colors" not in again.uns
+    with caplog.at_level(logging.WARNING, logger="tfp_scmix"):
+        scm.annotate(small_model, query[:10].copy(), smooth=True)
+    assert "10 cells: too few for smoothing" in caplog.text

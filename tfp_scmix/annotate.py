@@ -41,6 +41,7 @@ from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
 from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, predict
+from tfp_scmix.propagate import N_NEIGHBORS
 from tfp_scmix.propagate import smooth as smooth_probs
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ def annotate(
     the cells.
     Raises DataError as `from_anndata` does, for a view of a backed AnnData (anndata cannot write into it)
     and for an `over_clustering` column that is missing or of the wrong length; ValueError for numeric
-    arguments out of range.
+    arguments out of range and for `over_clustering` without `majority_voting`.
     """
     check_argument(
         "min_confidence", 0.0 if min_confidence is None else min_confidence, 0, 1, hint=" (a probability: 95% is 0.95)"
@@ -158,7 +159,12 @@ def annotate(
             "copying it, which a backed view cannot do. Annotate adata[index].to_memory() (in memory), or the "
             "whole backed AnnData and subset afterwards."
         )
-    clusters = _clusters(adata, over_clustering) if majority_voting and over_clustering is not None else None
+    if over_clustering is not None and not majority_voting:
+        raise ValueError(
+            "over_clustering names the clusters majority voting votes in; pass majority_voting=True with it "
+            "(CLI: --majority-voting), or leave it out."
+        )
+    clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
     ensemble = as_ensemble(model)
     slot, slot_genes = counts_slot(adata, counts)
     keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
@@ -207,6 +213,13 @@ def annotate(
     varm = np.zeros((adata.n_vars, model.n_topics), np.float32)
     varm[position >= 0] = topic_gene[position[position >= 0]]
     adata.varm[f"{key}_topic_gene"] = varm
+    if (smooth or majority_voting) and adata.n_obs <= N_NEIGHBORS:
+        logger.warning(
+            "%d cells: too few for smoothing or majority voting over their neighbours (%d neighbours a cell by "
+            "default) to mean much; annotate the whole dataset together",
+            adata.n_obs,
+            N_NEIGHBORS,
+        )
     _drop_stale(adata, key, majority_voting=majority_voting, smooth=smooth, novelty=threshold is not None)
     if majority_voting:
         if clusters is None:
