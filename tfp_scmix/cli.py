@@ -34,7 +34,8 @@ def demo(args) -> dict:
     start = time.time()
     config = scm.Config(n_topics=args.topics, batch_size=args.batch_size, epochs=args.epochs)
     model = scm.train(data.hide_labels(labelled), config, restarts=args.restarts, seed=args.seed, verbose=args.verbose)
-    print(f"trained in {time.time() - start:.0f} s")
+    if not args.verbose:  # at verbose >= 1 train's own summary line says how long it took
+        print(f"trained in {time.time() - start:.0f} s")
     predicted = scm.predict(model, data.subset(test))["label"]
     result = scores(data.labels[test], predicted)
     print(
