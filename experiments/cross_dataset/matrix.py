@@ -35,7 +35,7 @@ from experiments.few_shot.run import env_peer as _env_peer
 from tfp_scmix.data import SCData, from_anndata
 from tfp_scmix.evaluate import expected_calibration_error
 from tfp_scmix.novelty import log_ratio_features
-from tfp_scmix.propagate import smooth
+from tfp_scmix.propagate import SMOOTHING_ALPHA, smooth
 
 # Coarse classes that every dataset of the tissue can express. Myeloid joins monocytes and dendritic cells: the
 # sorted "monocytes" carry dendritic-cell markers and are called Dendritic cells by every pbmc3k-trained method
@@ -246,8 +246,13 @@ def scores(truth, predicted, source_classes, probs=None, flagged=None, novelty=N
 
 
 def selected_methods(args):
-    """The methods a run measures: `args.methods` and the adapt variants of `--adapt-shrinkage`."""
-    return [*args.methods, *(f"tfp_scmix+adapt(shrinkage={v:g})" for v in args.adapt_shrinkage or ())]
+    """The methods a run measures: `args.methods`, the adapt variants of `--adapt-shrinkage` and the smoothing
+    variants of `--smooth-alpha`."""
+    return [
+        *args.methods,
+        *(f"tfp_scmix+adapt(shrinkage={v:g})" for v in args.adapt_shrinkage or ()),
+        *(f"tfp_scmix+smooth(alpha={v:g})" for v in args.smooth_alpha or ()),
+    ]
 
 
 def trained_model(source, args, seed, pair):
@@ -286,6 +291,8 @@ def pair_rows(sources, target, args, seed, cache):
     rows, predicted = [], {}
     # adapt with the offsets' prior scale fixed (`--adapt-shrinkage`): the lever of the gene-wise offsets.
     variants = {f"tfp_scmix+adapt(shrinkage={v:g})": v for v in args.adapt_shrinkage or ()}
+    # smoothing with another weight of the neighbourhood (`--smooth-alpha`): how the default was chosen.
+    alphas = {f"tfp_scmix+smooth(alpha={v:g})": v for v in args.smooth_alpha or ()}
     methods = [m for m in selected_methods(args) if m.startswith("tfp_scmix")]
     if methods:
         model, train_seconds = trained_model(source, args, seed, base["pair"])
@@ -300,9 +307,10 @@ def pair_rows(sources, target, args, seed, cache):
                     model, query, epochs=args.adapt_epochs, batch_size=args.batch_size, shrinkage=shrinkage
                 )
             outputs = scm.predict(fitted, query)
-            if method.endswith("+smooth"):
+            if "+smooth" in method:
                 features = log_ratio_features(outputs["cell_topic"], len(model.members))
-                outputs["probs"] = smooth(features, outputs["probs"])
+                alpha = alphas.get(method, SMOOTHING_ALPHA)
+                outputs["probs"] = smooth(features, outputs["probs"], alpha=alpha)
                 outputs["label"] = outputs["probs"].argmax(axis=1)
             probs = outputs["probs"] @ one_hot
             flagged = outputs["novelty"] > model.novelty.threshold
@@ -403,9 +411,9 @@ def pair_means(rows):
 
 
 def ordered_methods(methods):
-    """The methods present, in `METHODS` order, adapt variants after tfp_scmix+adapt."""
+    """The methods present, in `METHODS` order, adapt and smoothing variants after the model's methods."""
     present = set(methods)
-    variants = sorted(m for m in present if m.startswith("tfp_scmix+adapt("))
+    variants = sorted(m for m in present if m.startswith(("tfp_scmix+adapt(", "tfp_scmix+smooth(")))
     order = [*MODEL_METHODS, *variants, *PEERS]
     return [m for m in order if m in present]
 

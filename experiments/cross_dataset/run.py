@@ -503,6 +503,12 @@ def build_parser():
         type=float,
         help="also adapt with the offsets' prior scale fixed at each value (methods tfp_scmix+adapt(shrinkage=v))",
     )
+    parser.add_argument(
+        "--smooth-alpha",
+        nargs="+",
+        type=float,
+        help="also smooth with the neighbourhood's weight at each value (methods tfp_scmix+smooth(alpha=v))",
+    )
     parser.add_argument("--models", help="save the transfer models here and load them again in later runs")
     parser.add_argument("--classifier-steps", type=int, help="default: the package's")
     parser.add_argument(
