@@ -53,7 +53,7 @@ __version__ = "0.1.0"
 # TensorFlow; the first name that needs it imports it, quietly.
 _SUBMODULES = (
     "data", "stream", "config", "model", "novelty", "ensemble", "io", "callbacks", "distribute", "train",
-    "predict", "annotate", "evaluate", "explain", "tracking", "export",
+    "predict", "annotate", "evaluate", "explain", "tracking", "export", "propagate", "datasets",
 )  # fmt: skip
 _NAMES = {
     "DataError": "data",
@@ -72,7 +72,10 @@ _NAMES = {
     "annotate": "annotate",
 }
 # Modules that import no TensorFlow; the first import of any other submodule imports it first, quietly.
-_LIGHT = {"__main__", "cli", "config", "data", "datasets", "distribute", "novelty", "stream", "synthetic", "tracking"}
+_LIGHT = {
+    "__main__", "cli", "config", "data", "datasets", "distribute", "novelty", "propagate", "stream", "synthetic",
+    "tracking",
+}  # fmt: skip
 
 
 class _QuietTensorFlowFirst:
@@ -105,7 +108,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:
-    from tfp_scmix import callbacks, config, data, distribute, evaluate, explain, stream
+    from tfp_scmix import callbacks, config, data, datasets, distribute, evaluate, explain, propagate, stream
     from tfp_scmix.annotate import annotate
     from tfp_scmix.config import Config
     from tfp_scmix.data import DataError, SCData, from_anndata, read
@@ -141,12 +144,14 @@ __all__ = [
     "callbacks",
     "config",
     "data",
+    "datasets",
     "distribute",
     "evaluate",
     "explain",
     "from_anndata",
     "load_model",
     "predict",
+    "propagate",
     "read",
     "save_model",
     "stream",
