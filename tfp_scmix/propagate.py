@@ -38,8 +38,9 @@ N_NEIGHBORS = 15
 ALPHA = 0.8
 ITERATIONS = 50
 # Smoothing's weight of the neighbourhood against the cell's own prediction (`smooth`): equal weights. Of
-# 0.5, 0.8, 0.9 and 0.95 on the transfer matrix (docs/cross_dataset.md), the largest that cost no pair either
-# score; 0.8 and above merged the Baron mice's rare types into their neighbours.
+# 0.5, 0.8, 0.9 and 0.95 on the transfer matrix (docs/cross_dataset.md), the only one that cost no pair more
+# than 0.001 of accuracy or macro-F1 (smaller weights were not measured); 0.8 and above merged the Baron mice's
+# rare types into their neighbours.
 SMOOTHING_ALPHA = 0.5
 # Weight of the aligned propagated probabilities against the classifier's own in the self-training labels.
 PROPAGATED_WEIGHT = 0.5
