@@ -144,6 +144,32 @@ def test_gene_alignment_fills_missing_and_reports(caplog):
         align_genes(counts, ["G0", "G0", "G2", "G3"], ["G0"])
 
 
+def test_aligning_to_the_same_genes_copies_only_to_put_the_counts_in_order():
+    """Counts already float32 CSR in canonical order, columns in the vocabulary's order, come back as they are
+    (prediction aligns every chunk); anything else is copied and put in order, the input left untouched."""
+    genes = ["G0", "G1", "G2", "G3"]
+    counts = sp.csr_matrix(COUNTS.astype(np.float32))
+    assert align_genes(counts, genes, genes)[0] is counts
+    unsorted = sp.csr_matrix(
+        (np.array([3.0, 1.0], np.float32), np.array([2, 0]), np.array([0, 2, 2, 2, 2])), shape=(4, 4)
+    )
+    before = unsorted.indices.copy()
+    aligned, _ = align_genes(unsorted, genes, genes)
+    assert aligned is not unsorted and aligned.has_canonical_format
+    np.testing.assert_array_equal(aligned.toarray(), unsorted.toarray())
+    np.testing.assert_array_equal(unsorted.indices, before)
+    as_int = align_genes(sp.csr_matrix(COUNTS), genes, genes)[0]
+    assert as_int.dtype == np.float32 and np.array_equal(as_int.toarray(), COUNTS)
+
+
+def test_rows_are_views_equal_to_the_subset(embedded):
+    rows, subset = embedded.rows(100, 250), embedded.subset(np.arange(100, 250))
+    assert np.shares_memory(rows.counts.data, embedded.counts.data)
+    assert (rows.counts != subset.counts).nnz == 0
+    for name in ("labels", "batches", "obs_names"):
+        np.testing.assert_array_equal(getattr(rows, name), getattr(subset, name))
+
+
 def test_dataset_yields_sparse_minibatches_equal_to_rows(embedded):
     import tensorflow as tf
 

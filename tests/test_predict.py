@@ -250,6 +250,17 @@ def test_one_traced_function_serves_every_chunk_and_memory_stays_flat(small_mode
     assert growth < 8, f"memory grew {growth:.1f} MB over a call of 40 chunks"
 
 
+def test_minibatches_are_padded_to_a_few_shapes():
+    """XLA compiles the prediction once per shape: every minibatch size maps to a power of two from
+    MIN_PADDED_ROWS up to the batch size, never fewer rows than it holds."""
+    from tfp_scmix.predict import MIN_PADDED_ROWS, _padded_rows
+
+    for batch_size in (1, 50, 300, 1024):
+        shapes = {_padded_rows(n, batch_size) for n in range(1, batch_size + 1)}
+        assert all(_padded_rows(n, batch_size) >= n for n in range(1, batch_size + 1))
+        assert max(shapes) == batch_size and len(shapes) <= max(1, (batch_size // MIN_PADDED_ROWS).bit_length() + 1)
+
+
 def test_numeric_arguments_out_of_range_are_refused(small_model, embedded):
     for kwargs, name in (
         ({"chunk_size": 0}, "chunk_size"),

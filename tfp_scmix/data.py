@@ -366,7 +366,8 @@ def align_genes(
 
     counts: CSR `[n_cells, n_genes]` whose columns are `genes` `[n_genes]` (a list, array or pandas Index
     of names); vocabulary: `[n_vocabulary]` names. Returns (CSR float32 `[n_cells, n_vocabulary]` with
-    sorted indices, fraction of the vocabulary present, in [0, 1]); logs a warning when that fraction is
+    sorted indices, fraction of the vocabulary present, in [0, 1]), the result `counts` itself when it already
+    is that (float32 CSR in canonical order, columns in the vocabulary's order); logs a warning when that fraction is
     below 1. Raises DataError when `genes` has duplicates, or when fewer than `min_fraction` of the
     vocabulary's genes are in the data (with a hint when the two use different identifiers or look like
     different species).
@@ -409,10 +410,12 @@ def align_genes(
             100 * fraction,
         )
     if len(genes) == len(vocabulary) and np.array_equal(position, np.arange(len(vocabulary))):
-        # The model's genes in its order: a copy, without the product below (the usual case in prediction).
+        # The model's genes in its order (the usual case in prediction): `counts` itself when it is float32 CSR
+        # in canonical order, else a copy put in that order; no product.
+        if sp.isspmatrix_csr(counts) and counts.dtype == np.float32 and counts.has_canonical_format:
+            return counts, fraction
         same = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-        if not same.has_canonical_format:
-            same.sum_duplicates()  # sorts the indices, as the product's result is sorted
+        same.sum_duplicates()  # sorts the indices, as the product's result is sorted
         return same, fraction
     # Column selection matrix: data genes -> vocabulary positions.
     select = sp.csr_matrix(
@@ -433,6 +436,16 @@ def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
     norm = sp.csr_matrix(sp.diags(1e4 / np.maximum(library, 1)) @ counts)
     norm.data = np.log1p(norm.data)
     return norm
+
+
+def csr_rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows `start:stop` of `csr` as a CSR matrix on views of its data and indices (scipy's row slicing copies
+    them, and so does its constructor for a view of less than half an array). No check: `csr` is valid CSR."""
+    first, last = csr.indptr[start], csr.indptr[stop]
+    rows = sp.csr_matrix((stop - start, csr.shape[1]), dtype=csr.dtype)
+    rows.data, rows.indices = csr.data[first:last], csr.indices[first:last]
+    rows.indptr = csr.indptr[start : stop + 1] - first
+    return rows
 
 
 def log_normalised_dense(
@@ -737,6 +750,16 @@ class SCData:
             labels=self.labels[index],
             batches=self.batches[index],
             obs_names=self.obs_names[index],
+        )
+
+    def rows(self, start: int, stop: int) -> SCData:
+        """Cells `start:stop`, sharing this data's arrays (views, nothing copied, unlike `subset`)."""
+        return dataclasses.replace(
+            self,
+            counts=csr_rows(self.counts, start, stop),
+            labels=self.labels[start:stop],
+            batches=self.batches[start:stop],
+            obs_names=self.obs_names[start:stop],
         )
 
     def hide_labels(self, keep: ArrayLike) -> SCData:

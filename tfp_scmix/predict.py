@@ -2,8 +2,9 @@
 
 `predict(model, source)` takes `SCData`, an AnnData (in memory or backed), an .h5ad path (read backed,
 chunk by chunk) or a count matrix in the model's gene order, validates each chunk as `from_anndata`
-does, and predicts it with the model's deterministic `call`: memory is bounded by one chunk plus the
-outputs. `annotate`, the command line, the export client and the experiments predict through it.
+does, and predicts it with the model's deterministic `call`: memory is bounded by two chunks (the one
+predicted and the next, read meanwhile) plus the outputs. `annotate`, the command line, the export client
+and the experiments predict through it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tfp_scmix.data import (
     check_argument,
     check_counts,
     check_structure,
+    csr_rows,
     find_counts,
     from_anndata,
     log_normalised_dense,
@@ -39,6 +41,8 @@ OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
 SLOT_SAMPLE = 1000
 # Minibatches predicted at once (`_predict_chunk`).
 WORKERS = 2
+# The fewest rows a minibatch is padded to (`_padded_rows`).
+MIN_PADDED_ROWS = 64
 
 
 def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
@@ -48,10 +52,29 @@ def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
     the first `SLOT_SAMPLE` cells, so that every chunk of a prediction reads the same slot. Raises DataError
     as `find_counts` does.
     """
-    sample = adata[: min(adata.n_obs, SLOT_SAMPLE)]
-    sample = sample.to_memory() if sample.isbacked else sample
-    slot, _, genes = find_counts(sample, counts)
+    slot, _, genes = find_counts(_first_cells(adata, min(adata.n_obs, SLOT_SAMPLE)), counts)
     return slot, genes
+
+
+def _first_cells(adata, n: int):
+    """The first `n` cells of an AnnData, in memory, with the slots that `find_counts` may read. For an AnnData
+    in memory whose slots are CSR, an AnnData of its own on row views of those slots (anndata's row slicing
+    makes scipy copy the rows entry by entry: longer than predicting them)."""
+    slots = [adata.X, *adata.layers.values(), *([] if adata.raw is None else [adata.raw.X])]
+    if adata.isbacked or adata.is_view or not all(sp.issparse(m) and m.format == "csr" for m in slots):
+        sample = adata[:n]
+        return sample.to_memory() if sample.isbacked else sample
+    import anndata
+    import pandas as pd
+
+    obs, var = pd.DataFrame(index=adata.obs_names[:n]), pd.DataFrame(index=adata.var_names)
+    sample = anndata.AnnData(
+        X=csr_rows(adata.X, 0, n), obs=obs, var=var, layers={k: csr_rows(m, 0, n) for k, m in adata.layers.items()}
+    )
+    if adata.raw is not None:
+        raw_var = pd.DataFrame(index=adata.raw.var_names)
+        sample.raw = anndata.AnnData(X=csr_rows(adata.raw.X, 0, n), obs=obs, var=raw_var)
+    return sample
 
 
 def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | None]:
@@ -85,15 +108,6 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     return n_cells, source, counts
 
 
-def _rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
-    """Rows `start:stop` of `csr` as a CSR matrix on views of its arrays (scipy's row slicing copies them)."""
-    first, last = csr.indptr[start], csr.indptr[stop]
-    return sp.csr_matrix(
-        (csr.data[first:last], csr.indices[first:last], csr.indptr[start : stop + 1] - first),
-        shape=(stop - start, csr.shape[1]),
-    )
-
-
 def _in_memory_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
     """(rows `start:stop` of the CSR matrix in `slot` ("X", "raw" or a layer) on views of its arrays, that slot's
     gene names) for an AnnData in memory; None for a backed AnnData, a view of one or a slot that is not CSR.
@@ -106,13 +120,13 @@ def _in_memory_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.
         matrix, names = (adata.X if slot == "X" else adata.layers[slot]), adata.var_names
     if not (sp.issparse(matrix) and matrix.format == "csr"):
         return None
-    return _rows(matrix, start, stop), names
+    return csr_rows(matrix, start, stop), names
 
 
 def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
     """Cells `start:stop` of an opened source as validated `SCData` in the model's gene order."""
     if isinstance(source, SCData):
-        return source.subset(np.arange(start, stop))
+        return source.rows(start, stop)
     if hasattr(source, "obs_names"):
         rows = _in_memory_rows(source, counts, start, stop)
         if rows is not None:  # the slot's rows as views, in a small AnnData of their own
@@ -136,7 +150,7 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
             allow_empty_cells=True,
         )
     if sp.issparse(source):  # CSR since `_open`
-        csr = _rows(source, start, stop)
+        csr = csr_rows(source, start, stop)
         csr = csr if csr.dtype == np.float32 else csr.astype(np.float32)
     else:
         csr = sp.csr_matrix(source[start:stop], dtype=np.float32)
@@ -165,7 +179,9 @@ def _members(model: SCMix | SCMixEnsemble) -> list[SCMix]:
 
 def _predict_function(model: SCMix | SCMixEnsemble, tables):
     """The model's prediction from its members' normalised minibatches (a list of dense `[cells, n_genes]`,
-    `log_normalised_dense`) and its `predictive_tables()`, traced once."""
+    `log_normalised_dense`) and its `predictive_tables()`, traced once and compiled by XLA once per number of
+    rows (`_padded_rows` keeps those few): XLA fuses the small operations after the first layer's product,
+    which TensorFlow's graph runs one kernel each (docs/performance.md, "Prediction compiled by XLA")."""
     function = _PREDICT_FUNCTIONS.get(model)
     if function is None:
         import tensorflow as tf
@@ -177,7 +193,8 @@ def _predict_function(model: SCMix | SCMixEnsemble, tables):
             input_signature=[
                 [spec] * len(_members(model)),
                 tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), tables),
-            ]
+            ],
+            jit_compile=True,
         )
         def function(xs, tables):
             traced = owner()
@@ -188,6 +205,16 @@ def _predict_function(model: SCMix | SCMixEnsemble, tables):
 
         _PREDICT_FUNCTIONS[model] = function
     return function
+
+
+def _padded_rows(n_rows: int, batch_size: int) -> int:
+    """The number of rows a minibatch of `n_rows` cells is predicted with: the next power of two from
+    `MIN_PADDED_ROWS`, at most `batch_size` (the extra rows are zeros, their outputs dropped). XLA compiles the
+    prediction once per shape: a handful of shapes serve every chunk and dataset size."""
+    padded = MIN_PADDED_ROWS
+    while padded < n_rows:
+        padded *= 2
+    return min(padded, batch_size)
 
 
 def _aligned(shape: tuple[int, int]) -> np.ndarray:
@@ -232,15 +259,17 @@ def _predict_chunk(model, tables, factors, chunk: SCData, batch_size: int, keys)
 
     def predicted(start):
         stop = min(start + batch_size, chunk.n_cells)
-        rows = _rows(counts, start, stop)
+        rows = csr_rows(counts, start, stop)
         if not hasattr(local, "buffers"):
             local.buffers = [_aligned((batch_size, model.n_genes)) for _ in normalisers]
-        xs = [
-            _as_tensor(log_normalised_dense(rows, f, b[start:stop], out=buffer[: stop - start]))
-            for (f, b), buffer in zip(normalisers, local.buffers, strict=True)
-        ]
+        n, padded = stop - start, _padded_rows(stop - start, batch_size)
+        xs = []
+        for (f, b), buffer in zip(normalisers, local.buffers, strict=True):
+            log_normalised_dense(rows, f, b[start:stop], out=buffer[:n])
+            buffer[n:padded] = 0  # cells without counts, predicted and dropped
+            xs.append(_as_tensor(buffer[:padded]))
         out = function(xs, tables)
-        return {key: out[key].numpy() for key in keys if key in out}
+        return {key: out[key].numpy()[:n] for key in keys if key in out}
 
     # Two minibatches at a time, each normalised and predicted on its own thread (numpy and TensorFlow release
     # the GIL), so that one's numpy work overlaps the other's product; `map` keeps the cells' order.
@@ -278,7 +307,7 @@ def predict(
 
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
-    model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by one chunk
+    model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by two chunks
     plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells] (int32 indices into
     `model.class_names`), "confidence" [n_cells],
     "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
@@ -286,7 +315,7 @@ def predict(
     [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over
     the model's genes are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the
     slot of an AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every
-    chunk. Peak memory: one chunk and the outputs (experiments/reliability/memory_1m.py,
+    chunk. Peak memory: two chunks and the outputs (experiments/reliability/memory_1m.py,
     results_memory_1m.json).
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width or no cells; ValueError for a `chunk_size`,
@@ -305,23 +334,34 @@ def predict(
     model_keys = tuple(k for k in OUTPUT_KEYS if k in keys or (k == "cell_topic" and "novelty" in keys))
     n_cells, source, counts = _open(source, model, counts, min_gene_fraction)
     outputs: dict[str, np.ndarray] = {}
-    tables = model.predictive_tables()  # the posterior draws, once per call
-    factors = [m.offset_factors() for m in _members(model)]  # and each member's batch factors
     once = _OncePerMessage()
     logger.addFilter(once)
+    chunk_size = int(chunk_size)
+
+    def read(start):
+        return _chunk(source, model, start, min(start + chunk_size, n_cells), counts, min_gene_fraction)
+
     try:
-        for start in range(0, n_cells, int(chunk_size)):
-            stop = min(start + int(chunk_size), n_cells)
-            chunk = _chunk(source, model, start, stop, counts, min_gene_fraction)
-            out = _predict_chunk(model, tables, factors, chunk, int(batch_size), model_keys)
-            if "library_size" in keys:
-                out["library_size"] = chunk.library_size.astype(np.float32)
-            if novelty is not None and "novelty" in keys:
-                out["novelty"] = novelty.score(out["cell_topic"])
-            for key in keys:
-                if key not in outputs:  # filled in place: no second copy of the outputs
-                    outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
-                outputs[key][start:stop] = out[key]
+        # The next chunk is read and validated on a thread of its own while this one is predicted (reading from
+        # disk waits; numpy's validation releases the GIL): two chunks in memory at most.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(read, 0)
+            tables = model.predictive_tables()  # the posterior draws, once per call
+            factors = [m.offset_factors() for m in _members(model)]  # and each member's batch factors
+            for start in range(0, n_cells, chunk_size):
+                stop = min(start + chunk_size, n_cells)
+                chunk = pending.result()
+                if stop < n_cells:
+                    pending = reader.submit(read, stop)
+                out = _predict_chunk(model, tables, factors, chunk, int(batch_size), model_keys)
+                if "library_size" in keys:
+                    out["library_size"] = chunk.library_size.astype(np.float32)
+                if novelty is not None and "novelty" in keys:
+                    out["novelty"] = novelty.score(out["cell_topic"])
+                for key in keys:
+                    if key not in outputs:  # filled in place: no second copy of the outputs
+                        outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
+                    outputs[key][start:stop] = out[key]
     finally:
         logger.removeFilter(once)
     return outputs
