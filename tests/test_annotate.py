@@ -84,9 +84,11 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     backed = anndata.read_h5ad(source, backed="r")
     scm.annotate(small_model, backed, min_confidence=0.5, chunk_size=128)
     assert backed.isbacked
-    for key in ("scmix_label", "scmix_confidence"):
-        np.testing.assert_array_equal(backed.obs[key].to_numpy(), expected.obs[key].to_numpy())
-    np.testing.assert_array_equal(backed.obsm["scmix_cell_topic"], expected.obsm["scmix_cell_topic"])
+    # Chunks of 128 cells against one of 700: minibatches of other shapes, the same up to float32 round-off.
+    np.testing.assert_array_equal(backed.obs["scmix_label"].to_numpy(), expected.obs["scmix_label"].to_numpy())
+    confidence = backed.obs["scmix_confidence"].to_numpy()
+    np.testing.assert_allclose(confidence, expected.obs["scmix_confidence"].to_numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(backed.obsm["scmix_cell_topic"], expected.obsm["scmix_cell_topic"], rtol=1e-5, atol=1e-7)
     written = anndata.read_h5ad(write_h5ad(backed, tmp_path / "out" / "annotated.h5ad"))
     backed.file.close()
     assert (written.X != embedded_adata.X).nnz == 0 and list(written.obs_names) == list(embedded_adata.obs_names)

@@ -311,7 +311,9 @@ def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tu
             yield "raw", "adata.raw.X", adata.raw.X, adata.raw.var_names
 
 
-def find_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[str, sp.csr_matrix, np.ndarray]:
+def find_counts(
+    adata: anndata.AnnData, counts: str | None = None, copy: bool = True
+) -> tuple[str, sp.csr_matrix, np.ndarray]:
     """Find raw counts in an AnnData: `counts` names the slot ("X", "raw" or a layer), else detect.
 
     Detection tries adata.X, then the layers "counts", "raw_counts" and "umi", then adata.raw.X, and takes
@@ -319,6 +321,8 @@ def find_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[str,
     `[n_cells, n_genes]`; that slot's gene names `[n_genes]`: adata.raw's own for "raw").
     Raises DataError when the named slot is missing or holds non-count data (or, when detecting, when no
     slot holds counts: the error of adata.X); the message says how to point at the counts.
+    copy: False lets the counts share memory with the AnnData's when they are float32 CSR already (for data
+    used at once, as prediction reads a chunk: the AnnData's later changes would show through).
     """
     first_error: DataError | None = None
     for slot, where, matrix, var_names in _count_candidates(adata, counts):
@@ -332,14 +336,16 @@ def find_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[str,
             continue
         if where != "adata.X":
             logger.info("using raw counts from %s", where)
-        return slot, csr.astype(np.float32), np.asarray(var_names, dtype=str)
+        return slot, csr.astype(np.float32, copy=copy), np.asarray(var_names, dtype=str)
     assert first_error is not None  # the first candidate, adata.X, always exists
     raise first_error
 
 
-def extract_counts(adata: anndata.AnnData, counts: str | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+def extract_counts(
+    adata: anndata.AnnData, counts: str | None = None, copy: bool = True
+) -> tuple[sp.csr_matrix, np.ndarray]:
     """(CSR float32 `[n_cells, n_genes]`, gene names `[n_genes]`) of the raw counts `find_counts` finds."""
-    return find_counts(adata, counts)[1:]
+    return find_counts(adata, counts, copy)[1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +450,11 @@ def csr_rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     first, last = csr.indptr[start], csr.indptr[stop]
     rows = sp.csr_matrix((stop - start, csr.shape[1]), dtype=csr.dtype)
     rows.data, rows.indices = csr.data[first:last], csr.indices[first:last]
-    rows.indptr = csr.indptr[start : stop + 1] - first
+    # indptr in the indices' integer type where it fits (anndata writes int64 indptr beside int32 indices), or
+    # scipy's checks cast the indices, a copy of the largest array.
+    indptr = csr.indptr[start : stop + 1] - first
+    fits = rows.indices.dtype == np.int32 and indptr[-1] <= np.iinfo(np.int32).max
+    rows.indptr = indptr.astype(np.int32) if fits else indptr
     return rows
 
 
@@ -837,6 +847,7 @@ def from_anndata(
     min_gene_fraction: float = 0.5,
     allow_empty_cells: bool = False,
     unlabeled_category: str | None = None,
+    copy: bool = True,
 ) -> SCData:
     """Validated `SCData` from an AnnData object or a path (`read`: .h5ad, 10x folder or .h5, .loom).
 
@@ -847,7 +858,8 @@ def from_anndata(
     cells) is trained as a class, with a logged warning. batch_key: obs column
     with batch/dataset ids. genes: align to this vocabulary (a model's `genes`); classes: fix the class
     order (a model's `class_names`). min_gene_fraction: with `genes`, the fraction of them that must be in
-    the data; allow_empty_cells: keep cells with no counts over the genes.
+    the data; allow_empty_cells: keep cells with no counts over the genes. copy: False lets the counts share
+    memory with the AnnData's (`find_counts`), for data used at once.
 
     Raises DataError when the file cannot be read, the dataset is empty, no raw counts are found
     (`extract_counts`), gene names are duplicated or too few of `genes` are present (`align_genes`),
@@ -860,7 +872,7 @@ def from_anndata(
         unknown = [*np.atleast_1d(np.asarray(unknown, dtype=object)), unlabeled_category]
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"the dataset is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-    matrix, var_names = extract_counts(adata, counts)
+    matrix, var_names = extract_counts(adata, counts, copy)
     if genes is not None:
         matrix, _ = align_genes(matrix, var_names, genes, min_gene_fraction)
         var_names = np.asarray(genes, dtype=str)

@@ -2,9 +2,9 @@
 
 `predict(model, source)` takes `SCData`, an AnnData (in memory or backed), an .h5ad path (read backed,
 chunk by chunk) or a count matrix in the model's gene order, validates each chunk as `from_anndata`
-does, and predicts it with the model's deterministic `call`: memory is bounded by two chunks (the one
-predicted and the next, read meanwhile) plus the outputs. `annotate`, the command line, the export client
-and the experiments predict through it.
+does, and predicts it with the model's deterministic `call`: memory is bounded by three chunks (the
+one predicted, the one whose outputs are gathered, the next one read meanwhile) plus the outputs.
+`annotate`, the command line, the export client and the experiments predict through it.
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
             genes=model.genes,
             min_gene_fraction=min_gene_fraction,
             allow_empty_cells=True,
+            copy=False,  # the chunk is predicted at once
         )
     if sp.issparse(source):  # CSR since `_open`
         csr = csr_rows(source, start, stop)
@@ -235,47 +236,58 @@ def _as_tensor(array: np.ndarray):
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
-def _predict_chunk(model, tables, factors, chunk: SCData, batch_size: int, keys) -> dict[str, np.ndarray]:
-    """Outputs `keys` for the cells of `chunk` (in the model's gene order), `batch_size` at a time; tables and
-    factors (each member's `offset_factors()`) are taken once per `predict` call.
+class _Minibatches:
+    """Schedules the minibatches of chunks on a pool of threads, `batch_size` cells each, and gathers their outputs
+    `keys`; tables and factors (each member's `offset_factors()`) are taken once per `predict` call.
 
     Each minibatch is normalised for every member on its nonzeros and written dense by numpy
     (`log_normalised_dense`: several times less work than TensorFlow's dense normalisation and sparse-to-dense),
     so a minibatch holds at most `CellEncoder.DENSE_BATCH_LIMIT` entries: fewer cells per minibatch for very
-    many genes."""
+    many genes. The pool's threads each normalise and predict a minibatch (numpy and TensorFlow release the GIL),
+    so that one's numpy work overlaps another's product."""
 
-    from tfp_scmix.layers.cell import CellEncoder
+    def __init__(self, model, tables, factors, batch_size: int, keys, pool: concurrent.futures.Executor):
+        from tfp_scmix.layers.cell import CellEncoder
 
-    function = _predict_function(model, tables)
-    batch_size = max(1, min(batch_size, CellEncoder.DENSE_BATCH_LIMIT // model.n_genes))
-    counts = chunk.counts
-    if not counts.has_canonical_format:  # duplicate entries are summed, as a dense matrix would hold them
-        counts = counts.copy()
-        counts.sum_duplicates()
-    normalisers = [(f, m.prediction_batches(chunk.batches)) for m, f in zip(_members(model), factors, strict=True)]
-    # Each thread writes its minibatches into its own dense buffers (one per member), reused from one minibatch
-    # to the next: TensorFlow reads them without a copy, and is done with them when the outputs are read back.
-    local = threading.local()
+        self.model, self.tables, self.factors, self.keys, self.pool = model, tables, factors, keys, pool
+        self.function = _predict_function(model, tables)
+        self.batch_size = max(1, min(batch_size, CellEncoder.DENSE_BATCH_LIMIT // model.n_genes))
+        # Each thread writes its minibatches into its own dense buffers (one per member), reused from one minibatch
+        # to the next: TensorFlow reads them without a copy, and is done with them when the outputs are read back.
+        self.local = threading.local()
 
-    def predicted(start):
-        stop = min(start + batch_size, chunk.n_cells)
+    def submit(self, chunk: SCData) -> list[concurrent.futures.Future]:
+        """The futures of the outputs of the minibatches of `chunk` (in the model's gene order), in order."""
+        counts = chunk.counts
+        if not counts.has_canonical_format:  # duplicate entries are summed, as a dense matrix would hold them
+            counts = counts.copy()
+            counts.sum_duplicates()
+        normalisers = [
+            (f, m.prediction_batches(chunk.batches)) for m, f in zip(_members(self.model), self.factors, strict=True)
+        ]
+        return [
+            self.pool.submit(self._predicted, counts, normalisers, start, min(start + self.batch_size, chunk.n_cells))
+            for start in range(0, chunk.n_cells, self.batch_size)
+        ]
+
+    def _predicted(self, counts, normalisers, start: int, stop: int) -> dict[str, np.ndarray]:
         rows = csr_rows(counts, start, stop)
-        if not hasattr(local, "buffers"):
-            local.buffers = [_aligned((batch_size, model.n_genes)) for _ in normalisers]
-        n, padded = stop - start, _padded_rows(stop - start, batch_size)
+        if not hasattr(self.local, "buffers"):
+            self.local.buffers = [_aligned((self.batch_size, self.model.n_genes)) for _ in normalisers]
+        n, padded = stop - start, _padded_rows(stop - start, self.batch_size)
         xs = []
-        for (f, b), buffer in zip(normalisers, local.buffers, strict=True):
+        for (f, b), buffer in zip(normalisers, self.local.buffers, strict=True):
             log_normalised_dense(rows, f, b[start:stop], out=buffer[:n])
             buffer[n:padded] = 0  # cells without counts, predicted and dropped
             xs.append(_as_tensor(buffer[:padded]))
-        out = function(xs, tables)
-        return {key: out[key].numpy()[:n] for key in keys if key in out}
+        out = self.function(xs, self.tables)
+        return {key: out[key].numpy()[:n] for key in self.keys if key in out}
 
-    # Two minibatches at a time, each normalised and predicted on its own thread (numpy and TensorFlow release
-    # the GIL), so that one's numpy work overlaps the other's product; `map` keeps the cells' order.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        parts = list(pool.map(predicted, range(0, chunk.n_cells, batch_size)))
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    @staticmethod
+    def gather(futures: list[concurrent.futures.Future]) -> dict[str, np.ndarray]:
+        """The outputs of a chunk's minibatches (`submit`), concatenated in the cells' order."""
+        parts = [future.result() for future in futures]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 class _OncePerMessage(logging.Filter):
@@ -307,7 +319,7 @@ def predict(
 
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
-    model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by two chunks
+    model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by three chunks
     plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells] (int32 indices into
     `model.class_names`), "confidence" [n_cells],
     "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
@@ -315,7 +327,7 @@ def predict(
     [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over
     the model's genes are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the
     slot of an AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every
-    chunk. Peak memory: two chunks and the outputs (experiments/reliability/memory_1m.py,
+    chunk. Peak memory: three chunks and the outputs (experiments/reliability/memory_1m.py,
     results_memory_1m.json).
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width or no cells; ValueError for a `chunk_size`,
@@ -337,31 +349,48 @@ def predict(
     once = _OncePerMessage()
     logger.addFilter(once)
     chunk_size = int(chunk_size)
+    # The first chunk is small, so that prediction starts once a few minibatches are read; then `chunk_size`.
+    first = min(chunk_size, WORKERS * int(batch_size))
+    starts = [0, *range(first, n_cells, chunk_size)]
+    bounds = list(zip(starts, [*starts[1:], n_cells], strict=True))
 
-    def read(start):
-        return _chunk(source, model, start, min(start + chunk_size, n_cells), counts, min_gene_fraction)
+    def read(start, stop):
+        return _chunk(source, model, start, stop, counts, min_gene_fraction)
 
+    def finish(start, stop, chunk, futures):
+        out = _Minibatches.gather(futures)
+        if "library_size" in keys:
+            out["library_size"] = chunk.library_size.astype(np.float32)
+        if novelty is not None and "novelty" in keys:
+            out["novelty"] = novelty.score(out["cell_topic"])
+        for key in keys:
+            if key not in outputs:  # filled in place: no second copy of the outputs
+                outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
+            outputs[key][start:stop] = out[key]
+
+    # A pipeline of three stages on threads: the next chunk is read and validated (reading from disk waits; numpy's
+    # validation releases the GIL) while the minibatches of this chunk are queued for the workers and the outputs
+    # of the previous chunk are gathered, so that no core waits at a chunk's end. At most three chunks in memory.
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    workers = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS)
     try:
-        # The next chunk is read and validated on a thread of its own while this one is predicted (reading from
-        # disk waits; numpy's validation releases the GIL): two chunks in memory at most.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(read, 0)
-            tables = model.predictive_tables()  # the posterior draws, once per call
-            factors = [m.offset_factors() for m in _members(model)]  # and each member's batch factors
-            for start in range(0, n_cells, chunk_size):
-                stop = min(start + chunk_size, n_cells)
-                chunk = pending.result()
-                if stop < n_cells:
-                    pending = reader.submit(read, stop)
-                out = _predict_chunk(model, tables, factors, chunk, int(batch_size), model_keys)
-                if "library_size" in keys:
-                    out["library_size"] = chunk.library_size.astype(np.float32)
-                if novelty is not None and "novelty" in keys:
-                    out["novelty"] = novelty.score(out["cell_topic"])
-                for key in keys:
-                    if key not in outputs:  # filled in place: no second copy of the outputs
-                        outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
-                    outputs[key][start:stop] = out[key]
+        pending = reader.submit(read, *bounds[0])
+        tables = model.predictive_tables()  # the posterior draws, once per call
+        factors = [m.offset_factors() for m in _members(model)]  # and each member's batch factors
+        minibatches = _Minibatches(model, tables, factors, int(batch_size), model_keys, workers)
+        in_flight = None
+        for i, (start, stop) in enumerate(bounds):
+            chunk = pending.result()
+            if i + 1 < len(bounds):
+                pending = reader.submit(read, *bounds[i + 1])
+            queued = (start, stop, chunk, minibatches.submit(chunk))
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = queued
+        assert in_flight is not None  # there is at least one chunk: n_cells > 0
+        finish(*in_flight)
     finally:
+        reader.shutdown(cancel_futures=True)
+        workers.shutdown(cancel_futures=True)
         logger.removeFilter(once)
     return outputs
