@@ -269,17 +269,20 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
     values = counts.data
     if values.size == 0:
         return
-    if not np.all(np.isfinite(values)):
+    lowest, highest = values.min(), values.max()  # NaN if any is: one pass each, no array of flags
+    if not (np.isfinite(lowest) and np.isfinite(highest)):
         raise DataError(
             f"counts in {where} contain NaN or infinite values "
             f"({int((~np.isfinite(values)).sum())} entries); raw UMI counts are finite integers."
         )
-    if values.min() < 0:
+    if lowest < 0:
         raise DataError(
-            f"counts in {where} are negative (min {values.min():.3g}); they look scaled "
+            f"counts in {where} are negative (min {lowest:.3g}); they look scaled "
             "(e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
             "counts='counts', or counts='raw'."
         )
+    if values.dtype.kind in "iu":
+        return
     rounded = np.rint(values)
     # Exact integers (the usual case) are told apart without allclose's slower pass.
     if not np.array_equal(values, rounded) and not np.allclose(values, rounded):
@@ -878,10 +881,10 @@ def from_anndata(
         var_names = np.asarray(genes, dtype=str)
     elif pd.Index(var_names).has_duplicates:
         align_genes(matrix, var_names, var_names)  # raises the duplicated-genes error
-    library = np.asarray(matrix.sum(axis=1)).ravel()
-    if not allow_empty_cells and (library == 0).any():
+    empty = 0 if allow_empty_cells else int((np.asarray(matrix.sum(axis=1)).ravel() == 0).sum())
+    if empty:
         raise DataError(
-            f"{int((library == 0).sum())} cells have no counts over the model's genes; "
+            f"{empty} cells have no counts over the model's genes; "
             "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0])."
         )
     labels, classes, batches, batch_names = encode_obs(
