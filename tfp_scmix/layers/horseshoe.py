@@ -117,13 +117,17 @@ class HorseshoePrior(keras.layers.Layer):
     def posteriors(self) -> dict[str, tfp.distributions.Distribution]:
         """Mean-field q as a dict of TFP distributions: w and lambda `[rows, cols]`, tau and c2 scalars, the
         scales where the variant uses them."""
-        q = {"w": tfd.Normal(self.w_loc, tf.nn.softplus(self.w_scale_raw) + 1e-5)}
+        q: dict[str, tfp.distributions.Distribution] = {"w": self.weight_posterior()}
         if self.variant != "normal":
             q["lambda"] = _lognormal(self.lambda_loc, self.lambda_scale_raw)
             q["tau"] = _lognormal(self.tau_loc, self.tau_scale_raw)
         if self.regularized:
             q["c2"] = _lognormal(self.c2_loc, self.c2_scale_raw)
         return q
+
+    def weight_posterior(self) -> tfp.distributions.Normal:
+        """q(w) `[rows, cols]`: the mean-field Normal of the weights (the "w" of `posteriors`)."""
+        return tfd.Normal(self.w_loc, tf.nn.softplus(self.w_scale_raw) + 1e-5)
 
     def scale_priors(self) -> dict[str, tfp.distributions.Distribution]:
         """The priors of the scale variables (lambda, tau, c2 where used), as TFP distributions."""
@@ -166,7 +170,7 @@ class HorseshoePrior(keras.layers.Layer):
 
     def posterior_weights(self, n_samples: int, seed: tf.Tensor | tuple[int, int] = (7, 11)) -> tf.Tensor:
         """`n_samples` draws of the weights `[n_samples, rows, cols]` from a fixed seed (deterministic)."""
-        return self.posteriors()["w"].sample(n_samples, seed=seed)
+        return self.weight_posterior().sample(n_samples, seed=seed)
 
     def shrinkage(self) -> tf.Tensor:
         """Posterior median of each weight's prior scale `[rows, cols]` (small = shrunk to zero)."""
