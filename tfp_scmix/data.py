@@ -447,18 +447,24 @@ def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
     return norm
 
 
+def csr_on(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A CSR matrix on these arrays themselves, unchecked: scipy's constructor copies an array that is a view
+    of less than half of another (a few rows of a larger matrix). The arrays must describe valid CSR."""
+    matrix = sp.csr_matrix(shape, dtype=data.dtype)
+    matrix.data, matrix.indices, matrix.indptr = data, indices, indptr
+    return matrix
+
+
 def csr_rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows `start:stop` of `csr` as a CSR matrix on views of its data and indices (scipy's row slicing copies
-    them, and so does its constructor for a view of less than half an array). No check: `csr` is valid CSR."""
+    them). No check: `csr` is valid CSR."""
     first, last = csr.indptr[start], csr.indptr[stop]
-    rows = sp.csr_matrix((stop - start, csr.shape[1]), dtype=csr.dtype)
-    rows.data, rows.indices = csr.data[first:last], csr.indices[first:last]
     # indptr in the indices' integer type where it fits (anndata writes int64 indptr beside int32 indices), or
     # scipy's checks cast the indices, a copy of the largest array.
     indptr = csr.indptr[start : stop + 1] - first
-    fits = rows.indices.dtype == np.int32 and indptr[-1] <= np.iinfo(np.int32).max
-    rows.indptr = indptr.astype(np.int32) if fits else indptr
-    return rows
+    if csr.indices.dtype == np.int32 and indptr[-1] <= np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    return csr_on(csr.data[first:last], csr.indices[first:last], indptr, (stop - start, csr.shape[1]))
 
 
 def log_normalised_dense(
@@ -502,7 +508,7 @@ def log_normalised_dense(
         dense = out
         dense.fill(0)
     # scipy adds the entries into the zeroed array (duplicates, which canonical CSR has none of, would add up).
-    sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray(out=dense)
+    csr_on(values, counts.indices, counts.indptr, counts.shape).toarray(out=dense)
     return dense
 
 
