@@ -162,6 +162,14 @@ def test_aligning_to_the_same_genes_copies_only_to_put_the_counts_in_order():
     assert as_int.dtype == np.float32 and np.array_equal(as_int.toarray(), COUNTS)
 
 
+def test_counts_are_copied_unless_asked_not_to():
+    """from_anndata's counts do not change with the AnnData afterwards (sc.pp.normalize_total in place, say);
+    copy=False, for a chunk predicted at once, reads float32 CSR counts where they are."""
+    adata = make_adata(COUNTS)
+    assert not np.shares_memory(from_anndata(adata, label_key=None).counts.data, adata.X.data)
+    assert np.shares_memory(from_anndata(adata, label_key=None, copy=False).counts.data, adata.X.data)
+
+
 def test_rows_are_views_equal_to_the_subset(embedded):
     rows, subset = embedded.rows(100, 250), embedded.subset(np.arange(100, 250))
     assert np.shares_memory(rows.counts.data, embedded.counts.data)

@@ -250,6 +250,19 @@ def test_one_traced_function_serves_every_chunk_and_memory_stays_flat(small_mode
     assert growth < 8, f"memory grew {growth:.1f} MB over a call of 40 chunks"
 
 
+def test_a_fault_in_a_later_chunk_stops_the_pipeline_with_its_error(small_model, embedded):
+    """Chunks are read on a thread while earlier ones are predicted: counts that are not counts in the fourth
+    chunk still raise the DataError that names their rows, and nothing is left running."""
+    import threading
+
+    counts = embedded.counts.copy()
+    counts.data[counts.indptr[450] : counts.indptr[451]] += 0.5  # cell 450: chunk 450-599 of 150
+    before = threading.active_count()
+    with pytest.raises(DataError, match="rows 450-600 of the count matrix are not integers"):
+        scm.predict(small_model, counts, chunk_size=150)
+    assert threading.active_count() == before
+
+
 def test_minibatches_are_padded_to_a_few_shapes():
     """XLA compiles the prediction once per shape: every minibatch size maps to a power of two from
     MIN_PADDED_ROWS up to the batch size, never fewer rows than it holds."""
