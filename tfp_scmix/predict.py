@@ -108,12 +108,19 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     return n_cells, source, counts
 
 
-def _in_memory_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
-    """(rows `start:stop` of the CSR matrix in `slot` ("X", "raw" or a layer) on views of its arrays, that slot's
-    gene names) for an AnnData in memory; None for a backed AnnData, a view of one or a slot that is not CSR.
-    Slicing the AnnData instead makes scipy copy the rows entry by entry (most of the time of a prediction)."""
-    if slot is None or adata.isbacked or adata.is_view:
+def _slot_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
+    """(rows `start:stop` of the CSR matrix in `slot` ("X", "raw" or a layer), that slot's gene names), without
+    slicing the AnnData: for an AnnData in memory, on views of the slot's arrays (anndata's row slicing makes scipy
+    copy them entry by entry: most of the time of a prediction); for a backed one's X, read from the file by
+    anndata's sparse dataset (not through a view of the AnnData and its `to_memory`). None otherwise (a view of
+    an AnnData, another slot of a backed one, a slot that is not CSR): the caller slices the AnnData."""
+    if slot is None or adata.is_view:
         return None
+    if adata.isbacked:
+        backed = adata.X  # anndata's sparse dataset on the file, for a sparse X
+        if slot != "X" or sp.issparse(backed) or getattr(backed, "format", None) != "csr":
+            return None
+        return backed[start:stop], adata.var_names
     if slot == "raw":
         matrix, names = adata.raw.X, adata.raw.var_names
     else:
@@ -128,8 +135,8 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
     if isinstance(source, SCData):
         return source.rows(start, stop)
     if hasattr(source, "obs_names"):
-        rows = _in_memory_rows(source, counts, start, stop)
-        if rows is not None:  # the slot's rows as views, in a small AnnData of their own
+        rows = _slot_rows(source, counts, start, stop)
+        if rows is not None:  # the slot's rows, in a small AnnData of their own
             import anndata
             import pandas as pd
 
