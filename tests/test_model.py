@@ -77,8 +77,9 @@ def test_fit_validation_callbacks_evaluate_save_load(embedded, tmp_path):
     assert loaded.genes == model.genes and loaded.class_names == model.class_names
     assert loaded.config == model.config and loaded.sizes == model.sizes and loaded.seed == model.seed
     assert keras.models.load_model(tmp_path / "best.keras").n_topics == 8
-    # dense and scipy inputs give the same predictions as the sparse pipeline
-    np.testing.assert_allclose(loaded.predict(valid.counts, verbose=0)["probs"], before["probs"], atol=1e-6)
+    # Keras's predict on dense counts (TensorFlow's normalisation, graph mode) gives the predictions of
+    # scm.predict (numpy's normalisation, the XLA-compiled function) up to float32 sums in another order
+    np.testing.assert_allclose(loaded.predict(valid.counts, verbose=0)["probs"], before["probs"], atol=1e-5)
     # training resumes from the saved optimizer state without warnings about skipped variables
     loaded.fit(train.dataset(128), epochs=1, verbose=0)
 
