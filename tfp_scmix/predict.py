@@ -39,7 +39,7 @@ logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
 # Cells read to find which slot of an AnnData holds the raw counts (`counts_slot`).
 SLOT_SAMPLE = 1000
-# Minibatches predicted at once (`_predict_chunk`).
+# Minibatches predicted at once, each on its own thread (`_Minibatches`).
 WORKERS = 2
 # The fewest rows a minibatch is padded to (`_padded_rows`).
 MIN_PADDED_ROWS = 64
