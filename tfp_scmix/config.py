@@ -47,6 +47,10 @@ class Config:
         half the steps, docs/few_shot.md "Minibatches of 512 cells"), learning_rate (Adam, topics and encoder),
       classifier_learning_rate (the classification branch's own Adam during the epochs and its refit),
       classifier_steps (full-batch steps of the classifier refit after the last epoch; 0: none).
+      balanced_classes: the refit weighs each labelled cell by n / (k n_c) (n labelled cells, k classes among
+        them, n_c of its class), scikit-learn's `class_weight="balanced"`, so that a class with few labels is
+        not shrunk away by the gene and topic priors; logistic regression weighted so made fewer errors than
+        unweighted on all five datasets of the few-shot suite (docs/few_shot.md, "Balanced classes").
       self_training: after the refit, fit the classification branch again with the unlabelled cells'
         probabilities refined over their topic-space neighbour graph as soft labels (`SCMix.fit_classifier`,
         `tfp_scmix.propagate`). Off by default: it helped on three datasets of the few-shot suite and cost
@@ -78,6 +82,7 @@ class Config:
     learning_rate: float = 2e-3
     classifier_learning_rate: float = 0.02
     classifier_steps: int = 2000
+    balanced_classes: bool = False
     self_training: bool = False
 
     def __post_init__(self) -> None:
@@ -101,10 +106,9 @@ class Config:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}")
-        if not isinstance(self.self_training, bool):
-            raise ValueError(f"self_training is True or False, received {self.self_training!r}")
-        if not isinstance(self.classifier_genes, bool):
-            raise ValueError(f"classifier_genes must be True or False, received {self.classifier_genes!r}")
+        for name in ("self_training", "classifier_genes", "balanced_classes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, received {getattr(self, name)!r}")
         for name in (
             "learning_rate",
             "classifier_learning_rate",

@@ -31,6 +31,18 @@ SELF_TRAINING_CELLS = 5000
 SELF_TRAINING_SHARE = 4
 
 
+def balanced_class_weights(targets: np.ndarray) -> np.ndarray:
+    """Weights `[n_classes]` of scikit-learn's `class_weight="balanced"` for class probabilities `targets`
+    `[n_cells, n_classes]` (one-hot for known labels): n / (k n_c), n the cells, n_c the mass of class c
+    among them, k the classes with any mass; 0 for a class without mass. One-hot targets times these weights
+    keep their total mass n (King & Zeng 2001; scikit-learn's `compute_class_weight`)."""
+    mass = np.asarray(targets, np.float64).sum(axis=0)
+    present = mass > 0
+    weights = np.zeros_like(mass)
+    weights[present] = mass.sum() / (present.sum() * mass[present])
+    return weights
+
+
 def self_training_cells(labels: np.ndarray, seed: int) -> np.ndarray:
     """The cells `SCMix.fit_classifier`'s self-training reads (sorted index `[n]`): every labelled one
     (label >= 0) and a sample, seeded by `seed`, of the others, `SELF_TRAINING_CELLS` in all at most."""
@@ -338,7 +350,8 @@ class SCMix(keras.Model):
     def fit_classifier(self, data: SCData, steps: int | None = None, batch_size: int = 1024, verbose: int = 0) -> float:
         """Fit the classification branch to convergence on the cells of `data`, topics fixed.
 
-        Minimises the label part of the loss (mean label_nll + kl_class) on the posterior-mean topics,
+        Minimises the label part of the loss (mean label_nll + kl_class; with `config.balanced_classes`
+        each labelled cell's label_nll weighted by `balanced_class_weights`) on the posterior-mean topics,
         full batch, `steps` Adam steps (default `config.classifier_steps`) at `config.classifier_learning_rate`
         with cosine decay. In the "cut" mode the classifier never changes the topics, so this is exact
         coordinate ascent on the same objective; the minibatch updates during `fit` see only the few
@@ -373,9 +386,12 @@ class SCMix(keras.Model):
     ) -> float:
         """`steps` full-batch Adam steps of the classification branch on `cells` of `data`, whose topic
         proportions are `topics` `[n_cells, n_topics]`, against `targets` `[n_cells, n_classes]` (class
-        probabilities); returns the final loss."""
+        probabilities; with `config.balanced_classes` each class's targets are weighted by
+        `balanced_class_weights`); returns the final loss."""
         features = topic_features(tf.constant(np.log(np.maximum(topics, 1e-30)), tf.float32))
         genes = self.class_genes(as_sparse(data.counts[cells]), tf.constant(data.batches[cells], tf.int32))
+        if self.config.balanced_classes:
+            targets = targets * balanced_class_weights(targets)
         targets = tf.constant(targets, tf.float32)
         # Decaying the step size lets the Monte Carlo gradients settle on the optimum.
         schedule = keras.optimizers.schedules.CosineDecay(self.config.classifier_learning_rate, steps)
@@ -576,7 +592,8 @@ class SCMix(keras.Model):
         # Files written before the classification branch read genes: topics only.
         config["config"] = {"classifier_genes": False, **config["config"]}
         # Files that do not state the hidden layer's width were written when it was 256 units.
-        config["config"] = {"hidden_units": 256, **config["config"]}
+        # Files that do not state balanced_classes were refitted unweighted.
+        config["config"] = {"hidden_units": 256, "balanced_classes": False, **config["config"]}
         if config["config"].get("expected_active_genes") is not None and config["config"]["classifier_genes"]:
             raise ValueError(
                 "the file's classification branch reads standardised genes under a horseshoe "
