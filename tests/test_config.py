@@ -48,6 +48,8 @@ def test_bad_values_are_refused_naming_setting_and_value(changes, named):
         pytest.param({"global_scale": -1.0}, id="global_scale<0"),
         pytest.param({"expected_active_topics": -2.0}, id="expected_active_topics<0"),
         pytest.param({"n_topics": 2.5}, id="n_topics-not-whole"),
+        pytest.param({"balanced_classes": "yes"}, id="balanced_classes-a-string"),
+        pytest.param({"self_training": 1}, id="self_training-a-number"),
     ],
 )
 def test_optional_settings_out_of_range_are_refused(changes):
