@@ -51,9 +51,10 @@ def scores(true: ArrayLike, predicted: ArrayLike) -> dict[str, float]:
 
 def linear_peers(data, labelled: ArrayLike, test: ArrayLike, seed: int = 0) -> dict[str, dict[str, float]]:
     """`scores` of the strongest simple peers of the few-shot suite on the same split: scikit-learn's
-    LogisticRegression (max_iter 3000) and LinearSVC on log1p(counts per 10k) of the `labelled` cells of
-    `data` (an SCData), predicting the `test` cells (experiments/few_shot/run.py runs them and the others).
-    Returns {"logistic_regression": scores, "linear_svm": scores}."""
+    LogisticRegression (max_iter 3000), unweighted and with class_weight="balanced", and LinearSVC on
+    log1p(counts per 10k) of the `labelled` cells of `data` (an SCData), predicting the `test` cells
+    (experiments/few_shot/run.py runs them and the others).
+    Returns {"logistic_regression": scores, "logistic_regression_balanced": scores, "linear_svm": scores}."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
 
@@ -61,7 +62,11 @@ def linear_peers(data, labelled: ArrayLike, test: ArrayLike, seed: int = 0) -> d
 
     x = log_normalised(data.counts)
     labelled, test = np.asarray(labelled), np.asarray(test)
-    peers = {"logistic_regression": LogisticRegression(max_iter=3000), "linear_svm": LinearSVC(random_state=seed)}
+    peers = {
+        "logistic_regression": LogisticRegression(max_iter=3000),
+        "logistic_regression_balanced": LogisticRegression(max_iter=3000, class_weight="balanced"),
+        "linear_svm": LinearSVC(random_state=seed),
+    }
     return {
         name: scores(data.labels[test], peer.fit(x[labelled], data.labels[labelled]).predict(x[test]))
         for name, peer in peers.items()
