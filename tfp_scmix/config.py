@@ -82,7 +82,7 @@ class Config:
     learning_rate: float = 2e-3
     classifier_learning_rate: float = 0.02
     classifier_steps: int = 2000
-    balanced_classes: bool = False
+    balanced_classes: bool = True
     self_training: bool = False
 
     def __post_init__(self) -> None:

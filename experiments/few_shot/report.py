@@ -12,8 +12,9 @@ cut/ holds the suite's rows of the previous default, the cut label mode; prior_n
 Gaussian prior on the class weights (measured in the cut mode); batch_1024/ the default with minibatches of 1,024
 cells; hidden_256/ the suite's rows of the 256-unit first layer (the default before 128 units); each is set beside
 the default (`VARIANT_RUNS`); batch_256/ the rows of 128 units at minibatches of 256 (hidden_128/'s run, the
-default before 512); batch_512/ is the run behind today's default rows; hidden_64/ the rows of a 64-unit first
-layer (not taken);
+default before 512); hidden_64/ the rows of a 64-unit first layer (not taken); unbalanced/ the suite's rows of the
+refit without class weights (batch_512/'s run, the default before `balanced_classes`); balanced_classes/ is the run
+behind today's default rows;
 joint/ holds the joint label mode measured while the cut was the default (the evidence for the switch; the
 default's own rows now come from the same settings);
 class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
@@ -156,6 +157,11 @@ VARIANT_RUNS = [
         "batch_256",
         "tfp_scmix:batch_size=256",
         "Minibatches of 256 cells (the default until 512 did as well; 128 units; performance issue 16)",
+    ),
+    (
+        "unbalanced",
+        "tfp_scmix:balanced_classes=False",
+        "The refit unweighted (the default until balanced class weights; minibatches of 512, 128 units)",
     ),
     (
         "hidden_64",
