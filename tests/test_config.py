@@ -92,6 +92,7 @@ def test_dict_round_trip_and_setting_groups():
         "learning_rate",
         "classifier_learning_rate",
         "classifier_steps",
+        "balanced_classes",
         "self_training",
     } == set(config.TRAINING_SETTINGS)
     assert set(config.PRIORS) == {"normal", "horseshoe", "regularized", "santa_barbara"}
