@@ -48,6 +48,11 @@ def demo(args) -> dict:
             f"  peer {name.replace('_', ' ')}: accuracy {peer['accuracy']:.3f}, macro-F1 {peer['macro_f1']:.3f} "
             f"({peer['errors']} errors)"
         )
+    # The gene term carries most of each call (docs/few_shot.md, "The gene term"): its genes first.
+    weights = explain.class_gene_weights(model, n_genes=args.top_genes)
+    print("\nGenes that weigh most for each class (the classifier's gene weights, against the other classes):")
+    for cls, rows in weights.groupby("class", sort=False):
+        print(f"  {cls:<28} {' '.join(rows.gene)}")
     genes = explain.class_genes(model, n_genes=args.top_genes)
     print("\nTop genes of the most predictive topic of each class:")
     for (cls, topic), rows in genes.groupby(["class", "topic"], sort=False):
