@@ -8,6 +8,16 @@ import tfp_scmix as scm
 from tfp_scmix.cli import main
 
 
+def test_cli_demo_trains_the_package_default():
+    """The demo shows the model a user gets: Config()'s topics, minibatch and epochs, three restarts."""
+    from tfp_scmix.cli import build_parser
+    from tfp_scmix.config import Config
+
+    args, defaults = build_parser().parse_args(["demo"]), Config()
+    assert (args.topics, args.batch_size, args.epochs) == (defaults.n_topics, defaults.batch_size, defaults.epochs)
+    assert args.restarts == 3
+
+
 def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     assert (
         main(["demo", "--epochs", "2", "--topics", "8", "--restarts", "2", "--verbose", "0", "--out", str(tmp_path)])

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on the embedded dataset with a few labels and report held-out scores")
     p.add_argument("--labels", type=int, default=150, help="cells that keep their label")
-    model_settings(p, topics=30, batch_size=128, restarts=3)
+    # The package's defaults: the demo shows the model a user gets (the few-shot suite's pbmc68k_reduced rows).
+    model_settings(p, topics=defaults.n_topics, batch_size=defaults.batch_size, restarts=3)
     p.add_argument("--top-genes", type=int, default=10, help="genes shown per class")
     p.add_argument("--out", default="outputs/demo", help="folder for the model and its explanations")
     verbose(p, 1)
