@@ -14,7 +14,7 @@ cells; hidden_256/ the suite's rows of the 256-unit first layer (the default bef
 the default (`VARIANT_RUNS`); batch_256/ the rows of 128 units at minibatches of 256 (hidden_128/'s run, the
 default before 512); hidden_64/ the rows of a 64-unit first layer (not taken); unbalanced/ the suite's rows of the
 refit without class weights (batch_512/'s run, the default before `balanced_classes`); balanced_classes/ is the run
-behind today's default rows;
+behind today's default rows; prior_normal_balanced/ the Gaussian prior on W with that default;
 joint/ holds the joint label mode measured while the cut was the default (the evidence for the switch; the
 default's own rows now come from the same settings);
 class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
@@ -162,6 +162,11 @@ VARIANT_RUNS = [
         "unbalanced",
         "tfp_scmix:balanced_classes=False",
         "The refit unweighted (the default until balanced class weights; minibatches of 512, 128 units)",
+    ),
+    (
+        "prior_normal_balanced",
+        "tfp_scmix:prior=normal",
+        "A Gaussian prior on the class weights with today's default (joint mode, balanced classes)",
     ),
     (
         "hidden_64",

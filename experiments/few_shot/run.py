@@ -24,11 +24,14 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k \
         --seeds 0 1 2 --methods tfp_scmix:balanced_classes=True --out experiments/few_shot/balanced_classes
     ./run experiments.few_shot.run --methods logistic_regression_balanced --seeds 0 1 2   # and cbmc seed 0
-    # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/ and balanced_classes/ hold cbmc seed 0 too
-    # (the same commands, --datasets cbmc --seeds 0). cut/ holds the suite's rows of the cut label mode, hidden_256/
-    # those of the 256-unit first layer, batch_256/ those of 128 units at minibatches of 256, unbalanced/ those of
-    # the refit without class weights, each the default of its time (methods renamed to say so); the main
-    # results.csv's tfp_scmix rows are balanced_classes/'s, the same settings as today's default.
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k \
+        --seeds 0 1 2 --methods tfp_scmix:prior=normal --out experiments/few_shot/prior_normal_balanced
+    # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
+    # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
+    # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
+    # units at minibatches of 256, unbalanced/ those of the refit without class weights, each the default of its
+    # time (methods renamed to say so); the main results.csv's tfp_scmix rows are balanced_classes/'s, the same
+    # settings as today's default.
     ./run experiments.few_shot.headroom          # the linear and kNN peers with every training label (its docstring)
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
