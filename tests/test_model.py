@@ -303,7 +303,7 @@ def test_self_training_fits_the_class_branch_to_its_soft_labels(small_model, emb
         model.config = config
         model.classifier.set_weights(trained)
     assert calls == [((data.n_cells, data.n_cells), (data.n_cells, data.n_classes))]
-    assert share[False] < 0.6 and share[True] > 0.9, share
+    assert share[False] < 0.3 and share[True] > 0.9, share
 
 
 def test_balanced_class_weights_are_scikit_learns():
