@@ -2,14 +2,15 @@
 
     ./run experiments.few_shot.headroom        # the suite's five datasets, seeds 0-2; writes headroom/
 
-Issue 14's goal asks for at most 0.85 times the best peer's errors on average, ahead on every dataset. A
-method that used the unlabelled cells perfectly could at best do what a peer does when it is given their
-labels. For each dataset and seed (the suite's split, genes and main setting: `run.py`), logistic
-regression (unweighted and class-balanced), linear SVM and kNN (k=5, 30 PCs) are fitted twice: on the 150
-labelled cells and on every cell outside the test set with its true label. Writes results.csv (one row per
-dataset, seed, method, labels) and summary.md: mean errors per dataset, the best peer of the suite's
-results.csv with 150 labels, the errors the goal allows (0.85 x that), and the best of these peers with all
-labels. pbmc68k_reduced has no cell outside its test set but the 150 labelled ones (700 cells, 550 test).
+Issue 14's goal asks for at most 0.85 times the best peer's errors on average, ahead on every dataset. What
+these peers do when given the unlabelled training cells' labels bounds what a perfect use of those cells could
+give them (not what another model could do). For each dataset and seed (the suite's split, genes and main
+setting: `run.py`), logistic regression (unweighted and class-balanced), linear SVM and kNN (k=5, 30 PCs)
+are fitted twice: on the 150 labelled cells and on every cell outside the test set with its true label.
+Writes results.csv (one row per dataset, seed, method, labels) and summary.md: mean errors per dataset, the
+best peer of the suite's results.csv with 150 labels, the errors the goal allows (0.85 x that), and the best
+of these peers with all labels. pbmc68k_reduced has no cell outside its test set but the 150 labelled ones
+(700 cells, 550 test).
 """
 
 import argparse

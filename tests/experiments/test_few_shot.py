@@ -74,3 +74,24 @@ def test_any_h5ad_with_cell_type_runs_by_path_with_the_test_size_rule_and_verdic
     assert len(json.loads(ours.single_model_errors)) == 1 and 0 <= ours.topics_logistic_errors <= 100
     lines = report.verdicts(saved, method="tfp_scmix:restarts=1,classifier_steps=100")
     assert lines[-1].startswith("- Suite (1 datasets)") and "mean error ratio" in lines[-1]
+
+
+def test_headroom_gives_the_peers_every_training_label(tmp_path):
+    """pbmc68k_reduced has no training cell outside its 150 labelled ones (700 cells, 550 test): with "all"
+    labels the peers see the same cells and make the same errors; the summary sets them against the suite's
+    best peer and the goal's 0.85 x."""
+    from experiments.few_shot import headroom
+
+    if not (Path(ROOT) / "pbmc68k_reduced.h5ad").is_file():
+        pytest.skip("pbmc68k_reduced.h5ad not found")
+    frame = headroom.run(["pbmc68k_reduced"], [0])
+    by = frame.set_index(["method", "labels"])
+    assert set(frame.n_labelled) == {150} and len(frame) == 2 * len(headroom.METHODS)
+    for method in headroom.METHODS:
+        assert by.loc[(method, "all"), "errors"] == by.loc[(method, "150"), "errors"]
+    suite = pd.DataFrame(
+        {"dataset": "pbmc68k_reduced", "setting": "main", "labels": 150, "label_noise": 0.0, "seed": 0}
+        | {"method": ["knn_pca_k5", "logistic_regression"], "errors": [100, 120]}
+    )
+    row = headroom.summary(frame, suite).iloc[0]
+    assert row["goal (0.85 x)"] == 85.0 and row["best peer, 150 labels (suite)"] == "knn_pca_k5 100.0"
