@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.common import markdown_table, write_text
+from experiments.common import markdown_table, most_variable, write_text
 from experiments.few_shot.run import (
     HERE as SUITE_DIR,
 )
@@ -30,7 +30,6 @@ from experiments.few_shot.run import (
     linear_svm,
     logistic_regression,
     logistic_regression_balanced,
-    most_variable,
     suite_dataset,
     test_size,
 )

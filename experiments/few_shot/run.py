@@ -99,21 +99,18 @@ def suite_dataset(name):
 
 
 # -- peers: each gets (data, visible cells, test, labelled, seed) and returns test predictions -----------
-def logistic_regression(data, visible, test, labelled, seed):
+def logistic_regression(data, visible, test, labelled, seed, class_weight=None):
     from sklearn.linear_model import LogisticRegression
 
     x = log_normalised(data.counts)
-    return LogisticRegression(max_iter=3000).fit(x[labelled], data.labels[labelled]).predict(x[test])
+    model = LogisticRegression(max_iter=3000, class_weight=class_weight)
+    return model.fit(x[labelled], data.labels[labelled]).predict(x[test])
 
 
 def logistic_regression_balanced(data, visible, test, labelled, seed):
     """Logistic regression with scikit-learn's class_weight="balanced": fewer errors than unweighted on every
     dataset of the suite (docs/few_shot.md, "Balanced classes"), so it is a peer of its own."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = log_normalised(data.counts)
-    model = LogisticRegression(max_iter=3000, class_weight="balanced")
-    return model.fit(x[labelled], data.labels[labelled]).predict(x[test])
+    return logistic_regression(data, visible, test, labelled, seed, class_weight="balanced")
 
 
 def linear_svm(data, visible, test, labelled, seed):
