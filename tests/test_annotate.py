@@ -224,3 +224,49 @@ def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(smal
     with caplog.at_level(logging.WARNING, logger="tfp_scmix"):
         scm.annotate(small_model, query[:10].copy(), smooth=True)
     assert "10 cells: too few for smoothing" in caplog.text
+
+
+def test_known_labels_of_the_annotated_cells_are_spread_and_combined(small_model, embedded_adata):
+    from tfp_scmix.data import from_anndata
+    from tfp_scmix.novelty import log_ratio_features
+    from tfp_scmix.propagate import with_known_labels
+
+    adata = embedded_adata.copy()
+    known = np.full(adata.n_obs, "Unknown", dtype=object)
+    labelled = np.random.default_rng(0).permutation(adata.n_obs)[:150]
+    known[labelled] = adata.obs["cell_type"].astype(str).to_numpy()[labelled]
+    adata.obs["known"] = known
+    scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
+    out = scm.predict(small_model, adata)
+    ids = np.full(adata.n_obs, -1)
+    ids[labelled] = [small_model.class_names.index(c) for c in known[labelled]]
+    counts = from_anndata(adata, label_key=None, genes=small_model.genes).counts
+    expected = with_known_labels(out["probs"], ids, counts, log_ratio_features(out["cell_topic"], 1))
+    np.testing.assert_allclose(adata.obsm["scmix_with_labels_probs"], expected, rtol=1e-4, atol=1e-6)
+    names = np.asarray(small_model.class_names, dtype=object)[expected.argmax(axis=1)]
+    names[labelled] = known[labelled]  # the labelled cells keep their label
+    assert adata.obs["scmix_with_labels"].astype(str).tolist() == names.tolist()
+    assert adata.uns["scmix"]["label_key"] == "known" and adata.uns["scmix"]["n_known_labels"] == 150
+    # On the held-out cells, fewer errors than the per-cell call of this small model.
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    hidden = np.setdiff1d(np.arange(adata.n_obs), labelled)
+    per_cell = (adata.obs["scmix_label"].astype(str).to_numpy()[hidden] != truth[hidden]).sum()
+    combined = (names[hidden] != truth[hidden]).sum()
+    assert combined < per_cell
+    # Annotating again without known labels leaves no stale outputs behind.
+    again = scm.annotate(small_model, adata)
+    assert "scmix_with_labels" not in again.obs and "scmix_with_labels_probs" not in again.obsm
+    assert "scmix_with_labels_colors" not in again.uns
+
+
+def test_known_labels_that_cannot_be_used_are_refused(small_model, embedded_adata):
+    adata = embedded_adata[:100].copy()
+    with pytest.raises(scm.DataError, match="no obs column 'known'"):
+        scm.annotate(small_model, adata, label_key="known")
+    adata.obs["known"] = "Unknown"
+    with pytest.raises(scm.DataError, match="has no known label"):
+        scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
+    adata.obs["known"] = ["Martian cell"] + ["Unknown"] * 99
+    with pytest.raises(scm.DataError, match=r"not among the model's classes"):
+        scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
+    assert "scmix_label" not in adata.obs  # refused before anything is written

@@ -31,7 +31,9 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     from tfp_scmix.datasets import pbmc68k_reduced
 
     assert len(scm.load_model(tmp_path / "model.keras").members) == 2
-    pbmc68k_reduced().write_h5ad(tmp_path / "query.h5ad")
+    query = pbmc68k_reduced()
+    query.obs["known"] = query.obs["cell_type"].astype(str).where(np.arange(700) % 5 == 0, "Unknown")
+    query.write_h5ad(tmp_path / "query.h5ad")
     assert (
         main(
             [
@@ -40,11 +42,19 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
                 str(tmp_path / "query.h5ad"),
                 "--out",
                 str(tmp_path / "annotated.h5ad"),
+                "--label-key",
+                "known",
+                "--unlabeled-category",
+                "Unknown",
             ]
         )
         == 0
     )
+    assert "calls differ (obs scmix_with_labels)" in capsys.readouterr().out
     annotated = scm.data.read_h5ad(tmp_path / "annotated.h5ad")
+    assert annotated.obsm["scmix_with_labels_probs"].shape == (700, 10)
+    known = annotated.obs["known"] != "Unknown"
+    assert (annotated.obs["scmix_with_labels"][known].astype(str) == annotated.obs["known"][known]).all()
     assert annotated.obsm["scmix_cell_topic"].shape == (700, 16)
     assert annotated.obs["scmix_label"].cat.categories.isin(annotated.obs["scmix_label"]).all()
     assert "scmix_novel" in annotated.obs and annotated.obsm["X_scmix"].shape == (700, 16)

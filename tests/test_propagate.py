@@ -1,13 +1,19 @@
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from tfp_scmix.propagate import (
     PROPAGATED_WEIGHT,
+    SPREADING_ALPHA,
     correct_and_smooth,
+    equal_blocks,
     knn_graph,
+    label_spreading,
+    principal_components,
     self_training_targets,
     smooth,
     spread,
+    with_known_labels,
 )
 
 
@@ -116,3 +122,76 @@ def test_smooth_mends_scattered_errors_without_labels_and_is_the_renormalised_fi
         smooth(points[:30], probs)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\), received 1.0"):
         smooth(points, probs, alpha=1.0)
+
+
+def test_principal_components_follow_scanpys_recipe_on_sparse_counts():
+    from sklearn.decomposition import PCA
+
+    from tfp_scmix.data import log_normalised
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(0.5, 2.0, size=(200, 60))).astype(np.float32)
+    counts[:, 7] = 0  # a gene without variance is dropped, not divided by zero
+    counts = sp.csr_matrix(counts)
+    dense = log_normalised(counts).toarray().astype(np.float64)
+    keep = dense.std(axis=0) > 0
+    scaled = (dense[:, keep] - dense[:, keep].mean(axis=0)) / dense[:, keep].std(axis=0)
+    expected = PCA(10).fit_transform(scaled)
+    result = principal_components(counts, n_components=10)
+    assert result.shape == (200, 10) and np.isfinite(result).all()
+    # Components agree up to sign.
+    np.testing.assert_allclose(np.abs(result), np.abs(expected), rtol=1e-6, atol=1e-8)
+    assert principal_components(counts[:5], n_components=10).shape == (5, 4)  # at most cells - 1
+
+
+def test_equal_blocks_weigh_each_block_equally_whatever_its_dimension():
+    rng = np.random.default_rng(0)
+    wide, narrow = 100.0 * rng.normal(size=(50, 40)), rng.normal(size=(50, 2))
+    joined = equal_blocks(wide, narrow)
+    assert joined.shape == (50, 42)
+    for block in (joined[:, :40], joined[:, 40:]):
+        assert np.isclose(((block - block.mean(axis=0)) ** 2).sum(axis=1).mean(), 1.0)
+
+
+def test_label_spreading_is_scikit_learns_on_the_same_graph():
+    points, truth = two_clusters()
+    labels = np.full(40, -1)
+    labels[[0, 3, 20]] = truth[[0, 3, 20]]
+    graph = knn_graph(points, n_neighbors=5)
+    result = label_spreading(graph, labels, 2)
+    # The fixed point (1 - alpha)(I - alpha S)^-1 Y, rows normalised (scikit-learn's LabelSpreading).
+    onehot = np.zeros((40, 2))
+    onehot[[0, 3, 20], truth[[0, 3, 20]]] = 1
+    closed = np.linalg.solve(np.eye(40) - SPREADING_ALPHA * graph.toarray(), onehot)
+    np.testing.assert_allclose(result, closed / closed.sum(axis=1, keepdims=True), rtol=1e-6)
+    assert np.array_equal(result.argmax(axis=1), truth)
+    # Cells that no label reaches (a cluster without labels) get uniform probabilities.
+    only_first = np.where(np.arange(40) == 0, 0, -1)
+    unreached = label_spreading(graph, only_first, 2)
+    np.testing.assert_allclose(unreached[truth == 1], 0.5)
+
+
+def test_with_known_labels_mends_a_classifier_by_its_labelled_neighbours():
+    points, truth = two_clusters(n=60)
+    rng = np.random.default_rng(2)
+    # Counts whose genes separate the clusters, so that the genes' principal components do too.
+    rates = np.where(truth[:, None] == np.repeat([0, 1], 10), 8.0, 0.5)
+    counts = sp.csr_matrix(rng.poisson(rates).astype(np.float32))
+    labels = np.full(60, -1)
+    labels[[0, 1, 30, 31]] = truth[[0, 1, 30, 31]]
+    probs = np.where(truth[:, None] == np.arange(2), 0.7, 0.3)
+    wrong = np.r_[5:10, 35:40]  # a classifier that errs, mildly, within each cluster
+    probs[wrong] = probs[wrong, ::-1]
+    result = with_known_labels(probs, labels, counts, points)
+    assert np.array_equal(result.argmax(axis=1), truth)
+    assert np.allclose(result.sum(axis=1), 1.0)
+    # The product of the two experts, renormalised.
+    graph = knn_graph(equal_blocks(principal_components(counts), points))
+    product = probs * label_spreading(graph, labels, 2)
+    np.testing.assert_allclose(result, product / product.sum(axis=1, keepdims=True), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="no cell has a known label"):
+        with_known_labels(probs, np.full(60, -1), counts, points)
+    with pytest.raises(ValueError, match="must describe the same cells"):
+        with_known_labels(probs[:50], labels[:50], counts, points)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+        with_known_labels(probs, np.where(labels >= 0, 2, -1), counts, points)

@@ -14,6 +14,9 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
   cluster's most frequent label, and the clusters (when computed).
 - obs[f"{key}_smoothed"], obsm[f"{key}_smoothed_probs"]: with `smooth=True`, the labels and probabilities
   after spreading the probabilities over the 15-nearest-neighbour graph of X_scmix (`propagate.smooth`).
+- obs[f"{key}_with_labels"], obsm[f"{key}_with_labels_probs"]: with `label_key`, the labels and probabilities
+  after combining the model's with the dataset's own known labels spread over its cells
+  (`propagate.with_known_labels`); the cells with a known label keep it in obs[f"{key}_with_labels"].
 - obsm[f"X_{key}"]: float32 `[n_cells, n_topics]`, the classifier's features (centred log-ratio of each
   member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")`.
 - obsm[f"{key}_probs"]: float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"]
@@ -35,13 +38,13 @@ import numpy as np
 import pandas as pd
 
 from tfp_scmix import __version__
-from tfp_scmix.data import DataError, check_argument, read
+from tfp_scmix.data import DataError, check_argument, encode_labels, from_anndata, read
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
 from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, predict
-from tfp_scmix.propagate import N_NEIGHBORS
+from tfp_scmix.propagate import N_NEIGHBORS, with_known_labels
 from tfp_scmix.propagate import smooth as smooth_probs
 
 if TYPE_CHECKING:
@@ -118,6 +121,8 @@ def annotate(
     majority_voting: bool = False,
     over_clustering: str | ArrayLike | None = None,
     smooth: bool = False,
+    label_key: str | None = None,
+    unlabeled_category: str | None = None,
 ):
     """Annotate `adata` (an AnnData, in memory or backed, or a path `tfp_scmix.read` reads) in place; returns it.
 
@@ -143,8 +148,18 @@ def annotate(
     a dataset other than the training one, annotated whole (docs/cross_dataset.md, "Smoothing over the
     target's cells"); the neighbour search (scikit-learn) over every cell's X_scmix adds time that grows with
     the cells.
-    Raises DataError as `from_anndata` does, for a view of a backed AnnData (anndata cannot write into it)
-    and for an `over_clustering` column that is missing or of the wrong length; ValueError for numeric
+    label_key: an obs column of known labels for some of adata's cells (the few-shot use: annotate the dataset
+    the model was trained on, with its few hundred labels); missing values (NaN, "") and `unlabeled_category`
+    (scvi-tools' name, e.g. "Unknown") mark the unlabelled cells. Also writes obs[f"{key}_with_labels"] and
+    obsm[f"{key}_with_labels_probs"]: the model's probabilities times those of label spreading of the known
+    labels over the kNN graph of the cells (genes' principal components beside X_scmix;
+    `tfp_scmix.propagate.with_known_labels`), renormalised; cells with a known label keep it. Fewer errors than
+    the per-cell call on the few-shot suite (docs/few_shot.md, "Known labels of the annotated dataset"). It
+    reads the counts of every cell over the model's genes into memory (a backed AnnData too) and adds a
+    principal component analysis and a neighbour search that grow with the cells.
+    Raises DataError as `from_anndata` does, for a `label_key` that is not an obs column, known labels that are
+    not among the model's classes or no known label at all, for a view of a backed AnnData (anndata cannot
+    write into it) and for an `over_clustering` column that is missing or of the wrong length; ValueError for numeric
     arguments out of range and for `over_clustering` without `majority_voting`.
     """
     check_argument(
@@ -165,6 +180,7 @@ def annotate(
             "(CLI: --majority-voting), or leave it out."
         )
     clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
+    known = _known_labels(adata, model, label_key, unlabeled_category) if label_key is not None else None
     ensemble = as_ensemble(model)
     slot, slot_genes = counts_slot(adata, counts)
     keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
@@ -220,7 +236,14 @@ def annotate(
             adata.n_obs,
             N_NEIGHBORS,
         )
-    _drop_stale(adata, key, majority_voting=majority_voting, smooth=smooth, novelty=threshold is not None)
+    _drop_stale(
+        adata,
+        key,
+        majority_voting=majority_voting,
+        smooth=smooth,
+        novelty=threshold is not None,
+        with_labels=known is not None,
+    )
     if majority_voting:
         if clusters is None:
             clusters = over_clusters(features)
@@ -235,6 +258,23 @@ def annotate(
         smoothed_names[unassigned] = UNASSIGNED
         adata.obs[f"{key}_smoothed"], adata.uns[f"{key}_smoothed_colors"] = _categorical(smoothed_names, order, colors)
         adata.obsm[f"{key}_smoothed_probs"] = smoothed.astype(np.float32)
+    if known is not None:
+        aligned = from_anndata(
+            adata,
+            counts=slot,
+            label_key=None,
+            genes=model.genes,
+            min_gene_fraction=min_gene_fraction,
+            allow_empty_cells=True,
+        )
+        combined = with_known_labels(out["probs"], known, aligned.counts, features)
+        combined_names = np.asarray(model.class_names, dtype=object)[combined.argmax(axis=1)]
+        combined_names[known >= 0] = np.asarray(model.class_names, dtype=object)[known[known >= 0]]
+        combined_names[empty] = UNASSIGNED
+        adata.obs[f"{key}_with_labels"], adata.uns[f"{key}_with_labels_colors"] = _categorical(
+            combined_names, order, colors
+        )
+        adata.obsm[f"{key}_with_labels_probs"] = combined.astype(np.float32)
     record: dict[str, Any] = {
         "classes": list(model.class_names),
         "tfp_scmix_version": __version__,
@@ -246,6 +286,8 @@ def annotate(
         "unassign_flagged": bool(unassign_flagged),
         "majority_voting": bool(majority_voting),
         "smooth": bool(smooth),
+        "label_key": label_key or "",
+        "n_known_labels": 0 if known is None else int((known >= 0).sum()),
         "n_unassigned": int(unassigned.sum()),
         "n_low_counts": int(low_counts.sum()),
     }
@@ -294,7 +336,7 @@ def _written_by_annotate(name: str, key_added: str) -> bool:
     return name in (key_added, f"X_{key_added}") or name.startswith(f"{key_added}_")
 
 
-def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty: bool) -> None:
+def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty: bool, with_labels: bool) -> None:
     """Remove the optional outputs of an earlier `annotate` call under `key` that this call does not write,
     so that no column describes a model or an option other than the latest call's."""
     stale = {
@@ -302,11 +344,16 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
             *([] if majority_voting else [f"{key}_majority_voting", f"{key}_over_clustering"]),
             *([] if smooth else [f"{key}_smoothed"]),
             *([] if novelty else [f"{key}_novelty", f"{key}_novel"]),
+            *([] if with_labels else [f"{key}_with_labels"]),
         ],
-        "obsm": [] if smooth else [f"{key}_smoothed_probs"],
+        "obsm": [
+            *([] if smooth else [f"{key}_smoothed_probs"]),
+            *([] if with_labels else [f"{key}_with_labels_probs"]),
+        ],
         "uns": [
             *([] if majority_voting else [f"{key}_majority_voting_colors"]),
             *([] if smooth else [f"{key}_smoothed_colors"]),
+            *([] if with_labels else [f"{key}_with_labels_colors"]),
         ],
     }
     for name in stale["obs"]:
@@ -317,6 +364,23 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
         for name in stale[group]:
             if name in mapping:
                 del mapping[name]
+
+
+def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) -> np.ndarray:
+    """Class indices `[n_cells]` of the model's classes from obs[label_key], -1 where unlabelled."""
+    if label_key not in adata.obs:
+        raise DataError(
+            f"no obs column {label_key!r} of known labels (columns: {list(adata.obs.columns)}); pass the column "
+            "that holds the cell types of the labelled cells, or leave label_key out."
+        )
+    unknown = () if unlabeled_category is None else (unlabeled_category,)
+    known, _ = encode_labels(adata.obs[label_key], classes=list(model.class_names), unknown=unknown)
+    if not (known >= 0).any():
+        raise DataError(
+            f"obs[{label_key!r}] has no known label (every value is missing or {unlabeled_category!r}); "
+            "label some cells with the model's classes, or leave label_key out."
+        )
+    return known
 
 
 def _clusters(adata, over_clustering) -> np.ndarray:

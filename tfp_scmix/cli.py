@@ -127,12 +127,17 @@ def annotate(args) -> None:
             majority_voting=args.majority_voting,
             over_clustering=args.over_clustering,
             smooth=args.smooth,
+            label_key=args.label_key,
+            unlabeled_category=args.unlabeled_category,
         )
         write_h5ad(adata, args.out)
     finally:
         if backed:
             adata.file.close()
     print(adata.obs["scmix_label"].value_counts().to_string())
+    if "scmix_with_labels" in adata.obs:
+        changed = int((adata.obs["scmix_with_labels"].astype(str) != adata.obs["scmix_label"].astype(str)).sum())
+        print(f"with the known labels of obs[{args.label_key!r}]: {changed} calls differ (obs scmix_with_labels)")
     flags = [f"{int(adata.obs[c].sum())} {c}" for c in ("scmix_novel", "scmix_low_counts") if c in adata.obs]
     if flags:
         print(f"flagged: {', '.join(flags)} (obs columns; --unassign-flagged makes them unassigned)")
@@ -242,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--smooth", action="store_true", help="also write labels smoothed over the cells' neighbours (another dataset)"
     )
+    p.add_argument(
+        "--label-key",
+        default=None,
+        help="obs column of the dataset's own known labels: also write scmix_with_labels, the calls combined with "
+        "those labels spread over the cells (the dataset the model was trained on)",
+    )
+    p.add_argument("--unlabeled-category", default=None, help="with --label-key: the value that marks unlabelled cells")
     p.set_defaults(func=annotate)
 
     p = sub.add_parser("explain", help="write explanation tables (CSV) and figures (PNG) of a trained model")

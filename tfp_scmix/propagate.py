@@ -21,6 +21,14 @@ clamped: each cell's call then weighs its neighbours' as much as its own (alpha 
 shift between datasets scatters within a population (docs/cross_dataset.md, "Smoothing over the target's
 cells": measured on the transfer matrix, where larger alphas let large classes swallow rare ones).
 
+`with_known_labels` is the transductive step for a dataset annotated together with some of its own labels
+(the few-shot use: train on a dataset with a few hundred labels, then annotate that dataset): label spreading
+(Zhou et al. 2004, scikit-learn's `LabelSpreading` with its default alpha = 0.2) of the known labels over the
+kNN graph of the cells, the graph built on the genes' principal components (scanpy's recipe) and the model's
+own topic features side by side, combined with the model's probabilities as a product of experts (Hinton
+2002): two sources of evidence about a cell's label, its own counts and its neighbours' known labels, each
+normalised. docs/few_shot.md, "Known labels of the annotated dataset", has the measurements.
+
 `self_training_targets` turns the result into the soft labels `SCMix.fit_classifier` fits the unlabelled
 cells to (self-training, docs/few_shot.md): propagation alone can let a large class swallow a small one
 whose few labelled cells sit near it, so the propagated probabilities are first rescaled per class to the
@@ -33,6 +41,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from tfp_scmix.data import log_normalised
+
 # Neighbours per cell (scanpy's `pp.neighbors` default) and the propagation settings of Huang et al.
 N_NEIGHBORS = 15
 ALPHA = 0.8
@@ -42,6 +52,11 @@ ITERATIONS = 50
 # than 0.001 of accuracy or macro-F1 (smaller weights were not measured); 0.8 and above merged the Baron mice's
 # rare types into their neighbours.
 SMOOTHING_ALPHA = 0.5
+# Label spreading's weight of the neighbourhood for known labels (`with_known_labels`): scikit-learn's
+# `LabelSpreading` default, the setting of the few-shot suite's label-spreading peer (not tuned here).
+SPREADING_ALPHA = 0.2
+# Principal components of the genes in the graph of `with_known_labels` (the few-shot suite's peers' 30).
+N_COMPONENTS = 30
 # Weight of the aligned propagated probabilities against the classifier's own in the self-training labels.
 PROPAGATED_WEIGHT = 0.5
 
@@ -148,3 +163,83 @@ def self_training_targets(graph: sp.csr_matrix, probs: np.ndarray, labels: np.nd
         aligned /= np.maximum(aligned.sum(axis=1, keepdims=True), 1e-12)
         targets[unlabelled] = PROPAGATED_WEIGHT * aligned + (1.0 - PROPAGATED_WEIGHT) * probs[unlabelled]
     return targets
+
+
+def principal_components(counts: sp.spmatrix, n_components: int = N_COMPONENTS, seed: int = 0) -> np.ndarray:
+    """`[n_cells, min(n_components, n_cells - 1, n_genes)]` principal components of counts `[n_cells, n_genes]`
+    (CSR) after scanpy's recipe: log1p(counts per 10k), each gene scaled to unit variance (genes without
+    variance dropped; no clipping, scanpy's `pp.scale` default), principal components of the centred matrix.
+    The matrix stays sparse: scikit-learn's PCA centres it implicitly (`svd_solver="covariance_eigh"`), so
+    memory is that of the nonzeros plus genes x genes."""
+    from sklearn.decomposition import PCA
+    from sklearn.utils.sparsefuncs import mean_variance_axis
+
+    x = log_normalised(counts).astype(np.float64)
+    _, variance = mean_variance_axis(x, axis=0)
+    keep = variance > 0
+    x = sp.csr_matrix(x[:, keep] @ sp.diags(1.0 / np.sqrt(variance[keep])))
+    k = max(1, min(int(n_components), x.shape[0] - 1, x.shape[1]))
+    return PCA(k, svd_solver="covariance_eigh", random_state=seed).fit_transform(x)
+
+
+def equal_blocks(*blocks: np.ndarray) -> np.ndarray:
+    """Feature blocks `[n_cells, d_i]` side by side, each scaled so that its mean squared distance to the
+    cells' centre is one: each block weighs equally in Euclidean distances whatever its dimension and units."""
+    scaled = []
+    for block in blocks:
+        block = np.asarray(block, np.float64)
+        spread_ = np.sqrt(((block - block.mean(axis=0)) ** 2).sum(axis=1).mean())
+        scaled.append(block / spread_ if spread_ > 0 else block)
+    return np.hstack(scaled)
+
+
+def label_spreading(
+    graph: sp.csr_matrix, labels: np.ndarray, n_classes: int, alpha: float = SPREADING_ALPHA
+) -> np.ndarray:
+    """Known labels `[n_cells]` (class index, -1 unknown) spread over `graph` (`knn_graph`, `[n_cells,
+    n_cells]`): the fixed point of f = (1 - alpha) Y + alpha S f, Y the one-hot known labels (Zhou et al.
+    2004; scikit-learn's `LabelSpreading`). Returns probabilities `[n_cells, n_classes]`, rows normalised;
+    cells no known label reaches within `ITERATIONS` steps get 1 / n_classes each."""
+    onehot = np.zeros((len(labels), int(n_classes)))
+    known = np.flatnonzero(labels >= 0)
+    onehot[known, labels[known]] = 1.0
+    spreadout = spread(graph, onehot, np.array([], int), alpha=alpha)
+    mass = spreadout.sum(axis=1, keepdims=True)
+    return np.where(mass > 0, spreadout / np.maximum(mass, 1e-300), 1.0 / n_classes)
+
+
+def with_known_labels(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    counts: sp.spmatrix,
+    topic_features: np.ndarray,
+    n_neighbors: int = N_NEIGHBORS,
+    seed: int = 0,
+) -> np.ndarray:
+    """A model's class probabilities `[n_cells, n_classes]` combined with the known labels of the same cells
+    (module docstring): label spreading (`label_spreading`, alpha `SPREADING_ALPHA`) over the `knn_graph` of
+    the genes' `principal_components` of `counts` `[n_cells, n_genes]` beside `topic_features` `[n_cells,
+    n_features]` (the model's X_scmix; `equal_blocks`), then each cell's product of the two distributions,
+    renormalised. Cells the known labels do not reach keep the model's probabilities.
+    labels: `[n_cells]` class index into probs' columns, -1 where unknown.
+    Returns float64 `[n_cells, n_classes]`, rows summing to one. Raises ValueError when the shapes disagree,
+    a label is outside [-1, n_classes) or no cell is labelled.
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels)
+    n_cells = probs.shape[0] if probs.ndim == 2 else -1
+    if n_cells < 0 or labels.shape != (n_cells,) or counts.shape[0] != n_cells or len(topic_features) != n_cells:
+        raise ValueError(
+            f"probs {probs.shape}, labels {labels.shape}, counts {counts.shape} and topic_features "
+            f"{np.shape(topic_features)} must describe the same cells"
+        )
+    if labels.size and (labels.min() < -1 or labels.max() >= probs.shape[1]):
+        raise ValueError(f"labels must be class indices in [0, {probs.shape[1]}) or -1 for unknown")
+    if not (labels >= 0).any():
+        raise ValueError("no cell has a known label (every label is -1): nothing to spread")
+    if n_cells < 2:
+        return probs
+    features = equal_blocks(principal_components(counts, seed=seed), topic_features)
+    spreading = label_spreading(knn_graph(features, n_neighbors), labels, probs.shape[1])
+    combined = np.maximum(probs, 1e-12) * np.maximum(spreading, 1e-12)
+    return combined / combined.sum(axis=1, keepdims=True)

@@ -259,23 +259,37 @@ def parse_method(spec):
     return name, settings
 
 
-def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, **settings):
+def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with_labels=False, **settings):
     """tfp_scmix trained on the visible cells (labels of `labelled` only) by `scm.train` with the package's
     defaults (an ensemble of 3 restarts unless `restarts` is given; other options are `Config` settings).
+    with_labels: predict as `annotate(..., label_key=...)` does, annotating the visible and test cells
+    together with the labelled cells' labels (`propagate.with_known_labels`); the per-cell call's errors of
+    the same model go to the extra score "per_cell_errors".
     Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
     over the members)."""
     from sklearn.linear_model import LogisticRegression
+
+    from tfp_scmix.propagate import with_known_labels
 
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
     predicted = scm.predict(model, data.subset(test))["label"]
     truth = data.labels[test]
+    extras = {}
+    if with_labels:
+        extras["per_cell_errors"] = int((predicted != truth).sum())
+        cells = np.union1d(visible, test)
+        out = scm.predict(model, data.subset(cells))
+        known = np.where(np.isin(cells, labelled), data.labels[cells], -1)
+        features = log_ratio_features(out["cell_topic"], len(model.members))
+        combined = with_known_labels(out["probs"], known, data.counts[cells], features)
+        predicted = combined.argmax(axis=1)[np.searchsorted(cells, test)]
     # Each restart alone (the seed-to-seed spread of single models), and the standing diagnostic: logistic
     # regression on the first restart's own topic features (centred log proportions) of the same cells.
     single = [int((scm.predict(m, data.subset(test))["label"] != truth).sum()) for m in model.members]
     features = log_ratio_features(scm.predict(model.members[0], data)["cell_topic"])
     probe = LogisticRegression(max_iter=3000).fit(features[labelled], data.labels[labelled]).predict(features[test])
-    extras = {
+    extras |= {
         "weights_above_0.1": np.mean(
             [(np.abs(m.classifier.class_weights(None).numpy()) > 0.1).mean() for m in model.members]
         ),
