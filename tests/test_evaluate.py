@@ -146,11 +146,14 @@ def test_topic_novelty_needs_two_labelled_classes():
 
 
 def test_linear_peers_reproduce_the_suite_on_the_demo_split(embedded):
-    """The demo's peers: the few-shot suite's logistic regression (unweighted and balanced) and linear SVM rows
-    on pbmc68k_reduced, seed 0 (experiments/few_shot/results.csv: 121, 118 and 123 errors of 550)."""
-    from tfp_scmix.evaluate import few_shot_split, linear_peers
+    """The demo's peers: the few-shot suite's logistic regression (unweighted and balanced), linear SVM, kNN with
+    5 neighbours and label spreading rows on pbmc68k_reduced, seed 0 (experiments/few_shot/results.csv: 121,
+    118, 123, 124 and 112 errors of 550)."""
+    from tfp_scmix.evaluate import few_shot_split, graph_peers, linear_peers
 
     test, labelled = few_shot_split(embedded.n_cells, embedded.n_cells - 150, 150, 0)
     peers = linear_peers(embedded, labelled, test, seed=0)
     assert peers["logistic_regression"]["errors"] == 121 and peers["linear_svm"]["errors"] == 123
     assert peers["logistic_regression_balanced"]["errors"] == 118
+    graph = graph_peers(embedded, labelled, test, seed=0)
+    assert graph["knn_pca_k5"]["errors"] == 124 and graph["label_spreading"]["errors"] == 112

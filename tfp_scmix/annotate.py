@@ -28,6 +28,7 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from tfp_scmix import __version__
-from tfp_scmix.data import DataError, check_argument, encode_labels, from_anndata, read
+from tfp_scmix.data import DataError, SCData, check_argument, encode_labels, from_anndata, read
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
@@ -104,6 +105,19 @@ def majority_vote(labels: ArrayLike, clusters: ArrayLike) -> np.ndarray:
     voting = frame[frame.label != UNASSIGNED]
     winner = voting.groupby("cluster", sort=False)["label"].agg(lambda s: s.value_counts(sort=True).index[0])
     return frame.cluster.map(winner).fillna(UNASSIGNED).to_numpy(dtype=object)
+
+
+def with_labels_probs(
+    model: SCMix | SCMixEnsemble, data: SCData, out: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Class probabilities `[n_cells, n_classes]` of `annotate(..., label_key=...)`: the model's, combined with
+    the known labels of `data` (an SCData over the model's genes whose labels, -1 for unlabelled cells, are
+    the known ones) spread over its cells (`propagate.with_known_labels`, with X_scmix as the topic features).
+    out: `predict(model, data)`'s outputs when already computed (needs "probs" and "cell_topic").
+    Raises ValueError as `with_known_labels` does (no known label, shapes that disagree)."""
+    out = out if out is not None else predict(model, data, keys=("probs", "cell_topic"))
+    features = log_ratio_features(out["cell_topic"], len(as_ensemble(model).members))
+    return with_known_labels(out["probs"], data.labels, data.counts, features)
 
 
 def annotate(
@@ -267,7 +281,7 @@ def annotate(
             min_gene_fraction=min_gene_fraction,
             allow_empty_cells=True,
         )
-        combined = with_known_labels(out["probs"], known, aligned.counts, features)
+        combined = with_labels_probs(model, dataclasses.replace(aligned, labels=known), out)
         combined_names = np.asarray(model.class_names, dtype=object)[combined.argmax(axis=1)]
         combined_names[known >= 0] = np.asarray(model.class_names, dtype=object)[known[known >= 0]]
         combined_names[empty] = UNASSIGNED

@@ -73,6 +73,52 @@ def linear_peers(data, labelled: ArrayLike, test: ArrayLike, seed: int = 0) -> d
     }
 
 
+def principal_components_peer(data, visible: ArrayLike, seed: int = 0) -> np.ndarray:
+    """30 principal components `[n_cells, 30]` of every cell of `data` fitted on the `visible` cells, the
+    few-shot suite's peers' recipe (scanpy's tutorial: log1p CP10k, genes scaled and clipped at 10;
+    `propagate.principal_components` with max_value=10)."""
+    from tfp_scmix.propagate import principal_components
+
+    return principal_components(data.counts, seed=seed, fit_cells=np.asarray(visible), max_value=10)
+
+
+def knn_peer(pcs: np.ndarray, labels: ArrayLike, labelled: ArrayLike, test: ArrayLike, k: int) -> np.ndarray:
+    """scikit-learn's KNeighborsClassifier (k neighbours, at most the labelled cells) on `pcs` of the
+    `labelled` cells; returns the `test` cells' predictions."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels, labelled = np.asarray(labels), np.asarray(labelled)
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(labelled))).fit(pcs[labelled], labels[labelled])
+    return knn.predict(pcs[np.asarray(test)])
+
+
+def label_spreading_peer(
+    pcs: np.ndarray, labels: ArrayLike, visible: ArrayLike, labelled: ArrayLike, test: ArrayLike
+) -> np.ndarray:
+    """scikit-learn's LabelSpreading (kNN graph of 15 neighbours, max_iter 200) on `pcs` of the `visible`
+    cells, the `labelled` ones with their labels; returns the `test` cells' predictions (cells outside
+    `visible` by the fitted model's kNN rule)."""
+    from sklearn.semi_supervised import LabelSpreading
+
+    labels, visible = np.asarray(labels), np.asarray(visible)
+    y = np.where(np.isin(visible, labelled), labels[visible], -1)
+    spreading = LabelSpreading(kernel="knn", n_neighbors=15, max_iter=200).fit(pcs[visible], y)
+    return spreading.predict(pcs[np.asarray(test)])
+
+
+def graph_peers(data, labelled: ArrayLike, test: ArrayLike, seed: int = 0) -> dict[str, dict[str, float]]:
+    """`scores` of the few-shot suite's peers on a graph of 30 principal components of all cells of `data`
+    (`principal_components_peer`): kNN with 5 neighbours and label spreading, which uses the unlabelled
+    cells as `annotate(..., label_key=...)` does. Returns {"knn_pca_k5": scores, "label_spreading": scores}."""
+    everyone = np.arange(data.n_cells)
+    pcs = principal_components_peer(data, everyone, seed)
+    truth = data.labels[np.asarray(test)]
+    return {
+        "knn_pca_k5": scores(truth, knn_peer(pcs, data.labels, labelled, test, 5)),
+        "label_spreading": scores(truth, label_spreading_peer(pcs, data.labels, everyone, labelled, test)),
+    }
+
+
 UNASSIGNED_SCORES = ("max_prob", "entropy")
 # Default score and threshold for flagging a cell as unassigned; see docs/cross_dataset.md for the
 # measurements behind the choice.

@@ -165,21 +165,40 @@ def self_training_targets(graph: sp.csr_matrix, probs: np.ndarray, labels: np.nd
     return targets
 
 
-def principal_components(counts: sp.spmatrix, n_components: int = N_COMPONENTS, seed: int = 0) -> np.ndarray:
-    """`[n_cells, min(n_components, n_cells - 1, n_genes)]` principal components of counts `[n_cells, n_genes]`
-    (CSR) after scanpy's recipe: log1p(counts per 10k), each gene scaled to unit variance (genes without
-    variance dropped; no clipping, scanpy's `pp.scale` default), principal components of the centred matrix.
-    The matrix stays sparse: scikit-learn's PCA centres it implicitly (`svd_solver="covariance_eigh"`), so
-    memory is that of the nonzeros plus genes x genes."""
+def principal_components(
+    counts: sp.spmatrix,
+    n_components: int = N_COMPONENTS,
+    seed: int = 0,
+    fit_cells: np.ndarray | None = None,
+    max_value: float | None = None,
+) -> np.ndarray:
+    """`[n_cells, min(n_components, n_fit - 1, n_genes)]` principal components of counts `[n_cells, n_genes]`
+    (CSR) after scanpy's recipe: log1p(counts per 10k), each gene scaled to unit variance
+    (`sc.pp.scale`), principal components of the centred matrix (`sc.pp.pca`); fitted on the cells
+    `fit_cells` (index; default all) and applied to all.
+    max_value None (`sc.pp.scale`'s default): genes without variance are dropped and the matrix stays sparse
+    (scikit-learn's PCA centres it implicitly, `svd_solver="covariance_eigh"`): memory is that of the nonzeros
+    plus genes x genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense copy,
+    scikit-learn's `StandardScaler` and `PCA` (the few-shot suite's peers)."""
     from sklearn.decomposition import PCA
+
+    x = log_normalised(counts)
+    fit = np.arange(x.shape[0]) if fit_cells is None else np.asarray(fit_cells)
+    k = max(1, min(int(n_components), len(fit) - 1, x.shape[1]))
+    if max_value is not None:
+        from sklearn.preprocessing import StandardScaler
+
+        dense = x.toarray()
+        scaler = StandardScaler().fit(dense[fit])
+        pca = PCA(k, random_state=seed).fit(np.clip(scaler.transform(dense[fit]), -max_value, max_value))
+        return pca.transform(np.clip(scaler.transform(dense), -max_value, max_value))
     from sklearn.utils.sparsefuncs import mean_variance_axis
 
-    x = log_normalised(counts).astype(np.float64)
-    _, variance = mean_variance_axis(x, axis=0)
+    x = x.astype(np.float64)
+    _, variance = mean_variance_axis(x[fit], axis=0)
     keep = variance > 0
     x = sp.csr_matrix(x[:, keep] @ sp.diags(1.0 / np.sqrt(variance[keep])))
-    k = max(1, min(int(n_components), x.shape[0] - 1, x.shape[1]))
-    return PCA(k, svd_solver="covariance_eigh", random_state=seed).fit_transform(x)
+    return PCA(k, svd_solver="covariance_eigh", random_state=seed).fit(x[fit]).transform(x)
 
 
 def equal_blocks(*blocks: np.ndarray) -> np.ndarray:

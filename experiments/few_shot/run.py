@@ -67,7 +67,13 @@ from experiments.common import (
     record_results,
     write_text,
 )
-from tfp_scmix.evaluate import few_shot_split, scores
+from tfp_scmix.evaluate import (
+    few_shot_split,
+    knn_peer,
+    label_spreading_peer,
+    principal_components_peer,
+    scores,
+)
 from tfp_scmix.io import write_csv
 from tfp_scmix.novelty import log_ratio_features
 
@@ -122,22 +128,12 @@ def linear_svm(data, visible, test, labelled, seed):
 
 def principal_components(data, visible, seed):
     """30 principal components of every cell, fitted on the visible cells (scanpy's recipe: log1p CP10k,
-    genes scaled to unit variance and clipped at 10)."""
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    x = log_normalised(data.counts).toarray()
-    scaler = StandardScaler().fit(x[visible])
-    pca = PCA(30, random_state=seed).fit(np.clip(scaler.transform(x[visible]), -10, 10))
-    return pca.transform(np.clip(scaler.transform(x), -10, 10))
+    genes scaled to unit variance and clipped at 10; `tfp_scmix.evaluate.principal_components_peer`)."""
+    return principal_components_peer(data, visible, seed)
 
 
 def knn_pca(data, visible, test, labelled, seed, k=15):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    pcs = principal_components(data, visible, seed)
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(labelled))).fit(pcs[labelled], data.labels[labelled])
-    return knn.predict(pcs[test])
+    return knn_peer(principal_components(data, visible, seed), data.labels, labelled, test, k)
 
 
 def knn_pca_k5(data, visible, test, labelled, seed):
@@ -147,12 +143,8 @@ def knn_pca_k5(data, visible, test, labelled, seed):
 def label_spreading(data, visible, test, labelled, seed):
     """scikit-learn's LabelSpreading on the kNN graph (15 neighbours) of 30 PCs of the visible cells; test
     cells outside them (the inductive setting) are predicted by the fitted model's kNN rule."""
-    from sklearn.semi_supervised import LabelSpreading
-
     pcs = principal_components(data, visible, seed)
-    y = np.where(np.isin(visible, labelled), data.labels[visible], -1)
-    spreading = LabelSpreading(kernel="knn", n_neighbors=15, max_iter=200).fit(pcs[visible], y)
-    return spreading.predict(pcs[test])
+    return label_spreading_peer(pcs, data.labels, visible, labelled, test)
 
 
 def env_peer(name, module, packages):
@@ -269,7 +261,7 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
     over the members)."""
     from sklearn.linear_model import LogisticRegression
 
-    from tfp_scmix.propagate import with_known_labels
+    from tfp_scmix.annotate import with_labels_probs
 
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
@@ -279,11 +271,8 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
     if with_labels:
         extras["per_cell_errors"] = int((predicted != truth).sum())
         cells = np.union1d(visible, test)
-        out = scm.predict(model, data.subset(cells))
-        known = np.where(np.isin(cells, labelled), data.labels[cells], -1)
-        features = log_ratio_features(out["cell_topic"], len(model.members))
-        combined = with_known_labels(out["probs"], known, data.counts[cells], features)
-        predicted = combined.argmax(axis=1)[np.searchsorted(cells, test)]
+        known = data.subset(cells).hide_labels(np.flatnonzero(np.isin(cells, labelled)))
+        predicted = with_labels_probs(model, known).argmax(axis=1)[np.searchsorted(cells, test)]
     # Each restart alone (the seed-to-seed spread of single models), and the standing diagnostic: logistic
     # regression on the first restart's own topic features (centred log proportions) of the same cells.
     single = [int((scm.predict(m, data.subset(test))["label"] != truth).sum()) for m in model.members]
