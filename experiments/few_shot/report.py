@@ -130,8 +130,17 @@ def noise_table(noisy, clean):
 
 
 SELF_TRAINING = "tfp_scmix:self_training=True"
+# The default model annotating its dataset with the dataset's own known labels (`annotate(..., label_key=...)`,
+# the few-shot use), in its folder: its verdicts stand in the main section beside the per-cell call's.
+WITH_LABELS = ("with_labels", "tfp_scmix:with_labels=True")
 # Runs of one tfp_scmix variant on the suite's splits, each in its folder: (folder, method, report title).
 VARIANT_RUNS = [
+    (
+        WITH_LABELS[0],
+        WITH_LABELS[1],
+        "The default model annotating with the dataset's own known labels (`annotate(..., label_key=...)`: label "
+        "spreading over the cells combined with the model's probabilities)",
+    ),
     (
         "cut",
         "tfp_scmix:label_mode=cut",
@@ -223,12 +232,25 @@ def report(folder=HERE):
         "package default (3 restarts averaged) unless the method says otherwise.",
         "",
     ]
+    with_labels = read(folder / WITH_LABELS[0])
     if main is not None:
         parts += [
             "## Main setting: tfp_scmix against its peers",
             "",
+            "The per-cell call (`predict`; `annotate`'s obs scmix_label):",
+            "",
             *verdicts(main),
             "",
+        ]
+        if with_labels is not None:
+            parts += [
+                "The same models annotating with the dataset's known labels (`annotate(..., label_key=...)`, obs "
+                f"scmix_with_labels; {WITH_LABELS[0]}/results.csv):",
+                "",
+                *verdicts(pd.concat([main[main.method != "tfp_scmix"], with_labels]), method=WITH_LABELS[1]),
+                "",
+            ]
+        parts += [
             markdown_table(mean_table(main, ["marker_score", "marker_score_by_weight", "weights_above_0.1"])),
             "",
         ]

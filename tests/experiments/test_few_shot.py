@@ -65,14 +65,17 @@ def test_any_h5ad_with_cell_type_runs_by_path_with_the_test_size_rule_and_verdic
     assert run.test_size(str(path), 500, 150) == 100 and run.test_size("pbmc68k_reduced", 700, 150) == 550
     data = run.suite_dataset(str(path))
     assert data.batch_names == ["mouse1", "mouse2"]  # its batch column becomes the batches
-    methods = ["tfp_scmix:restarts=1,classifier_steps=100", "label_spreading", "knn_pca_k5"]
+    ours_spec = "tfp_scmix:restarts=1,classifier_steps=100,with_labels=True"
+    methods = [ours_spec, "label_spreading", "knn_pca_k5"]
     args = ["--datasets", str(path), "--seeds", "0", "--epochs", "2", "--no-mlflow", "--out", str(tmp_path / "out")]
     run.main(args + ["--methods", *methods])
     saved = pd.read_csv(tmp_path / "out" / "results.csv")
     assert sorted(saved.method) == sorted(methods) and saved.errors.between(0, 100).all()
-    ours = saved.set_index("method").loc["tfp_scmix:restarts=1,classifier_steps=100"]
+    ours = saved.set_index("method").loc[ours_spec]
     assert len(json.loads(ours.single_model_errors)) == 1 and 0 <= ours.topics_logistic_errors <= 100
-    lines = report.verdicts(saved, method="tfp_scmix:restarts=1,classifier_steps=100")
+    # with_labels: the call with the known labels is scored; the same model's per-cell call is kept beside it.
+    assert 0 <= ours.per_cell_errors <= 100 and json.loads(ours.single_model_errors) == [ours.per_cell_errors]
+    lines = report.verdicts(saved, method=ours_spec)
     assert lines[-1].startswith("- Suite (1 datasets)") and "mean error ratio" in lines[-1]
 
 
