@@ -267,6 +267,11 @@ def test_known_labels_that_cannot_be_used_are_refused(small_model, embedded_adat
     with pytest.raises(scm.DataError, match="has no known label"):
         scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
     adata.obs["known"] = ["Martian cell"] + ["Unknown"] * 99
-    with pytest.raises(scm.DataError, match=r"not among the model's classes"):
+    with pytest.raises(scm.DataError, match=r"labels \['Martian cell'\] that are not among the model's classes"):
         scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
+    # The likeliest slip, the placeholder of the unlabelled cells left out: the message names the option.
+    with pytest.raises(scm.DataError, match=r"pass unlabeled_category='Unknown' \(command line: --unlabeled-category"):
+        scm.annotate(small_model, adata, label_key="known")
+    with pytest.raises(ValueError, match="pass label_key with it"):
+        scm.annotate(small_model, adata, unlabeled_category="Unknown")
     assert "scmix_label" not in adata.obs  # refused before anything is written

@@ -39,7 +39,16 @@ import numpy as np
 import pandas as pd
 
 from tfp_scmix import __version__
-from tfp_scmix.data import DataError, SCData, check_argument, encode_labels, from_anndata, read
+from tfp_scmix.data import (
+    PLACEHOLDER_LABELS,
+    DataError,
+    SCData,
+    _missing,
+    check_argument,
+    encode_labels,
+    from_anndata,
+    read,
+)
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
@@ -171,10 +180,11 @@ def annotate(
     the per-cell call on the few-shot suite (docs/few_shot.md, "Known labels of the annotated dataset"). It
     reads the counts of every cell over the model's genes into memory (a backed AnnData too) and adds a
     principal component analysis and a neighbour search that grow with the cells.
-    Raises DataError as `from_anndata` does, for a `label_key` that is not an obs column, known labels that are
-    not among the model's classes or no known label at all, for a view of a backed AnnData (anndata cannot
-    write into it) and for an `over_clustering` column that is missing or of the wrong length; ValueError for numeric
-    arguments out of range and for `over_clustering` without `majority_voting`.
+    Raises DataError as `from_anndata` does, for a `label_key` that is not an obs column, labels that are
+    neither among the model's classes nor `unlabeled_category` or no known label at all, for a view of a
+    backed AnnData (anndata cannot write into it) and for an `over_clustering` column that is missing or of
+    the wrong length; ValueError for numeric arguments out of range, for `over_clustering` without
+    `majority_voting` and for `unlabeled_category` without `label_key`.
     """
     check_argument(
         "min_confidence", 0.0 if min_confidence is None else min_confidence, 0, 1, hint=" (a probability: 95% is 0.95)"
@@ -192,6 +202,11 @@ def annotate(
         raise ValueError(
             "over_clustering names the clusters majority voting votes in; pass majority_voting=True with it "
             "(CLI: --majority-voting), or leave it out."
+        )
+    if unlabeled_category is not None and label_key is None:
+        raise ValueError(
+            "unlabeled_category names the value of label_key's column that marks unlabelled cells; pass "
+            "label_key with it (command line: --label-key), or leave it out."
         )
     clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
     known = _known_labels(adata, model, label_key, unlabeled_category) if label_key is not None else None
@@ -388,7 +403,22 @@ def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) 
             "that holds the cell types of the labelled cells, or leave label_key out."
         )
     unknown = () if unlabeled_category is None else (unlabeled_category,)
-    known, _ = encode_labels(adata.obs[label_key], classes=list(model.class_names), unknown=unknown)
+    values = adata.obs[label_key]
+    outside = sorted(set(values[~_missing(values)].astype(str)) - set(model.class_names) - set(unknown))
+    if outside:
+        placeholder = next((name for name in outside if name.strip().lower() in PLACEHOLDER_LABELS), None)
+        hint = (
+            f"if {placeholder!r} marks the unlabelled cells, pass unlabeled_category={placeholder!r} (command line: "
+            f"--unlabeled-category {placeholder})"
+            if placeholder is not None
+            else "pass unlabeled_category= (command line: --unlabeled-category) for the value that marks unlabelled "
+            "cells, or label with the model's classes"
+        )
+        raise DataError(
+            f"obs[{label_key!r}] holds labels {outside[:5]} that are not among the model's classes "
+            f"{list(model.class_names)}; {hint}."
+        )
+    known, _ = encode_labels(values, classes=list(model.class_names), unknown=unknown)
     if not (known >= 0).any():
         raise DataError(
             f"obs[{label_key!r}] has no known label (every value is missing or {unlabeled_category!r}); "
