@@ -38,7 +38,8 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
     ./run experiments.few_shot.run --datasets pbmc3k --settings inductive --seeds 0 1 2 \
-        --out experiments/few_shot/inductive
+        --methods tfp_scmix:with_labels=True logistic_regression logistic_regression_balanced linear_svm \
+                  knn_pca_k5 label_spreading --out experiments/few_shot/inductive
 
 Split: numpy `default_rng(seed).permutation` of the cells; the first 2000 are test cells, the next
 `budget` carry labels, every other label is hidden. Main setting: every cell's counts may be used
