@@ -43,10 +43,10 @@ from tfp_scmix.data import (
     PLACEHOLDER_LABELS,
     DataError,
     SCData,
-    _missing,
     check_argument,
     encode_labels,
     from_anndata,
+    missing_values,
     read,
 )
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
@@ -404,7 +404,7 @@ def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) 
         )
     unknown = () if unlabeled_category is None else (unlabeled_category,)
     values = adata.obs[label_key]
-    outside = sorted(set(values[~_missing(values)].astype(str)) - set(model.class_names) - set(unknown))
+    outside = sorted(set(values[~missing_values(values)].astype(str)) - set(model.class_names) - set(unknown))
     if outside:
         placeholder = next((name for name in outside if name.strip().lower() in PLACEHOLDER_LABELS), None)
         hint = (

@@ -549,7 +549,7 @@ def highly_variable_genes(
 # --------------------------------------------------------------------------------------------
 
 
-def _missing(series: pd.Series) -> pd.Series:
+def missing_values(series: pd.Series) -> pd.Series:
     """Which values of an obs column are missing: NaN, None, "" or the strings "nan", "NaN", "None"."""
     return series.isna() | series.astype(str).str.strip().isin({"", "nan", "NaN", "None"})
 
@@ -565,7 +565,7 @@ def encode_labels(
     label is not among `classes`.
     """
     series = pd.Series(np.asarray(values, dtype=object))
-    missing = _missing(series)
+    missing = missing_values(series)
     missing |= series.astype(str).isin({str(u) for u in np.atleast_1d(unknown)})
     names = series[~missing].astype(str)
     if classes is None:
@@ -632,7 +632,7 @@ def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
 
     Raises DataError when a value is missing (NaN, None, ""): a missing batch is not a batch of its own.
     """
-    missing = _missing(pd.Series(np.asarray(values, dtype=object)))
+    missing = missing_values(pd.Series(np.asarray(values, dtype=object)))
     if missing.any():
         raise DataError(
             f"{int(missing.sum())} cells have no batch (NaN or empty) in the batch column; every cell needs "
