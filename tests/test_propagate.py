@@ -142,6 +142,10 @@ def test_principal_components_follow_scanpys_recipe_on_sparse_counts():
     # Components agree up to sign.
     np.testing.assert_allclose(np.abs(result), np.abs(expected), rtol=1e-6, atol=1e-8)
     assert principal_components(counts[:5], n_components=10).shape == (5, 4)  # at most cells - 1
+    # Fewer varying genes than components, and cells that no gene tells apart: no error from deep inside.
+    assert principal_components(sp.csr_matrix(np.array([[1.0, 0, 3], [2, 0, 3], [0, 1, 3]])), 10).shape == (3, 2)
+    same = principal_components(sp.csr_matrix(np.ones((4, 3))))
+    assert same.shape == (4, 1) and not same.any()
 
 
 def test_equal_blocks_weigh_each_block_equally_whatever_its_dimension():

@@ -176,10 +176,11 @@ def principal_components(
     (CSR) after scanpy's recipe: log1p(counts per 10k), each gene scaled to unit variance
     (`sc.pp.scale`), principal components of the centred matrix (`sc.pp.pca`); fitted on the cells
     `fit_cells` (index; default all) and applied to all.
-    max_value None (`sc.pp.scale`'s default): genes without variance are dropped and the matrix stays sparse
-    (scikit-learn's PCA centres it implicitly, `svd_solver="covariance_eigh"`): memory is that of the nonzeros
-    plus genes x genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense copy,
-    scikit-learn's `StandardScaler` and `PCA` (the few-shot suite's peers)."""
+    max_value None (`sc.pp.scale`'s default): genes without variance are dropped (at most as many components
+    as genes that vary; one component of zeros when none does) and the matrix stays sparse (scikit-learn's
+    PCA centres it implicitly, `svd_solver="covariance_eigh"`): memory is that of the nonzeros plus genes x
+    genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense copy, scikit-learn's
+    `StandardScaler` and `PCA` (the few-shot suite's peers)."""
     from sklearn.decomposition import PCA
 
     x = log_normalised(counts)
@@ -197,7 +198,10 @@ def principal_components(
     x = x.astype(np.float64)
     _, variance = mean_variance_axis(x[fit], axis=0)
     keep = variance > 0
+    if not keep.any():  # no gene varies among the fitted cells: they are all alike
+        return np.zeros((x.shape[0], 1))
     x = sp.csr_matrix(x[:, keep] @ sp.diags(1.0 / np.sqrt(variance[keep])))
+    k = max(1, min(k, int(keep.sum())))
     return PCA(k, svd_solver="covariance_eigh", random_state=seed).fit(x[fit]).transform(x)
 
 
