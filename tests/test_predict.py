@@ -52,6 +52,8 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
     with_raw.raw = embedded_adata.copy()
     del with_raw.layers["counts"]
     doubled = anndata.concat([embedded_adata, embedded_adata], index_unique="-")
+    layered.write_h5ad(tmp_path / "layered.h5ad")  # backed: X in the file, the layer in memory
+    with_raw.write_h5ad(tmp_path / "with_raw.h5ad")  # backed: X and raw.X in the file
     sources = {
         "AnnData": embedded_adata,
         "AnnData, counts in a layer": layered,
@@ -59,6 +61,9 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
         "view of an AnnData": doubled[: embedded_adata.n_obs],
         "AnnData, other gene order": embedded_adata[:, ::-1].copy(),
         "backed AnnData": read_h5ad(path, backed="r"),
+        "backed AnnData, counts in a layer": read_h5ad(tmp_path / "layered.h5ad", backed="r"),
+        "backed AnnData, counts in .raw": read_h5ad(tmp_path / "with_raw.h5ad", backed="r"),
+        "path, counts in .raw": tmp_path / "with_raw.h5ad",
         "path": str(path),
         "Path": path,
         "CSR": embedded.counts,

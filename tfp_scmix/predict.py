@@ -58,23 +58,30 @@ def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
 
 
 def _first_cells(adata, n: int):
-    """The first `n` cells of an AnnData, in memory, with the slots that `find_counts` may read. For an AnnData
-    in memory whose slots are CSR, an AnnData of its own on row views of those slots (anndata's row slicing
-    makes scipy copy the rows entry by entry: longer than predicting them)."""
-    slots = [adata.X, *adata.layers.values(), *([] if adata.raw is None else [adata.raw.X])]
-    if adata.isbacked or adata.is_view or not all(sp.issparse(m) and m.format == "csr" for m in slots):
+    """The first `n` cells of an AnnData, in memory, with the slots that `find_counts` may read. Where every slot
+    is CSR (in memory, or in the file of a backed AnnData), an AnnData of its own on those slots' first rows
+    (anndata's row slicing makes scipy copy them entry by entry, and reads a backed file through a view: longer
+    than predicting them)."""
+
+    def first_rows(matrix):
+        if sp.issparse(matrix) and matrix.format == "csr":
+            return csr_rows(matrix, 0, n)
+        if adata.isbacked and getattr(matrix, "format", None) == "csr" and hasattr(matrix, "group"):
+            return _file_rows(matrix.group, 0, n, matrix.shape[1])
+        return None
+
+    rows = None if adata.is_view else [first_rows(adata.X), *map(first_rows, adata.layers.values())]
+    raw = None if adata.raw is None or rows is None else first_rows(adata.raw.X)
+    if rows is None or any(r is None for r in rows) or (adata.raw is not None and raw is None):
         sample = adata[:n]
         return sample.to_memory() if sample.isbacked else sample
     import anndata
     import pandas as pd
 
     obs, var = pd.DataFrame(index=adata.obs_names[:n]), pd.DataFrame(index=adata.var_names)
-    sample = anndata.AnnData(
-        X=csr_rows(adata.X, 0, n), obs=obs, var=var, layers={k: csr_rows(m, 0, n) for k, m in adata.layers.items()}
-    )
-    if adata.raw is not None:
-        raw_var = pd.DataFrame(index=adata.raw.var_names)
-        sample.raw = anndata.AnnData(X=csr_rows(adata.raw.X, 0, n), obs=obs, var=raw_var)
+    sample = anndata.AnnData(X=rows[0], obs=obs, var=var, layers=dict(zip(adata.layers.keys(), rows[1:])))
+    if raw is not None:
+        sample.raw = anndata.AnnData(X=raw, obs=obs, var=pd.DataFrame(index=adata.raw.var_names))
     return sample
 
 
