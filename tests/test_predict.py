@@ -342,3 +342,16 @@ def test_an_ensembles_prediction_is_its_own_call(two_restarts, embedded):
     np.testing.assert_allclose(out["probs"], called["probs"].numpy(), atol=1e-5)
     np.testing.assert_allclose(out["cell_topic"], called["cell_topic"].numpy(), atol=1e-5)
     np.testing.assert_array_equal(out["label"], called["probs"].numpy().argmax(1))
+
+
+def test_model_counts_read_every_source_as_predict_does(small_model, embedded, embedded_adata, tmp_path):
+    """`model_counts`: the whole source over the model's genes, the same counts whatever the source (a backed
+    file's rows come through h5py), in the model's gene order."""
+    from tfp_scmix.predict import model_counts
+
+    path = tmp_path / "cells.h5ad"
+    embedded_adata[:, ::-1].copy().write_h5ad(path)
+    for source in (embedded_adata, read_h5ad(path, backed="r"), path):
+        data = model_counts(source, small_model)
+        assert list(data.genes) == list(small_model.genes)
+        assert (data.counts != embedded.counts).nnz == 0

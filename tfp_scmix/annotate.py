@@ -45,7 +45,6 @@ from tfp_scmix.data import (
     SCData,
     check_argument,
     encode_labels,
-    from_anndata,
     missing_values,
     read,
 )
@@ -53,7 +52,7 @@ from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
-from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, predict
+from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, model_counts, predict
 from tfp_scmix.propagate import N_NEIGHBORS, with_known_labels
 from tfp_scmix.propagate import smooth as smooth_probs
 
@@ -288,14 +287,7 @@ def annotate(
         adata.obs[f"{key}_smoothed"], adata.uns[f"{key}_smoothed_colors"] = _categorical(smoothed_names, order, colors)
         adata.obsm[f"{key}_smoothed_probs"] = smoothed.astype(np.float32)
     if known is not None:
-        aligned = from_anndata(
-            adata,
-            counts=slot,
-            label_key=None,
-            genes=model.genes,
-            min_gene_fraction=min_gene_fraction,
-            allow_empty_cells=True,
-        )
+        aligned = model_counts(adata, model, slot, min_gene_fraction)
         combined = with_labels_probs(model, dataclasses.replace(aligned, labels=known), out)
         combined_names = np.asarray(model.class_names, dtype=object)[combined.argmax(axis=1)]
         combined_names[known >= 0] = np.asarray(model.class_names, dtype=object)[known[known >= 0]]

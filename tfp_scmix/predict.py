@@ -335,6 +335,17 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
+def model_counts(
+    source, model: SCMix | SCMixEnsemble, counts: str | None = None, min_gene_fraction: float = 0.5
+) -> SCData:
+    """Every cell of `source` (what `predict` accepts) as a validated `SCData` over the model's genes, in
+    their order, read as `predict` reads it (the same slot, a backed file's rows through h5py, no copy of an
+    AnnData's counts). The whole matrix enters memory: for a source that does not fit, `predict` in chunks.
+    Raises DataError as `predict` does."""
+    n_cells, opened, slot = _open(source, model, counts, min_gene_fraction)
+    return _chunk(opened, model, 0, n_cells, slot, min_gene_fraction)
+
+
 def predict(
     model: SCMix | SCMixEnsemble,
     source,
