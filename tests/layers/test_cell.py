@@ -37,3 +37,24 @@ def test_cell_encoder_sparse_and_dense_products_agree():
     sparse_loc, sparse_scale = encoder(sparse)
     np.testing.assert_allclose(sparse_loc.numpy(), dense_loc.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sparse_scale.numpy(), dense_scale.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_first_layer_is_the_same_whether_normalised_before_or_after_densifying():
+    """Sparse minibatches below SPARSE_DENSITY nonzeros are normalised on their nonzeros, denser ones after
+    densifying, and dense input as it is: same products and gradients (kernel and batch offsets) all three ways."""
+    rng = np.random.default_rng(1)
+    enc = CellEncoder(200, 4, hidden_units=8)
+    offsets = tf.Variable(rng.normal(0, 0.3, (2, 200)).astype(np.float32))
+    batch_ids = tf.constant([0, 1, 1, 0, 1, 0])
+    for density in (0.03, 0.4):
+        counts = (rng.poisson(3, (6, 200)) * (rng.random((6, 200)) < density)).astype(np.float32)
+        results = []
+        for given in (tf.sparse.from_dense(counts), tf.constant(counts)):
+            with tf.GradientTape() as tape:
+                product = enc.first_layer(given, batch_ids, offsets)
+                loss = tf.reduce_sum(tf.sin(product))
+            results.append([product, *tape.gradient(loss, [enc.kernel, offsets])])
+        fraction = np.count_nonzero(counts) / counts.size
+        assert (fraction <= CellEncoder.SPARSE_DENSITY) == (density < 0.1)
+        for sparse, dense in zip(*results):
+            np.testing.assert_allclose(sparse.numpy(), dense.numpy(), rtol=1e-5, atol=1e-5)

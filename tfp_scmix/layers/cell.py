@@ -78,6 +78,9 @@ class CellEncoder(keras.layers.Layer):
     # experiments/performance/dense_limit.py measures this limit against the earlier 2^22 side by side; the
     # speed-up is in experiments/performance/results_dense_limit.json.
     DENSE_BATCH_LIMIT = 2**25
+    # Fraction of nonzero entries at or below which a minibatch is normalised on its nonzeros before it is
+    # densified, rather than after (experiments/performance/results.md: the rows at 2,000 to 20,000 genes).
+    SPARSE_DENSITY = 0.1
 
     def __init__(
         self,
@@ -145,10 +148,12 @@ class CellEncoder(keras.layers.Layer):
     def _products(self, counts, batch_ids, offsets, kernel, detached_kernel) -> tuple[tf.Tensor, ...]:
         kernel = self.kernel if kernel is None else kernel
 
-        def products(counts):
+        def normalised(counts):
             if offsets is not None:
                 counts = divide_offsets(counts, batch_ids, offsets)
-            x = normalise_counts(counts)
+            return normalise_counts(counts)
+
+        def products(x):
             if isinstance(x, tf.SparseTensor):
                 matmul, detached = tf.sparse.sparse_dense_matmul, x.with_values(tf.stop_gradient(x.values))
             else:
@@ -158,14 +163,21 @@ class CellEncoder(keras.layers.Layer):
             return matmul(x, kernel), matmul(detached, detached_kernel)
 
         if isinstance(counts, tf.SparseTensor):
-            # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so
-            # small minibatches are densified (never the dataset) before any other work; wide ones stay sparse.
+            # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so minibatches
+            # are densified (never the dataset); wide ones stay sparse. A sparse minibatch (few nonzeros) is
+            # normalised on its nonzeros first, a dense one after densifying: fewer passes over memory either way.
+            entries = tf.reduce_prod(counts.dense_shape)
+            nonzero = tf.cast(tf.size(counts.values, out_type=tf.int64), tf.float64)
             return tf.cond(
-                tf.reduce_prod(counts.dense_shape) <= self.DENSE_BATCH_LIMIT,
-                lambda: products(tf.sparse.to_dense(counts)),
-                lambda: products(counts),
+                entries > self.DENSE_BATCH_LIMIT,
+                lambda: products(normalised(counts)),
+                lambda: tf.cond(
+                    nonzero <= self.SPARSE_DENSITY * tf.cast(entries, tf.float64),
+                    lambda: products(tf.sparse.to_dense(normalised(counts))),
+                    lambda: products(normalised(tf.sparse.to_dense(counts))),
+                ),
             )
-        return products(counts)
+        return products(normalised(counts))
 
     def split(self, product: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(first layer `[batch, hidden_units]`, the other readers' columns) of a product by a kernel that has the
