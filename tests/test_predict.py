@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import tfp_scmix as scm
 from tests.helpers import run_python
 from tfp_scmix.data import DataError, read_h5ad
-from tfp_scmix.predict import OUTPUT_KEYS
+from tfp_scmix.predict import OUTPUT_KEYS, _chunk_bounds
 
 LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
@@ -54,6 +54,9 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
     doubled = anndata.concat([embedded_adata, embedded_adata], index_unique="-")
     layered.write_h5ad(tmp_path / "layered.h5ad")  # backed: X in the file, the layer in memory
     with_raw.write_h5ad(tmp_path / "with_raw.h5ad")  # backed: X and raw.X in the file
+    dense = embedded_adata.copy()  # a dense X: a path read through anndata's backed open, not h5py alone
+    dense.X = dense.X.toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
     sources = {
         "AnnData": embedded_adata,
         "AnnData, counts in a layer": layered,
@@ -64,6 +67,8 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
         "backed AnnData, counts in a layer": read_h5ad(tmp_path / "layered.h5ad", backed="r"),
         "backed AnnData, counts in .raw": read_h5ad(tmp_path / "with_raw.h5ad", backed="r"),
         "path, counts in .raw": tmp_path / "with_raw.h5ad",
+        "path, counts in a layer": tmp_path / "layered.h5ad",
+        "path, dense X": tmp_path / "dense.h5ad",
         "path": str(path),
         "Path": path,
         "CSR": embedded.counts,
@@ -84,6 +89,45 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
         for key in expected:
             np.testing.assert_allclose(out[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key}")
         np.testing.assert_array_equal(out["label"], expected["label"], err_msg=name)
+
+
+def test_a_path_is_read_with_h5py_alone_and_closed_after(small_model, embedded_adata, tmp_path, monkeypatch):
+    """A path whose slots are CSR is opened with h5py alone (anndata's backed open reads obs and var whole), every
+    chunk from it; the file is closed after the call, also when a chunk is refused."""
+    import h5py
+
+    path = tmp_path / "cells.h5ad"
+    embedded_adata.write_h5ad(path)
+    expected = scm.predict(small_model, embedded_adata)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("anndata opened the file")
+
+    monkeypatch.setattr(anndata, "read_h5ad", refused)
+    out = scm.predict(small_model, path, chunk_size=100)
+    np.testing.assert_array_equal(out["label"], expected["label"])
+    with h5py.File(path, "r+") as f:  # refused while any handle of the call is still open for reading
+        f["X"]["data"][0] = -1  # not a count: refused when the file is opened
+    with pytest.raises(DataError, match="negative") as refused_open:
+        scm.predict(small_model, path, chunk_size=100)
+    embedded_adata[:, :300].copy().write_h5ad(path)  # 300 of the model's 765 genes: refused by the first chunk
+    with pytest.raises(DataError, match="only 300 of the model's 765 genes") as refused_chunk:
+        scm.predict(small_model, path, chunk_size=100)
+    with h5py.File(path, "r+"):  # closed although the errors' tracebacks still hold the calls' frames
+        assert refused_open.tb is not None
+        assert refused_chunk.tb is not None
+
+
+def test_chunks_grow_from_a_first_small_one_up_to_chunk_size():
+    bounds = _chunk_bounds(14_000, 10_000, 2048)
+    assert [stop - start for start, stop in bounds] == [2048, 3072, 4608, 4272]
+    for n_cells, chunk_size, first in [(1, 10, 4), (10, 3, 4), (100_000, 10_000, 2048), (7, 10_000, 2048)]:
+        bounds = _chunk_bounds(n_cells, chunk_size, first)
+        sizes = [stop - start for start, stop in bounds]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n_cells
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert sizes[0] <= min(first, chunk_size) and max(sizes) <= chunk_size
+        assert all(b <= 1.5 * a for a, b in zip(sizes, sizes[1:]))
 
 
 def test_model_inputs_of_the_wrong_shape_or_kind_get_clear_errors(small_model, embedded, embedded_adata, tmp_path):

@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix.data import (
@@ -28,6 +29,7 @@ from tfp_scmix.data import (
     check_structure,
     csr_on,
     csr_rows,
+    data_path,
     find_counts,
     from_anndata,
     log_normalised_dense,
@@ -35,6 +37,7 @@ from tfp_scmix.data import (
 )
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix
+from tfp_scmix.stream import frame_index
 
 logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
@@ -42,6 +45,8 @@ OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
 SLOT_SAMPLE = 1000
 # Minibatches predicted at once, each on its own thread (`_Minibatches`).
 WORKERS = 2
+# How much larger each chunk is than the one before, up to `chunk_size` (`_chunk_bounds`).
+CHUNK_GROWTH = 1.5
 # The fewest rows a minibatch is padded to (`_padded_rows`).
 MIN_PADDED_ROWS = 64
 
@@ -76,7 +81,6 @@ def _first_cells(adata, n: int):
         sample = adata[:n]
         return sample.to_memory() if sample.isbacked else sample
     import anndata
-    import pandas as pd
 
     obs, var = pd.DataFrame(index=adata.obs_names[:n]), pd.DataFrame(index=adata.var_names)
     sample = anndata.AnnData(X=rows[0], obs=obs, var=var, layers=dict(zip(adata.layers.keys(), rows[1:])))
@@ -85,11 +89,84 @@ def _first_cells(adata, n: int):
     return sample
 
 
+class _H5ADFile:
+    """An .h5ad file opened with h5py alone, for prediction: the CSR group of its raw-count slot, that slot's gene
+    names and the number of cells. anndata's backed open reads the whole obs and var tables first, none of which
+    prediction needs (0.9 s for the million-cell file of experiments/performance, a tenth of a Kang-sized call;
+    docs/performance.md)."""
+
+    def __init__(self, file, group, var_names: np.ndarray, n_obs: int, slot: str) -> None:
+        self.file, self.group, self.var_names, self.n_obs, self.slot = file, group, var_names, n_obs, slot
+
+    @classmethod
+    def open(cls, path, counts: str | None) -> _H5ADFile | None:
+        """The file's raw-count slot (`counts`, or detected on its first cells as `counts_slot` does), or None
+        where the file is not one whose slots are all CSR in anndata's layout: the caller opens it with
+        anndata, whose errors name what is wrong with the file. Raises DataError as `find_counts` does."""
+        import h5py
+
+        try:
+            file = h5py.File(data_path(str(path)), "r")
+        except (OSError, DataError):
+            return None
+        try:
+            slots = {"X": file["X"], **{name: group for name, group in file.get("layers", {}).items()}}
+            if "raw" in file:
+                slots["raw"] = file["raw"]["X"]
+            if not all(_is_csr(group) for group in slots.values()):
+                file.close()
+                return None
+            names = {"X": frame_index(file["var"])}
+            if "raw" in slots:
+                names["raw"] = frame_index(file["raw"]["var"])
+            n_obs = int(slots["X"].attrs["shape"][0])
+        except (KeyError, ValueError, TypeError, OSError):  # not anndata's layout: anndata's open says what it is
+            file.close()
+            return None
+        try:
+            slot = find_counts(_file_sample(slots, names, min(n_obs, SLOT_SAMPLE)), counts)[0] if n_obs else "X"
+        except BaseException:
+            file.close()
+            raise
+        return cls(file, slots[slot], names.get(slot, names["X"]), n_obs, slot)
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows `start:stop` of the slot (`_file_rows`: unchecked until `from_anndata` reads them)."""
+        return _file_rows(self.group, start, stop, len(self.var_names))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _is_csr(element) -> bool:
+    return hasattr(element, "attrs") and element.attrs.get("encoding-type", "") == "csr_matrix"
+
+
+def _file_sample(slots: dict, names: dict, n: int):
+    """The first `n` cells of a file's slots as an AnnData in memory (X, its layers, raw), for `find_counts`."""
+    import anndata
+    import pandas as pd
+
+    rows = {slot: _file_rows(group, 0, n, len(names.get(slot, names["X"]))) for slot, group in slots.items()}
+    obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
+    layers = {slot: matrix for slot, matrix in rows.items() if slot not in ("X", "raw")}
+    sample = anndata.AnnData(X=rows["X"], obs=obs, var=pd.DataFrame(index=names["X"]), layers=layers)
+    if "raw" in rows:
+        sample.raw = anndata.AnnData(X=rows["raw"], obs=obs, var=pd.DataFrame(index=names["raw"]))
+    return sample
+
+
 def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | None]:
-    """The number of cells of `source`, the source ready to slice (a path opened backed, an `SCData` aligned
-    to the model's genes, a matrix checked against the model's width, as CSR if sparse) and, for an AnnData,
-    the slot of its raw counts."""
+    """The number of cells of `source`, the source ready to slice (a path opened with h5py, or backed by anndata
+    where its slots are not all CSR; an `SCData` aligned to the model's genes; a matrix checked against the model's
+    width, as CSR if sparse) and, for an AnnData or a file, the slot of its raw counts."""
     if isinstance(source, (str, os.PathLike)):
+        opened = _H5ADFile.open(source, counts)
+        if opened is not None:
+            if opened.n_obs == 0:
+                opened.close()
+                raise DataError("the dataset is empty (0 cells).")
+            return opened.n_obs, opened, opened.slot
         source = read_h5ad(source, backed="r")
     if isinstance(source, SCData):
         if list(source.genes) != list(model.genes):
@@ -157,16 +234,17 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
     """Cells `start:stop` of an opened source as validated `SCData` in the model's gene order."""
     if isinstance(source, SCData):
         return source.rows(start, stop)
-    if hasattr(source, "obs_names"):
-        rows = _slot_rows(source, counts, start, stop)
+    if isinstance(source, _H5ADFile) or hasattr(source, "obs_names"):
+        if isinstance(source, _H5ADFile):
+            rows: tuple[sp.csr_matrix, Any] | None = (source.rows(start, stop), source.var_names)
+            cells = pd.RangeIndex(start, stop).astype(str)  # positions: prediction reads no cell names
+        else:
+            rows, cells = _slot_rows(source, counts, start, stop), source.obs_names[start:stop]
         if rows is not None:  # the slot's rows, in a small AnnData of their own
             import anndata
-            import pandas as pd
 
             matrix, names = rows
-            chunk = anndata.AnnData(
-                X=matrix, obs=pd.DataFrame(index=source.obs_names[start:stop]), var=pd.DataFrame(index=names)
-            )
+            chunk = anndata.AnnData(X=matrix, obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=names))
             counts = "X"
         else:
             chunk = source[start:stop]
@@ -196,6 +274,20 @@ def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
         ["0"],
         np.arange(start, stop).astype(str),
     )
+
+
+def _chunk_bounds(n_cells: int, chunk_size: int, first: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of `n_cells`: the first of `first` cells (so that prediction starts once a few
+    minibatches are read), then each `CHUNK_GROWTH` times the one before, up to `chunk_size`. A chunk is read while
+    the one before is predicted: reading a chunk from a file takes about two thirds of the time to predict as many
+    cells on the other cores, so a chunk much larger than the one before would leave the workers waiting for it
+    (with one chunk of 2,048 cells then 10,000, a third of a call on the Kang file; docs/performance.md)."""
+    bounds, start, size = [], 0, min(chunk_size, first)
+    while start < n_cells:
+        stop = min(n_cells, start + size)
+        bounds.append((start, stop))
+        start, size = stop, min(chunk_size, int(size * CHUNK_GROWTH))
+    return bounds
 
 
 # One traced function per model (keyed weakly, so that it goes with the model), reused for every batch of
@@ -343,7 +435,11 @@ def model_counts(
     AnnData's counts). The whole matrix enters memory: for a source that does not fit, `predict` in chunks.
     Raises DataError as `predict` does."""
     n_cells, opened, slot = _open(source, model, counts, min_gene_fraction)
-    return _chunk(opened, model, 0, n_cells, slot, min_gene_fraction)
+    try:
+        return _chunk(opened, model, 0, n_cells, slot, min_gene_fraction)
+    finally:
+        if isinstance(opened, _H5ADFile):
+            opened.close()
 
 
 def predict(
@@ -390,10 +486,7 @@ def predict(
     once = _OncePerMessage()
     logger.addFilter(once)
     chunk_size = int(chunk_size)
-    # The first chunk is small, so that prediction starts once a few minibatches are read; then `chunk_size`.
-    first = min(chunk_size, WORKERS * int(batch_size))
-    starts = [0, *range(first, n_cells, chunk_size)]
-    bounds = list(zip(starts, [*starts[1:], n_cells], strict=True))
+    bounds = _chunk_bounds(n_cells, chunk_size, WORKERS * int(batch_size))
 
     def read(start, stop):
         return _chunk(source, model, start, stop, counts, min_gene_fraction)
@@ -434,4 +527,6 @@ def predict(
         reader.shutdown(cancel_futures=True)
         workers.shutdown(cancel_futures=True)
         logger.removeFilter(once)
+        if isinstance(source, _H5ADFile):  # after the reader has stopped
+            source.close()
     return outputs

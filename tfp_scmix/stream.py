@@ -52,8 +52,8 @@ def _read_elem(element: Any) -> Any:
     return anndata.io.read_elem(element)
 
 
-def _index(group: h5py.Group) -> np.ndarray:
-    """The index (obs or var names) of an AnnData dataframe group."""
+def frame_index(group: h5py.Group) -> np.ndarray:
+    """The index (obs or var names) of an AnnData dataframe group in an .h5ad file `[n_rows]` (str)."""
     return np.asarray(_read_elem(group[group.attrs["_index"]]), dtype=str)
 
 
@@ -133,7 +133,7 @@ class H5ADStream:
                 shape = tuple(int(s) for s in matrix.attrs["shape"])
             else:
                 shape = matrix.shape
-            file_genes = _index(var)
+            file_genes = frame_index(var)
             n_cells = shape[0]
             self._select = None
             if genes is None:
@@ -257,7 +257,7 @@ class H5ADStream:
             parts.append(chunk[np.searchsorted(rows, index[(index >= rows[0]) & (index <= rows[-1])])])
         counts = sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.n_genes), dtype=np.float32)
         with h5py.File(self.path, "r") as f:
-            names = _index(f["obs"])[index]
+            names = frame_index(f["obs"])[index]
         return SCData(
             counts.astype(np.float32),
             self.genes,
