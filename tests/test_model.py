@@ -10,6 +10,7 @@ import tfp_scmix as scm
 from tfp_scmix import SCMix
 from tfp_scmix.config import Config
 from tfp_scmix.evaluate import few_shot_split, scores
+from tfp_scmix.layers import CellEncoder
 from tfp_scmix.model import library_versions
 from tfp_scmix.stream import H5ADStream
 
@@ -355,17 +356,36 @@ def test_balanced_refit_weighs_each_class_by_its_weight(small_model, embedded, m
 
 @pytest.mark.parametrize("label_mode", ["cut", "joint", "class_prior"])
 def test_labels_reach_the_count_model_only_in_the_joint_mode(synthetic, label_mode):
-    """The class branch reads the encoder's normalised counts (one normalisation per minibatch): the label term's
-    gradient reaches the gene weights in every mode, and the encoder and the batch offsets (through the counts
-    it reads) only in the "joint" mode."""
+    """The class branch reads the encoder's normalised counts (one product per minibatch): the label term's
+    gradient reaches the gene weights in every mode and the encoder only in the "joint" mode; the batch offsets
+    learn from the likelihood alone (the normalised counts carry no gradient), in every mode."""
     data, _ = synthetic
     model = SCMix.from_data(data, Config(n_topics=4, label_mode=label_mode))
     batch = next(iter(data.dataset(128, shuffle=False)))
     watched = [model.classifier.gene_weights, model.encoder.kernel, model.batch_offsets.loc]
-    with tf.GradientTape() as tape:
-        label_nll = model.elbo_terms(batch, training=True)["label_nll"]
+    with tf.GradientTape(persistent=True) as tape:
+        terms = model.elbo_terms(batch, training=True)
     gene_weights, kernel, offsets = (
-        0.0 if g is None else float(tf.reduce_max(tf.abs(g))) for g in tape.gradient(label_nll, watched)
+        0.0 if g is None else float(tf.reduce_max(tf.abs(g))) for g in tape.gradient(terms["label_nll"], watched)
     )
-    assert gene_weights > 0
-    assert (kernel > 0, offsets > 0) == ((True, True) if label_mode == "joint" else (False, False))
+    assert gene_weights > 0 and offsets == 0
+    assert kernel > 0 if label_mode == "joint" else kernel == 0
+    assert tape.gradient(terms["loss"], model.batch_offsets.loc) is not None  # the likelihood moves them
+
+
+def test_sparse_data_train_through_the_csr_product(synthetic):
+    """`from_data` picks the encoder's CSR product for data with at most `SPARSE_DENSITY` nonzero entries; a model
+    that multiplies by it trains (Keras's traced step) to the same losses as one that densifies, within float
+    rounding."""
+    data, _ = synthetic
+    model = SCMix.from_data(data, Config(n_topics=4))
+    assert model.encoder.sparse_product == (data.nonzero_fraction <= CellEncoder.SPARSE_DENSITY)
+    losses = []
+    for csr in (False, True):
+        keras.utils.set_random_seed(0)
+        model = SCMix.from_data(data, Config(n_topics=4), seed=0)
+        model.encoder.sparse_product = csr
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        history = model.fit(data.dataset(64, seed=0), epochs=2, verbose=0)
+        losses.append(history.history["loss"])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)

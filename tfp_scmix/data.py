@@ -741,6 +741,11 @@ class SCData:
         return self.counts.shape[1]
 
     @property
+    def nonzero_fraction(self) -> float:
+        """The fraction of stored nonzero entries of the counts, in [0, 1]."""
+        return self.counts.nnz / max(1, self.n_cells * self.n_genes)
+
+    @property
     def n_classes(self) -> int:
         return len(self.classes)
 

@@ -259,6 +259,8 @@ class SCMix(keras.Model):
             provenance=provenance(data),
         )
         model.topics.set_background(background)
+        # Sparse data are multiplied by the CSR kernel in the encoder (speed only; `CellEncoder.sparse_product`).
+        model.encoder.sparse_product = data.nonzero_fraction <= CellEncoder.SPARSE_DENSITY
         if model.classifier.n_genes:
             model.classifier.set_gene_mean(gene_mean(data))
         return model
@@ -430,20 +432,18 @@ class SCMix(keras.Model):
         seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
         joint = s["label_mode"] == "joint"
         # One draw of the classification branch. Its gene weights read the normalised counts x of the encoder's
-        # first layer: in the same product in the "joint" mode, beside it with x detached otherwise.
+        # first layer, in the same product. x carries no gradient (the batch offsets learn from the likelihood
+        # alone), so in every label mode the label term reaches the gene weights through it and nothing else.
         draw = self.classifier.draw(seeds[2])
         offsets, gene_logits = self.batch_offsets.loc, None
         if not self.classifier.n_genes:
             first = self.encoder.first_layer(counts, batch_ids, offsets)
         else:
             gene_kernel, gene_offset = self.classifier.gene_kernel()
-            if joint:
-                kernel = tf.concat([self.encoder.kernel, gene_kernel], axis=1)
-                first, gene_products = self.encoder.split(
-                    self.encoder.first_layer(counts, batch_ids, offsets, kernel=kernel)
-                )
-            else:
-                first, gene_products = self.encoder.first_layer_and_detached(counts, batch_ids, offsets, gene_kernel)
+            kernel = tf.concat([self.encoder.kernel, gene_kernel], axis=1)
+            first, gene_products = self.encoder.split(
+                self.encoder.first_layer(counts, batch_ids, offsets, kernel=kernel)
+            )
             gene_logits = gene_products - gene_offset
         loc, scale = self.encoder.topics_from_first_layer(first, training=training)
         n_cells = tf.shape(loc)[0]

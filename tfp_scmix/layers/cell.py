@@ -46,6 +46,27 @@ def divide_offsets(
     return tf.cast(counts, tf.float32) * tf.matmul(tf.one_hot(batch_ids, tf.shape(offsets)[0]), factors)
 
 
+def csr_product(x: tf.SparseTensor, kernel: tf.Tensor) -> tf.Tensor:
+    """x @ kernel `[batch, units]` of a sparse x `[batch, n_genes]` (canonical order) by TensorFlow's CSR kernel
+    (`SparseMatrixMatMul`): cost O(nnz * units), never O(batch * n_genes * units). Differentiable in the kernel only:
+    its gradient x^T @ upstream is the same kernel's (TensorFlow's own gradient of the op needs static shapes).
+    Not inside a tf.cond: a CSR matrix cannot cross one into its gradient."""
+    values = tf.stop_gradient(x.values)
+    shape = tf.shape(x, out_type=tf.int64)
+
+    def csr():
+        return tf.raw_ops.SparseTensorToCSRSparseMatrix(indices=x.indices, values=values, dense_shape=shape)
+
+    @tf.custom_gradient
+    def product(kernel):
+        def gradient(upstream):
+            return tf.raw_ops.SparseMatrixMatMul(a=csr(), b=upstream, transpose_a=True)
+
+        return tf.raw_ops.SparseMatrixMatMul(a=csr(), b=kernel), gradient
+
+    return product(tf.convert_to_tensor(kernel))  # a tensor: a variable read inside would need `variables=`
+
+
 def normalise_counts(counts: tf.SparseTensor | tf.Tensor) -> tf.SparseTensor | tf.Tensor:
     """log1p(counts per 10k) of a sparse (canonical order) or dense `[batch, n_genes]` count matrix (stays sparse).
 
@@ -78,8 +99,9 @@ class CellEncoder(keras.layers.Layer):
     # experiments/performance/dense_limit.py measures this limit against the earlier 2^22 side by side; the
     # speed-up is in experiments/performance/results_dense_limit.json.
     DENSE_BATCH_LIMIT = 2**25
-    # Fraction of nonzero entries at or below which a minibatch is normalised on its nonzeros before it is
-    # densified, rather than after (experiments/performance/results.md: the rows at 2,000 to 20,000 genes).
+    # Fraction of nonzero entries at or below which a minibatch is normalised on its nonzeros rather than after it
+    # is densified, and the product of data that sparse is TensorFlow's CSR kernel (`sparse_product`), which
+    # beats the dense product there (experiments/performance/sparse_product.py, results_sparse_product.json).
     SPARSE_DENSITY = 0.1
 
     def __init__(
@@ -112,6 +134,10 @@ class CellEncoder(keras.layers.Layer):
             trainable=self.learn_alpha,
             initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.prior_alpha))),
         )
+        # Whether sparse minibatches are multiplied by the CSR kernel, never densified: set by `SCMix.from_data`
+        # for data with at most SPARSE_DENSITY nonzero entries. A per-model choice, not a per-minibatch tf.cond:
+        # TensorFlow's CSR matrices cannot cross a tf.cond into its gradient. Speed only: the same products.
+        self.sparse_product = False
         self.built = True
 
     def call(self, counts, batch_ids=None, offsets=None, training=False):
@@ -127,41 +153,24 @@ class CellEncoder(keras.layers.Layer):
     ) -> tf.Tensor:
         """x @ kernel `[batch, units]`: x the log1p CP10k `[batch, n_genes]` of sparse or dense counts, divided by
         exp(offsets `[n_batches, n_genes]`) of batch_ids `[batch]` when given; kernel `[n_genes, units]` defaults
-        to the first layer's own (without its bias). Prediction passes the first layer's kernel with the
+        to the first layer's own (without its bias). Training and prediction pass the first layer's kernel with the
         classification branch's gene weights beside it, so that one product reads x for both branches.
+        x carries no gradient: the offsets divide the counts as they stand and learn from the likelihood alone, so
+        the product's gradient is the kernel's (the gradient with respect to x cost as much again: a third of the
+        layer's training time, docs/performance.md).
         """
-        return self._products(counts, batch_ids, offsets, kernel, None)[0]
-
-    def first_layer_and_detached(
-        self,
-        counts: tf.SparseTensor | tf.Tensor,
-        batch_ids: tf.Tensor | None,
-        offsets: tf.Tensor | None,
-        detached_kernel: tf.Tensor,
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        """(`first_layer`'s product, x @ detached_kernel `[batch, m]`) with no gradient reaching x through the
-        second: the class branch's genes read the same x in the "cut" label mode, where labels must not move
-        the batch offsets."""
-        first, detached = self._products(counts, batch_ids, offsets, None, detached_kernel)
-        return first, detached
-
-    def _products(self, counts, batch_ids, offsets, kernel, detached_kernel) -> tuple[tf.Tensor, ...]:
         kernel = self.kernel if kernel is None else kernel
 
         def normalised(counts):
             if offsets is not None:
-                counts = divide_offsets(counts, batch_ids, offsets)
+                counts = divide_offsets(counts, batch_ids, tf.stop_gradient(offsets))
             return normalise_counts(counts)
 
         def products(x):
-            if isinstance(x, tf.SparseTensor):
-                matmul, detached = tf.sparse.sparse_dense_matmul, x.with_values(tf.stop_gradient(x.values))
-            else:
-                matmul, detached = tf.matmul, tf.stop_gradient(x)
-            if detached_kernel is None:
-                return (matmul(x, kernel),)
-            return matmul(x, kernel), matmul(detached, detached_kernel)
+            return tf.sparse.sparse_dense_matmul(x, kernel) if isinstance(x, tf.SparseTensor) else tf.matmul(x, kernel)
 
+        if isinstance(counts, tf.SparseTensor) and self.sparse_product:
+            return csr_product(normalised(counts), kernel)
         if isinstance(counts, tf.SparseTensor):
             # On CPU a dense matmul of one minibatch beats the sparse kernel several times over, so minibatches
             # are densified (never the dataset); wide ones stay sparse. A sparse minibatch (few nonzeros) is
