@@ -1,0 +1,103 @@
+"""The encoder's first layer on sparse data: densified and multiplied by BLAS, or multiplied by the CSR kernel.
+
+    ./run experiments.performance.sparse_product      # about 4 minutes; writes results_sparse_product.json
+    ./run experiments.performance.sparse_product --steps 2 --out /tmp/sparse_product.json   # a check
+
+`SCMix.from_data` sets `CellEncoder.sparse_product` for data with at most `CellEncoder.SPARSE_DENSITY` nonzero
+entries: their minibatches are normalised on the nonzeros and multiplied by TensorFlow's CSR kernel instead of
+densified. This measures training throughput both ways on the Kang cells (real counts, `kang_ctrl.h5ad` and
+`kang_stim.h5ad` in `$TFP_SCMIX_DATA`), over the gene panels of the grid of `run.py` (`gene_panel`: 2,000, 5,000
+and 20,000 genes, 25%, 12.8% and 3.6% nonzero) and over the 2,000 genes the package selects by default
+(`highly_variable_genes`, sparser). 20 topics, minibatches of 1,024, each way measured
+twice alternating after 3 warm-up steps, 2 threads. Times `model.fit` steps of a model built and compiled as
+`tfp_scmix.train` builds it (a speed measurement, not a training recipe).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from experiments.common import write_json
+from experiments.performance.run import gene_panel, reference, use_threads
+
+HERE = Path(__file__).parent
+
+
+def panels():
+    """{name: SCData} of the Kang cells over the grid's gene panels and the package's highly variable genes."""
+    from tfp_scmix.data import SCData, highly_variable_genes
+
+    counts, genes, _ = reference()
+    n_cells = counts.shape[0]
+
+    def data(panel, names):
+        return SCData(
+            panel.astype(np.float32),
+            np.asarray(names, dtype=str),
+            np.full(n_cells, -1, np.int32),
+            ["a", "b"],
+            np.zeros(n_cells, np.int32),
+            ["0"],
+            np.arange(n_cells).astype(str),
+        )
+
+    out = {f"{n} genes with the highest mean": data(*gene_panel(counts, genes, n)) for n in (2000, 5000, 20_000)}
+    variable = np.isin(genes, highly_variable_genes(counts, genes, 2000))
+    out["2000 highly variable genes"] = data(counts[:, variable], np.asarray(genes)[variable])
+    return out
+
+
+def throughput(data, sparse_product: bool, batch_size=1024, steps=16):
+    """Training cell-passes per second with the encoder's `sparse_product` set as given."""
+    from tfp_scmix.config import Config
+    from tfp_scmix.model import SCMix
+
+    keras.utils.set_random_seed(0)
+    config = Config(n_topics=20, batch_size=batch_size)
+    model = SCMix.from_data(data, config)
+    model.encoder.sparse_product = sparse_product
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    batches = data.dataset(batch_size, repeat=True)
+    model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
+    start = time.perf_counter()
+    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=16, help="timed training steps of each measurement")
+    parser.add_argument("--out", default=str(HERE / "results_sparse_product.json"))
+    args = parser.parse_args(argv)
+    use_threads(2)
+    from tfp_scmix.layers.cell import CellEncoder
+
+    results = {}
+    for name, data in panels().items():
+        rates: dict[str, list[float]] = {"densified": [], "CSR": []}
+        for _ in range(2):
+            for way, csr in (("densified", False), ("CSR", True)):
+                rates[way].append(throughput(data, csr, steps=args.steps))
+        best = {way: max(values) for way, values in rates.items()}
+        results[name] = {
+            "nonzero_fraction": round(data.nonzero_fraction, 4),
+            "cell_passes_per_s": best,
+            "csr_over_densified": best["CSR"] / best["densified"],
+            "default_way": "CSR" if data.nonzero_fraction <= CellEncoder.SPARSE_DENSITY else "densified",
+        }
+        print(f"{name}: {results[name]}", flush=True)
+    write_json(
+        Path(args.out),
+        {
+            "data": "Kang 13,999 cells; batch 1,024; 20 topics; 2 threads; best of 2 alternating measurements",
+            "sparse_density_threshold": CellEncoder.SPARSE_DENSITY,
+            "panels": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
