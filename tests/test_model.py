@@ -379,7 +379,9 @@ def test_sparse_data_train_through_the_csr_product(synthetic):
     rounding."""
     data, _ = synthetic
     model = SCMix.from_data(data, Config(n_topics=4))
-    assert model.encoder.sparse_product == (data.nonzero_fraction <= CellEncoder.SPARSE_DENSITY)
+    assert model.encoder.sparse_product == CellEncoder.uses_sparse_product(data.nonzero_fraction, data.n_genes)
+    assert CellEncoder.uses_sparse_product(0.03, 2000) and not CellEncoder.uses_sparse_product(0.25, 2000)
+    assert not CellEncoder.uses_sparse_product(0.03, 20_000)
     losses = []
     for csr in (False, True):
         keras.utils.set_random_seed(0)

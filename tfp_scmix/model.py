@@ -260,7 +260,7 @@ class SCMix(keras.Model):
         )
         model.topics.set_background(background)
         # Sparse data are multiplied by the CSR kernel in the encoder (speed only; `CellEncoder.sparse_product`).
-        model.encoder.sparse_product = data.nonzero_fraction <= CellEncoder.SPARSE_DENSITY
+        model.encoder.sparse_product = CellEncoder.uses_sparse_product(data.nonzero_fraction, data.n_genes)
         if model.classifier.n_genes:
             model.classifier.set_gene_mean(gene_mean(data))
         return model

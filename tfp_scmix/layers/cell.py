@@ -103,6 +103,10 @@ class CellEncoder(keras.layers.Layer):
     # is densified, and the product of data that sparse is TensorFlow's CSR kernel (`sparse_product`), which
     # beats the dense product there (experiments/performance/sparse_product.py, results_sparse_product.json).
     SPARSE_DENSITY = 0.1
+    # ... and only for at most this many genes: the CSR kernel reads a row of the kernel for every nonzero (and
+    # scatters one into its gradient); past a few MB of kernel those rows come from memory, not cache, and BLAS on
+    # the densified minibatch wins (20,000 genes at 3.6% nonzero: 0.79x; results_sparse_product.json).
+    SPARSE_MAX_GENES = 8192
 
     def __init__(
         self,
@@ -135,10 +139,17 @@ class CellEncoder(keras.layers.Layer):
             initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.prior_alpha))),
         )
         # Whether sparse minibatches are multiplied by the CSR kernel, never densified: set by `SCMix.from_data`
-        # for data with at most SPARSE_DENSITY nonzero entries. A per-model choice, not a per-minibatch tf.cond:
-        # TensorFlow's CSR matrices cannot cross a tf.cond into its gradient. Speed only: the same products.
+        # for data with at most SPARSE_DENSITY nonzero entries over at most SPARSE_MAX_GENES genes. A per-model
+        # choice, not a per-minibatch tf.cond: TensorFlow's CSR matrices cannot cross a tf.cond into its gradient.
+        # Speed only: the same products.
         self.sparse_product = False
         self.built = True
+
+    @classmethod
+    def uses_sparse_product(cls, nonzero_fraction: float, n_genes: int) -> bool:
+        """Whether data with this fraction of nonzero entries (in [0, 1]) over `n_genes` genes are multiplied by
+        the CSR kernel (`sparse_product`): at most SPARSE_DENSITY nonzero, at most SPARSE_MAX_GENES genes."""
+        return nonzero_fraction <= cls.SPARSE_DENSITY and n_genes <= cls.SPARSE_MAX_GENES
 
     def call(self, counts, batch_ids=None, offsets=None, training=False):
         """(loc, scale) from counts `[batch, n_genes]`, divided by exp(offsets[batch_ids]) when offsets are given."""
