@@ -5,10 +5,10 @@
 
 `SCMix.from_data` sets `CellEncoder.sparse_product` for data with at most `CellEncoder.SPARSE_DENSITY` nonzero
 entries over at most `CellEncoder.SPARSE_MAX_GENES` genes: their minibatches are normalised on the nonzeros and
-multiplied by TensorFlow's CSR kernel instead of densified. This measures training throughput both ways on the
-Kang cells (real counts, `kang_ctrl.h5ad` and `kang_stim.h5ad` in `$TFP_SCMIX_DATA`), over the gene panels of the grid of `run.py` (`gene_panel`: 2,000, 5,000
-and 20,000 genes, 25%, 12.8% and 3.6% nonzero) and over the 2,000 genes the package selects by default
-(`highly_variable_genes`, sparser). 20 topics, minibatches of 1,024, each way measured
+multiplied by TensorFlow's CSR kernel instead of densified. This measures training throughput both ways on the Kang
+cells (real counts, `kang_ctrl.h5ad` and `kang_stim.h5ad` in `$TFP_SCMIX_DATA`), over the gene panels of the grid
+of `run.py` (`gene_panel`: 2,000, 5,000 and 20,000 genes, 25%, 12.8% and 3.6% nonzero) and over the 2,000 genes the
+package selects by default (`highly_variable_genes`, sparser). 20 topics, minibatches of 1,024, each way measured
 twice alternating after 3 warm-up steps, 2 threads. Times `model.fit` steps of a model built and compiled as
 `tfp_scmix.train` builds it (a speed measurement, not a training recipe).
 """
