@@ -527,8 +527,12 @@ def main(argv=None):
     parser.add_argument("--child", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
-        return 0
+        print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))), flush=True)
+        # Out without the interpreter's teardown: a streaming measurement stopped by its time budget leaves a
+        # tf.data iterator whose destruction during garbage collection can wait forever on its generator's thread
+        # (it hung the 100,000-cell streaming row of 2026-12-02 08:33 after its result was measured).
+        sys.stderr.flush()
+        os._exit(0)
 
     started = time.time()
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", flush=True)  # noqa: E731
