@@ -43,24 +43,33 @@ def counts_data(n_cells=8192, n_genes=5000, density=0.128, seed=0):
     )
 
 
+def fit_rate(data, batch_size=1024, steps=16, configure=None):
+    """Training cell-passes per second of a 20-topic model built and compiled as `tfp_scmix.train` builds it, over
+    `steps` minibatches after 3 warm-up steps; `configure(model)` runs before compiling."""
+    from tfp_scmix.config import Config
+    from tfp_scmix.model import SCMix
+
+    keras.utils.set_random_seed(0)
+    config = Config(n_topics=20, batch_size=batch_size)
+    model = SCMix.from_data(data, config)
+    if configure is not None:
+        configure(model)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    batches = data.dataset(batch_size, repeat=True)
+    model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
+    start = time.perf_counter()
+    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
 def throughput(data, limit, batch_size=1024, steps=16):
     """Training cell-passes per second with the encoder's DENSE_BATCH_LIMIT set to `limit`."""
-    from tfp_scmix.config import Config
     from tfp_scmix.layers.cell import CellEncoder
-    from tfp_scmix.model import SCMix
 
     default = CellEncoder.DENSE_BATCH_LIMIT
     CellEncoder.DENSE_BATCH_LIMIT = limit
     try:
-        keras.utils.set_random_seed(0)
-        config = Config(n_topics=20, batch_size=batch_size)
-        model = SCMix.from_data(data, config)
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-        batches = data.dataset(batch_size, repeat=True)
-        model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
-        start = time.perf_counter()
-        model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
-        return steps * batch_size / (time.perf_counter() - start)
+        return fit_rate(data, batch_size, steps)
     finally:
         CellEncoder.DENSE_BATCH_LIMIT = default
 

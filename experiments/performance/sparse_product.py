@@ -14,13 +14,12 @@ twice alternating after 3 warm-up steps, 2 threads. Times `model.fit` steps of a
 """
 
 import argparse
-import time
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from experiments.common import write_json
+from experiments.performance.dense_limit import fit_rate
 from experiments.performance.run import gene_panel, reference, use_threads
 
 HERE = Path(__file__).parent
@@ -52,19 +51,11 @@ def panels():
 
 def throughput(data, sparse_product: bool, batch_size=1024, steps=16):
     """Training cell-passes per second with the encoder's `sparse_product` set as given."""
-    from tfp_scmix.config import Config
-    from tfp_scmix.model import SCMix
 
-    keras.utils.set_random_seed(0)
-    config = Config(n_topics=20, batch_size=batch_size)
-    model = SCMix.from_data(data, config)
-    model.encoder.sparse_product = sparse_product
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    batches = data.dataset(batch_size, repeat=True)
-    model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
-    start = time.perf_counter()
-    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * batch_size / (time.perf_counter() - start)
+    def configure(model):
+        model.encoder.sparse_product = sparse_product
+
+    return fit_rate(data, batch_size, steps, configure)
 
 
 def main(argv=None):
