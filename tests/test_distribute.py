@@ -64,7 +64,9 @@ def test_two_workers_and_two_devices_agree_with_one(tmp_path, synthetic_file):
     assert sum(changed) > len(names) // 2  # the steps did train
     for run in ("single_mirrored", "worker0", "worker1"):
         for name in names:
-            np.testing.assert_allclose(out[run][name], out["single"][name], rtol=1e-5, atol=1e-6, err_msg=run)
+            # atol: the encoder's first-layer bias sits before batch normalisation, so its gradient is zero up to
+            # float noise, which the replicas sum in another order and Adam scales to ~1e-6 in 3 steps.
+            np.testing.assert_allclose(out[run][name], out["single"][name], rtol=1e-5, atol=1e-5, err_msg=run)
     trainable = out["worker0"]["trainable"]
     sharded = [k for k in out["worker0"].files if k.startswith("sharded") and trainable[int(k[7:])]]
     for name in sharded:

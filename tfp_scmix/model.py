@@ -259,8 +259,6 @@ class SCMix(keras.Model):
             provenance=provenance(data),
         )
         model.topics.set_background(background)
-        # Sparse data are multiplied by the CSR kernel in the encoder (speed only; `CellEncoder.sparse_product`).
-        model.encoder.sparse_product = CellEncoder.uses_sparse_product(data.nonzero_fraction, data.n_genes)
         if model.classifier.n_genes:
             model.classifier.set_gene_mean(gene_mean(data))
         return model

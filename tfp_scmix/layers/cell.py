@@ -99,14 +99,9 @@ class CellEncoder(keras.layers.Layer):
     # experiments/performance/dense_limit.py measures this limit against the earlier 2^22 side by side; the
     # speed-up is in experiments/performance/results_dense_limit.json.
     DENSE_BATCH_LIMIT = 2**25
-    # Fraction of nonzero entries at or below which a minibatch is normalised on its nonzeros rather than after it
-    # is densified, and the product of data that sparse is TensorFlow's CSR kernel (`sparse_product`), which
-    # beats the dense product there (experiments/performance/sparse_product.py, results_sparse_product.json).
+    # Fraction of nonzero entries at or below which a densified minibatch is normalised on its nonzeros first
+    # (fewer passes over memory), rather than after it is densified.
     SPARSE_DENSITY = 0.1
-    # ... and only for at most this many genes: the CSR kernel reads a row of the kernel for every nonzero (and
-    # scatters one into its gradient); past a few MB of kernel those rows come from memory, not cache, and BLAS on
-    # the densified minibatch wins (20,000 genes at 3.6% nonzero: 0.79x; results_sparse_product.json).
-    SPARSE_MAX_GENES = 8192
 
     def __init__(
         self,
@@ -138,18 +133,12 @@ class CellEncoder(keras.layers.Layer):
             trainable=self.learn_alpha,
             initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.prior_alpha))),
         )
-        # Whether sparse minibatches are multiplied by the CSR kernel, never densified: set by `SCMix.from_data`
-        # for data with at most SPARSE_DENSITY nonzero entries over at most SPARSE_MAX_GENES genes. A per-model
-        # choice, not a per-minibatch tf.cond: TensorFlow's CSR matrices cannot cross a tf.cond into its gradient.
-        # Speed only: the same products.
+        # Opt-in, off by default: sparse minibatches multiplied by TensorFlow's CSR kernel, never densified (1.27x
+        # training on 2,000 highly variable Kang genes, slower on denser or wider data: results_sparse_product.json).
+        # Off because the kernel's gradient (its transposed product) is not deterministic: seeded training would
+        # not be bit-reproducible. A per-model choice, not a per-minibatch tf.cond, which a CSR matrix cannot cross.
         self.sparse_product = False
         self.built = True
-
-    @classmethod
-    def uses_sparse_product(cls, nonzero_fraction: float, n_genes: int) -> bool:
-        """Whether data with this fraction of nonzero entries (in [0, 1]) over `n_genes` genes are multiplied by
-        the CSR kernel (`sparse_product`): at most SPARSE_DENSITY nonzero, at most SPARSE_MAX_GENES genes."""
-        return nonzero_fraction <= cls.SPARSE_DENSITY and n_genes <= cls.SPARSE_MAX_GENES
 
     def call(self, counts, batch_ids=None, offsets=None, training=False):
         """(loc, scale) from counts `[batch, n_genes]`, divided by exp(offsets[batch_ids]) when offsets are given."""
