@@ -145,7 +145,6 @@ def _is_csr(element) -> bool:
 def _file_sample(slots: dict, names: dict, n: int):
     """The first `n` cells of a file's slots as an AnnData in memory (X, its layers, raw), for `find_counts`."""
     import anndata
-    import pandas as pd
 
     rows = {slot: _file_rows(group, 0, n, len(names.get(slot, names["X"]))) for slot, group in slots.items()}
     obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
