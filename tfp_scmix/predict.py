@@ -92,8 +92,8 @@ def _first_cells(adata, n: int):
 class _H5ADFile:
     """An .h5ad file opened with h5py alone, for prediction: the CSR group of its raw-count slot, that slot's gene
     names and the number of cells. anndata's backed open reads the whole obs and var tables first, none of which
-    prediction needs (0.9 s for the million-cell file of experiments/performance, a tenth of a Kang-sized call;
-    docs/performance.md)."""
+    prediction needs: a cost per call that grows with the cells (docs/performance.md, "the file opened with
+    h5py")."""
 
     def __init__(self, file, group, var_names: np.ndarray, n_obs: int, slot: str) -> None:
         self.file, self.group, self.var_names, self.n_obs, self.slot = file, group, var_names, n_obs, slot

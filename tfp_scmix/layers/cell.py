@@ -133,8 +133,8 @@ class CellEncoder(keras.layers.Layer):
             trainable=self.learn_alpha,
             initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.prior_alpha))),
         )
-        # Opt-in, off by default: sparse minibatches multiplied by TensorFlow's CSR kernel, never densified (1.27x
-        # training on 2,000 highly variable Kang genes, slower on denser or wider data: results_sparse_product.json).
+        # Opt-in, off by default: sparse minibatches multiplied by TensorFlow's CSR kernel, never densified (faster
+        # on sparse, narrow data, slower on denser or wider data: experiments/performance/results_sparse_product.json).
         # Off because the kernel's gradient (its transposed product) is not deterministic: seeded training would
         # not be bit-reproducible. A per-model choice, not a per-minibatch tf.cond, which a CSR matrix cannot cross.
         self.sparse_product = False
