@@ -1,8 +1,11 @@
 """SCMix: what it learns, how it is built from data, and its life as a Keras model."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import tensorflow as tf
 from scipy.optimize import linear_sum_assignment
 
@@ -10,6 +13,7 @@ import tfp_scmix as scm
 from tfp_scmix import SCMix
 from tfp_scmix.config import Config
 from tfp_scmix.evaluate import few_shot_split, scores
+from tfp_scmix.layers import CellEncoder
 from tfp_scmix.model import library_versions
 from tfp_scmix.stream import H5ADStream
 
@@ -373,10 +377,17 @@ def test_labels_reach_the_count_model_only_in_the_joint_mode(synthetic, label_mo
 
 
 def test_sparse_data_train_through_the_csr_product(synthetic):
-    """The encoder's opt-in CSR product (off by default: its gradient is not deterministic): a model that multiplies
-    by it trains (Keras's traced step) to the same losses as one that densifies, within float rounding."""
+    """Data with at most CSR_DENSITY nonzero entries get the encoder's CSR product (`from_data`), denser data are
+    densified; a model that multiplies by it trains (Keras's traced step) to the same losses as one that densifies,
+    within float rounding."""
     data, _ = synthetic
+    assert data.nonzero_fraction > CellEncoder.CSR_DENSITY  # the synthetic counts are dense
     assert not SCMix.from_data(data, Config(n_topics=4)).encoder.sparse_product
+    thinned = data.counts.toarray() * (np.random.default_rng(0).random(data.counts.shape) < 0.1)
+    sparse = dataclasses.replace(data, counts=sp.csr_matrix(thinned.astype(np.float32)))
+    sparse = sparse.subset(sparse.library_size > 0)
+    assert sparse.nonzero_fraction <= CellEncoder.CSR_DENSITY
+    assert SCMix.from_data(sparse, Config(n_topics=4)).encoder.sparse_product
     losses = []
     for csr in (False, True):
         keras.utils.set_random_seed(0)

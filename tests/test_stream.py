@@ -66,7 +66,7 @@ def test_stream_batches_match_the_in_memory_dataset(synthetic_file):
         assert np.array_equal(a["batch"].numpy(), b["batch"].numpy())
     library, gene_sums = stream.summary()
     assert np.allclose(library, data.library_size) and np.allclose(gene_sums, data.counts.sum(axis=0))
-    assert 0 < data.nonzero_fraction == data.counts.nnz / (data.n_cells * data.n_genes) < 1
+    assert stream.nonzero_fraction == data.nonzero_fraction == data.counts.nnz / (data.n_cells * data.n_genes) > 0
 
 
 def test_stream_shuffles_by_chunk_and_buffer_and_shards_by_chunk(tmp_path):

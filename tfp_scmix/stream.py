@@ -155,6 +155,7 @@ class H5ADStream:
         self._library: np.ndarray | None = None  # [n_cells]
         self._gene_sums: Any = None  # [n_genes]
         self._fingerprint = ""
+        self._nonzero_fraction = 0.0
 
     @property
     def n_cells(self) -> int:
@@ -219,20 +220,31 @@ class H5ADStream:
 
     def summary(self) -> tuple[np.ndarray, np.ndarray]:
         """(library sizes `[n_cells]`, total counts per gene `[n_genes]`), float64 counts (UMIs), from one
-        pass over the file on the first call (which also computes `fingerprint`), then cached."""
+        pass over the file on the first call (which also computes `fingerprint` and `nonzero_fraction`), then
+        cached."""
         if self._library is None:
             library = np.zeros(self.n_cells, np.float64)
             gene_sums = np.zeros(self.n_genes, np.float64)
+            nonzero = 0
 
             def counted():
+                nonlocal nonzero
                 for rows, chunk in self.chunks():
                     library[rows] = np.asarray(chunk.sum(axis=1)).ravel()
                     gene_sums[:] += np.asarray(chunk.sum(axis=0)).ravel()
+                    nonzero += chunk.nnz
                     yield chunk
 
             self._fingerprint = data_fingerprint(counted(), self.labels, self.batches, self.genes)
             self._library, self._gene_sums = library, gene_sums
+            self._nonzero_fraction = nonzero / max(1, self.n_cells * self.n_genes)
         return self._library, self._gene_sums
+
+    @property
+    def nonzero_fraction(self) -> float:
+        """The fraction of stored nonzero entries of the counts over the vocabulary, in [0, 1] (`summary`'s pass)."""
+        self.summary()
+        return self._nonzero_fraction
 
     def fingerprint(self) -> str:
         """`data.data_fingerprint` of the file's counts (in the vocabulary's gene order), labels, batches and genes:

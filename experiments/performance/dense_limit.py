@@ -12,7 +12,6 @@ twice, alternating, after 3 warm-up steps. Times `model.fit` steps of a model bu
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import keras
@@ -45,7 +44,10 @@ def counts_data(n_cells=8192, n_genes=5000, density=0.128, seed=0):
 
 def fit_rate(data, batch_size=1024, steps=16, configure=None):
     """Training cell-passes per second of a 20-topic model built and compiled as `tfp_scmix.train` builds it, over
-    `steps` minibatches after 3 warm-up steps; `configure(model)` runs before compiling."""
+    `steps` minibatches after 3 warm-up steps of the same `fit` call, timed from step to step (`StepTimer`) so that
+    the call's own start and end (the input pipeline's iterator made and torn down) are not counted;
+    `configure(model)` runs before compiling."""
+    from experiments.performance.run import StepTimer
     from tfp_scmix.config import Config
     from tfp_scmix.model import SCMix
 
@@ -55,11 +57,9 @@ def fit_rate(data, batch_size=1024, steps=16, configure=None):
     if configure is not None:
         configure(model)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    batches = data.dataset(batch_size, repeat=True)
-    model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)
-    start = time.perf_counter()
-    model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * batch_size / (time.perf_counter() - start)
+    timer = StepTimer(warmup=3, budget_s=float("inf"))
+    model.fit(data.dataset(batch_size, repeat=True), epochs=1, steps_per_epoch=3 + steps, verbose=0, callbacks=[timer])
+    return (len(timer.times) - 1) * batch_size / (timer.times[-1] - timer.times[0])
 
 
 def throughput(data, limit, batch_size=1024, steps=16):

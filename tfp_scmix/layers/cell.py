@@ -49,7 +49,9 @@ def divide_offsets(
 def csr_product(x: tf.SparseTensor, kernel: tf.Tensor) -> tf.Tensor:
     """x @ kernel `[batch, units]` of a sparse x `[batch, n_genes]` (canonical order) by TensorFlow's CSR kernel
     (`SparseMatrixMatMul`): cost O(nnz * units), never O(batch * n_genes * units). Differentiable in the kernel only:
-    its gradient x^T @ upstream is the same kernel's (TensorFlow's own gradient of the op needs static shapes).
+    its gradient x^T @ upstream is x transposed by `SparseMatrixTranspose`, then the same plain product. The kernel's
+    own `transpose_a=True` is not deterministic (repeated calls on the same inputs differ in the last bits,
+    tests/layers/test_cell.py); this way is, and as fast (TensorFlow's own gradient of the op needs static shapes).
     Not inside a tf.cond: a CSR matrix cannot cross one into its gradient."""
     values = tf.stop_gradient(x.values)
     shape = tf.shape(x, out_type=tf.int64)
@@ -60,7 +62,9 @@ def csr_product(x: tf.SparseTensor, kernel: tf.Tensor) -> tf.Tensor:
     @tf.custom_gradient
     def product(kernel):
         def gradient(upstream):
-            return tf.raw_ops.SparseMatrixMatMul(a=csr(), b=upstream, transpose_a=True)
+            # x^T by the transpose op, then a plain product: the kernel's own transpose_a=True is not deterministic
+            transposed = tf.raw_ops.SparseMatrixTranspose(input=csr(), type=tf.float32)
+            return tf.raw_ops.SparseMatrixMatMul(a=transposed, b=upstream)
 
         return tf.raw_ops.SparseMatrixMatMul(a=csr(), b=kernel), gradient
 
@@ -102,6 +106,11 @@ class CellEncoder(keras.layers.Layer):
     # Fraction of nonzero entries at or below which a densified minibatch is normalised on its nonzeros first
     # (fewer passes over memory), rather than after it is densified.
     SPARSE_DENSITY = 0.1
+    # Fraction of nonzero entries at or below which `SCMix.from_data` has the encoder multiply sparse minibatches by
+    # the CSR kernel (`sparse_product`) instead of densifying them: it trains faster on the Kang panels at 2.7% and
+    # 3.6% nonzero, slower at 19% and 25%, and neither clearly at 12.8%
+    # (experiments/performance/results_sparse_product.json; docs/performance.md).
+    CSR_DENSITY = 0.1
 
     def __init__(
         self,
@@ -133,10 +142,9 @@ class CellEncoder(keras.layers.Layer):
             trainable=self.learn_alpha,
             initializer=keras.initializers.Constant(float(tfp.math.softplus_inverse(self.prior_alpha))),
         )
-        # Opt-in, off by default: sparse minibatches multiplied by TensorFlow's CSR kernel, never densified (faster
-        # on sparse, narrow data, slower on denser or wider data: experiments/performance/results_sparse_product.json).
-        # Off because the kernel's gradient (its transposed product) is not deterministic: seeded training would
-        # not be bit-reproducible. A per-model choice, not a per-minibatch tf.cond, which a CSR matrix cannot cross.
+        # Sparse minibatches multiplied by TensorFlow's CSR kernel (`csr_product`), never densified. `SCMix.from_data`
+        # sets it for data with at most CSR_DENSITY nonzero entries. A per-model choice, not a per-minibatch tf.cond,
+        # which a CSR matrix cannot cross.
         self.sparse_product = False
         self.built = True
 
