@@ -332,6 +332,11 @@ def child_lda(cfg):
         result["predict_cells_per_s"] = counts.shape[0] / (time.perf_counter() - start)
         result["predict_cells_per_cpu_s"] = counts.shape[0] / (cpu_s() - cpu)
     result["peak_rss_mb"] = peak_rss_mb()
+    # joblib's worker processes (n_jobs) outlive this one for their idle timeout (300 s) holding its output pipes,
+    # which kept the parent waiting five minutes after every LDA measurement (the grid of 2026-12-02 13:39).
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)
     return result
 
 

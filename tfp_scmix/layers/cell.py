@@ -89,8 +89,10 @@ def normalise_counts(counts: tf.SparseTensor | tf.Tensor) -> tf.SparseTensor | t
 class CellEncoder(keras.layers.Layer):
     """q(cell_topic | counts): log1p CP10k -> Dense(hidden) -> BatchNorm -> ReLU -> Dropout -> (loc, scale).
 
-    The first layer reads sparse input; minibatches wider than `DENSE_BATCH_LIMIT` entries are multiplied
-    sparse, so memory is bounded by the batch, not the dataset.
+    The first layer reads sparse input: with `sparse_product` (set by `SCMix.from_data` for data with at most
+    `CSR_DENSITY` nonzero entries) every sparse minibatch is multiplied by the CSR kernel; otherwise minibatches are
+    densified, and those wider than `DENSE_BATCH_LIMIT` entries multiplied sparse, so memory is bounded by the
+    batch, not the dataset.
     The prior p(cell_topic) is the logistic-normal Laplace approximation of Dirichlet(prior_alpha);
     with `learn_alpha` the concentration is learned (empirical Bayes).
 
