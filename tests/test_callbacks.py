@@ -202,5 +202,22 @@ def test_progress_bar_into_a_log_writes_its_start_and_end_not_every_epoch(capsys
         bar.on_epoch_end(epoch, {"loss": 1.0, "label_accuracy": 0.5})
     bar.close()
     records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if r.strip()]
-    assert 2 <= len(records) <= 3, records
+    assert len(records) == 2, records
     assert "200/200" in records[-1] and "acc=0.500" in records[-1]
+
+
+def test_progress_bar_into_a_log_writes_its_last_state_once(capsys, monkeypatch):
+    """With every epoch due a record (an interval of 0 s), the last state is still written once, by `close`: the
+    last epoch's update does not draw it (a log showed the 100% line twice)."""
+    from tfp_scmix import callbacks
+
+    monkeypatch.setattr(callbacks, "LOG_INTERVAL_SECONDS", 0.0)
+    bar = callbacks.ProgressBar(5)
+    bar.on_train_begin()
+    for epoch in range(5):
+        bar.on_epoch_begin(epoch)
+        bar.on_epoch_end(epoch, {"loss": 1.0})
+    bar.close()
+    records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if r.strip()]
+    assert sum("5/5" in r for r in records) == 1 and "5/5" in records[-1], records
+    assert any("4/5" in r for r in records), records

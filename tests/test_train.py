@@ -56,6 +56,20 @@ def test_train_always_returns_an_ensemble(small_model, two_restarts, embedded):
         np.testing.assert_array_equal(ours[key], its[key])
 
 
+def test_the_progress_bar_is_named_for_each_restart_from_its_first_draw(synthetic, capsys):
+    """verbose=1: one bar over every restart's epochs, named "restart 1/2" from its first draw (it was drawn as
+    "training" and renamed at once, so a log showed both), then "restart 2/2"; "training" with one restart."""
+    data, _ = synthetic
+    config = TINY.replace(epochs=1, classifier_steps=5)
+    scm.train(data, config, restarts=2, seed=0, verbose=1)
+    records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if "epoch" in r]
+    assert records and records[0].startswith("restart 1/2") and records[-1].startswith("restart 2/2"), records
+    assert not any(r.startswith("training") for r in records), records
+    scm.train(data, config, restarts=1, seed=0, verbose=1)
+    records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if "epoch" in r]
+    assert records and all(r.startswith("training") for r in records), records
+
+
 def test_bad_arguments_are_refused_before_training(embedded, embedded_adata):
     data = few_labels(embedded)
     with pytest.raises(ValueError, match="restarts must be a whole number >= 1, received 0"):

@@ -294,7 +294,8 @@ class ProgressBar(keras.callbacks.Callback):
         from tqdm.auto import tqdm
 
         # Redrawn in place on a terminal; into a log file or pipe, each redraw is a new record: one a minute.
-        interval = 0.1 if sys.stderr.isatty() else LOG_INTERVAL_SECONDS
+        self._terminal = sys.stderr.isatty()
+        interval = 0.1 if self._terminal else LOG_INTERVAL_SECONDS
         self.bar = tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True, mininterval=interval)
 
     def on_train_begin(self, logs=None):
@@ -309,7 +310,10 @@ class ProgressBar(keras.callbacks.Callback):
         shown = {"loss": "loss", "label_accuracy": "acc"}
         postfix = {short: f"{logs[key]:.3f}" for key, short in shown.items() if key in (logs or {})}
         self.bar.set_postfix(postfix, refresh=False)  # drawn by update, at its interval
-        self.bar.update(1)
+        if not self._terminal and self.bar.total is not None and self.bar.n + 1 >= self.bar.total:
+            self.bar.n += 1  # the last epoch: into a log, drawn once by `close` rather than twice
+        else:
+            self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()

@@ -113,13 +113,14 @@ def train(
         )
     members = []
     started = time.time()
-    bar = ProgressBar(int(restarts) * config.epochs) if verbose == 1 else None
+    # Named for its first restart from the start (a bar drawn as "training" and renamed at once shows both in a log).
+    bar = ProgressBar(int(restarts) * config.epochs, _restart_name(0, restarts)) if verbose == 1 else None
     keras_verbose = 0 if verbose == 1 else verbose
     try:
         for restart in range(int(restarts)):
             member_seed = seed + restart
             if bar is not None:
-                bar.bar.set_description(f"restart {restart + 1}/{restarts}")
+                bar.bar.set_description(_restart_name(restart, restarts))
             elif verbose and restarts > 1:
                 print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
             fit_callbacks = [*callbacks, bar] if bar is not None else list(callbacks)
@@ -150,6 +151,11 @@ def train(
     if verbose:
         print(summary_line(ensemble.training_summary))
     return ensemble
+
+
+def _restart_name(restart: int, restarts: int) -> str:
+    """The progress bar's description during `restart` (from 0) of `restarts`."""
+    return f"restart {restart + 1}/{restarts}" if restarts > 1 else "training"
 
 
 # Labelled training cells that fit the novelty detector and score the training accuracy: a sample, so that
