@@ -130,3 +130,35 @@ def test_a_model_trained_under_a_strategy_saves_and_loads(mirrored, synthetic_fi
     scm.save_model(model, tmp_path / "mirrored.keras")
     loaded = scm.load_model(tmp_path / "mirrored.keras")
     np.testing.assert_array_equal(scm.predict(loaded, data)["probs"], scm.predict(model, data)["probs"])
+
+
+def test_sparse_data_train_under_a_strategy_through_the_csr_product(synthetic_file, tmp_path):
+    """Counts with at most CSR_DENSITY nonzero entries train through the encoder's CSR product under
+    MirroredStrategy too (its ops inside the replica context), and the model saves and loads to the same
+    predictions."""
+    import scipy.sparse as sp
+
+    import tfp_scmix as scm
+    from tfp_scmix.layers import CellEncoder
+    from tfp_scmix.stream import H5ADStream
+    from tfp_scmix.synthetic import to_anndata
+
+    data, _ = synthetic_file
+    keep = np.random.default_rng(0).random(data.counts.shape) < 0.08
+    counts = sp.csr_matrix(data.counts.toarray() * keep)
+    adata = to_anndata(data)
+    adata.X = counts
+    adata = adata[counts.getnnz(axis=1) > 0].copy()
+    path = tmp_path / "sparse.h5ad"
+    adata.write_h5ad(path)
+    stream = H5ADStream(path, chunk_cells=128)
+    assert stream.nonzero_fraction <= CellEncoder.CSR_DENSITY
+    config = scm.Config(n_topics=4, hidden_units=32, epochs=2, batch_size=128, classifier_steps=20)
+    model = scm.train(stream, config, strategy="mirrored", restarts=1, verbose=0)
+    assert model.members[0].encoder.sparse_product
+    scm.save_model(model, tmp_path / "sparse.keras")
+    loaded = scm.load_model(tmp_path / "sparse.keras")
+    cells = scm.from_anndata(path)
+    probs = scm.predict(model, cells)["probs"]
+    assert np.isfinite(probs).all()
+    np.testing.assert_array_equal(scm.predict(loaded, cells)["probs"], probs)
