@@ -53,20 +53,17 @@ def csr_product(x: tf.SparseTensor, kernel: tf.Tensor) -> tf.Tensor:
     own `transpose_a=True` is not deterministic (repeated calls on the same inputs differ in the last bits,
     tests/layers/test_cell.py); this way is, and as fast (TensorFlow's own gradient of the op needs static shapes).
     Not inside a tf.cond: a CSR matrix cannot cross one into its gradient."""
-    values = tf.stop_gradient(x.values)
-    shape = tf.shape(x, out_type=tf.int64)
-
-    def csr():
-        return tf.raw_ops.SparseTensorToCSRSparseMatrix(indices=x.indices, values=values, dense_shape=shape)
+    csr = tf.raw_ops.SparseTensorToCSRSparseMatrix(
+        indices=x.indices, values=tf.stop_gradient(x.values), dense_shape=tf.shape(x, out_type=tf.int64)
+    )  # built once, for the product and its gradient
 
     @tf.custom_gradient
     def product(kernel):
         def gradient(upstream):
-            # x^T by the transpose op, then a plain product: the kernel's own transpose_a=True is not deterministic
-            transposed = tf.raw_ops.SparseMatrixTranspose(input=csr(), type=tf.float32)
+            transposed = tf.raw_ops.SparseMatrixTranspose(input=csr, type=tf.float32)
             return tf.raw_ops.SparseMatrixMatMul(a=transposed, b=upstream)
 
-        return tf.raw_ops.SparseMatrixMatMul(a=csr(), b=kernel), gradient
+        return tf.raw_ops.SparseMatrixMatMul(a=csr, b=kernel), gradient
 
     return product(tf.convert_to_tensor(kernel))  # a tensor: a variable read inside would need `variables=`
 
