@@ -111,6 +111,28 @@ def test_numeric_arguments_out_of_range_are_refused(call, message):
         call()
 
 
+def test_structure_check_reads_row_views_in_place_and_pointers_alone_when_asked():
+    """`check_structure` leaves a row view's arrays as they are (scipy's `check_format` copies a view of less
+    than half of its array: prediction checks minibatch views of each chunk), and with full=False checks the
+    pointers only: backwards pointers are refused, an index out of range waits for the full check."""
+    from tfp_scmix.data import check_structure, csr_rows
+
+    big = sp.random(400, 50, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    rows = csr_rows(big, 10, 20)
+    data, indices = rows.data, rows.indices
+    check_structure(rows, "rows")
+    assert rows.data is data and rows.indices is indices and np.shares_memory(rows.data, big.data)
+    out_of_range = big.copy()
+    out_of_range.indices[3] = 50
+    check_structure(out_of_range, "x", full=False)
+    with pytest.raises(DataError, match="indices must be < 50"):
+        check_structure(out_of_range, "x")
+    backwards = big.copy()
+    backwards.indptr[5] = backwards.indptr[6] + 1
+    with pytest.raises(DataError, match="non-decreasing"):
+        check_structure(backwards, "x", full=False)
+
+
 def test_damaged_sparse_matrices_are_refused_before_any_arithmetic():
     """Index arrays that do not describe the matrix (a damaged file) are refused before scipy's compiled code
     reads them (the process-level check, where a regression would crash, is in test_predict.py)."""

@@ -322,6 +322,20 @@ def test_a_fault_in_a_later_chunk_stops_the_pipeline_with_its_error(small_model,
     assert threading.active_count() == before
 
 
+def test_bad_counts_of_an_anndata_are_named_by_slot_and_rows(small_model, embedded_adata, tmp_path):
+    """The counts are checked a minibatch at a time on the prediction threads: a fault names the slot the counts
+    come from and the rows of the minibatch that holds it, in memory and in a file, and nothing is predicted."""
+    adata = anndata.concat([embedded_adata] * 3, index_unique="-")  # past the first cells that find the slot
+    adata.layers["counts"] = adata.X.astype(np.float32)
+    adata.layers["counts"].data[adata.layers["counts"].indptr[1520]] += 0.5  # cell 1520: minibatch 1500-1600
+    expected = r"rows 1500-1600 of adata.layers\['counts'\] are not integers"
+    with pytest.raises(DataError, match=expected):
+        scm.predict(small_model, adata, counts="counts", batch_size=100, chunk_size=300)
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(DataError, match=expected):
+        scm.predict(small_model, tmp_path / "bad.h5ad", counts="counts", batch_size=100, chunk_size=300)
+
+
 def test_minibatches_are_padded_to_a_few_shapes():
     """XLA compiles the prediction once per shape: every minibatch size maps to a power of two from
     MIN_PADDED_ROWS up to the batch size, never fewer rows than it holds."""

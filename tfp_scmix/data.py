@@ -203,22 +203,57 @@ def _read_10x_mtx(folder: Path) -> anndata.AnnData:
     return adata
 
 
-def check_structure(matrix: Any, where: str) -> None:
+def check_structure(matrix: Any, where: str, full: bool = True) -> None:
     """Check the arrays of a compressed sparse matrix (CSR, CSC, BSR) before any arithmetic reads them.
 
     A gene index out of range or pointers that go backwards (a damaged file, hand-built arrays) would make
     scipy's compiled products read or write out of bounds: a segmentation fault or heap corruption instead
-    of an error. O(nnz). Raises DataError naming `where`; other matrices pass (COO checks its own indices).
+    of an error. O(nnz); full=False checks the pointers only, O(rows): the arrays' lengths and pointers that
+    start at 0, never go backwards and stay within the entries, so that row views of a CSR matrix are in bounds
+    (their indices still to be checked). CSR and CSC are checked by numpy on the arrays as they are (scipy's
+    `check_format` copies arrays that are views of larger ones, as row views of a chunk are), other compressed
+    formats by scipy. Raises DataError naming `where`; other matrices pass (COO checks its own indices).
     """
     if not hasattr(matrix, "check_format"):
         return
     try:
-        matrix.check_format(full_check=True)
+        if getattr(matrix, "format", None) in ("csr", "csc"):
+            _check_compressed(matrix, full)
+        else:
+            matrix.check_format(full_check=full)
     except ValueError as err:
         raise DataError(
             f"the sparse matrix of {where} is damaged ({err}): its index arrays do not describe a "
             f"{matrix.shape[0]} x {matrix.shape[1]} matrix. The file may be corrupt: copy or write it again."
         ) from err
+
+
+def _check_compressed(matrix: Any, full: bool) -> None:
+    """The checks of scipy's `check_format` on a CSR or CSC matrix's arrays (its messages), without its copies.
+    Raises ValueError."""
+    major, minor = matrix.shape if matrix.format == "csr" else matrix.shape[::-1]
+    indptr, indices = np.asarray(matrix.indptr), np.asarray(matrix.indices)
+    if indptr.ndim != 1 or indices.ndim != 1 or np.ndim(matrix.data) != 1:
+        raise ValueError("data, indices, and indptr should be 1-D")
+    if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        raise ValueError(f"indices and indptr must be integers, not {indices.dtype} and {indptr.dtype}")
+    if len(indptr) != major + 1:
+        raise ValueError(f"index pointer size {len(indptr)} should be {major + 1}")
+    if indptr[0] != 0:
+        raise ValueError("index pointer should start with 0")
+    if len(indices) != len(matrix.data):
+        raise ValueError("indices and data should have the same size")
+    if indptr[-1] > len(indices):
+        raise ValueError("Last value of index pointer should be less than the size of index and data arrays")
+    if major and np.diff(indptr).min() < 0:
+        raise ValueError("indptr must be a non-decreasing sequence")
+    nnz = int(indptr[-1])
+    if full and nnz:
+        stored = indices[:nnz]
+        if stored.max() >= minor:
+            raise ValueError(f"indices must be < {minor}")
+        if stored.min() < 0:
+            raise ValueError("indices must be >= 0")
 
 
 def _as_csr(matrix: Any, where: str) -> sp.csr_matrix:
@@ -289,15 +324,19 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
         raise DataError(_non_integer_message(counts, where))
 
 
+# How the messages name the count slots other than layers (`adata.layers['name']`).
+SLOT_NAMES = {"X": "adata.X", "raw": "adata.raw.X"}
+
+
 def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tuple[str, str, Any, Any]]:
     """Yield (slot, description, matrix, var_names) for the count slot(s) to try, in order; slot is the
     value of `counts` that names it ("X", "raw" or a layer)."""
     if counts == "X":
-        yield "X", "adata.X", adata.X, adata.var_names
+        yield "X", SLOT_NAMES["X"], adata.X, adata.var_names
     elif counts == "raw":
         if adata.raw is None:
             raise DataError("counts='raw' but adata.raw is empty; pass counts='X' or a layer name.")
-        yield "raw", "adata.raw.X", adata.raw.X, adata.raw.var_names
+        yield "raw", SLOT_NAMES["raw"], adata.raw.X, adata.raw.var_names
     elif counts is not None:
         if counts not in adata.layers:
             raise DataError(

@@ -10,6 +10,7 @@ one predicted, the one whose outputs are gathered, the next one read meanwhile) 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
@@ -21,9 +22,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix.data import (
+    SLOT_NAMES,
     UNLABELLED,
     DataError,
     SCData,
+    align_genes,
     check_argument,
     check_counts,
     check_structure,
@@ -155,18 +158,26 @@ def _file_sample(slots: dict, names: dict, n: int):
     return sample
 
 
-def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | None]:
+def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | None, sp.csr_matrix | None]:
     """The number of cells of `source`, the source ready to slice (a path opened with h5py, or backed by anndata
     where its slots are not all CSR; an `SCData` aligned to the model's genes; a matrix checked against the model's
-    width, as CSR if sparse) and, for an AnnData or a file, the slot of its raw counts."""
+    width, as CSR if sparse), for an AnnData or a file the slot of its raw counts, and the selection of the model's
+    genes from that slot's (`_gene_selection`; None where they are the model's, in its order). Raises DataError as
+    `align_genes` does for the slot's genes."""
     if isinstance(source, (str, os.PathLike)):
         opened = _H5ADFile.open(source, counts)
         if opened is not None:
             if opened.n_obs == 0:
                 opened.close()
                 raise DataError("the dataset is empty (0 cells).")
-            return opened.n_obs, opened, opened.slot
+            try:
+                select = _gene_selection(opened.var_names, model, min_gene_fraction)
+            except BaseException:
+                opened.close()
+                raise
+            return opened.n_obs, opened, opened.slot, select
         source = read_h5ad(source, backed="r")
+    select = None
     if isinstance(source, SCData):
         if list(source.genes) != list(model.genes):
             source = source.select_genes(model.genes, min_gene_fraction)
@@ -174,7 +185,8 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     elif hasattr(source, "obs_names"):  # AnnData, in memory or backed
         n_cells = source.n_obs
         if n_cells:
-            counts = counts_slot(source, counts)[0]
+            counts, names = counts_slot(source, counts)
+            select = _gene_selection(names, model, min_gene_fraction)
     else:
         if sp.issparse(source):
             check_structure(source, "the count matrix")  # before scipy slices it
@@ -189,7 +201,18 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
         n_cells = source.shape[0]
     if n_cells == 0:
         raise DataError("the dataset is empty (0 cells).")
-    return n_cells, source, counts
+    return n_cells, source, counts, select
+
+
+def _gene_selection(names, model, min_gene_fraction: float) -> sp.csr_matrix | None:
+    """The matrix `[len(names), model.n_genes]` that takes counts over `names` to the model's genes (`align_genes`
+    of an identity matrix: genes the data lacks are zero columns), or None where `names` are the model's genes in
+    its order. Raises DataError as `align_genes` does (duplicated names, too few of the model's genes)."""
+    names = np.asarray(names, dtype=str)
+    if np.array_equal(names, np.asarray(model.genes, dtype=str)):
+        return None
+    identity = sp.identity(len(names), np.float32, format="csr")
+    return align_genes(identity, names, model.genes, min_gene_fraction)[0]
 
 
 def _slot_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
@@ -222,57 +245,95 @@ def _file_rows(group, start: int, stop: int, n_genes: int) -> sp.csr_matrix:
     anndata's own row slicing of a backed matrix (docs/performance.md)."""
     indptr = group["indptr"][start : stop + 1]
     first, last = int(indptr[0]), int(indptr[-1])
-    data, indices = group["data"][first:last], group["indices"][first:last]
+    data, indices = (_read_range(group[name], first, last) for name in ("data", "indices"))
     indptr = indptr - first
     if indices.dtype == np.int32 and last - first <= np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
     return csr_on(data, indices, indptr, (stop - start, n_genes))
 
 
-def _chunk(source, model, start, stop, counts, min_gene_fraction) -> SCData:
-    """Cells `start:stop` of an opened source as validated `SCData` in the model's gene order."""
-    if isinstance(source, SCData):
-        return source.rows(start, stop)
-    if isinstance(source, _H5ADFile) or hasattr(source, "obs_names"):
-        if isinstance(source, _H5ADFile):
-            rows: tuple[sp.csr_matrix, Any] | None = (source.rows(start, stop), source.var_names)
-            cells = pd.RangeIndex(start, stop).astype(str)  # positions: prediction reads no cell names
-        else:
-            rows, cells = _slot_rows(source, counts, start, stop), source.obs_names[start:stop]
-        if rows is not None:  # the slot's rows, in a small AnnData of their own
-            import anndata
+@dataclasses.dataclass
+class _Chunk:
+    """Cells of a source as read for prediction, before the per-minibatch checks (`_checked`).
 
-            matrix, names = rows
-            chunk = anndata.AnnData(X=matrix, obs=pd.DataFrame(index=cells), var=pd.DataFrame(index=names))
-            counts = "X"
-        else:
-            chunk = source[start:stop]
-            chunk = chunk.to_memory() if source.isbacked else chunk
-        return from_anndata(
-            chunk,
-            counts=counts,
-            label_key=None,
-            genes=model.genes,
-            min_gene_fraction=min_gene_fraction,
-            allow_empty_cells=True,
-            copy=False,  # the chunk is predicted at once
+    counts: CSR `[n_cells, source genes]` whose pointers are checked (`check_structure(full=False)`); batches:
+    int32 `[n_cells]` batch ids; source: how messages name the matrix ("adata.X", "the count matrix"), None
+    where the counts are already checked and in the model's genes (an `SCData`'s rows, or `from_anndata`'s);
+    select: `_gene_selection`, None where the genes are the model's in its order."""
+
+    counts: sp.csr_matrix
+    batches: np.ndarray
+    start: int
+    source: str | None = None
+    select: sp.csr_matrix | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.counts.shape[0])
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows `start:stop` of the chunk as the model reads them: checked as `from_anndata` checks counts
+        (`check_counts`; the messages name the rows by their position in the source), float32, over the model's
+        genes in its order, in canonical order (duplicate entries summed, as a dense matrix would hold them).
+        Raises DataError as `check_counts` does."""
+        rows = csr_rows(self.counts, start, stop)
+        if self.source is not None:
+            check_counts(rows, f"rows {self.start + start}-{self.start + stop} of {self.source}")
+            rows = rows if rows.dtype == np.float32 else rows.astype(np.float32)
+        if self.select is not None:
+            rows = (rows @ self.select).tocsr()
+            rows.sort_indices()
+        elif not rows.has_canonical_format:
+            rows = rows.copy()
+            rows.sum_duplicates()
+        return rows
+
+
+def _read(source, model, start, stop, counts, min_gene_fraction, select) -> _Chunk:
+    """Cells `start:stop` of an opened source (`_open`) as read for prediction. The values are checked later, a
+    minibatch at a time on the prediction threads (`_Chunk.rows`): checked here, on the thread that reads, the
+    checks' many short numpy calls each wait for the interpreter lock that the predicting threads take back
+    between their products, and an AnnData was predicted at two thirds of the rate of an `SCData`
+    (docs/performance.md, "The counts checked where they are predicted")."""
+    n = stop - start
+    if isinstance(source, SCData):
+        return _Chunk(csr_rows(source.counts, start, stop), source.batches[start:stop], start)
+    if isinstance(source, _H5ADFile) or hasattr(source, "obs_names"):
+        slot_rows = (
+            (source.rows(start, stop), None)
+            if isinstance(source, _H5ADFile)
+            else _slot_rows(source, counts, start, stop)
         )
-    if sp.issparse(source):  # CSR since `_open`
-        csr = csr_rows(source, start, stop)
-        csr = csr if csr.dtype == np.float32 else csr.astype(np.float32)
+        if slot_rows is None:  # a view, a slot that is not CSR: anndata slices it, `from_anndata` checks it
+            chunk = source[start:stop]
+            data = from_anndata(
+                chunk.to_memory() if source.isbacked else chunk,
+                counts=counts,
+                label_key=None,
+                genes=model.genes,
+                min_gene_fraction=min_gene_fraction,
+                allow_empty_cells=True,
+                copy=False,  # the chunk is predicted at once
+            )
+            return _Chunk(data.counts, data.batches, start)
+        matrix, where = slot_rows[0], SLOT_NAMES.get(counts or "X", f"adata.layers[{counts!r}]")
+    elif sp.issparse(source):  # CSR since `_open`, checked whole there
+        matrix, where = csr_rows(source, start, stop), "the count matrix"
     else:
-        csr = sp.csr_matrix(source[start:stop], dtype=np.float32)
-    check_counts(csr, f"rows {start}-{stop} of the count matrix")
-    n = csr.shape[0]
-    return SCData(
-        csr,
-        np.asarray(model.genes, dtype=str),
-        np.full(n, UNLABELLED, np.int32),
-        list(model.class_names),
-        np.zeros(n, np.int32),
-        ["0"],
-        np.arange(start, stop).astype(str),
-    )
+        matrix, where = sp.csr_matrix(source[start:stop]), "the count matrix"
+    check_structure(matrix, where, full=False)  # O(cells): the minibatches' row views are then in bounds
+    return _Chunk(matrix, np.zeros(n, np.int32), start, where, select)
+
+
+def _read_range(dataset, first: int, last: int) -> np.ndarray:
+    """Entries `first:last` of a one-dimensional HDF5 dataset, read straight into a new array (h5py's slicing takes
+    twice as long: about 7 against 4 ms for the 2.3 million entries of 4,608 Kang cells; probe). A range past the
+    dataset's end reads short, as slicing does: `from_anndata`'s checks then refuse the pointers."""
+    last = max(first, min(last, dataset.shape[0]))
+    out = np.empty(last - first, dataset.dtype)
+    if last > first:
+        dataset.read_direct(out, np.s_[first:last])
+    return out
 
 
 def _chunk_bounds(n_cells: int, chunk_size: int, first: int) -> list[tuple[int, int]]:
@@ -377,22 +438,18 @@ class _Minibatches:
         # to the next: TensorFlow reads them without a copy, and is done with them when the outputs are read back.
         self.local = threading.local()
 
-    def submit(self, chunk: SCData) -> list[concurrent.futures.Future]:
-        """The futures of the outputs of the minibatches of `chunk` (in the model's gene order), in order."""
-        counts = chunk.counts
-        if not counts.has_canonical_format:  # duplicate entries are summed, as a dense matrix would hold them
-            counts = counts.copy()
-            counts.sum_duplicates()
+    def submit(self, chunk: _Chunk) -> list[concurrent.futures.Future]:
+        """The futures of the outputs of the minibatches of `chunk`, in order."""
         normalisers = [
             (f, m.prediction_batches(chunk.batches)) for m, f in zip(_members(self.model), self.factors, strict=True)
         ]
         return [
-            self.pool.submit(self._predicted, counts, normalisers, start, min(start + self.batch_size, chunk.n_cells))
+            self.pool.submit(self._predicted, chunk, normalisers, start, min(start + self.batch_size, chunk.n_cells))
             for start in range(0, chunk.n_cells, self.batch_size)
         ]
 
-    def _predicted(self, counts, normalisers, start: int, stop: int) -> dict[str, np.ndarray]:
-        rows = csr_rows(counts, start, stop)
+    def _predicted(self, chunk: _Chunk, normalisers, start: int, stop: int) -> dict[str, np.ndarray]:
+        rows = chunk.rows(start, stop)
         if not hasattr(self.local, "buffers"):
             self.local.buffers = [_aligned((self.batch_size, self.model.n_genes)) for _ in normalisers]
         n, padded = stop - start, _padded_rows(stop - start, self.batch_size)
@@ -402,7 +459,10 @@ class _Minibatches:
             buffer[n:padded] = 0  # cells without counts, predicted and dropped
             xs.append(_as_tensor(buffer[:padded]))
         out = self.function(xs, self.tables)
-        return {key: out[key].numpy()[:n] for key in self.keys if key in out}
+        result = {key: out[key].numpy()[:n] for key in self.keys if key in out}
+        if "library_size" in self.keys:
+            result["library_size"] = np.asarray(rows.sum(axis=1), dtype=np.float32).ravel()
+        return result
 
     @staticmethod
     def gather(futures: list[concurrent.futures.Future]) -> dict[str, np.ndarray]:
@@ -433,9 +493,18 @@ def model_counts(
     their order, read as `predict` reads it (the same slot, a backed file's rows through h5py, no copy of an
     AnnData's counts). The whole matrix enters memory: for a source that does not fit, `predict` in chunks.
     Raises DataError as `predict` does."""
-    n_cells, opened, slot = _open(source, model, counts, min_gene_fraction)
+    n_cells, opened, slot, select = _open(source, model, counts, min_gene_fraction)
+    if isinstance(opened, SCData):  # checked, and over the model's genes since `_open`
+        return opened
     try:
-        return _chunk(opened, model, 0, n_cells, slot, min_gene_fraction)
+        chunk = _read(opened, model, 0, n_cells, slot, min_gene_fraction, select)
+        n = n_cells
+        obs_names = opened.obs_names if hasattr(opened, "obs_names") else np.arange(n).astype(str)
+        labels, batches = np.full(n, UNLABELLED, np.int32), chunk.batches
+        genes = np.asarray(model.genes, dtype=str)
+        return SCData(
+            chunk.rows(0, n), genes, labels, list(model.class_names), batches, ["0"], np.asarray(obs_names, dtype=str)
+        )
     finally:
         if isinstance(opened, _H5ADFile):
             opened.close()
@@ -480,7 +549,8 @@ def predict(
         raise ValueError(f"keys {unknown} are not outputs of predict for this model; outputs are {known}")
     # The model's own outputs to compute: those asked for, and the topics when the novelty score needs them.
     model_keys = tuple(k for k in OUTPUT_KEYS if k in keys or (k == "cell_topic" and "novelty" in keys))
-    n_cells, source, counts = _open(source, model, counts, min_gene_fraction)
+    model_keys += ("library_size",) if "library_size" in keys else ()
+    n_cells, source, counts, select = _open(source, model, counts, min_gene_fraction)
     outputs: dict[str, np.ndarray] = {}
     once = _OncePerMessage()
     logger.addFilter(once)
@@ -488,12 +558,10 @@ def predict(
     bounds = _chunk_bounds(n_cells, chunk_size, WORKERS * int(batch_size))
 
     def read(start, stop):
-        return _chunk(source, model, start, stop, counts, min_gene_fraction)
+        return _read(source, model, start, stop, counts, min_gene_fraction, select)
 
-    def finish(start, stop, chunk, futures):
+    def finish(start, stop, futures):
         out = _Minibatches.gather(futures)
-        if "library_size" in keys:
-            out["library_size"] = chunk.library_size.astype(np.float32)
         if novelty is not None and "novelty" in keys:
             out["novelty"] = novelty.score(out["cell_topic"])
         for key in keys:
@@ -501,9 +569,9 @@ def predict(
                 outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
             outputs[key][start:stop] = out[key]
 
-    # A pipeline of three stages on threads: the next chunk is read and validated (reading from disk waits; numpy's
-    # validation releases the GIL) while the minibatches of this chunk are queued for the workers and the outputs
-    # of the previous chunk are gathered, so that no core waits at a chunk's end. At most three chunks in memory.
+    # A pipeline of three stages on threads: the next chunk is read (reading from disk waits) while the minibatches
+    # of this chunk are checked and predicted by the workers and the outputs of the previous chunk are gathered, so
+    # that no core waits at a chunk's end. At most three chunks in memory.
     reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     workers = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS)
     try:
@@ -516,7 +584,7 @@ def predict(
             chunk = pending.result()
             if i + 1 < len(bounds):
                 pending = reader.submit(read, *bounds[i + 1])
-            queued = (start, stop, chunk, minibatches.submit(chunk))
+            queued = (start, stop, minibatches.submit(chunk))
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = queued
