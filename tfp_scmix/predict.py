@@ -1,7 +1,7 @@
 """Prediction stage: the one door through which a trained model labels cells, at any number of cells.
 
 `predict(model, source)` takes `SCData`, an AnnData (in memory or backed), an .h5ad path (read backed,
-chunk by chunk) or a count matrix in the model's gene order, validates each chunk as `from_anndata`
+chunk by chunk) or a count matrix in the model's gene order, checks each minibatch as `from_anndata`
 does, and predicts it with the model's deterministic `call`: memory is bounded by three chunks (the
 one predicted, the one whose outputs are gathered, the next one read meanwhile) plus the outputs.
 `annotate`, the command line, the export client and the experiments predict through it.
@@ -524,9 +524,9 @@ def predict(
 
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad
     path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
-    model's gene order. Each chunk is validated like `from_anndata` input. Memory is bounded by three chunks
-    plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells] (int32 indices into
-    `model.class_names`), "confidence" [n_cells],
+    model's gene order. Each minibatch is checked like `from_anndata` input, on the thread that predicts it.
+    Memory is bounded by three chunks plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells]
+    (int32 indices into `model.class_names`), "confidence" [n_cells],
     "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
     the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them; "library_size"
     [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over
