@@ -98,3 +98,31 @@ def test_headroom_gives_the_peers_every_training_label(tmp_path):
     )
     row = headroom.summary(frame, suite).iloc[0]
     assert row["goal (0.85 x)"] == 85.0 and row["best peer, 150 labels (suite)"] == "knn_pca_k5 100.0"
+
+
+def test_balanced_spreading_weighs_each_class_alike(tmp_path):
+    """Seeds weighted n / (k n_c): with equal classes the same as `label_spreading`; a class of one seed beside
+    one of nine spreads with the mass of nine. And one split of pbmc68k_reduced scores every column."""
+    import numpy as np
+
+    from experiments.few_shot import balanced_spreading
+    from tfp_scmix import propagate
+
+    rng = np.random.default_rng(0)
+    graph = propagate.knn_graph(rng.normal(size=(60, 3)), n_neighbors=5)
+    equal = np.full(60, -1)
+    equal[:10] = np.arange(10) % 2
+    np.testing.assert_allclose(
+        balanced_spreading.balanced_spreading(graph, equal, 2), propagate.label_spreading(graph, equal, 2)
+    )
+    rare = np.full(60, -1)
+    rare[:10] = [1] + [0] * 9
+    plain = propagate.label_spreading(graph, rare, 2)[:, 1].mean()
+    assert balanced_spreading.balanced_spreading(graph, rare, 2)[:, 1].mean() > plain
+    if not (Path(ROOT) / "pbmc68k_reduced.h5ad").is_file():
+        pytest.skip("pbmc68k_reduced.h5ad not found")
+    from experiments.few_shot.run import suite_dataset
+
+    row = balanced_spreading.one_split(suite_dataset("pbmc68k_reduced"), "pbmc68k_reduced", 0)
+    scores = [v for k, v in row.items() if k not in ("dataset", "seed")]
+    assert len(scores) == 5 and all(0 < v < 550 for v in scores)

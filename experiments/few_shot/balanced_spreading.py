@@ -1,0 +1,124 @@
+"""Label spreading with class-balanced seeds, alone and in the product with a per-cell classifier.
+
+    ./run experiments.few_shot.balanced_spreading     # the suite's five datasets, seeds 0-4; writes balanced_spreading/
+
+`annotate` with known labels multiplies the model's probabilities by those of label spreading over a kNN graph
+(`tfp_scmix.propagate.with_known_labels`). The refit weighs the classes equally (`Config.balanced_classes`), so
+this experiment asks whether the spreading should too. Here each known label starts with weight n / (k n_c), the
+same weights as the refit, instead of 1. It uses no model: the per-cell classifier is class-balanced logistic
+regression on log1p CP10k, whose errors are close to the model's per-cell call (docs/few_shot.md). The graph is
+`propagate.knn_graph` of the genes' 30 principal components (`propagate.principal_components`). Splits, genes
+and the main setting are the suite's (`run.py`). docs/few_shot.md gives the decision and its reasons.
+
+Writes results.csv (errors per dataset and seed of: logistic regression, label spreading, balanced label
+spreading, and the two products) and summary.md (means per dataset, totals, and the count of dataset-seeds where
+the balanced product has fewer and more errors).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments.common import log_normalised, markdown_table, most_variable, write_text
+from experiments.few_shot.run import SUITE, suite_dataset, test_size
+from tfp_scmix import propagate
+from tfp_scmix.evaluate import few_shot_split
+from tfp_scmix.io import write_csv
+
+HERE = Path(__file__).parent / "balanced_spreading"
+BUDGET = 150
+
+
+def balanced_spreading(graph, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """`propagate.label_spreading` with each known label weighted n / (k n_c) (scikit-learn's "balanced")."""
+    known = np.flatnonzero(labels >= 0)
+    seeds = np.zeros((len(labels), n_classes))
+    seeds[known, labels[known]] = 1.0
+    mass = seeds.sum(axis=0)
+    weights = np.where(mass > 0, mass.sum() / ((mass > 0).sum() * np.maximum(mass, 1.0)), 0.0)
+    spreadout = propagate.spread(graph, seeds * weights, np.array([], int), alpha=propagate.SPREADING_ALPHA)
+    total = spreadout.sum(axis=1, keepdims=True)
+    return np.where(total > 0, spreadout / np.maximum(total, 1e-300), 1.0 / n_classes)
+
+
+def one_split(full, name: str, seed: int) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    test, labelled = few_shot_split(full.n_cells, test_size(name, full.n_cells, BUDGET), BUDGET, seed)
+    data = most_variable(full, 2000, cells=np.arange(full.n_cells))
+    n_classes, truth = data.n_classes, data.labels[test]
+    x = log_normalised(data.counts)
+    classifier = LogisticRegression(max_iter=3000, class_weight="balanced").fit(x[labelled], data.labels[labelled])
+    per_cell = np.zeros((data.n_cells, n_classes))
+    per_cell[:, classifier.classes_] = classifier.predict_proba(x)
+    graph = propagate.knn_graph(propagate.principal_components(data.counts, seed=seed))
+    known = np.full(data.n_cells, -1)
+    known[labelled] = data.labels[labelled]
+    spreading = propagate.label_spreading(graph, known, n_classes)
+    balanced = balanced_spreading(graph, known, n_classes)
+
+    def errors(probs):
+        return int((probs[test].argmax(axis=1) != truth).sum())
+
+    def product(a, b):
+        return np.maximum(a, 1e-12) * np.maximum(b, 1e-12)
+
+    return {
+        "dataset": name,
+        "seed": seed,
+        "logistic_regression_balanced": errors(per_cell),
+        "label_spreading": errors(spreading),
+        "label_spreading_balanced_seeds": errors(balanced),
+        "product": errors(product(per_cell, spreading)),
+        "product_balanced_seeds": errors(product(per_cell, balanced)),
+    }
+
+
+def summary(frame: pd.DataFrame) -> str:
+    means = frame.drop(columns="seed").groupby("dataset", sort=False).mean().round(1).reset_index()
+    totals = frame.drop(columns=["dataset", "seed"]).sum()
+    fewer = int((frame["product_balanced_seeds"] < frame["product"]).sum())
+    more = int((frame["product_balanced_seeds"] > frame["product"]).sum())
+    return "\n".join(
+        [
+            "# Label spreading with class-balanced seeds (written by `./run experiments.few_shot.balanced_spreading`)",
+            "",
+            f"Errors on each dataset's test cells, means over seeds {sorted(frame.seed.unique().tolist())} (the "
+            "suite's splits and genes, main setting). 'product': balanced logistic regression's probabilities times "
+            "label spreading's, as `annotate` combines the model's with label spreading's.",
+            "",
+            markdown_table(means),
+            "",
+            "Totals over every dataset and seed: " + ", ".join(f"{k} {int(v)}" for k, v in totals.items()) + ".",
+            "",
+            f"The product with balanced seeds has fewer errors on {fewer} and more on {more} of {len(frame)} "
+            "dataset-seeds.",
+            "",
+        ]
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(SUITE))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default=str(HERE))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.datasets:
+        full = suite_dataset(name)
+        for seed in args.seeds:
+            rows.append(one_split(full, name, seed))
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows)
+    write_csv(frame, out / "results.csv")
+    write_text(out / "summary.md", summary(frame))
+    print(summary(frame))
+
+
+if __name__ == "__main__":
+    main()
