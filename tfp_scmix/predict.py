@@ -292,7 +292,7 @@ class _Chunk:
 def _read(source, model, start, stop, counts, min_gene_fraction, select) -> _Chunk:
     """Cells `start:stop` of an opened source (`_open`) as read for prediction. The values are checked later, a
     minibatch at a time on the prediction threads (`_Chunk.rows`). Checked here, on the reading thread beside the
-    two predicting ones, a 4,608-cell chunk of an AnnData took 60 ms to read where its checks take 3 ms alone, and
+    two predicting ones, a 4,608-cell chunk of an AnnData took 60 ms to read (a few ms on an idle thread), and
     an AnnData was predicted at two thirds of an `SCData`'s rate (docs/performance.md, "The counts checked where
     they are predicted")."""
     n = stop - start
