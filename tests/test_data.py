@@ -55,6 +55,27 @@ def test_refuses_non_counts_with_a_fix(values, message):
     assert "counts=" in str(err.value) or "integers" in str(err.value)
 
 
+def test_a_few_stray_values_are_named_by_cell_and_not_called_normalized():
+    """Counts with decimals in a few entries (fewer than 1% of the stored values) are not a normalization of the
+    whole matrix: the message says how many values and cells, the first cell's row, and does not send the user to
+    another slot; a negative value is named by its cell too."""
+    from tfp_scmix.data import check_counts
+
+    counts = sp.random(3000, 50, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    counts.data = np.rint(counts.data * 10) + 1
+    for row in (1500, 1600):
+        counts.data[counts.indptr[row]] += 0.5
+    with pytest.raises(DataError) as err:
+        check_counts(counts, "adata.layers['counts']")
+    message = str(err.value)
+    assert "2 of the 30,000 stored values have decimals, in 2 cells (the first at row 1500)" in message
+    assert "edited or damaged" in message and "look" in message and "corrected counts" not in message
+    assert "log-normalized" not in message and "counts='raw'" not in message
+    counts.data[counts.indptr[1500]] = -1
+    with pytest.raises(DataError, match=r"negative \(min -1, in 1 cell \(row 1600\)\)"):
+        check_counts(counts, "x", row_offset=100)
+
+
 def test_explicit_slot_errors():
     adata = make_adata(COUNTS, labels=["a", "b", "a", "b"])
     with pytest.raises(DataError, match="no layer 'umis'"):

@@ -324,11 +324,12 @@ def test_a_fault_in_a_later_chunk_stops_the_pipeline_with_its_error(small_model,
 
 def test_bad_counts_of_an_anndata_are_named_by_slot_and_rows(small_model, embedded_adata, tmp_path):
     """The counts are checked a minibatch at a time on the prediction threads: a fault names the slot the counts
-    come from and the rows of the minibatch that holds it, in memory and in a file, and nothing is predicted."""
+    come from, the rows of the minibatch that holds it and the cell's own row, in memory and in a file; one stray
+    value among integer counts is called edited or damaged, not normalized."""
     adata = anndata.concat([embedded_adata] * 3, index_unique="-")  # past the first cells that find the slot
     adata.layers["counts"] = adata.X.astype(np.float32)
     adata.layers["counts"].data[adata.layers["counts"].indptr[1520]] += 0.5  # cell 1520: minibatch 1500-1600
-    expected = r"rows 1500-1600 of adata.layers\['counts'\] are not integers"
+    expected = r"rows 1500-1600 of adata.layers\['counts'\] are not integers .*in 1 cell \(row 1520\).*edited"
     with pytest.raises(DataError, match=expected):
         scm.predict(small_model, adata, counts="counts", batch_size=100, chunk_size=300)
     adata.write_h5ad(tmp_path / "bad.h5ad")

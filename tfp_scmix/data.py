@@ -265,13 +265,35 @@ def _as_csr(matrix: Any, where: str) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(matrix))
 
 
-def _non_integer_message(counts: sp.csr_matrix, where: str) -> str:
-    """What non-integer counts look like, from their largest value and the cells' totals, and what to do."""
+def _bad_cells(counts: sp.csr_matrix, bad: np.ndarray, row_offset: int) -> str:
+    """Which cells hold the stored entries flagged in `bad` `[nnz]`: "1 cell (row 1500)" or "12 cells (the first
+    at row 1500)", rows counted from `row_offset` (the matrix's first row in its dataset)."""
+    n_cells = counts.shape[0]
+    stored = int(counts.indptr[-1])  # entries past the last pointer belong to no cell
+    rows = np.unique(np.repeat(np.arange(n_cells), np.diff(counts.indptr))[np.asarray(bad[:stored], bool)])
+    if len(rows) == 0:
+        return "no cell"
+    first = int(rows[0]) + int(row_offset)
+    return f"1 cell (row {first})" if len(rows) == 1 else f"{len(rows)} cells (the first at row {first})"
+
+
+def _non_integer_message(counts: sp.csr_matrix, where: str, row_offset: int = 0) -> str:
+    """What non-integer counts look like, from how many values have decimals, their largest value and the cells'
+    totals, where they are, and what to do."""
     values = counts.data
-    share = float(np.mean(values != np.round(values)))
+    bad = ~np.isclose(values, np.rint(values))
+    n_bad = int(bad.sum())
+    share = n_bad / values.size
+    amount = f"{share:.0%} of the stored values" if share >= 0.01 else f"{n_bad:,} of the {values.size:,} stored values"
     found = (
-        f"counts in {where} are not integers (max {values.max():.3g}; {share:.0%} of the stored values have decimals)"
+        f"counts in {where} are not integers (max {values.max():.3g}; {amount} have decimals, in "
+        f"{_bad_cells(counts, bad, row_offset)})"
     )
+    if share < 0.01:  # a few values among integer counts: not a transformation of the whole matrix
+        return (
+            f"{found}; the rest are integers, so these few values look edited or damaged, not normalized. Check "
+            "those cells, or round the counts to integers first (np.rint)."
+        )
     library = np.asarray(counts.sum(axis=1)).ravel()
     library = library[library > 0]
     if values.max() <= 20:  # log1p of counts per 10,000 (or per million) stays below ~14
@@ -292,13 +314,14 @@ def _non_integer_message(counts: sp.csr_matrix, where: str) -> str:
     )
 
 
-def check_counts(counts: sp.csr_matrix, where: str) -> None:
+def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0) -> None:
     """Check that `counts` (CSR `[n_cells, n_genes]`) are raw counts: finite, non-negative integers.
 
     The index arrays are checked first (`check_structure`), then the stored entries. `where` names the
-    matrix in the messages. Raises DataError for a damaged sparse matrix, NaN or infinite values, negative
-    values (scaled data) or non-integers (log-normalized, normalized or corrected counts: the message says
-    which they look like).
+    matrix in the messages, which also say how many cells hold the faulty values and the first one's row,
+    counted from `row_offset` (the matrix's first row in its dataset). Raises DataError for a damaged sparse
+    matrix, NaN or infinite values, negative values (scaled data) or non-integers (log-normalized, normalized or
+    corrected counts, or a few edited values: the message says which they look like).
     """
     check_structure(counts, where)
     values = counts.data
@@ -306,14 +329,15 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
         return
     lowest, highest = values.min(), values.max()  # NaN if any is: one pass each, no array of flags
     if not (np.isfinite(lowest) and np.isfinite(highest)):
+        bad = ~np.isfinite(values)
         raise DataError(
-            f"counts in {where} contain NaN or infinite values "
-            f"({int((~np.isfinite(values)).sum())} entries); raw UMI counts are finite integers."
+            f"counts in {where} contain NaN or infinite values ({int(bad.sum())} entries, in "
+            f"{_bad_cells(counts, bad, row_offset)}); raw UMI counts are finite integers."
         )
     if lowest < 0:
         raise DataError(
-            f"counts in {where} are negative (min {lowest:.3g}); they look scaled "
-            "(e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
+            f"counts in {where} are negative (min {lowest:.3g}, in {_bad_cells(counts, values < 0, row_offset)}); "
+            "they look scaled (e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
             "counts='counts', or counts='raw'."
         )
     if values.dtype.kind in "iu":
@@ -321,7 +345,7 @@ def check_counts(counts: sp.csr_matrix, where: str) -> None:
     rounded = np.rint(values)
     # Exact integers (the usual case) are told apart without allclose's slower pass.
     if not np.array_equal(values, rounded) and not np.allclose(values, rounded):
-        raise DataError(_non_integer_message(counts, where))
+        raise DataError(_non_integer_message(counts, where, row_offset))
 
 
 # How the messages name the count slots other than layers (`adata.layers['name']`).

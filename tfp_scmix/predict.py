@@ -278,7 +278,7 @@ class _Chunk:
         Raises DataError as `check_counts` does."""
         rows = csr_rows(self.counts, start, stop)
         if self.source is not None:
-            check_counts(rows, f"rows {self.start + start}-{self.start + stop} of {self.source}")
+            check_counts(rows, f"rows {self.start + start}-{self.start + stop} of {self.source}", self.start + start)
             rows = rows if rows.dtype == np.float32 else rows.astype(np.float32)
         if self.select is not None:
             rows = (rows @ self.select).tocsr()

@@ -200,7 +200,7 @@ class H5ADStream:
             )
         else:
             rows = sp.csr_matrix(np.asarray(matrix[start:stop], np.float32))
-        check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}")
+        check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}", start)
         if self._select is not None:
             rows = (rows @ self._select).tocsr()
         rows.sort_indices()

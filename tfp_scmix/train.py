@@ -119,7 +119,7 @@ def train(
     try:
         for restart in range(int(restarts)):
             member_seed = seed + restart
-            if bar is not None:
+            if bar is not None and restart:  # the first restart's name is the bar's own: no second draw of it
                 bar.bar.set_description(_restart_name(restart, restarts))
             elif verbose and restarts > 1:
                 print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
