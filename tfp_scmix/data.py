@@ -499,6 +499,19 @@ def align_genes(
     return aligned.astype(np.float32), fraction
 
 
+def gene_selection(
+    genes: Any, vocabulary: Sequence[str] | np.ndarray, min_fraction: float = 0.5
+) -> sp.csr_matrix | None:
+    """The matrix `[len(genes), len(vocabulary)]` that takes counts over `genes` to `vocabulary` (`counts @ it`;
+    `align_genes` of an identity matrix: genes the data lacks are zero columns), or None where `genes` are the
+    vocabulary in its order. For data read in pieces (a stream's or a prediction's chunks): the names are matched
+    once. Raises DataError as `align_genes` does (duplicated names, too few of the vocabulary's genes)."""
+    names = np.asarray(genes, dtype=str)
+    if np.array_equal(names, np.asarray(vocabulary, dtype=str)):
+        return None
+    return align_genes(sp.identity(len(names), np.float32, format="csr"), names, vocabulary, min_fraction)[0]
+
+
 def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
     """log1p(counts per 10,000) of a sparse count matrix `[n_cells, n_genes]`, as CSR (stays sparse).
 

@@ -26,7 +26,6 @@ from tfp_scmix.data import (
     UNLABELLED,
     DataError,
     SCData,
-    align_genes,
     check_argument,
     check_counts,
     check_structure,
@@ -35,6 +34,7 @@ from tfp_scmix.data import (
     data_path,
     find_counts,
     from_anndata,
+    gene_selection,
     log_normalised_dense,
     read_h5ad,
 )
@@ -162,8 +162,8 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     """The number of cells of `source`, the source ready to slice (a path opened with h5py, or backed by anndata
     where its slots are not all CSR; an `SCData` aligned to the model's genes; a matrix checked against the model's
     width, as CSR if sparse), for an AnnData or a file the slot of its raw counts, and the selection of the model's
-    genes from that slot's (`_gene_selection`; None where they are the model's, in its order). Raises DataError as
-    `align_genes` does for the slot's genes."""
+    genes from that slot's (`tfp_scmix.data.gene_selection`; None where they are the model's, in its order).
+    Raises DataError as `align_genes` does for the slot's genes."""
     if isinstance(source, (str, os.PathLike)):
         opened = _H5ADFile.open(source, counts)
         if opened is not None:
@@ -171,7 +171,7 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
                 opened.close()
                 raise DataError("the dataset is empty (0 cells).")
             try:
-                select = _gene_selection(opened.var_names, model, min_gene_fraction)
+                select = gene_selection(opened.var_names, model.genes, min_gene_fraction)
             except BaseException:
                 opened.close()
                 raise
@@ -186,7 +186,7 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
         n_cells = source.n_obs
         if n_cells:
             counts, names = counts_slot(source, counts)
-            select = _gene_selection(names, model, min_gene_fraction)
+            select = gene_selection(names, model.genes, min_gene_fraction)
     else:
         if sp.issparse(source):
             check_structure(source, "the count matrix")  # before scipy slices it
@@ -202,17 +202,6 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     if n_cells == 0:
         raise DataError("the dataset is empty (0 cells).")
     return n_cells, source, counts, select
-
-
-def _gene_selection(names, model, min_gene_fraction: float) -> sp.csr_matrix | None:
-    """The matrix `[len(names), model.n_genes]` that takes counts over `names` to the model's genes (`align_genes`
-    of an identity matrix: genes the data lacks are zero columns), or None where `names` are the model's genes in
-    its order. Raises DataError as `align_genes` does (duplicated names, too few of the model's genes)."""
-    names = np.asarray(names, dtype=str)
-    if np.array_equal(names, np.asarray(model.genes, dtype=str)):
-        return None
-    identity = sp.identity(len(names), np.float32, format="csr")
-    return align_genes(identity, names, model.genes, min_gene_fraction)[0]
 
 
 def _slot_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
@@ -259,7 +248,7 @@ class _Chunk:
     counts: CSR `[n_cells, source genes]` whose pointers are checked (`check_structure(full=False)`); batches:
     int32 `[n_cells]` batch ids; source: how messages name the matrix ("adata.X", "the count matrix"), None
     where the counts are already checked and in the model's genes (an `SCData`'s rows, or `from_anndata`'s);
-    select: `_gene_selection`, None where the genes are the model's in its order."""
+    select: `tfp_scmix.data.gene_selection`, None where the genes are the model's in its order."""
 
     counts: sp.csr_matrix
     batches: np.ndarray
@@ -498,12 +487,15 @@ def model_counts(
         return opened
     try:
         chunk = _read(opened, model, 0, n_cells, slot, min_gene_fraction, select)
-        n = n_cells
-        obs_names = opened.obs_names if hasattr(opened, "obs_names") else np.arange(n).astype(str)
-        labels, batches = np.full(n, UNLABELLED, np.int32), chunk.batches
-        genes = np.asarray(model.genes, dtype=str)
+        obs_names = opened.obs_names if hasattr(opened, "obs_names") else np.arange(n_cells).astype(str)
         return SCData(
-            chunk.rows(0, n), genes, labels, list(model.class_names), batches, ["0"], np.asarray(obs_names, dtype=str)
+            chunk.rows(0, n_cells),
+            np.asarray(model.genes, dtype=str),
+            np.full(n_cells, UNLABELLED, np.int32),
+            list(model.class_names),
+            chunk.batches,
+            ["0"],
+            np.asarray(obs_names, dtype=str),
         )
     finally:
         if isinstance(opened, _H5ADFile):

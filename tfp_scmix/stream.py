@@ -33,6 +33,7 @@ from tfp_scmix.data import (
     data_fingerprint,
     data_path,
     encode_obs,
+    gene_selection,
     sparse_entries,
 )
 
@@ -140,10 +141,8 @@ class H5ADStream:
                 align_genes(sp.csr_matrix((0, len(file_genes)), dtype=np.float32), file_genes, file_genes)
                 genes = file_genes
             else:
-                # The selection matrix [file genes, vocabulary]: the alignment of an identity matrix.
-                self._select, _ = align_genes(
-                    sp.identity(len(file_genes), np.float32, format="csr"), file_genes, genes, min_gene_fraction
-                )
+                # The selection matrix [file genes, vocabulary], None where they are the vocabulary in its order.
+                self._select = gene_selection(file_genes, genes, min_gene_fraction)
             self._file_genes = len(file_genes)
             obs = f["obs"]
             names = [k for k in obs if k != obs.attrs["_index"]]
@@ -203,7 +202,7 @@ class H5ADStream:
         check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}", start)
         if self._select is not None:
             rows = (rows @ self._select).tocsr()
-        rows.sort_indices()
+        rows.sum_duplicates()  # canonical order (sorted, duplicates summed), as the selection's product gives
         return rows
 
     def chunks(self, order: Sequence[int] | np.ndarray | None = None) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:

@@ -26,18 +26,19 @@ from experiments.few_shot.run import SUITE, suite_dataset, test_size
 from tfp_scmix import propagate
 from tfp_scmix.evaluate import few_shot_split
 from tfp_scmix.io import write_csv
+from tfp_scmix.model import balanced_class_weights
 
 HERE = Path(__file__).parent / "balanced_spreading"
 BUDGET = 150
 
 
 def balanced_spreading(graph, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """`propagate.label_spreading` with each known label weighted n / (k n_c) (scikit-learn's "balanced")."""
+    """`propagate.label_spreading` with each known label weighted n / (k n_c) (scikit-learn's "balanced",
+    `model.balanced_class_weights`)."""
     known = np.flatnonzero(labels >= 0)
     seeds = np.zeros((len(labels), n_classes))
     seeds[known, labels[known]] = 1.0
-    mass = seeds.sum(axis=0)
-    weights = np.where(mass > 0, mass.sum() / ((mass > 0).sum() * np.maximum(mass, 1.0)), 0.0)
+    weights = balanced_class_weights(seeds)  # the refit's weights (Config.balanced_classes)
     spreadout = propagate.spread(graph, seeds * weights, np.array([], int), alpha=propagate.SPREADING_ALPHA)
     total = spreadout.sum(axis=1, keepdims=True)
     return np.where(total > 0, spreadout / np.maximum(total, 1e-300), 1.0 / n_classes)
