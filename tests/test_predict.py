@@ -5,6 +5,7 @@ import ctypes.util
 import gc
 import json
 import os
+import sys
 
 import anndata
 import numpy as np
@@ -15,7 +16,7 @@ import scipy.sparse as sp
 import tfp_scmix as scm
 from tests.helpers import run_python
 from tfp_scmix.data import DataError, read_h5ad
-from tfp_scmix.predict import OUTPUT_KEYS, _chunk_bounds
+from tfp_scmix.predict import OUTPUT_KEYS, _Buffers, _chunk_bounds
 
 LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
@@ -180,6 +181,41 @@ np.save(first, out["probs"][:int(n_first)])
 print(json.dumps({"peak_growth_mb": max(samples) - base, "n_cells": int(out["label"].size),
                   "outputs_mb": sum(v.nbytes for v in out.values()) / 2 ** 20}))
 """
+
+
+def test_chunks_read_from_a_file_reuse_the_memory_of_those_gathered(small_model, embedded_adata, tmp_path, monkeypatch):
+    """A file read in many chunks (a path, and a backed AnnData's X) reads later chunks into the memory of the
+    chunks already predicted instead of new arrays (`_Buffers`), with the same outputs; a chunk whose cells hold
+    more counts than any memory given back gets new memory."""
+    pools = []
+
+    class Recorded(_Buffers):
+        def __init__(self):
+            super().__init__()
+            pools.append(self)
+
+    monkeypatch.setattr(
+        sys.modules["tfp_scmix.predict"], "_Buffers", Recorded
+    )  # the package's `predict` is the function
+    expected = scm.predict(small_model, embedded_adata)
+    path = tmp_path / "cells.h5ad"
+    embedded_adata.write_h5ad(path)
+    n_chunks = len(_chunk_bounds(embedded_adata.n_obs, 25, 25))
+    assert n_chunks >= 20
+    for source in (path, read_h5ad(path, backed="r")):
+        pools.clear()
+        out = scm.predict(small_model, source, chunk_size=25)
+        np.testing.assert_array_equal(out["label"], expected["label"])
+        np.testing.assert_allclose(out["probs"], expected["probs"], rtol=1e-5, atol=1e-6)
+        assert len(pools) == 1
+        assert 0 < pools[0].allocated <= n_chunks // 2, (pools[0].allocated, n_chunks)
+    pool = _Buffers()
+    lease = pool.lease()
+    small = lease.take(100)
+    lease.release()
+    assert pool.lease().take(90) is small  # fits: reused
+    pool.give([small])
+    assert pool.lease().take(10 * small.nbytes).nbytes >= 10 * small.nbytes and pool.free == []
 
 
 def test_predicting_50k_cells_from_a_backed_h5ad_in_bounded_memory(small_model, embedded, tmp_path):

@@ -133,9 +133,9 @@ class _H5ADFile:
             raise
         return cls(file, slots[slot], names.get(slot, names["X"]), n_obs, slot)
 
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def rows(self, start: int, stop: int, lease: _Lease | None = None) -> sp.csr_matrix:
         """Rows `start:stop` of the slot (`_file_rows`: unchecked until `from_anndata` reads them)."""
-        return _file_rows(self.group, start, stop, len(self.var_names))
+        return _file_rows(self.group, start, stop, len(self.var_names), lease)
 
     def close(self) -> None:
         self.file.close()
@@ -204,7 +204,9 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     return n_cells, source, counts, select
 
 
-def _slot_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_matrix, Any] | None:
+def _slot_rows(
+    adata, slot: str | None, start: int, stop: int, lease: _Lease | None = None
+) -> tuple[sp.csr_matrix, Any] | None:
     """(rows `start:stop` of the CSR matrix in `slot` ("X", "raw" or a layer), that slot's gene names), without
     slicing the AnnData: for an AnnData in memory, on views of the slot's arrays (anndata's row slicing makes scipy
     copy them entry by entry: most of the time of a prediction); for a backed one's X, read from the file by
@@ -216,7 +218,7 @@ def _slot_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_m
         backed = adata.X  # anndata's sparse dataset on the file, for a sparse X
         if slot != "X" or sp.issparse(backed) or getattr(backed, "format", None) != "csr":
             return None
-        return _file_rows(backed.group, start, stop, backed.shape[1]), adata.var_names
+        return _file_rows(backed.group, start, stop, backed.shape[1], lease), adata.var_names
     if slot == "raw":
         matrix, names = adata.raw.X, adata.raw.var_names
     else:
@@ -226,15 +228,16 @@ def _slot_rows(adata, slot: str | None, start: int, stop: int) -> tuple[sp.csr_m
     return csr_rows(matrix, start, stop), names
 
 
-def _file_rows(group, start: int, stop: int, n_genes: int) -> sp.csr_matrix:
+def _file_rows(group, start: int, stop: int, n_genes: int, lease: _Lease | None = None) -> sp.csr_matrix:
     """Rows `start:stop` of a CSR matrix in an HDF5 group (anndata's layout: data, indices, indptr), read with
     h5py: only those rows' entries, the pointers in the indices' integer type where they fit (anndata writes
     int64 pointers beside int32 indices, and scipy's checks would then cast the indices, a copy of the largest
     array). Unchecked here: `from_anndata` checks the structure before anything reads it. Half the time of
-    anndata's own row slicing of a backed matrix (docs/performance.md)."""
+    anndata's own row slicing of a backed matrix (docs/performance.md). With a `lease`, data and indices are read
+    into its memory (`_Buffers`): the matrix holds it until the lease is released."""
     indptr = group["indptr"][start : stop + 1]
     first, last = int(indptr[0]), int(indptr[-1])
-    data, indices = (_read_range(group[name], first, last) for name in ("data", "indices"))
+    data, indices = (_read_range(group[name], first, last, lease) for name in ("data", "indices"))
     indptr = indptr - first
     if indices.dtype == np.int32 and last - first <= np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
@@ -248,13 +251,15 @@ class _Chunk:
     counts: CSR `[n_cells, source genes]` whose pointers are checked (`check_structure(full=False)`); batches:
     int32 `[n_cells]` batch ids; source: how messages name the matrix ("adata.X", "the count matrix"), None
     where the counts are already checked and in the model's genes (an `SCData`'s rows, or `from_anndata`'s);
-    select: `tfp_scmix.data.gene_selection`, None where the genes are the model's in its order."""
+    select: `tfp_scmix.data.gene_selection`, None where the genes are the model's in its order; lease: the memory
+    the counts were read into from a file (`_Buffers`), released once the chunk's outputs are gathered."""
 
     counts: sp.csr_matrix
     batches: np.ndarray
     start: int
     source: str | None = None
     select: sp.csr_matrix | None = None
+    lease: _Lease | None = None
 
     @property
     def n_cells(self) -> int:
@@ -278,7 +283,7 @@ class _Chunk:
         return rows
 
 
-def _read(source, model, start, stop, counts, min_gene_fraction, select) -> _Chunk:
+def _read(source, model, start, stop, counts, min_gene_fraction, select, lease: _Lease | None = None) -> _Chunk:
     """Cells `start:stop` of an opened source (`_open`) as read for prediction. The values are checked later, a
     minibatch at a time on the prediction threads (`_Chunk.rows`). Checked here, on the reading thread beside the
     two predicting ones, a 4,608-cell chunk of an AnnData took 60 ms to read (a few ms on an idle thread), and
@@ -289,9 +294,9 @@ def _read(source, model, start, stop, counts, min_gene_fraction, select) -> _Chu
         return _Chunk(csr_rows(source.counts, start, stop), source.batches[start:stop], start)
     if isinstance(source, _H5ADFile) or hasattr(source, "obs_names"):
         slot_rows = (
-            (source.rows(start, stop), None)
+            (source.rows(start, stop, lease), None)
             if isinstance(source, _H5ADFile)
-            else _slot_rows(source, counts, start, stop)
+            else _slot_rows(source, counts, start, stop, lease)
         )
         if slot_rows is None:  # a view, a slot that is not CSR: anndata slices it, `from_anndata` checks it
             chunk = source[start:stop]
@@ -311,18 +316,77 @@ def _read(source, model, start, stop, counts, min_gene_fraction, select) -> _Chu
     else:
         matrix, where = sp.csr_matrix(source[start:stop]), "the count matrix"
     check_structure(matrix, where, full=False)  # O(cells): the minibatches' row views are then in bounds
-    return _Chunk(matrix, np.zeros(n, np.int32), start, where, select)
+    return _Chunk(matrix, np.zeros(n, np.int32), start, where, select, lease)
 
 
-def _read_range(dataset, first: int, last: int) -> np.ndarray:
-    """Entries `first:last` of a one-dimensional HDF5 dataset, read straight into a new array (h5py's slicing takes
-    twice as long: about 7 against 4 ms for the 2.3 million entries of 4,608 Kang cells; probe). A range past the
-    dataset's end reads short, as slicing does: `from_anndata`'s checks then refuse the pointers."""
+def _read_range(dataset, first: int, last: int, lease: _Lease | None = None) -> np.ndarray:
+    """Entries `first:last` of a one-dimensional HDF5 dataset, read straight into a new array, or into memory of
+    a `lease` (h5py's slicing takes twice as long: about 7 against 4 ms for the 2.3 million entries of 4,608 Kang
+    cells; probe). A range past the dataset's end reads short, as slicing does: `from_anndata`'s checks then
+    refuse the pointers."""
     last = max(first, min(last, dataset.shape[0]))
-    out = np.empty(last - first, dataset.dtype)
+    dtype = np.dtype(dataset.dtype)
+    if lease is None:
+        out = np.empty(last - first, dtype)
+    else:
+        out = lease.take((last - first) * dtype.itemsize)[: (last - first) * dtype.itemsize].view(dtype)
     if last > first:
         dataset.read_direct(out, np.s_[first:last])
     return out
+
+
+class _Buffers:
+    """Memory for the chunks read from a file, reused from one chunk to a later one within a `predict` call.
+
+    A new array for every chunk costs the kernel a page fault for every 4 KB page it is written to, and where
+    numpy asks for huge pages (arrays of 4 MB and more), their zeroing and at times memory compaction: reading a
+    10,000-cell chunk of the Kang file (40 MB) took 21 ms into new arrays, up to 98 ms with huge pages, and 7 ms
+    into memory already written (probe; docs/performance.md, "Chunks read into reused memory"). A chunk reads
+    into a `lease`; once its outputs are gathered, `release` gives its memory back for a later chunk. `take`
+    hands out a byte array of at least the size asked for from what was given back where one is large enough;
+    otherwise it lets go of what was given back and allocates, with `HEADROOM` for later chunks' larger sizes.
+    The memory in use is therefore at most that of the chunks being read, predicted and gathered (three), as
+    without the pool. Thread-safe: the reading thread takes, the calling thread releases."""
+
+    HEADROOM = 1.1
+
+    def __init__(self) -> None:
+        self.free: list[np.ndarray] = []
+        self.lock = threading.Lock()
+        self.allocated = 0  # arrays allocated (tests: later chunks reuse memory)
+
+    def lease(self) -> _Lease:
+        return _Lease(self)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self.lock:
+            fits = [i for i, buffer in enumerate(self.free) if buffer.nbytes >= nbytes]
+            if fits:
+                return self.free.pop(min(fits, key=lambda i: self.free[i].nbytes))
+            self.free.clear()  # too small for this chunk, and chunks grow: let go before allocating
+            self.allocated += 1
+        return np.empty(int(nbytes * self.HEADROOM) + 64, np.uint8)
+
+    def give(self, buffers: list[np.ndarray]) -> None:
+        with self.lock:
+            self.free.extend(buffers)
+
+
+class _Lease:
+    """The memory one chunk reads into (`_Buffers.lease`): `take` as the pool's, `release` gives it all back."""
+
+    def __init__(self, pool: _Buffers) -> None:
+        self.pool = pool
+        self.held: list[np.ndarray] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        buffer = self.pool.take(nbytes)
+        self.held.append(buffer)
+        return buffer
+
+    def release(self) -> None:
+        self.pool.give(self.held)
+        self.held = []
 
 
 def _chunk_bounds(n_cells: int, chunk_size: int, first: int) -> list[tuple[int, int]]:
@@ -549,11 +613,15 @@ def predict(
     chunk_size = int(chunk_size)
     bounds = _chunk_bounds(n_cells, chunk_size, WORKERS * int(batch_size))
 
-    def read(start, stop):
-        return _read(source, model, start, stop, counts, min_gene_fraction, select)
+    memory = _Buffers()  # chunks read from a file reuse the memory of those gathered (`_Buffers`)
 
-    def finish(start, stop, futures):
+    def read(start, stop):
+        return _read(source, model, start, stop, counts, min_gene_fraction, select, memory.lease())
+
+    def finish(start, stop, futures, chunk):
         out = _Minibatches.gather(futures)
+        if chunk.lease is not None:  # every minibatch of the chunk is predicted: its memory is free
+            chunk.lease.release()
         if novelty is not None and "novelty" in keys:
             out["novelty"] = novelty.score(out["cell_topic"])
         for key in keys:
@@ -576,7 +644,7 @@ def predict(
             chunk = pending.result()
             if i + 1 < len(bounds):
                 pending = reader.submit(read, *bounds[i + 1])
-            queued = (start, stop, minibatches.submit(chunk))
+            queued = (start, stop, minibatches.submit(chunk), chunk)
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = queued
