@@ -277,11 +277,11 @@ def test_the_class_branch_reads_the_genes_centred_over_the_training_cells(small_
     assert off.classifier.n_genes == 0 and not any("gene_weights" in w.path for w in off.weights)
 
 
-def test_self_training_fits_the_class_branch_to_its_soft_labels(small_model, embedded, monkeypatch):
-    """The self-training fit reads the unlabelled cells' soft labels from `self_training_targets` (on the kNN
-    graph of the cells' topic features) and fits the branch to them: soft labels that put every unlabelled
-    cell in one class move the branch's labels there; without self-training they are never read. Its
-    accuracy is measured by experiments/few_shot."""
+def test_self_training_fits_the_class_branch_to_the_combined_calls(small_model, embedded, monkeypatch):
+    """The self-training fit reads the cells' labels from `self_training_labels` (the call combined with the known
+    labels, confident cells only) and fits the branch to them: labels that put every unlabelled cell in one class
+    move the branch's calls there, and cells left at -1 are not fitted; without self-training they are never read.
+    Its accuracy is measured by experiments/few_shot."""
     import tfp_scmix.model as model_stage
 
     model = small_model.members[0]
@@ -289,12 +289,11 @@ def test_self_training_fits_the_class_branch_to_its_soft_labels(small_model, emb
     data = embedded.hide_labels(labelled)
     calls = []
 
-    def one_class(graph, probs, labels):
-        calls.append((graph.shape, probs.shape))
-        targets = np.eye(probs.shape[1])[np.where(labels >= 0, labels, 0)]
-        return targets
+    def one_class(probs, labels, counts, features, seed):
+        calls.append((probs.shape, counts.shape, len(features)))
+        return np.where(labels >= 0, labels, 0)
 
-    monkeypatch.setattr(model_stage, "self_training_targets", one_class)
+    monkeypatch.setattr(model_stage, "self_training_labels", one_class)
     trained, config = model.classifier.get_weights(), model.config
     hidden = data.labels < 0
     share = {}
@@ -306,7 +305,8 @@ def test_self_training_fits_the_class_branch_to_its_soft_labels(small_model, emb
     finally:
         model.config = config
         model.classifier.set_weights(trained)
-    assert calls == [((data.n_cells, data.n_cells), (data.n_cells, data.n_classes))]
+    n = data.n_cells
+    assert calls == [((n, data.n_classes), (n, data.n_genes), n)]
     assert share[False] < 0.3 and share[True] > 0.9, share
 
 

@@ -3,14 +3,12 @@ import pytest
 import scipy.sparse as sp
 
 from tfp_scmix.propagate import (
-    PROPAGATED_WEIGHT,
     SPREADING_ALPHA,
-    correct_and_smooth,
     equal_blocks,
     knn_graph,
     label_spreading,
     principal_components,
-    self_training_targets,
+    self_training_labels,
     smooth,
     spread,
     with_known_labels,
@@ -53,53 +51,27 @@ def test_spread_holds_clamped_rows_and_converges_to_the_closed_form():
     assert np.array_equal(clamped[[0, 39]], start[[0, 39]])
 
 
-def test_correct_and_smooth_fixes_a_classifier_that_errs_within_a_cluster():
+def test_self_training_labels_are_the_known_ones_and_the_confident_calls_of_the_combined_call():
+    """Known labels stay; an unlabelled cell gets the call of `with_known_labels` where its probability is at
+    least the confidence, -1 elsewhere: a classifier wrong on a quarter of each cluster is mended by the known
+    labels of its neighbours, and cells the combined call is unsure of are left out."""
     points, truth = two_clusters()
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(np.where(truth[:, None] == np.arange(6) // 3, 20, 1)))
     labels = np.full(40, -1)
     labels[[0, 1, 20, 21]] = truth[[0, 1, 20, 21]]
-    # A classifier right on most cells but wrong, with confidence, on a quarter of each cluster.
     probs = np.where(truth[:, None] == np.arange(2), 0.7, 0.3)
     wrong = np.r_[5:10, 25:30]
     probs[wrong] = probs[wrong, ::-1]
-    result = correct_and_smooth(knn_graph(points, n_neighbors=8), probs, labels)
-    assert np.array_equal(result.argmax(axis=1), truth)
-    assert np.allclose(result.sum(axis=1), 1.0) and (result >= 0).all()
-    assert np.array_equal(result[[0, 1, 20, 21]], np.eye(2)[truth[[0, 1, 20, 21]]])
-
-
-def test_correct_and_smooth_refuses_what_it_cannot_use():
-    points, truth = two_clusters()
-    graph = knn_graph(points)
-    probs = np.full((40, 2), 0.5)
-    with pytest.raises(ValueError, match="needs labelled cells"):
-        correct_and_smooth(graph, probs, np.full(40, -1))
-    with pytest.raises(ValueError, match="must describe the same cells"):
-        correct_and_smooth(graph, probs[:30], truth[:30])
-
-
-def test_self_training_targets_keep_the_classifiers_class_proportions():
-    points, truth = two_clusters()
-    labels = np.full(40, -1)
-    labels[[0, 20]] = [0, 1]
-    probs = np.where(truth[:, None] == np.arange(2), 0.7, 0.3)
-    wrong = np.r_[5:10, 25:30]
-    probs[wrong] = probs[wrong, ::-1]
-    graph = knn_graph(points, n_neighbors=8)
-    targets = self_training_targets(graph, probs, labels)
-    assert np.array_equal(targets[[0, 20]], np.eye(2))
-    assert np.allclose(targets.sum(axis=1), 1.0)
-    assert np.array_equal(targets.argmax(axis=1), truth)
-    # The unlabelled rows mix the aligned propagated probabilities with the classifier's own.
-    hidden = labels < 0
-    propagated = correct_and_smooth(graph, probs, labels)[hidden]
-    aligned = propagated * probs[hidden].mean(0) / propagated.mean(0)
-    aligned /= aligned.sum(axis=1, keepdims=True)
-    expected = PROPAGATED_WEIGHT * aligned + (1 - PROPAGATED_WEIGHT) * probs[hidden]
-    np.testing.assert_allclose(targets[hidden], expected)
-    # A classifier that puts a fifth of the cells in class 1 keeps a fifth there, where propagation alone
-    # would follow the graph's two halves.
-    skewed = np.tile([0.8, 0.2], (40, 1))
-    assert abs(self_training_targets(graph, skewed, labels)[hidden].mean(0)[1] - 0.2) < 0.05
+    fitted = self_training_labels(probs, labels, counts, points, confidence=0.5)
+    assert np.array_equal(fitted, truth)
+    combined = with_known_labels(probs, labels, counts, points)
+    confidence = np.median(combined.max(axis=1)[labels < 0])  # half the unlabelled cells fall below it
+    strict = self_training_labels(probs, labels, counts, points, confidence=confidence)
+    unsure = (labels < 0) & (combined.max(axis=1) < confidence)
+    assert unsure.sum() >= 10 and (strict[unsure] == -1).all()
+    assert np.array_equal(strict[~unsure], truth[~unsure])
+    with pytest.raises(ValueError, match="no cell has a known label"):
+        self_training_labels(probs, np.full(40, -1), counts, points)
 
 
 def test_smooth_mends_scattered_errors_without_labels_and_is_the_renormalised_fixed_point():

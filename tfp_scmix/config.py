@@ -52,10 +52,11 @@ class Config:
         not shrunk away by the gene and topic priors. On the few-shot suite the model made fewer or equal errors
         with it on 13 of 15 dataset-seeds, as logistic regression weighted so did on all five datasets
         (docs/few_shot.md, "Balanced classes"; experiments/few_shot/balanced_classes/).
-      self_training: after the refit, fit the classification branch again with the unlabelled cells'
-        probabilities refined over their topic-space neighbour graph as soft labels (`SCMix.fit_classifier`,
-        `tfp_scmix.propagate`). Off by default: it helped on three datasets of the few-shot suite and cost
-        more on the pancreas set than it saved elsewhere (docs/few_shot.md).
+      self_training: after the refit, fit the classification branch again on the labelled cells and on the
+        unlabelled cells whose call, combined with the known labels spread over the cells as `annotate` does,
+        is confident (`SCMix.fit_classifier`, `tfp_scmix.propagate.self_training_labels`). Off by default: on
+        the few-shot suite it made fewer errors on four datasets and more on pbmc68k_reduced, the demo's
+        dataset (docs/few_shot.md, "Self-training from the combined call").
 
     Raises ValueError for an unknown option or a value out of range (the message names both).
     """

@@ -19,7 +19,7 @@ from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.cell import divide_offsets, normalise_counts
 from tfp_scmix.layers.horseshoe import default_global_scale
 from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
-from tfp_scmix.propagate import knn_graph, self_training_targets
+from tfp_scmix.propagate import self_training_labels
 from tfp_scmix.stream import H5ADStream
 
 # Sizes that come from the data: required by the constructor, never defaulted (they scale the loss).
@@ -362,10 +362,10 @@ class SCMix(keras.Model):
 
         With `config.self_training` and unlabelled cells in `data`, a second fit follows (self-training):
         the branch's probabilities for up to `SELF_TRAINING_CELLS` cells (every labelled one and a seeded
-        sample of the others) are refined by `propagate.self_training_targets` (correct-and-smooth on the kNN
-        graph of their topic features, aligned to the branch's class proportions), and the branch is fitted
-        again, warm, for 1 / `SELF_TRAINING_SHARE` of the steps, with those probabilities as soft labels of the
-        unlabelled cells (the labelled ones keep theirs; the KL is then per fitted cell).
+        sample of the others) are combined with the known labels spread over those cells, as `annotate` does
+        with known labels (`propagate.self_training_labels`: `with_known_labels`), and the branch is fitted
+        again, warm, for 1 / `SELF_TRAINING_SHARE` of the steps, on the labelled cells and the unlabelled ones
+        whose combined call is confident, each with that call as its label (the KL is then per fitted cell).
         Returns the final loss. Raises DataError when `data` has no labelled cell.
         """
         steps = self.config.classifier_steps if steps is None else int(steps)
@@ -379,10 +379,14 @@ class SCMix(keras.Model):
             return loss
         cells = self_training_cells(data.labels, self.seed)
         outputs = self.predict(data.subset(cells).dataset(batch_size, shuffle=False), verbose=0)
-        features = topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30)))
-        targets = self_training_targets(knn_graph(np.asarray(features)), outputs["probs"], data.labels[cells])
+        features = np.asarray(topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30))))
+        labels = self_training_labels(
+            outputs["probs"], data.labels[cells], data.counts[cells], features, seed=self.seed
+        )
+        fitted = labels >= 0
+        targets = np.eye(self.n_classes)[labels[fitted]]
         steps = max(steps // SELF_TRAINING_SHARE, 1)
-        return self._fit_class_branch(data, cells, outputs["cell_topic"], targets, steps, verbose)
+        return self._fit_class_branch(data, cells[fitted], outputs["cell_topic"][fitted], targets, steps, verbose)
 
     def _fit_class_branch(
         self, data: SCData, cells: np.ndarray, topics: np.ndarray, targets: np.ndarray, steps: int, verbose: int

@@ -1,20 +1,10 @@
 """Propagation stage: class probabilities spread over a k-nearest-neighbour graph of cells.
 
-The classification branch labels each cell from its own counts. Cells of one type sit together in the
-model's topic space, so the few known labels and the branch's own mistakes carry information about
-their neighbours. `correct_and_smooth` uses it the way Huang et al. (2021, "Combining label propagation
-and simple models out-performs graph neural networks", ICLR; their "autoscale" variant) do:
-
-1. correct: the residuals (one-hot label minus predicted probabilities) of the labelled cells are
-   propagated over the graph and added back to every cell's prediction, rescaled to the mean residual
-   size of the labelled cells;
-2. smooth: the corrected predictions, with the labelled cells clamped to their labels, are propagated
-   once more.
-
-Propagation iterates f <- (1 - alpha) f0 + alpha S f with S = D^-1/2 A D^-1/2, A the symmetrised kNN
-connectivity (Zhou et al. 2004, "Learning with local and global consistency", the label spreading that
-scikit-learn's `LabelSpreading` implements; that class clamps one-hot labels only, so it cannot start from
-a classifier's probabilities).
+The classification branch labels each cell from its own counts. Cells of one type sit together, so the few
+known labels carry information about their neighbours. Propagation iterates f <- (1 - alpha) f0 + alpha S f
+with S = D^-1/2 A D^-1/2, A the symmetrised kNN connectivity (Zhou et al. 2004, "Learning with local and global
+consistency", the label spreading that scikit-learn's `LabelSpreading` implements; that class clamps one-hot
+labels only, so it cannot start from a classifier's probabilities).
 
 `smooth` spreads a trained model's probabilities over the kNN graph of the cells it annotates, no cell
 clamped: each cell's call then weighs its neighbours' as much as its own (alpha = 0.5), which mends calls that a
@@ -29,11 +19,10 @@ own topic features side by side, combined with the model's probabilities as a pr
 2002): two sources of evidence about a cell's label, its own counts and its neighbours' known labels, each
 normalised. docs/few_shot.md, "Known labels of the annotated dataset", has the measurements.
 
-`self_training_targets` turns the result into the soft labels `SCMix.fit_classifier` fits the unlabelled
-cells to (self-training, docs/few_shot.md): propagation alone can let a large class swallow a small one
-whose few labelled cells sit near it, so the propagated probabilities are first rescaled per class to the
-classifier's own class proportions over the unlabelled cells (distribution alignment, Berthelot et al.
-2020, "ReMixMatch", ICLR) and then averaged with the classifier's probabilities.
+`self_training_labels` turns that combined call into the labels `SCMix.fit_classifier` fits the unlabelled
+cells to (self-training, docs/few_shot.md): each cell's call where the combined probability is at least
+`SELF_TRAINING_CONFIDENCE`, no label elsewhere. Seeded by the combined call rather than by the classifier alone,
+the refit learns from the neighbours' known labels as well as from its own confident calls.
 """
 
 from __future__ import annotations
@@ -43,7 +32,9 @@ import scipy.sparse as sp
 
 from tfp_scmix.data import log_normalised
 
-# Neighbours per cell (scanpy's `pp.neighbors` default) and the propagation settings of Huang et al.
+# Neighbours per cell (scanpy's `pp.neighbors` default); `spread`'s default weight of the neighbourhood and
+# iterations (those of Huang et al. 2021's correct-and-smooth, which this module implemented until self-training was
+# seeded by `with_known_labels`; every caller now passes its own alpha).
 N_NEIGHBORS = 15
 ALPHA = 0.8
 ITERATIONS = 50
@@ -57,8 +48,10 @@ SMOOTHING_ALPHA = 0.5
 SPREADING_ALPHA = 0.2
 # Principal components of the genes in the graph of `with_known_labels` (the few-shot suite's peers' 30).
 N_COMPONENTS = 30
-# Weight of the aligned propagated probabilities against the classifier's own in the self-training labels.
-PROPAGATED_WEIGHT = 0.5
+# The combined call's probability from which an unlabelled cell's call joins the self-training fit
+# (`self_training_labels`). Chosen with a stand-in classifier on the few-shot suite before the model was run
+# with it (experiments/few_shot/balanced_spreading/, column product_self_trained; docs/few_shot.md).
+SELF_TRAINING_CONFIDENCE = 0.9
 
 
 def knn_graph(features: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> sp.csr_matrix:
@@ -119,50 +112,6 @@ def smooth(
         return probs
     smoothed = spread(knn_graph(features, n_neighbors), probs, np.array([], int), alpha=alpha)
     return smoothed / np.maximum(smoothed.sum(axis=1, keepdims=True), 1e-12)
-
-
-def correct_and_smooth(graph: sp.csr_matrix, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Class probabilities `[n_cells, n_classes]` after correct-and-smooth (module docstring).
-
-    graph: `knn_graph` of the cells; probs: the classifier's probabilities `[n_cells, n_classes]`; labels:
-    `[n_cells]` class index, -1 where unknown. Labelled cells come back as their one-hot label; each row
-    sums to one. Raises ValueError when the shapes disagree or no cell is labelled.
-    """
-    probs = np.asarray(probs, np.float64)
-    labels = np.asarray(labels)
-    if graph.shape != (probs.shape[0],) * 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(
-            f"graph {graph.shape}, probs {probs.shape} and labels {labels.shape} must describe the same cells"
-        )
-    labelled = np.flatnonzero(labels >= 0)
-    if labelled.size == 0:
-        raise ValueError("correct_and_smooth needs labelled cells; every label is unknown (-1)")
-    onehot = np.zeros_like(probs)
-    onehot[labelled, labels[labelled]] = 1.0
-    residual = np.zeros_like(probs)
-    residual[labelled] = onehot[labelled] - probs[labelled]
-    residual = spread(graph, residual, labelled)
-    size = np.abs(residual[labelled]).sum(axis=1).mean()
-    corrected = probs + size * residual / np.maximum(np.abs(residual).sum(axis=1, keepdims=True), 1e-12)
-    corrected[labelled] = onehot[labelled]
-    smoothed = np.clip(spread(graph, corrected, labelled), 0.0, None)
-    return smoothed / np.maximum(smoothed.sum(axis=1, keepdims=True), 1e-12)
-
-
-def self_training_targets(graph: sp.csr_matrix, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Soft labels `[n_cells, n_classes]` for self-training (module docstring): one-hot for labelled cells;
-    for the others `PROPAGATED_WEIGHT` x correct-and-smooth's probabilities, aligned to the classifier's
-    class proportions over them, plus the rest x `probs`. Arguments and errors as `correct_and_smooth`."""
-    targets = correct_and_smooth(graph, probs, labels)
-    unlabelled = np.asarray(labels) < 0
-    if unlabelled.any():
-        probs = np.asarray(probs, np.float64)
-        aligned = (
-            targets[unlabelled] * probs[unlabelled].mean(axis=0) / np.maximum(targets[unlabelled].mean(axis=0), 1e-12)
-        )
-        aligned /= np.maximum(aligned.sum(axis=1, keepdims=True), 1e-12)
-        targets[unlabelled] = PROPAGATED_WEIGHT * aligned + (1.0 - PROPAGATED_WEIGHT) * probs[unlabelled]
-    return targets
 
 
 def principal_components(
@@ -266,3 +215,21 @@ def with_known_labels(
     spreading = label_spreading(knn_graph(features, n_neighbors), labels, probs.shape[1])
     combined = np.maximum(probs, 1e-12) * np.maximum(spreading, 1e-12)
     return combined / combined.sum(axis=1, keepdims=True)
+
+
+def self_training_labels(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    counts: sp.spmatrix,
+    topic_features: np.ndarray,
+    confidence: float = SELF_TRAINING_CONFIDENCE,
+    seed: int = 0,
+) -> np.ndarray:
+    """Labels `[n_cells]` (class index, -1 for none) for the self-training fit of the classification branch: the
+    known label where `labels` has one; elsewhere the call of `with_known_labels(probs, labels, counts,
+    topic_features, seed=seed)` where its probability is at least `confidence`, and -1 where it is not.
+    Arguments and errors as `with_known_labels`."""
+    combined = with_known_labels(probs, labels, counts, topic_features, seed=seed)
+    labels = np.asarray(labels)
+    confident = combined.max(axis=1) >= confidence
+    return np.where(labels >= 0, labels, np.where(confident, combined.argmax(axis=1), -1))

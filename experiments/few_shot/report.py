@@ -189,6 +189,14 @@ VARIANT_RUNS = [
 # The default with the batch offsets learned from the likelihood alone (no gradient through the encoder's
 # input; performance issue 16, eighth round), against the with_labels/ rows of the default before that change.
 OFFSETS_RUN = "offsets_no_encoder_gradient"
+# Self-training (`Config.self_training`, off by default) with the known labels, seeds 0-2 of the suite: with its
+# first targets (correct-and-smooth over the topic graph, commit 3fdc110) and seeded by the combined call
+# (`propagate.self_training_labels`), set beside the default of OFFSETS_RUN (same splits, genes, seeds).
+SELF_TRAINING_RUNS = [
+    ("default", OFFSETS_RUN, "tfp_scmix:with_labels=True"),
+    ("self-training, first targets", "self_training_with_labels", "tfp_scmix:with_labels=True,self_training=True"),
+    ("self-training from the combined call", "self_training_product", "tfp_scmix:with_labels=True,self_training=True"),
+]
 
 
 def before_after_table(before, after, method):
@@ -199,6 +207,17 @@ def before_after_table(before, after, method):
     columns = {f"{c} {w}": "mean" for c in ("per_cell_errors", "errors", "macro_f1") for w in ("before", "after")}
     table = both.groupby("dataset", sort=False).agg({**columns, "seed": "nunique"}).round(3).reset_index()
     return table.rename(columns={"seed": "seeds"})
+
+
+def variants_table(frames):
+    """Mean errors of the per-cell call and with the known labels, and macro-F1 with them, per dataset and
+    variant, on the dataset-seeds every variant measured. frames: [(variant name, frame, method)]."""
+    rows = [frame[frame.method == method].assign(variant=name) for name, frame, method in frames]
+    both = pd.concat(rows)
+    shared = both.groupby(["dataset", "seed"]).variant.transform("nunique") == len(frames)
+    columns = {"per_cell_errors": "mean", "errors": "mean", "macro_f1": "mean", "seed": "nunique"}
+    table = both[shared].groupby(["dataset", "variant"], sort=False).agg(columns).round(3).reset_index()
+    return table.rename(columns={"errors": "errors with the known labels", "seed": "seeds"})
 
 
 def versus_table(variants):
@@ -298,6 +317,18 @@ def report(folder=HERE):
             "the known labels. The main table's rows above were measured before the change.",
             "",
             markdown_table(before_after_table(with_labels, offsets, WITH_LABELS[1])),
+            "",
+        ]
+    runs = [(name, read(folder / run), method) for name, run, method in SELF_TRAINING_RUNS]
+    if all(frame is not None for _, frame, _ in runs):
+        parts += [
+            "## Self-training from the combined call (`Config.self_training`, off by default)",
+            "",
+            "The default (" + OFFSETS_RUN + "/) against `self_training=True` with its first targets "
+            "(self_training_with_labels/, commit 3fdc110) and seeded by the combined call "
+            "(self_training_product/), same splits, genes and seeds; docs/few_shot.md.",
+            "",
+            markdown_table(variants_table(runs)),
             "",
         ]
     before, trained = read(folder / "standardised_genes"), read(folder / "self_training")

@@ -28,6 +28,10 @@ The results in this folder come from these runs (each writes results.csv and sum
         --seeds 0 1 2 --methods tfp_scmix:prior=normal --out experiments/few_shot/prior_normal_balanced
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
         --seeds 0 1 2 --methods tfp_scmix:with_labels=True --out experiments/few_shot/with_labels
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
+        --seeds 0 1 2 --methods tfp_scmix:with_labels=True,self_training=True \
+        --out experiments/few_shot/self_training_product
+    # self_training_with_labels/ holds the rows of that command with self-training's first targets (commit 3fdc110)
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
     # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
     # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
