@@ -217,6 +217,9 @@ def variants_table(frames):
     shared = both.groupby(["dataset", "seed"]).variant.transform("nunique") == len(frames)
     columns = {"per_cell_errors": "mean", "errors": "mean", "macro_f1": "mean", "seed": "nunique"}
     table = both[shared].groupby(["dataset", "variant"], sort=False).agg(columns).round(3).reset_index()
+    order = {name: i for i, (name, _, _) in enumerate(frames)}
+    datasets = {name: i for i, name in enumerate(dict.fromkeys(table.dataset))}
+    table = table.sort_values(["dataset", "variant"], key=lambda c: c.map(datasets if c.name == "dataset" else order))
     return table.rename(columns={"errors": "errors with the known labels", "seed": "seeds"})
 
 
