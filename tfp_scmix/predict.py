@@ -340,8 +340,8 @@ class _Buffers:
 
     A new array for every chunk costs the kernel a page fault for every 4 KB page it is written to, and where
     numpy asks for huge pages (arrays of 4 MB and more), their zeroing and at times memory compaction: reading a
-    10,000-cell chunk of the Kang file (40 MB) took 21 ms into new arrays, up to 98 ms with huge pages, and 7 ms
-    into memory already written (probe; docs/performance.md, "Chunks read into reused memory"). A chunk reads
+    10,000-cell chunk of the Kang file (40 MB) took 21 ms into new arrays, 98-103 ms with huge pages, and 11 ms
+    into memory already written (probes; docs/performance.md, "Chunks read into reused memory"). A chunk reads
     into a `lease`; once its outputs are gathered, `release` gives its memory back for a later chunk. `take`
     hands out a byte array of at least the size asked for from what was given back where one is large enough;
     otherwise it lets go of what was given back and allocates, with `HEADROOM` for later chunks' larger sizes.

@@ -18,6 +18,8 @@ behind today's default rows; prior_normal_balanced/ the Gaussian prior on W with
 joint/ holds the joint label mode measured while the cut was the default (the evidence for the switch; the
 default's own rows now come from the same settings);
 class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
+self_training_with_labels/ and self_training_product/ hold `self_training=True` with the known labels (its first
+targets, and seeded by the combined call), set beside offsets_no_encoder_gradient/'s default (`SELF_TRAINING_RUNS`).
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 

@@ -126,3 +126,26 @@ def test_balanced_spreading_weighs_each_class_alike(tmp_path):
     row = balanced_spreading.one_split(suite_dataset("pbmc68k_reduced"), "pbmc68k_reduced", 0)
     scores = [v for k, v in row.items() if k not in ("dataset", "seed")]
     assert len(scores) == 6 and all(0 < v < 550 for v in scores)
+
+
+def test_variants_table_compares_the_dataset_seeds_every_variant_measured():
+    """Means per dataset and variant over the dataset-seeds that every variant has, in the variants' order."""
+    from experiments.few_shot import report
+
+    def frame(method, errors):
+        return pd.DataFrame(
+            {
+                "method": method,
+                "dataset": ["a", "a", "b", "b"],
+                "seed": [0, 1, 0, 1],
+                "errors": errors,
+                "per_cell_errors": [e + 1 for e in errors],
+                "macro_f1": 0.5,
+            }
+        )
+
+    first, second = frame("m", [10, 20, 30, 40]), frame("n", [1, 2, 3, 4]).iloc[:3]  # b seed 1 missing
+    table = report.variants_table([("first", first, "m"), ("second", second, "n")])
+    assert list(zip(table.dataset, table.variant)) == [("a", "first"), ("a", "second"), ("b", "first"), ("b", "second")]
+    assert table["errors with the known labels"].tolist() == [15.0, 1.5, 30.0, 3.0]
+    assert table.seeds.tolist() == [2, 2, 1, 1]
