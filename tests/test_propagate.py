@@ -52,9 +52,9 @@ def test_spread_holds_clamped_rows_and_converges_to_the_closed_form():
 
 
 def test_self_training_labels_are_the_known_ones_and_the_confident_calls_of_the_combined_call():
-    """Known labels stay; an unlabelled cell gets the call of `with_known_labels` where its probability is at
-    least the confidence, -1 elsewhere: a classifier wrong on a quarter of each cluster is mended by the known
-    labels of its neighbours, and cells the combined call is unsure of are left out."""
+    """Known labels stay; an unlabelled cell gets the combined call where its probability is at least the
+    confidence, -1 elsewhere. On two clusters, a classifier wrong on a quarter of each is mended by the known
+    labels of its neighbours (`with_known_labels`), and cells the combined call is unsure of are left out."""
     points, truth = two_clusters()
     counts = sp.csr_matrix(np.random.default_rng(0).poisson(np.where(truth[:, None] == np.arange(6) // 3, 20, 1)))
     labels = np.full(40, -1)
@@ -62,16 +62,18 @@ def test_self_training_labels_are_the_known_ones_and_the_confident_calls_of_the_
     probs = np.where(truth[:, None] == np.arange(2), 0.7, 0.3)
     wrong = np.r_[5:10, 25:30]
     probs[wrong] = probs[wrong, ::-1]
-    fitted = self_training_labels(probs, labels, counts, points, confidence=0.5)
-    assert np.array_equal(fitted, truth)
     combined = with_known_labels(probs, labels, counts, points)
+    assert np.array_equal(self_training_labels(combined, labels, confidence=0.5), truth)
     confidence = np.median(combined.max(axis=1)[labels < 0])  # half the unlabelled cells fall below it
-    strict = self_training_labels(probs, labels, counts, points, confidence=confidence)
+    strict = self_training_labels(combined, labels, confidence=confidence)
     unsure = (labels < 0) & (combined.max(axis=1) < confidence)
     assert unsure.sum() >= 10 and (strict[unsure] == -1).all()
     assert np.array_equal(strict[~unsure], truth[~unsure])
-    with pytest.raises(ValueError, match="no cell has a known label"):
-        self_training_labels(probs, np.full(40, -1), counts, points)
+    flipped = labels.copy()
+    flipped[0] = 1  # a known label overrides a confident call
+    assert self_training_labels(combined, flipped, confidence=0.5)[0] == 1
+    with pytest.raises(ValueError, match="must describe the same cells"):
+        self_training_labels(combined, labels[:30])
 
 
 def test_smooth_mends_scattered_errors_without_labels_and_is_the_renormalised_fixed_point():

@@ -19,7 +19,7 @@ from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.cell import divide_offsets, normalise_counts
 from tfp_scmix.layers.horseshoe import default_global_scale
 from tfp_scmix.loss import ELBO_TERMS, as_sparse, multinomial_log_prob
-from tfp_scmix.propagate import self_training_labels
+from tfp_scmix.propagate import self_training_labels, with_known_labels
 from tfp_scmix.stream import H5ADStream
 
 # Sizes that come from the data: required by the constructor, never defaulted (they scale the loss).
@@ -363,7 +363,7 @@ class SCMix(keras.Model):
         With `config.self_training` and unlabelled cells in `data`, a second fit follows (self-training):
         the branch's probabilities for up to `SELF_TRAINING_CELLS` cells (every labelled one and a seeded
         sample of the others) are combined with the known labels spread over those cells, as `annotate` does
-        with known labels (`propagate.self_training_labels`: `with_known_labels`), and the branch is fitted
+        with known labels (`propagate.with_known_labels`, then `self_training_labels`), and the branch is fitted
         again, warm, for 1 / `SELF_TRAINING_SHARE` of the steps, on the labelled cells and the unlabelled ones
         whose combined call is confident, each with that call as its label (the KL is then per fitted cell).
         Returns the final loss. Raises DataError when `data` has no labelled cell.
@@ -380,9 +380,9 @@ class SCMix(keras.Model):
         cells = self_training_cells(data.labels, self.seed)
         outputs = self.predict(data.subset(cells).dataset(batch_size, shuffle=False), verbose=0)
         features = np.asarray(topic_features(np.log(np.maximum(outputs["cell_topic"], 1e-30))))
-        labels = self_training_labels(
-            outputs["probs"], data.labels[cells], data.counts[cells], features, seed=self.seed
-        )
+        known = data.labels[cells]
+        combined = with_known_labels(outputs["probs"], known, data.counts[cells], features, seed=self.seed)
+        labels = self_training_labels(combined, known)
         fitted = labels >= 0
         targets = np.eye(self.n_classes)[labels[fitted]]
         steps = max(steps // SELF_TRAINING_SHARE, 1)

@@ -218,18 +218,14 @@ def with_known_labels(
 
 
 def self_training_labels(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    counts: sp.spmatrix,
-    topic_features: np.ndarray,
-    confidence: float = SELF_TRAINING_CONFIDENCE,
-    seed: int = 0,
+    combined: np.ndarray, labels: np.ndarray, confidence: float = SELF_TRAINING_CONFIDENCE
 ) -> np.ndarray:
     """Labels `[n_cells]` (class index, -1 for none) for the self-training fit of the classification branch: the
-    known label where `labels` has one; elsewhere the call of `with_known_labels(probs, labels, counts,
-    topic_features, seed=seed)` where its probability is at least `confidence`, and -1 where it is not.
-    Arguments and errors as `with_known_labels`."""
-    combined = with_known_labels(probs, labels, counts, topic_features, seed=seed)
-    labels = np.asarray(labels)
+    known label where `labels` `[n_cells]` has one (-1 where unknown); elsewhere the call of `combined`
+    `[n_cells, n_classes]` (`with_known_labels`'s probabilities) where its probability is at least `confidence`,
+    and -1 where it is not. Raises ValueError when the shapes disagree."""
+    combined, labels = np.asarray(combined), np.asarray(labels)
+    if combined.ndim != 2 or labels.shape != combined.shape[:1]:
+        raise ValueError(f"combined {combined.shape} and labels {labels.shape} must describe the same cells")
     confident = combined.max(axis=1) >= confidence
     return np.where(labels >= 0, labels, np.where(confident, combined.argmax(axis=1), -1))
