@@ -4,7 +4,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tfp_scmix.data import DataError, align_genes, encode_labels, from_anndata, highly_variable_genes, read_h5ad
+from tfp_scmix.data import (
+    DATA_DIR_ENV,
+    DataError,
+    align_genes,
+    encode_labels,
+    from_anndata,
+    highly_variable_genes,
+    read_h5ad,
+)
 
 
 def make_adata(counts, genes=None, labels=None):
@@ -245,8 +253,22 @@ def test_corrupt_h5ad(tmp_path):
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
     with pytest.raises(DataError, match="truncated or corrupt"):
         read_h5ad(path)
-    with pytest.raises(DataError, match="not found"):
+
+
+def test_a_missing_file_is_named_with_where_it_was_looked_for(tmp_path, monkeypatch):
+    """An absolute path is looked for there alone: the message names it (and a missing folder), not the data
+    folder's variable; a bare name is looked for in the working directory and in $TFP_SCMIX_DATA."""
+    with pytest.raises(DataError, match="no file at .*missing.h5ad. Check the path") as absolute:
         read_h5ad(tmp_path / "missing.h5ad")
+    assert DATA_DIR_ENV not in str(absolute.value)
+    with pytest.raises(DataError, match="its folder .*nowhere does not exist either"):
+        read_h5ad(tmp_path / "nowhere" / "missing.h5ad")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    with pytest.raises(
+        DataError, match=r"'missing.h5ad' not found \(looked in the working directory; \$TFP_SCMIX_DATA="
+    ):
+        read_h5ad("missing.h5ad")
 
 
 def test_real_embedded_dataset(embedded):

@@ -144,7 +144,7 @@ def test_model_inputs_of_the_wrong_shape_or_kind_get_clear_errors(small_model, e
     ensembl.var_names = [f"ENSG{i:011d}" for i in range(ensembl.n_vars)]
     with pytest.raises(DataError, match="Ensembl"):
         scm.predict(small_model, ensembl)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="no file at .*missing.h5ad. Check the path"):
         scm.predict(small_model, tmp_path / "missing.h5ad")
     half = embedded_adata[:20, :300].copy()  # 300 of the model's 765 genes (39%)
     with pytest.raises(DataError, match="only 300 of the model's 765 genes"):

@@ -58,11 +58,14 @@ def test_train_always_returns_an_ensemble(small_model, two_restarts, embedded):
 
 def test_the_progress_bar_is_named_for_each_restart_from_its_first_draw(synthetic, capsys):
     """verbose=1: one bar over every restart's epochs, named "restart 1/2" from its first draw (it was drawn as
-    "training" and renamed at once, so a log showed both), then "restart 2/2"; "training" with one restart."""
+    "training" and renamed at once, so a log showed both), then "restart 2/2", and no "restart 1 of 2" line
+    printed into it (verbose=2's line); "training" with one restart."""
     data, _ = synthetic
     config = TINY.replace(epochs=1, classifier_steps=5)
     scm.train(data, config, restarts=2, seed=0, verbose=1)
-    records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if "epoch" in r]
+    captured = capsys.readouterr()
+    assert "restart 1 of 2" not in captured.out + captured.err  # the bar names the restart: no line beside it
+    records = [r for r in captured.err.replace("\r", "\n").splitlines() if "epoch" in r]
     assert records and records[0].startswith("restart 1/2") and records[-1].startswith("restart 2/2"), records
     assert not any(r.startswith("training") for r in records), records
     zero = [r for r in records if r.startswith("restart 1/2") and " 0/" in r]

@@ -58,7 +58,8 @@ class Config:
         the few-shot suite it made fewer errors on four datasets and more on pbmc68k_reduced, the demo's
         dataset (docs/few_shot.md, "Self-training from the combined call").
 
-    Raises ValueError for an unknown option or a value out of range (the message names both).
+    Raises ValueError for a value out of range, and for an unknown option given to `replace` or `from_dict`
+    (the message names both and lists the settings); `Config(unknown=...)` raises Python's TypeError.
     """
 
     n_topics: int = 50

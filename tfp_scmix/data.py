@@ -62,11 +62,14 @@ def check_argument(
 def data_path(name: str) -> Path:
     """Path of a dataset file: `name` itself if it exists, else `$TFP_SCMIX_DATA/name`.
 
-    Raises DataError when neither exists; the message says where it looked.
+    Raises DataError when neither exists; the message says where it looked (for an absolute path, only there).
     """
     path = Path(name)
     if path.exists():
         return path
+    if path.is_absolute():
+        folder = "" if path.parent.is_dir() else f"; its folder {path.parent} does not exist either"
+        raise DataError(f"no file at {name}{folder}. Check the path.")
     root = os.environ.get(DATA_DIR_ENV)
     if root and (Path(root) / name).exists():
         return Path(root) / name

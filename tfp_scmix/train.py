@@ -119,8 +119,9 @@ def train(
     try:
         for restart in range(int(restarts)):
             member_seed = seed + restart
-            if bar is not None and restart:  # the first restart's name is the bar's own: no second draw of it
-                bar.bar.set_description(_restart_name(restart, restarts))
+            if bar is not None:  # the first restart's name is the bar's own: no second draw of it, no line
+                if restart:
+                    bar.bar.set_description(_restart_name(restart, restarts))
             elif verbose and restarts > 1:
                 print(f"restart {restart + 1} of {restarts} (seed {member_seed})")
             fit_callbacks = [*callbacks, bar] if bar is not None else list(callbacks)
