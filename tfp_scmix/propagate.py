@@ -32,11 +32,9 @@ import scipy.sparse as sp
 
 from tfp_scmix.data import log_normalised
 
-# Neighbours per cell (scanpy's `pp.neighbors` default); `spread`'s default weight of the neighbourhood and
-# iterations (those of Huang et al. 2021's correct-and-smooth, which this module implemented until self-training was
-# seeded by `with_known_labels`; every caller now passes its own alpha).
+# Neighbours per cell (scanpy's `pp.neighbors` default) and `spread`'s iterations (those of Huang et al. 2021's
+# correct-and-smooth, which this module implemented until self-training was seeded by `with_known_labels`).
 N_NEIGHBORS = 15
-ALPHA = 0.8
 ITERATIONS = 50
 # Smoothing's weight of the neighbourhood against the cell's own prediction (`smooth`): equal weights. Of
 # 0.5, 0.8, 0.9 and 0.95 on the transfer matrix (docs/cross_dataset.md), the only one that cost no pair more
@@ -79,11 +77,12 @@ def spread(
     graph: sp.csr_matrix,
     start: np.ndarray,
     clamped: np.ndarray,
-    alpha: float = ALPHA,
+    alpha: float,
     iterations: int = ITERATIONS,
 ) -> np.ndarray:
     """Iterate f <- (1 - alpha) start + alpha graph f `iterations` times, rows `clamped` (index) held at
-    their `start` values; start `[n_cells, n_classes]`. Returns f `[n_cells, n_classes]`."""
+    their `start` values; start `[n_cells, n_classes]`; alpha the neighbourhood's weight, each caller's own
+    (`SMOOTHING_ALPHA`, `SPREADING_ALPHA`). Returns f `[n_cells, n_classes]`."""
     result = start.copy()
     for _ in range(int(iterations)):
         result = (1.0 - alpha) * start + alpha * (graph @ result)
