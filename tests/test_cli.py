@@ -112,6 +112,28 @@ def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_fi
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthetic_file, tmp_path):
+    """A mistyped path is named at once: no TensorFlow import (seconds) before the error."""
+    from tests.helpers import run_python
+
+    _, path = synthetic_file
+    script = """
+        import sys
+        from tfp_scmix.cli import main
+        code = main(sys.argv[1:])
+        print(code, "tensorflow" in sys.modules)
+        """
+    for argv, named in (
+        (["annotate", tmp_path / "m.keras", path, "--out", tmp_path / "a.h5ad"], "no model file at"),
+        (["train", tmp_path / "missing.h5ad", "--out", tmp_path / "m.keras"], "missing.h5ad"),
+        (["explain", tmp_path / "m.keras", "--out", tmp_path / "e"], "no model file at"),
+    ):
+        run = run_python(script, *argv)
+        assert run.stdout.split() == ["2", "False"], (argv, run.stdout, run.stderr)
+        assert named in run.stderr and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory(synthetic_file, tmp_path, capsys):
     """`tfp-scmix train`, killed after some epochs and run again with the same command, resumes from its last
     finished epoch (before: from epoch 1, issue 18): its backups are in `.model.keras.checkpoints` beside

@@ -284,9 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_input(args) -> str | None:
+    """The error for a model or data file named on the command line that does not exist (None when all do).
+
+    Checked before TensorFlow's import, which takes seconds, so that a mistyped path fails at once; the
+    messages are those `load_model` and `read` would give (`tfp_scmix.data.data_path` for the data).
+    """
+    from tfp_scmix.data import DataError, data_path
+
+    model = getattr(args, "model", None)
+    if model and not Path(model).is_file():
+        return f"no model file at {model}; train one with `tfp-scmix train ... --out {model}`."
+    data = getattr(args, "data", None)
+    try:
+        if data:
+            data_path(data)
+    except DataError as err:
+        return str(err)
+    return None
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    missing = missing_input(args)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     if args.verbose >= 2 and "tensorflow" not in sys.modules:
         os.environ[scm.VERBOSE_ENV] = "1"
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
