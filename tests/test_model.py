@@ -296,17 +296,25 @@ def test_self_training_fits_the_class_branch_to_the_combined_calls(small_model, 
     monkeypatch.setattr(model_stage, "self_training_labels", one_class)
     trained, config = model.classifier.get_weights(), model.config
     hidden = data.labels < 0
-    share = {}
+    share, added = {}, {}
     try:
         for self_training in (False, True):
             model.config = config.replace(self_training=self_training)
             model.fit_classifier(data, steps=400)
             share[self_training] = (scm.predict(model, data)["label"][hidden] == 0).mean()
+            added[self_training] = model.self_trained_cells
     finally:
         model.config = config
         model.classifier.set_weights(trained)
+        model.self_trained_cells = None
     assert calls == [(data.n_cells, data.n_classes)]
     assert share[False] < 0.3 and share[True] > 0.9, share
+    assert added == {False: None, True: int(hidden.sum())}  # the training summary's count
+    from tfp_scmix.train import summary_line
+
+    line = summary_line({**small_model.training_summary, "self_trained_cells": [added[True], None]})
+    assert line.endswith(f"; self-training added confident unlabelled cells per model: {int(hidden.sum())}, -")
+    assert "self-training" not in summary_line(small_model.training_summary)
 
 
 def test_balanced_class_weights_are_scikit_learns():

@@ -164,6 +164,8 @@ class SCMix(keras.Model):
         self.config = config
         self.seed = int(seed)
         self.adapted_batch = None if adapted_batch is None else int(adapted_batch)
+        # Unlabelled cells the last `fit_classifier` added by self-training (None: it did not self-train).
+        self.self_trained_cells: int | None = None
         self.sizes = {
             "n_cells": int(n_cells),
             "n_labelled": int(n_labelled),
@@ -366,8 +368,10 @@ class SCMix(keras.Model):
         with known labels (`propagate.with_known_labels`, then `self_training_labels`), and the branch is fitted
         again, warm, for 1 / `SELF_TRAINING_SHARE` of the steps, on the labelled cells and the unlabelled ones
         whose combined call is confident, each with that call as its label (the KL is then per fitted cell).
+        The number of unlabelled cells that joined is kept in `self_trained_cells` (the training summary's).
         Returns the final loss. Raises DataError when `data` has no labelled cell.
         """
+        self.self_trained_cells = None
         steps = self.config.classifier_steps if steps is None else int(steps)
         labelled = np.flatnonzero(data.labels >= 0)
         if labelled.size == 0:
@@ -384,6 +388,7 @@ class SCMix(keras.Model):
         combined = with_known_labels(outputs["probs"], known, data.counts[cells], features, seed=self.seed)
         labels = self_training_labels(combined, known)
         fitted = labels >= 0
+        self.self_trained_cells = int(fitted.sum() - (known >= 0).sum())
         targets = np.eye(self.n_classes)[labels[fitted]]
         steps = max(steps // SELF_TRAINING_SHARE, 1)
         return self._fit_class_branch(data, cells[fitted], outputs["cell_topic"][fitted], targets, steps, verbose)

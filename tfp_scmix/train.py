@@ -181,6 +181,9 @@ def _summarise(ensemble: SCMixEnsemble, data: SCData | H5ADStream, seconds: floa
         "labelled_per_class": {c: int(n) for c, n in zip(data.classes, counts)},
         "training_accuracy": None,
     }
+    added = [member.self_trained_cells for member in ensemble.members]
+    if any(n is not None for n in added):  # Config.self_training ran (members loaded from a backup lack it)
+        summary["self_trained_cells"] = added
     if cells.n_cells:
         out = ensemble.predict(cells.dataset(1024, shuffle=False), verbose=0)
         summary["training_accuracy"] = float((out["label"] == cells.labels).mean())
@@ -199,7 +202,16 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"trained {summary['restarts']} model(s) x {summary['epochs']} epochs on {summary['n_cells']} cells x "
         f"{summary['n_genes']} genes in {summary['seconds']:.0f} s; {summary['n_labelled']} labelled cells "
         f"({per_class}); accuracy on them {'-' if accuracy is None else f'{accuracy:.3f}'}"
+        + _self_training_words(summary.get("self_trained_cells"))
     )
+
+
+def _self_training_words(added: list[int | None] | None) -> str:
+    """The summary line's account of self-training: unlabelled cells each model's refit added."""
+    if not added:
+        return ""
+    counts = ", ".join("-" if n is None else str(n) for n in added)
+    return f"; self-training added confident unlabelled cells per model: {counts}"
 
 
 def _finished_restart(path: Path, data, config: Config, seed: int) -> SCMix:
