@@ -7,7 +7,9 @@ from tfp_scmix.propagate import (
     equal_blocks,
     knn_graph,
     label_spreading,
+    pooled_counts,
     principal_components,
+    product_of_experts,
     self_training_labels,
     smooth,
     spread,
@@ -173,3 +175,25 @@ def test_with_known_labels_mends_a_classifier_by_its_labelled_neighbours():
         with_known_labels(probs[:50], labels[:50], counts, points)
     with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
         with_known_labels(probs, np.where(labels >= 0, 2, -1), counts, points)
+
+
+def test_pooled_counts_sum_each_cell_with_its_neighbours():
+    """Row i of the pooled counts is cell i's counts plus those of every cell connected to it in the graph,
+    whatever the graph's weights; raw integer counts stay integers of the same dtype."""
+    counts = sp.csr_matrix(np.array([[1, 0, 2], [0, 3, 0], [4, 0, 0], [0, 0, 5]], np.int32))
+    # Path 0 - 1 - 2, cell 3 alone; weights as knn_graph's normalisation leaves them.
+    graph = sp.csr_matrix(np.array([[0, 0.5, 0, 0], [0.5, 0, 0.7, 0], [0, 0.7, 0, 0], [0, 0, 0, 0]]))
+    pooled = pooled_counts(graph, counts, np.array([1, 3, 0]))
+    assert pooled.dtype == np.int32
+    np.testing.assert_array_equal(pooled.toarray(), [[5, 3, 2], [0, 0, 5], [1, 3, 2]])
+    assert pooled_counts(graph, counts, np.array([], int)).shape == (0, 3)
+
+
+def test_product_of_experts_multiplies_and_renormalises_without_a_veto():
+    first = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    second = np.array([[0.25, 0.75, 0.0], [0.5, 0.25, 0.25]])
+    result = product_of_experts(first, second)
+    np.testing.assert_allclose(result[1], np.array([0.1, 0.075, 0.125]) / 0.3)
+    np.testing.assert_allclose(result[0, :2], [0.25, 0.75], rtol=1e-9)
+    assert result[0, 2] > 0  # a zero is floored: one expert alone cannot rule a class out
+    np.testing.assert_allclose(result.sum(axis=1), 1.0)

@@ -210,9 +210,42 @@ def with_known_labels(
         raise ValueError("no cell has a known label (every label is -1): nothing to spread")
     if n_cells < 2:
         return probs
-    features = equal_blocks(principal_components(counts, seed=seed), topic_features)
-    spreading = label_spreading(knn_graph(features, n_neighbors), labels, probs.shape[1])
-    combined = np.maximum(probs, 1e-12) * np.maximum(spreading, 1e-12)
+    graph = known_labels_graph(counts, topic_features, n_neighbors, seed)
+    return product_of_experts(probs, label_spreading(graph, labels, probs.shape[1]))
+
+
+def known_labels_graph(
+    counts: sp.spmatrix, topic_features: np.ndarray, n_neighbors: int = N_NEIGHBORS, seed: int = 0
+) -> sp.csr_matrix:
+    """The `knn_graph` `[n_cells, n_cells]` of the cells of a dataset annotated with its own known labels: the
+    genes' `principal_components` of `counts` `[n_cells, n_genes]` beside `topic_features` `[n_cells,
+    n_features]` (the model's X_scmix), each block weighing equally (`equal_blocks`). Raises ValueError for
+    fewer than two cells."""
+    return knn_graph(equal_blocks(principal_components(counts, seed=seed), topic_features), n_neighbors)
+
+
+def pooled_counts(graph: sp.spmatrix, counts: sp.spmatrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Counts `[len(rows), n_genes]` of each cell in `rows` (index) summed with those of its neighbours in `graph`
+    (`[n_cells, n_cells]`, every nonzero entry of the cell's row; `knn_graph`'s are symmetric): kNN pooling, as
+    kNN-smoothing (Wagner et al. 2018, arXiv:1803.00008) and metacells (Baran et al. 2019, Genome Biology 20:206)
+    pool a cell with its nearest neighbours, so that its sampling noise shrinks and its genes of few counts
+    show. counts: `[n_cells, n_genes]`, raw counts; the sums keep their dtype and stay integers (raw counts).
+    Memory: each pooled row holds the union of its cells' nonzeros, up to (n_neighbors + 1) times a cell's."""
+    rows = np.asarray(rows, np.int64)
+    connect = sp.csr_matrix(graph[rows], copy=True)
+    connect.data = np.ones_like(connect.data)
+    connect = connect + sp.csr_matrix((np.ones(len(rows)), (np.arange(len(rows)), rows)), shape=connect.shape)
+    return sp.csr_matrix(connect.astype(counts.dtype) @ sp.csr_matrix(counts))
+
+
+def product_of_experts(*probs: np.ndarray) -> np.ndarray:
+    """Each cell's product of the class distributions `probs` (each `[n_cells, n_classes]`), renormalised
+    (Hinton 2002, "Training products of experts by minimizing contrastive divergence"): independent sources of
+    evidence about a cell's label. Probabilities are floored at 1e-12, so that no expert vetoes a class alone.
+    Returns float64 `[n_cells, n_classes]`, rows summing to one."""
+    combined = np.ones(np.shape(probs[0]))
+    for expert in probs:
+        combined = combined * np.maximum(np.asarray(expert, np.float64), 1e-12)
     return combined / combined.sum(axis=1, keepdims=True)
 
 

@@ -262,13 +262,16 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
     """tfp_scmix trained on the visible cells (labels of `labelled` only) by `scm.train` with the package's
     defaults (an ensemble of 3 restarts unless `restarts` is given; other options are `Config` settings).
     with_labels: predict as `annotate(..., label_key=...)` does, annotating the visible and test cells
-    together with the labelled cells' labels (`propagate.with_known_labels`); the per-cell call's errors of
-    the same model go to the extra score "per_cell_errors".
+    together with the labelled cells' labels (`annotate.with_labels_probs`: the per-cell probabilities times
+    those of pooled counts); the per-cell call's errors of the same model go to the extra score
+    "per_cell_errors", and the ablation of the call's parts (`known_label_experts`) to "pooled_only_errors",
+    "with_spreading_errors" and "pooled_and_spreading_errors".
     Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
     over the members)."""
     from sklearn.linear_model import LogisticRegression
 
-    from tfp_scmix.annotate import with_labels_probs
+    from tfp_scmix.annotate import known_label_experts
+    from tfp_scmix.propagate import product_of_experts
 
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
@@ -279,7 +282,18 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
         extras["per_cell_errors"] = int((predicted != truth).sum())
         cells = np.union1d(visible, test)
         known = data.subset(cells).hide_labels(np.flatnonzero(np.isin(cells, labelled)))
-        predicted = with_labels_probs(model, known).argmax(axis=1)[np.searchsorted(cells, test)]
+        experts = known_label_experts(model, known, spreading=True)
+        rows = np.searchsorted(cells, test)
+        # The ablation of the call's parts: pooled counts alone, label spreading in their place (annotate's call
+        # until the pooled counts, offsets_no_encoder_gradient/), and all three sources together.
+        for column, parts in (
+            ("pooled_only_errors", ("pooled",)),
+            ("with_spreading_errors", ("cell", "spreading")),
+            ("pooled_and_spreading_errors", ("cell", "pooled", "spreading")),
+        ):
+            call = product_of_experts(*(experts[part] for part in parts)).argmax(axis=1)[rows]
+            extras[column] = int((call != truth).sum())
+        predicted = product_of_experts(experts["cell"], experts["pooled"]).argmax(axis=1)[rows]
     # Each restart alone (the seed-to-seed spread of single models), and the standing diagnostic: logistic
     # regression on the first restart's own topic features (centred log proportions) of the same cells.
     single = [int((scm.predict(m, data.subset(test))["label"] != truth).sum()) for m in model.members]
