@@ -1,5 +1,6 @@
 """scm.annotate: predictions, topic proportions and topic-gene weights written into an AnnData."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -226,33 +227,49 @@ def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(smal
     assert "10 cells: too few for smoothing" in caplog.text
 
 
-def test_known_labels_of_the_annotated_cells_are_spread_and_combined(small_model, embedded_adata):
+def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_counts(small_model, embedded_adata):
+    """annotate with label_key writes the per-cell probabilities times those of the neighbour-pooled counts,
+    predicted by the class branch refitted on the labelled cells' pooled counts; the user's model is left as
+    it was. Without the refit, the branch (fitted on single cells) calls the pooled counts worse."""
+    from tfp_scmix.annotate import known_label_experts
     from tfp_scmix.data import from_anndata
     from tfp_scmix.novelty import log_ratio_features
-    from tfp_scmix.propagate import with_known_labels
+    from tfp_scmix.propagate import known_labels_graph, pooled_counts, product_of_experts
 
     adata = embedded_adata.copy()
     known = np.full(adata.n_obs, "Unknown", dtype=object)
     labelled = np.random.default_rng(0).permutation(adata.n_obs)[:150]
     known[labelled] = adata.obs["cell_type"].astype(str).to_numpy()[labelled]
     adata.obs["known"] = known
+    before = scm.predict(small_model, adata)
+    weights = [w.copy() for m in small_model.members for w in m.classifier.get_weights()]
     scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
-    out = scm.predict(small_model, adata)
+    after = [w for m in small_model.members for w in m.classifier.get_weights()]
+    assert all(np.array_equal(a, b) for a, b in zip(weights, after, strict=True))
+    np.testing.assert_array_equal(scm.predict(small_model, adata)["probs"], before["probs"])
     ids = np.full(adata.n_obs, -1)
     ids[labelled] = [small_model.class_names.index(c) for c in known[labelled]]
-    counts = from_anndata(adata, label_key=None, genes=small_model.genes).counts
-    expected = with_known_labels(out["probs"], ids, counts, log_ratio_features(out["cell_topic"], 1))
+    data = dataclasses.replace(from_anndata(adata, label_key=None, genes=small_model.genes), labels=ids)
+    experts = known_label_experts(small_model, data)
+    expected = product_of_experts(experts["cell"], experts["pooled"])
     np.testing.assert_allclose(adata.obsm["scmix_with_labels_probs"], expected, rtol=1e-4, atol=1e-6)
     names = np.asarray(small_model.class_names, dtype=object)[expected.argmax(axis=1)]
     names[labelled] = known[labelled]  # the labelled cells keep their label
     assert adata.obs["scmix_with_labels"].astype(str).tolist() == names.tolist()
     assert adata.uns["scmix"]["label_key"] == "known" and adata.uns["scmix"]["n_known_labels"] == 150
-    # On the held-out cells, fewer errors than the per-cell call of this small model.
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     hidden = np.setdiff1d(np.arange(adata.n_obs), labelled)
+
+    def errors(probs):
+        return int((np.asarray(small_model.class_names)[probs[hidden].argmax(axis=1)] != truth[hidden]).sum())
+
+    # The refit is what makes the pooled counts useful: the unrefitted branch calls them worse.
+    graph = known_labels_graph(data.counts, log_ratio_features(before["cell_topic"], 1))
+    unrefitted = scm.predict(small_model, pooled_counts(graph, data.counts, np.arange(adata.n_obs)))["probs"]
+    assert errors(experts["pooled"]) < errors(unrefitted)
+    # On the held-out cells, fewer errors than the per-cell call of this small model.
     per_cell = (adata.obs["scmix_label"].astype(str).to_numpy()[hidden] != truth[hidden]).sum()
-    combined = (names[hidden] != truth[hidden]).sum()
-    assert combined < per_cell
+    assert (names[hidden] != truth[hidden]).sum() < per_cell
     # Annotating again without known labels leaves no stale outputs behind.
     again = scm.annotate(small_model, adata)
     assert "scmix_with_labels" not in again.obs and "scmix_with_labels_probs" not in again.obsm
