@@ -20,6 +20,8 @@ default's own rows now come from the same settings);
 class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
 self_training_with_labels/ and self_training_product/ hold `self_training=True` with the known labels (its first
 targets, and seeded by the combined call), set beside offsets_no_encoder_gradient/'s default (`SELF_TRAINING_RUNS`).
+pooled_counts/ holds today's default annotating with the known labels (pooled counts; `POOLED_RUN`): its verdicts
+against the peers on the same seeds lead the report.
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 
@@ -201,6 +203,38 @@ SELF_TRAINING_RUNS = [
 ]
 
 
+# Today's default annotating with known labels: the per-cell probabilities times those of the class branch refitted
+# on pooled counts (each cell's counts summed with its neighbours'; `annotate.known_label_experts`), seeds 0-4, with
+# the ablation of the call's parts in its extra columns. Its verdicts lead the report.
+POOLED_RUN = "pooled_counts"
+# The columns of the ablation: (name, errors column of the rows).
+PARTS = [
+    ("per-cell call", "per_cell_errors"),
+    ("pooled counts alone", "pooled_only_errors"),
+    ("cell x label spreading (the call before)", "with_spreading_errors"),
+    ("cell x pooled counts (the call)", "errors"),
+    ("cell x pooled counts x label spreading", "pooled_and_spreading_errors"),
+]
+
+
+def parts_table(frame, method):
+    """Mean errors over seeds per dataset of each combination of the call's parts (`PARTS`), and their sums."""
+    rows = frame[(frame.method == method) & (frame.setting == "main")]
+    columns = {column: "mean" for _, column in PARTS}
+    table = rows.groupby("dataset", sort=False).agg({**columns, "seed": "nunique"}).round(1)
+    total = table[list(columns)].sum().round(1).to_frame("all datasets (sum of means)").T
+    table = pd.concat([table.astype({"seed": int}), total.assign(seed="")]).rename(
+        columns={column: name for name, column in PARTS} | {"seed": "seeds"}
+    )
+    return table.rename_axis("dataset").reset_index()
+
+
+def with_peers(main, rows):
+    """The peers' rows of `main` on the datasets and seeds of `rows`, and `rows`: one frame for `verdicts`."""
+    peers = main[(main.method != "tfp_scmix") & main.seed.isin(set(rows.seed)) & main.dataset.isin(set(rows.dataset))]
+    return pd.concat([peers, rows])
+
+
 def before_after_table(before, after, method):
     """Mean errors (per-cell call and with the known labels) and macro-F1 of `method`, per dataset, before and
     after a change, on the seeds both measured."""
@@ -272,6 +306,34 @@ def report(folder=HERE):
         "",
     ]
     with_labels = read(folder / WITH_LABELS[0])
+    pooled, offsets = read(folder / POOLED_RUN), read(folder / OFFSETS_RUN)
+    if main is not None and pooled is not None:
+        seeds = sorted(int(seed) for seed in pooled.seed.unique())
+        parts += [
+            "## The default annotating with the dataset's known labels (the few-shot use): against its peers",
+            "",
+            "`annotate(model, adata, label_key=...)` (obs scmix_with_labels): each cell's probabilities times those of "
+            "its counts pooled with its neighbours', from each member's class branch refitted on the labelled cells' "
+            f"pooled counts ({POOLED_RUN}/results.csv, seeds {seeds}; peers of results.csv on the same seeds):",
+            "",
+            *verdicts(with_peers(main, pooled), method=WITH_LABELS[1]),
+            "",
+        ]
+        if offsets is not None:
+            parts += [
+                "The call before it, label spreading of the known labels in place of the pooled counts "
+                f"({OFFSETS_RUN}/, the same default model, seeds {sorted(int(s) for s in offsets.seed.unique())}):",
+                "",
+                *verdicts(with_peers(main, offsets), method=WITH_LABELS[1]),
+                "",
+            ]
+        parts += [
+            "The call's parts, from the same models (mean errors over the seeds; docs/few_shot.md, \"Pooled counts of "
+            'the neighbours"):',
+            "",
+            markdown_table(parts_table(pooled, WITH_LABELS[1])),
+            "",
+        ]
     if main is not None:
         parts += [
             "## Main setting: tfp_scmix against its peers",
@@ -311,7 +373,6 @@ def report(folder=HERE):
             "`weights_above_0.1`: fraction of class weights whose posterior mean exceeds 0.1 in size.",
             "",
         ]
-    offsets = read(folder / OFFSETS_RUN)
     if with_labels is not None and offsets is not None:
         parts += [
             "## The batch offsets learned from the likelihood alone (the default since performance issue 16's "
