@@ -43,11 +43,12 @@ def demo(args) -> dict:
         f"held-out cells: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} "
         f"({result['errors']} errors of {len(test)})"
     )
-    # The 150 known labels spread over the cells, as `annotate(model, adata, label_key=...)` does.
+    # The call with the 150 known labels, as `annotate(model, adata, label_key=...)` makes it.
     probs = with_labels_probs(model, data.hide_labels(labelled))
     with_labels = scores(data.labels[test], probs[test].argmax(axis=1))
     print(
-        f"  with the known labels spread over the cells (annotate label_key): accuracy {with_labels['accuracy']:.3f}, "
+        "  with the known labels and the neighbours' pooled counts (annotate label_key): "
+        f"accuracy {with_labels['accuracy']:.3f}, "
         f"macro-F1 {with_labels['macro_f1']:.3f} ({with_labels['errors']} errors)"
     )
     # The strongest peers of the few-shot suite on the same split (docs/few_shot.md has the whole suite).

@@ -11,15 +11,23 @@ clamped: each cell's call then weighs its neighbours' as much as its own (alpha 
 shift between datasets scatters within a population (docs/cross_dataset.md, "Smoothing over the target's
 cells": measured on the transfer matrix, where larger alphas let large classes swallow rare ones).
 
-`with_known_labels` is the transductive step for a dataset annotated together with some of its own labels
+`with_known_labels` is a transductive step for a dataset annotated together with some of its own labels
 (the few-shot use: train on a dataset with a few hundred labels, then annotate that dataset): label spreading
 (Zhou et al. 2004, scikit-learn's `LabelSpreading` with its default alpha = 0.2) of the known labels over the
 kNN graph of the cells, the graph built on the genes' principal components (scanpy's recipe) and the model's
 own topic features side by side, combined with the model's probabilities as a product of experts (Hinton
 2002): two sources of evidence about a cell's label, its own counts and its neighbours' known labels, each
-normalised. docs/few_shot.md, "Known labels of the annotated dataset", has the measurements.
+normalised. It seeds self-training (`Config.self_training`); it was `annotate`'s call with known labels until
+the pooled counts below replaced it. docs/few_shot.md, "Known labels of the annotated dataset", has the
+measurements.
 
-`self_training_labels` turns that combined call into the labels `SCMix.fit_classifier` fits the unlabelled
+`known_labels_graph`, `pooled_counts` and `product_of_experts` serve `annotate`'s call with known labels, which
+pools each cell's counts with its neighbours' on that graph (kNN pooling, as kNN-smoothing and metacells do) and
+multiplies the model's probabilities of the cell with those of its pooled counts (`annotate.with_labels_probs`;
+docs/few_shot.md, "Pooled counts of the neighbours"): the model's class branch is needed to call pooled counts,
+so that step lives in the annotation stage.
+
+`self_training_labels` turns `with_known_labels`'s combined call into the labels `SCMix.fit_classifier` fits the unlabelled
 cells to (self-training, docs/few_shot.md): each cell's call where the combined probability is at least
 `SELF_TRAINING_CONFIDENCE`, no label elsewhere. Seeded by the combined call rather than by the classifier alone,
 the refit learns from the neighbours' known labels as well as from its own confident calls.
