@@ -27,7 +27,7 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     assert "held-out cells: accuracy" in out and "Top genes" in out and "Genes that weigh most" in out
     assert "peer logistic regression: accuracy" in out and "peer linear svm: accuracy" in out
     assert "peer label spreading: accuracy" in out and "peer knn pca k5: accuracy" in out
-    assert "with the known labels spread over the cells (annotate label_key): accuracy" in out
+    assert "with the known labels and the neighbours' pooled counts (annotate label_key): accuracy" in out
     assert (tmp_path / "model.keras").exists() and (tmp_path / "explanations" / "class_topics.csv").exists()
     # The demo's model (an ensemble of 2 restarts) annotates and explains from the command line.
     from tfp_scmix.datasets import pbmc68k_reduced

@@ -53,10 +53,11 @@ class Config:
         with it on 13 of 15 dataset-seeds, as logistic regression weighted so did on all five datasets
         (docs/few_shot.md, "Balanced classes"; experiments/few_shot/balanced_classes/).
       self_training: after the refit, fit the classification branch again on the labelled cells and on the
-        unlabelled cells whose call, combined with the known labels spread over the cells as `annotate` does,
-        is confident (`SCMix.fit_classifier`, `tfp_scmix.propagate.self_training_labels`). Off by default: on
-        the few-shot suite it made fewer errors on four datasets and more on pbmc68k_reduced, the demo's
-        dataset (docs/few_shot.md, "Self-training from the combined call").
+        unlabelled cells whose call, combined with the known labels spread over the cells
+        (`tfp_scmix.propagate.with_known_labels`), is confident (`SCMix.fit_classifier`,
+        `tfp_scmix.propagate.self_training_labels`). Off by default: on the few-shot suite it made fewer errors on
+        four datasets and more on pbmc68k_reduced, the demo's dataset (docs/few_shot.md, "Self-training from the
+        combined call").
 
     Raises ValueError for a value out of range, and for an unknown option given to `replace` or `from_dict`
     (the message names both and lists the settings); `Config(unknown=...)` raises Python's TypeError.

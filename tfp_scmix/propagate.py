@@ -27,8 +27,8 @@ multiplies the model's probabilities of the cell with those of its pooled counts
 docs/few_shot.md, "Pooled counts of the neighbours"): the model's class branch is needed to call pooled counts,
 so that step lives in the annotation stage.
 
-`self_training_labels` turns `with_known_labels`'s combined call into the labels `SCMix.fit_classifier` fits the unlabelled
-cells to (self-training, docs/few_shot.md): each cell's call where the combined probability is at least
+`self_training_labels` turns `with_known_labels`'s combined call into the labels `SCMix.fit_classifier` fits the
+unlabelled cells to (self-training, docs/few_shot.md): each cell's call where the combined probability is at least
 `SELF_TRAINING_CONFIDENCE`, no label elsewhere. Seeded by the combined call rather than by the classifier alone,
 the refit learns from the neighbours' known labels as well as from its own confident calls.
 """
