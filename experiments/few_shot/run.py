@@ -31,7 +31,15 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
         --seeds 0 1 2 --methods tfp_scmix:with_labels=True,self_training=True \
         --out experiments/few_shot/self_training_product
-    # self_training_with_labels/ holds the rows of that command with self-training's first targets (commit 3fdc110)
+    # self_training_with_labels/ holds the rows of that command with self-training's first targets (commit 3fdc110);
+    # offsets_no_encoder_gradient/ those of the with_labels command with the batch offsets' change (seeds 0-4), and
+    # self_training_product/ has seeds 3 4 too.
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
+        --seeds 0 1 2 3 4 --methods tfp_scmix:with_labels=True --out experiments/few_shot/pooled_counts
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
+        --seeds 0 1 2 --methods tfp_scmix:with_labels=True,self_training=True \
+        --out experiments/few_shot/self_training_pooled
+    ./run experiments.few_shot.pooled_cost       # the pooled-counts call's time (its docstring)
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
     # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
     # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
