@@ -135,7 +135,7 @@ def with_labels_probs(
     -1 for unlabelled cells, are the known ones. out: `predict(model, data)`'s outputs when already computed
     (needs "probs" and "cell_topic"). The model is left as it was. Fewer errors than the per-cell call, and than
     label spreading in its place, on the few-shot suite (docs/few_shot.md, "Pooled counts of the neighbours").
-    Raises ValueError as `propagate.with_known_labels` does (no known label, shapes that disagree)."""
+    Raises ValueError as `known_label_experts` does (no known label, a label that is not a class index)."""
     experts = known_label_experts(model, data, out, chunk_size=chunk_size)
     return product_of_experts(experts["cell"], experts["pooled"])
 
