@@ -56,7 +56,9 @@ from tfp_scmix.novelty import log_ratio_features
 from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, model_counts, predict
 from tfp_scmix.propagate import (
     N_NEIGHBORS,
-    known_labels_graph,
+    POOLING_NEIGHBORS,
+    knn_graph,
+    known_labels_features,
     label_spreading,
     pooled_counts,
     product_of_experts,
@@ -74,7 +76,7 @@ UNASSIGNED_COLOR = "#d3d3d3"
 # doc's example cell, 9 counts, is flagged).
 MIN_COUNTS = 50
 # Labelled cells at most whose pooled counts refit the class branch in `known_label_experts` (a seeded sample of
-# them beyond): the full-batch fit holds their pooled counts, each up to 16 times a cell's nonzeros. The
+# them beyond): the full-batch fit holds their pooled counts, each up to 31 times a cell's nonzeros. The
 # few-shot use has hundreds; 5,000 is the self-training fit's bound (`model.SELF_TRAINING_CELLS`), not tuned.
 POOLED_FIT_CELLS = 5_000
 
@@ -130,11 +132,12 @@ def with_labels_probs(
     model: SCMix | SCMixEnsemble, data: SCData, out: dict[str, np.ndarray] | None = None, chunk_size: int = 10_000
 ) -> np.ndarray:
     """Class probabilities `[n_cells, n_classes]` of `annotate(..., label_key=...)`: the model's per-cell
-    probabilities times those of its class branch refitted on the known labels' pooled counts
-    (`known_label_experts`; `propagate.product_of_experts`). data: an SCData over the model's genes whose labels,
-    -1 for unlabelled cells, are the known ones. out: `predict(model, data)`'s outputs when already computed
-    (needs "probs" and "cell_topic"). The model is left as it was. Fewer errors than the per-cell call, and than
-    label spreading in its place, on the few-shot suite (docs/few_shot.md, "Pooled counts of the neighbours").
+    probabilities times those of its class branch refitted on the known labels' pooled counts, at each of
+    `propagate.POOLING_NEIGHBORS`' neighbourhood sizes (`known_label_experts`; `propagate.product_of_experts`).
+    data: an SCData over the model's genes whose labels, -1 for unlabelled cells, are the known ones. out:
+    `predict(model, data)`'s outputs when already computed (needs "probs" and "cell_topic"). The model is left as
+    it was. Fewer errors than the per-cell call, and than label spreading in its place, on the few-shot suite
+    (docs/few_shot.md, "Pooled counts of the neighbours" and "Pooling at two scales").
     Raises ValueError as `known_label_experts` does (no known label, a label that is not a class index)."""
     experts = known_label_experts(model, data, out, chunk_size=chunk_size)
     return product_of_experts(experts["cell"], experts["pooled"])
@@ -149,16 +152,18 @@ def known_label_experts(
     chunk_size: int = 10_000,
 ) -> dict[str, np.ndarray]:
     """The sources of evidence `with_labels_probs` combines, each `[n_cells, n_classes]`, rows summing to one:
-    "cell", the model's probabilities from each cell's own counts; "pooled", those from each cell's counts summed
-    with its neighbours' (`propagate.pooled_counts` over `propagate.known_labels_graph`, the kNN graph of the
-    genes' principal components beside X_scmix), each member's class branch first refitted
-    (`SCMix.fit_classifier`) on the pooled counts of the labelled cells (at most `POOLED_FIT_CELLS`, a seeded
-    sample beyond), since pooled counts are not what the branch was fitted on; with `spreading`, also
-    "spreading", label spreading of the known labels over the same graph (`propagate.label_spreading`; the
-    experiments' ablation). Each member's class branch is restored afterwards, also on error. With fewer than
-    two cells there is no neighbour: "pooled" (and "spreading") are the per-cell probabilities.
+    "cell", the model's probabilities from each cell's own counts; f"pooled_{k}" for each k of
+    `propagate.POOLING_NEIGHBORS`, those from each cell's counts summed with its k nearest neighbours'
+    (`propagate.pooled_counts` over the `knn_graph` of `propagate.known_labels_features`: the genes' principal
+    components beside X_scmix), each member's class branch first refitted (`SCMix.fit_classifier`) on the pooled
+    counts of the labelled cells (at most `POOLED_FIT_CELLS`, a seeded sample beyond), since pooled counts are not
+    what the branch was fitted on; "pooled", their product (`propagate.product_of_experts`); with `spreading`,
+    also "spreading", label spreading of the known labels over the graph of `propagate.N_NEIGHBORS` neighbours
+    (`propagate.label_spreading`; the experiments' ablation). Each member's class branch is restored afterwards,
+    also on error. With fewer than two cells there is no neighbour: every expert but "cell" is the per-cell
+    probabilities.
     data, out: as for `with_labels_probs`; chunk_size: cells pooled and predicted at a time (memory: a chunk's
-    pooled counts, up to `propagate.N_NEIGHBORS` + 1 times its counts' nonzeros).
+    pooled counts, up to max(POOLING_NEIGHBORS) + 1 times its counts' nonzeros).
     Raises ValueError when no cell has a known label or a label is not a class index."""
     labels = np.asarray(data.labels)
     if not (labels >= 0).any():
@@ -167,36 +172,40 @@ def known_label_experts(
         raise ValueError(f"labels must be class indices in [0, {model.n_classes}) or -1 for unknown")
     members = as_ensemble(model).members
     out = out if out is not None else predict(model, data, keys=("probs", "cell_topic"))
-    experts = {"cell": np.asarray(out["probs"], np.float64)}
+    cell = np.asarray(out["probs"], np.float64)
+    parts = ["pooled", *(f"pooled_{k}" for k in POOLING_NEIGHBORS), *(["spreading"] if spreading else [])]
     if data.n_cells < 2:
-        return experts | {"pooled": experts["cell"], **({"spreading": experts["cell"]} if spreading else {})}
-    features = log_ratio_features(out["cell_topic"], len(members))
-    graph = known_labels_graph(data.counts, features)
+        return {"cell": cell} | dict.fromkeys(parts, cell)
+    features = known_labels_features(data.counts, log_ratio_features(out["cell_topic"], len(members)))
     labelled = np.flatnonzero(labels >= 0)
     if labelled.size > POOLED_FIT_CELLS:
         labelled = np.sort(np.random.default_rng(0).choice(labelled, POOLED_FIT_CELLS, replace=False))
-    # Only the labelled cells: fit_classifier's self-training (Config.self_training) needs unlabelled ones.
-    fit_data = dataclasses.replace(data.subset(labelled), counts=pooled_counts(graph, data.counts, labelled))
+    experts = {"cell": cell}
     saved = [(member.classifier.get_weights(), member.self_trained_cells) for member in members]
     try:
-        for member in members:
-            member.fit_classifier(fit_data)
-        pooled = [
-            predict(
-                model,
-                pooled_counts(graph, data.counts, np.arange(start, min(start + chunk_size, data.n_cells))),
-                keys=("probs",),
-                chunk_size=chunk_size,
-            )["probs"]
-            for start in range(0, data.n_cells, chunk_size)
-        ]
+        for k in POOLING_NEIGHBORS:
+            graph = knn_graph(features, k)
+            # Only the labelled cells: fit_classifier's self-training (Config.self_training) needs unlabelled ones.
+            fit_data = dataclasses.replace(data.subset(labelled), counts=pooled_counts(graph, data.counts, labelled))
+            for member in members:
+                member.fit_classifier(fit_data)
+            pooled = [
+                predict(
+                    model,
+                    pooled_counts(graph, data.counts, np.arange(start, min(start + chunk_size, data.n_cells))),
+                    keys=("probs",),
+                    chunk_size=chunk_size,
+                )["probs"]
+                for start in range(0, data.n_cells, chunk_size)
+            ]
+            experts[f"pooled_{k}"] = np.vstack(pooled).astype(np.float64)
     finally:
         for member, (weights, self_trained) in zip(members, saved, strict=True):
             member.classifier.set_weights(weights)
             member.self_trained_cells = self_trained
-    experts["pooled"] = np.vstack(pooled).astype(np.float64)
+    experts["pooled"] = product_of_experts(*(experts[f"pooled_{k}"] for k in POOLING_NEIGHBORS))
     if spreading:
-        experts["spreading"] = label_spreading(graph, labels, model.n_classes)
+        experts["spreading"] = label_spreading(knn_graph(features, N_NEIGHBORS), labels, model.n_classes)
     return experts
 
 

@@ -54,6 +54,10 @@ SMOOTHING_ALPHA = 0.5
 SPREADING_ALPHA = 0.2
 # Principal components of the genes in the graph of `with_known_labels` (the few-shot suite's peers' 30).
 N_COMPONENTS = 30
+# Neighbourhood sizes at which `annotate.known_label_experts` pools a cell's counts with its neighbours' (one
+# pooled expert per size, multiplied): scanpy's 15 and twice that. Chosen on seeds 3-4 of the few-shot suite
+# before seeds 0-2 were run with it (docs/few_shot.md, "Pooling at two scales").
+POOLING_NEIGHBORS = (N_NEIGHBORS, 2 * N_NEIGHBORS)
 # The combined call's probability from which an unlabelled cell's call joins the self-training fit
 # (`self_training_labels`). Chosen with a stand-in classifier on the few-shot suite before the model was run
 # with it (experiments/few_shot/balanced_spreading/, column product_self_trained; docs/few_shot.md).
@@ -225,11 +229,16 @@ def with_known_labels(
 def known_labels_graph(
     counts: sp.spmatrix, topic_features: np.ndarray, n_neighbors: int = N_NEIGHBORS, seed: int = 0
 ) -> sp.csr_matrix:
-    """The `knn_graph` `[n_cells, n_cells]` of the cells of a dataset annotated with its own known labels: the
-    genes' `principal_components` of `counts` `[n_cells, n_genes]` beside `topic_features` `[n_cells,
-    n_features]` (the model's X_scmix), each block weighing equally (`equal_blocks`). Raises ValueError for
-    fewer than two cells."""
-    return knn_graph(equal_blocks(principal_components(counts, seed=seed), topic_features), n_neighbors)
+    """The `knn_graph` `[n_cells, n_cells]` of the cells of a dataset annotated with its own known labels
+    (`known_labels_features`). Raises ValueError for fewer than two cells."""
+    return knn_graph(known_labels_features(counts, topic_features, seed), n_neighbors)
+
+
+def known_labels_features(counts: sp.spmatrix, topic_features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The features `[n_cells, N_COMPONENTS + n_features]` of `known_labels_graph`: the genes'
+    `principal_components` of `counts` `[n_cells, n_genes]` beside `topic_features` `[n_cells, n_features]` (the
+    model's X_scmix), each block weighing equally (`equal_blocks`)."""
+    return equal_blocks(principal_components(counts, seed=seed), topic_features)
 
 
 def pooled_counts(graph: sp.spmatrix, counts: sp.spmatrix, rows: np.ndarray) -> sp.csr_matrix:

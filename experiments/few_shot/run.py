@@ -40,6 +40,8 @@ The results in this folder come from these runs (each writes results.csv and sum
         --seeds 0 1 2 --methods tfp_scmix:with_labels=True,self_training=True \
         --out experiments/few_shot/self_training_pooled
     ./run experiments.few_shot.pooled_cost       # the pooled-counts call's time (its docstring)
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
+        --seeds 0 1 2 3 4 --methods tfp_scmix:with_labels=True --out experiments/few_shot/two_scales
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
     # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
     # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
@@ -279,7 +281,7 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
     from sklearn.linear_model import LogisticRegression
 
     from tfp_scmix.annotate import known_label_experts
-    from tfp_scmix.propagate import product_of_experts
+    from tfp_scmix.propagate import POOLING_NEIGHBORS, product_of_experts
 
     train = data.subset(visible).hide_labels(np.flatnonzero(np.isin(visible, labelled)))
     model = scm.train(train, scm.Config(**settings), restarts=restarts, seed=seed * 100, verbose=0, epochs=epochs)
@@ -298,6 +300,8 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
             ("pooled_only_errors", ("pooled",)),
             ("with_spreading_errors", ("cell", "spreading")),
             ("pooled_and_spreading_errors", ("cell", "pooled", "spreading")),
+            # The call with one scale (pooled_counts/, before POOLING_NEIGHBORS had two) and with the other alone.
+            *((f"one_scale_{k}_errors", ("cell", f"pooled_{k}")) for k in POOLING_NEIGHBORS),
         ):
             call = product_of_experts(*(experts[part] for part in parts)).argmax(axis=1)[rows]
             extras[column] = int((call != truth).sum())
