@@ -234,7 +234,7 @@ def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_co
     from tfp_scmix.annotate import known_label_experts
     from tfp_scmix.data import from_anndata
     from tfp_scmix.novelty import log_ratio_features
-    from tfp_scmix.propagate import known_labels_graph, pooled_counts, product_of_experts
+    from tfp_scmix.propagate import POOLING_NEIGHBORS, known_labels_graph, pooled_counts, product_of_experts
 
     adata = embedded_adata.copy()
     known = np.full(adata.n_obs, "Unknown", dtype=object)
@@ -251,6 +251,10 @@ def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_co
     ids[labelled] = [small_model.class_names.index(c) for c in known[labelled]]
     data = dataclasses.replace(from_anndata(adata, label_key=None, genes=small_model.genes), labels=ids)
     experts = known_label_experts(small_model, data)
+    # One pooled expert per neighbourhood size, multiplied; each differs from the others.
+    scales = [experts[f"pooled_{k}"] for k in POOLING_NEIGHBORS]
+    np.testing.assert_allclose(experts["pooled"], product_of_experts(*scales))
+    assert len(scales) == 2 and not np.allclose(scales[0], scales[1])
     expected = product_of_experts(experts["cell"], experts["pooled"])
     np.testing.assert_allclose(adata.obsm["scmix_with_labels_probs"], expected, rtol=1e-4, atol=1e-6)
     names = np.asarray(small_model.class_names, dtype=object)[expected.argmax(axis=1)]
@@ -264,9 +268,9 @@ def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_co
         return int((np.asarray(small_model.class_names)[probs[hidden].argmax(axis=1)] != truth[hidden]).sum())
 
     # The refit is what makes the pooled counts useful: the unrefitted branch calls them worse.
-    graph = known_labels_graph(data.counts, log_ratio_features(before["cell_topic"], 1))
+    graph = known_labels_graph(data.counts, log_ratio_features(before["cell_topic"], 1), POOLING_NEIGHBORS[0])
     unrefitted = scm.predict(small_model, pooled_counts(graph, data.counts, np.arange(adata.n_obs)))["probs"]
-    assert errors(experts["pooled"]) < errors(unrefitted)
+    assert errors(experts[f"pooled_{POOLING_NEIGHBORS[0]}"]) < errors(unrefitted)
     # On the held-out cells, fewer errors than the per-cell call of this small model.
     per_cell = (adata.obs["scmix_label"].astype(str).to_numpy()[hidden] != truth[hidden]).sum()
     assert (names[hidden] != truth[hidden]).sum() < per_cell
