@@ -15,9 +15,9 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
 - obs[f"{key}_smoothed"], obsm[f"{key}_smoothed_probs"]: with `smooth=True`, the labels and probabilities
   after spreading the probabilities over the 15-nearest-neighbour graph of X_scmix (`propagate.smooth`).
 - obs[f"{key}_with_labels"], obsm[f"{key}_with_labels_probs"]: with `label_key`, the labels and probabilities
-  after combining the model's with those of each cell's counts pooled with its neighbours', called by the class
-  branch refitted on the known labels' pooled counts (`with_labels_probs`); the cells with a known label keep it
-  in obs[f"{key}_with_labels"].
+  after combining the model's with those of each cell's counts pooled with its neighbours' (at two neighbourhood
+  sizes), called by the class branch refitted on the known labels' pooled counts (`with_labels_probs`); the
+  cells with a known label keep it in obs[f"{key}_with_labels"].
 - obsm[f"X_{key}"]: float32 `[n_cells, n_topics]`, the classifier's features (centred log-ratio of each
   member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")`.
 - obsm[f"{key}_probs"]: float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"]
@@ -255,12 +255,13 @@ def annotate(
     the model was trained on, with its few hundred labels); missing values (NaN, "") and `unlabeled_category`
     (scvi-tools' name, e.g. "Unknown") mark the unlabelled cells. Also writes obs[f"{key}_with_labels"] and
     obsm[f"{key}_with_labels_probs"]: the model's probabilities times those of each cell's counts pooled with its
-    15 nearest neighbours' (on the genes' principal components beside X_scmix), called by each member's class
-    branch refitted on the known labels' pooled counts (`with_labels_probs`; the model itself is left as it
-    was), renormalised; cells with a known label keep it. Fewer errors than the per-cell call on the few-shot
-    suite (docs/few_shot.md, "Pooled counts of the neighbours"). It reads the counts of every cell over the
-    model's genes into memory (a backed AnnData too) and adds a principal component analysis, a neighbour search
-    and a second prediction pass (of the pooled counts, `chunk_size` cells at a time) that grow with the cells.
+    15 and with its 30 nearest neighbours' (`propagate.POOLING_NEIGHBORS`, on the genes' principal components
+    beside X_scmix), each called by the members' class branch refitted on the known labels' pooled counts
+    (`with_labels_probs`; the model itself is left as it was), renormalised; cells with a known label keep it.
+    Fewer errors than the per-cell call on the few-shot suite (docs/few_shot.md, "Pooled counts of the
+    neighbours" and "Pooling at two scales"). It reads the counts of every cell over the model's genes into
+    memory (a backed AnnData too) and adds a principal component analysis, two neighbour searches and two more
+    prediction passes (of the pooled counts, `chunk_size` cells at a time) that grow with the cells.
     Raises DataError as `from_anndata` does, for a `label_key` that is not an obs column, labels that are
     neither among the model's classes nor `unlabeled_category` or no known label at all, for a view of a
     backed AnnData (anndata cannot write into it) and for an `over_clustering` column that is missing or of

@@ -21,11 +21,12 @@ normalised. It seeds self-training (`Config.self_training`); it was `annotate`'s
 the pooled counts below replaced it. docs/few_shot.md, "Known labels of the annotated dataset", has the
 measurements.
 
-`known_labels_graph`, `pooled_counts` and `product_of_experts` serve `annotate`'s call with known labels, which
-pools each cell's counts with its neighbours' on that graph (kNN pooling, as kNN-smoothing and metacells do) and
-multiplies the model's probabilities of the cell with those of its pooled counts (`annotate.with_labels_probs`;
-docs/few_shot.md, "Pooled counts of the neighbours"): the model's class branch is needed to call pooled counts,
-so that step lives in the annotation stage.
+`known_labels_features`, `pooled_counts` and `product_of_experts` serve `annotate`'s call with known labels,
+which pools each cell's counts with its neighbours' on kNN graphs of those features at the sizes of
+`POOLING_NEIGHBORS` (kNN pooling, as kNN-smoothing and metacells do) and multiplies the model's probabilities of
+the cell with those of its pooled counts (`annotate.with_labels_probs`; docs/few_shot.md, "Pooled counts of the
+neighbours" and "Pooling at two scales"): the model's class branch is needed to call pooled counts, so that step
+lives in the annotation stage.
 
 `self_training_labels` turns `with_known_labels`'s combined call into the labels `SCMix.fit_classifier` fits the
 unlabelled cells to (self-training, docs/few_shot.md): each cell's call where the combined probability is at least
@@ -235,7 +236,8 @@ def known_labels_graph(
 
 
 def known_labels_features(counts: sp.spmatrix, topic_features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The features `[n_cells, N_COMPONENTS + n_features]` of `known_labels_graph`: the genes'
+    """The features `[n_cells, n_components + n_features]` of `known_labels_graph` (n_components at most
+    `N_COMPONENTS`): the genes'
     `principal_components` of `counts` `[n_cells, n_genes]` beside `topic_features` `[n_cells, n_features]` (the
     model's X_scmix), each block weighing equally (`equal_blocks`)."""
     return equal_blocks(principal_components(counts, seed=seed), topic_features)
