@@ -251,10 +251,15 @@ def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_co
     ids[labelled] = [small_model.class_names.index(c) for c in known[labelled]]
     data = dataclasses.replace(from_anndata(adata, label_key=None, genes=small_model.genes), labels=ids)
     experts = known_label_experts(small_model, data)
-    # One pooled expert per neighbourhood size, multiplied; each differs from the others.
-    scales = [experts[f"pooled_{k}"] for k in POOLING_NEIGHBORS]
-    np.testing.assert_allclose(experts["pooled"], product_of_experts(*scales))
-    assert len(scales) == 2 and not np.allclose(scales[0], scales[1])
+    assert POOLING_NEIGHBORS == (15,)
+    np.testing.assert_allclose(experts["pooled"], experts["pooled_15"], rtol=1e-6)
+    # The experiments' ablation: one pooled expert per neighbourhood size, multiplied, the default's among them.
+    sizes = known_label_experts(small_model, data, pooling_neighbors=(15, 30))
+    np.testing.assert_allclose(sizes["pooled"], product_of_experts(sizes["pooled_15"], sizes["pooled_30"]))
+    np.testing.assert_allclose(sizes["pooled_15"], experts["pooled"], atol=1e-5)
+    assert not np.allclose(sizes["pooled_15"], sizes["pooled_30"], atol=1e-3)
+    with pytest.raises(ValueError, match="pooling_neighbors must be one or more positive"):
+        known_label_experts(small_model, data, pooling_neighbors=())
     expected = product_of_experts(experts["cell"], experts["pooled"])
     np.testing.assert_allclose(adata.obsm["scmix_with_labels_probs"], expected, rtol=1e-4, atol=1e-6)
     names = np.asarray(small_model.class_names, dtype=object)[expected.argmax(axis=1)]

@@ -15,9 +15,9 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
 - obs[f"{key}_smoothed"], obsm[f"{key}_smoothed_probs"]: with `smooth=True`, the labels and probabilities
   after spreading the probabilities over the 15-nearest-neighbour graph of X_scmix (`propagate.smooth`).
 - obs[f"{key}_with_labels"], obsm[f"{key}_with_labels_probs"]: with `label_key`, the labels and probabilities
-  after combining the model's with those of each cell's counts pooled with its neighbours' (at two neighbourhood
-  sizes), called by the class branch refitted on the known labels' pooled counts (`with_labels_probs`); the
-  cells with a known label keep it in obs[f"{key}_with_labels"].
+  after combining the model's with those of each cell's counts pooled with its neighbours', called by the class branch
+  refitted on the known labels' pooled counts (`with_labels_probs`); the cells with a known label keep it in
+  obs[f"{key}_with_labels"].
 - obsm[f"X_{key}"]: float32 `[n_cells, n_topics]`, the classifier's features (centred log-ratio of each
   member's topic proportions), for `sc.pp.neighbors(adata, use_rep="X_scmix")`.
 - obsm[f"{key}_probs"]: float32 `[n_cells, n_classes]`, columns in the order of uns[key]["classes"]
@@ -76,7 +76,7 @@ UNASSIGNED_COLOR = "#d3d3d3"
 # doc's example cell, 9 counts, is flagged).
 MIN_COUNTS = 50
 # Labelled cells at most whose pooled counts refit the class branch in `known_label_experts` (a seeded sample of
-# them beyond): the full-batch fit holds their pooled counts, each up to 31 times a cell's nonzeros. The
+# them beyond): the full-batch fit holds their pooled counts, each up to 16 times a cell's nonzeros. The
 # few-shot use has hundreds; 5,000 is the self-training fit's bound (`model.SELF_TRAINING_CELLS`), not tuned.
 POOLED_FIT_CELLS = 5_000
 
@@ -132,12 +132,12 @@ def with_labels_probs(
     model: SCMix | SCMixEnsemble, data: SCData, out: dict[str, np.ndarray] | None = None, chunk_size: int = 10_000
 ) -> np.ndarray:
     """Class probabilities `[n_cells, n_classes]` of `annotate(..., label_key=...)`: the model's per-cell
-    probabilities times those of its class branch refitted on the known labels' pooled counts, at each of
-    `propagate.POOLING_NEIGHBORS`' neighbourhood sizes (`known_label_experts`; `propagate.product_of_experts`).
+    probabilities times those of its class branch refitted on the known labels' pooled counts, at the
+    neighbourhood sizes of `propagate.POOLING_NEIGHBORS` (`known_label_experts`; `propagate.product_of_experts`).
     data: an SCData over the model's genes whose labels, -1 for unlabelled cells, are the known ones. out:
     `predict(model, data)`'s outputs when already computed (needs "probs" and "cell_topic"). The model is left as
     it was. Fewer errors than the per-cell call, and than label spreading in its place, on the few-shot suite
-    (docs/few_shot.md, "Pooled counts of the neighbours" and "Pooling at two scales").
+    (docs/few_shot.md, "Pooled counts of the neighbours").
     Raises ValueError as `known_label_experts` does (no known label, a label that is not a class index)."""
     experts = known_label_experts(model, data, out, chunk_size=chunk_size)
     return product_of_experts(experts["cell"], experts["pooled"])
@@ -149,23 +149,27 @@ def known_label_experts(
     out: dict[str, np.ndarray] | None = None,
     *,
     spreading: bool = False,
+    pooling_neighbors: tuple[int, ...] = POOLING_NEIGHBORS,
     chunk_size: int = 10_000,
 ) -> dict[str, np.ndarray]:
     """The sources of evidence `with_labels_probs` combines, each `[n_cells, n_classes]`, rows summing to one:
-    "cell", the model's probabilities from each cell's own counts; f"pooled_{k}" for each k of
-    `propagate.POOLING_NEIGHBORS`, those from each cell's counts summed with its k nearest neighbours'
-    (`propagate.pooled_counts` over the `knn_graph` of `propagate.known_labels_features`: the genes' principal
-    components beside X_scmix), each member's class branch first refitted (`SCMix.fit_classifier`) on the pooled
-    counts of the labelled cells (at most `POOLED_FIT_CELLS`, a seeded sample beyond), since pooled counts are not
-    what the branch was fitted on; "pooled", their product (`propagate.product_of_experts`); with `spreading`,
-    also "spreading", label spreading of the known labels over the graph of `propagate.N_NEIGHBORS` neighbours
-    (`propagate.label_spreading`; the experiments' ablation). Each member's class branch is restored afterwards,
-    also on error. With fewer than two cells there is no neighbour: every expert but "cell" is the per-cell
-    probabilities.
+    "cell", the model's probabilities from each cell's own counts; f"pooled_{k}" for each k of `pooling_neighbors`
+    (default `propagate.POOLING_NEIGHBORS`; more than one size is the experiments' ablation), those from each cell's
+    counts summed with its k nearest neighbours' (`propagate.pooled_counts` over the `knn_graph` of
+    `propagate.known_labels_features`: the genes' principal components beside X_scmix), each member's class branch
+    first refitted (`SCMix.fit_classifier`) on the pooled counts of the labelled cells (at most `POOLED_FIT_CELLS`,
+    a seeded sample beyond), since pooled counts are not what the branch was fitted on; "pooled", their product
+    (`propagate.product_of_experts`); with `spreading`, also "spreading", label spreading of the known labels over
+    the graph of `propagate.N_NEIGHBORS` neighbours (`propagate.label_spreading`; the experiments' ablation). Each
+    member's class branch is restored afterwards, also on error. With fewer than two cells there is no neighbour:
+    every expert but "cell" is the per-cell probabilities.
     data, out: as for `with_labels_probs`; chunk_size: cells pooled and predicted at a time (memory: a chunk's
-    pooled counts, up to max(POOLING_NEIGHBORS) + 1 times its counts' nonzeros).
-    Raises ValueError when no cell has a known label or a label is not a class index."""
+    pooled counts, up to max(pooling_neighbors) + 1 times its counts' nonzeros).
+    Raises ValueError when no cell has a known label, a label is not a class index or `pooling_neighbors` is not
+    one or more positive sizes."""
     labels = np.asarray(data.labels)
+    if not pooling_neighbors or min(pooling_neighbors) < 1:
+        raise ValueError(f"pooling_neighbors must be one or more positive neighbourhood sizes, got {pooling_neighbors}")
     if not (labels >= 0).any():
         raise ValueError("no cell has a known label (every label is -1): nothing to refit on")
     if labels.max() >= model.n_classes or labels.min() < -1:
@@ -173,7 +177,7 @@ def known_label_experts(
     members = as_ensemble(model).members
     out = out if out is not None else predict(model, data, keys=("probs", "cell_topic"))
     cell = np.asarray(out["probs"], np.float64)
-    parts = ["pooled", *(f"pooled_{k}" for k in POOLING_NEIGHBORS), *(["spreading"] if spreading else [])]
+    parts = ["pooled", *(f"pooled_{k}" for k in pooling_neighbors), *(["spreading"] if spreading else [])]
     if data.n_cells < 2:
         return {"cell": cell} | dict.fromkeys(parts, cell)
     features = known_labels_features(data.counts, log_ratio_features(out["cell_topic"], len(members)))
@@ -183,7 +187,7 @@ def known_label_experts(
     experts = {"cell": cell}
     saved = [(member.classifier.get_weights(), member.self_trained_cells) for member in members]
     try:
-        for k in POOLING_NEIGHBORS:
+        for k in pooling_neighbors:
             graph = knn_graph(features, k)
             # Only the labelled cells: fit_classifier's self-training (Config.self_training) needs unlabelled ones.
             fit_data = dataclasses.replace(data.subset(labelled), counts=pooled_counts(graph, data.counts, labelled))
@@ -203,7 +207,7 @@ def known_label_experts(
         for member, (weights, self_trained) in zip(members, saved, strict=True):
             member.classifier.set_weights(weights)
             member.self_trained_cells = self_trained
-    experts["pooled"] = product_of_experts(*(experts[f"pooled_{k}"] for k in POOLING_NEIGHBORS))
+    experts["pooled"] = product_of_experts(*(experts[f"pooled_{k}"] for k in pooling_neighbors))
     if spreading:
         experts["spreading"] = label_spreading(knn_graph(features, N_NEIGHBORS), labels, model.n_classes)
     return experts
@@ -255,13 +259,13 @@ def annotate(
     the model was trained on, with its few hundred labels); missing values (NaN, "") and `unlabeled_category`
     (scvi-tools' name, e.g. "Unknown") mark the unlabelled cells. Also writes obs[f"{key}_with_labels"] and
     obsm[f"{key}_with_labels_probs"]: the model's probabilities times those of each cell's counts pooled with its
-    15 and with its 30 nearest neighbours' (`propagate.POOLING_NEIGHBORS`, on the genes' principal components
-    beside X_scmix), each called by the members' class branch refitted on the known labels' pooled counts
-    (`with_labels_probs`; the model itself is left as it was), renormalised; cells with a known label keep it.
-    Fewer errors than the per-cell call on the few-shot suite (docs/few_shot.md, "Pooled counts of the
-    neighbours" and "Pooling at two scales"). It reads the counts of every cell over the model's genes into
-    memory (a backed AnnData too) and adds a principal component analysis, two neighbour searches and two more
-    prediction passes (of the pooled counts, `chunk_size` cells at a time) that grow with the cells.
+    15 nearest neighbours' (`propagate.POOLING_NEIGHBORS`, on the genes' principal components beside X_scmix),
+    called by each member's class branch refitted on the known labels' pooled counts (`with_labels_probs`; the
+    model itself is left as it was), renormalised; cells with a known label keep it. Fewer errors than the
+    per-cell call on the few-shot suite (docs/few_shot.md, "Pooled counts of the neighbours"). It reads the counts
+    of every cell over the model's genes into memory (a backed AnnData too) and adds a principal component
+    analysis, a neighbour search and a second prediction pass (of the pooled counts, `chunk_size` cells at a time)
+    that grow with the cells.
     Raises DataError as `from_anndata` does, for a `label_key` that is not an obs column, labels that are
     neither among the model's classes nor `unlabeled_category` or no known label at all, for a view of a
     backed AnnData (anndata cannot write into it) and for an `over_clustering` column that is missing or of

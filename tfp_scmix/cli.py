@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-key",
         default=None,
         help="obs column of the dataset's own known labels: also write scmix_with_labels, the calls combined with "
-        "those of each cell's counts pooled with its 15 and 30 nearest neighbours', by the class branch refitted on "
+        "those of each cell's counts pooled with its 15 nearest neighbours', by the class branch refitted on "
         "the known labels (the dataset the model was trained on)",
     )
     p.add_argument("--unlabeled-category", default=None, help="with --label-key: the value that marks unlabelled cells")

@@ -22,11 +22,10 @@ the pooled counts below replaced it. docs/few_shot.md, "Known labels of the anno
 measurements.
 
 `known_labels_features`, `pooled_counts` and `product_of_experts` serve `annotate`'s call with known labels,
-which pools each cell's counts with its neighbours' on kNN graphs of those features at the sizes of
-`POOLING_NEIGHBORS` (kNN pooling, as kNN-smoothing and metacells do) and multiplies the model's probabilities of
-the cell with those of its pooled counts (`annotate.with_labels_probs`; docs/few_shot.md, "Pooled counts of the
-neighbours" and "Pooling at two scales"): the model's class branch is needed to call pooled counts, so that step
-lives in the annotation stage.
+which pools each cell's counts with its `POOLING_NEIGHBORS` nearest neighbours' on those features (kNN pooling,
+as kNN-smoothing and metacells do) and multiplies the model's probabilities of the cell with those of its pooled
+counts (`annotate.with_labels_probs`; docs/few_shot.md, "Pooled counts of the neighbours" and "Pooling at two
+scales"): the model's class branch is needed to call pooled counts, so that step lives in the annotation stage.
 
 `self_training_labels` turns `with_known_labels`'s combined call into the labels `SCMix.fit_classifier` fits the
 unlabelled cells to (self-training, docs/few_shot.md): each cell's call where the combined probability is at least
@@ -56,9 +55,9 @@ SPREADING_ALPHA = 0.2
 # Principal components of the genes in the graph of `with_known_labels` (the few-shot suite's peers' 30).
 N_COMPONENTS = 30
 # Neighbourhood sizes at which `annotate.known_label_experts` pools a cell's counts with its neighbours' (one
-# pooled expert per size, multiplied): scanpy's 15 and twice that. Chosen on seeds 3-4 of the few-shot suite
-# before seeds 0-2 were run with it (docs/few_shot.md, "Pooling at two scales").
-POOLING_NEIGHBORS = (N_NEIGHBORS, 2 * N_NEIGHBORS)
+# pooled expert per size, multiplied): scanpy's 15. Adding 30 was measured and not taken: fewer errors on seeds 3-4
+# of the few-shot suite, where it was chosen, none on seeds 0-2 (docs/few_shot.md, "Pooling at two scales").
+POOLING_NEIGHBORS: tuple[int, ...] = (N_NEIGHBORS,)
 # The combined call's probability from which an unlabelled cell's call joins the self-training fit
 # (`self_training_labels`). Chosen with a stand-in classifier on the few-shot suite before the model was run
 # with it (experiments/few_shot/balanced_spreading/, column product_self_trained; docs/few_shot.md).

@@ -20,9 +20,9 @@ default's own rows now come from the same settings);
 class_branch/summary.md is `class_branch.py`'s ablation of the classification branch on fixed topics.
 self_training_with_labels/ and self_training_product/ hold `self_training=True` with the known labels (its first
 targets, and seeded by the combined call), set beside offsets_no_encoder_gradient/'s default (`SELF_TRAINING_RUNS`).
-two_scales/ holds today's default annotating with the known labels (pooled counts at two neighbourhood sizes;
-`POOLED_RUN`): its verdicts against the peers on the same seeds lead the report, then those of pooled_counts/ (one
-size, the call before; `ONE_SCALE_RUN`).
+pooled_counts/ holds today's default annotating with the known labels (pooled counts; `POOLED_RUN`): its verdicts
+against the peers on the same seeds lead the report; two_scales/ the same call pooled at 15 and at 30 neighbours
+(`TWO_SCALES_RUN`, not taken).
 Label noise is scored against the clean rows of the same method and seeds (main table or ablation).
 """
 
@@ -205,31 +205,38 @@ SELF_TRAINING_RUNS = [
 
 
 # Today's default annotating with known labels: the per-cell probabilities times those of the class branch refitted
-# on pooled counts (each cell's counts summed with its neighbours', at the two neighbourhood sizes of
-# `propagate.POOLING_NEIGHBORS`; `annotate.known_label_experts`), seeds 0-4, with the ablation of the call's parts in
-# its extra columns. Its verdicts lead the report, then those of the one-scale call before it (ONE_SCALE_RUN).
-POOLED_RUN = "two_scales"
-ONE_SCALE_RUN = "pooled_counts"
+# on pooled counts (each cell's counts summed with its 15 neighbours'; `annotate.known_label_experts`), seeds 0-4,
+# with the ablation of the call's parts in its extra columns. Its verdicts lead the report.
+POOLED_RUN = "pooled_counts"
 # The columns of the ablation: (name, errors column of the rows).
 PARTS = [
     ("per-cell call", "per_cell_errors"),
-    ("pooled counts alone (both sizes)", "pooled_only_errors"),
-    ("cell x label spreading", "with_spreading_errors"),
-    ("cell x pooled, 15 neighbours (the call before)", "one_scale_15_errors"),
-    ("cell x pooled, 30 neighbours", "one_scale_30_errors"),
-    ("cell x pooled at 15 and 30 (the call)", "errors"),
-    ("cell x pooled at 15 and 30 x label spreading", "pooled_and_spreading_errors"),
+    ("pooled counts alone", "pooled_only_errors"),
+    ("cell x label spreading (the call before)", "with_spreading_errors"),
+    ("cell x pooled counts (the call)", "errors"),
+    ("cell x pooled counts x label spreading", "pooled_and_spreading_errors"),
+]
+# Pooling at 15 and at 30 neighbours (measured, not taken; docs/few_shot.md, "Pooling at two scales"): the run, its
+# method, and the columns of its parts (the same models' call at 15 neighbours alone is the default's call).
+TWO_SCALES_RUN = ("two_scales", "tfp_scmix:with_labels=True,pooling=15+30")
+TWO_SCALES_PARTS = [
+    ("per-cell call", "per_cell_errors"),
+    ("cell x pooled at 15 (the default's call)", "one_scale_15_errors"),
+    ("cell x pooled at 30", "one_scale_30_errors"),
+    ("cell x pooled at 15 and 30", "errors"),
+    ("pooled at 15 and 30 alone", "pooled_only_errors"),
 ]
 
 
-def parts_table(frame, method):
-    """Mean errors over seeds per dataset of each combination of the call's parts (`PARTS`), and their sums."""
+def parts_table(frame, method, parts=PARTS):
+    """Mean errors over seeds per dataset of each combination of the call's parts (`parts`: (name, column)), and
+    their sums."""
     rows = frame[(frame.method == method) & (frame.setting == "main")]
-    columns = {column: "mean" for _, column in PARTS}
+    columns = {column: "mean" for _, column in parts}
     table = rows.groupby("dataset", sort=False).agg({**columns, "seed": "nunique"}).round(1)
     total = table[list(columns)].sum().round(1).to_frame("all datasets (sum of means)").T
     table = pd.concat([table.astype({"seed": int}), total.assign(seed="")]).rename(
-        columns={column: name for name, column in PARTS} | {"seed": "seeds"}
+        columns={column: name for name, column in parts} | {"seed": "seeds"}
     )
     return table.rename_axis("dataset").reset_index()
 
@@ -311,33 +318,47 @@ def report(folder=HERE):
         "",
     ]
     with_labels = read(folder / WITH_LABELS[0])
-    pooled, one_scale, offsets = (read(folder / name) for name in (POOLED_RUN, ONE_SCALE_RUN, OFFSETS_RUN))
+    pooled, offsets, two_scales = (read(folder / name) for name in (POOLED_RUN, OFFSETS_RUN, TWO_SCALES_RUN[0]))
     if main is not None and pooled is not None:
         seeds = sorted(int(seed) for seed in pooled.seed.unique())
         parts += [
             "## The default annotating with the dataset's known labels (the few-shot use): against its peers",
             "",
             "`annotate(model, adata, label_key=...)` (obs scmix_with_labels): each cell's probabilities times those of "
-            "its counts pooled with its 15 and with its 30 nearest neighbours', each from the class branch refitted on "
-            f"the labelled cells' pooled counts ({POOLED_RUN}/results.csv, seeds {seeds}; peers of results.csv on the "
-            "same seeds):",
+            "its counts pooled with its neighbours', from each member's class branch refitted on the labelled cells' "
+            f"pooled counts ({POOLED_RUN}/results.csv, seeds {seeds}; peers of results.csv on the same seeds):",
             "",
             *verdicts(with_peers(main, pooled), method=WITH_LABELS[1]),
             "",
         ]
-        if one_scale is not None:
+        if offsets is not None:
             parts += [
-                "The call before it, pooled counts at 15 neighbours only "
-                f"({ONE_SCALE_RUN}/, the same default model, seeds {sorted(int(s) for s in one_scale.seed.unique())}):",
+                "The call before it, label spreading of the known labels in place of the pooled counts "
+                f"({OFFSETS_RUN}/, the same default model, seeds {sorted(int(s) for s in offsets.seed.unique())}):",
                 "",
-                *verdicts(with_peers(main, one_scale), method=WITH_LABELS[1]),
+                *verdicts(with_peers(main, offsets), method=WITH_LABELS[1]),
                 "",
             ]
         parts += [
-            "The call's parts, from the same models (mean errors over the seeds; docs/few_shot.md, \"Pooling at two "
-            'scales"):',
+            "The call's parts, from the same models (mean errors over the seeds; docs/few_shot.md, \"Pooled counts of "
+            'the neighbours"):',
             "",
             markdown_table(parts_table(pooled, WITH_LABELS[1])),
+            "",
+        ]
+    if main is not None and two_scales is not None:
+        seeds = sorted(int(seed) for seed in two_scales.seed.unique())
+        parts += [
+            "### Pooling at 15 and at 30 neighbours (measured, not taken)",
+            "",
+            f"The product of the per-cell call with pooled calls at both sizes ({TWO_SCALES_RUN[0]}/, seeds {seeds}; "
+            'docs/few_shot.md, "Pooling at two scales"):',
+            "",
+            *verdicts(with_peers(main, two_scales), method=TWO_SCALES_RUN[1]),
+            "",
+            "Its parts, from the same models (the default's call is the second column):",
+            "",
+            markdown_table(parts_table(two_scales, TWO_SCALES_RUN[1], TWO_SCALES_PARTS)),
             "",
         ]
     if main is not None:

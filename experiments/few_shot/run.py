@@ -41,7 +41,8 @@ The results in this folder come from these runs (each writes results.csv and sum
         --out experiments/few_shot/self_training_pooled
     ./run experiments.few_shot.pooled_cost       # the pooled-counts call's time (its docstring)
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
-        --seeds 0 1 2 3 4 --methods tfp_scmix:with_labels=True --out experiments/few_shot/two_scales
+        --seeds 0 1 2 3 4 --methods tfp_scmix:with_labels=True,pooling=15+30 --out experiments/few_shot/two_scales
+    # two_scales/ was written by commit 9a2746f, when 15+30 was briefly the default (methods renamed to say so).
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
     # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
     # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
@@ -268,14 +269,18 @@ def parse_method(spec):
     return name, settings
 
 
-def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with_labels=False, **settings):
+def tfp_scmix(
+    data, visible, test, labelled, seed, epochs=None, restarts=3, with_labels=False, pooling=None, **settings
+):
     """tfp_scmix trained on the visible cells (labels of `labelled` only) by `scm.train` with the package's
     defaults (an ensemble of 3 restarts unless `restarts` is given; other options are `Config` settings).
     with_labels: predict as `annotate(..., label_key=...)` does, annotating the visible and test cells
     together with the labelled cells' labels (`annotate.with_labels_probs`: the per-cell probabilities times
     those of pooled counts); the per-cell call's errors of the same model go to the extra score
     "per_cell_errors", and the ablation of the call's parts (`known_label_experts`) to "pooled_only_errors",
-    "with_spreading_errors" and "pooled_and_spreading_errors".
+    "with_spreading_errors" and "pooled_and_spreading_errors". pooling: the call's neighbourhood sizes joined by "+"
+    ("15+30", two_scales/'s; default `propagate.POOLING_NEIGHBORS`); with more than one, each size's call with the
+    per-cell one goes to "one_scale_{k}_errors".
     Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
     over the members)."""
     from sklearn.linear_model import LogisticRegression
@@ -292,7 +297,8 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
         extras["per_cell_errors"] = int((predicted != truth).sum())
         cells = np.union1d(visible, test)
         known = data.subset(cells).hide_labels(np.flatnonzero(np.isin(cells, labelled)))
-        experts = known_label_experts(model, known, spreading=True)
+        sizes = POOLING_NEIGHBORS if pooling is None else tuple(int(k) for k in str(pooling).split("+"))
+        experts = known_label_experts(model, known, spreading=True, pooling_neighbors=sizes)
         rows = np.searchsorted(cells, test)
         # The ablation of the call's parts: pooled counts alone, label spreading in their place (annotate's call
         # until the pooled counts, offsets_no_encoder_gradient/), and all three sources together.
@@ -300,8 +306,8 @@ def tfp_scmix(data, visible, test, labelled, seed, epochs=None, restarts=3, with
             ("pooled_only_errors", ("pooled",)),
             ("with_spreading_errors", ("cell", "spreading")),
             ("pooled_and_spreading_errors", ("cell", "pooled", "spreading")),
-            # The call with one scale (pooled_counts/, before POOLING_NEIGHBORS had two) and with the other alone.
-            *((f"one_scale_{k}_errors", ("cell", f"pooled_{k}")) for k in POOLING_NEIGHBORS),
+            # With several sizes (two_scales/), each size's call alone.
+            *((f"one_scale_{k}_errors", ("cell", f"pooled_{k}")) for k in sizes if len(sizes) > 1),
         ):
             call = product_of_experts(*(experts[part] for part in parts)).argmax(axis=1)[rows]
             extras[column] = int((call != truth).sum())
