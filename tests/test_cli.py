@@ -217,3 +217,16 @@ def test_help_and_version_answer_without_tensorflow_and_runs_are_quiet(synthetic
     noise = [line for line in run.stderr.replace("\r", "\n").splitlines() if line and "epoch" not in line]
     assert noise == [], noise  # the progress bar's updates only
     assert "2/2" in run.stderr  # one bar over restarts x epochs
+
+
+def test_run_script_help_lists_the_commands_without_installing():
+    """`./run --help` prints the commands of the README's entry script (it used to be taken for a module name);
+    another option is refused with a pointer to --help. Both exit before the environment is touched."""
+    import subprocess
+
+    from tests.helpers import ROOT
+
+    help_text = subprocess.run(["bash", "run", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "./run demo" in help_text.stdout and "./run test" in help_text.stdout and not help_text.stderr
+    refused = subprocess.run(["bash", "run", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown option --bogus; ./run --help lists the commands" in refused.stderr
