@@ -450,3 +450,39 @@ def test_model_counts_read_every_source_as_predict_does(small_model, embedded, e
         data = model_counts(source, small_model)
         assert list(data.genes) == list(small_model.genes)
         assert (data.counts != embedded.counts).nnz == 0
+
+
+def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_the_batches(synthetic_file, tmp_path):
+    """A model of two batches (donors d1, d2) divides each cell's own batch's offsets out when the data name the
+    batch (matched by name, in any order), and the mean of the two rows out of the cells of any other dataset:
+    an AnnData, a file, a count matrix, an SCData of other batch names. It used to divide batch 0's offsets out of
+    all of those. The names are saved with the model; a model without them takes ids as they stand."""
+    import dataclasses
+
+    data, path = synthetic_file
+    donors = scm.from_anndata(path, batch_key="donor")
+    model = scm.train(donors, scm.Config(n_topics=4, hidden_units=32, classifier_steps=20), epochs=1, restarts=1)
+    (member,) = model.members
+    assert member.batch_names == ["d1", "d2"] and member.new_batch == 2
+    offsets = np.random.default_rng(0).normal(0, 1.0, member.batch_offsets.loc.shape).astype(np.float32)
+    member.batch_offsets.loc.assign(offsets)
+    np.testing.assert_allclose(member.prediction_offsets().numpy(), np.vstack([offsets, offsets.mean(0)]), atol=1e-6)
+    own = scm.predict(model, donors)["probs"]
+    swapped = dataclasses.replace(donors, batches=1 - donors.batches, batch_names=["d2", "d1"])
+    np.testing.assert_array_equal(scm.predict(model, swapped)["probs"], own)
+    other = dataclasses.replace(donors, batch_names=["x", "y"])
+    assert member.batch_rows(other.batch_names, other.batches).tolist() == [-1] * donors.n_cells
+    new = scm.predict(model, other)["probs"]
+    assert np.abs(new - own).max() > 1e-3  # the offsets matter, so the test can tell the rows apart
+    for source in (read_h5ad(path), path, donors.counts):
+        np.testing.assert_allclose(scm.predict(model, source)["probs"], new, atol=1e-6)
+    centred = [offsets.mean(0)] * 2
+    member.batch_offsets.loc.assign(np.vstack(centred))
+    np.testing.assert_allclose(scm.predict(model, donors)["probs"], new, atol=1e-6)
+    member.batch_offsets.loc.assign(offsets)
+    scm.save_model(model, tmp_path / "donors.keras")
+    loaded = scm.load_model(tmp_path / "donors.keras")
+    assert loaded.members[0].batch_names == ["d1", "d2"]
+    np.testing.assert_array_equal(scm.predict(loaded, swapped)["probs"], own)
+    member.batch_names = None  # a file from before the names were kept: ids as they stand
+    np.testing.assert_array_equal(scm.predict(model, other)["probs"], own)

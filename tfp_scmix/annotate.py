@@ -193,15 +193,15 @@ def known_label_experts(
             fit_data = dataclasses.replace(data.subset(labelled), counts=pooled_counts(graph, data.counts, labelled))
             for member in members:
                 member.fit_classifier(fit_data)
-            pooled = [
-                predict(
-                    model,
-                    pooled_counts(graph, data.counts, np.arange(start, min(start + chunk_size, data.n_cells))),
-                    keys=("probs",),
-                    chunk_size=chunk_size,
-                )["probs"]
-                for start in range(0, data.n_cells, chunk_size)
-            ]
+            # Each cell's pooled counts are read through its own batch's offsets, as the refit read them.
+            pooled = []
+            for start in range(0, data.n_cells, chunk_size):
+                rows = data.rows(start, min(start + chunk_size, data.n_cells))
+                counts = pooled_counts(graph, data.counts, np.arange(start, start + rows.n_cells))
+                out_rows = predict(
+                    model, dataclasses.replace(rows, counts=counts), keys=("probs",), chunk_size=chunk_size
+                )
+                pooled.append(out_rows["probs"])
             experts[f"pooled_{k}"] = np.vstack(pooled).astype(np.float64)
     finally:
         for member, (weights, self_trained) in zip(members, saved, strict=True):

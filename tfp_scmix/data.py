@@ -32,6 +32,9 @@ DATA_DIR_ENV = "TFP_SCMIX_DATA"
 UNLABELLED = -1
 # Keys of the dict that every minibatch is.
 COUNTS, LABEL, BATCH = "counts", "label", "batch"
+# The batch id of cells from a dataset the model was not trained on (`SCMix.batch_rows`): prediction divides out
+# the centre of the trained batches' offsets (`SCMix.prediction_offsets`).
+NEW_BATCH = -1
 
 
 class DataError(ValueError):

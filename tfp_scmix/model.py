@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import tensorflow_probability as tfp
 
 from tfp_scmix import __version__
 from tfp_scmix.config import Config
-from tfp_scmix.data import BATCH, COUNTS, LABEL, DataError, SCData, gene_fingerprint, log_normalised
+from tfp_scmix.data import BATCH, COUNTS, LABEL, NEW_BATCH, DataError, SCData, gene_fingerprint, log_normalised
 from tfp_scmix.layers import BatchOffsets, CellEncoder, ClassBranch, TopicBranch
 from tfp_scmix.layers.cell import divide_offsets, normalise_counts
 from tfp_scmix.layers.horseshoe import default_global_scale
@@ -121,6 +122,10 @@ class SCMix(keras.Model):
     takes them explicitly (keyword-only, no defaults): n_cells (cells trained on), n_labelled (labelled
     cells), total_counts (sum of all counts), n_batches (batch rows of the offsets). `adapted_batch`: the
     batch row used for every input (set by `tfp_scmix.train.adapt`; None: the input's own batch ids).
+    `batch_names`: the names of the trained batches, in the order of their rows (`from_data` keeps the data's);
+    prediction divides each cell's own batch's offsets out when its dataset names it (`batch_rows`), and the
+    centre of the trained batches' offsets out of cells of any other dataset (`prediction_offsets`). None (files
+    written before the names were kept): batch ids are taken as rows as they stand.
 
     `call` is deterministic: {"probs" [batch, n_classes] (posterior predictive over fixed draws of W),
     "label" [batch], "confidence" [batch], "cell_topic" [batch, n_topics]}.
@@ -139,6 +144,7 @@ class SCMix(keras.Model):
         n_batches: int,
         seed: int = 0,
         adapted_batch: int | None = None,
+        batch_names: Sequence[str] | None = None,
         provenance: dict | None = None,
         **kwargs,
     ):
@@ -164,6 +170,9 @@ class SCMix(keras.Model):
         self.config = config
         self.seed = int(seed)
         self.adapted_batch = None if adapted_batch is None else int(adapted_batch)
+        self.batch_names = None if batch_names is None else [str(b) for b in batch_names]
+        if self.batch_names is not None and len(self.batch_names) > int(n_batches):
+            raise ValueError(f"{len(self.batch_names)} batch names for {n_batches} rows of batch offsets")
         # Unlabelled cells the last `fit_classifier` added by self-training (None: it did not self-train).
         self.self_trained_cells: int | None = None
         self.sizes = {
@@ -258,6 +267,7 @@ class SCMix(keras.Model):
             total_counts=float(library.sum()),
             n_batches=len(data.batch_names),
             seed=seed,
+            batch_names=list(data.batch_names),
             provenance=provenance(data),
         )
         model.topics.set_background(background)
@@ -281,27 +291,70 @@ class SCMix(keras.Model):
         return list(self.trackers.values())
 
     # -- the deterministic forward pass --------------------------------------------------------
-    def _unpack(self, inputs):
-        """(counts, batch ids `[batch]`) from a minibatch dict or a bare count matrix (batch 0)."""
+    def _unpack(self, inputs, training_rows: bool = False):
+        """(counts, batch rows `[batch]`) from a minibatch dict or a bare count matrix. Prediction's rows index
+        `prediction_offsets()`: a bare matrix's cells, and ids of `NEW_BATCH` (or past the trained batches), get
+        the centre row `new_batch`; an adapted model's cells all get `adapted_batch`. `training_rows`: the
+        training step's, which indexes the trained rows only (a bare matrix is batch 0)."""
         counts = inputs[COUNTS] if isinstance(inputs, dict) else inputs
         batch_ids = inputs.get(BATCH) if isinstance(inputs, dict) else None
-        if batch_ids is None or self.adapted_batch is not None:
-            fill = 0 if self.adapted_batch is None else self.adapted_batch
-            batch_ids = tf.fill(tf.shape(counts, out_type=tf.int64)[:1], fill)
-        return counts, tf.cast(batch_ids, tf.int32)
+        fill = 0 if training_rows else self.new_batch
+        if self.adapted_batch is not None:
+            fill, batch_ids = self.adapted_batch, None
+        if batch_ids is None:
+            return counts, tf.fill(tf.shape(counts, out_type=tf.int32)[:1], fill)
+        batch_ids = tf.cast(batch_ids, tf.int32)
+        if training_rows:
+            return counts, batch_ids
+        return counts, tf.where((batch_ids < 0) | (batch_ids >= self.new_batch), self.new_batch, batch_ids)
+
+    @property
+    def new_batch(self) -> int:
+        """The row of `prediction_offsets()` for cells of a dataset the model was not trained on: after the
+        trained batches' rows."""
+        return int(self.sizes["n_batches"])
+
+    def prediction_offsets(self) -> tf.Tensor:
+        """Offsets `[n_batches + 1, n_genes]` (posterior means) that prediction divides out: each trained batch's
+        row, then `new_batch`'s, the mean of the trained batches' rows (of the reference rows, for an adapted
+        model). Under the prior a new batch's offsets are N(0, sigma^2) around no shift at all; the rows learned
+        from the training batches share a part that topic_gene does not carry (with one batch, that whole row),
+        and their mean keeps it without favouring any one batch: a model of one batch predicts every dataset as
+        it predicts its training cells, and one of several predicts a new dataset through none of them in
+        particular. Measured on the transfer matrix's two-source row (docs/cross_dataset.md, "A new dataset
+        through the centre of the batches")."""
+        loc = tf.convert_to_tensor(self.batch_offsets.loc)
+        reference = loc if self.adapted_batch is None else loc[: self.adapted_batch]
+        return tf.concat([loc, tf.reduce_mean(reference, axis=0, keepdims=True)], axis=0)
+
+    def batch_rows(self, batch_names: Sequence[str], batches: np.ndarray) -> np.ndarray:
+        """Batch ids `batches` `[n_cells]` of a dataset whose batches are `batch_names` as rows of the model's
+        offsets `[n_cells]` (int32): the trained batch of the same name, `NEW_BATCH` where the model has no batch
+        of that name (prediction then divides out the centre, `prediction_offsets`). A model without
+        `batch_names` (files from before they were kept) takes the ids as they stand."""
+        batches = np.asarray(batches, np.int32)
+        if self.batch_names is None:
+            return batches
+        rows = {name: i for i, name in enumerate(self.batch_names)}
+        lookup = np.array([rows.get(str(name), NEW_BATCH) for name in batch_names] or [NEW_BATCH], np.int32)
+        return lookup[batches]
 
     def encode(
         self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor, training: bool = False
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out."""
-        return self.encoder(counts, batch_ids, self.batch_offsets.loc, training=training)
+        """q(cell_topic) (loc, scale) `[batch, n_topics]` from counts with their batch's offsets divided out
+        (batch_ids: rows of `prediction_offsets()`, `NEW_BATCH` for a dataset the model was not trained on)."""
+        counts, rows = self._unpack({COUNTS: counts, BATCH: batch_ids})
+        return self.encoder(counts, rows, self.prediction_offsets(), training=training)
 
     def class_genes(self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor) -> tf.Tensor | None:
         """The classification branch's gene input `[batch, n_genes]`: log1p CP10k of the counts with their
-        batch's offsets divided out (sparse stays sparse); None when the branch reads topics only."""
+        batch's offsets divided out (batch_ids as for `encode`; sparse stays sparse); None when the branch reads
+        topics only."""
         if not self.classifier.n_genes:
             return None
-        return normalise_counts(divide_offsets(counts, batch_ids, self.batch_offsets.loc))
+        counts, rows = self._unpack({COUNTS: counts, BATCH: batch_ids})
+        return normalise_counts(divide_offsets(counts, rows, self.prediction_offsets()))
 
     def predictive_tables(self) -> dict[str, tf.Tensor]:
         """What prediction reads that does not depend on the cells, computed once per prediction rather than per
@@ -318,7 +371,7 @@ class SCMix(keras.Model):
         """`call`'s outputs from `predictive_tables()` computed beforehand (`tfp_scmix.predict` takes them once per
         call, not once per minibatch). inputs: as for `call`, a minibatch dict or a count matrix."""
         counts, batch_ids = self._unpack(inputs)
-        product = self.encoder.first_layer(counts, batch_ids, self.batch_offsets.loc, kernel=tables["kernel"])
+        product = self.encoder.first_layer(counts, batch_ids, self.prediction_offsets(), kernel=tables["kernel"])
         return self._predict_from_product(tables, product, training)
 
     def predict_normalised(self, tables: dict[str, tf.Tensor], x: tf.Tensor, training=False) -> dict[str, tf.Tensor]:
@@ -329,16 +382,19 @@ class SCMix(keras.Model):
         return self._predict_from_product(tables, tf.matmul(x, tables["kernel"]), training)
 
     def offset_factors(self) -> np.ndarray:
-        """exp(-offsets) `[n_batches, n_genes]` float32 (posterior means): what each batch's counts are multiplied
-        by before normalisation (`tfp_scmix.layers.cell.divide_offsets`)."""
-        return np.exp(-self.batch_offsets.loc.numpy()).astype(np.float32)
+        """exp(-offsets) `[n_batches + 1, n_genes]` float32 of `prediction_offsets()`: what each batch's counts, and
+        a new dataset's (the last row), are multiplied by before normalisation
+        (`tfp_scmix.layers.cell.divide_offsets`)."""
+        return np.exp(-self.prediction_offsets().numpy()).astype(np.float32)
 
     def prediction_batches(self, batch_ids: np.ndarray) -> np.ndarray:
-        """The batch `[n_cells]` (int32) whose offsets prediction divides out of each cell: its own, or
-        `adapted_batch` for every cell once the model has been adapted to a new dataset (as `call` does)."""
+        """The row of `offset_factors()` `[n_cells]` (int32) that prediction divides out of each cell (as `call`
+        does): its own batch's; `new_batch`'s for `NEW_BATCH` (or an id past the trained batches); `adapted_batch`
+        for every cell once the model has been adapted to a new dataset."""
         if self.adapted_batch is not None:
             return np.full(len(batch_ids), self.adapted_batch, np.int32)
-        return np.asarray(batch_ids, dtype=np.int32)
+        batch_ids = np.asarray(batch_ids, dtype=np.int32)
+        return np.where((batch_ids < 0) | (batch_ids >= self.new_batch), self.new_batch, batch_ids).astype(np.int32)
 
     def _predict_from_product(self, tables, product, training) -> dict[str, tf.Tensor]:
         first, gene_products = self.encoder.split(product)
@@ -369,9 +425,12 @@ class SCMix(keras.Model):
         again, warm, for 1 / `SELF_TRAINING_SHARE` of the steps, on the labelled cells and the unlabelled ones
         whose combined call is confident, each with that call as its label (the KL is then per fitted cell).
         The number of unlabelled cells that joined is kept in `self_trained_cells` (the training summary's).
-        Returns the final loss. Raises DataError when `data` has no labelled cell.
+        `data`'s batches are matched to the model's by name (`batch_rows`): a dataset the model was not trained on
+        (`annotate`'s refit on known labels) is read through the centre of the batches' offsets, as prediction
+        reads it. Returns the final loss. Raises DataError when `data` has no labelled cell.
         """
         self.self_trained_cells = None
+        data = dataclasses.replace(data, batches=self.batch_rows(data.batch_names, data.batches))
         steps = self.config.classifier_steps if steps is None else int(steps)
         labelled = np.flatnonzero(data.labels >= 0)
         if labelled.size == 0:
@@ -437,7 +496,7 @@ class SCMix(keras.Model):
         "label_accuracy" (hits, labelled cells) and "topic_usage" (exp of the entropy of the mean topic use).
         """
         s = self.settings
-        counts, batch_ids = self._unpack(inputs)
+        counts, batch_ids = self._unpack(inputs, training_rows=True)
         counts = as_sparse(counts)
         seeds = tfp.random.split_seed(tf.cast(self.seed_generator.next(), tf.int32), n=4)
         joint = s["label_mode"] == "joint"
@@ -589,6 +648,7 @@ class SCMix(keras.Model):
             **self.sizes,
             "seed": self.seed,
             "adapted_batch": self.adapted_batch,
+            "batch_names": self.batch_names,
             "provenance": self.provenance,
         }
 

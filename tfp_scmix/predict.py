@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix.data import (
+    NEW_BATCH,
     SLOT_NAMES,
     UNLABELLED,
     DataError,
@@ -290,8 +291,9 @@ def _read(source, model, start, stop, counts, min_gene_fraction, select, lease: 
     an AnnData was predicted at two thirds of an `SCData`'s rate (docs/performance.md, "The counts checked where
     they are predicted")."""
     n = stop - start
-    if isinstance(source, SCData):
-        return _Chunk(csr_rows(source.counts, start, stop), source.batches[start:stop], start)
+    if isinstance(source, SCData):  # its batches, by name, as rows of the model's offsets (`SCMix.batch_rows`)
+        rows = _members(model)[0].batch_rows(source.batch_names, source.batches[start:stop])
+        return _Chunk(csr_rows(source.counts, start, stop), rows, start)
     if isinstance(source, _H5ADFile) or hasattr(source, "obs_names"):
         slot_rows = (
             (source.rows(start, stop, lease), None)
@@ -309,14 +311,14 @@ def _read(source, model, start, stop, counts, min_gene_fraction, select, lease: 
                 allow_empty_cells=True,
                 copy=False,  # the chunk is predicted at once
             )
-            return _Chunk(data.counts, data.batches, start)
+            return _Chunk(data.counts, np.full(n, NEW_BATCH, np.int32), start)
         matrix, where = slot_rows[0], SLOT_NAMES.get(counts or "X", f"adata.layers[{counts!r}]")
     elif sp.issparse(source):  # CSR since `_open`, checked whole there
         matrix, where = csr_rows(source, start, stop), "the count matrix"
     else:
         matrix, where = sp.csr_matrix(source[start:stop]), "the count matrix"
     check_structure(matrix, where, full=False)  # O(cells): the minibatches' row views are then in bounds
-    return _Chunk(matrix, np.zeros(n, np.int32), start, where, select, lease)
+    return _Chunk(matrix, np.full(n, NEW_BATCH, np.int32), start, where, select, lease)
 
 
 def _read_range(dataset, first: int, last: int, lease: _Lease | None = None) -> np.ndarray:
