@@ -456,7 +456,8 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     """A model of two batches (donors d1, d2) divides each cell's own batch's offsets out when the data name the
     batch (matched by name, in any order), and the mean of the two rows out of the cells of any other dataset:
     an AnnData, a file, a count matrix, an SCData of other batch names. It used to divide batch 0's offsets out of
-    all of those. The names are saved with the model; a model without them takes ids as they stand."""
+    all of those. An AnnData's or a file's obs[batch_key] names each cell's batch (predict, annotate). The names
+    are saved with the model; a model without them takes ids as they stand."""
     import dataclasses
 
     data, path = synthetic_file
@@ -476,6 +477,15 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     assert np.abs(new - own).max() > 1e-3  # the offsets matter, so the test can tell the rows apart
     for source in (read_h5ad(path), path, donors.counts):
         np.testing.assert_allclose(scm.predict(model, source)["probs"], new, atol=1e-6)
+    for source in (read_h5ad(path), path):  # the column the model was trained with names each cell's batch
+        np.testing.assert_allclose(scm.predict(model, source, batch_key="donor")["probs"], own, atol=1e-6)
+    annotated = scm.annotate(model, read_h5ad(path), batch_key="donor", label_key="cell_type")
+    np.testing.assert_allclose(annotated.obsm["scmix_probs"], own, atol=1e-6)
+    assert annotated.uns["scmix"]["batch_key"] == "donor"
+    with pytest.raises(DataError, match="no obs column 'donors' for batches"):
+        scm.predict(model, path, batch_key="donors")
+    with pytest.raises(ValueError, match="an SCData carries its own batches"):
+        scm.predict(model, donors, batch_key="donor")
     centred = [offsets.mean(0)] * 2
     member.batch_offsets.loc.assign(np.vstack(centred))
     np.testing.assert_allclose(scm.predict(model, donors)["probs"], new, atol=1e-6)

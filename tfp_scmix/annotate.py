@@ -230,6 +230,7 @@ def annotate(
     smooth: bool = False,
     label_key: str | None = None,
     unlabeled_category: str | None = None,
+    batch_key: str | None = None,
 ):
     """Annotate `adata` (an AnnData, in memory or backed, or a path `tfp_scmix.read` reads) in place; returns it.
 
@@ -266,7 +267,10 @@ def annotate(
     of every cell over the model's genes into memory (a backed AnnData too) and adds a principal component
     analysis, a neighbour search and a second prediction pass (of the pooled counts, `chunk_size` cells at a time)
     that grow with the cells.
-    Raises DataError as `from_anndata` does, for a `label_key` that is not an obs column, labels that are
+    batch_key: the obs column of batches (donor, dataset) the model was trained with: each cell's batch's offsets
+    are divided out (`predict`); cells of other batches, and every cell without it, are read through the centre
+    of the trained batches' offsets (for a model of one batch, that batch's).
+    Raises DataError as `from_anndata` does, for a `label_key` or `batch_key` that is not an obs column, labels that are
     neither among the model's classes nor `unlabeled_category` or no known label at all, for a view of a
     backed AnnData (anndata cannot write into it) and for an `over_clustering` column that is missing or of
     the wrong length; ValueError for numeric arguments out of range, for `over_clustering` without
@@ -307,6 +311,7 @@ def annotate(
         batch_size=batch_size,
         min_gene_fraction=min_gene_fraction,
         keys=keys,
+        batch_key=batch_key,
     )
     library = out["library_size"]
     empty = library == 0
@@ -374,7 +379,7 @@ def annotate(
         adata.obs[f"{key}_smoothed"], adata.uns[f"{key}_smoothed_colors"] = _categorical(smoothed_names, order, colors)
         adata.obsm[f"{key}_smoothed_probs"] = smoothed.astype(np.float32)
     if known is not None:
-        aligned = model_counts(adata, model, slot, min_gene_fraction)
+        aligned = model_counts(adata, model, slot, min_gene_fraction, batch_key)
         combined = with_labels_probs(model, dataclasses.replace(aligned, labels=known), out)
         combined_names = np.asarray(model.class_names, dtype=object)[combined.argmax(axis=1)]
         combined_names[known >= 0] = np.asarray(model.class_names, dtype=object)[known[known >= 0]]
@@ -395,6 +400,7 @@ def annotate(
         "majority_voting": bool(majority_voting),
         "smooth": bool(smooth),
         "label_key": label_key or "",
+        "batch_key": batch_key or "",
         "n_known_labels": 0 if known is None else int((known >= 0).sum()),
         "n_unassigned": int(unassigned.sum()),
         "n_low_counts": int(low_counts.sum()),

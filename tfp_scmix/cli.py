@@ -139,6 +139,7 @@ def annotate(args) -> None:
             smooth=args.smooth,
             label_key=args.label_key,
             unlabeled_category=args.unlabeled_category,
+            batch_key=args.batch_key,
         )
         write_h5ad(adata, args.out)
     finally:
@@ -265,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the known labels (the dataset the model was trained on)",
     )
     p.add_argument("--unlabeled-category", default=None, help="with --label-key: the value that marks unlabelled cells")
+    p.add_argument(
+        "--batch-key",
+        default=None,
+        help="obs column of the batches the model was trained with (donor, dataset): each cell is read through its "
+        "batch's offsets (default, and for other batches: the centre of the trained batches')",
+    )
     p.set_defaults(func=annotate)
 
     p = sub.add_parser("explain", help="write explanation tables (CSV) and figures (PNG) of a trained model")

@@ -337,7 +337,8 @@ class SCMix(keras.Model):
             return batches
         rows = {name: i for i, name in enumerate(self.batch_names)}
         lookup = np.array([rows.get(str(name), NEW_BATCH) for name in batch_names] or [NEW_BATCH], np.int32)
-        return lookup[batches]
+        known = (batches >= 0) & (batches < len(lookup))  # ids already `NEW_BATCH` stay so
+        return np.where(known, lookup[np.where(known, batches, 0)], NEW_BATCH).astype(np.int32)
 
     def encode(
         self, counts: tf.Tensor | tf.SparseTensor, batch_ids: tf.Tensor, training: bool = False

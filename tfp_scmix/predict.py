@@ -33,6 +33,7 @@ from tfp_scmix.data import (
     csr_on,
     csr_rows,
     data_path,
+    encode_obs,
     find_counts,
     from_anndata,
     gene_selection,
@@ -41,7 +42,7 @@ from tfp_scmix.data import (
 )
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix
-from tfp_scmix.stream import frame_index
+from tfp_scmix.stream import frame_columns, frame_index
 
 logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
@@ -542,16 +543,22 @@ class _OncePerMessage(logging.Filter):
 
 
 def model_counts(
-    source, model: SCMix | SCMixEnsemble, counts: str | None = None, min_gene_fraction: float = 0.5
+    source,
+    model: SCMix | SCMixEnsemble,
+    counts: str | None = None,
+    min_gene_fraction: float = 0.5,
+    batch_key: str | None = None,
 ) -> SCData:
     """Every cell of `source` (what `predict` accepts) as a validated `SCData` over the model's genes, in
     their order, read as `predict` reads it (the same slot, a backed file's rows through h5py, no copy of an
-    AnnData's counts). The whole matrix enters memory: for a source that does not fit, `predict` in chunks.
-    Raises DataError as `predict` does."""
+    AnnData's counts), with the batches of obs[batch_key] (`predict`'s; without it every cell is of a dataset
+    the model was not trained on, `NEW_BATCH`). The whole matrix enters memory: for a source that does not fit,
+    `predict` in chunks. Raises DataError and ValueError as `predict` does."""
     n_cells, opened, slot, select = _open(source, model, counts, min_gene_fraction)
-    if isinstance(opened, SCData):  # checked, and over the model's genes since `_open`
-        return opened
     try:
+        batches, batch_names = _obs_batches(opened, batch_key, n_cells)
+        if isinstance(opened, SCData):  # checked, and over the model's genes since `_open`
+            return opened
         chunk = _read(opened, model, 0, n_cells, slot, min_gene_fraction, select)
         obs_names = opened.obs_names if hasattr(opened, "obs_names") else np.arange(n_cells).astype(str)
         return SCData(
@@ -559,13 +566,33 @@ def model_counts(
             np.asarray(model.genes, dtype=str),
             np.full(n_cells, UNLABELLED, np.int32),
             list(model.class_names),
-            chunk.batches,
-            ["0"],
+            batches,
+            batch_names,
             np.asarray(obs_names, dtype=str),
         )
     finally:
         if isinstance(opened, _H5ADFile):
             opened.close()
+
+
+def _obs_batches(source, batch_key: str | None, n_cells: int) -> tuple[np.ndarray, list[str]]:
+    """(batch ids int32 `[n_cells]`, batch names) of an opened source's obs[batch_key] (`encode_obs`); without
+    `batch_key`, every cell `NEW_BATCH`. Raises DataError for a missing column or a cell without a batch, and
+    ValueError for `batch_key` with an `SCData` (its batches are its own) or a matrix (no obs)."""
+    if batch_key is None:
+        return np.full(n_cells, NEW_BATCH, np.int32), ["0"]
+    if isinstance(source, _H5ADFile):
+        columns, column = frame_columns(source.file["obs"])
+        where = f"the file {source.file.filename}"
+    elif hasattr(source, "obs_names") and not isinstance(source, SCData):
+        columns, column, where = list(source.obs.columns), lambda key: source.obs[key].to_numpy(), "adata"
+    else:
+        raise ValueError(
+            "batch_key names an obs column of an AnnData or .h5ad file; an SCData carries its own batches "
+            "(from_anndata(..., batch_key=...)) and a count matrix has none: leave batch_key out."
+        )
+    _, _, batches, batch_names = encode_obs(columns, column, n_cells, None, batch_key, where=where)
+    return batches, batch_names
 
 
 def predict(
@@ -577,6 +604,7 @@ def predict(
     batch_size: int = 1024,
     min_gene_fraction: float = 0.5,
     keys=None,
+    batch_key: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Model outputs for any number of cells, read and predicted `chunk_size` cells at a time.
 
@@ -592,9 +620,15 @@ def predict(
     slot of an AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every
     chunk. Peak memory: three chunks and the outputs (experiments/reliability/memory_1m.py,
     results_memory_1m.json).
+    Batches: the model divides each cell's batch's gene-wise offsets out (`SCMix.batch_rows`). An `SCData`'s
+    batches are matched to the model's by name; an AnnData's or a file's by the names in obs[batch_key], the column
+    the model was trained with (as `from_anndata(..., batch_key=)`); cells of a batch the model was not trained on,
+    and every cell without `batch_key` or of a matrix, are read through the centre of the trained batches' offsets
+    (`SCMix.prediction_offsets`: for a model of one batch, that batch's).
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
-    of the model's genes, a matrix of the wrong width or no cells; ValueError for a `chunk_size`,
-    `batch_size` or `min_gene_fraction` out of range, or an unknown key.
+    of the model's genes, a matrix of the wrong width, no cells, a `batch_key` that is not an obs column or a
+    cell without a batch there; ValueError for a `chunk_size`, `batch_size` or `min_gene_fraction` out of range,
+    an unknown key, or `batch_key` with an `SCData` or a matrix.
     """
     check_argument("chunk_size", chunk_size, 1, integer=True)
     check_argument("batch_size", batch_size, 1, integer=True)
@@ -609,6 +643,15 @@ def predict(
     model_keys = tuple(k for k in OUTPUT_KEYS if k in keys or (k == "cell_topic" and "novelty" in keys))
     model_keys += ("library_size",) if "library_size" in keys else ()
     n_cells, source, counts, select = _open(source, model, counts, min_gene_fraction)
+    cell_rows = None  # with batch_key: each cell's row of the model's offsets, for every chunk
+    if batch_key is not None:
+        try:
+            batches, batch_names = _obs_batches(source, batch_key, n_cells)
+        except BaseException:
+            if isinstance(source, _H5ADFile):
+                source.close()
+            raise
+        cell_rows = _members(model)[0].batch_rows(batch_names, batches)
     outputs: dict[str, np.ndarray] = {}
     once = _OncePerMessage()
     logger.addFilter(once)
@@ -618,7 +661,10 @@ def predict(
     memory = _Buffers()  # chunks read from a file reuse the memory of those gathered (`_Buffers`)
 
     def read(start, stop):
-        return _read(source, model, start, stop, counts, min_gene_fraction, select, memory.lease())
+        chunk = _read(source, model, start, stop, counts, min_gene_fraction, select, memory.lease())
+        if cell_rows is not None:
+            chunk.batches = cell_rows[start:stop]
+        return chunk
 
     def finish(start, stop, futures, chunk):
         out = _Minibatches.gather(futures)

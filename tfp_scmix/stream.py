@@ -58,6 +58,12 @@ def frame_index(group: h5py.Group) -> np.ndarray:
     return np.asarray(_read_elem(group[group.attrs["_index"]]), dtype=str)
 
 
+def frame_columns(group: h5py.Group) -> tuple[list[str], Any]:
+    """(the column names of an AnnData dataframe group in an .h5ad file, a function reading one column's values
+    `[n_rows]` by name), as `tfp_scmix.data.encode_obs` takes them: only the columns asked for are read."""
+    return [k for k in group if k != group.attrs["_index"]], lambda key: _read_elem(group[key])
+
+
 def _counts_element(f: h5py.File, counts: str | None) -> tuple[Any, h5py.Group, str]:
     """(h5py element of the count matrix, var group holding its gene names, description).
 
@@ -144,10 +150,9 @@ class H5ADStream:
                 # The selection matrix [file genes, vocabulary], None where they are the vocabulary in its order.
                 self._select = gene_selection(file_genes, genes, min_gene_fraction)
             self._file_genes = len(file_genes)
-            obs = f["obs"]
-            names = [k for k in obs if k != obs.attrs["_index"]]
+            names, column = frame_columns(f["obs"])
             self.labels, self.classes, self.batches, self.batch_names = encode_obs(
-                names, lambda key: _read_elem(obs[key]), n_cells, label_key, batch_key, unknown, classes, str(self.path)
+                names, column, n_cells, label_key, batch_key, unknown, classes, str(self.path)
             )
         self.genes = np.asarray(genes, dtype=str)
         # Cached by `summary`, both at once; _gene_sums is typed Any as mypy cannot tie its None to _library's.
