@@ -452,7 +452,9 @@ def test_model_counts_read_every_source_as_predict_does(small_model, embedded, e
         assert (data.counts != embedded.counts).nnz == 0
 
 
-def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_the_batches(synthetic_file, tmp_path):
+def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_the_batches(
+    synthetic_file, tmp_path, caplog
+):
     """A model of two batches (donors d1, d2) divides each cell's own batch's offsets out when the data name the
     batch (matched by name, in any order), and the mean of the two rows out of the cells of any other dataset:
     an AnnData, a file, a count matrix, an SCData of other batch names. It used to divide batch 0's offsets out of
@@ -482,8 +484,16 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     annotated = scm.annotate(model, read_h5ad(path), batch_key="donor", label_key="cell_type")
     np.testing.assert_allclose(annotated.obsm["scmix_probs"], own, atol=1e-6)
     assert annotated.uns["scmix"]["batch_key"] == "donor"
-    with pytest.raises(DataError, match="no obs column 'donors' for batches"):
+    renamed = read_h5ad(path)
+    donor = renamed.obs["donor"].astype(str)
+    renamed.obs["donor"] = np.where(donor == "d1", "D1", donor)  # a batch the model does not know: warned
+    expected = np.where((donors.batches == 0)[:, None], new, own)
+    np.testing.assert_allclose(scm.predict(model, renamed, batch_key="donor")["probs"], expected, atol=1e-6)
+    assert "cells of obs['donor'] batches ['D1'] that the model was not trained on" in caplog.text
+    with pytest.raises(DataError, match="no obs column 'donors' for batches in the file"):
         scm.predict(model, path, batch_key="donors")
+    with pytest.raises(TypeError, match="annotate writes into an AnnData .* received SCData"):
+        scm.annotate(model, donors)
     with pytest.raises(ValueError, match="an SCData carries its own batches"):
         scm.predict(model, donors, batch_key="donor")
     centred = [offsets.mean(0)] * 2

@@ -268,13 +268,15 @@ def annotate(
     analysis, a neighbour search and a second prediction pass (of the pooled counts, `chunk_size` cells at a time)
     that grow with the cells.
     batch_key: the obs column of batches (donor, dataset) the model was trained with: each cell's batch's offsets
-    are divided out (`predict`); cells of other batches, and every cell without it, are read through the centre
-    of the trained batches' offsets (for a model of one batch, that batch's).
+    are divided out (`predict`); cells of batches the model was not trained on (a warning names them), and every
+    cell when batch_key is None, are read through the centre of the trained batches' offsets (for a model of one
+    batch, that batch's). Every cell needs a value in the column.
     Raises DataError as `from_anndata` does, for a `label_key` or `batch_key` that is not an obs column, labels that are
     neither among the model's classes nor `unlabeled_category` or no known label at all, for a view of a
     backed AnnData (anndata cannot write into it) and for an `over_clustering` column that is missing or of
     the wrong length; ValueError for numeric arguments out of range, for `over_clustering` without
-    `majority_voting` and for `unlabeled_category` without `label_key`.
+    `majority_voting` and for `unlabeled_category` without `label_key`; TypeError for an `adata` that is not an
+    AnnData or a path (an SCData: use `predict`).
     """
     check_argument(
         "min_confidence", 0.0 if min_confidence is None else min_confidence, 0, 1, hint=" (a probability: 95% is 0.95)"
@@ -282,6 +284,12 @@ def annotate(
     check_argument("min_counts", min_counts, 0, integer=True)
     if isinstance(adata, str | os.PathLike):
         adata = read(adata)
+    if not hasattr(adata, "isbacked") or not hasattr(adata, "obsm"):
+        raise TypeError(
+            f"annotate writes into an AnnData (or a path tfp_scmix.read reads), received {type(adata).__name__}. "
+            "For an SCData or a count matrix, scm.predict(model, data) returns the same calls as arrays; or "
+            "annotate the AnnData the data came from."
+        )
     if adata.isbacked and adata.is_view:
         raise DataError(
             "adata is a subset (view) of a backed AnnData: anndata cannot write annotations into it without "

@@ -575,6 +575,23 @@ def model_counts(
             opened.close()
 
 
+def _warn_new_batches(model, batch_names: list[str], batches: np.ndarray, rows: np.ndarray, batch_key: str) -> None:
+    """A warning naming the batches of obs[batch_key] that the model was not trained on (their cells are read through
+    the centre of the trained batches' offsets): a misspelt or renamed batch would otherwise pass unnoticed."""
+    new = rows == NEW_BATCH
+    trained = _members(model)[0].batch_names
+    if new.any() and trained is not None:
+        names = sorted({batch_names[b] for b in np.unique(batches[new])})
+        logger.warning(
+            "%d cells of obs[%r] batches %s that the model was not trained on (its batches: %s) are read through the "
+            "centre of the trained batches' offsets",
+            int(new.sum()),
+            batch_key,
+            names[:5],
+            trained[:5],
+        )
+
+
 def _obs_batches(source, batch_key: str | None, n_cells: int) -> tuple[np.ndarray, list[str]]:
     """(batch ids int32 `[n_cells]`, batch names) of an opened source's obs[batch_key] (`encode_obs`); without
     `batch_key`, every cell `NEW_BATCH`. Raises DataError for a missing column or a cell without a batch, and
@@ -585,7 +602,7 @@ def _obs_batches(source, batch_key: str | None, n_cells: int) -> tuple[np.ndarra
         columns, column = frame_columns(source.file["obs"])
         where = f"the file {source.file.filename}"
     elif hasattr(source, "obs_names") and not isinstance(source, SCData):
-        columns, column, where = list(source.obs.columns), lambda key: source.obs[key].to_numpy(), "adata"
+        columns, column, where = list(source.obs.columns), lambda key: source.obs[key].to_numpy(), "the AnnData"
     else:
         raise ValueError(
             "batch_key names an obs column of an AnnData or .h5ad file; an SCData carries its own batches "
@@ -652,6 +669,7 @@ def predict(
                 source.close()
             raise
         cell_rows = _members(model)[0].batch_rows(batch_names, batches)
+        _warn_new_batches(model, batch_names, batches, cell_rows, batch_key)
     outputs: dict[str, np.ndarray] = {}
     once = _OncePerMessage()
     logger.addFilter(once)
