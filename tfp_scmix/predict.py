@@ -639,9 +639,9 @@ def predict(
     results_memory_1m.json).
     Batches: the model divides each cell's batch's gene-wise offsets out (`SCMix.batch_rows`). An `SCData`'s
     batches are matched to the model's by name; an AnnData's or a file's by the names in obs[batch_key], the column
-    the model was trained with (as `from_anndata(..., batch_key=)`); cells of a batch the model was not trained on,
-    and every cell without `batch_key` or of a matrix, are read through the centre of the trained batches' offsets
-    (`SCMix.prediction_offsets`: for a model of one batch, that batch's).
+    the model was trained with (as `from_anndata(..., batch_key=)`). Cells of a batch the model was not trained on
+    (a warning names those of obs[batch_key]), and every cell without `batch_key` or of a matrix, are read through
+    the centre of the trained batches' offsets (`SCMix.prediction_offsets`: for a model of one batch, that batch's).
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width, no cells, a `batch_key` that is not an obs column or a
     cell without a batch there; ValueError for a `chunk_size`, `batch_size` or `min_gene_fraction` out of range,
