@@ -53,7 +53,7 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.class_branch      # the classification branch on fixed topics (its docstring)
     ./run experiments.few_shot.run --datasets pbmc3k --budgets 50 500 --seeds 0 1 2 --out experiments/few_shot/budgets
     ./run experiments.few_shot.run --datasets pbmc3k pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng cbmc \
-        --settings inductive --seeds 0 1 2 \
+        --settings inductive --seeds 0 1 2 3 4 \
         --methods tfp_scmix:with_labels=True logistic_regression logistic_regression_balanced linear_svm \
                   knn_pca_k5 label_spreading --out experiments/few_shot/inductive
 
