@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import scipy.sparse as sp
 
 import tfp_scmix as scm
 from tfp_scmix.cli import main
@@ -86,6 +87,40 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
         == 2
     )
     assert "broken.keras" in capsys.readouterr().err and not (tmp_path / "never.h5ad").exists()
+    # Errors of the file system are one line too (exit 2), not a traceback.
+    assert main(["export", str(tmp_path / "model.keras"), str(tmp_path / "export" / "1")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    # Data that cannot be annotated stop explain before it writes anything.
+    query.X = sp.csr_matrix(np.log1p(query.X.toarray()))
+    query.write_h5ad(tmp_path / "lognorm.h5ad")
+    args = ["explain", str(tmp_path / "model.keras"), "--out", str(tmp_path / "never_explained")]
+    assert main([*args, "--data", str(tmp_path / "lognorm.h5ad")]) == 2
+    assert "not integers" in capsys.readouterr().err and not (tmp_path / "never_explained").exists()
+
+
+def test_cli_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from tfp_scmix.datasets import pbmc68k_reduced
+
+    pbmc68k_reduced().write_h5ad(tmp_path / "query.h5ad")
+    (tmp_path / "model.keras").write_bytes(b"stands in")
+    monkeypatch.setattr(scm, "load_model", interrupt)
+    out = str(tmp_path / "annotated.h5ad")
+    assert main(["annotate", str(tmp_path / "model.keras"), str(tmp_path / "query.h5ad"), "--out", out]) == 130
+    assert f"interrupted: nothing was written to {out}" in capsys.readouterr().err
+    monkeypatch.setattr(scm, "train", interrupt)
+    model = tmp_path / "new.keras"
+    assert main(["train", str(tmp_path / "query.h5ad"), "--out", str(model), "--n-genes", "0"]) == 130
+    assert "before the first epoch finished: nothing was written" in capsys.readouterr().err
+    backup = tmp_path / ".new.keras.checkpoints"
+    backup.mkdir()
+    (backup / "epoch_3").write_text("")
+    assert main(["train", str(tmp_path / "query.h5ad"), "--out", str(model), "--n-genes", "0"]) == 130
+    err = capsys.readouterr().err
+    assert f"backed up in {backup}; run the same command again to resume" in err and "Traceback" not in err
 
 
 def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):

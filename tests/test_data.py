@@ -185,7 +185,9 @@ def test_gene_alignment_fills_missing_and_reports(caplog):
     assert fraction == pytest.approx(2 / 3)
     assert np.array_equal(aligned.toarray(), np.stack([COUNTS[:, 2], COUNTS[:, 0], np.zeros(4)], 1))
     assert "2 of 3 model genes" in caplog.text
-    with pytest.raises(DataError, match="only 1 of the model's 3 genes"):
+    with pytest.raises(
+        DataError, match="only 1 of the model's 3 genes.*genes both datasets measure.*min_gene_fraction"
+    ):
         align_genes(counts, ["G0", "G1", "G2", "G3"], ["G0", "X", "Y"])
     with pytest.raises(DataError, match="Ensembl"):
         align_genes(counts, ["ENSG01", "ENSG02", "ENSG03", "ENSG04"], ["CD3E", "MS4A1", "LYZ"])
@@ -331,6 +333,15 @@ def test_unlabeled_category_and_placeholder_warning(caplog):
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         data = from_anndata(adata, unlabeled_category="Unknown")
     assert data.classes == ["B", "T"] and data.n_labelled == 10 and not caplog.text
+    # A value in another case than the data's would train the unlabelled cells as a class: refused, with the fix.
+    with pytest.raises(
+        DataError, match=r"unlabeled_category 'unknown' matches no value.*pass unlabeled_category='Unknown'"
+    ):
+        from_anndata(adata, unlabeled_category="unknown")
+    with caplog.at_level("WARNING", logger="tfp_scmix"):  # one that matches nothing: every label is used
+        data = from_anndata(adata[70:].copy(), unlabeled_category="Unknown")
+    assert data.n_labelled == 10 and "unlabeled_category 'Unknown' matches no value of obs['cell_type']" in caplog.text
+    caplog.clear()
     adata.obs["cell_type"] = ["T cell"] * 70 + ["B"] * 10  # not a placeholder, but most of the cells
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         from_anndata(adata)

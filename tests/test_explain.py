@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
+import tfp_scmix as scm
 from tfp_scmix import explain
+from tfp_scmix.data import DataError
 
 
 def test_explanations(small_model, tmp_path):
@@ -84,3 +86,26 @@ def test_embedding_of_the_classifier_features():
     centres = np.stack([coords[:40].mean(axis=0), coords[40:].mean(axis=0)])
     nearest = np.linalg.norm(coords[:, None] - centres[None], axis=2).argmin(axis=1)
     assert (nearest == np.repeat([0, 1], 40)).all()
+
+
+def test_figures_of_a_dataset_need_it_annotated_and_say_so_before_writing(small_model, embedded_adata, tmp_path):
+    adata = embedded_adata.copy()
+    plots = [
+        lambda: explain.plot_embedding(adata, tmp_path / "embedding.png"),
+        lambda: explain.plot_confidence(adata, tmp_path / "confidence.png"),
+        lambda: explain.plot_dotplot(small_model, adata, tmp_path / "dotplot.png"),
+        lambda: explain.plot_confusion(adata, "cell_type", tmp_path / "confusion.png"),
+        lambda: explain.write_data_figures(small_model, adata, tmp_path / "figures"),
+    ]
+    for plot in plots:
+        with pytest.raises(DataError, match=r"obs\['scmix_label'\].*annotate the data first"):
+            plot()
+    assert not list(tmp_path.iterdir())
+    scm.annotate(small_model, adata)
+    adata.obsm["X_scmix_umap"] = adata.obsm["X_scmix"][:, :2]  # a stored embedding: no t-SNE of 700 cells here
+    with pytest.raises(DataError, match="no obs column 'nosuch' of known labels"):
+        explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="nosuch")
+    assert not list(tmp_path.iterdir())
+    paths = explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="cell_type")
+    assert set(paths) >= {"embedding_png", "confidence_png", "dotplot_png", "confusion_png"}
+    assert all(path.stat().st_size > 0 for path in paths.values())

@@ -506,3 +506,22 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     np.testing.assert_array_equal(scm.predict(loaded, swapped)["probs"], own)
     member.batch_names = None  # a file from before the names were kept: ids as they stand
     np.testing.assert_array_equal(scm.predict(model, other)["probs"], own)
+
+
+def test_sources_predict_cannot_read_are_refused_with_what_to_pass(small_model, embedded_adata, tmp_path, caplog):
+    from tfp_scmix.stream import H5ADStream
+
+    path = tmp_path / "query.h5ad"
+    embedded_adata.write_h5ad(path)
+    with pytest.raises(TypeError, match=r"pass the file's path \(.*query.h5ad\) rather than an H5ADStream"):
+        scm.predict(small_model, H5ADStream(path, label_key=None, genes=small_model.genes))
+    with pytest.raises(TypeError, match="an AnnData, the path of an .h5ad file, an SCData or a count matrix"):
+        scm.predict(small_model, {"counts": np.zeros((2, small_model.n_genes))})
+    # batch_key with a model of one batch: said to change nothing, and it does not.
+    adata = embedded_adata.copy()
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "a", "b")
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        with_key = scm.predict(small_model, adata, batch_key="donor")
+    assert "trained on one batch (no batch_key): batch_key='donor' changes nothing" in caplog.text
+    assert "its batches" not in caplog.text
+    np.testing.assert_allclose(with_key["probs"], scm.predict(small_model, adata)["probs"], atol=1e-6)

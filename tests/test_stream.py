@@ -111,11 +111,30 @@ def test_stream_refuses_column_major_and_non_count_files(tmp_path, synthetic_fil
     with pytest.raises(DataError, match="stored as csc_matrix.*tocsr"):
         H5ADStream(write(adata, tmp_path / "csc.h5ad"))
     adata.X = sp.csr_matrix(np.log1p(data.counts.toarray()))
-    stream = H5ADStream(write(adata, tmp_path / "log.h5ad"))
+    with pytest.raises(DataError, match="not integers.*--counts counts"):  # detection finds no counts at the open
+        H5ADStream(write(adata, tmp_path / "log.h5ad"))
+    stream = H5ADStream(tmp_path / "log.h5ad", counts="X")  # named: checked chunk by chunk as it is read
     with pytest.raises(DataError, match="not integers"):
         stream.summary()
-    with pytest.raises(DataError, match="no obs column 'nope'"):
-        H5ADStream(tmp_path / "log.h5ad", label_key="nope")
+    with pytest.raises(DataError, match="no obs column 'nope'.*--label-key"):
+        H5ADStream(tmp_path / "log.h5ad", counts="X", label_key="nope")
+
+
+def test_stream_finds_the_raw_counts_in_a_layer_as_from_anndata_does(tmp_path, synthetic_file):
+    data, _ = synthetic_file
+    adata = to_anndata(data)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(data.counts.toarray()))
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(np.arange(adata.n_obs) % 3 > 0, "Unknown")
+    path = write(adata, tmp_path / "lognorm_with_layer.h5ad")
+    stream = H5ADStream(path, unlabeled_category="Unknown")
+    assert stream.counts_key == "counts"
+    memory = from_anndata(path, unlabeled_category="Unknown")
+    assert np.array_equal(stream.to_data(np.arange(stream.n_cells)).counts.toarray(), memory.counts.toarray())
+    assert np.array_equal(stream.labels, memory.labels) and "Unknown" not in stream.classes
+    assert (stream.labels[(adata.obs["cell_type"] == "Unknown").to_numpy()] == -1).all()
+    with pytest.raises(DataError, match="unlabeled_category 'unknown'.*'Unknown'"):
+        H5ADStream(path, unlabeled_category="unknown")
 
 
 CAPPED_CHILD = r"""

@@ -8,11 +8,13 @@ need it, so `--help` and `--version` answer at once; its log lines are hidden un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import tfp_scmix as scm
@@ -79,11 +81,16 @@ def train(args) -> None:
     from tfp_scmix.stream import H5ADStream
 
     check_model_path(args.out)  # before hours of training, not after
-    unknown = [*(args.unknown or ()), *([args.unlabeled_category] if args.unlabeled_category is not None else [])]
-    options = dict(counts=args.counts, label_key=args.label_key, batch_key=args.batch_key, unknown=unknown)
+    options = dict(
+        counts=args.counts,
+        label_key=args.label_key,
+        batch_key=args.batch_key,
+        unknown=args.unknown or (),
+        unlabeled_category=args.unlabeled_category,
+    )
     data: scm.SCData | H5ADStream
     if args.stream:
-        data = H5ADStream(args.data, **{**options, "counts": args.counts or "X"})
+        data = H5ADStream(args.data, **options)
     else:
         data = scm.from_anndata(args.data, **options)
         if args.n_genes and data.n_genes > args.n_genes:
@@ -140,6 +147,7 @@ def annotate(args) -> None:
             label_key=args.label_key,
             unlabeled_category=args.unlabeled_category,
             batch_key=args.batch_key,
+            min_gene_fraction=args.min_gene_fraction,
         )
         write_h5ad(adata, args.out)
     finally:
@@ -157,13 +165,21 @@ def annotate(args) -> None:
 
 def explain_cmd(args) -> None:
     from tfp_scmix import explain
+    from tfp_scmix.data import DataError
 
     model = scm.load_model(args.model)
-    paths = explain.write_explanations(model, args.out, n_genes=args.top_genes)
-    if args.data:
+    adata = None
+    if args.data:  # read and annotated first: data that cannot be annotated leave no folder half-written
         adata = scm.read(args.data)
         if "scmix_label" not in adata.obs:
             adata = scm.annotate(model, adata, counts=args.counts)
+        if args.label_key is not None and args.label_key not in adata.obs:
+            raise DataError(
+                f"--label-key {args.label_key!r} is not an obs column of {args.data} "
+                f"(columns: {list(adata.obs.columns)})"
+            )
+    paths = explain.write_explanations(model, args.out, n_genes=args.top_genes)
+    if adata is not None:
         paths.update(explain.write_data_figures(model, adata, args.out, label_key=args.label_key))
     print("\n".join(str(p) for p in paths.values()))
 
@@ -272,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs column of the batches the model was trained with (donor, dataset): each cell is read through its "
         "batch's offsets (default, and for other batches: the centre of the trained batches')",
     )
+    p.add_argument(
+        "--min-gene-fraction",
+        type=float,
+        default=0.5,
+        help="the fraction of the model's genes the data must measure (the rest count as zeros)",
+    )
     p.set_defaults(func=annotate)
 
     p = sub.add_parser("explain", help="write explanation tables (CSV) and figures (PNG) of a trained model")
@@ -313,8 +335,39 @@ def missing_input(args) -> str | None:
     return None
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record is emitted (as logging's last resort does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """While a command runs, the package's INFO and WARNING lines go to stderr as "LEVEL: message". Only the
+    package's logger is configured, and put back as it was afterwards: other libraries' INFO lines (TensorFlow's
+    among them) stay hidden, and a library that configures the root logger meanwhile changes nothing here."""
+    package = logging.getLogger("tfp_scmix")
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    level, propagate = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+        package.propagate = propagate
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     missing = missing_input(args)
     if missing:
@@ -326,11 +379,33 @@ def main(argv=None) -> int:
     from tfp_scmix.callbacks import TrainingDiverged  # imports TensorFlow: after --help and --version
 
     try:
-        args.func(args)
+        with _log_to_stderr():
+            args.func(args)
     except (ValueError, TrainingDiverged) as err:  # DataError, ModelFileError and bad arguments among them
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an existing export folder, a full disk, a folder without write permission
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{interrupted(args)}", file=sys.stderr)
+        return 130  # the shell's code for a command stopped by Ctrl-C
     return 0
+
+
+def interrupted(args) -> str:
+    """The line printed when Ctrl-C stops a command: what was kept and how to go on."""
+    if args.command == "train":
+        checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            return (
+                f"interrupted: the finished epochs are backed up in {checkpoints}; run the same command again to "
+                "resume from the last one"
+            )
+        return "interrupted before the first epoch finished: nothing was written"
+    if args.command in ("annotate", "export"):
+        return f"interrupted: nothing was written to {args.out} (it is written whole or not at all)"
+    return f"interrupted: the files already in {args.out} are whole (each written at once); run it again for the rest"
 
 
 if __name__ == "__main__":

@@ -316,7 +316,8 @@ def _non_integer_message(counts: sp.csr_matrix, where: str, row_offset: int = 0)
         )
     return (
         f"{found}; {looks}. Point `counts` at the raw counts: a layer such as counts='counts', or counts='raw' "
-        "for adata.raw.X. To use corrected counts, round them to integers first (np.rint)."
+        "for adata.raw.X (command line: --counts counts, --counts raw). To use corrected counts, round them to "
+        "integers first (np.rint)."
     )
 
 
@@ -344,7 +345,7 @@ def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0) -> None
         raise DataError(
             f"counts in {where} are negative (min {lowest:.3g}, in {_bad_cells(counts, values < 0, row_offset)}); "
             "they look scaled (e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
-            "counts='counts', or counts='raw'."
+            "counts='counts', or counts='raw' (command line: --counts counts, --counts raw)."
         )
     if values.dtype.kind in "iu":
         return
@@ -356,6 +357,8 @@ def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0) -> None
 
 # How the messages name the count slots other than layers (`adata.layers['name']`).
 SLOT_NAMES = {"X": "adata.X", "raw": "adata.raw.X"}
+# The layers that raw-count detection tries after X and before raw, in this order (`find_counts`).
+COUNT_LAYERS = ("counts", "raw_counts", "umi")
 
 
 def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tuple[str, str, Any, Any]]:
@@ -376,7 +379,7 @@ def _count_candidates(adata: anndata.AnnData, counts: str | None) -> Iterator[tu
         yield counts, f"adata.layers[{counts!r}]", adata.layers[counts], adata.var_names
     else:
         yield "X", "adata.X", adata.X, adata.var_names
-        for name in ("counts", "raw_counts", "umi"):
+        for name in COUNT_LAYERS:
             if name in adata.layers:
                 yield name, f"adata.layers[{name!r}]", adata.layers[name], adata.var_names
         if adata.raw is not None:
@@ -475,6 +478,13 @@ def align_genes(
             hint = (
                 " Many genes match only when upper-cased (human against mouse symbols?): "
                 "the data may be from another species than the model."
+            )
+        else:
+            hint = (
+                " If the data measure fewer genes (another panel or lab), train the model on the genes both "
+                "datasets measure (subset the training AnnData to them before `from_anndata`), or accept the "
+                "missing genes as zero counts with a lower `min_gene_fraction=` (`--min-gene-fraction`): the "
+                "calls then rest on the genes present."
             )
         raise DataError(
             f"only {present.sum()} of the model's {len(vocabulary)} genes "
@@ -724,6 +734,28 @@ def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
     return codes.codes.astype(np.int32), [str(c) for c in codes.categories]
 
 
+def check_unlabeled_category(values: Any, unlabeled_category: str, label_key: str) -> None:
+    """Check `unlabeled_category` against a label column's `values` `[n_cells]`: a value that matches no label
+    but one in another case (a typo that would train the unlabelled cells as a class) raises DataError; one
+    that matches nothing at all is logged as a warning (every cell with a label is then labelled)."""
+    present = pd.unique(pd.Series(np.asarray(values, dtype=object)).dropna().astype(str))
+    if unlabeled_category in present:
+        return
+    near = [v for v in present if v.casefold() == str(unlabeled_category).casefold()]
+    if near:
+        raise DataError(
+            f"unlabeled_category {unlabeled_category!r} matches no value of obs[{label_key!r}], but {near[0]!r} "
+            f"does, but for case: pass unlabeled_category={near[0]!r} (command line: --unlabeled-category "
+            f"{near[0]!r}), or the {near[0]!r} cells become a class of their own."
+        )
+    logger.warning(
+        "unlabeled_category %r matches no value of obs[%r] (values: %s): every cell with a label is labelled",
+        unlabeled_category,
+        label_key,
+        list(present[:10]),
+    )
+
+
 def encode_obs(
     columns: Collection[str],
     column: Callable[[str], Any],
@@ -733,21 +765,28 @@ def encode_obs(
     unknown: ArrayLike = (),
     classes: Sequence[str] | None = None,
     where: str = "the data",
+    unlabeled_category: str | None = None,
 ) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """Labels and batches from a dataset's obs columns, the one place both AnnData and streams encode them.
 
     columns: the obs column names; column(name): that column's values `[n_cells]`. Returns (labels int32
     `[n_cells]` (-1 unknown), class names, batch ids int32 `[n_cells]`, batch names); without `batch_key`
-    every cell is in batch "0". Raises DataError for a missing column, a label column of fewer than two
-    classes, or labels outside `classes` (see `encode_labels`). `where` names the dataset in the messages.
+    every cell is in batch "0". unlabeled_category: the value that marks unlabelled cells (also in `unknown`),
+    checked against the labels (`check_unlabeled_category`). Raises DataError for a missing column, a label
+    column of fewer than two classes, labels outside `classes` (see `encode_labels`), or an unlabeled_category
+    that differs from a label only in case. `where` names the dataset in the messages.
     """
     if label_key is not None:
         if label_key not in columns:
             raise DataError(
-                f"no obs column {label_key!r} in {where} (columns: {list(columns)}); "
-                "pass label_key=None for unlabelled data."
+                f"no obs column {label_key!r} in {where} (columns: {list(columns)}); name the column of cell "
+                "types with label_key= (command line: --label-key), or pass label_key=None for unlabelled data."
             )
-        labels, classes = encode_labels(column(label_key), classes, unknown)
+        values = column(label_key)
+        if unlabeled_category is not None:
+            check_unlabeled_category(values, unlabeled_category, label_key)
+            unknown = [*np.atleast_1d(np.asarray(unknown, dtype=object)), unlabeled_category]
+        labels, classes = encode_labels(values, classes, unknown)
     else:
         labels, classes = np.full(n_cells, UNLABELLED, np.int32), list(classes or [])
     if batch_key is not None:
@@ -964,8 +1003,6 @@ def from_anndata(
     """
     if isinstance(adata, (str, os.PathLike)):
         adata = read(adata)
-    if unlabeled_category is not None:
-        unknown = [*np.atleast_1d(np.asarray(unknown, dtype=object)), unlabeled_category]
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"the dataset is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     matrix, var_names = extract_counts(adata, counts, copy)
@@ -989,6 +1026,7 @@ def from_anndata(
         unknown,
         classes,
         "the AnnData",
+        unlabeled_category,
     )
     return SCData(
         matrix,

@@ -292,13 +292,30 @@ def _colors(adata, column: str) -> dict[str, str]:
     return dict(zip(categories, colors))
 
 
+def _require_annotated(adata, key: str, label_key: str | None = None, obsm: tuple[str, ...] = ()) -> None:
+    """Raise DataError, naming what is missing and how to get it, unless `adata` holds `annotate`'s
+    obs[f"{key}_label"] and obs[f"{key}_confidence"], the obsm entries `obsm`, and obs[label_key] when given."""
+    from tfp_scmix.data import DataError
+
+    missing = [f"obs[{c!r}]" for c in (f"{key}_label", f"{key}_confidence") if c not in adata.obs]
+    missing += [f"obsm[{m!r}]" for m in obsm if m not in adata.obsm]
+    if missing:
+        raise DataError(
+            f"{', '.join(missing)} missing: annotate the data first (tfp_scmix.annotate(model, adata), or "
+            "`tfp-scmix annotate`), then draw its figures"
+        )
+    if label_key is not None and label_key not in adata.obs:
+        raise DataError(f"no obs column {label_key!r} of known labels (columns: {list(adata.obs.columns)})")
+
+
 def plot_embedding(adata, path, key: str = "scmix", basis: str | None = None) -> None:
     """Two panels (PNG): the cells of an annotated AnnData in 2-D, coloured by predicted label and by
     confidence. basis: an obsm key holding a 2-D embedding (e.g. "X_umap"); by default `embed` of
     obsm[f"X_{key}"], stored in obsm[f"X_{key}_umap"] (or `_tsne`) for the next call."""
+    stored = [k for k in (f"X_{key}_umap", f"X_{key}_tsne") if k in adata.obsm]
+    _require_annotated(adata, key, obsm=(basis,) if basis is not None else () if stored else (f"X_{key}",))
     plt = _pyplot()
     if basis is None:
-        stored = [k for k in (f"X_{key}_umap", f"X_{key}_tsne") if k in adata.obsm]
         if stored:
             basis = stored[0]
         else:
@@ -341,7 +358,9 @@ def plot_embedding(adata, path, key: str = "scmix", basis: str | None = None) ->
 
 def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFrame:
     """Row-normalised confusion matrix (PNG) of obs[label_key] (rows, any labels) against the predicted
-    labels (columns); returns the counts table. Cells without a label (NaN) are left out."""
+    labels (columns); returns the counts table. Cells without a label (NaN) are left out. Raises DataError when
+    `adata` is not annotated or has no obs[label_key]."""
+    _require_annotated(adata, key, label_key)
     plt = _pyplot()
     known = adata.obs[label_key].notna().to_numpy()
     counts = pd.crosstab(
@@ -372,7 +391,9 @@ def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFr
 
 
 def plot_confidence(adata, path, key: str = "scmix") -> None:
-    """Histogram of the confidence of each predicted label (PNG), one row per label."""
+    """Histogram of the confidence of each predicted label (PNG), one row per label. Raises DataError when
+    `adata` is not annotated."""
+    _require_annotated(adata, key)
     plt = _pyplot()
     labels = adata.obs[f"{key}_label"]
     colors = _colors(adata, f"{key}_label")
@@ -394,9 +415,11 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
 def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, key: str = "scmix", counts=None) -> None:
     """Dotplot (PNG) of each class's topic genes (the top `n_genes` by lift of its most predictive topic)
     by predicted label: dot size the fraction of cells with a count, colour the mean log1p counts per 10k
-    scaled to [0, 1] per gene (as scanpy's `standard_scale="var"`)."""
+    scaled to [0, 1] per gene (as scanpy's `standard_scale="var"`). Raises DataError when `adata` is not
+    annotated or holds no raw counts."""
     from tfp_scmix.data import extract_counts
 
+    _require_annotated(adata, key)
     plt = _pyplot()
     genes = class_genes(model, n_genes)
     matrix, var_names = extract_counts(adata, counts)
@@ -429,12 +452,13 @@ def write_data_figures(
     """Figures of an annotated AnnData (`tfp_scmix.annotate` output) into `folder`; returns their paths:
     embedding.png (`plot_embedding`), confidence.png, dotplot.png, and with `label_key` (an obs column of
     known labels) confusion.png and, for the cells whose label is one of the model's classes,
-    reliability.png (`evaluate.reliability_diagram`). Raises KeyError when `adata` is not annotated or
-    `label_key` is not an obs column."""
+    reliability.png (`evaluate.reliability_diagram`). Raises DataError when `adata` is not annotated or
+    `label_key` is not an obs column, before any file is written."""
     from tfp_scmix.evaluate import reliability_diagram
 
-    if f"{key}_label" not in adata.obs:
-        raise KeyError(f"obs[{key + '_label'!r}] is missing: annotate the data first (tfp_scmix.annotate)")
+    stored = any(k in adata.obsm for k in (f"X_{key}_umap", f"X_{key}_tsne"))
+    needed = (() if stored else (f"X_{key}",)) + ((f"{key}_probs",) if label_key is not None else ())
+    _require_annotated(adata, key, label_key, obsm=needed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"embedding_png": folder / "embedding.png", "confidence_png": folder / "confidence.png"}
@@ -443,8 +467,6 @@ def write_data_figures(
     paths["dotplot_png"] = folder / "dotplot.png"
     plot_dotplot(model, adata, paths["dotplot_png"], key=key, counts=counts)
     if label_key is not None:
-        if label_key not in adata.obs:
-            raise KeyError(f"no obs column {label_key!r} (columns: {list(adata.obs.columns)})")
         paths["confusion_png"] = folder / "confusion.png"
         plot_confusion(adata, label_key, paths["confusion_png"], key)
         truth = adata.obs[label_key].astype(str).to_numpy()

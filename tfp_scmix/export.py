@@ -220,9 +220,9 @@ class ExportedAnnotator:
 
         self.check_genes(genes, fingerprint)
         if sp.issparse(counts):
-            check_structure(counts, "the counts")  # before scipy converts them
+            check_structure(counts, "the count matrix")  # before scipy converts them
         counts = sp.csr_matrix(counts, dtype=np.float32)
-        check_counts(counts, "the counts")
+        check_counts(counts, "the count matrix")
         if counts.ndim != 2 or counts.shape[1] != self.n_genes:
             raise DataError(
                 f"counts have shape {counts.shape}, the exported model expects "

@@ -42,7 +42,7 @@ from tfp_scmix.data import (
 )
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix
-from tfp_scmix.stream import frame_columns, frame_index
+from tfp_scmix.stream import H5ADStream, frame_columns, frame_index
 
 logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
@@ -189,7 +189,17 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
         if n_cells:
             counts, names = counts_slot(source, counts)
             select = gene_selection(names, model.genes, min_gene_fraction)
+    elif isinstance(source, H5ADStream):
+        raise TypeError(
+            f"predict reads an .h5ad file itself, a chunk of cells at a time: pass the file's path ({source.path}) "
+            "rather than an H5ADStream, which is a training input"
+        )
     else:
+        if not (sp.issparse(source) or isinstance(source, (np.ndarray, list, tuple)) or hasattr(source, "__array__")):
+            raise TypeError(
+                f"predict takes an AnnData, the path of an .h5ad file, an SCData or a count matrix (numpy or scipy "
+                f"sparse) [n_cells, n_genes]; received {type(source).__name__}"
+            )
         if sp.issparse(source):
             check_structure(source, "the count matrix")  # before scipy slices it
             source = sp.csr_matrix(source)  # any sparse format (COO has no rows to slice)
@@ -580,6 +590,14 @@ def _warn_new_batches(model, batch_names: list[str], batches: np.ndarray, rows: 
     the centre of the trained batches' offsets): a misspelt or renamed batch would otherwise pass unnoticed."""
     new = rows == NEW_BATCH
     trained = _members(model)[0].batch_names
+    if trained is not None and len(trained) == 1:  # one row of offsets, which is also the centre
+        logger.warning(
+            "the model was trained on one batch (%s): batch_key=%r changes nothing, every cell is read through its "
+            "one row of offsets",
+            "no batch_key" if trained == ["0"] else repr(trained[0]),
+            batch_key,
+        )
+        return
     if new.any() and trained is not None:
         names = sorted({batch_names[b] for b in np.unique(batches[new])})
         logger.warning(
@@ -645,7 +663,8 @@ def predict(
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width, no cells, a `batch_key` that is not an obs column or a
     cell without a batch there; ValueError for a `chunk_size`, `batch_size` or `min_gene_fraction` out of range,
-    an unknown key, or `batch_key` with an `SCData` or a matrix.
+    an unknown key, or `batch_key` with an `SCData` or a matrix; TypeError for a `source` of another kind (an
+    `H5ADStream`: pass its path).
     """
     check_argument("chunk_size", chunk_size, 1, integer=True)
     check_argument("batch_size", batch_size, 1, integer=True)

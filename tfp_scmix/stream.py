@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import scipy.sparse as sp
 
 from tfp_scmix.data import (
     BATCH,
+    COUNT_LAYERS,
     COUNTS,
     LABEL,
     DataError,
@@ -36,6 +38,10 @@ from tfp_scmix.data import (
     gene_selection,
     sparse_entries,
 )
+
+logger = logging.getLogger("tfp_scmix")
+# Cells whose counts decide which slot of a file holds the raw counts (`detect_counts`), as prediction does.
+SLOT_SAMPLE = 1000
 
 if TYPE_CHECKING:  # annotations only: TensorFlow is imported when a dataset is built
     import os
@@ -83,14 +89,70 @@ def _counts_element(f: h5py.File, counts: str | None) -> tuple[Any, h5py.Group, 
     return layers[counts], f["var"], f"layers/{counts}"
 
 
+def _rows(matrix: Any, start: int, stop: int, n_genes: int) -> sp.csr_matrix:
+    """Rows `start:stop` of a count matrix in a file (a CSR group or a dense dataset) as CSR float32, unchecked."""
+    if isinstance(matrix, h5py.Group):
+        pointers = matrix["indptr"][start : stop + 1].astype(np.int64)
+        lo, hi = int(pointers[0]), int(pointers[-1])
+        return sp.csr_matrix(
+            (matrix["data"][lo:hi].astype(np.float32, copy=False), matrix["indices"][lo:hi], pointers - lo),
+            shape=(stop - start, n_genes),
+        )
+    return sp.csr_matrix(np.asarray(matrix[start:stop], np.float32))
+
+
+def _check_csr(matrix: Any, where: str) -> None:
+    """Raise DataError when `matrix` is stored sparse but not as CSR (streaming reads rows)."""
+    encoding = matrix.attrs.get("encoding-type", "") if isinstance(matrix, h5py.Group) else ""
+    if isinstance(matrix, h5py.Group) and encoding != "csr_matrix":
+        raise DataError(
+            f"{where} is stored as {encoding or 'an unknown group'}; streaming reads rows, so it needs CSR: "
+            "rewrite the file with adata.X = adata.X.tocsr(); adata.write_h5ad(path)."
+        )
+
+
+def _shape(matrix: Any) -> tuple[int, int]:
+    if isinstance(matrix, h5py.Group):
+        n_rows, n_columns = (int(v) for v in matrix.attrs["shape"])
+        return n_rows, n_columns
+    return int(matrix.shape[0]), int(matrix.shape[1])
+
+
+def detect_counts(f: h5py.File, path: str = "the file") -> str:
+    """The slot of an open .h5ad file (`f`) that holds raw counts, as `counts=` names it: X, then the layers of
+    `tfp_scmix.data.COUNT_LAYERS`, then raw, the first whose first `SLOT_SAMPLE` cells are raw counts
+    (`check_counts`), the order of `tfp_scmix.data.find_counts`. Later rows are checked as they are read.
+    Raises DataError when none is: the error of X (what it looks like, and how to point at the counts)."""
+    layers = f["layers"] if "layers" in f else {}
+    candidates = ["X", *(name for name in COUNT_LAYERS if name in layers)]
+    if "raw" in f and "X" in f["raw"]:
+        candidates.append("raw")
+    first_error: DataError | None = None
+    for slot in candidates:
+        matrix, _, where = _counts_element(f, slot)
+        try:
+            _check_csr(matrix, f"{path}:{where}")
+            n_rows, n_genes = _shape(matrix)
+            check_counts(_rows(matrix, 0, min(n_rows, SLOT_SAMPLE), n_genes), f"{path}:{where}")
+        except DataError as err:
+            first_error = first_error or err
+            continue
+        if slot != "X":
+            logger.info("using raw counts from %s", where)
+        return slot
+    assert first_error is not None  # X is always a candidate
+    raise first_error
+
+
 class H5ADStream:
     """Counts of an .h5ad file read from disk in chunks of `chunk_cells` rows.
 
     path: an .h5ad file (HDF5, not zarr), or a name found by `tfp_scmix.data.data_path`.
-    counts: "X" (default), "raw" or a layer name, holding raw integer counts stored as CSR (or dense).
-    label_key / unknown / classes / batch_key: as in `tfp_scmix.data.from_anndata`. genes: align to this
-    vocabulary (a model's `genes`); genes the file lacks are zero columns; min_gene_fraction: the fraction
-    of them that must be in the file. chunk_cells: rows (cells) read at a time.
+    counts: "X", "raw" or a layer name, holding raw integer counts stored as CSR (or dense); None (default):
+    detected on the first cells as `from_anndata` detects them (`detect_counts`).
+    label_key / unknown / unlabeled_category / classes / batch_key: as in `tfp_scmix.data.from_anndata`.
+    genes: align to this vocabulary (a model's `genes`); genes the file lacks are zero columns; min_gene_fraction:
+    the fraction of them that must be in the file. chunk_cells: rows (cells) read at a time.
 
     Attributes: genes `[n_genes]`, classes, labels int32 `[n_cells]` (-1 where unknown), batches int32
     `[n_cells]`, batch_names, n_cells, n_genes, n_classes, n_labelled.
@@ -105,7 +167,7 @@ class H5ADStream:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        counts: str | None = "X",
+        counts: str | None = None,
         label_key: str | None = "cell_type",
         batch_key: str | None = None,
         unknown: ArrayLike = (),
@@ -113,12 +175,12 @@ class H5ADStream:
         classes: Sequence[str] | None = None,
         min_gene_fraction: float = 0.5,
         chunk_cells: int = 8192,
+        unlabeled_category: str | None = None,
     ) -> None:
         self.path = data_path(str(path))
         if chunk_cells < 1:
             raise ValueError(f"chunk_cells must be positive, received {chunk_cells}")
         self.chunk_cells = int(chunk_cells)
-        self.counts_key = counts
         try:
             f = h5py.File(self.path, "r")
         except OSError as err:
@@ -127,21 +189,11 @@ class H5ADStream:
                 "uncorrupted .h5ad; zarr stores are not supported."
             ) from err
         with f:
-            matrix, var, self.where = _counts_element(f, counts)
-            self._csr = isinstance(matrix, h5py.Group)
-            if self._csr:
-                encoding = matrix.attrs.get("encoding-type", "")
-                if encoding != "csr_matrix":
-                    raise DataError(
-                        f"{self.where} is stored as {encoding or 'an unknown group'}; streaming reads "
-                        "rows, so it needs CSR: rewrite the file with adata.X = adata.X.tocsr(); "
-                        "adata.write_h5ad(path)."
-                    )
-                shape = tuple(int(s) for s in matrix.attrs["shape"])
-            else:
-                shape = matrix.shape
+            self.counts_key = detect_counts(f, str(self.path)) if counts is None else counts
+            matrix, var, self.where = _counts_element(f, self.counts_key)
+            _check_csr(matrix, self.where)
             file_genes = frame_index(var)
-            n_cells = shape[0]
+            n_cells = _shape(matrix)[0]
             self._select = None
             if genes is None:
                 align_genes(sp.csr_matrix((0, len(file_genes)), dtype=np.float32), file_genes, file_genes)
@@ -152,7 +204,15 @@ class H5ADStream:
             self._file_genes = len(file_genes)
             names, column = frame_columns(f["obs"])
             self.labels, self.classes, self.batches, self.batch_names = encode_obs(
-                names, column, n_cells, label_key, batch_key, unknown, classes, str(self.path)
+                names,
+                column,
+                n_cells,
+                label_key,
+                batch_key,
+                unknown,
+                classes,
+                str(self.path),
+                unlabeled_category,
             )
         self.genes = np.asarray(genes, dtype=str)
         # Cached by `summary`, both at once; _gene_sums is typed Any as mypy cannot tie its None to _library's.
@@ -195,15 +255,7 @@ class H5ADStream:
 
         Raises DataError when they are not raw counts (`check_counts`).
         """
-        if self._csr:
-            pointers = matrix["indptr"][start : stop + 1].astype(np.int64)
-            lo, hi = int(pointers[0]), int(pointers[-1])
-            rows = sp.csr_matrix(
-                (matrix["data"][lo:hi].astype(np.float32, copy=False), matrix["indices"][lo:hi], pointers - lo),
-                shape=(stop - start, self._file_genes),
-            )
-        else:
-            rows = sp.csr_matrix(np.asarray(matrix[start:stop], np.float32))
+        rows = _rows(matrix, start, stop, self._file_genes)
         check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}", start)
         if self._select is not None:
             rows = (rows @ self._select).tocsr()
