@@ -87,6 +87,9 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
         == 2
     )
     assert "broken.keras" in capsys.readouterr().err and not (tmp_path / "never.h5ad").exists()
+    args = ["annotate", str(tmp_path / "model.keras"), str(tmp_path / "query.h5ad"), "--out", str(tmp_path / "a.csv")]
+    assert main(args) == 2
+    assert "must end in .h5ad" in capsys.readouterr().err and not (tmp_path / "a.csv").exists()
     # Errors of the file system are one line too (exit 2), not a traceback.
     assert main(["export", str(tmp_path / "model.keras"), str(tmp_path / "export" / "1")]) == 2
     err = capsys.readouterr().err

@@ -127,7 +127,10 @@ def checkpoint_dir(out: str | Path) -> Path:
 
 def annotate(args) -> None:
     from tfp_scmix.annotate import write_h5ad
+    from tfp_scmix.data import DataError
 
+    if not str(args.out).endswith(".h5ad"):  # before the work: the output is an AnnData whatever its name
+        raise DataError(f"--out {args.out} must end in .h5ad: annotate writes an AnnData (e.g. --out annotated.h5ad)")
     model = scm.load_model(args.model)
     # An .h5ad is opened backed: its counts are read a chunk at a time and never enter memory whole, in
     # annotate or in writing. Other formats (10x folders, .h5, .loom: `tfp_scmix.read`) are read into memory.
