@@ -4,6 +4,7 @@ tables, results written atomically, MLflow recording and process memory.
 Only what more than one experiment needs lives here; each experiment keeps its own protocol.
 """
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,24 @@ from pathlib import Path
 import numpy as np
 
 EMBEDDED = "embedded"  # the dataset inside the package (tfp_scmix.datasets.pbmc68k_reduced)
+
+
+# -- command lines -------------------------------------------------------------------------------------
+def positive_int(text):
+    """An argparse type: an integer of at least 1 (epochs, cells, genes, restarts, label budgets)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, received {value}")
+    return value
+
+
+def output_folder(parser, out):
+    """`out` as a Path, checked before any measurement: a file there would fail only when the results are written
+    (argparse's error and exit status 2)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; name a folder for the results")
+    return out
 
 
 # -- datasets ------------------------------------------------------------------------------------------

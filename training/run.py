@@ -181,8 +181,13 @@ def main(argv=None):
         help="override a configuration value, e.g. --set training.epochs=3 (repeatable)",
     )
     args = parser.parse_args(argv)
-    cfg = run_config.load(args.config, args.set)
-    run_id, _, scores = train(cfg, verbose=2)
+    try:
+        cfg = run_config.load(args.config, args.set)
+        run_id, _, scores = train(cfg, verbose=2)
+    except ValueError as err:  # ConfigError and DataError among them: what is wrong and the fix, in one line
+        parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ntraining interrupted: its MLflow run is marked KILLED and nothing was registered\n")
     print(f"run {run_id} in experiment {cfg.experiment!r} of {store.tracking_uri()}")
     print(" ".join(f"{k}={v:.4g}" for k, v in scores.items()))
     if store.uses_default_store():

@@ -20,13 +20,20 @@ DEFAULT_STORE = REPO / "mlruns"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
+def default_tracking_uri() -> str:
+    """`sqlite:///<repo>/mlruns/mlflow.db`, the store used when `$MLFLOW_TRACKING_URI` names none."""
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    """The tracking URI in force: `$MLFLOW_TRACKING_URI`, else `sqlite:///<repo>/mlruns/mlflow.db`."""
-    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    """The tracking URI in force: `$MLFLOW_TRACKING_URI`, else `default_tracking_uri()`."""
+    return os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
 
 
 def uses_default_store() -> bool:
-    return not os.environ.get(TRACKING_URI_ENV)
+    """Whether the store in force is the default one (`configure` sets `$MLFLOW_TRACKING_URI` to it, through
+    `mlflow.set_tracking_uri`, so the variable alone does not tell)."""
+    return tracking_uri() == default_tracking_uri()
 
 
 def configure() -> str:

@@ -178,7 +178,9 @@ def search(
             "set n_validation to 1 or more (e.g. 30)."
         )
     directory = Path(directory or cfg.search.directory or store.REPO / "outputs" / "tuning")
-    max_trials = max_trials or cfg.search.max_trials
+    max_trials = cfg.search.max_trials if max_trials is None else int(max_trials)
+    if max_trials < 1:
+        raise run_config.ConfigError(f"max_trials must be at least 1, received {max_trials}")
     tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)
     run_file = Path(tuner.project_dir) / PARENT_RUN_FILE
     parent_id = _parent_run(run_file, splits)
@@ -233,10 +235,20 @@ def search(
     }
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, received {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training.tune", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="run configuration (TOML) with a [search] table")
-    parser.add_argument("--max-trials", type=int, default=None, help="trials in all (default: [search] max_trials)")
+    parser.add_argument(
+        "--max-trials", type=positive, default=None, help="trials in all, at least 1 (default: [search] max_trials)"
+    )
     parser.add_argument("--directory", default=None, help="keras-tuner directory (default: outputs/tuning)")
     parser.add_argument(
         "--set",
@@ -250,10 +262,14 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = run_config.load(args.config, args.set)
+    if args.directory is not None and Path(args.directory).exists() and not Path(args.directory).is_dir():
+        parser.error(f"--directory {args.directory} is a file; name a folder for keras-tuner's trials")
     try:
+        cfg = run_config.load(args.config, args.set)
         # verbose 1: keras-tuner's line per trial and tfp_scmix.train's one progress bar per trial
         result = search(cfg, args.max_trials, args.directory, verbose=2 if args.verbose else 1)
+    except ValueError as err:  # ConfigError and DataError among them: what is wrong and the fix, in one line
+        parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:
         raise SystemExit("search interrupted: run the same command again to resume it") from None
     print(f"search run {result['run_id']} in experiment {cfg.experiment!r} of {store.tracking_uri()}")

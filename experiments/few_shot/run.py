@@ -82,6 +82,8 @@ from experiments.common import (
     log_normalised,
     markdown_table,
     most_variable,
+    output_folder,
+    positive_int,
     read_dataset,
     record_results,
     write_text,
@@ -463,13 +465,29 @@ def write_summary(frame, path):
     print(summary.to_string(index=False))
 
 
+def method_problem(spec):
+    """What is wrong with a `--methods` entry (None when nothing is): an unknown method, or a tfp_scmix setting
+    that neither `tfp_scmix` nor `Config` takes."""
+    import dataclasses
+    import inspect
+
+    name, settings = parse_method(spec)
+    if name != "tfp_scmix" and name not in PEERS:
+        return f"no method {name!r}; choose among tfp_scmix (with settings: tfp_scmix:key=value,...) and {list(PEERS)}"
+    if name != "tfp_scmix":
+        return f"{name} takes no settings" if settings else None
+    known = {f.name for f in dataclasses.fields(scm.Config)} | set(inspect.signature(tfp_scmix).parameters)
+    unknown = sorted(set(settings) - known - {"data", "visible", "test", "labelled", "seed", "settings"})
+    return f"tfp_scmix has no setting {unknown} (Config's fields, restarts, with_labels, pooling)" if unknown else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--datasets", nargs="+", default=list(SUITE), help="names in $TFP_SCMIX_DATA or .h5ad paths with cell_type"
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--budgets", nargs="+", type=int, default=[150])
+    parser.add_argument("--budgets", nargs="+", type=positive_int, default=[150])
     parser.add_argument("--settings", nargs="+", default=["main"], choices=["main", "inductive"])
     parser.add_argument(
         "--methods",
@@ -479,12 +497,20 @@ def main(argv=None):
     )
     parser.add_argument("--ablation", action="store_true", help="run the tfp_scmix variants of the ablation only")
     parser.add_argument("--label-noise", type=float, default=0.0, help="fraction of training labels flipped")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the package's")
-    parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--epochs", type=positive_int, default=None, help="default: the package's")
+    parser.add_argument(
+        "--out", default=str(HERE), help="folder whose results.csv the rows are merged into (default: the suite's)"
+    )
     parser.add_argument("--no-mlflow", action="store_true")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = output_folder(parser, args.out)
+    if not 0 <= args.label_noise < 1:
+        parser.error(f"--label-noise is a fraction in [0, 1), received {args.label_noise}")
     methods = ABLATION if args.ablation else args.methods
+    for spec in methods:  # before any data is read
+        problem = method_problem(spec)
+        if problem:
+            parser.error(f"--methods {spec}: {problem}")
     run(args.datasets, args.seeds, args.budgets, args.settings, methods, args.epochs, args.label_noise, out=out)
     if not args.no_mlflow:
         record_results(out / "results.csv", "few_shot")

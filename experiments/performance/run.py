@@ -521,8 +521,13 @@ def main(argv=None):
         action="store_true",
         help="only the target rows (Kang data, 20 topics, every method; about 2 minutes)",
     )
-    parser.add_argument("--peers", default="lda,scvi", help="comma-separated peers to measure: lda, scvi")
-    parser.add_argument("--out", default=str(HERE), help="folder for results.md and results.json")
+    parser.add_argument("--peers", default="lda,scvi", help="comma-separated peers to measure: lda, scvi (empty: none)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for results.md and results.json (default: this folder; with --quick, runs/quick, so that a "
+        "check never replaces the committed results)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -539,9 +544,14 @@ def main(argv=None):
         sys.stderr.flush()
         os._exit(0)
 
+    peers = set(filter(None, args.peers.split(",")))
+    if peers - {"lda", "scvi"}:
+        parser.error(f"--peers {args.peers}: unknown {sorted(peers - {'lda', 'scvi'})}; choose among lda, scvi")
+    args.out = Path(args.out or (RUNS / "quick" if args.quick else HERE))
+    if args.out.exists() and not args.out.is_dir():  # before the measurements, not after them
+        parser.error(f"--out {args.out} is a file; name a folder for the results")
     started = time.time()
     log = lambda message: print(f"[{time.time() - started:6.0f} s] {message}", flush=True)  # noqa: E731
-    peers = set(filter(None, args.peers.split(",")))
     scvi_problem = ensure_scvi(log) if "scvi" in peers else "not requested (--peers)"
     load_start = os.getloadavg()
     others_at_start = other_cores_now()
@@ -587,8 +597,9 @@ def main(argv=None):
         "data": {n: dict(zip(("cells", "genes", "nonzero", "median_library"), s)) for n, s in stats.items()},
     }
     stem = "results_targets" if args.targets else "results"
-    write_results(Path(args.out), meta, results, stem)
-    log(f"wrote {Path(args.out) / (stem + '.md')}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_results(args.out, meta, results, stem)
+    log(f"wrote {args.out / (stem + '.md')}")
     return 0
 
 

@@ -149,3 +149,30 @@ def test_variants_table_compares_the_dataset_seeds_every_variant_measured():
     assert list(zip(table.dataset, table.variant)) == [("a", "first"), ("a", "second"), ("b", "first"), ("b", "second")]
     assert table["errors with the known labels"].tolist() == [15.0, 1.5, 30.0, 3.0]
     assert table.seeds.tolist() == [2, 2, 1, 1]
+
+
+def test_bad_arguments_are_refused_before_any_data_is_read(tmp_path, capsys):
+    from experiments.cross_dataset.run import main as cross_dataset
+    from experiments.few_shot.run import main as few_shot
+
+    (tmp_path / "afile").write_text("")
+    bad = [
+        (few_shot, ["--methods", "nosuch"], "no method 'nosuch'; choose among tfp_scmix"),
+        (few_shot, ["--methods", "tfp_scmix:bogus=1"], "tfp_scmix has no setting ['bogus']"),
+        (few_shot, ["--methods", "linear_svm:C=2"], "linear_svm takes no settings"),
+        (few_shot, ["--budgets", "-5"], "--budgets: must be at least 1"),
+        (few_shot, ["--label-noise", "1.5"], "--label-noise is a fraction in [0, 1)"),
+        (few_shot, ["--out", str(tmp_path / "afile")], "is a file; name a folder"),
+        (cross_dataset, ["--max-cells", "-5"], "--max-cells: must be at least 1"),
+        (cross_dataset, ["--out", str(tmp_path / "afile")], "is a file; name a folder"),
+    ]
+    for main, argv, message in bad:
+        with pytest.raises(SystemExit) as exit_:
+            main(
+                [
+                    *argv,
+                    "--datasets" if main is few_shot else "--parts",
+                    "nosuch_dataset" if main is few_shot else "transfer",
+                ]
+            )
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, (argv, message)

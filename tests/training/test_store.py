@@ -22,8 +22,12 @@ from training import store
 def test_store_defaults_to_mlruns_and_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(store.TRACKING_URI_ENV, raising=False)
     assert store.tracking_uri() == f"sqlite:///{store.REPO / 'mlruns' / 'mlflow.db'}"
+    assert store.uses_default_store()
+    store.configure()  # sets $MLFLOW_TRACKING_URI to the default store (mlflow.set_tracking_uri): still the default
+    assert store.uses_default_store()
     assert store._artifact_location("few shot") == (store.REPO / "mlruns" / "artifacts" / "few shot").as_uri()
     monkeypatch.setenv(store.TRACKING_URI_ENV, f"sqlite:///{tmp_path / 'other.db'}")
+    assert not store.uses_default_store()
     assert store.configure() == mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'other.db'}"
     assert store._artifact_location("x") == (tmp_path / "artifacts" / "x").as_uri()
     monkeypatch.setenv(store.TRACKING_URI_ENV, "http://127.0.0.1:5000")

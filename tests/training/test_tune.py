@@ -153,3 +153,18 @@ def test_hyperband_trains_a_continued_trial_from_the_start(tracking, tmp_path, s
     ]
     assert [m.step for m in tracking.get_metric_history(run.info.run_id, "restart_0/loss")] == [0, 1]
     assert run.data.params["training.epochs"] == "2"
+
+
+def test_a_search_of_no_trials_or_into_a_file_is_refused_at_once(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for argv, message in [
+        (["--max-trials", "0"], "--max-trials: must be at least 1, received 0"),
+        (["--max-trials", "-1"], "must be at least 1, received -1"),
+        (["--directory", str(tmp_path / "afile")], "is a file; name a folder for keras-tuner's trials"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            tune.main(["training/configs/pbmc68k_reduced.toml", *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a configuration error: one line, not a traceback
+        tune.main([str(tmp_path / "missing.toml")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")
