@@ -37,15 +37,8 @@ import numpy as np
 import pandas as pd
 
 import tfp_scmix as scm
-from experiments.common import (
-    markdown_table,
-    most_variable,
-    output_folder,
-    positive_int,
-    read_dataset,
-    record_results,
-    write_text,
-)
+from experiments import common
+from experiments.common import markdown_table, most_variable, read_dataset, record_results, write_text
 from experiments.cross_dataset.matrix import (
     METHODS,
     MULTI_SOURCE,
@@ -487,7 +480,7 @@ def build_parser():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument(
         "--epochs",
-        type=positive_int,
+        type=common.positive_int,
         help="epochs of the transfer, kang and calibration models (default: the package's)",
     )
     parser.add_argument(
@@ -497,7 +490,9 @@ def build_parser():
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="transfer methods (default: all)"
     )
-    parser.add_argument("--unknown-epochs", type=positive_int, default=50, help="epochs of each left-one-out model")
+    parser.add_argument(
+        "--unknown-epochs", type=common.positive_int, default=50, help="epochs of each left-one-out model"
+    )
     parser.add_argument(
         "--unknown-settings",
         nargs="+",
@@ -506,7 +501,7 @@ def build_parser():
         help="main: every cell's counts train the topics (left-out cells unlabelled); "
         "inductive: the left-out cells are never seen",
     )
-    parser.add_argument("--adapt-epochs", type=positive_int, default=30)
+    parser.add_argument("--adapt-epochs", type=common.positive_int, default=30)
     parser.add_argument(
         "--adapt-shrinkage",
         nargs="+",
@@ -520,7 +515,7 @@ def build_parser():
         help="also smooth with the neighbourhood's weight at each value (methods tfp_scmix+smooth(alpha=v))",
     )
     parser.add_argument("--models", help="save the transfer models here and load them again in later runs")
-    parser.add_argument("--classifier-steps", type=positive_int, help="default: the package's")
+    parser.add_argument("--classifier-steps", type=common.positive_int, help="default: the package's")
     parser.add_argument(
         "--pseudo-label-entropy",
         type=float,
@@ -528,16 +523,18 @@ def build_parser():
         help="kang_ctrl cells whose normalised entropy under the pbmc3k model exceeds this stay unlabelled",
     )
     parser.add_argument("--left-out", nargs="+", help="pbmc3k classes to leave out in turn (default: all)")
-    parser.add_argument("--genes", type=positive_int, default=2000, help="highly variable genes")
-    parser.add_argument("--topics", type=positive_int, help="default: the package's")
+    parser.add_argument("--genes", type=common.positive_int, default=2000, help="highly variable genes")
+    parser.add_argument("--topics", type=common.positive_int, help="default: the package's")
     parser.add_argument(
         "--restarts",
-        type=positive_int,
+        type=common.positive_int,
         help="models averaged (default: the package's, 3; the unknown and calibration rows were measured with 1)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=common.positive_int, default=256)
     parser.add_argument(
-        "--max-cells", type=positive_int, help="use at most this many random cells of each dataset (quick checks)"
+        "--max-cells",
+        type=common.positive_int,
+        help="use at most this many random cells of each dataset (quick checks)",
     )
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--no-mlflow", action="store_true")
@@ -553,7 +550,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = output_folder(parser, args.out)
+    out = common.output_folder(parser, args.out)
     frame = run(args.parts, args, out)
     if not args.no_mlflow:
         runs = record_results(out / "results.csv", "cross_dataset")
