@@ -42,12 +42,10 @@ from tfp_scmix.data import (
 )
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.model import SCMix
-from tfp_scmix.stream import H5ADStream, frame_columns, frame_index
+from tfp_scmix.stream import SLOT_SAMPLE, H5ADStream, frame_columns, frame_index
 
 logger = logging.getLogger("tfp_scmix")
 OUTPUT_KEYS = ("probs", "label", "confidence", "cell_topic")
-# Cells read to find which slot of an AnnData holds the raw counts (`counts_slot`).
-SLOT_SAMPLE = 1000
 # Minibatches predicted at once, each on its own thread (`_Minibatches`).
 WORKERS = 2
 # How much larger each chunk is than the one before, up to `chunk_size` (`_chunk_bounds`).

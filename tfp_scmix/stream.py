@@ -40,7 +40,8 @@ from tfp_scmix.data import (
 )
 
 logger = logging.getLogger("tfp_scmix")
-# Cells whose counts decide which slot of a file holds the raw counts (`detect_counts`), as prediction does.
+# Cells whose counts decide which slot holds the raw counts: a stream's (`detect_counts`) and prediction's
+# (`predict.counts_slot`, the file path), so that both read the same slot of the same file.
 SLOT_SAMPLE = 1000
 
 if TYPE_CHECKING:  # annotations only: TensorFlow is imported when a dataset is built
