@@ -168,22 +168,15 @@ def annotate(args) -> None:
 
 def explain_cmd(args) -> None:
     from tfp_scmix import explain
-    from tfp_scmix.data import DataError
 
     model = scm.load_model(args.model)
-    adata = None
-    if args.data:  # read and annotated first: data that cannot be annotated leave no folder half-written
+    paths = {}
+    if args.data:  # the data's figures first: they check the data (and --label-key) before writing anything
         adata = scm.read(args.data)
         if "scmix_label" not in adata.obs:
             adata = scm.annotate(model, adata, counts=args.counts)
-        if args.label_key is not None and args.label_key not in adata.obs:
-            raise DataError(
-                f"--label-key {args.label_key!r} is not an obs column of {args.data} "
-                f"(columns: {list(adata.obs.columns)})"
-            )
-    paths = explain.write_explanations(model, args.out, n_genes=args.top_genes)
-    if adata is not None:
         paths.update(explain.write_data_figures(model, adata, args.out, label_key=args.label_key))
+    paths = {**explain.write_explanations(model, args.out, n_genes=args.top_genes), **paths}
     print("\n".join(str(p) for p in paths.values()))
 
 
