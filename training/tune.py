@@ -10,6 +10,7 @@ stopped search: finished trials are kept and an interrupted one starts over.
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -141,8 +142,32 @@ def project_name(cfg) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.experiment)
 
 
-def _parent_run(path: Path, splits: run_data.Splits):
-    """Id of the search run recorded in `path` when it exists in the current store, else None."""
+def search_params(cfg: run_config.RunConfig) -> dict:
+    """The parameters a search's parent run records: every fixed setting (`RunConfig.params`), the algorithm and the
+    search space (as JSON). A resumed search must match them (`_parent_run`)."""
+    return {
+        **cfg.params(),
+        "search.algorithm": cfg.search.algorithm,
+        "search.space": json.dumps(cfg.search.space, sort_keys=True),
+    }
+
+
+def _changed_settings(recorded: dict, cfg: run_config.RunConfig) -> list[str]:
+    """'name: was X, now Y' for each parameter the parent run recorded that `cfg` sets otherwise. Parameters the run
+    did not record (a search started by an older version) are not compared."""
+    now = {key: str(value) for key, value in search_params(cfg).items()}  # MLflow records str(value)
+    return [
+        f"{key}: was {recorded[key]}, now {now[key]}"
+        for key in sorted(now)
+        if key in recorded and recorded[key] != now[key]
+    ]
+
+
+def _parent_run(path: Path, splits: run_data.Splits, cfg: run_config.RunConfig):
+    """Id of the search run recorded in `path` when it exists in the current store, else None.
+
+    Raises ConfigError when that search ran on other data or with other settings: resuming it would mix trials of
+    two configurations in one search and one best model."""
     if not path.is_file():
         return None
     run_id = path.read_text().strip()
@@ -161,6 +186,14 @@ def _parent_run(path: Path, splits: run_data.Splits):
         raise run_config.ConfigError(
             f"the search in {path.parent} was run on other data (fingerprint {recorded}, now "
             f"{splits.identity['data.fingerprint']}); pass another --directory or delete {path.parent}."
+        )
+    changed = _changed_settings(run.data.params, cfg)
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise run_config.ConfigError(
+            f"the search in {path.parent} was started with other settings ({shown}). Resuming it would mix trials "
+            f"of both in one search: run it with the settings it started with, or pass another --directory for a "
+            f"new search."
         )
     return run_id
 
@@ -181,9 +214,9 @@ def search(
     max_trials = cfg.search.max_trials if max_trials is None else int(max_trials)
     if max_trials < 1:
         raise run_config.ConfigError(f"max_trials must be at least 1, received {max_trials}")
+    run_file = directory / project_name(cfg) / PARENT_RUN_FILE  # in keras-tuner's project_dir
+    parent_id = _parent_run(run_file, splits, cfg)  # before the tuner reloads a search of other settings
     tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)
-    run_file = Path(tuner.project_dir) / PARENT_RUN_FILE
-    parent_id = _parent_run(run_file, splits)
     name = f"search {project_name(cfg)} ({cfg.search.algorithm})"
     with store.start_run(
         run_id=parent_id, experiment_id=None if parent_id else experiment, run_name=None if parent_id else name
@@ -193,6 +226,7 @@ def search(
             mlflow.log_params(
                 {
                     "search.algorithm": cfg.search.algorithm,
+                    "search.space": search_params(cfg)["search.space"],
                     "search.directory": str(directory),
                     "search.objective": OBJECTIVE.name,
                 }

@@ -100,6 +100,17 @@ def test_failed_trials_say_why(tracking, tmp_path, small_config):
     (trial,) = trial_runs(tracking, tracking.get_run(parent_id))
     assert trial.info.status == "FAILED" and trial.data.tags["error"] == "FloatingPointError: loss is NaN"
 
+    # resuming that search with other settings would mix two configurations' trials: refused, naming what changed
+    for overrides, changed in [
+        (("model.n_topics=9",), "model.n_topics: was 8, now 9"),
+        (("search.space.n_topics=[8, 12]",), "search.space: was"),
+        (("search.algorithm='hyperband'",), "search.algorithm: was bayesian, now hyperband"),
+    ]:
+        with pytest.raises(config.ConfigError, match="was started with other settings") as refused:
+            tune.search(small_config(*overrides), max_trials=1, directory=tmp_path / "tuning")
+        assert changed in str(refused.value) and "another --directory" in str(refused.value)
+    assert len(trial_runs(tracking, tracking.get_run(parent_id))) == 1  # no trial ran
+
 
 class InterruptOnce(keras.callbacks.Callback):
     """Raises KeyboardInterrupt at the end of the first epoch it sees in this process (as Ctrl-C would)."""
