@@ -28,7 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if os.environ.get(VERBOSE_ENV)
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
-def _import_tensorflow_quietly() -> None:
+def import_tensorflow() -> None:
+    """Import TensorFlow now, with its start-up lines (CUDA probing, CPU features) hidden unless
+    $TFP_SCMIX_VERBOSE is set. tfp_scmix does this on first use of any name that needs TensorFlow; an application
+    that imports keras or TensorFlow itself calls it first (training/__init__.py does). No effect once TensorFlow
+    is imported."""
     if os.environ.get(VERBOSE_ENV) or "tensorflow" in sys.modules:
         return
     try:
@@ -88,7 +92,7 @@ class _QuietTensorFlowFirst:
         if parts[0] == "tfp_scmix" and len(parts) > 1 and parts[1] not in _LIGHT:
             if cls in sys.meta_path:
                 sys.meta_path.remove(cls)
-            _import_tensorflow_quietly()
+            import_tensorflow()
         return None
 
 
@@ -149,6 +153,7 @@ __all__ = [
     "evaluate",
     "explain",
     "from_anndata",
+    "import_tensorflow",
     "load_model",
     "predict",
     "propagate",

@@ -130,3 +130,19 @@ def test_classifier_is_refitted_when_a_restart_stops_early(tracking, splits, sma
     assert [m.step for m in tracking.get_metric_history(run.info.run_id, "restart_0/loss")] == [0]
     # refitted when training ended, after the last logged epoch was scored
     assert "restart_0/classifier_loss" not in tracking.get_run(run.info.run_id).data.metrics
+
+
+def test_training_scripts_start_without_tensorflows_log_lines():
+    """keras and keras_tuner import TensorFlow, which writes its start-up lines (CUDA probing, CPU features) to
+    stderr before any log setting applies; the training package imports it through tfp_scmix first, quietly."""
+    import os
+
+    from tests.helpers import run_python
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TFP_SCMIX_VERBOSE")}
+    result = run_python(  # training.tune imports keras_tuner, keras and mlflow at the top, as training.run does
+        "import runpy, sys; sys.argv = ['tune', '--help']; runpy.run_module('training.tune', run_name='__main__')",
+        env=env,
+    )
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+    assert result.stderr == "", result.stderr
