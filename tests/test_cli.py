@@ -1,11 +1,13 @@
 """The command line: `tfp-scmix demo | train | annotate | explain`."""
 
 import json
+import re
 
 import numpy as np
 import scipy.sparse as sp
 
 import tfp_scmix as scm
+from tfp_scmix import explain
 from tfp_scmix.cli import main
 
 
@@ -26,6 +28,12 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "held-out cells: accuracy" in out and "Top genes" in out and "Genes that weigh most" in out
+    # each class's labelled cells beside its genes, the classes of too few to rely on starred (the rare types)
+    section = out.split("Genes that weigh most")[1].split("Top genes")[0]
+    counted = re.findall(r"^  .+? \((\d+)(\*?)\) ", section, flags=re.M)
+    assert len(counted) == 10 and sum(int(n) for n, _ in counted) == 150
+    assert all((star == "*") == (int(n) < explain.FEW_LABELS) for n, star in counted)
+    assert any(star for _, star in counted)
     assert "peer logistic regression: accuracy" in out and "peer linear svm: accuracy" in out
     assert "peer label spreading: accuracy" in out and "peer knn pca k5: accuracy" in out
     assert "with the known labels and the neighbours' pooled counts (annotate label_key): accuracy" in out

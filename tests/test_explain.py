@@ -26,6 +26,37 @@ def test_explanations(small_model, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_each_class_shows_its_labelled_cells_and_classes_of_few_are_warned_of(
+    small_model, embedded, tmp_path, caplog, monkeypatch
+):
+    labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]  # small_model's labelled cells
+    expected = {name: int((embedded.labels[labelled] == code).sum()) for code, name in enumerate(embedded.classes)}
+    counts = explain.labelled_cells(small_model)
+    assert counts.to_dict() == expected and counts.sum() == 150
+    for table in (
+        explain.class_topic_table(small_model),
+        explain.class_genes(small_model, n_genes=3),
+        explain.class_gene_weights(small_model, n_genes=3),
+    ):
+        assert (table["labelled_cells"] == table["class"].map(expected)).all()
+    few = {name: n for name, n in expected.items() if n < explain.FEW_LABELS}
+    assert few and explain.few_label_classes(small_model) == few  # the embedded set's rare types: a real case
+    reloaded = scm.load_model(scm.save_model(small_model, tmp_path / "m.keras"))
+    assert explain.labelled_cells(reloaded).to_dict() == expected  # kept in the file
+    with caplog.at_level("WARNING", logger="tfp_scmix.explain"):
+        explain.write_explanations(small_model, tmp_path / "explained")
+    warned = [r.getMessage() for r in caplog.records if r.name == "tfp_scmix.explain"]
+    assert len(warned) == 1 and all(f"{name} ({n})" in warned[0] for name, n in few.items())
+    # A model file written before the counts were recorded: unknown counts, shown as <NA>, and no warning.
+    monkeypatch.delitem(small_model.members[0].provenance, "labelled_cells")
+    assert explain.labelled_cells(small_model).isna().all() and explain.few_label_classes(small_model) == {}
+    assert explain.class_topic_table(small_model)["labelled_cells"].isna().all()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfp_scmix.explain"):
+        explain.write_explanations(small_model, tmp_path / "older")
+    assert not [r for r in caplog.records if r.name == "tfp_scmix.explain"]
+
+
 def test_an_ensemble_is_explained_member_by_member_or_together(two_restarts, tmp_path):
     names = [f"m{m}_topic_{k}" for m in range(2) for k in range(8)]
     assert explain.topic_names(two_restarts) == names

@@ -62,13 +62,18 @@ def demo(args) -> dict:
         )
     # The gene term carries most of each call (docs/few_shot.md, "The gene term"): its genes first.
     weights = explain.class_gene_weights(model, n_genes=args.top_genes)
-    print("\nGenes that weigh most for each class (the classifier's gene weights, against the other classes):")
+    print(
+        "\nGenes that weigh most for each class (the classifier's gene weights, against the other classes; "
+        f"in brackets the class's labelled cells, * under {explain.FEW_LABELS}: too few to rely on):"
+    )
+    counts = explain.labelled_cells(model)
+    shown = {c: f"{c} ({counts[c]}{'*' if counts[c] < explain.FEW_LABELS else ''})" for c in model.class_names}
     for cls, rows in weights.groupby("class", sort=False):
-        print(f"  {cls:<28} {' '.join(rows.gene)}")
+        print(f"  {shown[cls]:<33} {' '.join(rows.gene)}")
     genes = explain.class_genes(model, n_genes=args.top_genes)
     print("\nTop genes of the most predictive topic of each class:")
     for (cls, topic), rows in genes.groupby(["class", "topic"], sort=False):
-        print(f"  {cls:<28} {topic:<12} {' '.join(rows.gene)}")
+        print(f"  {shown[cls]:<33} {topic:<12} {' '.join(rows.gene)}")
     out = Path(args.out)
     scm.save_model(model, out / "model.keras")
     explain.write_explanations(model, out / "explanations")

@@ -8,6 +8,7 @@ predictive topic is the one of highest contrast over all members. `member=m` exp
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,12 @@ import pandas as pd
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path, write_csv
 from tfp_scmix.model import SCMix
+
+logger = logging.getLogger(__name__)
+
+# A class with fewer labelled training cells than this is explained by what those few cells happen to share
+# (`write_explanations` warns; the tables and the class-topic figure show every class's count).
+FEW_LABELS = 5
 
 
 def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[str, SCMix]]:
@@ -26,6 +33,21 @@ def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[s
             raise IndexError(f"member {member} out of range: the model has {len(members)} member(s)")
         return [("", members[member])]
     return [("", members[0])] if len(members) == 1 else [(f"m{i}_", m) for i, m in enumerate(members)]
+
+
+def labelled_cells(model: SCMix | SCMixEnsemble) -> pd.Series:
+    """Labelled training cells per class `[n_classes]`, indexed by class name (Int64; <NA> for every class of a
+    model file written before the counts were recorded in its provenance)."""
+    recorded = as_ensemble(model).members[0].provenance.get("labelled_cells") or {}
+    counts = [recorded.get(name) for name in model.class_names]
+    return pd.Series(counts, index=list(model.class_names), dtype="Int64", name="labelled_cells")
+
+
+def few_label_classes(model: SCMix | SCMixEnsemble, below: int = FEW_LABELS) -> dict[str, int]:
+    """{class: labelled cells} of the classes trained on fewer than `below` labelled cells (none when the model
+    did not record its counts)."""
+    counts = labelled_cells(model).dropna()
+    return {str(name): int(n) for name, n in counts.items() if n < below}
 
 
 def topic_names(model: SCMix | SCMixEnsemble, member: int | None = None) -> list[str]:
@@ -69,11 +91,13 @@ def top_genes(
 
 
 def class_topic_table(model: SCMix | SCMixEnsemble, member: int | None = None) -> pd.DataFrame:
-    """Each class's topics ranked by how much they predict it: (class, topic, rank, weight, contrast, scale).
+    """Each class's topics ranked by how much they predict it: (class, topic, rank, weight, contrast, scale,
+    labelled_cells).
 
     weight: posterior mean regression weight; contrast: the weight minus its mean over classes (only
     differences between classes change a softmax, so this is what the topic says about the class);
-    scale: the horseshoe's posterior scale for the weight (small = shrunk to zero).
+    scale: the horseshoe's posterior scale for the weight (small = shrunk to zero); labelled_cells: the class's
+    labelled training cells (`labelled_cells`: below `FEW_LABELS`, read its rows with care).
     """
     explained = [m for _, m in _explained(model, member)]
     per_member = [m.classifier.class_weights(None).numpy() for m in explained]  # [n_classes, n_topics] each
@@ -86,24 +110,33 @@ def class_topic_table(model: SCMix | SCMixEnsemble, member: int | None = None) -
     for c, cls in enumerate(model.class_names):
         for rank, k in enumerate(np.argsort(-contrast[c], kind="stable")):
             rows.append((cls, names[k], rank, weights[c, k], contrast[c, k], scale[c, k]))
-    return pd.DataFrame(rows, columns=["class", "topic", "rank", "weight", "contrast", "scale"])
+    table = pd.DataFrame(rows, columns=["class", "topic", "rank", "weight", "contrast", "scale"])
+    return _with_labelled_cells(table, model)
+
+
+def _with_labelled_cells(table: pd.DataFrame, model: SCMix | SCMixEnsemble) -> pd.DataFrame:
+    """`table` with a column labelled_cells: each row's class's labelled training cells (`labelled_cells`)."""
+    table["labelled_cells"] = table["class"].map(labelled_cells(model)).astype("Int64")
+    return table
 
 
 def class_genes(
     model: SCMix | SCMixEnsemble, n_genes: int = 30, by: str = "lift", member: int | None = None
 ) -> pd.DataFrame:
-    """For each class, the top genes of its most predictive topic: (class, topic, rank, gene, weight, lift).
+    """For each class, the top genes of its most predictive topic: (class, topic, labelled_cells, rank, gene,
+    weight, lift).
 
     Ranked by lift by default: by weight, every topic's top genes are the genes that are abundant in
     every cell (ribosomal, mitochondrial); lift ranks what the topic adds to an average cell, which is
     what tells one cell type from another (on pbmc3k it finds about twice as many canonical markers).
     """
-    best = class_topic_table(model, member).query("rank == 0")[["class", "topic"]]
+    best = class_topic_table(model, member).query("rank == 0")[["class", "topic", "labelled_cells"]]
     return best.merge(top_genes(model, n_genes, by, member), on="topic")
 
 
 def class_gene_weights(model: SCMix | SCMixEnsemble, n_genes: int = 20, member: int | None = None) -> pd.DataFrame:
-    """Each class's genes ranked by the classification branch's gene term: (class, rank, gene, weight, contrast).
+    """Each class's genes ranked by the classification branch's gene term: (class, rank, gene, weight, contrast,
+    labelled_cells).
 
     weight: the gene's weight V for the class (per log1p CP10k unit above the gene's training mean; the
     members' mean when several are explained: unlike topics, genes are the same in every member); contrast:
@@ -123,7 +156,7 @@ def class_gene_weights(model: SCMix | SCMixEnsemble, n_genes: int = 20, member: 
     for c, cls in enumerate(model.class_names):
         for rank, g in enumerate(np.argsort(-contrast[c], kind="stable")[:n_genes]):
             rows.append((cls, rank, model.genes[g], weights[c, g], contrast[c, g]))
-    return pd.DataFrame(rows, columns=["class", "rank", "gene", "weight", "contrast"])
+    return _with_labelled_cells(pd.DataFrame(rows, columns=["class", "rank", "gene", "weight", "contrast"]), model)
 
 
 def marker_score(
@@ -181,7 +214,9 @@ def plot_class_topics(
     limit = np.abs(table.to_numpy()).max() or 1.0
     image = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(table.shape[1]), [labels[t] for t in table.columns], rotation=90, fontsize=7)
-    ax.set_yticks(range(table.shape[0]), [_wrap(c) for c in table.index], fontsize=8)
+    counts = labelled_cells(model)
+    names = [c if pd.isna(counts[c]) else f"{c} ({counts[c]} labelled)" for c in table.index]
+    ax.set_yticks(range(table.shape[0]), [_wrap(c) for c in names], fontsize=8)
     ax.set_title(f"Class-predictive topics ({table.shape[1]} of {strength.size}; weight minus mean over classes)")
     fig.colorbar(image, ax=ax, shrink=0.8, label="contrast")
     fig.tight_layout()
@@ -233,7 +268,18 @@ def _save_figure(fig, path) -> None:
 
 
 def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) -> dict[str, Path]:
-    """Write the explanation tables (CSV) and figures (PNG) of every member into `folder`; returns the paths."""
+    """Write the explanation tables (CSV) and figures (PNG) of every member into `folder`; returns the paths.
+    Warns (logger tfp_scmix.explain) when a class was trained on fewer than `FEW_LABELS` labelled cells."""
+    few = few_label_classes(model)
+    if few:
+        listed = ", ".join(f"{name} ({n})" for name, n in few.items())
+        logger.warning(
+            "%d class(es) had fewer than %d labelled cells in training: %s. Their topics and genes are what those "
+            "few cells share and may not describe the type; label more cells of them for explanations to rely on.",
+            len(few),
+            FEW_LABELS,
+            listed,
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {

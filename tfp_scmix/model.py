@@ -68,8 +68,15 @@ def library_versions() -> dict[str, str]:
 
 
 def provenance(data: SCData | H5ADStream) -> dict[str, Any]:
-    """What a model records about how it was made: `library_versions()` and the data it was trained on."""
-    return {**library_versions(), "data_fingerprint": data.fingerprint(), "n_cells": int(data.n_cells)}
+    """What a model records about how it was made: `library_versions()` and the data it was trained on (its
+    fingerprint, cells, and labelled cells per class: {class name: count}, which `explain` shows beside each class)."""
+    counts = np.bincount(data.labels[data.labels >= 0], minlength=len(data.classes))
+    return {
+        **library_versions(),
+        "data_fingerprint": data.fingerprint(),
+        "n_cells": int(data.n_cells),
+        "labelled_cells": {str(name): int(n) for name, n in zip(data.classes, counts)},
+    }
 
 
 def gene_mean(data: SCData | H5ADStream) -> np.ndarray:
