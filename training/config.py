@@ -277,6 +277,12 @@ def from_dict(raw: dict, source: str = "<config>", overrides=()) -> RunConfig:
     data = _section(DataConfig, raw.get("data", {}), f"{source} [data]")
     if data.setting not in SETTINGS:
         raise ConfigError(f"{source} [data]: setting must be one of {SETTINGS}, received {data.setting!r}.")
+    negative = {name: getattr(data, name) for name in ("n_top_genes", "n_test", "seed") if getattr(data, name) < 0}
+    if negative:
+        raise ConfigError(
+            f"{source} [data]: {', '.join(f'{k} ({v})' for k, v in negative.items())} must be at least 0 "
+            "(n_top_genes 0: every gene; n_test 0: no test cells)."
+        )
     if not 0 <= data.n_validation < data.n_labelled:
         raise ConfigError(
             f"{source} [data]: n_validation ({data.n_validation}) must be at least 0 and smaller "

@@ -19,6 +19,10 @@ def test_config_rejects_mistakes_with_the_fix(tmp_path, small_config, config_fil
         small_config("training.n_topics=5")
     with pytest.raises(config.ConfigError, match="n_validation .* smaller than the label budget"):
         small_config("data.n_validation=150")
+    for negative in ("data.n_test=-5", "data.n_top_genes=-1", "data.seed=-2"):  # not a misleading data error later
+        name, value = negative.removeprefix("data.").split("=")
+        with pytest.raises(config.ConfigError, match=rf"\[data\]: {name} \({value}\) must be at least 0"):
+            small_config(negative)
     with pytest.raises(config.ConfigError, match=r"\[search.space\]: 'n_cells' is not a setting a search can vary"):
         small_config("search.space.n_cells=[100, 200]")
     with pytest.raises(config.ConfigError, match="list of choices or a range"):
