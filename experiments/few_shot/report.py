@@ -247,6 +247,64 @@ def with_peers(main, rows):
     return pd.concat([peers, rows])
 
 
+FIGURE = "errors.png"
+OURS_COLORS = {WITH_LABELS[1]: "#c0392b", "tfp_scmix": "#e67e22"}
+OURS_NAMES = {WITH_LABELS[1]: "tfp_scmix, with the known labels", "tfp_scmix": "tfp_scmix, per-cell call"}
+
+
+def errors_figure(frame, path):
+    """One panel per dataset (main setting, 150 labels): each method's errors on the test cells, a bar at the mean
+    and a dot per seed, fewest at the top; tfp_scmix's calls in colour (`OURS_COLORS`), the peers in grey. A method
+    measured on fewer seeds than the panel's (scANVI: 0-2) says which in its name. Writes a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = frame[(frame.setting == "main") & (frame.labels == 150)]
+    if "label_noise" in frame:
+        frame = frame[frame.label_noise == 0]
+    datasets = list(dict.fromkeys(frame.dataset))
+    columns = min(3, len(datasets))
+    grid = (-(-len(datasets) // columns), columns)
+    fig, axes = plt.subplots(*grid, figsize=(4.6 * grid[1], 4.2 * grid[0]), squeeze=False)
+    for ax in axes.flat[len(datasets) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, datasets):
+        rows = frame[frame.dataset == name]
+        seeds = sorted(set(rows.seed))
+        means = rows.groupby("method").errors.mean().sort_values()
+        names = []
+        for i, (method, mean) in enumerate(means.items()):
+            color = OURS_COLORS.get(method, "#7f8c8d")
+            errors = rows[rows.method == method].sort_values("seed")
+            ax.barh(i, mean, color=color, alpha=0.35)
+            ax.scatter(errors.errors, [i] * len(errors), s=9, color=color, zorder=3)
+            label = OURS_NAMES.get(method, method.replace("_", " "))
+            if len(errors) < len(seeds):
+                label += f" (seeds {', '.join(map(str, errors.seed))})"
+            names.append(label)
+        ax.set_yticks(range(len(means)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{name}, seeds {', '.join(map(str, seeds))}", fontsize=8)
+        ax.set_xlabel("errors on the test cells", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Few-shot suite, 150 labelled cells: errors per method (bar: mean, dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_rows(main, pooled):
+    """The rows `errors_figure` draws: the peers of `main`, and tfp_scmix's two calls from `pooled` (the default
+    models' rows, every seed): the call with the known labels, and the same models' per-cell call
+    (per_cell_errors). Without `pooled`, `main` as it is."""
+    if pooled is None:
+        return main
+    per_cell = pooled.assign(method="tfp_scmix", errors=pooled.per_cell_errors)
+    return pd.concat([main[main.method != "tfp_scmix"], pooled, per_cell])
+
+
 def before_after_table(before, after, method):
     """Mean errors (per-cell call and with the known labels) and macro-F1 of `method`, per dataset, before and
     after a change, on the seeds both measured."""
@@ -346,6 +404,9 @@ def report(folder=HERE):
             markdown_table(parts_table(pooled, WITH_LABELS[1])),
             "",
         ]
+    if main is not None:
+        errors_figure(figure_rows(main, pooled), folder / FIGURE)
+        parts += [f"![errors per method and dataset]({FIGURE})", ""]
     if main is not None and two_scales is not None:
         seeds = sorted(int(seed) for seed in two_scales.seed.unique())
         parts += [

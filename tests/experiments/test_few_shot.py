@@ -45,6 +45,7 @@ def test_runs_keep_earlier_rows_and_the_report_scores_noise(tmp_path):
     run.main(noise)
     text = report.report(tmp_path)
     assert "## Main setting" in text and "## Label noise" in text
+    assert f"]({report.FIGURE})" in text and (tmp_path / report.FIGURE).stat().st_size > 0
     table = report.noise_table(pd.read_csv(tmp_path / "label_noise" / "results.csv"), saved)
     clean = saved.set_index("method").loc["logistic_regression", "errors"]
     assert table.iloc[0].errors_clean == clean and table.iloc[0].seeds == 1
@@ -176,3 +177,24 @@ def test_bad_arguments_are_refused_before_any_data_is_read(tmp_path, capsys):
                 ]
             )
         assert exit_.value.code == 2 and message in capsys.readouterr().err, (argv, message)
+
+
+def test_the_figure_draws_both_calls_of_the_default_models_beside_the_peers(tmp_path):
+    """figure_rows: the peers of the main table, the call with the known labels and the same models' per-cell call
+    (per_cell_errors) on every seed of the pooled run, not the main table's tfp_scmix rows (fewer seeds)."""
+    from experiments.few_shot import report
+
+    keys = dict(dataset="d", setting="main", labels=150, label_noise=0.0)
+    main = pd.DataFrame(
+        [dict(keys, method="linear_svm", seed=s, errors=10 + s) for s in range(3)]
+        + [dict(keys, method="scanvi", seed=0, errors=30)]
+        + [dict(keys, method="tfp_scmix", seed=0, errors=99)]
+    )
+    pooled = pd.DataFrame(
+        [dict(keys, method=report.WITH_LABELS[1], seed=s, errors=5 + s, per_cell_errors=12 + s) for s in range(3)]
+    )
+    rows = report.figure_rows(main, pooled)
+    means = rows.groupby("method").errors.mean().to_dict()
+    assert means == {"linear_svm": 11, "scanvi": 30, "tfp_scmix": 13, report.WITH_LABELS[1]: 6}
+    report.errors_figure(rows, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
