@@ -193,6 +193,10 @@ def test_gene_alignment_fills_missing_and_reports(caplog):
         align_genes(counts, ["ENSG01", "ENSG02", "ENSG03", "ENSG04"], ["CD3E", "MS4A1", "LYZ"])
     with pytest.raises(DataError, match="another species"):
         align_genes(counts, ["Cd3e", "Ms4a1", "Lyz2", "Gnly"], ["CD3E", "MS4A1", "LYZ"])
+    # The same species' symbols lower-cased: not another species, and the rename that fixes it.
+    with pytest.raises(DataError, match=r"another case \(lower-case against the model's upper-case\)") as err:
+        align_genes(counts, ["cd3e", "ms4a1", "lyz", "gnly"], ["CD3E", "MS4A1", "LYZ"])
+    assert "another species" not in str(err.value) and "adata.var_names.str.upper()" in str(err.value)
     with pytest.raises(DataError, match="duplicated gene names"):
         align_genes(counts, ["G0", "G0", "G2", "G3"], ["G0"])
 

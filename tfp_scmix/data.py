@@ -440,6 +440,37 @@ def _looks_like_ensembl(genes: Any) -> float:
     return float(np.mean([str(g).startswith("ENS") for g in genes[:2000]])) if len(genes) else 0.0
 
 
+def _case(names: Any) -> str:
+    """How most of `names` (a pandas Index of gene names) are written: "upper" (CD3E), "lower" (cd3e), "title"
+    (Cd3e, mouse symbols) or "mixed"; names without letters do not count."""
+    names = names[names.str.contains("[A-Za-z]", regex=True)]
+    shares = {
+        "upper": float((names == names.str.upper()).mean()),
+        "lower": float((names == names.str.lower()).mean()),
+        "title": float((names == names.str[:1].str.upper() + names.str[1:].str.lower()).mean()),
+    }
+    case, share = max(shares.items(), key=lambda item: item[1])
+    return case if len(names) and share > 0.8 else "mixed"
+
+
+def _case_hint(genes: Any, vocabulary: np.ndarray) -> str:
+    """The hint of `align_genes` when the data's genes match the model's once case is ignored: mouse symbols (Cd3e)
+    against human ones (CD3E) mean another species; the same symbols written in another case are renamed."""
+    data_case, model_case = _case(genes), _case(pd.Index(vocabulary))
+    if {data_case, model_case} == {"upper", "title"}:
+        return (
+            f" Many genes match only when case is ignored, and the data's symbols are {data_case}-case where the "
+            f"model's are {model_case}-case, as mouse symbols (Cd3e) are against human ones (CD3E): the data may be "
+            "from another species than the model."
+        )
+    rename = {"upper": ".str.upper()", "lower": ".str.lower()", "title": ".str.capitalize()"}.get(model_case)
+    fix = f"rename them first (adata.var_names = adata.var_names{rename})" if rename else "rename them to the model's"
+    return (
+        f" Many genes match only when case is ignored: the data write the same symbols in another case "
+        f"({data_case}-case against the model's {model_case}-case); {fix}."
+    )
+
+
 def align_genes(
     counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | np.ndarray, min_fraction: float = 0.5
 ) -> tuple[sp.csr_matrix, float]:
@@ -475,10 +506,7 @@ def align_genes(
                 "against symbols): map them to the model's kind first."
             )
         elif genes.str.upper().isin(pd.Index(vocabulary).str.upper()).sum() > 2 * present.sum():
-            hint = (
-                " Many genes match only when upper-cased (human against mouse symbols?): "
-                "the data may be from another species than the model."
-            )
+            hint = _case_hint(genes, vocabulary)
         else:
             hint = (
                 " If the data measure fewer genes (another panel or lab), train the model on the genes both "
