@@ -328,5 +328,40 @@ def test_adapt_returns_an_ensemble_that_saves_loads_and_predicts_with_its_offset
         np.testing.assert_array_equal(reference[key], after[key])
     assert all(np.array_equal(a, b) for a, b in zip(weights, small_model.get_weights(), strict=True))
     assert original.sizes["n_batches"] == 1 and original.adapted_batch is None
-    with pytest.raises(DataError, match="model's gene order"):
-        scm.adapt(small_model, query.select_genes(list(reversed(small_model.genes))))
+
+
+def test_adapt_reads_an_anndata_or_a_file_as_predict_does_and_records_the_query(small_model, embedded, tmp_path):
+    import anndata
+    import pandas as pd
+
+    from tfp_scmix.stream import H5ADStream
+
+    query = shifted_query(embedded)
+    expected = scm.adapt(small_model, query, epochs=2).members[0]
+    # An AnnData with the genes in another order, labels in obs, and two cells with counts only in a gene the
+    # model lacks: the same offsets (the genes aligned by name, the labels unread, the empty cells left out).
+    extra = sp.csr_matrix(
+        (np.ones(2, np.float32), ([query.n_cells, query.n_cells + 1], [0, 0])), (query.n_cells + 2, 1)
+    )
+    counts = sp.hstack([sp.vstack([query.counts, sp.csr_matrix((2, query.n_genes))]), extra]).tocsr()
+    genes = [*query.genes, "NOT_IN_MODEL"]
+    order = np.random.default_rng(0).permutation(len(genes))
+    obs = pd.DataFrame(
+        {"cell_type": np.resize(["B", "T"], counts.shape[0])}, index=[f"c{i}" for i in range(counts.shape[0])]
+    )
+    adata = anndata.AnnData(X=counts[:, order], obs=obs, var=pd.DataFrame(index=np.asarray(genes)[order]))
+    path = tmp_path / "query.h5ad"
+    adata.write_h5ad(path)
+    records = []
+    for source in (adata, str(path), query.select_genes(list(reversed(small_model.genes)))):
+        member = scm.adapt(small_model, source, epochs=2).members[0]
+        np.testing.assert_allclose(member.batch_offsets.loc.numpy(), expected.batch_offsets.loc.numpy(), atol=1e-5)
+        records += member.provenance["adapted_to"]
+    assert records[0] == records[1] and [r["n_cells"] for r in records] == [query.n_cells] * 3  # the file is the data
+    assert expected.provenance["data_fingerprint"] not in {r["data_fingerprint"] for r in records}  # not the training
+    twice = scm.adapt(scm.adapt(small_model, adata, epochs=1), query, epochs=1).members[0]
+    assert len(twice.provenance["adapted_to"]) == 2 and twice.sizes["n_batches"] == 3
+    with pytest.raises(TypeError, match="adapt takes the query as an AnnData, the path of a file"):
+        scm.adapt(small_model, H5ADStream(path), epochs=1)
+    with pytest.raises(DataError, match="only 0 of the model's"):
+        scm.adapt(small_model, adata[:, ["NOT_IN_MODEL"]].copy(), epochs=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import tensorflow_probability as tfp
 from tfp_scmix import distribute
 from tfp_scmix.callbacks import ProgressBar, ResumableCheckpoint, StopOnDivergence, TrainingDiverged, default
 from tfp_scmix.config import Config
-from tfp_scmix.data import DataError, SCData, check_argument, epoch_batches
+from tfp_scmix.data import DataError, SCData, check_argument, epoch_batches, from_anndata
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import ModelFileError, load_model, save_model
 from tfp_scmix.model import SCMix, self_training_cells
@@ -302,12 +303,14 @@ def _fit_stream(stream: H5ADStream, config: Config, seed: int, strategy, callbac
 
 def adapt(
     model: SCMix | SCMixEnsemble,
-    query: SCData,
+    query: SCData | Any,
     *,
     epochs: int = 30,
     batch_size: int = 256,
     learning_rate: float = 5e-2,
     shrinkage: float | None = None,
+    counts: str | None = None,
+    min_gene_fraction: float = 0.5,
     verbose: int = 0,
 ) -> SCMixEnsemble:
     """A copy of `model` adapted to the `query` dataset: each member gets the query's own batch offsets.
@@ -316,23 +319,27 @@ def adapt(
     batches' offsets) stays frozen; only a new offset row for the query is fitted on its unlabelled counts
     by the same ELBO (count terms). `model` itself is not changed. The adapted model uses that row for
     every cell it predicts (`SCMix.adapted_batch`), and saves, explains, exports and predicts like any other.
-    query: `SCData` in the model's gene order (`from_anndata(adata, genes=model.genes, label_key=None)`).
+    query: the query's cells, as `predict` takes them: an AnnData (in memory or backed), the path of a file
+    `tfp_scmix.read` reads, or an `SCData`. Its genes are aligned to the model's by name (`align_genes`: at least
+    `min_gene_fraction` of them present, the rest zero counts); `counts` names the slot of raw counts of an AnnData
+    or file ("X", "raw" or a layer; None: detected, as `from_anndata` does). Labels are not read. Cells with no
+    counts over the model's genes say nothing about the offsets and are left out.
     shrinkage: the offsets' prior scale. By default the learned one; a model trained on a single batch
     has learned nothing about differences between datasets (its scale shrinks to near zero), so there
     the default is a weakly informative 1.0 (a factor of e per standard deviation).
-    Raises DataError when the query's genes are not the model's; ValueError for epochs, batch_size,
-    learning_rate or shrinkage out of range.
+    The adapted members record the query in their provenance (`provenance["adapted_to"]`: one entry per
+    adaptation, with the query's fingerprint and cells).
+    Raises DataError when the query has too few of the model's genes, no raw counts or no cell with counts over
+    them; TypeError for a query of another type; ValueError for epochs, batch_size, learning_rate, shrinkage or
+    min_gene_fraction out of range.
     """
     check_argument("epochs", epochs, 1, integer=True)
     check_argument("batch_size", batch_size, 1, integer=True)
     check_argument("learning_rate", learning_rate, 1e-12)
+    check_argument("min_gene_fraction", min_gene_fraction, 0, 1)
     if shrinkage is not None:
         check_argument("shrinkage", shrinkage, 1e-12)
-    if list(query.genes) != list(model.genes):
-        raise DataError(
-            "adapt needs the query in the model's gene order: build it with "
-            "from_anndata(adata, genes=model.genes, label_key=None)"
-        )
+    query = _query_cells(model, query, counts, min_gene_fraction)
     return SCMixEnsemble(
         [
             _adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, verbose)
@@ -342,9 +349,49 @@ def adapt(
     )
 
 
+def _query_cells(model: SCMix | SCMixEnsemble, query: Any, counts: str | None, min_gene_fraction: float) -> SCData:
+    """The cells `adapt` fits the offsets on: `query` (an AnnData, a path or an SCData) over the model's genes,
+    without its labels, the cells with no counts over those genes left out."""
+    if isinstance(query, SCData):
+        if counts is not None:
+            raise ValueError("counts= names the raw-count slot of an AnnData or a file; an SCData holds its counts")
+        if list(query.genes) != list(model.genes):
+            query = query.select_genes(model.genes, min_gene_fraction)
+    elif isinstance(query, (str, os.PathLike)) or hasattr(query, "obs_names"):  # a path, an AnnData (or backed)
+        query = from_anndata(
+            query,
+            counts=counts,
+            label_key=None,
+            genes=model.genes,
+            min_gene_fraction=min_gene_fraction,
+            allow_empty_cells=True,
+            copy=False,
+        )
+    else:
+        raise TypeError(
+            f"adapt takes the query as an AnnData, the path of a file that tfp_scmix.read reads, or an SCData; "
+            f"received {type(query).__name__}"
+        )
+    query = dataclasses.replace(query, labels=np.full(query.n_cells, -1, query.labels.dtype))
+    empty = query.library_size == 0
+    if empty.all():
+        raise DataError(
+            f"none of the query's {query.n_cells} cells has counts over the model's genes: nothing to adapt to"
+        )
+    if empty.any():
+        logger.info(
+            "adapt: %d of %d cells have no counts over the model's genes and are left out", empty.sum(), empty.size
+        )
+        query = query.subset(~empty)
+    return query
+
+
 def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rate, shrinkage, verbose) -> SCMix:
     row = member.sizes["n_batches"]
     config = {**member.get_config(), "n_batches": row + 1, "adapted_batch": row}
+    adaptation = {"data_fingerprint": query.fingerprint(), "n_cells": int(query.n_cells)}
+    provenance = dict(config.get("provenance") or {})
+    config["provenance"] = {**provenance, "adapted_to": [*provenance.get("adapted_to", []), adaptation]}
     adapted = SCMix.from_config(config)
     reference = {w.path: w for w in member.weights}
     for weight in adapted.weights:
