@@ -147,6 +147,39 @@ def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):
         assert np.isfinite(scm.predict(model, path)["probs"]).all()
 
 
+def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted(synthetic_file, tmp_path, capsys):
+    """The README's cross-dataset recipe from the command line: train on the genes a second dataset also measures
+    (--shared-genes), then annotate that dataset with its own batch offsets fitted first (--adapt)."""
+    import anndata
+
+    data, path = synthetic_file
+    other = anndata.read_h5ad(path)[::2, 30:].copy()  # another "lab": half the cells, 90 of the 120 genes
+    other_path = tmp_path / "other.h5ad"
+    other.write_h5ad(other_path)
+    model_path = tmp_path / "shared.keras"
+    common = ["--epochs", "1", "--topics", "4", "--restarts", "1", "--verbose", "0", "--n-genes", "0"]
+    assert main(["train", str(path), "--out", str(model_path), "--shared-genes", str(other_path), *common]) == 0
+    assert f"90 of 120 genes are also in {other_path}" in capsys.readouterr().out
+    model = scm.load_model(model_path)
+    assert model.genes == list(other.var_names)
+    out = tmp_path / "other_annotated.h5ad"
+    assert main(["annotate", str(model_path), str(other_path), "--out", str(out), "--adapt"]) == 0
+    assert "model adapted to the 350 cells" in capsys.readouterr().out
+    annotated = anndata.read_h5ad(out)
+    assert annotated.obs["scmix_label"].notna().all() and annotated.uns["scmix"]["gene_coverage"] == 1.0
+    assert scm.load_model(model_path).members[0].sizes["n_batches"] == 1  # the file is unchanged
+    # A dataset that shares no gene is refused with the reason, before training; --stream cannot select genes.
+    none = anndata.AnnData(X=other.X[:, :3], obs=other.obs, var=other.var.iloc[:3].set_axis(["a", "b", "c"]))
+    none.write_h5ad(tmp_path / "none.h5ad")
+    for extra, message in [
+        (["--shared-genes", str(tmp_path / "none.h5ad")], "no gene of the training data is in"),
+        (["--shared-genes", str(other_path), "--stream"], "--shared-genes selects genes in memory"),
+    ]:
+        assert main(["train", str(path), "--out", str(tmp_path / "x.keras"), *extra, *common]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.keras").exists()
+
+
 def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_file, tmp_path, capsys):
     _, path = synthetic_file
     assert main(["train", str(path), "--out", str(tmp_path / "model.h5"), "--epochs", "1"]) == 2

@@ -82,6 +82,7 @@ def demo(args) -> dict:
 
 
 def train(args) -> None:
+    from tfp_scmix.data import DataError
     from tfp_scmix.io import check_model_path
     from tfp_scmix.stream import H5ADStream
 
@@ -95,9 +96,13 @@ def train(args) -> None:
     )
     data: scm.SCData | H5ADStream
     if args.stream:
+        if args.shared_genes:
+            raise DataError("--shared-genes selects genes in memory: leave out --stream, or subset the file first")
         data = H5ADStream(args.data, **options)
     else:
         data = scm.from_anndata(args.data, **options)
+        if args.shared_genes:
+            data = data.select_genes(shared_genes(data.genes, args.shared_genes))
         if args.n_genes and data.n_genes > args.n_genes:
             data = data.select_genes(scm.data.highly_variable_genes(data.counts, data.genes, args.n_genes))
     print(f"{data.n_cells} cells x {data.n_genes} genes; {data.n_labelled} labelled cells of {data.n_classes} types")
@@ -123,6 +128,32 @@ def train(args) -> None:
             print(f"MLflow run {run} logged to experiment {args.mlflow_experiment!r} ({tracking.tracking_uri()})")
 
 
+def shared_genes(genes, paths) -> list[str]:
+    """The genes of `genes` that every dataset of `paths` also measures (their var_names; an .h5ad is opened
+    backed, its counts unread), in the order of `genes`. Raises DataError when none is left."""
+    import numpy as np
+    import pandas as pd
+
+    from tfp_scmix.data import DataError
+
+    kept = pd.Index(np.asarray(genes, dtype=str))
+    for path in paths:
+        if str(path).endswith(".h5ad"):
+            other = scm.data.read_h5ad(path, backed="r")
+            names = pd.Index(np.asarray(other.var_names, dtype=str))
+            other.file.close()
+        else:
+            names = pd.Index(np.asarray(scm.read(path).var_names, dtype=str))
+        before, kept = len(kept), kept[kept.isin(names)]
+        print(f"{len(kept)} of {before} genes are also in {path}")
+        if not len(kept):
+            raise DataError(
+                f"no gene of the training data is in {path}: the two name genes differently (symbols against "
+                "Ensembl ids, or another species); map one to the other's names first"
+            )
+    return list(kept)
+
+
 def checkpoint_dir(out: str | Path) -> Path:
     """`train`'s default backup folder for a model written to `out`: `.NAME.checkpoints` beside it, so that
     the same command run again after a kill resumes from the last finished epoch."""
@@ -142,6 +173,9 @@ def annotate(args) -> None:
     backed = str(args.data).endswith(".h5ad")
     adata = scm.data.read_h5ad(args.data, backed="r") if backed else scm.read(args.data)
     try:
+        if args.adapt:  # the dataset's own batch offsets first (its counts read into memory)
+            model = scm.adapt(model, adata, counts=args.counts, min_gene_fraction=args.min_gene_fraction)
+            print(f"model adapted to the {adata.n_obs} cells of {args.data} (its own batch offsets; not saved)")
         scm.annotate(
             model,
             adata,
@@ -238,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--unknown", nargs="*", help="more label values that mean unlabelled")
     p.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0: all; in memory only)")
+    p.add_argument(
+        "--shared-genes",
+        nargs="+",
+        metavar="DATASET",
+        help="train only on the genes these datasets also measure (chosen before --n-genes): for annotating them",
+    )
     model_settings(p, topics=defaults.n_topics, batch_size=defaults.batch_size, restarts=3)
     p.add_argument("--prior", default=defaults.prior, choices=PRIORS, help="prior on the class weights")
     p.add_argument("--stream", action="store_true", help="read the counts from disk in chunks (any number of cells)")
@@ -264,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="annotated .h5ad to write")
     p.add_argument("--counts", default=None, help="where the raw counts are: X, raw or a layer (default: detect)")
     p.add_argument("--min-confidence", type=float, default=None, help="below this top probability: unassigned")
+    p.add_argument(
+        "--adapt",
+        action="store_true",
+        help="fit the dataset's own batch offsets first (tfp_scmix.adapt; for another lab's data; not saved)",
+    )
     p.add_argument(
         "--min-counts", type=int, default=50, help="fewer counts over the model's genes: flagged as low_counts"
     )
