@@ -167,6 +167,7 @@ def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted
     assert "model adapted to the 350 cells" in capsys.readouterr().out
     annotated = anndata.read_h5ad(out)
     assert annotated.obs["scmix_label"].notna().all() and annotated.uns["scmix"]["gene_coverage"] == 1.0
+    assert len(annotated.uns["scmix"]["model_adapted_to"]) == 1  # the call says its model was adapted
     assert scm.load_model(model_path).members[0].sizes["n_batches"] == 1  # the file is unchanged
     # A dataset that shares no gene is refused with the reason, before training; --stream cannot select genes.
     none = anndata.AnnData(X=other.X[:, :3], obs=other.obs, var=other.var.iloc[:3].set_axis(["a", "b", "c"]))

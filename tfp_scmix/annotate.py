@@ -24,7 +24,9 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
   (an array, not a DataFrame: class names such as "CD4+/CD25 T Reg" are not keys anndata keeps writing).
 - obsm[f"{key}_cell_topic"]: `[n_cells, n_topics]` topic proportions.
 - varm[f"{key}_topic_gene"]: `[n_vars, n_topics]` topic-gene weights (zero for genes the model lacks).
-- uns[key]: the call: classes, thresholds, gene coverage, fingerprints, version, counts of flagged cells.
+- uns[key]: the call: classes, thresholds, the slot the counts were read from ("counts"), gene coverage and
+  min_gene_fraction, fingerprints (of the training data, and of each dataset the model was adapted to:
+  "model_adapted_to"), version, counts of flagged cells.
 """
 
 from __future__ import annotations
@@ -401,7 +403,10 @@ def annotate(
         "tfp_scmix_version": __version__,
         "model_data_fingerprint": str(model.provenance.get("data_fingerprint", "")),
         "gene_fingerprint": model.gene_fingerprint,
+        "counts": slot,
         "gene_coverage": float(pd.Index(model.genes).isin(slot_genes).mean()),
+        "min_gene_fraction": float(min_gene_fraction),
+        "model_adapted_to": [str(a["data_fingerprint"]) for a in model.provenance.get("adapted_to", [])],
         "n_members": len(ensemble.members),
         "min_counts": int(min_counts),
         "unassign_flagged": bool(unassign_flagged),
