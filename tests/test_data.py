@@ -275,6 +275,12 @@ def test_a_missing_file_is_named_with_where_it_was_looked_for(tmp_path, monkeypa
         DataError, match=r"'missing.h5ad' not found \(looked in the working directory; \$TFP_SCMIX_DATA="
     ):
         read_h5ad("missing.h5ad")
+    # A bare name without a suffix finds name.h5ad in the working directory or the data folder.
+    (tmp_path / "data").mkdir()
+    anndata.AnnData(X=sp.csr_matrix(COUNTS.astype(np.float32))).write_h5ad(tmp_path / "data" / "mine.h5ad")
+    assert read_h5ad("mine").n_obs == COUNTS.shape[0]
+    with pytest.raises(DataError, match=r"'mine.loom' not found"):  # a name with another suffix is taken as given
+        read_h5ad("mine.loom")
 
 
 def test_real_embedded_dataset(embedded):

@@ -63,9 +63,10 @@ def check_argument(
 
 
 def data_path(name: str) -> Path:
-    """Path of a dataset file: `name` itself if it exists, else `$TFP_SCMIX_DATA/name`.
+    """Path of a dataset file: `name` itself if it exists, else `$TFP_SCMIX_DATA/name`; a relative `name` without a
+    suffix is also looked for as `name`.h5ad in both places ("pbmc3k" finds $TFP_SCMIX_DATA/pbmc3k.h5ad).
 
-    Raises DataError when neither exists; the message says where it looked (for an absolute path, only there).
+    Raises DataError when none exists; the message says where it looked (for an absolute path, only there).
     """
     path = Path(name)
     if path.exists():
@@ -74,8 +75,10 @@ def data_path(name: str) -> Path:
         folder = "" if path.parent.is_dir() else f"; its folder {path.parent} does not exist either"
         raise DataError(f"no file at {name}{folder}. Check the path.")
     root = os.environ.get(DATA_DIR_ENV)
-    if root and (Path(root) / name).exists():
-        return Path(root) / name
+    names = [path] if path.suffix else [path, path.with_name(path.name + ".h5ad")]
+    for candidate in [*names[1:], *(Path(root) / n for n in names if root)]:
+        if candidate.exists():
+            return candidate
     where = f"${DATA_DIR_ENV}={root}" if root else f"${DATA_DIR_ENV} is not set"
     raise DataError(
         f"dataset {name!r} not found (looked in the working directory; {where}). "
