@@ -140,3 +140,24 @@ def test_figures_of_a_dataset_need_it_annotated_and_say_so_before_writing(small_
     paths = explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="cell_type")
     assert set(paths) >= {"embedding_png", "confidence_png", "dotplot_png", "confusion_png"}
     assert all(path.stat().st_size > 0 for path in paths.values())
+
+
+def test_the_confusion_figure_puts_agreeing_calls_on_its_diagonal(tmp_path):
+    """Rows follow the model's class order (the columns), not string order, where the names agree; the other
+    labels come after them. (Rows were sorted as strings: "CD14+" before "CD4", against the model's order.)"""
+    import anndata
+    import pandas as pd
+
+    order = ["B cells", "CD4 T cells", "CD8 T cells", "CD14+ Monocytes"]  # a model's order, not sorted as strings
+    called = ["B cells", "CD4 T cells", "CD8 T cells", "CD14+ Monocytes", "CD4 T cells", "CD14+ Monocytes"]
+    truth = ["B cells", "CD4 T cells", "CD8 T cells", "CD14+ Monocytes", "CD8 T cells", "Platelets"]
+    adata = anndata.AnnData(
+        X=np.zeros((6, 1), np.float32),
+        obs=pd.DataFrame(
+            {"scmix_label": pd.Categorical(called, categories=order), "scmix_confidence": 0.9, "truth": truth},
+            index=[f"c{i}" for i in range(6)],
+        ),
+    )
+    counts = explain.plot_confusion(adata, "truth", tmp_path / "confusion.png")
+    assert list(counts.columns) == order and list(counts.index) == [*order, "Platelets"]
+    assert np.diag(counts.to_numpy()[:4]).tolist() == [1, 1, 1, 1]

@@ -404,8 +404,9 @@ def plot_embedding(adata, path, key: str = "scmix", basis: str | None = None) ->
 
 def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFrame:
     """Row-normalised confusion matrix (PNG) of obs[label_key] (rows, any labels) against the predicted
-    labels (columns); returns the counts table. Cells without a label (NaN) are left out. Raises DataError when
-    `adata` is not annotated or has no obs[label_key]."""
+    labels (columns, in the model's class order; rows whose name is a predicted class in the same order, so that
+    agreeing calls lie on the diagonal, then the other labels); returns the counts table. Cells without a label
+    (NaN) are left out. Raises DataError when `adata` is not annotated or has no obs[label_key]."""
     _require_annotated(adata, key, label_key)
     plt = _pyplot()
     known = adata.obs[label_key].notna().to_numpy()
@@ -413,7 +414,9 @@ def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFr
         adata.obs[label_key][known].astype(str), adata.obs[f"{key}_label"][known].astype(str), dropna=False
     )
     predicted = [c for c in adata.obs[f"{key}_label"].cat.categories if c in counts.columns]
-    counts = counts[predicted]
+    # Rows in the columns' order where the names agree (a diagonal of correct calls), the other labels after them.
+    rows = [c for c in predicted if c in counts.index] + sorted(set(counts.index) - set(predicted))
+    counts = counts.loc[rows, predicted]
     shares = counts.div(counts.sum(axis=1).replace(0, 1), axis=0)
     fig, ax = plt.subplots(figsize=(0.55 * len(predicted) + 4, 0.45 * len(counts) + 3))
     image = ax.imshow(shares.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
@@ -429,7 +432,9 @@ def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFr
     agree = np.mean(
         adata.obs[label_key][known].astype(str).to_numpy() == adata.obs[f"{key}_label"][known].astype(str).to_numpy()
     )
-    ax.set_title(f"Confusion, row-normalised (same name: {agree:.1%} of {int(known.sum())} cells)")
+    ax.set_title(
+        f"Confusion, row-normalised (same name: {agree:.1%} of the {int(known.sum())} cells with a {label_key!r})"
+    )
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the row")
     fig.tight_layout()
     _save_figure(fig, path)
