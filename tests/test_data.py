@@ -348,6 +348,9 @@ def test_unlabeled_category_and_placeholder_warning(caplog):
         DataError, match=r"unlabeled_category 'unknown' matches no value.*pass unlabeled_category='Unknown'"
     ):
         from_anndata(adata, unlabeled_category="unknown")
+    # One that matches nothing where a label looks like the marker: refused too, naming that label.
+    with pytest.raises(DataError, match=r"whose label 'Unknown' \(70 cells\) looks like the marker.*='Unknown'"):
+        from_anndata(adata, unlabeled_category="unlabelled")
     with caplog.at_level("WARNING", logger="tfp_scmix"):  # one that matches nothing: every label is used
         data = from_anndata(adata[70:].copy(), unlabeled_category="Unknown")
     assert data.n_labelled == 10 and "unlabeled_category 'Unknown' matches no value of obs['cell_type']" in caplog.text
@@ -356,6 +359,11 @@ def test_unlabeled_category_and_placeholder_warning(caplog):
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         from_anndata(adata)
     assert "'T cell' holds 88% of the labelled cells" in caplog.text
+    # Integer labels with missing values (pandas stores them as floats): classes "0" and "1", not "0.0", and
+    # unlabeled_category=-1 matches -1 whatever the type (it was refused as a mismatch "but for case").
+    adata.obs["cell_type"] = pd.Series([np.nan] * 10 + [0.0] * 30 + [1.0] * 30 + [-1.0] * 10, index=adata.obs_names)
+    data = from_anndata(adata, unlabeled_category=-1)
+    assert data.classes == ["0", "1"] and data.n_labelled == 60
 
 
 def _write_10x(folder, counts, genes, barcodes, gz=True, v3=True):

@@ -677,6 +677,14 @@ def missing_values(series: pd.Series) -> pd.Series:
     return series.isna() | series.astype(str).str.strip().isin({"", "nan", "NaN", "None"})
 
 
+def label_name(value: Any) -> str:
+    """A label value as a class name: `str(value)`, but a whole number stored as a float without its ".0"
+    (pandas stores integer labels with missing values as floats: 3.0 is class "3", as 3 is)."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def encode_labels(
     values: ArrayLike | pd.Series | pd.Categorical, classes: Sequence[str] | None = None, unknown: ArrayLike = ()
 ) -> tuple[np.ndarray, list[str]]:
@@ -689,8 +697,9 @@ def encode_labels(
     """
     series = pd.Series(np.asarray(values, dtype=object))
     missing = missing_values(series)
-    missing |= series.astype(str).isin({str(u) for u in np.atleast_1d(unknown)})
-    names = series[~missing].astype(str)
+    as_names = series.map(label_name)
+    missing |= as_names.isin({label_name(u) for u in np.atleast_1d(np.asarray(unknown, dtype=object))})
+    names = as_names[~missing]
     if classes is None:
         _warn_placeholders(names)
         if isinstance(values, pd.Categorical) or hasattr(values, "cat"):
@@ -708,7 +717,8 @@ def encode_labels(
     outside = sorted(set(names) - set(lookup))
     if outside:
         raise DataError(
-            f"labels {outside[:5]} are not among the model's classes {classes}; "
+            f"labels {outside[:5]}{f' and {len(outside) - 5} more' if len(outside) > 5 else ''} are not among the "
+            f"model's classes {classes}; "
             "mark them as unknown (unknown=[...]) or train a model with those classes."
         )
     ids = np.full(len(series), UNLABELLED, np.int32)
@@ -765,19 +775,30 @@ def encode_batches(values: ArrayLike) -> tuple[np.ndarray, list[str]]:
     return codes.codes.astype(np.int32), [str(c) for c in codes.categories]
 
 
-def check_unlabeled_category(values: Any, unlabeled_category: str, label_key: str) -> None:
-    """Check `unlabeled_category` against a label column's `values` `[n_cells]`: a value that matches no label
-    but one in another case (a typo that would train the unlabelled cells as a class) raises DataError; one
-    that matches nothing at all is logged as a warning (every cell with a label is then labelled)."""
-    present = pd.unique(pd.Series(np.asarray(values, dtype=object)).dropna().astype(str))
-    if unlabeled_category in present:
+def check_unlabeled_category(values: Any, unlabeled_category: Any, label_key: str) -> None:
+    """Check `unlabeled_category` against a label column's `values` `[n_cells]`, both compared as class names
+    (`label_name`: -1 matches -1, -1.0 and "-1"). A value that matches no label raises DataError where the
+    unlabelled cells would otherwise train as a class: a label that matches it but for case, or a label that
+    looks like a marker of unlabelled cells (`PLACEHOLDER_LABELS`: "Unknown", ...). One that matches nothing, with
+    no such label, is logged as a warning (every cell with a label is then labelled)."""
+    counts = pd.Series(np.asarray(values, dtype=object)).dropna().map(label_name).value_counts()
+    present, wanted = counts.index, label_name(unlabeled_category)
+    if wanted in present:
         return
-    near = [v for v in present if v.casefold() == str(unlabeled_category).casefold()]
+    near = [v for v in present if v.casefold() == wanted.casefold()]
     if near:
         raise DataError(
             f"unlabeled_category {unlabeled_category!r} matches no value of obs[{label_key!r}], but {near[0]!r} "
             f"does, but for case: pass unlabeled_category={near[0]!r} (command line: --unlabeled-category "
             f"{near[0]!r}), or the {near[0]!r} cells become a class of their own."
+        )
+    markers = [v for v in present if v.strip().lower() in PLACEHOLDER_LABELS]
+    if markers:
+        raise DataError(
+            f"unlabeled_category {unlabeled_category!r} matches no value of obs[{label_key!r}], whose label "
+            f"{markers[0]!r} ({counts[markers[0]]} cells) looks like the marker of unlabelled cells: pass "
+            f"unlabeled_category={markers[0]!r} (command line: --unlabeled-category {markers[0]!r}), or the "
+            f"{markers[0]!r} cells become a class of their own."
         )
     logger.warning(
         "unlabeled_category %r matches no value of obs[%r] (values: %s): every cell with a label is labelled",
