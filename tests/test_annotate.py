@@ -229,7 +229,9 @@ def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(smal
     assert "10 cells: too few for smoothing" in caplog.text
 
 
-def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_counts(small_model, embedded_adata):
+def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_counts(
+    small_model, embedded_adata, caplog
+):
     """annotate with label_key writes the per-cell probabilities times those of the neighbour-pooled counts,
     predicted by the class branch refitted on the labelled cells' pooled counts; the user's model is left as
     it was. Without the refit, the branch (fitted on single cells) calls the pooled counts worse."""
@@ -281,8 +283,10 @@ def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_co
     # On the held-out cells, fewer errors than the per-cell call of this small model.
     per_cell = (adata.obs["scmix_label"].astype(str).to_numpy()[hidden] != truth[hidden]).sum()
     assert (names[hidden] != truth[hidden]).sum() < per_cell
-    # Annotating again without known labels leaves no stale outputs behind.
-    again = scm.annotate(small_model, adata)
+    # Annotating again without known labels leaves no stale outputs behind, and says what it removed.
+    with caplog.at_level(logging.WARNING, logger="tfp_scmix"):
+        again = scm.annotate(small_model, adata)
+    assert "removed obs['scmix_with_labels'] of an earlier annotate call" in caplog.text and "key_added=" in caplog.text
     assert "scmix_with_labels" not in again.obs and "scmix_with_labels_probs" not in again.obsm
     assert "scmix_with_labels_colors" not in again.uns
 

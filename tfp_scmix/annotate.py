@@ -483,6 +483,14 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
             *([] if with_labels else [f"{key}_with_labels_colors"]),
         ],
     }
+    removed = [name for name in stale["obs"] if name in adata.obs]
+    if removed:  # an earlier call's results, replaced by nothing: say so (key_added= keeps both calls)
+        logger.warning(
+            "removed %s of an earlier annotate call: this call does not write %s (its options differ); pass "
+            "key_added= to keep the results of both calls",
+            ", ".join(f"obs[{name!r}]" for name in removed),
+            "them" if len(removed) > 1 else "it",
+        )
     for name in stale["obs"]:
         if name in adata.obs:
             del adata.obs[name]
