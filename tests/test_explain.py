@@ -84,6 +84,11 @@ def test_an_ensemble_is_explained_member_by_member_or_together(two_restarts, tmp
             explain.class_topic_table(two_restarts, member=bad)
     paths = explain.write_explanations(two_restarts, tmp_path)
     assert all(path.stat().st_size > 0 for path in paths.values()) and "class_gene_weights" in paths
+    assert "class_gene_weights_png" in paths  # the figure of the genes that carry the calls
+    # The dotplot's genes are those that weigh most in the calls: the gene weights' top genes when the branch reads
+    # genes (they carry the calls: docs/few_shot.md, "The gene term").
+    genes = explain.call_genes(two_restarts, 2)
+    assert genes.equals(explain.class_gene_weights(two_restarts, 2)[["class", "gene"]])
 
 
 def test_class_gene_weights_rank_each_class_by_its_gene_weight_contrast(two_restarts, embedded):

@@ -253,6 +253,41 @@ def plot_topic_genes(model: SCMix | SCMixEnsemble, path, n_genes: int = 8, membe
     _save_figure(fig, path)
 
 
+def call_genes(model: SCMix | SCMixEnsemble, n_genes: int = 3) -> pd.DataFrame:
+    """(class, gene): each class's `n_genes` genes that weigh most in its calls. By the classification branch's
+    own gene weights (`class_gene_weights`, which carry most of each call under the default settings: docs/few_shot.md,
+    "The gene term") when it reads genes; else the top genes of its most predictive topic (`class_genes`)."""
+    if all(m.classifier.n_genes for m in as_ensemble(model).members):
+        return class_gene_weights(model, n_genes)[["class", "gene"]]
+    return class_genes(model, n_genes)[["class", "gene"]]
+
+
+def plot_class_gene_weights(model: SCMix | SCMixEnsemble, path, n_genes: int = 5) -> None:
+    """Heatmap (PNG) of the classification branch's gene weights: classes x the top `n_genes` genes of each class
+    by contrast (`class_gene_weights`: the weight minus its mean over classes, what the gene says for a class
+    against the others), every class's contrast on each of those genes; classes with their labelled cells.
+    Raises ValueError for a model whose branch reads topics only."""
+    plt = _pyplot()
+    top = class_gene_weights(model, n_genes)
+    gene_list = list(dict.fromkeys(top["gene"]))
+    members = as_ensemble(model).members
+    weights = np.mean([m.classifier.gene_weights.numpy() for m in members], axis=0)  # [n_classes, n_genes]
+    contrast = weights - weights.mean(axis=0, keepdims=True)
+    position = pd.Index(model.genes).get_indexer(gene_list)
+    table = contrast[:, position]
+    counts = labelled_cells(model)
+    names = [c if pd.isna(counts[c]) else f"{c} ({counts[c]} labelled)" for c in model.class_names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.26 * len(gene_list) + 4), 0.42 * len(names) + 2.4))
+    limit = float(np.abs(table).max()) or 1.0
+    image = ax.imshow(table, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(gene_list)), gene_list, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), [_wrap(c) for c in names], fontsize=8)
+    ax.set_title(f"Genes that weigh most in each class's calls (top {n_genes} a class; weight minus mean over classes)")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="contrast (per log1p CP10k unit)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _zscore(frame: pd.DataFrame) -> pd.DataFrame:
     """Each row standardised over its columns (a gene over topics); a constant row gives zeros."""
     centred = frame.sub(frame.mean(axis=1), axis=0)
@@ -293,6 +328,8 @@ def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) 
     }
     if all(m.classifier.n_genes for m in as_ensemble(model).members):
         paths["class_gene_weights"] = write_csv(class_gene_weights(model, n_genes), folder / "class_gene_weights.csv")
+        plot_class_gene_weights(model, folder / "class_gene_weights.png")
+        paths["class_gene_weights_png"] = folder / "class_gene_weights.png"
     plot_class_topics(model, folder / "class_topics.png")
     plot_topic_genes(model, folder / "topic_genes.png")
     paths.update(class_topics_png=folder / "class_topics.png", topic_genes_png=folder / "topic_genes.png")
@@ -464,15 +501,15 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
 
 
 def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, key: str = "scmix", counts=None) -> None:
-    """Dotplot (PNG) of each class's topic genes (the top `n_genes` by lift of its most predictive topic)
-    by predicted label: dot size the fraction of cells with a count, colour the mean log1p counts per 10k
-    scaled to [0, 1] per gene (as scanpy's `standard_scale="var"`). Raises DataError when `adata` is not
-    annotated or holds no raw counts."""
+    """Dotplot (PNG) of the genes that weigh most in each class's calls (`call_genes`: the classification
+    branch's gene weights, or its topics' genes for a branch that reads topics only) by predicted label: dot
+    size the fraction of cells with a count, colour the mean log1p counts per 10k scaled to [0, 1] per gene (as
+    scanpy's `standard_scale="var"`). Raises DataError when `adata` is not annotated or holds no raw counts."""
     from tfp_scmix.data import extract_counts
 
     _require_annotated(adata, key)
     plt = _pyplot()
-    genes = class_genes(model, n_genes)
+    genes = call_genes(model, n_genes)
     matrix, var_names = extract_counts(adata, counts)
     position = pd.Index(var_names).get_indexer(list(dict.fromkeys(genes["gene"])))
     gene_list = [g for g, p in zip(dict.fromkeys(genes["gene"]), position) if p >= 0]
@@ -491,7 +528,7 @@ def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, ke
     ax.set_xticks(range(len(gene_list)), gene_list, rotation=90, fontsize=7)
     ax.set_yticks(range(len(groups)), [_wrap(str(g), 30) for g in groups], fontsize=7)
     ax.set_ylim(len(groups) - 0.5, -0.5)
-    ax.set_title("Each class's topic genes by predicted label (size: fraction of cells; colour: scaled mean)")
+    ax.set_title("Each class's genes of most weight by predicted label (size: fraction of cells; colour: scaled mean)")
     fig.colorbar(image, ax=ax, shrink=0.8, label="mean log1p CP10k, scaled per gene")
     fig.tight_layout()
     _save_figure(fig, path)
