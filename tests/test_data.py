@@ -433,3 +433,15 @@ def test_log_normalised_dense_is_the_encoders_normalisation_of_the_nonzeros():
     np.testing.assert_allclose(log_normalised_dense(counts), normalise_counts(tf.constant(dense)).numpy(), atol=1e-6)
     one = log_normalised_dense(counts, np.exp(-offsets[:1]))  # one batch: its factors for every cell
     np.testing.assert_allclose(one, log_normalised_dense(counts, np.exp(-offsets), np.zeros(40, np.int32)), atol=0)
+
+
+def test_class_names_written_two_ways_are_warned_of(caplog):
+    """Labels that differ only in case, spacing, punctuation or a plural s are likely one type: warned of (they
+    train as two classes); distinct names that share words are not."""
+    values = ["B cells"] * 30 + ["B cell"] * 3 + ["NK cells"] * 20 + ["NK  cells"] * 2 + ["CD4+ T"] * 10 + ["CD4 T"] * 5
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        _, classes = encode_labels(values)
+    assert len(classes) == 6  # still trained as written
+    assert "'B cells' (30 cells) and 'B cell' (3 cells) look like one type written 2 ways" in caplog.text
+    assert "'NK cells' (20 cells) and 'NK  cells' (2 cells)" in caplog.text
+    assert "CD4" not in caplog.text  # CD4+ and CD4 are kept apart

@@ -13,6 +13,7 @@ import logging
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -732,12 +733,29 @@ PLACEHOLDER_LABELS = frozenset(
 )
 
 
+def _spelling(name: str) -> str:
+    """A class name reduced to its letters and digits, lower-case, without a plural s ("NK  cells" and "NK cell":
+    "nkcell"): names equal under it are likely one type written two ways."""
+    key = re.sub(r"[^0-9a-z+]", "", name.lower())
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
 def _warn_placeholders(names: pd.Series) -> None:
     """Warn (once per call) about a class that looks like a marker of unlabelled cells: a placeholder name,
-    or one class holding more than 80% of the labelled cells."""
+    or one class holding more than 80% of the labelled cells; and about classes whose names differ only in case,
+    spacing, punctuation or a plural s (typos that would train one type as two classes)."""
     counts = names.value_counts()
     if counts.empty:
         return
+    spellings: dict[str, list[str]] = {}
+    for name in counts.index:
+        spellings.setdefault(_spelling(name), []).append(name)
+    for variants in (v for v in spellings.values() if len(v) > 1):
+        logger.warning(
+            "the labels %s look like one type written %d ways; they train as separate classes: write them alike",
+            " and ".join(f"{v!r} ({counts[v]} cells)" for v in variants),
+            len(variants),
+        )
     placeholders = [c for c in counts.index if c.strip().lower() in PLACEHOLDER_LABELS]
     for name in placeholders:
         logger.warning(
