@@ -50,6 +50,12 @@ def few_label_classes(model: SCMix | SCMixEnsemble, below: int = FEW_LABELS) -> 
     return {str(name): int(n) for name, n in counts.items() if n < below}
 
 
+def _with_counts(model: SCMix | SCMixEnsemble, classes) -> list[str]:
+    """Class names with their labelled training cells, "B cells (12 labelled)" (the name alone where unknown)."""
+    counts = labelled_cells(model)
+    return [c if pd.isna(counts[c]) else f"{c} ({counts[c]} labelled)" for c in classes]
+
+
 def topic_names(model: SCMix | SCMixEnsemble, member: int | None = None) -> list[str]:
     """Names of the explained topics, in the column order of `topic_gene_table`."""
     return [f"{prefix}topic_{k}" for prefix, m in _explained(model, member) for k in range(m.n_topics)]
@@ -214,9 +220,7 @@ def plot_class_topics(
     limit = np.abs(table.to_numpy()).max() or 1.0
     image = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(table.shape[1]), [labels[t] for t in table.columns], rotation=90, fontsize=7)
-    counts = labelled_cells(model)
-    names = [c if pd.isna(counts[c]) else f"{c} ({counts[c]} labelled)" for c in table.index]
-    ax.set_yticks(range(table.shape[0]), [_wrap(c) for c in names], fontsize=8)
+    ax.set_yticks(range(table.shape[0]), [_wrap(c) for c in _with_counts(model, table.index)], fontsize=8)
     ax.set_title(f"Class-predictive topics ({table.shape[1]} of {strength.size}; weight minus mean over classes)")
     fig.colorbar(image, ax=ax, shrink=0.8, label="contrast")
     fig.tight_layout()
@@ -268,15 +272,10 @@ def plot_class_gene_weights(model: SCMix | SCMixEnsemble, path, n_genes: int = 5
     against the others), every class's contrast on each of those genes; classes with their labelled cells.
     Raises ValueError for a model whose branch reads topics only."""
     plt = _pyplot()
-    top = class_gene_weights(model, n_genes)
-    gene_list = list(dict.fromkeys(top["gene"]))
-    members = as_ensemble(model).members
-    weights = np.mean([m.classifier.gene_weights.numpy() for m in members], axis=0)  # [n_classes, n_genes]
-    contrast = weights - weights.mean(axis=0, keepdims=True)
-    position = pd.Index(model.genes).get_indexer(gene_list)
-    table = contrast[:, position]
-    counts = labelled_cells(model)
-    names = [c if pd.isna(counts[c]) else f"{c} ({counts[c]} labelled)" for c in model.class_names]
+    every = class_gene_weights(model, len(model.genes))  # every class's contrast on every gene
+    gene_list = list(dict.fromkeys(every[every["rank"] < n_genes]["gene"]))
+    table = every.pivot(index="class", columns="gene", values="contrast").loc[model.class_names, gene_list].to_numpy()
+    names = _with_counts(model, model.class_names)
     fig, ax = plt.subplots(figsize=(max(6, 0.26 * len(gene_list) + 4), 0.42 * len(names) + 2.4))
     limit = float(np.abs(table).max()) or 1.0
     image = ax.imshow(table, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
