@@ -30,6 +30,7 @@ DATA_SIZES = ("n_cells", "n_labelled", "total_counts", "n_batches")
 SELF_TRAINING_CELLS = 5000
 # The self-training fit starts from the fitted branch: a quarter of the refit's steps.
 SELF_TRAINING_SHARE = 4
+STEPS_PER_CALL = 100  # classifier refit steps per traced call (_fit_class_branch)
 
 
 def balanced_class_weights(targets: np.ndarray) -> np.ndarray:
@@ -478,20 +479,28 @@ class SCMix(keras.Model):
         variables = self.classifier.trainable_variables
         n_fitted = float(max(self.settings["n_labelled"], len(cells)))
 
+        optimizer.build(variables)
+        seed = tf.constant(self.seed, tf.int32)
+
+        # The steps run inside one traced loop, STEPS_PER_CALL at a time: one Python call per step cost more
+        # than the step itself on a few hundred cells.
         @tf.function
-        def step(seed):
-            with tf.GradientTape() as tape:
-                log_probs, kl = self.classifier.sample_log_probs(features, seed, genes)
-                loss = -tf.reduce_mean(tf.reduce_sum(targets * log_probs, axis=-1)) + kl / n_fitted
-            optimizer.apply(tape.gradient(loss, variables), variables)
+        def run(start, stop):
+            loss = tf.constant(float("nan"))
+            for i in tf.range(start, stop):
+                with tf.GradientTape() as tape:
+                    log_probs, kl = self.classifier.sample_log_probs(features, tf.stack([seed, i]), genes)
+                    loss = -tf.reduce_mean(tf.reduce_sum(targets * log_probs, axis=-1)) + kl / n_fitted
+                optimizer.apply(tape.gradient(loss, variables), variables)
             return loss
 
         progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
         loss = tf.constant(float("nan"))
-        for i in range(steps):
-            loss = step(tf.constant([self.seed, i], tf.int32))
-            if verbose and (i + 1) % 100 == 0:
-                progress.update(i + 1, [("classifier_loss", float(loss))])
+        for start in range(0, steps, STEPS_PER_CALL):
+            stop = min(start + STEPS_PER_CALL, steps)
+            loss = run(tf.constant(start, tf.int32), tf.constant(stop, tf.int32))
+            if verbose:
+                progress.update(stop, [("classifier_loss", float(loss))])
         return float(loss)
 
     # -- the loss -------------------------------------------------------------------------------
@@ -602,6 +611,12 @@ class SCMix(keras.Model):
         classifier_ids = {id(v) for v in self.classifier.trainable_variables}
         others = [v for v in self.trainable_variables if id(v) not in classifier_ids]
         return others, self.classifier.trainable_variables
+
+    def make_train_function(self, force=False):
+        # Both optimizers built over their own variables first: their slots made inside the first training
+        # step would make tf.function trace the step twice.
+        self.build_optimizers()
+        return super().make_train_function(force)
 
     def compile_from_config(self, config):
         # Keras would build the optimizer over every variable; build each optimizer over its own group
