@@ -408,6 +408,7 @@ def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rat
     variables = [offsets.loc, offsets.scale_raw]
     only_query = tf.one_hot(row, row + 1)[:, None]
     optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(variables)  # its slots made inside the first step would trace the step twice
     total_counts = float(query.library_size.sum())
 
     @tf.function
