@@ -42,11 +42,11 @@ def synthetic_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_model(embedded):
     """A quickly trained model on the embedded dataset (150 labels), shared by several tests: what
-    `scm.train` returns for one restart (an SCMixEnsemble of one SCMix)."""
+    `scm.train` returns for one restart (an SCMixEnsemble of one SCMix). Its classification branch is refitted
+    for 500 steps, here and in every refit that reads its config (annotate's with known labels)."""
     labelled = np.random.default_rng(0).permutation(embedded.n_cells)[:150]
-    return scm.train(
-        embedded.hide_labels(labelled), scm.Config(n_topics=12, batch_size=128), epochs=5, restarts=1, verbose=0
-    )
+    config = scm.Config(n_topics=12, batch_size=128, classifier_steps=500)
+    return scm.train(embedded.hide_labels(labelled), config, epochs=5, restarts=1, verbose=0)
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,15 @@ def test_cli_demo_trains_the_package_default():
 
     args, defaults = build_parser().parse_args(["demo"]), Config()
     assert (args.topics, args.batch_size, args.epochs) == (defaults.n_topics, defaults.batch_size, defaults.epochs)
-    assert args.restarts == 3
+    assert args.restarts == 3 and args.classifier_steps == defaults.classifier_steps
 
 
 def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     assert (
-        main(["demo", "--epochs", "2", "--topics", "8", "--restarts", "2", "--verbose", "0", "--out", str(tmp_path)])
+        main(
+            ["demo", "--epochs", "2", "--topics", "8", "--restarts", "2", "--classifier-steps", "300"]
+            + ["--verbose", "0", "--out", str(tmp_path)]
+        )
         == 0
     )
     out = capsys.readouterr().out
@@ -41,7 +44,8 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     # The demo's model (an ensemble of 2 restarts) annotates and explains from the command line.
     from tfp_scmix.datasets import pbmc68k_reduced
 
-    assert len(scm.load_model(tmp_path / "model.keras").members) == 2
+    demo_model = scm.load_model(tmp_path / "model.keras")
+    assert len(demo_model.members) == 2 and demo_model.members[0].config.classifier_steps == 300
     query = pbmc68k_reduced()
     query.obs["known"] = query.obs["cell_type"].astype(str).where(np.arange(700) % 5 == 0, "Unknown")
     query.write_h5ad(tmp_path / "query.h5ad")
@@ -137,6 +141,7 @@ def test_cli_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
 def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):
     data, path = synthetic_file
     common = ["--epochs", "1", "--topics", "4", "--restarts", "1", "--batch-key", "donor", "--verbose", "0"]
+    common += ["--classifier-steps", "50"]
     assert main(["train", str(path), "--out", str(tmp_path / "memory.keras"), "--n-genes", "0", *common]) == 0
     assert main(["train", str(path), "--out", str(tmp_path / "stream.keras"), "--stream", *common]) == 0
     assert "700 cells x 120 genes; 200 labelled cells of 3 types" in capsys.readouterr().out
@@ -158,6 +163,7 @@ def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted
     other.write_h5ad(other_path)
     model_path = tmp_path / "shared.keras"
     common = ["--epochs", "1", "--topics", "4", "--restarts", "1", "--verbose", "0", "--n-genes", "0"]
+    common += ["--classifier-steps", "50"]
     assert main(["train", str(path), "--out", str(model_path), "--shared-genes", str(other_path), *common]) == 0
     assert f"90 of 120 genes are also in {other_path}" in capsys.readouterr().out
     model = scm.load_model(model_path)
@@ -233,6 +239,7 @@ def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory
     out = tmp_path / "model.keras"
     command = [sys.executable, "-m", "tfp_scmix", "train", str(path), "--out", str(out), "--epochs", "10"]
     command += ["--topics", "4", "--restarts", "1", "--batch-size", "64", "--n-genes", "0", "--verbose", "0"]
+    command += ["--classifier-steps", "50"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     state = tmp_path / ".model.keras.checkpoints" / "restart-0" / "state.json"
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -290,7 +297,7 @@ def test_help_and_version_answer_without_tensorflow_and_runs_are_quiet(synthetic
     run = run_python(
         "import sys; from tfp_scmix.cli import main; sys.exit(main(sys.argv[1:]))",
         "train", path, "--out", tmp_path / "m.keras", "--epochs", "1", "--topics", "4", "--restarts", "2",
-        "--n-genes", "0",
+        "--n-genes", "0", "--classifier-steps", "50",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "trained 2 model(s) x 1 epochs on 700 cells x 120 genes" in run.stdout

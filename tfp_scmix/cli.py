@@ -35,7 +35,9 @@ def demo(args) -> dict:
         f"{args.labels} labelled cells, {len(test)} held-out cells (their counts used without labels)"
     )
     start = time.time()
-    config = scm.Config(n_topics=args.topics, batch_size=args.batch_size, epochs=args.epochs)
+    config = scm.Config(
+        n_topics=args.topics, batch_size=args.batch_size, epochs=args.epochs, classifier_steps=args.classifier_steps
+    )
     model = scm.train(data.hide_labels(labelled), config, restarts=args.restarts, seed=args.seed, verbose=args.verbose)
     if not args.verbose:  # at verbose >= 1 train's own summary line says how long it took
         print(f"trained in {time.time() - start:.0f} s")
@@ -106,7 +108,13 @@ def train(args) -> None:
         if args.n_genes and data.n_genes > args.n_genes:
             data = data.select_genes(scm.data.highly_variable_genes(data.counts, data.genes, args.n_genes))
     print(f"{data.n_cells} cells x {data.n_genes} genes; {data.n_labelled} labelled cells of {data.n_classes} types")
-    config = scm.Config(n_topics=args.topics, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size)
+    config = scm.Config(
+        n_topics=args.topics,
+        prior=args.prior,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        classifier_steps=args.classifier_steps,
+    )
     checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
     model = scm.train(
         data,
@@ -251,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=batch_size, help="cells per minibatch")
         p.add_argument("--seed", type=int, default=0, help="random seed (model r gets seed + r)")
         p.add_argument("--restarts", type=int, default=restarts, help="models averaged (1: a single model)")
+        p.add_argument(
+            "--classifier-steps",
+            type=int,
+            default=defaults.classifier_steps,
+            help="steps of the classification branch's refit after training, and of annotate's with known labels",
+        )
 
     p = sub.add_parser("demo", help="train on the embedded dataset with a few labels and report held-out scores")
     p.add_argument("--labels", type=int, default=150, help="cells that keep their label")
