@@ -232,6 +232,19 @@ def test_keras_leaves_xla_off_for_the_training_step(synthetic):
     model.fit(data.dataset(256), epochs=1, verbose=0)
 
 
+def test_the_training_step_is_traced_once(synthetic, monkeypatch):
+    """Python runs train_step only while tf.function traces it: once for a whole fit, the last smaller minibatch
+    included. Both optimizers' slots are made before the first step (made inside it, they traced it twice)."""
+    data, _ = synthetic
+    traced = []
+    step = SCMix.train_step
+    monkeypatch.setattr(SCMix, "train_step", lambda self, batch: (traced.append(1), step(self, batch))[1])
+    model = SCMix.from_data(data, Config(n_topics=4, hidden_units=16))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(data.dataset(256), epochs=2, verbose=0)  # 1200 cells: four full minibatches and one of 176
+    assert len(traced) == 1 and model.optimizer.built and model.classifier_optimizer.built
+
+
 def test_from_data_reads_the_same_sizes_from_a_stream_and_from_memory(synthetic_file):
     """The same file with a two-value batch column, read as a stream and into memory: the same settings,
     sizes (two batches both ways), topic background and cells."""

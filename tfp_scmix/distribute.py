@@ -83,12 +83,8 @@ def prepare(model: SCMix, strategy: tf.distribute.Strategy) -> SCMix:
     divides the sum back to the mean over the global batch. Returns the same model, changed in place.
     """
     replicas = strategy.num_replicas_in_sync
-    others, classifier = model._variable_groups()
     with strategy.scope():
-        if not model.optimizer.built:
-            model.optimizer.build(others)
-        if not model.classifier_optimizer.built:
-            model.classifier_optimizer.build(classifier)
+        model.build_optimizers()
     if replicas > 1:
         model.optimizer.loss_scale_factor = float(replicas)
         model.classifier_optimizer.loss_scale_factor = float(replicas)
