@@ -198,3 +198,29 @@ def test_the_figure_draws_both_calls_of_the_default_models_beside_the_peers(tmp_
     assert means == {"linear_svm": 11, "scanvi": 30, "tfp_scmix": 13, report.WITH_LABELS[1]: 6}
     report.errors_figure(rows, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_pooled_levers_pool_each_cell_with_itself_and_its_kind_of_neighbours():
+    """The graph variants of pooled_levers: every cell pools itself; mutual neighbours are a subset of the
+    default graph; SNN weights are Jaccard indices (the cell itself 1); two hops keep rows summing to one; the
+    label-aware pools of labelled cells drop the neighbours called otherwise and leave other cells' pools alone."""
+    import numpy as np
+
+    from experiments.few_shot.pooled_levers import label_aware, pooling_weights
+
+    features = np.random.default_rng(0).normal(size=(80, 4))
+    weights = pooling_weights(features, k=6)
+    base = weights["base"]
+    assert set(weights) == {"base", "mutual", "snn", "gauss", "two_hop"}
+    for name in ("base", "mutual", "snn", "gauss"):
+        np.testing.assert_allclose(weights[name].diagonal(), 1.0, err_msg=name)
+    assert (weights["mutual"] - weights["mutual"].multiply(base)).nnz == 0  # mutual within base
+    assert weights["mutual"].nnz < base.nnz
+    assert 0 < weights["snn"].data.min() and weights["snn"].data.max() <= 1
+    np.testing.assert_allclose(np.asarray(weights["two_hop"].sum(axis=1)).ravel(), 1.0)
+    calls = np.arange(80) % 2
+    labelled, labels = np.array([0, 1]), np.array([0, 0])
+    aware = label_aware(base, labelled, labels, calls)
+    assert set(aware[1].indices) == {1} | set(base[1].indices[calls[base[1].indices] == 0])
+    assert set(aware[0].indices) == set(base[0].indices[calls[base[0].indices] == 0])
+    assert (aware[2:] != base[2:]).nnz == 0
