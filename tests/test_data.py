@@ -334,26 +334,34 @@ def test_unlabeled_category_and_placeholder_warning(caplog):
     counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (80, 6)).astype(np.float32) + 1)
     adata = anndata.AnnData(counts)
     adata.obs["cell_type"] = ["Unknown"] * 70 + ["B"] * 5 + ["T"] * 5
+    # The placeholder left out, holding most of the labels: refused, naming the option (it trained as a class,
+    # with one warning, and its model called every cell "Unknown").
+    with pytest.raises(DataError, match=r"'Unknown' holds 70 of the 80 labelled cells \(88%\).*unlabeled_category="):
+        from_anndata(adata)
+    with pytest.raises(DataError, match="'unassigned' holds 41 of the 80"):  # any placeholder, just past half
+        from_anndata(make_adata(adata.X.toarray(), labels=["unassigned"] * 41 + ["B"] * 39))
+    # A smaller one may be a group of its own: trained as a class, with a warning.
+    adata.obs["cell_type"] = ["Unknown"] * 40 + ["B"] * 20 + ["T"] * 20
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         data = from_anndata(adata)
     assert data.classes == ["B", "T", "Unknown"]
-    assert "'Unknown' (70 cells) looks like a marker of unlabelled cells" in caplog.text
+    assert "'Unknown' (40 cells) looks like a marker of unlabelled cells" in caplog.text
     assert "unlabeled_category='Unknown'" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         data = from_anndata(adata, unlabeled_category="Unknown")
-    assert data.classes == ["B", "T"] and data.n_labelled == 10 and not caplog.text
+    assert data.classes == ["B", "T"] and data.n_labelled == 40 and not caplog.text
     # A value in another case than the data's would train the unlabelled cells as a class: refused, with the fix.
     with pytest.raises(
         DataError, match=r"unlabeled_category 'unknown' matches no value.*pass unlabeled_category='Unknown'"
     ):
         from_anndata(adata, unlabeled_category="unknown")
     # One that matches nothing where a label looks like the marker: refused too, naming that label.
-    with pytest.raises(DataError, match=r"whose label 'Unknown' \(70 cells\) looks like the marker.*='Unknown'"):
+    with pytest.raises(DataError, match=r"whose label 'Unknown' \(40 cells\) looks like the marker.*='Unknown'"):
         from_anndata(adata, unlabeled_category="unlabelled")
     with caplog.at_level("WARNING", logger="tfp_scmix"):  # one that matches nothing: every label is used
-        data = from_anndata(adata[70:].copy(), unlabeled_category="Unknown")
-    assert data.n_labelled == 10 and "unlabeled_category 'Unknown' matches no value of obs['cell_type']" in caplog.text
+        data = from_anndata(adata[40:].copy(), unlabeled_category="Unknown")
+    assert data.n_labelled == 40 and "unlabeled_category 'Unknown' matches no value of obs['cell_type']" in caplog.text
     caplog.clear()
     adata.obs["cell_type"] = ["T cell"] * 70 + ["B"] * 10  # not a placeholder, but most of the cells
     with caplog.at_level("WARNING", logger="tfp_scmix"):

@@ -693,7 +693,8 @@ def encode_labels(
 
     Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes);
     without it the classes are the categories of a categorical column (in their order) or the sorted
-    labels. Raises DataError when, without `classes`, fewer than two classes are labelled, or when a
+    labels. Raises DataError when, without `classes`, fewer than two classes are labelled or a placeholder
+    label ("Unknown", ...) holds more than half of the labelled cells (`_check_placeholders`), or when a
     label is not among `classes`.
     """
     series = pd.Series(np.asarray(values, dtype=object))
@@ -702,7 +703,7 @@ def encode_labels(
     missing |= as_names.isin({label_name(u) for u in np.atleast_1d(np.asarray(unknown, dtype=object))})
     names = as_names[~missing]
     if classes is None:
-        _warn_placeholders(names)
+        _check_placeholders(names)
         if isinstance(values, pd.Categorical) or hasattr(values, "cat"):
             cats = [str(c) for c in pd.Categorical(values).categories]
             classes = [c for c in cats if c in set(names)]
@@ -740,13 +741,27 @@ def _spelling(name: str) -> str:
     return key[:-1] if key.endswith("s") and len(key) > 3 else key
 
 
-def _warn_placeholders(names: pd.Series) -> None:
-    """Warn (once per call) about a class that looks like a marker of unlabelled cells: a placeholder name,
-    or one class holding more than 80% of the labelled cells; and about classes whose names differ only in case,
-    spacing, punctuation or a plural s (typos that would train one type as two classes)."""
+# A class with a placeholder name (`PLACEHOLDER_LABELS`) holding more than this share of the labelled cells is
+# refused: it is the marker of the unlabelled cells left out, not a cell type (a fresh user's likeliest slip).
+PLACEHOLDER_MAJORITY = 0.5
+
+
+def _check_placeholders(names: pd.Series) -> None:
+    """Refuse a class with a placeholder name that holds most of the labelled cells (more than
+    `PLACEHOLDER_MAJORITY`: DataError). Warn (once per call) about a smaller class that looks like a marker of
+    unlabelled cells, a placeholder name or one class holding more than 80% of the labelled cells, and about
+    classes whose names differ only in case, spacing, punctuation or a plural s (typos that would train one type
+    as two classes)."""
     counts = names.value_counts()
     if counts.empty:
         return
+    top, share = counts.index[0], counts.iloc[0] / counts.sum()
+    if top.strip().lower() in PLACEHOLDER_LABELS and share > PLACEHOLDER_MAJORITY:
+        raise DataError(
+            f"the label {top!r} holds {counts.iloc[0]} of the {counts.sum()} labelled cells ({100 * share:.0f}%) and "
+            f"looks like the marker of unlabelled cells: pass unlabeled_category={top!r} (command line: "
+            f"--unlabeled-category {top!r}). If it is a cell type, give it a name of its own in the label column."
+        )
     spellings: dict[str, list[str]] = {}
     for name in counts.index:
         spellings.setdefault(_spelling(name), []).append(name)
@@ -765,7 +780,6 @@ def _warn_placeholders(names: pd.Series) -> None:
             counts[name],
             name,
         )
-    top, share = counts.index[0], counts.iloc[0] / counts.sum()
     if share > 0.8 and top not in placeholders and len(names) >= 50:
         logger.warning(
             "the label %r holds %.0f%% of the labelled cells (%d of %d); if it marks unlabelled cells, pass "
@@ -1060,7 +1074,8 @@ def from_anndata(
     types (missing labels: NaN, "" or values in `unknown`); None for no labels. unlabeled_category: the
     label value that marks unlabelled cells (scvi-tools' name; added to `unknown`). A class that looks
     like such a marker ("Unknown", "nan", ...: `PLACEHOLDER_LABELS`, or more than 80% of the labelled
-    cells) is trained as a class, with a logged warning. batch_key: obs column
+    cells) is trained as a class, with a logged warning; one with a placeholder name holding more than half of
+    the labelled cells is refused (DataError: it is the marker left out). batch_key: obs column
     with batch/dataset ids. genes: align to this vocabulary (a model's `genes`); classes: fix the class
     order (a model's `class_names`). min_gene_fraction: with `genes`, the fraction of them that must be in
     the data; allow_empty_cells: keep cells with no counts over the genes. copy: False lets the counts share
