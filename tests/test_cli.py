@@ -175,11 +175,17 @@ def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted
     assert annotated.obs["scmix_label"].notna().all() and annotated.uns["scmix"]["gene_coverage"] == 1.0
     assert len(annotated.uns["scmix"]["model_adapted_to"]) == 1  # the call says its model was adapted
     assert scm.load_model(model_path).members[0].sizes["n_batches"] == 1  # the file is unchanged
-    # A dataset that shares no gene is refused with the reason, before training; --stream cannot select genes.
+    # Too few shared genes are refused with the reason, before training: none; or two, where the other dataset
+    # writes the rest in another case (another species' symbols: it trained on 2 genes and failed midway);
+    # --stream cannot select genes.
     none = anndata.AnnData(X=other.X[:, :3], obs=other.obs, var=other.var.iloc[:3].set_axis(["a", "b", "c"]))
     none.write_h5ad(tmp_path / "none.h5ad")
+    cased = other.copy()
+    cased.var_names = [name if i < 2 else name.capitalize() for i, name in enumerate(other.var_names)]
+    cased.write_h5ad(tmp_path / "cased.h5ad")
     for extra, message in [
-        (["--shared-genes", str(tmp_path / "none.h5ad")], "no gene of the training data is in"),
+        (["--shared-genes", str(tmp_path / "none.h5ad")], "only 0 of the training data's 120 genes are in"),
+        (["--shared-genes", str(tmp_path / "cased.h5ad")], "Many genes match only when case is ignored"),
         (["--shared-genes", str(other_path), "--stream"], "--shared-genes selects genes in memory"),
     ]:
         assert main(["train", str(path), "--out", str(tmp_path / "x.keras"), *extra, *common]) == 2

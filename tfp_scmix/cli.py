@@ -136,9 +136,15 @@ def train(args) -> None:
             print(f"MLflow run {run} logged to experiment {args.mlflow_experiment!r} ({tracking.tracking_uri()})")
 
 
+# Fewer shared genes than this cannot train a model worth the name (the package selects 2,000 by default).
+MIN_SHARED_GENES = 50
+
+
 def shared_genes(genes, paths) -> list[str]:
     """The genes of `genes` that every dataset of `paths` also measures (their var_names; an .h5ad is opened
-    backed, its counts unread), in the order of `genes`. Raises DataError when none is left."""
+    backed, its counts unread), in the order of `genes`. Raises DataError when fewer than `MIN_SHARED_GENES` are
+    left, or fewer than half where the two name genes differently (`data.naming_hint`: Ensembl IDs against
+    symbols, another species), with that hint."""
     import numpy as np
     import pandas as pd
 
@@ -152,13 +158,15 @@ def shared_genes(genes, paths) -> list[str]:
             other.file.close()
         else:
             names = pd.Index(np.asarray(scm.read(path).var_names, dtype=str))
-        before, kept = len(kept), kept[kept.isin(names)]
-        print(f"{len(kept)} of {before} genes are also in {path}")
-        if not len(kept):
+        before, shared = kept, kept[kept.isin(names)]
+        print(f"{len(shared)} of {len(before)} genes are also in {path}")
+        hint = scm.data.naming_hint(names, before) if len(shared) < len(before) / 2 else ""
+        if hint or len(shared) < MIN_SHARED_GENES:
             raise DataError(
-                f"no gene of the training data is in {path}: the two name genes differently (symbols against "
-                "Ensembl ids, or another species); map one to the other's names first"
+                f"only {len(shared)} of the training data's {len(before)} genes are in {path}, too few to train a "
+                f"model for it (at least {MIN_SHARED_GENES}).{hint or ' Check that both name genes alike.'}"
             )
+        kept = shared
     return list(kept)
 
 

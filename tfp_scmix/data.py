@@ -475,6 +475,21 @@ def _case_hint(genes: Any, vocabulary: np.ndarray) -> str:
     )
 
 
+def naming_hint(genes: Any, vocabulary: Sequence[str] | np.ndarray) -> str:
+    """Why few of `vocabulary`'s gene names `[n]` are in `genes` `[m]` when the two name genes differently: one
+    uses Ensembl IDs and the other symbols, or many names match only when case is ignored (another species, or
+    the same symbols in another case; `_case_hint`). A sentence starting with a space, or "" when neither is so."""
+    genes, vocabulary = pd.Index(np.asarray(genes, dtype=str)), np.asarray(vocabulary, dtype=str)
+    if abs(_looks_like_ensembl(genes) - _looks_like_ensembl(vocabulary)) > 0.5:
+        return (
+            " The data and the model use different kinds of gene identifiers (Ensembl IDs "
+            "against symbols): map them to the model's kind first."
+        )
+    if genes.str.upper().isin(pd.Index(vocabulary).str.upper()).sum() > 2 * genes.isin(vocabulary).sum():
+        return _case_hint(genes, vocabulary)
+    return ""
+
+
 def align_genes(
     counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | np.ndarray, min_fraction: float = 0.5
 ) -> tuple[sp.csr_matrix, float]:
@@ -502,17 +517,7 @@ def align_genes(
     present = position >= 0
     fraction = float(present.mean()) if len(vocabulary) else 0.0
     if fraction < min_fraction:
-        hint = ""
-        ens_data, ens_vocab = _looks_like_ensembl(genes), _looks_like_ensembl(vocabulary)
-        if abs(ens_data - ens_vocab) > 0.5:
-            hint = (
-                " The data and the model use different kinds of gene identifiers (Ensembl IDs "
-                "against symbols): map them to the model's kind first."
-            )
-        elif genes.str.upper().isin(pd.Index(vocabulary).str.upper()).sum() > 2 * present.sum():
-            hint = _case_hint(genes, vocabulary)
-        else:
-            hint = (
+        hint = naming_hint(genes, vocabulary) or (
                 " If the data measure fewer genes (another panel or lab), train the model on the genes both "
                 "datasets measure (subset the training AnnData to them before `from_anndata`), or accept the "
                 "missing genes as zero counts with a lower `min_gene_fraction=` (`--min-gene-fraction`): the "
