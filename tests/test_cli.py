@@ -143,7 +143,9 @@ def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):
     common = ["--epochs", "1", "--topics", "4", "--restarts", "1", "--batch-key", "donor", "--verbose", "0"]
     common += ["--classifier-steps", "50"]
     assert main(["train", str(path), "--out", str(tmp_path / "memory.keras"), "--n-genes", "0", *common]) == 0
-    assert main(["train", str(path), "--out", str(tmp_path / "stream.keras"), "--stream", *common]) == 0
+    assert capsys.readouterr().out == ""  # --verbose 0: quiet
+    stream = ["train", str(path), "--out", str(tmp_path / "stream.keras"), "--stream", *common, "--verbose", "1"]
+    assert main(stream) == 0
     assert "700 cells x 120 genes; 200 labelled cells of 3 types" in capsys.readouterr().out
     for name in ("memory", "stream"):
         model = scm.load_model(tmp_path / f"{name}.keras")
@@ -164,7 +166,8 @@ def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted
     model_path = tmp_path / "shared.keras"
     common = ["--epochs", "1", "--topics", "4", "--restarts", "1", "--verbose", "0", "--n-genes", "0"]
     common += ["--classifier-steps", "50"]
-    assert main(["train", str(path), "--out", str(model_path), "--shared-genes", str(other_path), *common]) == 0
+    train = ["train", str(path), "--out", str(model_path), "--shared-genes", str(other_path), *common, "--verbose", "1"]
+    assert main(train) == 0
     assert f"90 of 120 genes are also in {other_path}" in capsys.readouterr().out
     model = scm.load_model(model_path)
     assert model.genes == list(other.var_names)

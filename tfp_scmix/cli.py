@@ -104,10 +104,11 @@ def train(args) -> None:
     else:
         data = scm.from_anndata(args.data, **options)
         if args.shared_genes:
-            data = data.select_genes(shared_genes(data.genes, args.shared_genes))
+            data = data.select_genes(shared_genes(data.genes, args.shared_genes, verbose=args.verbose))
         if args.n_genes and data.n_genes > args.n_genes:
             data = data.select_genes(scm.data.highly_variable_genes(data.counts, data.genes, args.n_genes))
-    print(f"{data.n_cells} cells x {data.n_genes} genes; {data.n_labelled} labelled cells of {data.n_classes} types")
+    summary = f"{data.n_labelled} labelled cells of {data.n_classes} types"
+    say(args, f"{data.n_cells} cells x {data.n_genes} genes; {summary}")
     config = scm.Config(
         n_topics=args.topics,
         prior=args.prior,
@@ -127,20 +128,20 @@ def train(args) -> None:
     )
     if args.strategy is None or scm.distribute.is_chief(scm.distribute.get_strategy(args.strategy)):
         scm.save_model(model, args.out)
-        print(f"model written to {args.out}")
+        say(args, f"model written to {args.out}")
         shutil.rmtree(checkpoints, ignore_errors=True)  # train has emptied it; the model is saved
         if args.mlflow:
             from tfp_scmix import tracking
 
             run = tracking.log_training(model, data, experiment=args.mlflow_experiment, dataset_path=args.data)
-            print(f"MLflow run {run} logged to experiment {args.mlflow_experiment!r} ({tracking.tracking_uri()})")
+            say(args, f"MLflow run {run} logged to experiment {args.mlflow_experiment!r} ({tracking.tracking_uri()})")
 
 
 # Fewer shared genes than this cannot train a model worth the name (the package selects 2,000 by default).
 MIN_SHARED_GENES = 50
 
 
-def shared_genes(genes, paths) -> list[str]:
+def shared_genes(genes, paths, verbose: int = 1) -> list[str]:
     """The genes of `genes` that every dataset of `paths` also measures (their var_names; an .h5ad is opened
     backed, its counts unread), in the order of `genes`. Raises DataError when fewer than `MIN_SHARED_GENES` are
     left, or fewer than half where the two name genes differently (`data.naming_hint`: Ensembl IDs against
@@ -159,7 +160,8 @@ def shared_genes(genes, paths) -> list[str]:
         else:
             names = pd.Index(np.asarray(scm.read(path).var_names, dtype=str))
         before, shared = kept, kept[kept.isin(names)]
-        print(f"{len(shared)} of {len(before)} genes are also in {path}")
+        if verbose:
+            print(f"{len(shared)} of {len(before)} genes are also in {path}")
         hint = scm.data.naming_hint(names, before) if len(shared) < len(before) / 2 else ""
         if hint or len(shared) < MIN_SHARED_GENES:
             raise DataError(
@@ -168,6 +170,12 @@ def shared_genes(genes, paths) -> list[str]:
             )
         kept = shared
     return list(kept)
+
+
+def say(args, text: str) -> None:
+    """Print a status line of a command (standard output) unless it runs with `--verbose 0`."""
+    if args.verbose:
+        print(text)
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -191,7 +199,7 @@ def annotate(args) -> None:
     try:
         if args.adapt:  # the dataset's own batch offsets first (its counts read into memory)
             model = scm.adapt(model, adata, counts=args.counts, min_gene_fraction=args.min_gene_fraction)
-            print(f"model adapted to the {adata.n_obs} cells of {args.data} (its own batch offsets; not saved)")
+            say(args, f"model adapted to the {adata.n_obs} cells of {args.data} (its own batch offsets; not saved)")
         scm.annotate(
             model,
             adata,
@@ -211,14 +219,14 @@ def annotate(args) -> None:
     finally:
         if backed:
             adata.file.close()
-    print(adata.obs["scmix_label"].value_counts().to_string())
+    say(args, adata.obs["scmix_label"].value_counts().to_string())
     if "scmix_with_labels" in adata.obs:
         changed = int((adata.obs["scmix_with_labels"].astype(str) != adata.obs["scmix_label"].astype(str)).sum())
-        print(f"with the known labels of obs[{args.label_key!r}]: {changed} calls differ (obs scmix_with_labels)")
+        say(args, f"with the known labels of obs[{args.label_key!r}]: {changed} calls differ (obs scmix_with_labels)")
     flags = [f"{int(adata.obs[c].sum())} {c}" for c in ("scmix_novel", "scmix_low_counts") if c in adata.obs]
     if flags:
-        print(f"flagged: {', '.join(flags)} (obs columns; --unassign-flagged makes them unassigned)")
-    print(f"annotated dataset written to {args.out}")
+        say(args, f"flagged: {', '.join(flags)} (obs columns; --unassign-flagged makes them unassigned)")
+    say(args, f"annotated dataset written to {args.out}")
 
 
 def explain_cmd(args) -> None:
@@ -232,7 +240,7 @@ def explain_cmd(args) -> None:
             adata = scm.annotate(model, adata, counts=args.counts)
         paths.update(explain.write_data_figures(model, adata, args.out, label_key=args.label_key))
     paths = {**explain.write_explanations(model, args.out, n_genes=args.top_genes), **paths}
-    print("\n".join(str(p) for p in paths.values()))
+    say(args, "\n".join(str(p) for p in paths.values()))
 
 
 def export_cmd(args) -> None:
@@ -240,9 +248,10 @@ def export_cmd(args) -> None:
 
     model = scm.load_model(args.model)
     path = export_serving(model, args.out, overwrite=args.overwrite)
-    print(
+    say(
+        args,
         f"exported {model.n_genes} genes x {model.n_classes} classes "
-        f"(gene fingerprint {model.gene_fingerprint}) to {path}"
+        f"(gene fingerprint {model.gene_fingerprint}) to {path}",
     )
 
 
@@ -258,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=default,
             choices=(0, 1, 2),
-            help="0: silent; 1: one progress bar and a summary; 2: every epoch's loss terms and TensorFlow's logs",
+            help=(
+                "0: quiet, no progress bar or status lines (errors still print; demo still prints its report); "
+                "1: one progress bar and a summary; 2: every epoch's loss terms and TensorFlow's logs"
+            ),
         )
 
     def model_settings(p, topics, batch_size, restarts):
@@ -287,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="counts: .h5ad, 10x folder or .h5, .loom")
     p.add_argument("--out", required=True, help="model path ending in .keras")
     p.add_argument("--counts", default=None, help="where the raw counts are: X, raw or a layer (default: detect)")
-    p.add_argument("--label-key", default="cell_type", help="obs column of cell types (empty/NaN: unlabelled)")
+    p.add_argument(
+        "--label-key", default="cell_type", help="obs column of cell types (default: cell_type; empty/NaN: unlabelled)"
+    )
     p.add_argument("--batch-key", default=None, help="obs column of batches (dataset, donor)")
     p.add_argument(
         "--unlabeled-category", default=None, help="the label value that marks unlabelled cells (e.g. Unknown)"

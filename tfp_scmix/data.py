@@ -518,11 +518,11 @@ def align_genes(
     fraction = float(present.mean()) if len(vocabulary) else 0.0
     if fraction < min_fraction:
         hint = naming_hint(genes, vocabulary) or (
-                " If the data measure fewer genes (another panel or lab), train the model on the genes both "
-                "datasets measure (subset the training AnnData to them before `from_anndata`), or accept the "
-                "missing genes as zero counts with a lower `min_gene_fraction=` (`--min-gene-fraction`): the "
-                "calls then rest on the genes present."
-            )
+            " If the data measure fewer genes (another panel or lab), train the model on the genes both "
+            "datasets measure (subset the training AnnData to them before `from_anndata`), or accept the "
+            "missing genes as zero counts with a lower `min_gene_fraction=` (`--min-gene-fraction`): the "
+            "calls then rest on the genes present."
+        )
         raise DataError(
             f"only {present.sum()} of the model's {len(vocabulary)} genes "
             f"({fraction:.0%}) are in the data; at least {min_fraction:.0%} are needed.{hint}"
@@ -825,8 +825,8 @@ def check_unlabeled_category(values: Any, unlabeled_category: Any, label_key: st
     near = [v for v in present if v.casefold() == wanted.casefold()]
     if near:
         raise DataError(
-            f"unlabeled_category {unlabeled_category!r} matches no value of obs[{label_key!r}], but {near[0]!r} "
-            f"does, but for case: pass unlabeled_category={near[0]!r} (command line: --unlabeled-category "
+            f"unlabeled_category {unlabeled_category!r} matches no value of obs[{label_key!r}]; {near[0]!r} "
+            f"does when case is ignored: pass unlabeled_category={near[0]!r} (command line: --unlabeled-category "
             f"{near[0]!r}), or the {near[0]!r} cells become a class of their own."
         )
     markers = [v for v in present if v.strip().lower() in PLACEHOLDER_LABELS]
@@ -869,7 +869,8 @@ def encode_obs(
         if label_key not in columns:
             raise DataError(
                 f"no obs column {label_key!r} in {where} (columns: {list(columns)}); name the column of cell "
-                "types with label_key= (command line: --label-key), or pass label_key=None for unlabelled data."
+                "types with label_key= (command line: --label-key). Data without cell types can be annotated or "
+                "adapted to with label_key=None (the command line's annotate reads none by default), not trained on."
             )
         values = column(label_key)
         if unlabeled_category is not None:
@@ -1104,7 +1105,8 @@ def from_anndata(
     empty = 0 if allow_empty_cells else int((np.asarray(matrix.sum(axis=1)).ravel() == 0).sum())
     if empty:
         raise DataError(
-            f"{empty} cells have no counts over the model's genes; "
+            f"{empty} cells have no counts over the "
+            f"{'model' if genes is not None else 'dataset'}'s genes; "
             "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0])."
         )
     labels, classes, batches, batch_names = encode_obs(

@@ -202,7 +202,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     return (
         f"trained {summary['restarts']} model(s) x {summary['epochs']} epochs on {summary['n_cells']} cells x "
         f"{summary['n_genes']} genes in {summary['seconds']:.0f} s; {summary['n_labelled']} labelled cells "
-        f"({per_class}); accuracy on them {'-' if accuracy is None else f'{accuracy:.3f}'}"
+        f"({per_class}); accuracy on them after the classifier's refit {'-' if accuracy is None else f'{accuracy:.3f}'}"
         + _self_training_words(summary.get("self_trained_cells"))
     )
 
