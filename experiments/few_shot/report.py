@@ -87,13 +87,15 @@ def verdicts(main, method="tfp_scmix"):
     return lines
 
 
-def single_models(main, method="tfp_scmix"):
-    """Seed-to-seed spread of single models: the errors of each restart of `method` alone, per dataset."""
-    if "single_model_errors" not in main:
+def single_models(main, method="tfp_scmix", column="single_model_errors"):
+    """Seed-to-seed spread of single models: the errors of each restart of `method` alone, per dataset, from
+    `column` (a JSON list per row: "single_model_errors", the per-cell call; "single_model_with_labels_errors",
+    each restart's own call with the known labels)."""
+    if column not in main:
         return None
     rows = []
     for dataset, group in main[main.method == method].groupby("dataset", sort=False):
-        errors = [e for cell in group.single_model_errors.dropna() for e in json.loads(cell)]
+        errors = [e for cell in group[column].dropna() for e in json.loads(cell)]
         if errors:
             rows.append(
                 {
@@ -108,6 +110,37 @@ def single_models(main, method="tfp_scmix"):
                 }
             )
     return pd.DataFrame(rows)
+
+
+def single_with_labels_lines(main, run):
+    """The spread of single models annotating with the known labels (`SINGLE_WITH_LABELS_RUN`): each restart's
+    own call against the best peer of the suite's results.csv on the same seeds (the ensemble's verdicts)."""
+    spread = single_models(run, WITH_LABELS[1], "single_model_with_labels_errors")
+    if spread is None or spread.empty:
+        return []
+    seeds = sorted(int(seed) for seed in run.seed.unique())
+    best = {}
+    for dataset, group in main[main.seed.isin(seeds) & main.method.isin(PEERS)].groupby("dataset"):
+        errors = group.groupby("method").errors.mean()
+        best[dataset] = f"{errors.idxmin()} {errors.min():.1f}"
+    spread = spread.drop(columns="logistic regression on topic features")
+    spread["best peer (same seeds)"] = spread.dataset.map(best)
+    ratios = [
+        float(row["mean errors"]) / float(best[row.dataset].rsplit(" ", 1)[1])
+        for _, row in spread.iterrows()
+        if row.dataset in best
+    ]
+    return [
+        "### Single models annotating with the known labels",
+        "",
+        f"Each restart of the default alone, with its own graph and refit ({SINGLE_WITH_LABELS_RUN}/results.csv, "
+        f"seeds {seeds}; the ensemble's errors are those of the same run). Mean error ratio of single models to the "
+        f"best peer: {sum(ratios) / len(ratios):.3f} over {len(ratios)} datasets; single models ahead of the best "
+        f"peer on average on {sum(r < 1 for r in ratios)} of them:",
+        "",
+        markdown_table(spread),
+        "",
+    ]
 
 
 def per_class(frame):
@@ -208,6 +241,8 @@ SELF_TRAINING_RUNS = [
 # on pooled counts (each cell's counts summed with its 15 neighbours'; `annotate.known_label_experts`), seeds 0-4,
 # with the ablation of the call's parts in its extra columns. Its verdicts lead the report.
 POOLED_RUN = "pooled_counts"
+# The same default on seeds 0-2 with each restart's own call with the known labels recorded (single models' spread).
+SINGLE_WITH_LABELS_RUN = "single_with_labels"
 # The columns of the ablation: (name, errors column of the rows).
 PARTS = [
     ("per-cell call", "per_cell_errors"),
@@ -404,6 +439,9 @@ def report(folder=HERE):
             markdown_table(parts_table(pooled, WITH_LABELS[1])),
             "",
         ]
+    single_run = read(folder / SINGLE_WITH_LABELS_RUN)
+    if main is not None and single_run is not None:
+        parts += single_with_labels_lines(main, single_run)
     if main is not None:
         errors_figure(figure_rows(main, pooled), folder / FIGURE)
         parts += [f"![errors per method and dataset]({FIGURE})", ""]

@@ -283,7 +283,8 @@ def tfp_scmix(
     "per_cell_errors", and the ablation of the call's parts (`known_label_experts`) to "pooled_only_errors",
     "with_spreading_errors" and "pooled_and_spreading_errors". pooling: the call's neighbourhood sizes joined by "+"
     ("15+30", two_scales/'s; default `propagate.POOLING_NEIGHBORS`); with more than one, each size's call with the
-    per-cell one goes to "one_scale_{k}_errors".
+    per-cell one goes to "one_scale_{k}_errors"; each restart's own call with the known labels (its own graph and
+    refit) to "single_model_with_labels_errors".
     Returns (test predictions, extra scores: sparsity of the class weights and the marker score, averaged
     over the members)."""
     from sklearn.linear_model import LogisticRegression
@@ -315,6 +316,14 @@ def tfp_scmix(
             call = product_of_experts(*(experts[part] for part in parts)).argmax(axis=1)[rows]
             extras[column] = int((call != truth).sum())
         predicted = product_of_experts(experts["cell"], experts["pooled"]).argmax(axis=1)[rows]
+        # Each restart's own call with the known labels (its own graph and refit): the spread of single models
+        # for the call that the default wins with, not only for the per-cell call.
+        extras["single_model_with_labels_errors"] = json.dumps(
+            [
+                int((product_of_experts(e["cell"], e["pooled"]).argmax(axis=1)[rows] != truth).sum())
+                for e in (known_label_experts(member, known, pooling_neighbors=sizes) for member in model.members)
+            ]
+        )
     # Each restart alone (the seed-to-seed spread of single models), and the standing diagnostic: logistic
     # regression on the first restart's own topic features (centred log proportions) of the same cells.
     single = [int((scm.predict(m, data.subset(test))["label"] != truth).sum()) for m in model.members]

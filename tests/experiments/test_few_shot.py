@@ -224,3 +224,38 @@ def test_pooled_levers_pool_each_cell_with_itself_and_its_kind_of_neighbours():
     assert set(aware[1].indices) == {1} | set(base[1].indices[calls[base[1].indices] == 0])
     assert set(aware[0].indices) == set(base[0].indices[calls[base[0].indices] == 0])
     assert (aware[2:] != base[2:]).nnz == 0
+
+
+def test_report_gives_the_spread_of_single_models_with_the_known_labels():
+    """Each restart's own call with the known labels (single_with_labels/): mean, sd and range per dataset, set
+    against the best peer of the suite's results on the same seeds only."""
+    from experiments.few_shot import report
+
+    main = pd.DataFrame(
+        [
+            {"dataset": "d", "method": "linear_svm", "seed": 0, "errors": 50},
+            {"dataset": "d", "method": "linear_svm", "seed": 1, "errors": 70},
+            {"dataset": "d", "method": "knn_pca", "seed": 0, "errors": 55},
+            {"dataset": "d", "method": "knn_pca", "seed": 1, "errors": 55},
+            {"dataset": "d", "method": "linear_svm", "seed": 3, "errors": 1},  # another seed: not compared
+            {"dataset": "d", "method": "tfp_scmix", "seed": 0, "errors": 1},  # not a peer
+        ]
+    )
+    run = pd.DataFrame(
+        [
+            {
+                "dataset": "d",
+                "method": "tfp_scmix:with_labels=True",
+                "seed": s,
+                "errors": e,
+                "topics_logistic_errors": 0,
+                "single_model_with_labels_errors": json,
+            }
+            for s, e, json in ((0, 40, "[40, 44, 48]"), (1, 42, "[36, 42, 42]"))
+        ]
+    )
+    lines = report.single_with_labels_lines(main, run)
+    table = "\n".join(lines)
+    assert "| d | 6 | 42.0 |" in table and "| 36 | 48 | 41.0 | knn_pca 55.0 |" in table
+    assert "best peer: 0.764 over 1 datasets; single models ahead of the best peer on average on 1" in table
+    assert report.single_with_labels_lines(main, run.drop(columns="single_model_with_labels_errors")) == []
