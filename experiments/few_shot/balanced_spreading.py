@@ -21,17 +21,15 @@ spreading, and the three products) and summary.md (means per dataset, totals, an
 each variant of the product has fewer and more errors than the product).
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from experiments.common import log_normalised, markdown_table, most_variable, write_text
-from experiments.few_shot.run import SUITE, suite_dataset, test_size
+from experiments.common import log_normalised, markdown_table, most_variable
+from experiments.few_shot.run import stand_in_main, test_size
 from tfp_scmix import propagate
 from tfp_scmix.evaluate import few_shot_split
-from tfp_scmix.io import write_csv
 from tfp_scmix.model import balanced_class_weights
 
 HERE = Path(__file__).parent / "balanced_spreading"
@@ -128,23 +126,7 @@ def summary(frame: pd.DataFrame) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(SUITE))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", default=str(HERE))
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.datasets:
-        full = suite_dataset(name)
-        for seed in args.seeds:
-            rows.append(one_split(full, name, seed))
-            print(rows[-1], flush=True)
-    frame = pd.DataFrame(rows)
-    write_csv(frame, out / "results.csv")
-    write_text(out / "summary.md", summary(frame))
-    print(summary(frame))
+    return stand_in_main(argv, __doc__, one_split, summary, HERE)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,32 @@ def suite_dataset(name):
     return from_anndata(adata, label_key="cell_type", batch_key="batch" if "batch" in adata.obs else None)
 
 
+def stand_in_main(argv, description, one_split, summary, default_out):
+    """The command of a stand-in experiment (balanced_spreading.py, pooled_levers.py): `one_split(dataset, name,
+    seed)` -> a row of errors for each dataset and seed of `--datasets`/`--seeds` (the suite's five, seeds 0-4),
+    then results.csv and summary.md (`summary(frame)`) in `--out` (default `default_out`). Returns the frame."""
+    from experiments.common import write_text
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(SUITE))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default=str(default_out))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.datasets:
+        full = suite_dataset(name)
+        for seed in args.seeds:
+            rows.append(one_split(full, name, seed))
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows)
+    write_csv(frame, out / "results.csv")
+    write_text(out / "summary.md", summary(frame))
+    print(summary(frame))
+    return frame
+
+
 # -- peers: each gets (data, visible cells, test, labelled, seed) and returns test predictions -----------
 def logistic_regression(data, visible, test, labelled, seed, class_weight=None):
     from sklearn.linear_model import LogisticRegression
