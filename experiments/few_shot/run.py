@@ -41,6 +41,10 @@ The results in this folder come from these runs (each writes results.csv and sum
         --out experiments/few_shot/self_training_pooled
     ./run experiments.few_shot.pooled_cost       # the pooled-counts call's time (its docstring)
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
+        --seeds 0 1 2 --methods tfp_scmix:with_labels=True --out experiments/few_shot/single_with_labels
+    # single_with_labels/: the default again, with each restart's own call with the known labels recorded
+    ./run experiments.few_shot.pooled_levers     # the stand-in's levers around the pooled call (its docstring)
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
         --seeds 0 1 2 3 4 --methods tfp_scmix:with_labels=True,pooling=15+30 --out experiments/few_shot/two_scales
     # two_scales/ was written by commit 9a2746f, when 15+30 was briefly the default (methods renamed to say so).
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
