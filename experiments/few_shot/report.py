@@ -119,10 +119,11 @@ def single_with_labels_lines(main, run):
     if spread is None or spread.empty:
         return []
     seeds = sorted(int(seed) for seed in run.seed.unique())
-    best = {}
-    for dataset, group in main[main.seed.isin(seeds) & main.method.isin(PEERS)].groupby("dataset"):
-        errors = group.groupby("method").errors.mean()
-        best[dataset] = f"{errors.idxmin()} {errors.min():.1f}"
+    best = {}  # on the seeds each dataset has in the run
+    for dataset, group in main[main.method.isin(PEERS)].groupby("dataset"):
+        errors = group[group.seed.isin(run.seed[run.dataset == dataset])].groupby("method").errors.mean()
+        if len(errors):
+            best[dataset] = f"{errors.idxmin()} {errors.min():.1f}"
     spread = spread.drop(columns="logistic regression on topic features")
     spread["best peer (same seeds)"] = spread.dataset.map(best)
     ratios = [
