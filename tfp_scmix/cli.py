@@ -144,8 +144,8 @@ MIN_SHARED_GENES = 50
 def shared_genes(genes, paths, verbose: int = 1) -> list[str]:
     """The genes of `genes` that every dataset of `paths` also measures (their var_names; an .h5ad is opened
     backed, its counts unread), in the order of `genes`. Raises DataError when fewer than `MIN_SHARED_GENES` are
-    left, or fewer than half where the two name genes differently (`data.naming_hint`: Ensembl IDs against
-    symbols, another species), with that hint."""
+    left (unless every gene is), or fewer than half where the two name genes differently (`data.naming_hint`:
+    Ensembl IDs against symbols, another species), with that hint."""
     import numpy as np
     import pandas as pd
 
@@ -163,7 +163,7 @@ def shared_genes(genes, paths, verbose: int = 1) -> list[str]:
         if verbose:
             print(f"{len(shared)} of {len(before)} genes are also in {path}")
         hint = scm.data.naming_hint(names, before) if len(shared) < len(before) / 2 else ""
-        if hint or len(shared) < MIN_SHARED_GENES:
+        if hint or len(shared) < min(MIN_SHARED_GENES, len(before)):  # a small panel shared whole is fine
             raise DataError(
                 f"only {len(shared)} of the training data's {len(before)} genes are in {path}, too few to train a "
                 f"model for it (at least {MIN_SHARED_GENES}).{hint or ' Check that both name genes alike.'}"
