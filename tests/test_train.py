@@ -21,15 +21,22 @@ from tfp_scmix.data import BATCH, COUNTS, DataError
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.io import ModelFileError
 from tfp_scmix.predict import OUTPUT_KEYS
+from tfp_scmix.train import _warn_few_labels
 
 TINY = Config(n_topics=4, hidden_units=32, epochs=2, batch_size=128, classifier_steps=30)
 
 
-def test_train_is_the_keras_path(embedded):
+def test_train_is_the_keras_path(embedded, caplog):
     """scm.train(restarts=1) and the documented Keras path (set_random_seed, from_data, compile, fit with
-    callbacks.default) give the same model: equal weights and identical predictions."""
+    callbacks.default) give the same model: equal weights and identical predictions. train warns first about the
+    classes with fewer than FEW_LABELS labelled cells (the fixture's 150 labels have two)."""
     data, seed = few_labels(embedded), 3
-    trained = scm.train(data, TINY, restarts=1, seed=seed, verbose=0)
+    counts = dict(zip(data.classes, np.bincount(data.labels[data.labels >= 0], minlength=data.n_classes)))
+    few = [f"{c!r} ({n} cell{'' if n == 1 else 's'})" for c, n in counts.items() if n < scm.data.FEW_LABELS]
+    assert len(few) >= 2
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        trained = scm.train(data, TINY, restarts=1, seed=seed, verbose=0)
+    assert f"{', '.join(few)}: fewer than 5 labelled cells" in caplog.text
     keras.utils.set_random_seed(seed)
     model = scm.SCMix.from_data(data, TINY, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(TINY.learning_rate))
@@ -103,6 +110,22 @@ def test_bad_arguments_are_refused_before_training(embedded, embedded_adata):
         scm.train(data, {"topics": 4}, restarts=1)
     with pytest.raises(ValueError, match="strategy= trains from a stream"):
         scm.train(data, TINY, restarts=1, strategy="mirrored")
+
+
+def test_classes_with_few_labelled_cells_are_warned_about(embedded, caplog):
+    """A class with fewer than FEW_LABELS labelled cells (none included) is named in a warning (train calls this
+    before training: test_train_is_the_keras_path checks it there)."""
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        _warn_few_labels(embedded)  # every cell labelled: at least 8 of each class
+    assert not caplog.text
+    first, second = np.flatnonzero(embedded.labels == 0), np.flatnonzero(embedded.labels == 1)
+    data = embedded.hide_labels(np.setdiff1d(np.arange(embedded.n_cells), np.concatenate([first[2:], second])))
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        _warn_few_labels(data)
+    a, b = data.classes[:2]
+    assert f"{a!r} (2 cells), {b!r} (0 cells): fewer than 5 labelled cells; the model may seldom call these" in (
+        caplog.text
+    )
 
 
 def test_a_diverging_run_stops_with_a_clear_error(embedded):

@@ -746,10 +746,11 @@ def _spelling(name: str) -> str:
     return key[:-1] if key.endswith("s") and len(key) > 3 else key
 
 
-# Classes with fewer labelled cells than this are warned about at training: with 150 random labels such a class is
-# rarely called (docs/few_shot.md, "Not done": cbmc seed 3's 50 CD8 T test cells, 2 of them labelled, were all called
-# CD4 T).
-FEW_LABELS = 3
+# Classes with fewer labelled cells than this are warned about by `tfp_scmix.train`, and their explanations flagged
+# (`tfp_scmix.explain`): such a class is called and explained from what those few cells happen to share. With
+# 150 random labels a class labelled twice may not be called at all (docs/few_shot.md, "Not done": cbmc seed
+# 3's 50 CD8 T test cells, 2 of them labelled, were all called CD4 T).
+FEW_LABELS = 5
 
 # A class with a placeholder name (`PLACEHOLDER_LABELS`) holding more than this share of the labelled cells is
 # refused: it is the marker of the unlabelled cells left out, not a cell type (a fresh user's likeliest slip).
@@ -759,9 +760,9 @@ PLACEHOLDER_MAJORITY = 0.5
 def _check_placeholders(names: pd.Series) -> None:
     """Refuse a class with a placeholder name that holds most of the labelled cells (more than
     `PLACEHOLDER_MAJORITY`: DataError). Warn (once per call) about a smaller class that looks like a marker of
-    unlabelled cells, a placeholder name or one class holding more than 80% of the labelled cells, about
+    unlabelled cells, a placeholder name or one class holding more than 80% of the labelled cells, and about
     classes whose names differ only in case, spacing, punctuation or a plural s (typos that would train one type
-    as two classes), and about classes with fewer than `FEW_LABELS` labelled cells."""
+    as two classes)."""
     counts = names.value_counts()
     if counts.empty:
         return
@@ -789,17 +790,6 @@ def _check_placeholders(names: pd.Series) -> None:
             name,
             counts[name],
             name,
-        )
-    few = counts[counts < FEW_LABELS]
-    if len(few):
-        logger.warning(
-            "%s: fewer than %d labelled cells; the model will seldom call %s. Label a few more cells of %s, or "
-            "merge %s with a related type",
-            ", ".join(f"{name!r} ({n} cell{'s' if n > 1 else ''})" for name, n in few.items()),
-            FEW_LABELS,
-            "these classes" if len(few) > 1 else "this class",
-            "each" if len(few) > 1 else "it",
-            "them" if len(few) > 1 else "it",
         )
     if share > 0.8 and top not in placeholders and len(names) >= 50:
         logger.warning(

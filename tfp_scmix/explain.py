@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tfp_scmix.data import FEW_LABELS
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import atomic_path, write_csv
 from tfp_scmix.model import SCMix
 
 logger = logging.getLogger(__name__)
 
-# A class with fewer labelled training cells than this is explained by what those few cells happen to share
-# (`write_explanations` warns; the tables and the class-topic figure show every class's count).
-FEW_LABELS = 5
 
 
 def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[str, SCMix]]:

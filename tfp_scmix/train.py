@@ -25,7 +25,7 @@ import tensorflow_probability as tfp
 from tfp_scmix import distribute
 from tfp_scmix.callbacks import ProgressBar, ResumableCheckpoint, StopOnDivergence, TrainingDiverged, default
 from tfp_scmix.config import Config
-from tfp_scmix.data import DataError, SCData, check_argument, epoch_batches, from_anndata
+from tfp_scmix.data import FEW_LABELS, DataError, SCData, check_argument, epoch_batches, from_anndata
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
 from tfp_scmix.io import ModelFileError, load_model, save_model
 from tfp_scmix.model import SCMix, self_training_cells
@@ -112,6 +112,7 @@ def train(
             "strategy= trains from a stream (tfp_scmix.stream.H5ADStream) so that each worker reads "
             "its own chunks; pass the .h5ad as H5ADStream(path, ...)"
         )
+    _warn_few_labels(data)
     members = []
     started = time.time()
     # Named for its first restart from the start (a bar drawn as "training" and renamed at once shows both in a log).
@@ -153,6 +154,25 @@ def train(
     if verbose:
         print(summary_line(ensemble.training_summary))
     return ensemble
+
+
+def _warn_few_labels(data: SCData | H5ADStream) -> None:
+    """Warn about the classes with fewer than `FEW_LABELS` labelled cells (none included): the model may seldom call
+    them, and explains them by what those few cells share."""
+    counts = np.bincount(data.labels[data.labels >= 0], minlength=data.n_classes)
+    few = {c: int(n) for c, n in zip(data.classes, counts) if n < FEW_LABELS}
+    if few:
+        many = len(few) > 1
+        logger.warning(
+            "%s: fewer than %d labelled cells; the model may seldom call %s, and explains %s by what those few "
+            "cells share. Label a few more cells of %s, or merge %s with a related type",
+            ", ".join(f"{name!r} ({n} cell{'' if n == 1 else 's'})" for name, n in few.items()),
+            FEW_LABELS,
+            "these classes" if many else "this class",
+            "them" if many else "it",
+            "each" if many else "it",
+            "them" if many else "it",
+        )
 
 
 def _restart_name(restart: int, restarts: int) -> str:
