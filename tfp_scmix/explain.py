@@ -22,7 +22,6 @@ from tfp_scmix.model import SCMix
 logger = logging.getLogger(__name__)
 
 
-
 def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[str, SCMix]]:
     """(topic-name prefix, member) pairs to explain. Raises IndexError for a member the model lacks."""
     members = as_ensemble(model).members
