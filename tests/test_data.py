@@ -340,6 +340,12 @@ def test_unlabeled_category_and_placeholder_warning(caplog):
         from_anndata(adata)
     with pytest.raises(DataError, match="'unassigned' holds 41 of the 80"):  # any placeholder, just past half
         from_anndata(make_adata(adata.X.toarray(), labels=["unassigned"] * 41 + ["B"] * 39))
+    # Integer codes with scikit-learn's -1 for unlabelled: refused the same way (it trained "-1" as a class, with a
+    # warning that "-1" and "1" looked like one type written two ways).
+    adata.obs["cell_type"] = [-1] * 60 + [0] * 10 + [1] * 10
+    with pytest.raises(DataError, match=r"'-1' holds 60 of the 80 .*pass unlabeled_category='-1'"):
+        from_anndata(adata)
+    assert from_anndata(adata, unlabeled_category=-1).classes == ["0", "1"]
     # A smaller one may be a group of its own: trained as a class, with a warning.
     adata.obs["cell_type"] = ["Unknown"] * 40 + ["B"] * 20 + ["T"] * 20
     with caplog.at_level("WARNING", logger="tfp_scmix"):
@@ -367,6 +373,11 @@ def test_unlabeled_category_and_placeholder_warning(caplog):
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         from_anndata(adata)
     assert "'T cell' holds 88% of the labelled cells" in caplog.text
+    caplog.clear()
+    adata.obs["cell_type"] = "T cell"  # one class: refused, without first advising unlabeled_category='T cell'
+    with caplog.at_level("WARNING", logger="tfp_scmix"), pytest.raises(DataError, match="1 class"):
+        from_anndata(adata)
+    assert not caplog.text
     # Integer labels with missing values (pandas stores them as floats): classes "0" and "1", not "0.0", and
     # unlabeled_category=-1 matches -1 whatever the type (it was refused as a mismatch "but for case").
     adata.obs["cell_type"] = pd.Series([np.nan] * 10 + [0.0] * 30 + [1.0] * 30 + [-1.0] * 10, index=adata.obs_names)

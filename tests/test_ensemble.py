@@ -1,5 +1,8 @@
 """SCMixEnsemble: restarts averaged, and every use of a model (save/load, annotate, export) on it."""
 
+from pathlib import Path
+
+import anndata
 import keras
 import numpy as np
 import pytest
@@ -59,5 +62,11 @@ def test_as_ensemble(two_restarts, embedded):
     wrapped = as_ensemble(member)
     assert isinstance(wrapped, SCMixEnsemble) and wrapped.members == [member]
     np.testing.assert_array_equal(scm.predict(wrapped, embedded)["probs"], scm.predict(member, embedded)["probs"])
-    with pytest.raises(TypeError, match="expected an SCMix or SCMixEnsemble, received str"):
+    with pytest.raises(
+        TypeError, match=r"received str: load the saved model first, model = tfp_scmix.load_model\('model.keras'\)"
+    ):
         as_ensemble("model.keras")
+    with pytest.raises(TypeError, match="received PosixPath: load the saved model first"):
+        scm.annotate(Path("model.keras"), anndata.AnnData(np.ones((2, 2), np.float32)))  # as annotate says it
+    with pytest.raises(TypeError, match=r"received dict \(tfp_scmix.train returns one"):
+        as_ensemble({})

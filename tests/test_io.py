@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import few_labels, rewrite_archive, run_python
 from tfp_scmix.config import Config
-from tfp_scmix.io import ModelFileError, load_model, save_model, write_csv
+from tfp_scmix.io import ModelFileError, WriteError, atomic_directory, load_model, save_model, write_csv
 from tfp_scmix.model import SCMix, library_versions, provenance
 from tfp_scmix.predict import predict
 
@@ -204,6 +204,26 @@ def test_save_model_refuses_other_suffixes_before_writing_anything(small_model, 
     with pytest.raises(ModelFileError, match="is a folder"):
         save_model(small_model, tmp_path / "folder.keras")
     assert list((tmp_path / "folder.keras").iterdir()) == []
+
+
+def test_a_folder_that_cannot_hold_the_file_is_named_in_a_clear_error(small_model, tmp_path):
+    """A file where the folder should be, or a folder where no file can be made (/proc refuses new files even to
+    root, whom os.access lets write anywhere): ModelFileError naming the path asked for, WriteError (an OSError)
+    from the other writers. They raised FileExistsError from pathlib and FileNotFoundError naming the temporary
+    file."""
+    (tmp_path / "afile").write_text("x")
+    for path in (tmp_path / "afile" / "m.keras", tmp_path / "afile" / "sub" / "m.keras"):
+        with pytest.raises(ModelFileError, match=r"afile is a file, not a folder; choose another path"):
+            save_model(small_model, path)
+        with pytest.raises(WriteError, match=r"cannot write .*m\.csv: .*afile is a file, not a folder"):
+            write_csv(pd.DataFrame({"a": [1]}), path.with_suffix(".csv"))
+    with pytest.raises(WriteError, match="afile is a file"):
+        with atomic_directory(tmp_path / "afile" / "export"):
+            pass
+    if Path("/proc/self").is_dir():
+        with pytest.raises(ModelFileError, match=r"cannot write /proc/m\.keras: .*choose a folder you can write to"):
+            save_model(small_model, "/proc/m.keras")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_model_save_is_save_model(small_model, embedded, tmp_path):

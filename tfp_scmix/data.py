@@ -733,9 +733,10 @@ def encode_labels(
     return ids, classes
 
 
-# Label values that usually mean "not labelled" (scANVI's "Unknown", CellTypist's "Unassigned", ...).
+# Label values that usually mean "not labelled" (scANVI's "Unknown", CellTypist's "Unassigned", scikit-learn's -1
+# in semi-supervised estimators, ...).
 PLACEHOLDER_LABELS = frozenset(
-    {"unknown", "unlabelled", "unlabeled", "unassigned", "nan", "na", "n/a", "none", "null", "?", "-", "other"}
+    {"unknown", "unlabelled", "unlabeled", "unassigned", "nan", "na", "n/a", "none", "null", "?", "-", "-1", "other"}
 )
 
 
@@ -775,7 +776,8 @@ def _check_placeholders(names: pd.Series) -> None:
         )
     spellings: dict[str, list[str]] = {}
     for name in counts.index:
-        spellings.setdefault(_spelling(name), []).append(name)
+        if any(ch.isalpha() for ch in name):  # numbers ("-1", "1") are ids, not spellings of one name
+            spellings.setdefault(_spelling(name), []).append(name)
     for variants in (v for v in spellings.values() if len(v) > 1):
         logger.warning(
             "the labels %s look like one type written %d ways; they train as separate classes: write them alike",
@@ -791,7 +793,7 @@ def _check_placeholders(names: pd.Series) -> None:
             counts[name],
             name,
         )
-    if share > 0.8 and top not in placeholders and len(names) >= 50:
+    if share > 0.8 and top not in placeholders and len(names) >= 50 and len(counts) > 1:  # one class: refused
         logger.warning(
             "the label %r holds %.0f%% of the labelled cells (%d of %d); if it marks unlabelled cells, pass "
             "unlabeled_category=%r (command line: --unlabeled-category)",

@@ -9,6 +9,8 @@ when `restarts=1`.
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
 
@@ -105,9 +107,16 @@ class SCMixEnsemble(keras.Model):
 
 
 def as_ensemble(model: SCMix | SCMixEnsemble) -> SCMixEnsemble:
-    """`model` itself if an ensemble, else an ensemble of the one `SCMix` (which predicts the same)."""
+    """`model` itself if an ensemble, else an ensemble of the one `SCMix` (which predicts the same).
+
+    Raises TypeError for anything else, with the fix for a model's path (`tfp_scmix.load_model`)."""
     if isinstance(model, SCMixEnsemble):
         return model
     if isinstance(model, SCMix):
         return SCMixEnsemble([model])
-    raise TypeError(f"expected an SCMix or SCMixEnsemble, received {type(model).__name__}")
+    hint = (
+        f": load the saved model first, model = tfp_scmix.load_model({str(model)!r})"
+        if isinstance(model, (str, os.PathLike))
+        else " (tfp_scmix.train returns one; tfp_scmix.load_model reads one from a .keras file)"
+    )
+    raise TypeError(f"expected a model (SCMix or SCMixEnsemble), received {type(model).__name__}{hint}")

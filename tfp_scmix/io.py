@@ -42,6 +42,35 @@ class ModelFileError(ValueError):
     """A model file that cannot be written or loaded safely; the message says why and how to fix it."""
 
 
+class WriteError(OSError):
+    """A file or folder that cannot be written where asked (a missing or read-only folder, a file where a folder
+    should be): the message names the path asked for, not the temporary one beside it."""
+
+
+def _writable_folder(path: Path) -> None:
+    """Create `path`'s folder if missing; WriteError naming `path` when that fails or its folder is not one."""
+    folder = path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WriteError(
+            errno.ENOTDIR,
+            f"cannot write {path}: {existing} is a file, not a folder; choose another path (command line: --out)",
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(err.errno, f"cannot create the folder {folder} for {path}: {err.strerror}") from None
+
+
+def _cannot_write(path: Path, err: OSError) -> WriteError:
+    """WriteError for `path` from the OSError that creating its temporary sibling raised."""
+    return WriteError(
+        err.errno, f"cannot write {path}: {err.strerror}; choose a folder you can write to (command line: --out)"
+    )
+
+
 def _umask() -> int:
     """The process's file-mode creation mask (reading it means setting it: set it straight back)."""
     mask = os.umask(0)
@@ -54,10 +83,14 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on error remove it.
 
     The folder is created if missing. The temporary name keeps `path`'s suffix (Keras and h5py check it).
+    Raises WriteError (an OSError) naming `path` when its folder cannot be created or written to.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    _writable_folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    except OSError as err:
+        raise _cannot_write(path, err) from None
     os.close(fd)
     try:
         yield tmp
@@ -102,7 +135,8 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     the rename fails if `path` appeared meanwhile (two writers to one path: one wins, the other gets
     FileExistsError). Elsewhere an existing `path` is moved aside, then replaced (a kill between the two
     renames leaves it in a hidden `.NAME.old-*` folder beside `path`).
-    Raises FileExistsError when `path` exists and `overwrite` is false.
+    Raises FileExistsError when `path` exists and `overwrite` is false; WriteError (an OSError) naming `path`
+    when its folder cannot be created or written to.
     """
     path = Path(path)
 
@@ -114,8 +148,11 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
 
     if path.exists() and not overwrite:
         raise exists_error()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _writable_folder(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as err:
+        raise _cannot_write(path, err) from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is its owner's only
@@ -145,7 +182,7 @@ def check_model_path(path: str | Path) -> Path:
     """`path` as a Path if a model can be saved there (before any training), else ModelFileError.
 
     A model file must end in ".keras" (Keras 3's archive, the only format `load_model` reads) and its
-    folder must be writable.
+    folder must be a folder (or not exist yet, below one) that this process may write to.
     """
     path = Path(path)
     if path.suffix != MODEL_SUFFIX:
@@ -156,24 +193,32 @@ def check_model_path(path: str | Path) -> Path:
     if path.is_dir():
         raise ModelFileError(f"model path {path} is a folder; pass a file name ending in {MODEL_SUFFIX!r}.")
     folder = path.parent
-    while not folder.exists():
+    while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    if not folder.is_dir():
+        raise ModelFileError(
+            f"cannot save {path}: {folder} is a file, not a folder; choose another path (command line: --out)."
+        )
     if not os.access(folder, os.W_OK):
-        raise ModelFileError(f"cannot write to {folder} (no permission); choose another --out.")
+        raise ModelFileError(f"cannot write to {folder} (no permission); choose another path (command line: --out).")
     return path
 
 
 def save_model(model: SCMix | SCMixEnsemble, path: str | Path) -> Path:
     """Save `model` as a .keras archive at `path`, atomically; returns the path. `model.save(path)` is this.
 
-    Raises ModelFileError for a path `load_model` would not read (see `check_model_path`).
+    Raises ModelFileError for a path `load_model` would not read or a folder it cannot be written to (see
+    `check_model_path`; also when writing there fails, e.g. on a read-only file system).
     """
     path = check_model_path(path)
     for member in as_ensemble(model).members:
         if getattr(member, "optimizer", None) is not None:  # compiled, never trained (or weights copied in):
             member.build_optimizers()  # its optimizer state must be built to load back
-    with atomic_path(path) as tmp:
-        keras.Model.save(model, tmp)  # Keras's own writer (SCMix.save comes back here)
+    try:
+        with atomic_path(path) as tmp:
+            keras.Model.save(model, tmp)  # Keras's own writer (SCMix.save comes back here)
+    except WriteError as err:
+        raise ModelFileError(f"{err.strerror}.") from None
     return path
 
 
