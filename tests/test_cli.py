@@ -1,6 +1,7 @@
 """The command line: `tfp-scmix demo | train | annotate | explain`."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -313,6 +314,15 @@ def test_help_and_version_answer_without_tensorflow_and_runs_are_quiet(synthetic
     noise = [line for line in run.stderr.replace("\r", "\n").splitlines() if line and "epoch" not in line]
     assert noise == [], noise  # the progress bar's updates only
     assert "2/2" in run.stderr  # one bar over restarts x epochs
+    # TensorFlow imported by the user after tfp_scmix, directly or through Keras, starts quietly too (it wrote
+    # absl's and CUDA probing's lines twice), and is TensorFlow as usual.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TFP_SCMIX_VERBOSE")}
+    user = run_python(
+        "import tfp_scmix; import tensorflow as tf; import keras; print(int(tf.constant(2) + 1), type(tf.__loader__))",
+        env=env,
+    )
+    assert user.returncode == 0 and user.stdout.split()[0] == "3" and "Quiet" not in user.stdout, user.stderr
+    assert user.stderr == "", user.stderr
 
 
 def test_run_script_help_lists_the_commands_without_installing():

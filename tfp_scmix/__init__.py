@@ -14,9 +14,13 @@ Where things happen: data enters in `data` (`from_anndata`; `stream` reads from 
     scm.save_model(model, "model.keras"); scm.load_model("model.keras")
 """
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import os
 import sys
 import types
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 # Quiet by default (TFP_SCMIX_VERBOSE=1, or the command line's --verbose 2, shows TensorFlow's logs):
@@ -28,25 +32,34 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if os.environ.get(VERBOSE_ENV)
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
-def import_tensorflow() -> None:
-    """Import TensorFlow now, with its start-up lines (CUDA probing, CPU features) hidden unless
-    $TFP_SCMIX_VERBOSE is set. tfp_scmix does this on first use of any name that needs TensorFlow; an application
-    that imports keras or TensorFlow itself calls it first (training/__init__.py does). No effect once TensorFlow
-    is imported."""
-    if os.environ.get(VERBOSE_ENV) or "tensorflow" in sys.modules:
-        return
+@contextlib.contextmanager
+def _stderr_hidden() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null for the block (TensorFlow's C++ start-up lines bypass Python's
+    sys.stderr); nothing is hidden where there is no usable descriptor 2 (some embedded interpreters)."""
     try:
         sys.stderr.flush()
         saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):  # no usable file descriptor 2 (some embedded interpreters)
+    except (OSError, ValueError):
+        yield
         return
     os.dup2(devnull, 2)
     try:
-        import tensorflow as tf
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow now, with its start-up lines (CUDA probing, CPU features) hidden unless
+    $TFP_SCMIX_VERBOSE is set. tfp_scmix does this on first use of any name that needs TensorFlow, and when
+    TensorFlow, Keras or TFP is first imported after tfp_scmix (`_QuietTensorFlowFirst`). No effect once
+    TensorFlow is imported."""
+    if os.environ.get(VERBOSE_ENV) or "tensorflow" in sys.modules:
+        return
+    with _stderr_hidden():
+        import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
 
 
@@ -82,17 +95,50 @@ _LIGHT = {
 }  # fmt: skip
 
 
+# Top-level modules that import TensorFlow: imported after tfp_scmix (`import tfp_scmix; import keras`), they
+# get TensorFlow imported quietly first, as tfp_scmix's own stages do.
+_TENSORFLOW_USERS = {"tensorflow", "keras", "tensorflow_probability", "tf_keras"}
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """TensorFlow's own loader, run with its start-up lines hidden; the module keeps that loader."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__spec__.loader = module.__loader__ = self.loader
+        with _stderr_hidden():
+            self.loader.exec_module(module)
+        module.get_logger().setLevel("ERROR")
+
+
 class _QuietTensorFlowFirst:
-    """A `sys.meta_path` finder that finds nothing: it only imports TensorFlow quietly before the first
-    submodule that needs it (`from tfp_scmix.model import SCMix` as much as `scm.train`), then leaves."""
+    """A `sys.meta_path` finder that only makes TensorFlow's first import quiet, then leaves: before the first
+    submodule of tfp_scmix that needs it (`from tfp_scmix.model import SCMix` as much as `scm.train`), or the
+    first import of TensorFlow, Keras or TFP after tfp_scmix (TensorFlow's own, through its loader wrapped)."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
         parts = fullname.split(".")
-        if parts[0] == "tfp_scmix" and len(parts) > 1 and parts[1] not in _LIGHT:
-            if cls in sys.meta_path:
-                sys.meta_path.remove(cls)
-            import_tensorflow()
+        if parts[0] == "tfp_scmix":
+            if len(parts) == 1 or parts[1] in _LIGHT:
+                return None
+        elif fullname not in _TENSORFLOW_USERS:
+            return None
+        if cls in sys.meta_path:
+            sys.meta_path.remove(cls)
+        if os.environ.get(VERBOSE_ENV) or "tensorflow" in sys.modules:
+            return None
+        if fullname == "tensorflow":  # its import under way: the same module must load, quietly
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _QuietLoader(spec.loader)
+            return spec
+        import_tensorflow()
         return None
 
 
