@@ -526,6 +526,11 @@ def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, ke
     ax.set_ylim(len(groups) - 0.5, -0.5)
     ax.set_title("Each class's genes of most weight by predicted label (size: fraction of cells; colour: scaled mean)")
     fig.colorbar(image, ax=ax, shrink=0.8, label="mean log1p CP10k, scaled per gene")
+    sizes = [ax.scatter([], [], s=200 * f, c="grey") for f in (0.25, 0.5, 0.75, 1.0)]
+    ax.legend(
+        sizes, ["25%", "50%", "75%", "100%"], title="cells with a count", loc="upper left", bbox_to_anchor=(1.25, 1),
+        fontsize=7, title_fontsize=7, frameon=False, labelspacing=1.2,
+    )  # fmt: skip
     fig.tight_layout()
     _save_figure(fig, path)
 
