@@ -111,6 +111,23 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     backed.file.close()
 
 
+def test_a_view_is_annotated_as_an_anndata_of_its_own_with_one_warning(
+    small_model, embedded_adata, caplog
+):
+    """annotate(model, adata[mask]): anndata turns the view into a copy of its own; the parent gets nothing. One
+    warning of the package says so (anndata's ImplicitModificationWarning leaked before, naming an attribute)."""
+    import warnings
+
+    parent = embedded_adata.copy()
+    view = parent[:50]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="tfp_scmix"):
+        warnings.simplefilter("always")
+        annotated = scm.annotate(small_model, view)
+    assert not [w for w in caught if "view" in str(w.message)], [str(w.message) for w in caught]
+    assert "adata is a view" in caplog.text and "parent AnnData gets nothing" in caplog.text
+    assert not annotated.is_view and "scmix_label" in annotated.obs and "scmix_label" not in parent.obs
+
+
 def test_min_confidence_is_a_probability(small_model, embedded_adata):
     with pytest.raises(
         ValueError, match=r"min_confidence must be a number in \[0, 1\], received 95 \(a probability: 95% is 0.95\)"

@@ -35,9 +35,11 @@ import dataclasses
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anndata
 import numpy as np
 import pandas as pd
 
@@ -342,7 +344,15 @@ def annotate(
     key = key_added
     order = [*model.class_names, UNASSIGNED]
     colors = [*class_colors(model.n_classes), UNASSIGNED_COLOR]
-    adata.obs[f"{key}_label"], adata.uns[f"{key}_label_colors"] = _categorical(names, order, colors)
+    if adata.is_view:  # anndata makes it a copy of its own on the first write, with a warning of its own
+        logger.warning(
+            "adata is a view (a subset such as adata[mask]): as anndata does, the annotation makes it an AnnData of "
+            "its own, and the parent AnnData gets nothing; keep the AnnData annotate returns, or annotate the "
+            "whole AnnData"
+        )
+    with warnings.catch_warnings():  # anndata's own warning of that copy, said above
+        warnings.simplefilter("ignore", anndata.ImplicitModificationWarning)
+        adata.obs[f"{key}_label"], adata.uns[f"{key}_label_colors"] = _categorical(names, order, colors)
     adata.obs[f"{key}_confidence"] = out["confidence"]
     if threshold is not None:
         adata.obs[f"{key}_novelty"] = out["novelty"].astype(np.float32)
