@@ -111,9 +111,7 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     backed.file.close()
 
 
-def test_a_view_is_annotated_as_an_anndata_of_its_own_with_one_warning(
-    small_model, embedded_adata, caplog
-):
+def test_a_view_is_annotated_as_an_anndata_of_its_own_with_one_warning(small_model, embedded_adata, caplog):
     """annotate(model, adata[mask]): anndata turns the view into a copy of its own; the parent gets nothing. One
     warning of the package says so (anndata's ImplicitModificationWarning leaked before, naming an attribute)."""
     import warnings
