@@ -388,7 +388,7 @@ def goal_lines(frame):
             f"({by_class.idxmin()}), {int((by_class >= GOALS['unknown_auroc']).sum())} of {len(by_class)} "
             f"classes reach the goal >= {GOALS['unknown_auroc']}; known cells flagged {flagged:.3f}"
         )
-    ece = frame[(frame.part == "calibration")]["ece"]
+    ece = frame[(frame.part == "calibration")]["ece"] if "ece" in frame else []
     if len(ece):
         lines.append(f"- in-dataset ECE: {ece.mean():.3f} (goal <= {GOALS['ece_in_dataset']})")
     return lines

@@ -122,6 +122,10 @@ def test_running_one_part_again_replaces_only_its_rows(tmp_path, monkeypatch):
     assert saved[saved.part == "calibration"].seed.tolist() == [2]
     assert saved[saved.part == "kang"].seed.tolist() == [0, 0, 1, 1]
     assert "in-dataset ECE: 0.030" in (tmp_path / "results.md").read_text()
+    # A run of a part without the ece column (the kang part here; a transfer run of a peer alone, as scANVI's runs
+    # are, crashed after writing results.csv) into a folder of its own writes its summary.
+    run.main(["--parts", "kang", "--seeds", "0", "--out", str(tmp_path / "kang"), "--no-mlflow"])
+    assert "in-dataset ECE" not in (tmp_path / "kang" / "results.md").read_text()
 
 
 def test_a_matrix_run_replaces_only_the_seeds_pairs_and_methods_it_measures():
