@@ -87,7 +87,7 @@ def train(
     line; 2 Keras's line per epoch (every loss term) and the summary.
     The returned ensemble carries `novelty`, a `TopicNovelty` fitted on (up to 20,000 of) the labelled
     training cells, and `training_summary` (seconds, cells, labelled cells per class, accuracy on the
-    labelled training cells).
+    labelled training cells). A class with fewer than `FEW_LABELS` labelled cells is named in a logged warning.
 
     Raises ValueError for restarts < 1, a seed that is not a whole number >= 0 or an unknown setting;
     DataError for data without two classes or with cells that have no counts over its genes (after a gene
