@@ -113,8 +113,8 @@ def test_bad_arguments_are_refused_before_training(embedded, embedded_adata):
 
 
 def test_classes_with_few_labelled_cells_are_warned_about(embedded, caplog):
-    """A class with fewer than FEW_LABELS labelled cells (none included) is named in a warning (train calls this
-    before training: test_train_is_the_keras_path checks it there)."""
+    """A class with fewer than FEW_LABELS labelled cells is named in a warning, one without any in another (train
+    calls this before training: test_train_is_the_keras_path checks it there)."""
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         _warn_few_labels(embedded)  # every cell labelled: at least 8 of each class
     assert not caplog.text
@@ -123,9 +123,8 @@ def test_classes_with_few_labelled_cells_are_warned_about(embedded, caplog):
     with caplog.at_level("WARNING", logger="tfp_scmix"):
         _warn_few_labels(data)
     a, b = data.classes[:2]
-    assert f"{a!r} (2 cells), {b!r} (0 cells): fewer than 5 labelled cells; the model may seldom call these" in (
-        caplog.text
-    )
+    assert f"{a!r} (2 cells): fewer than 5 labelled cells; the model may seldom call this class" in caplog.text
+    assert f"{b!r}: no labelled cell; the model will hardly ever call this class" in caplog.text
 
 
 def test_a_diverging_run_stops_with_a_clear_error(embedded):

@@ -157,10 +157,11 @@ def train(
 
 
 def _warn_few_labels(data: SCData | H5ADStream) -> None:
-    """Warn about the classes with fewer than `FEW_LABELS` labelled cells (none included): the model may seldom call
-    them, and explains them by what those few cells share."""
+    """Warn about the classes with fewer than `FEW_LABELS` labelled cells: the model may seldom call them and explains
+    them by what those few cells share; one without any is hardly ever called."""
     counts = np.bincount(data.labels[data.labels >= 0], minlength=data.n_classes)
-    few = {c: int(n) for c, n in zip(data.classes, counts) if n < FEW_LABELS}
+    few = {c: int(n) for c, n in zip(data.classes, counts) if 0 < n < FEW_LABELS}
+    none = [c for c, n in zip(data.classes, counts) if n == 0]
     if few:
         many = len(few) > 1
         logger.warning(
@@ -172,6 +173,15 @@ def _warn_few_labels(data: SCData | H5ADStream) -> None:
             "them" if many else "it",
             "each" if many else "it",
             "them" if many else "it",
+        )
+    if none:
+        logger.warning(
+            "%s: no labelled cell; the model will hardly ever call %s. Label some cells of %s, or drop %s from the "
+            "label column's categories",
+            ", ".join(repr(name) for name in none),
+            "these classes" if len(none) > 1 else "this class",
+            "each" if len(none) > 1 else "it",
+            "them" if len(none) > 1 else "it",
         )
 
 
