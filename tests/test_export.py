@@ -68,6 +68,20 @@ def test_export_holds_genes_classes_version_and_fingerprint(trained):
     assert sorted(p.name for p in path.parent.iterdir()) == ["1"]
 
 
+def test_an_incomplete_copy_of_an_export_is_named_as_such(trained, tmp_path):
+    """An export copied without its variables: a clear error (it was TensorFlow's "Unsuccessful TensorSliceReader
+    constructor ... You may be trying to load on a different device")."""
+    import shutil
+
+    copy = tmp_path / "half"
+    shutil.copytree(trained[3], copy)
+    shutil.rmtree(copy / "variables")
+    with pytest.raises(FileNotFoundError, match=r"SavedModel at .*half is incomplete \(variables/variables.index is"):
+        export.load_exported(copy)
+    with pytest.raises(FileNotFoundError, match=r"no SavedModel at .*nope \(saved_model.pb is missing\)"):
+        export.load_exported(tmp_path / "nope")
+
+
 FRESH_PROCESS = textwrap.dedent("""
     import sys
 

@@ -173,7 +173,8 @@ class ExportedAnnotator:
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 1024) -> None:
         """Load the SavedModel at `path`; `batch_size` cells go to the serving signature per call.
 
-        Raises FileNotFoundError when `path` holds no saved_model.pb; ValueError for a batch_size below 1.
+        Raises FileNotFoundError when `path` holds no saved_model.pb or no variables index (an incomplete copy);
+        ValueError for a batch_size below 1.
         """
         import tensorflow as tf
 
@@ -183,6 +184,13 @@ class ExportedAnnotator:
             raise FileNotFoundError(
                 f"no SavedModel at {path} (saved_model.pb is missing); "
                 "write one with tfp_scmix.export.export_serving(model, path)."
+            )
+        missing = [p for p in ("variables/variables.index",) if not (path / p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"the SavedModel at {path} is incomplete ({', '.join(missing)} is missing: a copy or an export "
+                "that did not finish); copy the whole folder again, or write it again with "
+                "tfp_scmix.export.export_serving(model, path)."
             )
         self.path, self.batch_size = path, int(batch_size)
         self.loaded = tf.saved_model.load(str(path))
