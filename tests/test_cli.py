@@ -146,8 +146,11 @@ def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):
     assert main(["train", str(path), "--out", str(tmp_path / "memory.keras"), "--n-genes", "0", *common]) == 0
     assert capsys.readouterr().out == ""  # --verbose 0: quiet
     stream = ["train", str(path), "--out", str(tmp_path / "stream.keras"), "--stream", *common, "--verbose", "1"]
-    assert main(stream) == 0
-    assert "700 cells x 120 genes; 200 labelled cells of 3 types" in capsys.readouterr().out
+    assert main([*stream, "--n-genes", "60"]) == 0  # the genes chosen on cells read from the file (it was ignored)
+    printed = capsys.readouterr().out
+    assert "60 highly variable genes, chosen on 700 cells of the file" in printed
+    assert "700 cells x 60 genes; 200 labelled cells of 3 types" in printed
+    assert scm.load_model(tmp_path / "stream.keras").n_genes == 60
     for name in ("memory", "stream"):
         model = scm.load_model(tmp_path / f"{name}.keras")
         (member,) = model.members

@@ -83,7 +83,13 @@ def demo(args) -> dict:
     return result
 
 
+# With --stream, the highly variable genes (--n-genes) are chosen on at most this many cells sampled from the file.
+HVG_SAMPLE_CELLS = 20_000
+
+
 def train(args) -> None:
+    import numpy as np
+
     from tfp_scmix.data import DataError
     from tfp_scmix.io import check_model_path
     from tfp_scmix.stream import H5ADStream
@@ -101,6 +107,12 @@ def train(args) -> None:
         if args.shared_genes:
             raise DataError("--shared-genes selects genes in memory: leave out --stream, or subset the file first")
         data = H5ADStream(args.data, **options)
+        if args.n_genes and data.n_genes > args.n_genes:  # chosen on a sample of the cells, read from the file
+            sample = np.random.default_rng(args.seed).permutation(data.n_cells)[:HVG_SAMPLE_CELLS]
+            cells = data.to_data(sample)
+            genes = scm.data.highly_variable_genes(cells.counts, cells.genes, args.n_genes)
+            say(args, f"{len(genes)} highly variable genes, chosen on {cells.n_cells} cells of the file")
+            data = H5ADStream(args.data, genes=genes, **options)
     else:
         data = scm.from_anndata(args.data, **options)
         if args.shared_genes:
@@ -307,7 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--unlabeled-category", default=None, help="the label value that marks unlabelled cells (e.g. Unknown)"
     )
     p.add_argument("--unknown", nargs="*", help="more label values that mean unlabelled")
-    p.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0: all; in memory only)")
+    p.add_argument(
+        "--n-genes",
+        type=int,
+        default=2000,
+        help=f"highly variable genes to keep (0: all; with --stream chosen on {HVG_SAMPLE_CELLS:,} cells of the file)",
+    )
     p.add_argument(
         "--shared-genes",
         nargs="+",
