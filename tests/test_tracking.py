@@ -1,5 +1,7 @@
 """tfp_scmix.tracking: one call records a trained model in MLflow, with useful names and the dataset."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -30,3 +32,32 @@ def test_log_training_records_params_scores_dataset_and_model(small_model, embed
     assert dataset.dataset.name == "pbmc68k.h5ad" and dataset.tags[0].value == "training"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"model", "explanations"} <= artifacts
+
+
+def test_a_store_that_cannot_take_runs_is_refused_before_training(tmp_path, monkeypatch):
+    """check_store, which the CLI's --mlflow and training's store call before training: a SQLite store in a missing
+    folder (it was created silently), one where no file can be made (/proc: an MLflow traceback of 180 lines after
+    training), and a server that does not answer (the CLI hung after training) are refused with the fix."""
+    import socket
+
+    from tfp_scmix.tracking import TrackingStoreError, check_store
+
+    check_store(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a folder that exists: fine
+    check_store(f"file://{tmp_path / 'mlruns'}")
+    with pytest.raises(TrackingStoreError, match=r"folder .*typo of the tracking store .* does not exist; create it"):
+        check_store(f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}")
+    assert not (tmp_path / "typo").exists()
+    if Path("/proc/self").is_dir():
+        with pytest.raises(TrackingStoreError, match=r"cannot write to /proc, the folder of the tracking store"):
+            check_store("sqlite:////proc/mlflow.db")
+    with socket.socket() as closed:  # a port nobody listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        with pytest.raises(
+            TrackingStoreError, match=f"cannot reach the MLflow tracking server http://127.0.0.1:{port}"
+        ):
+            check_store(f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    check_store()  # the default store, mlruns/ of the working directory: made on first use
+    assert (tmp_path / "mlruns").is_dir()

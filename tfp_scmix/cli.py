@@ -95,6 +95,10 @@ def train(args) -> None:
     from tfp_scmix.stream import H5ADStream
 
     check_model_path(args.out)  # before hours of training, not after
+    if args.mlflow:
+        from tfp_scmix import tracking
+
+        tracking.check_store()
     options = dict(
         counts=args.counts,
         label_key=args.label_key,

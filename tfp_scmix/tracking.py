@@ -46,6 +46,59 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
 
 
+class TrackingStoreError(ValueError):
+    """A tracking store that runs cannot be logged to: the message names the URI, what is wrong and the fix."""
+
+
+# Seconds to wait for a tracking server to accept a connection (MLflow itself retries for minutes, silently).
+SERVER_TIMEOUT = 5.0
+
+
+def check_store(uri: str | None = None) -> None:
+    """Check that runs can be logged to the tracking store `uri` (default `tracking_uri()`) before any training.
+
+    A SQLite or file store needs an existing folder this process can create files in (a typo's folder is not
+    created); a tracking server (http, https) must accept a connection within `SERVER_TIMEOUT` seconds. Other
+    schemes (databricks, ...) are left to MLflow. Raises TrackingStoreError naming the store and the fix.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    uri = uri or tracking_uri()
+    parsed = urlparse(uri)
+    fix = "fix $MLFLOW_TRACKING_URI, or unset it for the default store"
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=SERVER_TIMEOUT).close()
+        except OSError as err:
+            raise TrackingStoreError(
+                f"cannot reach the MLflow tracking server {uri} ({err.strerror or err}); start it (mlflow server "
+                f"...) or {fix}."
+            ) from None
+        return
+    if parsed.scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else None
+    elif parsed.scheme in ("", "file"):
+        folder = Path(parsed.path if parsed.scheme else uri)
+        folder = folder if folder.is_dir() else folder.parent
+    else:
+        return
+    if folder is None:
+        return
+    if not os.environ.get("MLFLOW_TRACKING_URI") and uri == tracking_uri():  # the default store: made on first use
+        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        raise TrackingStoreError(f"the folder {folder} of the tracking store {uri} does not exist; create it or {fix}.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise TrackingStoreError(
+            f"cannot write to {folder}, the folder of the tracking store {uri} ({err.strerror}); {fix}."
+        ) from None
+
+
 def experiment_id(name: str) -> str:
     """Point MLflow at `tracking_uri()` and return the id of experiment `name` (created if missing, its
     artifacts beside a SQLite database; tagged as model training). MLflow's active experiment is left

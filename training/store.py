@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from tfp_scmix.tracking import EXPERIMENT_KIND
+from tfp_scmix.tracking import EXPERIMENT_KIND, check_store
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = REPO / "mlruns"
@@ -37,10 +37,12 @@ def uses_default_store() -> bool:
 
 
 def configure() -> str:
-    """Point MLflow at the tracking store (see `tracking_uri`) and return its URI."""
+    """Point MLflow at the tracking store (see `tracking_uri`) and return its URI. Raises TrackingStoreError for
+    a store runs cannot be logged to (`tfp_scmix.tracking.check_store`)."""
     uri = tracking_uri()
     if uses_default_store():
         DEFAULT_STORE.mkdir(exist_ok=True)
+    check_store(uri)  # a store that cannot take runs is refused before training, not after (TrackingStoreError)
     mlflow.set_tracking_uri(uri)
     return uri
 
