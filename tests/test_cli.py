@@ -339,3 +339,17 @@ def test_run_script_help_lists_the_commands_without_installing():
     assert "./run demo" in help_text.stdout and "./run test" in help_text.stdout and not help_text.stderr
     refused = subprocess.run(["bash", "run", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown option --bogus; ./run --help lists the commands" in refused.stderr
+
+
+def test_ctrl_c_before_any_backup_says_nothing_was_written(tmp_path):
+    """A checkpoint folder holding only the empty folder of a restart (made when training starts) has no finished
+    epoch: Ctrl-C then says so (it said the finished epochs were backed up)."""
+    import argparse
+
+    from tfp_scmix.cli import interrupted
+
+    args = argparse.Namespace(command="train", checkpoint_dir=str(tmp_path / "ck"), out=str(tmp_path / "m.keras"))
+    (tmp_path / "ck" / "restart-0").mkdir(parents=True)
+    assert interrupted(args) == "interrupted before the first epoch finished: nothing was written"
+    (tmp_path / "ck" / "restart-0" / "state.json").write_text("{}")
+    assert interrupted(args).startswith("interrupted: the finished epochs are backed up in")

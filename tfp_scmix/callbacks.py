@@ -235,7 +235,11 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         for variable, value in zip(randoms, state["random_states"], strict=True):
             variable.assign(np.asarray(value, dtype=variable.dtype))
         self.model._initial_epoch = int(state["epoch"])  # how BackupAndRestore tells fit where to start
-        logger.info("resuming training at epoch %d from %s", state["epoch"] + 1, self.root)
+        epochs = getattr(getattr(self.model, "config", None), "epochs", None)
+        if epochs is not None and state["epoch"] >= epochs:  # killed after the last epoch: the refit is left
+            logger.info("all %d epochs were finished before (backup in %s): going on after them", epochs, self.root)
+        else:
+            logger.info("resuming training at epoch %d from %s", state["epoch"] + 1, self.root)
 
 
 class RefitClassifier(keras.callbacks.Callback):

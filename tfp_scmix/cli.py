@@ -500,7 +500,7 @@ def interrupted(args) -> str:
     """The line printed when Ctrl-C stops a command: what was kept and how to go on."""
     if args.command == "train":
         checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")):  # not only empty folders
             return (
                 f"interrupted: the finished epochs are backed up in {checkpoints}; run the same command again to "
                 "resume from the last one"
