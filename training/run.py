@@ -183,7 +183,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = run_config.load(args.config, args.set)
-        run_id, _, scores = train(cfg, verbose=2)
+        run_id, _, scores = train(cfg, verbose=1)  # one progress bar; every epoch's terms are in MLflow
     except ValueError as err:  # ConfigError and DataError among them: what is wrong and the fix, in one line
         parser.exit(2, f"error: {err}\n")
     except KeyboardInterrupt:
