@@ -18,6 +18,8 @@ import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
 import tfp_scmix as scm
 from tfp_scmix import explain, tracking
@@ -85,8 +87,14 @@ def log_model(model, registered_model: str | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         path = scm.save_model(model, Path(tmp) / "scmix.keras")
         mlflow.log_artifact(str(path), "model")
+    # The input: raw counts [cells, genes] in model.genes order (MLflow warned of a model logged without one).
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_genes), "counts")]))
     return mlflow.keras.log_model(
-        model, name="scmix", pip_requirements=_requirements(), registered_model_name=registered_model
+        model,
+        name="scmix",
+        pip_requirements=_requirements(),
+        registered_model_name=registered_model,
+        signature=signature,
     )
 
 
