@@ -185,10 +185,9 @@ class ExportedAnnotator:
                 f"no SavedModel at {path} (saved_model.pb is missing); "
                 "write one with tfp_scmix.export.export_serving(model, path)."
             )
-        missing = [p for p in ("variables/variables.index",) if not (path / p).is_file()]
-        if missing:
+        if not (path / "variables" / "variables.index").is_file():
             raise FileNotFoundError(
-                f"the SavedModel at {path} is incomplete ({', '.join(missing)} is missing: a copy or an export "
+                f"the SavedModel at {path} is incomplete (variables/variables.index is missing: a copy or an export "
                 "that did not finish); copy the whole folder again, or write it again with "
                 "tfp_scmix.export.export_serving(model, path)."
             )
