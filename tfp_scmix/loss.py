@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import tensorflow as tf
 
 from tfp_scmix.data import sparse_entries
-from tfp_scmix.sparse_ops import log_factorial, row_sums, topic_rate
+from tfp_scmix.sparse_ops import log_factorial, row_sums, sparse_dense_product, topic_rate
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -51,7 +51,7 @@ def multinomial_log_prob(
     if offsets is not None:
         # sum_g x_ng gamma_bg - l_n log Z_n: per cell, with no per-nonzero gather of the normaliser.
         in_batch = tf.one_hot(batch_ids, tf.shape(offsets)[0])  # [batch, n_batches]
-        log_prob += tf.reduce_sum(tf.sparse.sparse_dense_matmul(counts, offsets, adjoint_b=True) * in_batch, axis=-1)
+        log_prob += tf.reduce_sum(sparse_dense_product(counts, tf.transpose(offsets)) * in_batch, axis=-1)
         normaliser = tf.reduce_sum(
             cell_topic * tf.matmul(in_batch, tf.matmul(tf.exp(offsets), topic_gene, transpose_b=True)), axis=-1
         )

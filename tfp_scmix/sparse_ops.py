@@ -15,6 +15,12 @@ O(nnz * n_topics), which TensorFlow's SparseTensorDenseMatMul kernel does withou
 `[nnz, n_topics]` array: with the XLA forward, faster on CPU than the automatic gradient's scatter-adds
 (by how much is measured on one minibatch of 1,024 Kang cells: the topic-rate line of the XLA section of
 experiments/performance/results.md, discussed in docs/performance.md).
+
+Column blocks: both kernels slow down several times over per column once the dense factor has 32 or more
+columns (on CPU TensorFlow's SparseTensorDenseMatMul leaves its scalar loop for a vectorised one that is much
+slower here; XLA's fused gather-product likewise), so products with many topics (or units, classes) run
+in blocks of at most `COLUMN_BLOCK` columns (`column_blocks`, `sparse_dense_product`): the same sums, in
+pieces. The measured gain is the "topics in blocks" line of the XLA section of experiments/performance/results.md.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import numpy as np
 import tensorflow as tf
 
 BUCKETS_PER_DOUBLING = 8
+# Dense columns per block of the sparse products (see the module docstring): below TensorFlow's vectorisation
+# threshold of 32 columns, and where XLA's fused product still ran fast on the Kang minibatches.
+COLUMN_BLOCK = 25
 # log(x!) for x = 0 .. 4,095 (float64 sums of logs, stored as float32).
 LOG_FACTORIAL = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, 4096)))]).astype(np.float32)
 
@@ -56,6 +65,27 @@ def padded_size(n: int | tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.math.ceil(2.0 ** (exponent / BUCKETS_PER_DOUBLING) - 1e-9), tf.int64)
 
 
+def column_blocks(n_columns: int | None) -> list[slice]:
+    """Slices that split `n_columns` into the fewest blocks of at most `COLUMN_BLOCK` columns, of (nearly) equal
+    width, so that a product compiled with XLA sees at most two block shapes; one block of all columns when their
+    number is not known (None: not static)."""
+    if n_columns is None:
+        return [slice(None)]
+    n_blocks = max(-(-int(n_columns) // COLUMN_BLOCK), 1)
+    width = -(-int(n_columns) // n_blocks)
+    return [slice(start, min(start + width, n_columns)) for start in range(0, n_columns, width)] or [slice(0, 0)]
+
+
+def sparse_dense_product(x: tf.SparseTensor, dense: tf.Tensor, adjoint_a: bool = False) -> tf.Tensor:
+    """x @ dense `[rows, columns]` (x^T @ dense with `adjoint_a`) of a SparseTensor x and a dense matrix with a
+    static number of columns: TensorFlow's `sparse_dense_matmul`, in blocks of at most `COLUMN_BLOCK` columns
+    (module docstring). Same values as one call; differentiable as `sparse_dense_matmul` is."""
+    blocks = column_blocks(dense.shape[-1])
+    if len(blocks) == 1:
+        return tf.sparse.sparse_dense_matmul(x, dense, adjoint_a=adjoint_a)
+    return tf.concat([tf.sparse.sparse_dense_matmul(x, dense[:, b], adjoint_a=adjoint_a) for b in blocks], axis=1)
+
+
 def _rate(cell_topic, gene_topic, rows, genes):
     return tf.reduce_sum(tf.gather(cell_topic, rows) * tf.gather(gene_topic, genes), axis=-1)
 
@@ -86,11 +116,12 @@ def topic_rate(cell_topic: tf.Tensor, topic_gene: tf.Tensor, indices: tf.Tensor,
 
         def gradient(upstream):
             upstream_matrix = tf.SparseTensor(indices, upstream, shape)
-            d_cell = tf.sparse.sparse_dense_matmul(upstream_matrix, gene_topic)
-            d_topic = tf.sparse.sparse_dense_matmul(upstream_matrix, cell_topic, adjoint_a=True)
+            d_cell = sparse_dense_product(upstream_matrix, gene_topic)
+            d_topic = sparse_dense_product(upstream_matrix, cell_topic, adjoint_a=True)
             return d_cell, tf.transpose(d_topic)
 
         product = _padded_rate if jit else _rate
-        return product(cell_topic, gene_topic, rows, genes), gradient
+        blocks = column_blocks(cell_topic.shape[-1])
+        return tf.add_n([product(cell_topic[:, b], gene_topic[:, b], rows, genes) for b in blocks]), gradient
 
     return rate(cell_topic, topic_gene)

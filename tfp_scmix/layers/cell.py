@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_scmix.sparse_ops import row_sums
+from tfp_scmix.sparse_ops import row_sums, sparse_dense_product
 
 tfd = tfp.distributions
 
@@ -174,7 +174,7 @@ class CellEncoder(keras.layers.Layer):
             return normalise_counts(counts)
 
         def products(x):
-            return tf.sparse.sparse_dense_matmul(x, kernel) if isinstance(x, tf.SparseTensor) else tf.matmul(x, kernel)
+            return sparse_dense_product(x, kernel) if isinstance(x, tf.SparseTensor) else tf.matmul(x, kernel)
 
         if isinstance(counts, tf.SparseTensor) and self.sparse_product:
             return csr_product(normalised(counts), kernel)

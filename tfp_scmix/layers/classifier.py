@@ -10,14 +10,16 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_scmix.layers.horseshoe import HorseshoePrior
+from tfp_scmix.sparse_ops import sparse_dense_product
 
 tfd, tfb = tfp.distributions, tfp.bijectors
 
 
 def _matmul(x: tf.Tensor | tf.SparseTensor, kernel: tf.Tensor) -> tf.Tensor:
-    """x @ kernel for a dense or sparse x `[batch, n]` and a dense kernel `[n, m]`."""
+    """x @ kernel for a dense or sparse x `[batch, n]` and a dense kernel `[n, m]` (sparse: in column blocks,
+    `sparse_ops.sparse_dense_product`)."""
     if isinstance(x, tf.SparseTensor):
-        return tf.sparse.sparse_dense_matmul(x, kernel)
+        return sparse_dense_product(x, kernel)
     return tf.matmul(x, kernel)
 
 
