@@ -341,9 +341,11 @@ def child_lda(cfg):
 
 
 def child_kernel(cfg):
-    """The count likelihood alone (forward + gradient) on one minibatch: graph mode against XLA."""
+    """The count likelihood alone (forward + gradient) on one minibatch: graph mode against XLA; and the topic-rate
+    product at `block_topics` topics in column blocks (the package's way) against one block of every topic."""
     import tensorflow as tf
 
+    from tfp_scmix import sparse_ops
     from tfp_scmix.data import from_anndata
     from tfp_scmix.loss import multinomial_log_prob
     from tfp_scmix.sparse_ops import topic_rate
@@ -378,14 +380,36 @@ def child_kernel(cfg):
             tf.gather(cell_topic, indices[:, 0]) * tf.gather(tf.transpose(topic_gene), indices[:, 1]), axis=-1
         )
 
-    result = {"nnz": int(counts.values.shape[0])}
-    for name, fn in (
+    def with_block(block, fn):  # traced (first call) with sparse_ops.COLUMN_BLOCK set to `block`
+        def run():
+            default, sparse_ops.COLUMN_BLOCK = sparse_ops.COLUMN_BLOCK, block
+            try:
+                return fn()
+            finally:
+                sparse_ops.COLUMN_BLOCK = default
+
+        return run
+
+    result = {
+        "nnz": int(counts.values.shape[0]),
+        "block_topics": cfg["block_topics"],
+        "column_block": sparse_ops.COLUMN_BLOCK,
+    }
+    jobs = [
         ("graph", likelihood(False)),
         ("xla", likelihood(True)),
         ("rate_autodiff", product(autodiff)),
         ("rate_graph", product(lambda *a: topic_rate(*a, jit=False))),
         ("rate_xla", product(topic_rate)),
-    ):
+    ]
+    k = cfg["block_topics"]  # the same minibatch with more topics
+    log_cell_topic = tf.Variable(tf.nn.log_softmax(rng.normal(size=(cfg["batch_size"], k)).astype(np.float32)))
+    log_topic_gene = tf.Variable(tf.nn.log_softmax(rng.normal(size=(k, data.n_genes)).astype(np.float32)))
+    jobs += [
+        ("blocks_rate_xla", with_block(sparse_ops.COLUMN_BLOCK, product(topic_rate))),
+        ("one_block_rate_xla", with_block(k, product(topic_rate))),
+    ]
+    for name, fn in jobs:
         try:
             fn()
             start = time.perf_counter()
@@ -498,7 +522,9 @@ def plan(quick, targets_only=False):
     for name in by_cells:  # streaming from disk: memory should not grow with the cells
         jobs.append(("ours", name, dict(common, mode="stream", n_topics=topics[0], batch_size=batch)))
     jobs.append(("ours", ref, dict(common, mode="memory", n_topics=topics[0], batch_size=batch, jit=True)))
-    jobs.append(("kernel", ref, dict(n_topics=topics[0], batch_size=batch, repeats=5 if quick else 20)))
+    jobs.append(
+        ("kernel", ref, dict(n_topics=topics[0], block_topics=topics[-1], batch_size=batch, repeats=5 if quick else 20))
+    )
     if targets_only:  # the rows of the targets: the reference data, the first number of topics, every method
         jobs = [
             (kind, name, cfg)
@@ -890,6 +916,16 @@ def render(meta, results):
         + (
             f" ({kernel['rate_autodiff_ms'] / kernel['rate_xla_ms']:.1f}x the automatic gradient)"
             if kernel.get("rate_xla_ms") and kernel.get("rate_autodiff_ms")
+            else ""
+        )
+        + ".",
+        f"- Topics in blocks: the same product with its gradient at {kernel.get('block_topics')} topics, in column "
+        f"blocks of at most {kernel.get('column_block')} (`sparse_ops.column_blocks`, the package's way) "
+        f"{_fmt(kernel.get('blocks_rate_xla_ms'), 1)} ms, in one block of every topic "
+        f"{_fmt(kernel.get('one_block_rate_xla_ms'), 1)} ms"
+        + (
+            f" ({kernel['one_block_rate_xla_ms'] / kernel['blocks_rate_xla_ms']:.1f}x)"
+            if kernel.get("blocks_rate_xla_ms") and kernel.get("one_block_rate_xla_ms")
             else ""
         )
         + ".",
