@@ -42,17 +42,17 @@ def counts_data(n_cells=8192, n_genes=5000, density=0.128, seed=0):
     )
 
 
-def fit_rate(data, batch_size=1024, steps=16, configure=None):
-    """Training cell-passes per second of a 20-topic model built and compiled as `tfp_scmix.train` builds it, over
-    `steps` minibatches after 3 warm-up steps of the same `fit` call, timed from step to step (`StepTimer`) so that
-    the call's own start and end (the input pipeline's iterator made and torn down) are not counted;
-    `configure(model)` runs before compiling."""
+def fit_rate(data, batch_size=1024, steps=16, configure=None, n_topics=20):
+    """Training cell-passes per second of a model of `n_topics` topics built and compiled as `tfp_scmix.train`
+    builds it, over `steps` minibatches after 3 warm-up steps of the same `fit` call, timed from step to step
+    (`StepTimer`) so that the call's own start and end (the input pipeline's iterator made and torn down) are not
+    counted; `configure(model)` runs before compiling."""
     from experiments.performance.run import StepTimer
     from tfp_scmix.config import Config
     from tfp_scmix.model import SCMix
 
     keras.utils.set_random_seed(0)
-    config = Config(n_topics=20, batch_size=batch_size)
+    config = Config(n_topics=n_topics, batch_size=batch_size)
     model = SCMix.from_data(data, config)
     if configure is not None:
         configure(model)
