@@ -678,6 +678,11 @@ def machine_load(results, meta):
     )
 
 
+def _times(slow, fast, what=""):
+    """ " (N.Nx<what>)": how many times `fast` (ms) beats `slow` (ms); empty when either is missing."""
+    return f" ({slow / fast:.1f}x{what})" if slow and fast else ""
+
+
 def _fmt(value, digits=0):
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
@@ -902,32 +907,20 @@ def render(meta, results):
         f"- The count likelihood alone (`multinomial_log_prob` forward + gradient, one minibatch of "
         f"{big_batch} cells, {kernel.get('nnz', 0):,} nonzeros, {k0} topics): its nonzero product in graph mode "
         f"{_fmt(kernel.get('graph_ms'), 1)} ms, compiled with XLA {_fmt(kernel.get('xla_ms'), 1)} ms"
-        + (
-            f" ({kernel['graph_ms'] / kernel['xla_ms']:.1f}x)"
-            if kernel.get("xla_ms") and kernel.get("graph_ms")
-            else ""
-        )
+        + _times(kernel.get("graph_ms"), kernel.get("xla_ms"))
         + (f"; XLA error: {kernel['xla_error']}" if kernel.get("xla_error") else "")
         + ".",
         f"- Its topic-rate product (the gather-multiply-sum over nonzeros) with its gradient: differentiated by "
         f"TensorFlow {_fmt(kernel.get('rate_autodiff_ms'), 1)} ms; `tfp_scmix.sparse_ops.topic_rate` (gradient "
         f"by two sparse-dense products) {_fmt(kernel.get('rate_graph_ms'), 1)} ms in graph mode, "
         f"{_fmt(kernel.get('rate_xla_ms'), 1)} ms with its forward compiled by XLA (padded nonzeros)"
-        + (
-            f" ({kernel['rate_autodiff_ms'] / kernel['rate_xla_ms']:.1f}x the automatic gradient)"
-            if kernel.get("rate_xla_ms") and kernel.get("rate_autodiff_ms")
-            else ""
-        )
+        + _times(kernel.get("rate_autodiff_ms"), kernel.get("rate_xla_ms"), " the automatic gradient")
         + ".",
         f"- Topics in blocks: the same product with its gradient at {kernel.get('block_topics')} topics, in column "
         f"blocks of at most {kernel.get('column_block')} (`sparse_ops.column_blocks`, the package's way) "
         f"{_fmt(kernel.get('blocks_rate_xla_ms'), 1)} ms, in one block of every topic "
         f"{_fmt(kernel.get('one_block_rate_xla_ms'), 1)} ms"
-        + (
-            f" ({kernel['one_block_rate_xla_ms'] / kernel['blocks_rate_xla_ms']:.1f}x)"
-            if kernel.get("blocks_rate_xla_ms") and kernel.get("one_block_rate_xla_ms")
-            else ""
-        )
+        + _times(kernel.get("one_block_rate_xla_ms"), kernel.get("blocks_rate_xla_ms"))
         + ".",
     ]
     lines += ["", "## How it was measured", "", __doc__.split("Measures.")[1].split("Writes results")[0].strip(), ""]
