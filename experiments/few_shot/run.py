@@ -47,6 +47,9 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng pbmc3k cbmc \
         --seeds 0 1 2 3 4 --methods tfp_scmix:with_labels=True,pooling=15+30 --out experiments/few_shot/two_scales
     # two_scales/ was written by commit 9a2746f, when 15+30 was briefly the default (methods renamed to say so).
+    ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng \
+        --seeds 0 1 2 --methods tfp_scmix:with_labels=True --out experiments/few_shot/column_blocks
+    # column_blocks/: the default once the likelihood's sparse products ran in blocks of topics (performance issue 16)
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
     # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
     # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
