@@ -79,6 +79,9 @@ def test_a_few_stray_values_are_named_by_cell_and_not_called_normalized():
     assert "2 of the 30,000 stored values have decimals, in 2 cells (the first at row 1500)" in message
     assert "edited or damaged" in message and "look" in message and "corrected counts" not in message
     assert "log-normalized" not in message and "counts='raw'" not in message
+    every = sp.csr_matrix(np.full((4, 3), 0.5, np.float32))  # e.g. one chunk of a log-normalised matrix
+    with pytest.raises(DataError, match=r"in all 4 cells read\)"):
+        check_counts(every, "rows 0-3 of adata.X")
     counts.data[counts.indptr[1500]] = -1
     with pytest.raises(DataError, match=r"negative \(min -1, in 1 cell \(row 1600\)\)"):
         check_counts(counts, "x", row_offset=100)

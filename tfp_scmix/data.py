@@ -276,14 +276,18 @@ def _as_csr(matrix: Any, where: str) -> sp.csr_matrix:
 
 
 def _bad_cells(counts: sp.csr_matrix, bad: np.ndarray, row_offset: int) -> str:
-    """Which cells hold the stored entries flagged in `bad` `[nnz]`: "1 cell (row 1500)" or "12 cells (the first
-    at row 1500)", rows counted from `row_offset` (the matrix's first row in its dataset)."""
+    """Which cells hold the stored entries flagged in `bad` `[nnz]`: "1 cell (row 1500)", "12 cells (the first
+    at row 1500)" or, when every cell of the matrix does, "all 1,000 cells read" (the matrix may be one chunk of a
+    larger dataset, as prediction reads it), rows counted from `row_offset` (the matrix's first row in its
+    dataset)."""
     n_cells = counts.shape[0]
     stored = int(counts.indptr[-1])  # entries past the last pointer belong to no cell
     rows = np.unique(np.repeat(np.arange(n_cells), np.diff(counts.indptr))[np.asarray(bad[:stored], bool)])
     if len(rows) == 0:
         return "no cell"
     first = int(rows[0]) + int(row_offset)
+    if len(rows) == n_cells and n_cells > 1:
+        return f"all {n_cells:,} cells read"
     return f"1 cell (row {first})" if len(rows) == 1 else f"{len(rows)} cells (the first at row {first})"
 
 

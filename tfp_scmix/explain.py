@@ -439,7 +439,8 @@ def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFr
     """Row-normalised confusion matrix (PNG) of obs[label_key] (rows, any labels) against the predicted
     labels (columns, in the model's class order; rows whose name is a predicted class in the same order, so that
     agreeing calls lie on the diagonal, then the other labels); returns the counts table. Cells without a label
-    (NaN) are left out. Raises DataError when `adata` is not annotated or has no obs[label_key]."""
+    (NaN) are left out; cells the model was trained on count too when the column holds their labels (the title
+    says so: not a held-out score). Raises DataError when `adata` is not annotated or has no obs[label_key]."""
     _require_annotated(adata, key, label_key)
     plt = _pyplot()
     known = adata.obs[label_key].notna().to_numpy()
@@ -466,7 +467,9 @@ def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFr
         adata.obs[label_key][known].astype(str).to_numpy() == adata.obs[f"{key}_label"][known].astype(str).to_numpy()
     )
     ax.set_title(
-        f"Confusion, row-normalised (same name: {agree:.1%} of the {int(known.sum())} cells with a {label_key!r})"
+        f"Confusion, row-normalised (same name: {agree:.1%} of the {int(known.sum())} cells with a {label_key!r})\n"
+        "cells the model was trained on count too, if the column holds their labels: not a held-out score",
+        fontsize=9,
     )
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the row")
     fig.tight_layout()

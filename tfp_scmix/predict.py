@@ -282,7 +282,8 @@ class _Chunk:
         Raises DataError as `check_counts` does."""
         rows = csr_rows(self.counts, start, stop)
         if self.source is not None:
-            check_counts(rows, f"rows {self.start + start}-{self.start + stop} of {self.source}", self.start + start)
+            first, last = self.start + start, self.start + stop - 1
+            check_counts(rows, f"rows {first}-{last} of {self.source}", first)
             rows = rows if rows.dtype == np.float32 else rows.astype(np.float32)
         if self.select is not None:
             rows = (rows @ self.select).tocsr()

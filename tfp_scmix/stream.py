@@ -257,7 +257,7 @@ class H5ADStream:
         Raises DataError when they are not raw counts (`check_counts`).
         """
         rows = _rows(matrix, start, stop, self._file_genes)
-        check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop}", start)
+        check_counts(rows, f"{self.path}:{self.where} rows {start}-{stop - 1}", start)
         if self._select is not None:
             rows = (rows @ self._select).tocsr()
         rows.sum_duplicates()  # canonical order (sorted, duplicates summed), as the selection's product gives
