@@ -27,13 +27,12 @@ PANELS = ("2000 highly variable genes", "20000 genes with the highest mean")
 
 def throughput(data, n_topics, block, steps):
     """Training cell-passes per second with `sparse_ops.COLUMN_BLOCK` set to `block` while the model is traced."""
+    from unittest import mock
+
     from tfp_scmix import sparse_ops
 
-    default, sparse_ops.COLUMN_BLOCK = sparse_ops.COLUMN_BLOCK, block
-    try:
+    with mock.patch.object(sparse_ops, "COLUMN_BLOCK", block):
         return fit_rate(data, 1024, steps, n_topics=n_topics)
-    finally:
-        sparse_ops.COLUMN_BLOCK = default
 
 
 def main(argv=None):

@@ -381,12 +381,11 @@ def child_kernel(cfg):
         )
 
     def with_block(block, fn):  # traced (first call) with sparse_ops.COLUMN_BLOCK set to `block`
+        from unittest import mock
+
         def run():
-            default, sparse_ops.COLUMN_BLOCK = sparse_ops.COLUMN_BLOCK, block
-            try:
+            with mock.patch.object(sparse_ops, "COLUMN_BLOCK", block):
                 return fn()
-            finally:
-                sparse_ops.COLUMN_BLOCK = default
 
         return run
 
