@@ -44,16 +44,18 @@ def test_each_class_shows_its_labelled_cells_and_classes_of_few_are_warned_of(
     reloaded = scm.load_model(scm.save_model(small_model, tmp_path / "m.keras"))
     assert explain.labelled_cells(reloaded).to_dict() == expected  # kept in the file
     with caplog.at_level("WARNING", logger="tfp_scmix.explain"):
-        explain.write_explanations(small_model, tmp_path / "explained")
+        explain.write_explanations(small_model, tmp_path / "explained")  # train warned already: not again
+        assert not [r for r in caplog.records if r.name == "tfp_scmix.explain"]
+        explain.write_explanations(reloaded, tmp_path / "explained")  # a model from its file: named here
     warned = [r.getMessage() for r in caplog.records if r.name == "tfp_scmix.explain"]
     assert len(warned) == 1 and all(f"{name} ({n})" in warned[0] for name, n in few.items())
     # A model file written before the counts were recorded: unknown counts, shown as <NA>, and no warning.
-    monkeypatch.delitem(small_model.members[0].provenance, "labelled_cells")
-    assert explain.labelled_cells(small_model).isna().all() and explain.few_label_classes(small_model) == {}
-    assert explain.class_topic_table(small_model)["labelled_cells"].isna().all()
+    monkeypatch.delitem(reloaded.members[0].provenance, "labelled_cells")
+    assert explain.labelled_cells(reloaded).isna().all() and explain.few_label_classes(reloaded) == {}
+    assert explain.class_topic_table(reloaded)["labelled_cells"].isna().all()
     caplog.clear()
     with caplog.at_level("WARNING", logger="tfp_scmix.explain"):
-        explain.write_explanations(small_model, tmp_path / "older")
+        explain.write_explanations(reloaded, tmp_path / "older")
     assert not [r for r in caplog.records if r.name == "tfp_scmix.explain"]
 
 

@@ -300,9 +300,10 @@ def _save_figure(fig, path) -> None:
 
 def write_explanations(model: SCMix | SCMixEnsemble, folder, n_genes: int = 30) -> dict[str, Path]:
     """Write the explanation tables (CSV) and figures (PNG) of every member into `folder`; returns the paths.
-    Warns (logger tfp_scmix.explain) when a class was trained on fewer than `FEW_LABELS` labelled cells."""
+    Warns (logger tfp_scmix.explain) when a class was trained on fewer than `FEW_LABELS` labelled cells, unless
+    `tfp_scmix.train` made `model` in this process (it has warned about those classes already)."""
     few = few_label_classes(model)
-    if few:
+    if few and not getattr(model, "warned_few_labels", False):
         listed = ", ".join(f"{name} ({n})" for name, n in few.items())
         logger.warning(
             "%d class(es) had fewer than %d labelled cells in training: %s. Their topics and genes are what those "

@@ -150,6 +150,9 @@ def train(
         for restart in range(int(restarts)):
             (Path(checkpoint_dir) / f"restart-{restart}.keras").unlink(missing_ok=True)
     ensemble = SCMixEnsemble(members)
+    # `explain.write_explanations` then does not name the same few-label classes a second time in this process; a
+    # model loaded from its file has no such mark and is warned about there.
+    ensemble.warned_few_labels = True
     _summarise(ensemble, data, time.time() - started, seed)
     if verbose:
         print(summary_line(ensemble.training_summary))
