@@ -70,6 +70,7 @@ def test_products_in_column_blocks_give_the_same_values():
         np.testing.assert_array_equal(covered, np.arange(n))
         widths = {b.stop - b.start for b in blocks}
         assert max(widths) <= COLUMN_BLOCK and len(widths) <= 2 and len(blocks) == -(-n // COLUMN_BLOCK)
+    assert column_blocks(0) == [slice(0, 0)] and column_blocks(None) == [slice(None)]
     rng = np.random.default_rng(1)
     x = tf.sparse.from_dense(((rng.random((40, 90)) < 0.1) * rng.integers(1, 5, (40, 90))).astype(np.float32))
     for dense, adjoint in ((rng.normal(size=(90, 70)), False), (rng.normal(size=(40, 70)), True)):

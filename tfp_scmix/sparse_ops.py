@@ -16,7 +16,7 @@ O(nnz * n_topics), which TensorFlow's SparseTensorDenseMatMul kernel does withou
 (by how much is measured on one minibatch of 1,024 Kang cells: the topic-rate line of the XLA section of
 experiments/performance/results.md, discussed in docs/performance.md).
 
-Column blocks: both kernels slow down several times over per column once the dense factor has 32 or more
+Column blocks: both kernels slow down several times over once the dense factor has 32 or more
 columns (on CPU TensorFlow's SparseTensorDenseMatMul leaves its scalar loop for a vectorised one that is much
 slower here; XLA's fused gather-product likewise), so products with many topics (or units, classes) run
 in blocks of at most `COLUMN_BLOCK` columns (`column_blocks`, `sparse_dense_product`): the same sums, in
@@ -71,9 +71,11 @@ def column_blocks(n_columns: int | None) -> list[slice]:
     number is not known (None: not static)."""
     if n_columns is None:
         return [slice(None)]
-    n_blocks = max(-(-int(n_columns) // COLUMN_BLOCK), 1)
+    if n_columns == 0:
+        return [slice(0, 0)]
+    n_blocks = -(-int(n_columns) // COLUMN_BLOCK)
     width = -(-int(n_columns) // n_blocks)
-    return [slice(start, min(start + width, n_columns)) for start in range(0, n_columns, width)] or [slice(0, 0)]
+    return [slice(start, min(start + width, n_columns)) for start in range(0, n_columns, width)]
 
 
 def sparse_dense_product(x: tf.SparseTensor, dense: tf.Tensor, adjoint_a: bool = False) -> tf.Tensor:
