@@ -5,7 +5,8 @@
 
 On CPU, TensorFlow's SparseTensorDenseMatMul and XLA's fused gather-product slow down several times over once the
 dense factor has 32 or more columns, so `tfp_scmix.sparse_ops` runs the topic-rate product and its gradient (and
-every sparse-dense product of the package) in blocks of at most `sparse_ops.COLUMN_BLOCK` columns. This measures
+every `sparse_dense_matmul` of the package; the encoder's CSR product is another kernel) in blocks of at most
+`sparse_ops.COLUMN_BLOCK` columns. This measures
 what that does to training: cell-passes per second of a model built and compiled as `tfp_scmix.train` builds it,
 on the Kang cells (`kang_ctrl.h5ad` and `kang_stim.h5ad` in `$TFP_SCMIX_DATA`) over the 2,000 highly variable genes
 the package selects (2.7% nonzero) and over the 20,000-gene panel of `run.py`'s grid (3.6% nonzero), at 20, 50
@@ -45,7 +46,7 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "results_column_blocks.json"))
     args = parser.parse_args(argv)
     use_threads(2)
-    data = panels()
+    data = panels(PANELS)
     results = []
     for name in PANELS:
         for k in args.topics:

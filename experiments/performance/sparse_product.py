@@ -26,8 +26,9 @@ from tfp_scmix.layers import CellEncoder
 HERE = Path(__file__).parent
 
 
-def panels():
-    """{name: SCData} of the Kang cells over the grid's gene panels and the package's highly variable genes."""
+def panels(names=None):
+    """{name: SCData} of the Kang cells over the grid's gene panels and the package's highly variable genes; only
+    those in `names` when given (each panel is built only if asked for)."""
     from tfp_scmix.data import SCData, highly_variable_genes
 
     counts, genes, _ = reference()
@@ -44,9 +45,15 @@ def panels():
             np.arange(n_cells).astype(str),
         )
 
-    out = {f"{n} genes with the highest mean": data(*gene_panel(counts, genes, n)) for n in (2000, 3000, 5000, 20_000)}
-    variable = np.isin(genes, highly_variable_genes(counts, genes, 2000))
-    out["2000 highly variable genes"] = data(counts[:, variable], np.asarray(genes)[variable])
+    wanted = lambda name: names is None or name in names  # noqa: E731
+    out = {
+        f"{n} genes with the highest mean": data(*gene_panel(counts, genes, n))
+        for n in (2000, 3000, 5000, 20_000)
+        if wanted(f"{n} genes with the highest mean")
+    }
+    if wanted("2000 highly variable genes"):
+        variable = np.isin(genes, highly_variable_genes(counts, genes, 2000))
+        out["2000 highly variable genes"] = data(counts[:, variable], np.asarray(genes)[variable])
     return out
 
 
