@@ -21,7 +21,7 @@ from tfp_scmix.data import BATCH, COUNTS, DataError
 from tfp_scmix.ensemble import SCMixEnsemble
 from tfp_scmix.io import ModelFileError
 from tfp_scmix.predict import OUTPUT_KEYS
-from tfp_scmix.train import _warn_few_labels
+from tfp_scmix.train import _warn_few_labels, _warn_short_training
 
 TINY = Config(n_topics=4, hidden_units=32, epochs=2, batch_size=128, classifier_steps=30)
 
@@ -125,6 +125,25 @@ def test_classes_with_few_labelled_cells_are_warned_about(embedded, caplog):
     a, b = data.classes[:2]
     assert f"{a!r} (2 cells): fewer than 5 labelled cells; the model may seldom call this class" in caplog.text
     assert f"{b!r}: no labelled cell; the model will hardly ever call this class" in caplog.text
+
+
+def test_a_kl_warm_up_longer_than_the_training_is_warned_about(caplog):
+    """The KL terms scale up over kl_warmup_epochs: training for fewer epochs ends before they reach their full weight
+    (a tempered objective), which train says before training; a warm-up that ends by the last epoch is not named."""
+    for config in (
+        Config(),
+        Config(epochs=20),
+        Config(epochs=5, kl_warmup_epochs=5.0),
+        Config(epochs=3, kl_warmup_epochs=0.0),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tfp_scmix"):
+            _warn_short_training(config)
+        assert not caplog.text, config
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        _warn_short_training(Config(epochs=10))
+    assert "kl_warmup_epochs (20) is longer than the training (10 epochs)" in caplog.text
+    assert "Config(kl_warmup_epochs=...) at most the epochs (e.g. 2)" in caplog.text
 
 
 def test_a_diverging_run_stops_with_a_clear_error(embedded):

@@ -113,6 +113,7 @@ def train(
             "its own chunks; pass the .h5ad as H5ADStream(path, ...)"
         )
     _warn_few_labels(data)
+    _warn_short_training(config)
     members = []
     started = time.time()
     # Named for its first restart from the start (a bar drawn as "training" and renamed at once shows both in a log).
@@ -185,6 +186,21 @@ def _warn_few_labels(data: SCData | H5ADStream) -> None:
             "these classes" if len(none) > 1 else "this class",
             "each" if len(none) > 1 else "it",
             "them" if len(none) > 1 else "it",
+        )
+
+
+def _warn_short_training(config: Config) -> None:
+    """Warn when the KL terms' warm-up (`Config.kl_warmup_epochs`) outlasts the training: the model then ends
+    before its KL weight reaches 1, fitted to a tempered objective whose topics and cell-topic posteriors are less
+    regularised than the ELBO's (`SCMix.elbo_terms`)."""
+    if config.kl_warmup_epochs > config.epochs:
+        logger.warning(
+            "kl_warmup_epochs (%g) is longer than the training (%d epochs): the KL terms never reach their full "
+            "weight, so the model is less regularised than the ELBO asks. Train for more epochs, or pass "
+            "Config(kl_warmup_epochs=...) at most the epochs (e.g. %g)",
+            config.kl_warmup_epochs,
+            config.epochs,
+            config.epochs / 5,
         )
 
 
