@@ -113,6 +113,14 @@ def test_labels_unknown_one_class_and_outside():
         from_anndata(make_adata(COUNTS), label_key="celltype")
 
 
+def test_integer_labels_are_classes_in_the_order_of_their_values():
+    """Cluster ids as labels (integers, or floats where pandas stores them with missing values) name their classes
+    without ".0" and in numeric order ("2" before "10"); names that are not integers follow, sorted."""
+    ids, classes = encode_labels(np.array([10.0, 2.0, np.nan, 0.0, 2.0]))
+    assert classes == ["0", "2", "10"] and ids.tolist() == [2, 1, -1, 0, 1]
+    assert encode_labels(["b", "10", "2", "a"])[1] == ["2", "10", "a", "b"]
+
+
 def test_batches():
     adata = make_adata(COUNTS, labels=["a", "b", "a", "b"])
     adata.obs["donor"] = ["d2", "d1", "d2", "d1"]

@@ -695,6 +695,14 @@ def label_name(value: Any) -> str:
     return str(value)
 
 
+def _natural_order(name: str) -> tuple[int, int | str]:
+    """Sort key of class names: integer names (cluster ids such as "2" and "10") by their value, before other names."""
+    try:
+        return (0, int(name))
+    except ValueError:
+        return (1, name)
+
+
 def encode_labels(
     values: ArrayLike | pd.Series | pd.Categorical, classes: Sequence[str] | None = None, unknown: ArrayLike = ()
 ) -> tuple[np.ndarray, list[str]]:
@@ -702,7 +710,7 @@ def encode_labels(
 
     Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes);
     without it the classes are the categories of a categorical column (in their order) or the sorted
-    labels. Raises DataError when, without `classes`, fewer than two classes are labelled or a placeholder
+    labels (integer names by value: "2" before "10"). Raises DataError when, without `classes`, fewer than two classes are labelled or a placeholder
     label ("Unknown", ...) holds more than half of the labelled cells (`_check_placeholders`), or when a
     label is not among `classes`.
     """
@@ -717,7 +725,7 @@ def encode_labels(
             cats = [str(c) for c in pd.Categorical(values).categories]
             classes = [c for c in cats if c in set(names)]
         else:
-            classes = sorted(set(names))
+            classes = sorted(set(names), key=_natural_order)
         if len(classes) < 2:
             raise DataError(
                 f"the label column has {len(classes)} class(es) {classes} among labelled "
