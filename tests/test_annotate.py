@@ -63,6 +63,9 @@ def test_cells_without_counts_over_the_model_genes_are_unassigned(small_model, e
     scm.annotate(small_model, query)
     assert (query.obs["scmix_label"][:5] == UNASSIGNED).all()
     assert (query.obs["scmix_label"][5:] != UNASSIGNED).all()
+    # No confidence for a call from no counts (before: the prior's top probability, 0.92 on a trial's data).
+    confidence = query.obs["scmix_confidence"].to_numpy()
+    assert np.isnan(confidence[:5]).all() and np.allclose(confidence[5:], out["confidence"][5:])
     assert "5 cells have no counts" in caplog.text
 
 

@@ -293,7 +293,8 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
         [
             sys.executable,
             "-m",
-            "tfp_scmix.export",
+            "tfp_scmix",  # the package's command line (`tfp-scmix export`), as the README gives it
+            "export",
             str(model_file),
             "export/1",
             "--mlflow-experiment",
@@ -420,7 +421,7 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
         status, body = _post(url, {"dataframe_records": [records[1], {gene: 0}]})
         assert status == 200, body
         assert [r["empty"] for r in body["predictions"]] == [False, True]
-        assert body["predictions"][1]["label"] == "unassigned"
+        assert body["predictions"][1]["label"] == "unassigned" and body["predictions"][1]["confidence"] is None
         # The documented request limit (--max-cells 50 here): 413, with what to do.
         status, body = _post(url, {"dataframe_records": [records[0]] * 51})
         assert status == 413 and "51 cells; this server takes at most 50" in body["message"], body

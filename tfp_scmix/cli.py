@@ -260,7 +260,7 @@ def explain_cmd(args) -> None:
 
 
 def export_cmd(args) -> None:
-    from tfp_scmix.export import export_serving
+    from tfp_scmix.export import export_serving, log_to_experiment
 
     model = scm.load_model(args.model)
     path = export_serving(model, args.out, overwrite=args.overwrite)
@@ -269,6 +269,8 @@ def export_cmd(args) -> None:
         f"exported {model.n_genes} genes x {model.n_classes} classes "
         f"(gene fingerprint {model.gene_fingerprint}) to {path}",
     )
+    if args.mlflow_experiment:
+        say(args, f"logged MLflow model {log_to_experiment(path, args.mlflow_experiment, args.max_cells).model_uri}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="trained model (.keras)")
     p.add_argument("out", help="SavedModel folder to write (e.g. export/1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument(
+        "--mlflow-experiment",
+        default=None,
+        help="also log a served pyfunc model to this MLflow experiment (tracking store: $MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument(
+        "--max-cells",
+        type=int,
+        default=None,
+        help="with --mlflow-experiment: the most cells one request may hold; more get HTTP 413",
+    )
     p.set_defaults(func=export_cmd)
     for name in ("annotate", "explain", "export"):
         verbose(sub.choices[name], 1)

@@ -384,12 +384,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{model.gene_fingerprint}) to {path}"
     )
     if args.mlflow_experiment:
-        import mlflow
-
-        mlflow.set_experiment(args.mlflow_experiment)
-        info = log_mlflow(path, max_cells=args.max_cells)
-        print(f"logged MLflow model {info.model_uri}")
+        print(f"logged MLflow model {log_to_experiment(path, args.mlflow_experiment, args.max_cells).model_uri}")
     return 0
+
+
+def log_to_experiment(export_dir: str | os.PathLike[str], experiment: str, max_cells: int | None = None) -> ModelInfo:
+    """`log_mlflow` of an export directory in a new run of the MLflow experiment `experiment` (created if needed;
+    tracking store: $MLFLOW_TRACKING_URI), at most `max_cells` cells a request (None: `MAX_CELLS`): what
+    `--mlflow-experiment` of both command lines does."""
+    import mlflow
+
+    mlflow.set_experiment(experiment)
+    return log_mlflow(export_dir, max_cells=MAX_CELLS if max_cells is None else max_cells)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ if mlflow is not None:
             result = outputs_frame(out, self.class_names, index=frame.index)
             result["empty"] = np.concatenate(empty)
             result.loc[result["empty"], "label"] = UNASSIGNED
+            # Called from no counts: no confidence. None (JSON null), not NaN, which strict JSON parsers refuse.
+            result["confidence"] = result["confidence"].astype(object).where(~result["empty"], None)
             return result
 
     mlflow.models.set_model(SCMixServing())
