@@ -353,7 +353,7 @@ def annotate(
     with warnings.catch_warnings():  # anndata's own warning of that copy, said above
         warnings.simplefilter("ignore", anndata.ImplicitModificationWarning)
         adata.obs[f"{key}_label"], adata.uns[f"{key}_label_colors"] = _categorical(names, order, colors)
-    # A cell without counts is called from nothing (the model's prior): no confidence, so that a filter on it keeps none.
+    # A cell without counts is called from nothing (the model's prior): no confidence, so no filter on it keeps it.
     adata.obs[f"{key}_confidence"] = np.where(empty, np.nan, out["confidence"]).astype(np.float32)
     if threshold is not None:
         adata.obs[f"{key}_novelty"] = out["novelty"].astype(np.float32)

@@ -710,9 +710,9 @@ def encode_labels(
 
     Returns (int32 ids `[n_cells]`, class names). `classes` fixes the class order (for a model's classes);
     without it the classes are the categories of a categorical column (in their order) or the sorted
-    labels (integer names by value: "2" before "10"). Raises DataError when, without `classes`, fewer than two classes are labelled or a placeholder
-    label ("Unknown", ...) holds more than half of the labelled cells (`_check_placeholders`), or when a
-    label is not among `classes`.
+    labels (integer names by value: "2" before "10"). Raises DataError when, without `classes`, fewer than two
+    classes are labelled or a placeholder label ("Unknown", ...) holds more than half of the labelled cells
+    (`_check_placeholders`), or when a label is not among `classes`.
     """
     series = pd.Series(np.asarray(values, dtype=object))
     missing = missing_values(series)
