@@ -182,6 +182,11 @@ def __getattr__(name: str):
     return value
 
 
+def __dir__() -> list[str]:
+    """The public names, loaded or not (tab completion lists `train`, `from_anndata`, ... before first use)."""
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
     "Config",
     "DataError",
