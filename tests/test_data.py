@@ -195,7 +195,11 @@ def test_gene_alignment_fills_missing_and_reports(caplog):
     aligned, fraction = align_genes(counts, ["G0", "G1", "G2", "G3"], ["G2", "G0", "NEW"], min_fraction=0.5)
     assert fraction == pytest.approx(2 / 3)
     assert np.array_equal(aligned.toarray(), np.stack([COUNTS[:, 2], COUNTS[:, 0], np.zeros(4)], 1))
-    assert "2 of 3 model genes" in caplog.text
+    assert "2 of 3 model genes" in caplog.text and "train --shared-genes" in caplog.text  # 67%: how to do better
+    caplog.clear()
+    ten = [f"G{i}" for i in range(10)]
+    align_genes(sp.csr_matrix(np.ones((2, 10), np.float32)), ten, [*ten[:9], "NEW"])  # 90% found: no hint
+    assert "9 of 10 model genes" in caplog.text and "shared-genes" not in caplog.text
     with pytest.raises(
         DataError, match="only 1 of the model's 3 genes.*genes both datasets measure.*min_gene_fraction"
     ):

@@ -490,7 +490,9 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     expected = np.where((donors.batches == 0)[:, None], new, own)
     np.testing.assert_allclose(scm.predict(model, renamed, batch_key="donor")["probs"], expected, atol=1e-6)
     assert "cells of obs['donor'] batches ['D1'] that the model was not trained on" in caplog.text
-    with pytest.raises(DataError, match="no obs column 'donors' for batches in the file"):
+    with pytest.raises(
+        DataError, match="no obs column 'donors' for batches in the file .*; name the column .* or leave batch_key out"
+    ):
         scm.predict(model, path, batch_key="donors")
     with pytest.raises(TypeError, match="annotate writes into an AnnData .* received SCData"):
         scm.annotate(model, donors)
