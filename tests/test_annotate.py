@@ -104,6 +104,7 @@ def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_co
     np.testing.assert_array_equal(written.varm["scmix_topic_gene"], expected.varm["scmix_topic_gene"])
     assert written.uns["scmix"]["gene_fingerprint"] == small_model.gene_fingerprint
     assert written.uns["scmix"]["counts"] == "X" and len(written.uns["scmix"]["model_adapted_to"]) == 0
+    assert written.uns["scmix"]["model_adapted_to"].dtype == object  # strings, none (was float64 when empty)
     assert written.uns["scmix"]["min_gene_fraction"] == 0.5
     assert "scmix_smoothed_probs" not in written.obsm
     assert "cell_type" in written.obs and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["annotated.h5ad"]

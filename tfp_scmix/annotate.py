@@ -417,7 +417,8 @@ def annotate(
         "counts": slot,
         "gene_coverage": float(pd.Index(model.genes).isin(slot_genes).mean()),
         "min_gene_fraction": float(min_gene_fraction),
-        "model_adapted_to": [str(a["data_fingerprint"]) for a in model.provenance.get("adapted_to", [])],
+        # An array of strings, so that an empty one reads back from .h5ad as strings too (a list: as float64).
+        "model_adapted_to": np.array([str(a["data_fingerprint"]) for a in model.provenance.get("adapted_to", [])], str),
         "n_members": len(ensemble.members),
         "min_counts": int(min_counts),
         "unassign_flagged": bool(unassign_flagged),
