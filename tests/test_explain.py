@@ -1,7 +1,10 @@
 """Explanations: topics' genes and the topics that predict each class, for one model or every restart."""
 
+import warnings
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import tfp_scmix as scm
 from tfp_scmix import explain
@@ -139,12 +142,16 @@ def test_figures_of_a_dataset_need_it_annotated_and_say_so_before_writing(small_
         with pytest.raises(DataError, match=r"obs\['scmix_label'\].*annotate the data first"):
             plot()
     assert not list(tmp_path.iterdir())
+    adata.X = sp.csr_matrix(np.where(np.arange(adata.n_obs)[:, None] < 2, 0, adata.X.toarray()))  # two without counts
     scm.annotate(small_model, adata)
+    assert np.isnan(adata.obs["scmix_confidence"].to_numpy()[:2]).all()  # drawn without a warning (below)
     adata.obsm["X_scmix_umap"] = adata.obsm["X_scmix"][:, :2]  # a stored embedding: no t-SNE of 700 cells here
     with pytest.raises(DataError, match="no obs column 'nosuch' of known labels"):
         explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="nosuch")
     assert not list(tmp_path.iterdir())
-    paths = explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="cell_type")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        paths = explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="cell_type")
     assert set(paths) >= {"embedding_png", "confidence_png", "dotplot_png", "confusion_png"}
     assert all(path.stat().st_size > 0 for path in paths.values())
 

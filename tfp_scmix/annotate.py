@@ -6,7 +6,7 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
 - obs[f"{key}_label"]: class names, a categorical of the categories that occur; "unassigned" for cells
   without counts over the model's genes, below `min_confidence`, or flagged when `unassign_flagged`;
   uns[f"{key}_label_colors"]: one colour per category (class i always gets colour i; "unassigned" grey).
-- obs[f"{key}_confidence"]: the largest class probability.
+- obs[f"{key}_confidence"]: the largest class probability; NaN for cells without counts over the model's genes.
 - obs[f"{key}_novelty"], obs[f"{key}_novel"]: the topic-space novelty score in [0, 1] and the flag score >
   threshold (`TopicNovelty`, carried by models that `tfp_scmix.train` made).
 - obs[f"{key}_low_counts"]: fewer than `min_counts` counts over the model's genes, too little to judge.

@@ -490,7 +490,7 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
     bins = np.linspace(0, 1, 41)
     for ax, category in zip(axes[:, 0], categories):
         values = adata.obs[f"{key}_confidence"].to_numpy()[(labels == category).to_numpy()]
-        ax.hist(values, bins=bins, color=colors[category])
+        ax.hist(values[~np.isnan(values)], bins=bins, color=colors[category])  # NaN: a cell without counts
         ax.set_yticks([])
         ax.set_ylabel(f"{_wrap(str(category), 22)}\n({len(values)})", rotation=0, ha="right", va="center", fontsize=7)
         ax.spines[["top", "right", "left"]].set_visible(False)
