@@ -206,7 +206,11 @@ def test_gene_alignment_fills_missing_and_reports(caplog):
         align_genes(counts, ["G0", "G1", "G2", "G3"], ["G0", "X", "Y"])
     with pytest.raises(DataError, match="Ensembl"):
         align_genes(counts, ["ENSG01", "ENSG02", "ENSG03", "ENSG04"], ["CD3E", "MS4A1", "LYZ"])
-    with pytest.raises(DataError, match="another species"):
+    with pytest.raises(
+        DataError,
+        match=r"another species .* orthologues .* same species written in another case, rename them "
+        r"\(adata.var_names = adata.var_names.str.upper\(\)\)",
+    ):
         align_genes(counts, ["Cd3e", "Ms4a1", "Lyz2", "Gnly"], ["CD3E", "MS4A1", "LYZ"])
     # The same species' symbols lower-cased: not another species, and the rename that fixes it.
     with pytest.raises(DataError, match=r"another case \(lower-case against the model's upper-case\)") as err:

@@ -469,7 +469,9 @@ def _case_hint(genes: Any, vocabulary: np.ndarray) -> str:
         return (
             f" Many genes match only when case is ignored, and the data's symbols are {data_case}-case where the "
             f"model's are {model_case}-case, as mouse symbols (Cd3e) are against human ones (CD3E): the data may be "
-            "from another species than the model."
+            "from another species than the model (map the genes to the model's species' orthologues first). If they "
+            f"are the same species written in another case, rename them (adata.var_names = adata.var_names"
+            f"{'.str.upper()' if model_case == 'upper' else '.str.capitalize()'})."
         )
     rename = {"upper": ".str.upper()", "lower": ".str.lower()", "title": ".str.capitalize()"}.get(model_case)
     fix = f"rename them first (adata.var_names = adata.var_names{rename})" if rename else "rename them to the model's"
