@@ -153,8 +153,28 @@ def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bo
     with atomic_directory(path, overwrite) as tmp:
         with tempfile.TemporaryDirectory(prefix="tfp_scmix_assets-") as asset_dir:
             module, signatures = _serving_module(model, Path(asset_dir))
-            tf.saved_model.save(module, str(tmp), signatures=signatures)
+            with _root_logging_left_alone():
+                tf.saved_model.save(module, str(tmp), signatures=signatures)
     return Path(path)
+
+
+@contextlib.contextmanager
+def _root_logging_left_alone():
+    """absl's logging functions, which TensorFlow's SavedModel writer calls, run `logging.basicConfig()` when the
+    root logger has no handler: from then on the process printed every warning as "WARNING:tfp_scmix:..." and a
+    user's own `basicConfig` was ignored. A handler that drops records stands on the root logger meanwhile."""
+    import logging
+
+    placeholder = logging.NullHandler()
+    root = logging.getLogger()
+    added = not root.handlers
+    if added:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        if added:
+            root.removeHandler(placeholder)
 
 
 # --------------------------------------------------------------------------------------------
