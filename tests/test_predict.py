@@ -527,3 +527,25 @@ def test_sources_predict_cannot_read_are_refused_with_what_to_pass(small_model, 
     assert "trained on one batch (no batch_key): batch_key='donor' changes nothing" in caplog.text
     assert "its batches" not in caplog.text
     np.testing.assert_allclose(with_key["probs"], scm.predict(small_model, adata)["probs"], atol=1e-6)
+
+
+def test_duplicated_gene_names_get_the_package_error_alone(small_model, embedded_adata, tmp_path):
+    """Data with a gene named twice are refused by the package's error, which names the genes and the fix; anndata's
+    own warning of duplicated names is not repeated for every AnnData the package reads or makes of them (a trial
+    saw it three times before the error)."""
+    import warnings
+
+    names = list(embedded_adata.var_names)
+    names[1] = names[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the user's own AnnData: anndata warns as it is made
+        adata = anndata.AnnData(embedded_adata.X.copy(), var=pd.DataFrame(index=names))
+        adata.write_h5ad(tmp_path / "dup.h5ad")
+    calls = [lambda: scm.predict(small_model, adata), lambda: scm.predict(small_model, tmp_path / "dup.h5ad")]
+    calls.append(lambda: scm.from_anndata(tmp_path / "dup.h5ad", label_key=None))  # training's reader too
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(DataError, match=r"duplicated gene names in the data \(\[.*\]...\); make them unique"):
+                call()
+        assert not [w for w in caught if "not unique" in str(w.message)], calls.index(call)

@@ -7,6 +7,7 @@ the gene vocabulary, integer labels (`-1` where unknown) and integer batch ids. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -14,6 +15,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +89,15 @@ def data_path(name: str) -> Path:
     )
 
 
+@contextlib.contextmanager
+def duplicate_gene_names_unsaid() -> Iterator[None]:
+    """anndata's warning of duplicated var names, hidden: `align_genes` refuses such data with an error that names
+    the genes and the fix, and anndata warned once for each AnnData the package read or made of them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique", category=UserWarning)
+        yield
+
+
 def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndata.AnnData:
     """Read an .h5ad file (`backed="r"`: leave the counts on disk); `path` as for `data_path`.
 
@@ -101,7 +112,8 @@ def read_h5ad(path: str | os.PathLike[str], backed: str | None = None) -> anndat
             "read it with tfp_scmix.read (10x folders and .h5, .loom) and pass the AnnData."
         )
     try:
-        return anndata.read_h5ad(path, backed=backed)
+        with duplicate_gene_names_unsaid():
+            return anndata.read_h5ad(path, backed=backed)
     except Exception as err:  # h5py/anndata raise many types for damaged files
         described = _describe(path)
         hint = (

@@ -33,6 +33,7 @@ from tfp_scmix.data import (
     csr_on,
     csr_rows,
     data_path,
+    duplicate_gene_names_unsaid,
     encode_obs,
     find_counts,
     from_anndata,
@@ -78,6 +79,11 @@ def _first_cells(adata, n: int):
             return _file_rows(matrix.group, 0, n, matrix.shape[1])
         return None
 
+    with duplicate_gene_names_unsaid():  # align_genes names them, with the fix
+        return _first_rows_sample(adata, n, first_rows)
+
+
+def _first_rows_sample(adata, n: int, first_rows):
     rows = None if adata.is_view else [first_rows(adata.X), *map(first_rows, adata.layers.values())]
     raw = None if adata.raw is None or rows is None else first_rows(adata.raw.X)
     if rows is None or any(r is None for r in rows) or (adata.raw is not None and raw is None):
@@ -152,9 +158,10 @@ def _file_sample(slots: dict, names: dict, n: int):
     rows = {slot: _file_rows(group, 0, n, len(names.get(slot, names["X"]))) for slot, group in slots.items()}
     obs = pd.DataFrame(index=pd.RangeIndex(n).astype(str))
     layers = {slot: matrix for slot, matrix in rows.items() if slot not in ("X", "raw")}
-    sample = anndata.AnnData(X=rows["X"], obs=obs, var=pd.DataFrame(index=names["X"]), layers=layers)
-    if "raw" in rows:
-        sample.raw = anndata.AnnData(X=rows["raw"], obs=obs, var=pd.DataFrame(index=names["raw"]))
+    with duplicate_gene_names_unsaid():  # align_genes names them, with the fix
+        sample = anndata.AnnData(X=rows["X"], obs=obs, var=pd.DataFrame(index=names["X"]), layers=layers)
+        if "raw" in rows:
+            sample.raw = anndata.AnnData(X=rows["raw"], obs=obs, var=pd.DataFrame(index=names["raw"]))
     return sample
 
 
