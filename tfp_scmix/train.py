@@ -196,11 +196,12 @@ def _warn_short_training(config: Config) -> None:
     if config.kl_warmup_epochs > config.epochs:
         logger.warning(
             "kl_warmup_epochs (%g) is longer than the training (%d epochs): the KL terms never reach their full "
-            "weight, so the model is less regularised than the ELBO asks. Train for more epochs, or pass "
-            "Config(kl_warmup_epochs=...) at most the epochs (e.g. %g)",
+            "weight, so the model is less regularised than the ELBO asks. Train for at least %g epochs (command "
+            "line: --epochs), or set kl_warmup_epochs to at most the epochs (Config(kl_warmup_epochs=...); a run "
+            "configuration's [model] kl_warmup_epochs)",
             config.kl_warmup_epochs,
             config.epochs,
-            config.epochs / 5,
+            config.kl_warmup_epochs,
         )
 
 

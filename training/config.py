@@ -16,6 +16,7 @@ default is None (global_scale, ...: resolved from the data) or "no batches" is t
 """
 
 import dataclasses
+import difflib
 import inspect
 import tomllib
 import types
@@ -177,7 +178,9 @@ def _section(cls, raw: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}.")
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}{_did_you_mean(unknown, fields)}; known keys: {sorted(fields)}."
+        )
     missing = [
         n
         for n, f in fields.items()
@@ -193,8 +196,15 @@ def _section(cls, raw: dict, where: str):
     return cls(**values)
 
 
-def _settings_table(raw: dict, table: str, allowed: tuple, source: str) -> dict:
-    """The [model] or [training] table, each key a known setting of that table and of the right type."""
+def _did_you_mean(unknown, known) -> str:
+    """ " (did you mean 'epochs'?)" for the known names closest to the unknown ones (difflib), or ""."""
+    close = sorted({m for name in unknown for m in difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)})
+    return f" (did you mean {', '.join(repr(m) for m in close)}?)" if close else ""
+
+
+def _settings_table(raw: dict, table: str, allowed: tuple, source: str, overridden: frozenset = frozenset()) -> dict:
+    """The [model] or [training] table, each key a known setting of that table and of the right type; `overridden`:
+    the "table.key" names that a --set gave (a wrong one is said to come from there, not from the file)."""
     where = f"{source} [{table}]"
     other, elsewhere = ("training", TRAINING_SETTINGS + RUN_SETTINGS) if table == "model" else ("model", MODEL_SETTINGS)
     misplaced = sorted(set(raw) & set(elsewhere))
@@ -203,8 +213,10 @@ def _settings_table(raw: dict, table: str, allowed: tuple, source: str) -> dict:
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown setting(s) {unknown}; [{table}] takes {sorted(allowed)} "
-            "(the settings of tfp_scmix.Config)."
+            f"{where}: unknown setting(s) "
+            f"[{', '.join(repr(n) + (' (from --set)' if f'{table}.{n}' in overridden else '') for n in unknown)}]"
+            f"{_did_you_mean(unknown, allowed)}; [{table}] takes "
+            f"{sorted(allowed)} (the settings of tfp_scmix.Config)."
         )
     for name, value in raw.items():
         _check_value(name, value, setting_type(name), where)
@@ -288,9 +300,10 @@ def from_dict(raw: dict, source: str = "<config>", overrides=()) -> RunConfig:
             f"{source} [data]: n_validation ({data.n_validation}) must be at least 0 and smaller "
             f"than the label budget n_labelled ({data.n_labelled}): it is carved from it."
         )
-    model = _settings_table(raw.get("model", {}), "model", MODEL_SETTINGS, source)
+    overridden = frozenset(a.split("=", 1)[0].strip() for a in overrides)
+    model = _settings_table(raw.get("model", {}), "model", MODEL_SETTINGS, source, overridden)
     training = TrainingConfig(
-        **_settings_table(raw.get("training", {}), "training", TRAINING_SETTINGS + RUN_SETTINGS, source)
+        **_settings_table(raw.get("training", {}), "training", TRAINING_SETTINGS + RUN_SETTINGS, source, overridden)
     )
     search = _section(SearchConfig, dict(raw.get("search", {})), f"{source} [search]")
     if search.algorithm not in ALGORITHMS:

@@ -11,7 +11,11 @@ from training import config
 
 def test_config_rejects_mistakes_with_the_fix(tmp_path, small_config, config_file):
     where = re.escape(f"{config_file} [model]")  # each message names the file and the table
-    with pytest.raises(config.ConfigError, match=rf"{where}: unknown setting\(s\) \['n_topic'\]; \[model\] takes"):
+    with pytest.raises(
+        config.ConfigError,
+        match=rf"{where}: unknown setting\(s\) \['n_topic' \(from --set\)\] "
+        r"\(did you mean 'n_topics'\?\); \[model\] takes",
+    ):
         small_config("model.n_topic=5")
     with pytest.raises(config.ConfigError, match=r"\[model\]: \['epochs'\] belong to \[training\]: move them"):
         small_config("model.epochs=5")
