@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import signal
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -137,6 +139,17 @@ def test_cli_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path / "query.h5ad"), "--out", str(model), "--n-genes", "0"]) == 130
     err = capsys.readouterr().err
     assert f"backed up in {backup}; run the same command again to resume" in err and "Traceback" not in err
+
+    # SIGTERM (kill, a scheduler's stop) is handled as Ctrl-C, with the shell's code 143 (before: a silent death).
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; this is never reached
+
+    monkeypatch.setattr(scm, "train", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", str(tmp_path / "query.h5ad"), "--out", str(model), "--n-genes", "0"]) == 143
+    assert f"backed up in {backup}; run the same command again to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is taken off again
 
 
 def test_cli_trains_in_memory_and_streamed(synthetic_file, tmp_path, capsys):

@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     from tfp_scmix.callbacks import TrainingDiverged  # imports TensorFlow: after --help and --version
 
     try:
-        with _log_to_stderr():
+        with _log_to_stderr(), _terminate_as_interrupt():
             args.func(args)
     except (ValueError, TrainingDiverged) as err:  # DataError, ModelFileError and bad arguments among them
         print(f"error: {err}", file=sys.stderr)
@@ -503,10 +503,35 @@ def main(argv=None) -> int:
     except OSError as err:  # an existing export folder, a full disk, a folder without write permission
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"\n{interrupted(args)}", file=sys.stderr)
-        return 130  # the shell's code for a command stopped by Ctrl-C
+        return 143 if isinstance(err, Terminated) else 130  # the shell's codes for SIGTERM and Ctrl-C
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's stop) during a command: handled as Ctrl-C is, with the same message."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Raise `Terminated` on SIGTERM while a command runs (before: the process died without a word, its backup
+    kept but not said), in the main thread only (the one place Python delivers signals)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted(args) -> str:

@@ -304,8 +304,8 @@ def main(argv=None):
         result = search(cfg, args.max_trials, args.directory, verbose=2 if args.verbose else 1)
     except ValueError as err:  # ConfigError and DataError among them: what is wrong and the fix, in one line
         parser.exit(2, f"error: {err}\n")
-    except KeyboardInterrupt:
-        raise SystemExit("search interrupted: run the same command again to resume it") from None
+    except KeyboardInterrupt:  # 130: the shell's code for Ctrl-C, as tfp-scmix and training.run exit with
+        parser.exit(130, "\nsearch interrupted: run the same command again to resume it\n")
     print(f"search run {result['run_id']} in experiment {cfg.experiment!r} of {store.tracking_uri()}")
     print(
         f"best trial {result['best_trial']} (val_macro_f1 {result['best_value']:.4f}) of "

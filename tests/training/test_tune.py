@@ -179,3 +179,18 @@ def test_a_search_of_no_trials_or_into_a_file_is_refused_at_once(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_:  # a configuration error: one line, not a traceback
         tune.main([str(tmp_path / "missing.toml")])
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_an_interrupted_search_exits_as_the_other_commands_do(monkeypatch, capsys):
+    """Ctrl-C during a search: the shell's code 130 (as tfp-scmix and training.run; it was 1) and how to resume."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "search", interrupt)
+    with pytest.raises(SystemExit) as exit_:
+        tune.main(["training/configs/pbmc68k_reduced.toml"])
+    assert (
+        exit_.value.code == 130
+        and "search interrupted: run the same command again to resume it" in capsys.readouterr().err
+    )
