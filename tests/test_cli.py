@@ -7,6 +7,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 import tfp_scmix as scm
@@ -221,6 +222,16 @@ def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_fi
     assert "missing.h5ad" in capsys.readouterr().err
     assert main(["train", str(path), "--out", str(tmp_path / "model.keras"), "--label-key", "celltype"]) == 2
     assert "no obs column 'celltype'" in capsys.readouterr().err
+    # Counts out of range are refused as the command line is read, before any data (argparse: exit status 2).
+    for option, value, message in [
+        ("--restarts", "0", "must be at least 1, received 0"),
+        ("--epochs", "-1", "must be at least 1, received -1"),
+        ("--topics", "ten", "must be a whole number, received 'ten'"),
+        ("--seed", "-3", "must be at least 0, received -3"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", str(path), "--out", str(tmp_path / "model.keras"), option, value])
+        assert exit_.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

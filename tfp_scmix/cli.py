@@ -273,6 +273,22 @@ def export_cmd(args) -> None:
         say(args, f"logged MLflow model {log_to_experiment(path, args.mlflow_experiment, args.max_cells).model_uri}")
 
 
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum`, refused when the command line is read (before: after
+    the data were read and their genes chosen, seconds to minutes later)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, received {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, received {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(prog="tfp-scmix", description=__doc__.split("\n")[0])
@@ -292,14 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def model_settings(p, topics, batch_size, restarts):
-        p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the cells per model")
-        p.add_argument("--topics", type=int, default=topics, help="topics per model")
-        p.add_argument("--batch-size", type=int, default=batch_size, help="cells per minibatch")
-        p.add_argument("--seed", type=int, default=0, help="random seed (model r gets seed + r)")
-        p.add_argument("--restarts", type=int, default=restarts, help="models averaged (1: a single model)")
+        at_least_1, at_least_0 = whole_number(1), whole_number(0)
+        p.add_argument("--epochs", type=at_least_1, default=defaults.epochs, help="passes over the cells per model")
+        p.add_argument("--topics", type=at_least_1, default=topics, help="topics per model")
+        p.add_argument("--batch-size", type=at_least_1, default=batch_size, help="cells per minibatch")
+        p.add_argument("--seed", type=at_least_0, default=0, help="random seed (model r gets seed + r)")
+        p.add_argument("--restarts", type=at_least_1, default=restarts, help="models averaged (1: a single model)")
         p.add_argument(
             "--classifier-steps",
-            type=int,
+            type=at_least_0,
             default=defaults.classifier_steps,
             help="steps of the classification branch's refit after training, and of annotate's with known labels",
         )
