@@ -61,3 +61,16 @@ def test_a_store_that_cannot_take_runs_is_refused_before_training(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     check_store()  # the default store, mlruns/ of the working directory: made on first use
     assert (tmp_path / "mlruns").is_dir()
+
+
+def test_a_new_store_is_set_up_quietly(tmp_path, monkeypatch, capfd):
+    """MLflow narrates a new SQLite store's set-up at INFO level ("Creating initial MLflow database tables...") through
+    a handler of its own; the package's tracking steps log without it, its warnings kept."""
+    import logging
+
+    for name in tracking.STORE_SET_UP_LOGGERS:  # as in a fresh process, whatever earlier tests did
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.experiment_id("quiet")
+    assert "database tables" not in capfd.readouterr().err
+    assert all(logging.getLogger(name).level == logging.WARNING for name in tracking.STORE_SET_UP_LOGGERS)

@@ -54,6 +54,19 @@ class TrackingStoreError(ValueError):
 SERVER_TIMEOUT = 5.0
 
 
+# MLflow's loggers that narrate a new SQLite store's set-up ("Creating initial MLflow database tables...", alembic's
+# migrations) at INFO level, through a handler of MLflow's own: the runs log quietly, as the package's other steps do.
+STORE_SET_UP_LOGGERS = ("mlflow.store.db.utils", "alembic")
+
+
+def quiet_store_set_up() -> None:
+    """Raise `STORE_SET_UP_LOGGERS` to WARNING (their warnings and errors still print)."""
+    import logging
+
+    for name in STORE_SET_UP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_store(uri: str | None = None) -> None:
     """Check that runs can be logged to the tracking store `uri` (default `tracking_uri()`) before any training.
 
@@ -64,6 +77,7 @@ def check_store(uri: str | None = None) -> None:
     import socket
     from urllib.parse import urlparse
 
+    quiet_store_set_up()
     uri = uri or tracking_uri()
     parsed = urlparse(uri)
     fix = "fix $MLFLOW_TRACKING_URI, or unset it for the default store"
@@ -105,6 +119,7 @@ def experiment_id(name: str) -> str:
     as it was."""
     import mlflow
 
+    quiet_store_set_up()
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
