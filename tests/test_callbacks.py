@@ -221,3 +221,16 @@ def test_progress_bar_into_a_log_writes_its_last_state_once(capsys, monkeypatch)
     records = [r for r in capsys.readouterr().err.replace("\r", "\n").splitlines() if r.strip()]
     assert sum("5/5" in r for r in records) == 1 and "5/5" in records[-1], records
     assert any("4/5" in r for r in records), records
+
+
+def test_progress_bar_counts_the_epochs_of_a_fit_that_had_none_left(capsys):
+    """A run resumed after all its epochs had finished fits no epoch: its bar ended at 0/60 (a trial's log), it now
+    counts them as done."""
+    from tfp_scmix.callbacks import ProgressBar
+
+    bar = ProgressBar(60)
+    bar.set_params({"epochs": 60, "steps": 3, "verbose": 0})
+    bar.on_train_begin()
+    bar.on_train_end()  # Keras, with initial_epoch == epochs: no epoch begins
+    bar.close()
+    assert "60/60" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]

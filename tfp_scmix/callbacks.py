@@ -310,6 +310,10 @@ class ProgressBar(keras.callbacks.Callback):
             self._first = False
             self.bar.update(epoch)
 
+    def on_train_end(self, logs=None):
+        if self._first:  # a resumed fit whose epochs had all finished before: they are done, not left to do
+            self.bar.update((self.params or {}).get("epochs", 0))
+
     def on_epoch_end(self, epoch, logs=None):
         shown = {"loss": "loss", "label_accuracy": "acc"}
         postfix = {short: f"{logs[key]:.3f}" for key, short in shown.items() if key in (logs or {})}
