@@ -377,3 +377,19 @@ def test_ctrl_c_before_any_backup_says_nothing_was_written(tmp_path):
     assert interrupted(args) == "interrupted before the first epoch finished: nothing was written"
     (tmp_path / "ck" / "restart-0" / "state.json").write_text("{}")
     assert interrupted(args).startswith("interrupted: the finished epochs are backed up in")
+
+
+def test_a_status_line_during_a_progress_bar_gets_a_line_of_its_own(capsys):
+    """The command line's INFO and WARNING lines go through tqdm: a line logged while the bar is drawn starts its own
+    line (a trial's log read "...0/60 [00:00<?, ?epoch/s]INFO: resuming training at epoch 20")."""
+    import logging
+
+    from tfp_scmix.callbacks import ProgressBar
+    from tfp_scmix.cli import _log_to_stderr
+
+    with _log_to_stderr():
+        bar = ProgressBar(60)
+        logging.getLogger("tfp_scmix").info("resuming training at epoch 20")
+        bar.close()
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "INFO: resuming training at epoch 20" in lines, lines

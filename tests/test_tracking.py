@@ -30,6 +30,7 @@ def test_log_training_records_params_scores_dataset_and_model(small_model, embed
     assert [m.step for m in history] == list(range(5))  # every epoch
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "pbmc68k.h5ad" and dataset.tags[0].value == "training"
+    assert str(Path("pbmc68k.h5ad").resolve()) in dataset.dataset.source  # absolute: the run is read from anywhere
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"model", "explanations"} <= artifacts
 

@@ -479,6 +479,16 @@ class _Stderr(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def emit(self, record) -> None:
+        """Write the line through tqdm, which lifts an open progress bar off its line first and draws it again
+        below (written plainly, "INFO: resuming training at epoch 20" ran on from the bar's line)."""
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging's own handlers do: a failing record must not stop the command
+            self.handleError(record)
+
 
 @contextlib.contextmanager
 def _log_to_stderr() -> Iterator[None]:

@@ -217,7 +217,9 @@ def log_training(
                 "tfp_scmix.gene_fingerprint": model.gene_fingerprint,
             }
         )
-        mlflow.log_input(dataset(data, name, str(dataset_path) if dataset_path else None), context="training")
+        # The absolute path: a relative one means nothing once the run is read from another folder.
+        source = str(Path(dataset_path).resolve()) if dataset_path else None
+        mlflow.log_input(dataset(data, name, source), context="training")
         summary = getattr(model, "training_summary", None) or {}
         evaluation = {}
         if summary.get("training_accuracy") is not None:
