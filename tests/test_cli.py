@@ -232,6 +232,19 @@ def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_fi
         with pytest.raises(SystemExit) as exit_:
             main(["train", str(path), "--out", str(tmp_path / "model.keras"), option, value])
         assert exit_.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # before the export is written, not after
+        main(
+            [
+                "export",
+                str(tmp_path / "model.keras"),
+                str(tmp_path / "out"),
+                "--mlflow-experiment",
+                "x",
+                "--max-cells",
+                "0",
+            ]
+        )
+    assert exit_.value.code == 2 and "argument --max-cells: must be at least 1, received 0" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

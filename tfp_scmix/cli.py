@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-cells",
-        type=int,
+        type=whole_number(1),
         default=None,
         help="with --mlflow-experiment: the most cells one request may hold; more get HTTP 413",
     )

@@ -62,7 +62,9 @@ def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
     the first `SLOT_SAMPLE` cells, so that every chunk of a prediction reads the same slot. Raises DataError
     as `find_counts` does.
     """
-    slot, _, genes = find_counts(_first_cells(adata, min(adata.n_obs, SLOT_SAMPLE)), counts)
+    with duplicate_gene_names_unsaid():  # the sample repeats the data's gene names; align_genes names duplicates
+        sample = _first_cells(adata, min(adata.n_obs, SLOT_SAMPLE))
+    slot, _, genes = find_counts(sample, counts)
     return slot, genes
 
 
@@ -79,11 +81,6 @@ def _first_cells(adata, n: int):
             return _file_rows(matrix.group, 0, n, matrix.shape[1])
         return None
 
-    with duplicate_gene_names_unsaid():  # align_genes names them, with the fix
-        return _first_rows_sample(adata, n, first_rows)
-
-
-def _first_rows_sample(adata, n: int, first_rows):
     rows = None if adata.is_view else [first_rows(adata.X), *map(first_rows, adata.layers.values())]
     raw = None if adata.raw is None or rows is None else first_rows(adata.raw.X)
     if rows is None or any(r is None for r in rows) or (adata.raw is not None and raw is None):
