@@ -72,11 +72,14 @@ class SCMixEnsemble(keras.Model):
             [m.predict_with(t, inputs, training=training) for m, t in zip(self.members, tables, strict=True)]
         )
 
-    def predict_normalised(self, tables: list[dict[str, tf.Tensor]], xs, training=False) -> dict[str, tf.Tensor]:
-        """`predict_with`'s outputs from each member's normalised counts xs (a list of `[batch, n_genes]`, see
-        `SCMix.predict_normalised`: the members' batch offsets differ)."""
+    def predict_from_product(
+        self, tables: list[dict[str, tf.Tensor]], products, training=False
+    ) -> dict[str, tf.Tensor]:
+        """`predict_with`'s outputs from each member's first-layer product (a list of `[batch, kernel columns]`,
+        see `SCMix.predict_from_product`: the members' batch offsets and kernels differ)."""
         members = [
-            m.predict_normalised(t, x, training=training) for m, t, x in zip(self.members, tables, xs, strict=True)
+            m.predict_from_product(t, p, training=training)
+            for m, t, p in zip(self.members, tables, products, strict=True)
         ]
         return self._average(members)
 

@@ -383,12 +383,15 @@ class SCMix(keras.Model):
         product = self.encoder.first_layer(counts, batch_ids, self.prediction_offsets(), kernel=tables["kernel"])
         return self._predict_from_product(tables, product, training)
 
-    def predict_normalised(self, tables: dict[str, tf.Tensor], x: tf.Tensor, training=False) -> dict[str, tf.Tensor]:
-        """`predict_with`'s outputs from x `[batch, n_genes]`, the cells' counts already normalised as the first
-        layer reads them: `tfp_scmix.data.log_normalised_dense(counts, self.offset_factors(),
-        self.prediction_batches(batch_ids))` (float32, dense). `tfp_scmix.predict` normalises in numpy on the
-        nonzeros only, so that TensorFlow's work per minibatch is the product and what follows it."""
-        return self._predict_from_product(tables, tf.matmul(x, tables["kernel"]), training)
+    def predict_from_product(
+        self, tables: dict[str, tf.Tensor], product: tf.Tensor, training=False
+    ) -> dict[str, tf.Tensor]:
+        """`predict_with`'s outputs from the first layer's product `[batch, tables["kernel"].shape[1]]`: x @
+        tables["kernel"], where x `[batch, n_genes]` is the cells' counts normalised as the first layer reads them,
+        `tfp_scmix.data.log_normalised_dense(counts, self.offset_factors(), self.prediction_batches(batch_ids))`
+        (float32, dense). `tfp_scmix.predict` normalises and multiplies in numpy, so that TensorFlow's work per
+        minibatch is what follows the product (docs/performance.md, "The product in numpy")."""
+        return self._predict_from_product(tables, product, training)
 
     def offset_factors(self) -> np.ndarray:
         """exp(-offsets) `[n_batches + 1, n_genes]` float32 of `prediction_offsets()`: what each batch's counts, and

@@ -429,31 +429,32 @@ def _members(model: SCMix | SCMixEnsemble) -> list[SCMix]:
     return list(model.members) if isinstance(model, SCMixEnsemble) else [model]
 
 
+def _member_tables(tables) -> list:
+    """Each member's `predictive_tables()`: an ensemble's list, or a single model's dictionary in a list."""
+    return tables if isinstance(tables, list) else [tables]
+
+
 def _predict_function(model: SCMix | SCMixEnsemble, tables):
-    """The model's prediction from its members' normalised minibatches (a list of dense `[cells, n_genes]`,
-    `log_normalised_dense`) and its `predictive_tables()`, traced once and compiled by XLA once per number of
-    rows (`_padded_rows` keeps those few): XLA fuses the small operations after the first layer's product,
-    which TensorFlow's graph runs one kernel each (docs/performance.md, "Prediction compiled by XLA")."""
+    """The model's prediction from its members' first-layer products (a list of `[cells, kernel columns]`, each
+    member's normalised minibatch times its `predictive_tables()["kernel"]`, computed in numpy by `_Minibatches`)
+    and its `predictive_tables()`, traced once and compiled by XLA once per number of rows (`_padded_rows` keeps
+    those few): XLA fuses the small operations after the product, which TensorFlow's graph runs one kernel each
+    (docs/performance.md, "Prediction compiled by XLA")."""
     function = _PREDICT_FUNCTIONS.get(model)
     if function is None:
         import tensorflow as tf
 
         owner = weakref.ref(model)  # the function must not keep its model (the dictionary's key) alive
-        spec = tf.TensorSpec([None, model.n_genes], tf.float32)
+        table_specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), tables)
+        product_specs = [tf.TensorSpec([None, t["kernel"].shape[1]], tf.float32) for t in _member_tables(tables)]
 
-        @tf.function(
-            input_signature=[
-                [spec] * len(_members(model)),
-                tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), tables),
-            ],
-            jit_compile=True,
-        )
-        def function(xs, tables):
+        @tf.function(input_signature=[product_specs, table_specs], jit_compile=True)
+        def function(products, tables):
             traced = owner()
             assert traced is not None  # traced while its model is alive: the dictionary holds it only then
             if isinstance(traced, SCMixEnsemble):
-                return traced.predict_normalised(tables, xs)
-            return traced.predict_normalised(tables, xs[0])
+                return traced.predict_from_product(tables, products)
+            return traced.predict_from_product(tables, products[0])
 
         _PREDICT_FUNCTIONS[model] = function
     return function
@@ -487,24 +488,44 @@ def _as_tensor(array: np.ndarray):
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
+_BLAS: list = []  # threadpoolctl's controller of the loaded BLAS libraries, made on first use (`_one_blas_thread`)
+
+
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs each product on the thread that calls it, as `predict`'s workers do
+    (`_Minibatches`): `WORKERS` products on one thread each took less CPU time than on BLAS's own threads, which
+    competed with the workers and TensorFlow's for the cores (docs/performance.md, "The product in numpy").
+    threadpoolctl's limit holds for the process while the context is open. The controller, which lists the
+    process's libraries (about 5 ms), is made once."""
+    from threadpoolctl import ThreadpoolController
+
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 class _Minibatches:
     """Schedules the minibatches of chunks on a pool of threads, `batch_size` cells each, and gathers their outputs
-    `keys`; tables and factors (each member's `offset_factors()`) are taken once per `predict` call.
+    `keys`; tables, their kernels and factors (each member's `offset_factors()`) are taken once per `predict` call.
 
     Each minibatch is normalised for every member on its nonzeros and written dense by numpy
     (`log_normalised_dense`: several times less work than TensorFlow's dense normalisation and sparse-to-dense),
     so a minibatch holds at most `CellEncoder.DENSE_BATCH_LIMIT` entries: fewer cells per minibatch for very
-    many genes. The pool's threads each normalise and predict a minibatch (numpy and TensorFlow release the GIL),
-    so that one's numpy work overlaps another's product."""
+    many genes. numpy then multiplies it by the member's kernel (BLAS, one thread per worker under
+    `_one_blas_thread`), and the traced function (`_predict_function`) computes the rest. The pool's threads each
+    normalise and predict a minibatch (numpy and TensorFlow release the GIL), so that one's normalisation overlaps
+    another's product (docs/performance.md, "The product in numpy")."""
 
     def __init__(self, model, tables, factors, batch_size: int, keys, pool: concurrent.futures.Executor):
         from tfp_scmix.layers.cell import CellEncoder
 
         self.model, self.tables, self.factors, self.keys, self.pool = model, tables, factors, keys, pool
         self.function = _predict_function(model, tables)
+        self.kernels = [np.ascontiguousarray(t["kernel"].numpy(), dtype=np.float32) for t in _member_tables(tables)]
         self.batch_size = max(1, min(batch_size, CellEncoder.DENSE_BATCH_LIMIT // model.n_genes))
-        # Each thread writes its minibatches into its own dense buffers (one per member), reused from one minibatch
-        # to the next: TensorFlow reads them without a copy, and is done with them when the outputs are read back.
+        # Each thread writes its minibatches into its own buffers (the dense minibatch, reused for every member, and
+        # one product per member), reused from one minibatch to the next: TensorFlow reads the products without a
+        # copy, and is done with them when the outputs are read back.
         self.local = threading.local()
 
     def submit(self, chunk: _Chunk) -> list[concurrent.futures.Future]:
@@ -519,15 +540,17 @@ class _Minibatches:
 
     def _predicted(self, chunk: _Chunk, normalisers, start: int, stop: int) -> dict[str, np.ndarray]:
         rows = chunk.rows(start, stop)
-        if not hasattr(self.local, "buffers"):
-            self.local.buffers = [_aligned((self.batch_size, self.model.n_genes)) for _ in normalisers]
+        if not hasattr(self.local, "dense"):
+            self.local.dense = np.empty((self.batch_size, self.model.n_genes), np.float32)
+            self.local.products = [_aligned((self.batch_size, k.shape[1])) for k in self.kernels]
         n, padded = stop - start, _padded_rows(stop - start, self.batch_size)
-        xs = []
-        for (f, b), buffer in zip(normalisers, self.local.buffers, strict=True):
-            log_normalised_dense(rows, f, b[start:stop], out=buffer[:n])
-            buffer[n:padded] = 0  # cells without counts, predicted and dropped
-            xs.append(_as_tensor(buffer[:padded]))
-        out = self.function(xs, self.tables)
+        dense, products = self.local.dense[:padded], []
+        for (f, b), kernel, product in zip(normalisers, self.kernels, self.local.products, strict=True):
+            log_normalised_dense(rows, f, b[start:stop], out=dense[:n])
+            dense[n:] = 0  # cells without counts, predicted and dropped
+            np.matmul(dense, kernel, out=product[:padded])
+            products.append(_as_tensor(product[:padded]))
+        out = self.function(products, self.tables)
         result = {key: out[key].numpy()[:n] for key in self.keys if key in out}
         if "library_size" in self.keys:
             result["library_size"] = np.asarray(rows.sum(axis=1), dtype=np.float32).ravel()
@@ -722,6 +745,7 @@ def predict(
     # that no core waits at a chunk's end. At most three chunks in memory.
     reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     workers = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS)
+    blas = _one_blas_thread()
     try:
         pending = reader.submit(read, *bounds[0])
         tables = model.predictive_tables()  # the posterior draws, once per call
@@ -741,6 +765,7 @@ def predict(
     finally:
         reader.shutdown(cancel_futures=True)
         workers.shutdown(cancel_futures=True)
+        blas.restore_original_limits()
         logger.removeFilter(once)
         if isinstance(source, _H5ADFile):  # after the reader has stopped
             source.close()
