@@ -3,6 +3,7 @@
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import json
 import os
 import sys
@@ -549,3 +550,33 @@ def test_duplicated_gene_names_get_the_package_error_alone(small_model, embedded
             with pytest.raises(DataError, match=r"duplicated gene names in the data \(\[.*\]...\); make them unique"):
                 call()
         assert not [w for w in caught if "not unique" in str(w.message)], calls.index(call)
+
+
+def test_blas_threads_are_limited_while_predicting_and_restored_after(small_model, embedded, monkeypatch):
+    """numpy's BLAS runs on one thread per worker during `predict` (the product in numpy, docs/performance.md) and
+    the process's own setting comes back afterwards, also when the call fails."""
+    from threadpoolctl import threadpool_info
+
+    predict_module = importlib.import_module("tfp_scmix.predict")  # the package's `predict` is the function
+
+    def blas_threads():
+        return sorted(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+    before = blas_threads()
+    seen = []
+    original = predict_module._Minibatches._predicted
+
+    def spy(self, *args):
+        seen.append(blas_threads())
+        return original(self, *args)
+
+    monkeypatch.setattr(predict_module._Minibatches, "_predicted", spy)
+    scm.predict(small_model, embedded.counts[:300])
+    assert seen and all(threads == [1] * len(before) for threads in seen), seen
+    assert blas_threads() == before
+    with pytest.raises(ValueError):
+        scm.predict(small_model, embedded.counts[:300], keys=["probs", "no such output"])
+    monkeypatch.setattr(predict_module._Minibatches, "_predicted", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        scm.predict(small_model, embedded.counts[:300])
+    assert blas_threads() == before
