@@ -580,3 +580,26 @@ def test_blas_threads_are_limited_while_predicting_and_restored_after(small_mode
     with pytest.raises(ZeroDivisionError):
         scm.predict(small_model, embedded.counts[:300])
     assert blas_threads() == before
+
+
+def test_sparse_and_dense_products_give_the_same_predictions(small_model, two_restarts, embedded, monkeypatch):
+    """The first layer's product as CSR (minibatches of at most `SPARSE_PRODUCT_DENSITY` nonzero entries) and as
+    a dense BLAS product are the same prediction to float rounding, for a model and an ensemble; each minibatch
+    takes the route of its own density (the embedded dataset, 33% nonzero over its 765 genes, the dense one; with
+    its counts thinned to a few entries a cell, the CSR one)."""
+    predict_module = importlib.import_module("tfp_scmix.predict")
+    cells = sp.csr_matrix(embedded.counts[:700])
+    thinned = cells.copy()
+    thinned.data[np.random.default_rng(0).random(thinned.nnz) < 0.9] = 0  # about 3% nonzero
+    thinned.eliminate_zeros()
+    for model in (small_model, two_restarts):
+        for counts, default in ((cells, "dense"), (thinned, "sparse")):
+            outputs = {"default": scm.predict(model, counts, batch_size=256)}
+            for route, density in (("sparse", 1.0), ("dense", 0.0)):
+                monkeypatch.setattr(predict_module, "SPARSE_PRODUCT_DENSITY", density)
+                outputs[route] = scm.predict(model, counts, batch_size=256)
+                monkeypatch.undo()
+            np.testing.assert_array_equal(outputs["default"]["probs"], outputs[default]["probs"])
+            np.testing.assert_allclose(outputs["sparse"]["probs"], outputs["dense"]["probs"], atol=1e-5)
+            np.testing.assert_allclose(outputs["sparse"]["cell_topic"], outputs["dense"]["cell_topic"], atol=1e-5)
+            np.testing.assert_array_equal(outputs["sparse"]["label"], outputs["dense"]["label"])

@@ -621,22 +621,16 @@ def csr_rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     return csr_on(csr.data[first:last], csr.indices[first:last], indptr, (stop - start, csr.shape[1]))
 
 
-def log_normalised_dense(
-    counts: sp.csr_matrix,
-    factors: np.ndarray | None = None,
-    batch_ids: np.ndarray | None = None,
-    out: np.ndarray | None = None,
+def log_normalised_values(
+    counts: sp.csr_matrix, factors: np.ndarray | None = None, batch_ids: np.ndarray | None = None
 ) -> np.ndarray:
-    """log1p(CP10k) of CSR counts `[n_cells, n_genes]` with each cell's counts first multiplied by its batch's
-    gene factors, as a dense float32 array `[n_cells, n_genes]`: the input of the encoder's first layer.
+    """The stored entries of CSR counts `[n_cells, n_genes]`, normalised as the encoder's first layer reads them:
+    log1p(CP10k) with each cell's counts first multiplied by its batch's gene factors. float32 `[counts.nnz]`, in
+    the order of `counts.data` (with `counts.indices` and `counts.indptr` the normalised matrix).
 
     factors `[n_batches, n_genes]` (the model's exp(-offsets), `SCMix.offset_factors`; None: all ones);
     batch_ids `[n_cells]` integers into its rows (None: batch 0). The same numbers as the model's TensorFlow
-    `normalise_counts(divide_offsets(...))` to float32 rounding, computed on the nonzeros only (a quarter
-    of the entries of typical counts) and written straight into the dense array (scipy): prediction's input
-    (docs/performance.md, "Prediction normalised in numpy"). out: a C-contiguous float32 array of that shape to
-    fill (overwritten) instead of a new one.
-    """
+    `normalise_counts(divide_offsets(...))` to float32 rounding, computed on the nonzeros only."""
     n_cells, n_genes = counts.shape
     lengths = np.diff(counts.indptr)
     values = np.asarray(counts.data, dtype=np.float32)
@@ -656,8 +650,23 @@ def log_normalised_dense(
         library[filled] = np.add.reduceat(values, counts.indptr[:-1][filled])
     values *= np.repeat(np.float32(1e4) / np.maximum(library, np.float32(1.0)), lengths)
     np.log1p(values, out=values)
+    return values
+
+
+def log_normalised_dense(
+    counts: sp.csr_matrix,
+    factors: np.ndarray | None = None,
+    batch_ids: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """`log_normalised_values` written into a dense float32 array `[n_cells, n_genes]`: the input of the encoder's
+    first layer (computed on the nonzeros, a quarter of the entries of typical counts or fewer, and written straight
+    into the dense array by scipy; docs/performance.md, "Prediction normalised in numpy"). out: a C-contiguous
+    float32 array of that shape to fill (overwritten) instead of a new one.
+    """
+    values = log_normalised_values(counts, factors, batch_ids)
     if out is None:
-        dense = np.zeros((n_cells, n_genes), np.float32)
+        dense = np.zeros(counts.shape, np.float32)
     else:
         dense = out
         dense.fill(0)

@@ -22,3 +22,15 @@ def test_benchmark_writes_readable_h5ad_in_chunks(tmp_path, synthetic_file):
     assert (cells, n_genes) == (700, 150) and density == pytest.approx(panel.nnz / (700 * 150))
     top, _ = gene_panel(data.counts, data.genes, 40)
     assert top.sum() >= np.sort(np.asarray(data.counts.sum(axis=0)).ravel())[-40:].sum() - 1e-3
+
+
+def test_the_selected_panel_is_the_packages_gene_selection(synthetic_file):
+    from experiments.performance.run import selected_panel
+    from tfp_scmix.data import highly_variable_genes
+
+    data, _ = synthetic_file
+    panel, genes = selected_panel(data.counts, data.genes, 50)
+    assert panel.shape == (data.n_cells, 50)
+    assert sorted(genes) == sorted(highly_variable_genes(data.counts, data.genes, 50))
+    columns = [list(data.genes).index(g) for g in genes]
+    assert abs(panel - data.counts[:, columns]).sum() == 0
