@@ -500,8 +500,9 @@ _BLAS: list = []  # threadpoolctl's controller of the loaded BLAS libraries, mad
 
 def _one_blas_thread():
     """A context in which numpy's BLAS runs each product on the thread that calls it, as `predict`'s workers do
-    (`_Minibatches`): `WORKERS` products on one thread each took less CPU time than on BLAS's own threads, which
-    competed with the workers and TensorFlow's for the cores (docs/performance.md, "The product in numpy").
+    (`_Minibatches`): `WORKERS` products on one thread each predicted about 10% more cells a second than products
+    on BLAS's own threads, which competed with the workers and TensorFlow's for the cores (docs/performance.md, "The
+    product in numpy").
     threadpoolctl's limit holds for the process while the context is open. The controller, which lists the
     process's libraries (about 5 ms), is made once."""
     from threadpoolctl import ThreadpoolController
