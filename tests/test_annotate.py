@@ -327,3 +327,17 @@ def test_known_labels_that_cannot_be_used_are_refused(small_model, embedded_adat
     with pytest.raises(ValueError, match="pass label_key with it"):
         scm.annotate(small_model, adata, unlabeled_category="Unknown")
     assert "scmix_label" not in adata.obs  # refused before anything is written
+
+
+def test_a_model_without_a_novelty_detector_says_so(small_model, embedded_adata, caplog):
+    """A member fitted on the plain Keras path carries no novelty detector (`train` fits one): annotate warns that
+    it writes no novelty columns, instead of leaving a user's obs['scmix_novel'] to fail with a KeyError."""
+    adata = embedded_adata.copy()
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        scm.annotate(small_model.members[0], adata)
+    assert "no novelty detector" in caplog.text and "tfp_scmix.train fits one" in caplog.text
+    assert "scmix_novel" not in adata.obs and "scmix_novelty" not in adata.obs
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        scm.annotate(small_model, adata)
+    assert "no novelty detector" not in caplog.text and "scmix_novel" in adata.obs

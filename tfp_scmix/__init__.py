@@ -80,6 +80,7 @@ _NAMES = {
     "Config": "config",
     "SCMix": "model",
     "SCMixEnsemble": "ensemble",
+    "NotTrainedError": "ensemble",
     "ModelFileError": "io",
     "load_model": "io",
     "save_model": "io",
@@ -162,7 +163,7 @@ if TYPE_CHECKING:
     from tfp_scmix.annotate import annotate
     from tfp_scmix.config import Config
     from tfp_scmix.data import DataError, SCData, from_anndata, read
-    from tfp_scmix.ensemble import SCMixEnsemble
+    from tfp_scmix.ensemble import NotTrainedError, SCMixEnsemble
     from tfp_scmix.io import ModelFileError, load_model, save_model
     from tfp_scmix.model import SCMix
     from tfp_scmix.predict import predict
@@ -191,6 +192,7 @@ __all__ = [
     "Config",
     "DataError",
     "ModelFileError",
+    "NotTrainedError",
     "SCData",
     "SCMix",
     "SCMixEnsemble",

@@ -53,7 +53,7 @@ from tfp_scmix.data import (
     missing_values,
     read,
 )
-from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
@@ -312,7 +312,7 @@ def annotate(
         )
     clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
     known = _known_labels(adata, model, label_key, unlabeled_category) if label_key is not None else None
-    ensemble = as_ensemble(model)
+    ensemble = trained(model, "annotate")
     slot, slot_genes = counts_slot(adata, counts)
     keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
     out = predict(
@@ -359,7 +359,13 @@ def annotate(
         adata.obs[f"{key}_novelty"] = out["novelty"].astype(np.float32)
         adata.obs[f"{key}_novel"] = novel
     else:
-        logger.info("the model has no novelty detector (train it with tfp_scmix.train): no %s_novel column", key)
+        logger.warning(
+            "the model carries no novelty detector, so obs['%s_novelty'] and obs['%s_novel'] are not written: "
+            "tfp_scmix.train fits one on the labelled cells (a model fitted on the plain Keras path, or trained on "
+            "too few labelled cells, has none)",
+            key,
+            key,
+        )
     adata.obs[f"{key}_low_counts"] = low_counts
     features = log_ratio_features(out["cell_topic"], len(ensemble.members)).astype(np.float32)
     adata.obsm[f"X_{key}"] = features
@@ -372,9 +378,10 @@ def annotate(
     adata.varm[f"{key}_topic_gene"] = varm
     if (smooth or majority_voting) and adata.n_obs <= N_NEIGHBORS:
         logger.warning(
-            "%d cells: too few for smoothing or majority voting over their neighbours (%d neighbours a cell by "
+            "%d cell%s: too few for smoothing or majority voting over their neighbours (%d neighbours a cell by "
             "default) to mean much; annotate the whole dataset together",
             adata.n_obs,
+            "" if adata.n_obs == 1 else "s",
             N_NEIGHBORS,
         )
     _drop_stale(

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tfp_scmix.data import FEW_LABELS
-from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble
+from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path, write_csv
 from tfp_scmix.model import SCMix
 
@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[str, SCMix]]:
-    """(topic-name prefix, member) pairs to explain. Raises IndexError for a member the model lacks."""
-    members = as_ensemble(model).members
+    """(topic-name prefix, member) pairs to explain. Raises IndexError for a member the model lacks, NotTrainedError
+    (a ValueError) for a model that has not been trained."""
+    members = trained(model, "explain").members
     if member is not None:
         if not -len(members) <= member < len(members):
             raise IndexError(f"member {member} out of range: the model has {len(members)} member(s)")

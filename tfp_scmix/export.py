@@ -146,10 +146,13 @@ def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bo
 
     Signatures and assets: see the module docstring. Outputs are deterministic posterior means. Raises
     FileExistsError when `path` exists and `overwrite` is false (`tfp_scmix.io.atomic_directory`); on any
-    error `path` is left as it was.
+    error `path` is left as it was. Raises NotTrainedError (a ValueError) for a model that has not been trained.
     """
     import tensorflow as tf
 
+    from tfp_scmix.ensemble import trained
+
+    trained(model, "export")
     with atomic_directory(path, overwrite) as tmp:
         with tempfile.TemporaryDirectory(prefix="tfp_scmix_assets-") as asset_dir:
             module, signatures = _serving_module(model, Path(asset_dir))

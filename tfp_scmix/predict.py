@@ -42,7 +42,7 @@ from tfp_scmix.data import (
     log_normalised_values,
     read_h5ad,
 )
-from tfp_scmix.ensemble import SCMixEnsemble
+from tfp_scmix.ensemble import SCMixEnsemble, trained
 from tfp_scmix.model import SCMix
 from tfp_scmix.stream import SLOT_SAMPLE, H5ADStream, frame_columns, frame_index
 
@@ -706,9 +706,11 @@ def predict(
     Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width, no cells, a `batch_key` that is not an obs column or a
     cell without a batch there; ValueError for a `chunk_size`, `batch_size` or `min_gene_fraction` out of range,
-    an unknown key, or `batch_key` with an `SCData` or a matrix; TypeError for a `source` of another kind (an
-    `H5ADStream`: pass its path).
+    an unknown key, or `batch_key` with an `SCData` or a matrix; NotTrainedError (a ValueError) for a model that
+    has not been trained; TypeError for a `source` of another kind (an `H5ADStream`: pass its path) or a `model`
+    that is not one.
     """
+    trained(model, "predict")
     check_argument("chunk_size", chunk_size, 1, integer=True)
     check_argument("batch_size", batch_size, 1, integer=True)
     check_argument("min_gene_fraction", min_gene_fraction, 0, 1)
