@@ -114,6 +114,7 @@ def test_class_gene_weights_rank_each_class_by_its_gene_weight_contrast(two_rest
     one = two_restarts.members[1].classifier.gene_weights.numpy()
     np.testing.assert_allclose(first.contrast.iloc[0], (one[0] - one.mean(axis=0)).max(), rtol=1e-6)
     topics_only = scm.SCMix.from_data(embedded, scm.Config(n_topics=4, classifier_genes=False))
+    topics_only.cells_seen.assign(1.0)  # as if trained: the branch's kind is refused, not the untrained model
     with pytest.raises(ValueError, match="reads topics only .* use class_genes"):
         explain.class_gene_weights(topics_only)
 
