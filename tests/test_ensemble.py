@@ -94,7 +94,12 @@ def test_an_untrained_model_is_refused_where_its_calls_are_used(two_restarts, em
     mixed = SCMixEnsemble([two_restarts.members[0], untrained])
     with pytest.raises(NotTrainedError, match=r"member\(s\) \[1\] of the ensemble"):
         scm.predict(mixed, embedded)
-    assert trained(two_restarts, "predict") is two_restarts
+    assert (
+        trained(two_restarts, "predict") is two_restarts
+        and trained(two_restarts.members[0], "x") is two_restarts.members[0]
+    )
+    with pytest.raises(TypeError, match="expected a model"):
+        trained("model.keras", "predict")
     save_model(untrained, tmp_path / "untrained.keras")  # a model may be saved before it is trained
     with pytest.raises(NotTrainedError):
         scm.predict(load_model(tmp_path / "untrained.keras"), embedded)

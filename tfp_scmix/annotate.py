@@ -312,7 +312,7 @@ def annotate(
         )
     clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
     known = _known_labels(adata, model, label_key, unlabeled_category) if label_key is not None else None
-    ensemble = trained(model, "annotate")
+    ensemble = as_ensemble(trained(model, "annotate"))
     slot, slot_genes = counts_slot(adata, counts)
     keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
     out = predict(

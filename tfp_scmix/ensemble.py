@@ -129,21 +129,27 @@ class NotTrainedError(ValueError):
     """A model that has not been trained was given where a trained one is needed (`trained`)."""
 
 
-def trained(model: SCMix | SCMixEnsemble, action: str) -> SCMixEnsemble:
-    """`as_ensemble(model)` once every member has been trained: has taken at least one training step
-    (`SCMix.cells_seen`, the cells its training steps have read, above zero).
+def trained(model: SCMix | SCMixEnsemble, action: str) -> SCMix | SCMixEnsemble:
+    """`model` itself once every member has been trained: has taken at least one training step (`SCMix.cells_seen`,
+    the cells its training steps have read, above zero).
 
     action: what the caller does with the model, for the message ("predict", "explain", ...). An untrained
     model's calls are its random initial weights: confident-looking labels with no meaning, and gene weights of 0.
-    Raises NotTrainedError (a ValueError) for a model with an untrained member, TypeError as `as_ensemble`."""
-    ensemble = as_ensemble(model)
-    untrained = [i for i, m in enumerate(ensemble.members) if not float(m.cells_seen.numpy()) > 0]
+    Raises NotTrainedError (a ValueError) for a model with an untrained member, TypeError as `as_ensemble` for
+    something that is not a model."""
+    if isinstance(model, SCMixEnsemble):
+        members = model.members
+    elif isinstance(model, SCMix):
+        members = [model]  # not wrapped in an ensemble: building a Keras model costs milliseconds a call
+    else:
+        members = as_ensemble(model).members  # raises its TypeError: not a model
+    untrained = [i for i, m in enumerate(members) if not float(m.cells_seen.numpy()) > 0]
     if untrained:
-        which = "the model" if len(ensemble.members) == 1 else f"member(s) {untrained} of the ensemble"
+        which = "the model" if len(members) == 1 else f"member(s) {untrained} of the ensemble"
         raise NotTrainedError(
             f"cannot {action}: {which} has not been trained (no training step has read a cell), so its calls "
             "would be its random initial weights. Train it first: model = tfp_scmix.train(data, ...), or on the "
             "plain Keras path model.fit(data.dataset(...), ...) (README), or load a trained one with "
             "tfp_scmix.load_model(path)."
         )
-    return ensemble
+    return model

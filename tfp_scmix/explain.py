@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def _explained(model: SCMix | SCMixEnsemble, member: int | None) -> list[tuple[str, SCMix]]:
     """(topic-name prefix, member) pairs to explain. Raises IndexError for a member the model lacks, NotTrainedError
     (a ValueError) for a model that has not been trained."""
-    members = trained(model, "explain").members
+    members = as_ensemble(trained(model, "explain")).members
     if member is not None:
         if not -len(members) <= member < len(members):
             raise IndexError(f"member {member} out of range: the model has {len(members)} member(s)")
