@@ -246,6 +246,15 @@ def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_fi
         )
     assert exit_.value.code == 2 and "argument --max-cells: must be at least 1, received 0" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    # An existing model is not replaced by a new training unless asked (a trial lost a model to a typo in --out).
+    existing = tmp_path / "kept.keras"
+    existing.write_bytes(b"a model of hours")
+    assert main(["train", str(path), "--out", str(existing), "--epochs", "1"]) == 2
+    assert "kept.keras already exists: pass --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"a model of hours"
+    # explain's --out onto a file: what to name instead (was "[Errno 17] File exists").
+    assert main(["explain", str(existing), "--out", str(existing)]) == 2
+    assert "is a file: name a folder" in capsys.readouterr().err
 
 
 def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthetic_file, tmp_path):
@@ -376,6 +385,26 @@ def test_run_script_help_lists_the_commands_without_installing():
     assert "./run demo" in help_text.stdout and "./run test" in help_text.stdout and not help_text.stderr
     refused = subprocess.run(["bash", "run", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown option --bogus; ./run --help lists the commands" in refused.stderr
+
+
+def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in a command's first seconds, while TensorFlow is imported, printed an 80-line traceback."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "tfp_scmix.callbacks":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    (tmp_path / "model.keras").write_bytes(b"stands in")
+    (tmp_path / "data.h5ad").write_bytes(b"stands in")
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    out = str(tmp_path / "annotated.h5ad")
+    assert main(["annotate", str(tmp_path / "model.keras"), str(tmp_path / "data.h5ad"), "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: nothing was written to {out}" in err and "Traceback" not in err
 
 
 def test_ctrl_c_before_any_backup_says_nothing_was_written(tmp_path):

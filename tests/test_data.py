@@ -201,7 +201,8 @@ def test_gene_alignment_fills_missing_and_reports(caplog):
     align_genes(sp.csr_matrix(np.ones((2, 10), np.float32)), ten, [*ten[:9], "NEW"])  # 90% found: no hint
     assert "9 of 10 model genes" in caplog.text and "shared-genes" not in caplog.text
     with pytest.raises(
-        DataError, match="only 1 of the model's 3 genes.*genes both datasets measure.*min_gene_fraction"
+        DataError,
+        match="only 1 of the model.s 3 genes.*genes both datasets measure.*train --shared-genes.*min_gene_fraction",
     ):
         align_genes(counts, ["G0", "G1", "G2", "G3"], ["G0", "X", "Y"])
     with pytest.raises(DataError, match="Ensembl"):

@@ -176,3 +176,8 @@ def test_the_confusion_figure_puts_agreeing_calls_on_its_diagonal(tmp_path):
     counts = explain.plot_confusion(adata, "truth", tmp_path / "confusion.png")
     assert list(counts.columns) == order and list(counts.index) == [*order, "Platelets"]
     assert np.diag(counts.to_numpy()[:4]).tolist() == [1, 1, 1, 1]
+    # Cells marked unlabelled (a value such as "Unknown", `--unlabeled-category`) are left out like NaN: a trial's
+    # confusion plot had an "Unknown (2488)" row and a share of agreeing names over all cells.
+    adata.obs["truth"] = ["B cells", "Unknown", "Unknown", "CD14+ Monocytes", "CD8 T cells", "Unknown"]
+    counts = explain.plot_confusion(adata, "truth", tmp_path / "confusion.png", unlabeled_category="Unknown")
+    assert "Unknown" not in counts.index and counts.to_numpy().sum() == 3

@@ -95,6 +95,11 @@ def train(args) -> None:
     from tfp_scmix.stream import H5ADStream
 
     check_model_path(args.out)  # before hours of training, not after
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(
+            f"{args.out} already exists: pass --overwrite to replace it with the model this command trains, or "
+            "choose another --out"
+        )
     if args.mlflow:
         from tfp_scmix import tracking
 
@@ -248,13 +253,19 @@ def annotate(args) -> None:
 def explain_cmd(args) -> None:
     from tfp_scmix import explain
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # before loading the model
+        raise ValueError(f"--out {args.out} is a file: name a folder for the tables and figures (made if missing)")
     model = scm.load_model(args.model)
     paths = {}
     if args.data:  # the data's figures first: they check the data (and --label-key) before writing anything
         adata = scm.read(args.data)
         if "scmix_label" not in adata.obs:
             adata = scm.annotate(model, adata, counts=args.counts)
-        paths.update(explain.write_data_figures(model, adata, args.out, label_key=args.label_key))
+        paths.update(
+            explain.write_data_figures(
+                model, adata, args.out, label_key=args.label_key, unlabeled_category=args.unlabeled_category
+            )
+        )
     paths = {**explain.write_explanations(model, args.out, n_genes=args.top_genes), **paths}
     say(args, "\n".join(str(p) for p in paths.values()))
 
@@ -369,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="back up every epoch here (default: .OUT.checkpoints beside --out); the same command after a kill "
         "resumes from the last finished epoch",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     p.add_argument("--mlflow", action="store_true", help="log the run to MLflow (tfp_scmix.tracking)")
     p.add_argument("--mlflow-experiment", default="tfp_scmix", help="MLflow experiment name (with --mlflow)")
     verbose(p, 1)
@@ -424,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-genes", type=int, default=30, help="genes listed per topic")
     p.add_argument("--data", default=None, help="also draw figures of this dataset (annotated first if needed)")
     p.add_argument("--label-key", default=None, help="obs column of known labels to compare with (with --data)")
+    p.add_argument(
+        "--unlabeled-category",
+        default=None,
+        help="the label value of cells without a known label (e.g. Unknown), left out of the comparison",
+    )
     p.add_argument("--counts", default=None, help="where the raw counts of --data are (default: detect)")
     p.set_defaults(func=explain_cmd)
 
@@ -519,7 +536,11 @@ def main(argv=None) -> int:
     if args.verbose >= 2 and "tensorflow" not in sys.modules:
         os.environ[scm.VERBOSE_ENV] = "1"
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    from tfp_scmix.callbacks import TrainingDiverged  # imports TensorFlow: after --help and --version
+    try:
+        from tfp_scmix.callbacks import TrainingDiverged  # imports TensorFlow: after --help and --version
+    except KeyboardInterrupt:  # Ctrl-C in the first seconds, while TensorFlow loads: nothing has been done yet
+        print(f"\n{interrupted(args)}", file=sys.stderr)
+        return 130
 
     try:
         with _log_to_stderr(), _terminate_as_interrupt():

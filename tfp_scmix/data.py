@@ -537,9 +537,10 @@ def align_genes(
     if fraction < min_fraction:
         hint = naming_hint(genes, vocabulary) or (
             " If the data measure fewer genes (another panel or lab), train the model on the genes both "
-            "datasets measure (subset the training AnnData to them before `from_anndata`), or accept the "
-            "missing genes as zero counts with a lower `min_gene_fraction=` (`--min-gene-fraction`): the "
-            "calls then rest on the genes present."
+            "datasets measure (command line: train --shared-genes QUERY; in Python, subset the training AnnData "
+            "to them before `from_anndata`, the README's 'Across datasets'), or accept the missing genes as zero "
+            "counts with a lower `min_gene_fraction=` (`--min-gene-fraction`): the calls then rest on the genes "
+            "present."
         )
         raise DataError(
             f"only {present.sum()} of the model's {len(vocabulary)} genes "

@@ -437,15 +437,20 @@ def plot_embedding(adata, path, key: str = "scmix", basis: str | None = None) ->
     _save_figure(fig, path)
 
 
-def plot_confusion(adata, label_key: str, path, key: str = "scmix") -> pd.DataFrame:
+def plot_confusion(
+    adata, label_key: str, path, key: str = "scmix", unlabeled_category: str | None = None
+) -> pd.DataFrame:
     """Row-normalised confusion matrix (PNG) of obs[label_key] (rows, any labels) against the predicted
     labels (columns, in the model's class order; rows whose name is a predicted class in the same order, so that
     agreeing calls lie on the diagonal, then the other labels); returns the counts table. Cells without a label
-    (NaN) are left out; cells the model was trained on count too when the column holds their labels (the title
-    says so: not a held-out score). Raises DataError when `adata` is not annotated or has no obs[label_key]."""
+    (NaN, or the value `unlabeled_category`, e.g. "Unknown") are left out; cells the model was trained on count
+    too when the column holds their labels (the title says so: not a held-out score). Raises DataError when
+    `adata` is not annotated or has no obs[label_key]."""
     _require_annotated(adata, key, label_key)
     plt = _pyplot()
     known = adata.obs[label_key].notna().to_numpy()
+    if unlabeled_category is not None:
+        known &= adata.obs[label_key].astype(str).to_numpy() != str(unlabeled_category)
     counts = pd.crosstab(
         adata.obs[label_key][known].astype(str), adata.obs[f"{key}_label"][known].astype(str), dropna=False
     )
@@ -541,13 +546,19 @@ def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, ke
 
 
 def write_data_figures(
-    model: SCMix | SCMixEnsemble, adata, folder, label_key: str | None = None, key: str = "scmix", counts=None
+    model: SCMix | SCMixEnsemble,
+    adata,
+    folder,
+    label_key: str | None = None,
+    key: str = "scmix",
+    counts=None,
+    unlabeled_category: str | None = None,
 ) -> dict[str, Path]:
     """Figures of an annotated AnnData (`tfp_scmix.annotate` output) into `folder`; returns their paths:
     embedding.png (`plot_embedding`), confidence.png, dotplot.png, and with `label_key` (an obs column of
-    known labels) confusion.png and, for the cells whose label is one of the model's classes,
-    reliability.png (`evaluate.reliability_diagram`). Raises DataError when `adata` is not annotated or
-    `label_key` is not an obs column, before any file is written."""
+    known labels; cells whose label is NaN or `unlabeled_category` left out) confusion.png and, for the cells whose
+    label is one of the model's classes, reliability.png (`evaluate.reliability_diagram`). Raises DataError when
+    `adata` is not annotated or `label_key` is not an obs column, before any file is written."""
     from tfp_scmix.evaluate import reliability_diagram
 
     stored = any(k in adata.obsm for k in (f"X_{key}_umap", f"X_{key}_tsne"))
@@ -562,7 +573,7 @@ def write_data_figures(
     plot_dotplot(model, adata, paths["dotplot_png"], key=key, counts=counts)
     if label_key is not None:
         paths["confusion_png"] = folder / "confusion.png"
-        plot_confusion(adata, label_key, paths["confusion_png"], key)
+        plot_confusion(adata, label_key, paths["confusion_png"], key, unlabeled_category)
         truth = adata.obs[label_key].astype(str).to_numpy()
         lookup = {c: i for i, c in enumerate(model.class_names)}
         known = np.array([t in lookup for t in truth])
