@@ -234,3 +234,15 @@ def test_progress_bar_counts_the_epochs_of_a_fit_that_had_none_left(capsys):
     bar.on_train_end()  # Keras, with initial_epoch == epochs: no epoch begins
     bar.close()
     assert "60/60" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
+def test_a_backup_of_another_run_names_the_settings_that_differ():
+    """The message said only "it differs in ['model']" (a trial could not tell which setting it was)."""
+    import json
+
+    from tfp_scmix.callbacks import _differences
+
+    saved = {"model": json.dumps({"config": {"epochs": 100, "n_topics": 50}, "seed": 0}), "data": "a"}
+    now = {"model": json.dumps({"config": {"epochs": 5, "n_topics": 50}, "seed": 0}), "data": "b"}
+    said = _differences(saved, now, ["data", "model"])
+    assert said == "'data'; model's config.epochs: 100 in the backup, 5 now"

@@ -196,6 +196,14 @@ def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted
     assert annotated.obs["scmix_label"].notna().all() and annotated.uns["scmix"]["gene_coverage"] == 1.0
     assert len(annotated.uns["scmix"]["model_adapted_to"]) == 1  # the call says its model was adapted
     assert scm.load_model(model_path).members[0].sizes["n_batches"] == 1  # the file is unchanged
+    # A second annotation under another prefix keeps the first's results; what smoothing changed is said.
+    again = ["annotate", str(model_path), str(out), "--out", str(out), "--key-added", "second", "--smooth"]
+    assert main([*again, "--unassign-flagged"]) == 0
+    said = capsys.readouterr().out
+    assert "smoothed over the neighbours:" in said and "calls differ (obs second_smoothed)" in said
+    assert "--unassign-flagged makes them" not in said
+    both = anndata.read_h5ad(out)
+    assert {"scmix_label", "second_label", "second_smoothed"} <= set(both.obs) and "second" in both.uns
     # Too few shared genes are refused with the reason, before training: none; or two, where the other dataset
     # writes the rest in another case (another species' symbols: it trained on 2 genes and failed midway);
     # --stream cannot select genes.

@@ -9,6 +9,7 @@ import signal
 import zipfile
 from pathlib import Path
 
+import anndata
 import h5py
 import keras
 import numpy as np
@@ -92,6 +93,11 @@ def test_load_model_refuses_missing_truncated_foreign_and_legacy_files(saved, tm
         f["model_weights"] = np.zeros(3)
     with pytest.raises(ModelFileError, match="HDF5 file"):
         load_model(legacy)
+    # The data given where the model goes (the command line's arguments swapped): said so, not "corrupt".
+    data = tmp_path / "data.h5ad"
+    anndata.AnnData(np.ones((3, 2), np.float32)).write_h5ad(data)
+    with pytest.raises(ModelFileError, match="is a dataset .* not a model: pass the model .* first"):
+        load_model(data)
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     other.save(tmp_path / "other.keras")
     with pytest.raises(ModelFileError, match="not a tfp_scmix SCMix model"):

@@ -506,7 +506,7 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
     if removed:  # an earlier call's results, replaced by nothing: say so (key_added= keeps both calls)
         logger.warning(
             "removed %s of an earlier annotate call: this call does not write %s (its options differ); pass "
-            "key_added= to keep the results of both calls",
+            "key_added= (command line: --key-added) to keep the results of both calls",
             ", ".join(f"obs[{name!r}]" for name in removed),
             "them" if len(removed) > 1 else "it",
         )

@@ -143,6 +143,39 @@ class StopOnDivergence(keras.callbacks.Callback):
             raise TrainingDiverged(self.message)
 
 
+def _differences(saved: dict, now: dict, keys: list[str]) -> str:
+    """What differs between a backup's run and this one, for a message: the model's settings by name with their two
+    values ("model's epochs: 100 in the backup, 5 now"), the other parts of the run by name."""
+    parts = []
+    for key in keys:
+        if key != "model":
+            parts.append(repr(key))
+            continue
+        try:
+            before, after = json.loads(saved.get("model") or "{}"), json.loads(now.get("model") or "{}")
+        except (TypeError, ValueError):
+            parts.append("'model'")
+            continue
+        flat_before, flat_after = _flat(before), _flat(after)
+        changed = [k for k in sorted(set(flat_before) | set(flat_after)) if flat_before.get(k) != flat_after.get(k)]
+        parts.extend(
+            f"model's {k}: {flat_before.get(k)!r} in the backup, {flat_after.get(k)!r} now" for k in changed[:5]
+        )
+        if len(changed) > 5:
+            parts.append(f"{len(changed) - 5} more of the model's settings")
+    return "; ".join(parts)
+
+
+def _flat(config, prefix: str = "") -> dict:
+    """A nested configuration as {"config.epochs": 100, ...}: the settings a backup records, by their paths."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict = {}
+    for key, value in config.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     """Resume an interrupted `fit` from its last finished epoch: keras's BackupAndRestore, made exact.
 
@@ -217,7 +250,8 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
             differ = sorted(k for k in set(key) | set(state["run"]) if key.get(k) != state["run"].get(k))
             raise ModelFileError(
                 f"{self.root} holds the backup of another training run (it differs in "
-                f"{differ}); delete it to train from the start, or pass this run's backup_dir."
+                f"{_differences(state['run'], key, differ)}); delete it to train from the start, or pass this run's "
+                "backup_dir (command line: --checkpoint-dir)."
             )
         _build_optimizers(self.model)
         with warnings.catch_warnings(record=True) as caught:

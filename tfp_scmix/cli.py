@@ -235,18 +235,26 @@ def annotate(args) -> None:
             unlabeled_category=args.unlabeled_category,
             batch_key=args.batch_key,
             min_gene_fraction=args.min_gene_fraction,
+            key_added=args.key_added,
         )
-        write_h5ad(adata, args.out)
+        write_h5ad(adata, args.out, key_added=args.key_added)
     finally:
         if backed:
             adata.file.close()
-    say(args, adata.obs["scmix_label"].value_counts().to_string())
-    if "scmix_with_labels" in adata.obs:
-        changed = int((adata.obs["scmix_with_labels"].astype(str) != adata.obs["scmix_label"].astype(str)).sum())
-        say(args, f"with the known labels of obs[{args.label_key!r}]: {changed} calls differ (obs scmix_with_labels)")
-    flags = [f"{int(adata.obs[c].sum())} {c}" for c in ("scmix_novel", "scmix_low_counts") if c in adata.obs]
+    key = args.key_added
+    say(args, adata.obs[f"{key}_label"].value_counts().to_string())
+    for column, what in (
+        ("smoothed", "smoothed over the neighbours"),
+        ("majority_voting", "by majority voting"),
+        ("with_labels", f"with the known labels of obs[{args.label_key!r}]"),
+    ):
+        if f"{key}_{column}" in adata.obs:
+            changed = int((adata.obs[f"{key}_{column}"].astype(str) != adata.obs[f"{key}_label"].astype(str)).sum())
+            say(args, f"{what}: {changed} calls differ (obs {key}_{column})")
+    flags = [f"{int(adata.obs[c].sum())} {c}" for c in (f"{key}_novel", f"{key}_low_counts") if c in adata.obs]
     if flags:
-        say(args, f"flagged: {', '.join(flags)} (obs columns; --unassign-flagged makes them unassigned)")
+        unassigned = "labelled unassigned" if args.unassign_flagged else "--unassign-flagged makes them unassigned"
+        say(args, f"flagged: {', '.join(flags)} (obs columns; {unassigned})")
     say(args, f"annotated dataset written to {args.out}")
 
 
@@ -427,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="the fraction of the model's genes the data must measure (the rest count as zeros)",
+    )
+    p.add_argument(
+        "--key-added",
+        default="scmix",
+        help="prefix of every obs, obsm and uns name written (default scmix); another prefix keeps an earlier "
+        "annotation's results beside this one's",
     )
     p.set_defaults(func=annotate)
 

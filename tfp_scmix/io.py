@@ -248,11 +248,27 @@ def _weight_floats(config: dict) -> int:
     return genes * (2 * sizes["n_topics"] + sizes["hidden_units"] + 2 * sizes["n_batches"])
 
 
+def _is_anndata(path: Path) -> bool:
+    """Whether the HDF5 file at `path` holds an AnnData (its "obs" and "var" groups); False where it cannot be read."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "obs" in f and "var" in f
+    except (OSError, ValueError):
+        return False
+
+
 def _read_archive(path: Path) -> tuple[dict, dict]:
     """(config, metadata) of a .keras archive, or ModelFileError for a file that is not one."""
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(8)
+        if head.startswith(b"\x89HDF") and _is_anndata(path):
+            raise ModelFileError(
+                f"{path} is a dataset (an AnnData .h5ad file), not a model: pass the model (.keras) first and the "
+                "data second (tfp-scmix annotate MODEL.keras DATA.h5ad; load_model reads the model)."
+            )
         kind = (
             "an HDF5 file (the legacy .h5 format of Keras 2?)"
             if head.startswith(b"\x89HDF")
