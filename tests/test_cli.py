@@ -229,7 +229,7 @@ def test_cli_train_refuses_a_bad_model_path_or_data_before_training(synthetic_fi
     assert main(["train", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "model.keras")]) == 2
     assert "missing.h5ad" in capsys.readouterr().err
     assert main(["train", str(path), "--out", str(tmp_path / "model.keras"), "--label-key", "celltype"]) == 2
-    assert "no obs column 'celltype'" in capsys.readouterr().err
+    assert "no obs column 'celltype' in " in (err := capsys.readouterr().err) and "(did you mean 'cell_type'?)" in err
     # Counts out of range are refused as the command line is read, before any data (argparse: exit status 2).
     for option, value, message in [
         ("--restarts", "0", "must be at least 1, received 0"),

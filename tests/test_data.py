@@ -484,3 +484,11 @@ def test_class_names_written_two_ways_are_warned_of(caplog):
     assert "'B cells' (30 cells) and 'B cell' (3 cells) look like one type written 2 ways" in caplog.text
     assert "'NK cells' (20 cells) and 'NK  cells' (2 cells)" in caplog.text
     assert "CD4" not in caplog.text  # CD4+ and CD4 are kept apart
+
+
+def test_did_you_mean_prefers_the_same_name_in_another_case():
+    from tfp_scmix.data import did_you_mean
+
+    assert did_you_mean(["cell_type"], ["truth", "Cell_Type"]) == " (did you mean 'Cell_Type'?)"
+    assert did_you_mean(["celltype"], ["cell_type", "batch"]) == " (did you mean 'cell_type'?)"
+    assert did_you_mean(["donor"], ["cell_type", "batch"]) == ""

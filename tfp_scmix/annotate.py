@@ -49,6 +49,7 @@ from tfp_scmix.data import (
     DataError,
     SCData,
     check_argument,
+    did_you_mean,
     encode_labels,
     missing_values,
     read,
@@ -524,7 +525,8 @@ def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) 
     """Class indices `[n_cells]` of the model's classes from obs[label_key], -1 where unlabelled."""
     if label_key not in adata.obs:
         raise DataError(
-            f"no obs column {label_key!r} of known labels (columns: {list(adata.obs.columns)}); pass the column "
+            f"no obs column {label_key!r} of known labels{did_you_mean([label_key], adata.obs.columns)} (columns: "
+            f"{list(adata.obs.columns)}); pass the column "
             "that holds the cell types of the labelled cells, or leave label_key out."
         )
     unknown = () if unlabeled_category is None else (unlabeled_category,)
@@ -556,7 +558,8 @@ def _clusters(adata, over_clustering) -> np.ndarray:
     if isinstance(over_clustering, str):
         if over_clustering not in adata.obs:
             raise DataError(
-                f"no obs column {over_clustering!r} for over_clustering (columns: {list(adata.obs.columns)}); "
+                f"no obs column {over_clustering!r} for over_clustering"
+                f"{did_you_mean([over_clustering], adata.obs.columns)} (columns: {list(adata.obs.columns)}); "
                 "pass a column of cluster ids (e.g. 'leiden'), or leave it out to cluster X_scmix."
             )
         return adata.obs[over_clustering].astype(str).to_numpy()

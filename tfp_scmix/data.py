@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import logging
 import math
@@ -38,6 +39,22 @@ COUNTS, LABEL, BATCH = "counts", "label", "batch"
 # The batch id of cells from a dataset the model was not trained on (`SCMix.batch_rows`): prediction divides out
 # the centre of the trained batches' offsets (`SCMix.prediction_offsets`).
 NEW_BATCH = -1
+
+
+def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """ " (did you mean 'Cell_Type'?)" for the known names closest to the unknown ones, or "": the same name in
+    another case first, else difflib's closest match above 0.7 similarity. For messages about a name given wrong
+    (an obs column, a setting)."""
+    known = [str(k) for k in known]
+    by_case = {k.lower(): k for k in known}
+    close = set()
+    for name in unknown:
+        match = by_case.get(str(name).lower()) or next(
+            iter(difflib.get_close_matches(str(name), known, n=1, cutoff=0.7)), None
+        )
+        if match is not None and match != name:
+            close.add(match)
+    return f" (did you mean {', '.join(repr(m) for m in sorted(close))}?)" if close else ""
 
 
 class DataError(ValueError):
@@ -922,7 +939,8 @@ def encode_obs(
     if label_key is not None:
         if label_key not in columns:
             raise DataError(
-                f"no obs column {label_key!r} in {where} (columns: {list(columns)}); name the column of cell "
+                f"no obs column {label_key!r} in {where}{did_you_mean([label_key], columns)} (columns: "
+                f"{list(columns)}); name the column of cell "
                 "types with label_key= (command line: --label-key). Data without cell types can be annotated or "
                 "adapted to with label_key=None (the command line's annotate reads none by default), not trained on."
             )
@@ -936,7 +954,8 @@ def encode_obs(
     if batch_key is not None:
         if batch_key not in columns:
             raise DataError(
-                f"no obs column {batch_key!r} for batches in {where} (columns: {list(columns)}); name the column of "
+                f"no obs column {batch_key!r} for batches in {where}{did_you_mean([batch_key], columns)} (columns: "
+                f"{list(columns)}); name the column of "
                 "each cell's batch (dataset, donor, sample) with batch_key= (command line: --batch-key), or leave "
                 "batch_key out: training then takes every cell as one batch, and prediction reads every cell through "
                 "the centre of the model's batches."

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tfp_scmix.data import FEW_LABELS
+from tfp_scmix.data import FEW_LABELS, did_you_mean
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path, write_csv
 from tfp_scmix.model import SCMix
@@ -386,7 +386,10 @@ def _require_annotated(adata, key: str, label_key: str | None = None, obsm: tupl
             "`tfp-scmix annotate`), then draw its figures"
         )
     if label_key is not None and label_key not in adata.obs:
-        raise DataError(f"no obs column {label_key!r} of known labels (columns: {list(adata.obs.columns)})")
+        raise DataError(
+            f"no obs column {label_key!r} of known labels{did_you_mean([label_key], adata.obs.columns)} (columns: "
+            f"{list(adata.obs.columns)})"
+        )
 
 
 def plot_embedding(adata, path, key: str = "scmix", basis: str | None = None) -> None:

@@ -16,7 +16,6 @@ default is None (global_scale, ...: resolved from the data) or "no batches" is t
 """
 
 import dataclasses
-import difflib
 import inspect
 import tomllib
 import types
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import tfp_scmix as scm
 from tfp_scmix.config import MODEL_SETTINGS, TRAINING_SETTINGS
+from tfp_scmix.data import did_you_mean
 
 # [training] keys that say how a run uses the recipe rather than what the recipe is.
 RESTARTS = inspect.signature(scm.train).parameters["restarts"].default  # the package default
@@ -179,7 +179,7 @@ def _section(cls, raw: dict, where: str):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown}{_did_you_mean(unknown, fields)}; known keys: {sorted(fields)}."
+            f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, fields)}; known keys: {sorted(fields)}."
         )
     missing = [
         n
@@ -196,12 +196,6 @@ def _section(cls, raw: dict, where: str):
     return cls(**values)
 
 
-def _did_you_mean(unknown, known) -> str:
-    """ " (did you mean 'epochs'?)" for the known names closest to the unknown ones (difflib), or ""."""
-    close = sorted({m for name in unknown for m in difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)})
-    return f" (did you mean {', '.join(repr(m) for m in close)}?)" if close else ""
-
-
 def _settings_table(raw: dict, table: str, allowed: tuple, source: str, overridden: frozenset = frozenset()) -> dict:
     """The [model] or [training] table, each key a known setting of that table and of the right type; `overridden`:
     the "table.key" names that a --set gave (a wrong one is said to come from there, not from the file)."""
@@ -215,7 +209,7 @@ def _settings_table(raw: dict, table: str, allowed: tuple, source: str, overridd
         raise ConfigError(
             f"{where}: unknown setting(s) "
             f"[{', '.join(repr(n) + (' (from --set)' if f'{table}.{n}' in overridden else '') for n in unknown)}]"
-            f"{_did_you_mean(unknown, allowed)}; [{table}] takes "
+            f"{did_you_mean(unknown, allowed)}; [{table}] takes "
             f"{sorted(allowed)} (the settings of tfp_scmix.Config)."
         )
     for name, value in raw.items():
