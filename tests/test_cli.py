@@ -443,3 +443,16 @@ def test_a_status_line_during_a_progress_bar_gets_a_line_of_its_own(capsys):
         bar.close()
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
     assert "INFO: resuming training at epoch 20" in lines, lines
+
+
+def test_an_unknown_option_is_reported_by_its_command_with_the_closest_one(capsys):
+    """A typo in a command's option printed the top-level usage (the list of commands) and no suggestion."""
+    for argv, command, closest in [
+        (["annotate", "m.keras", "d.h5ad", "--out", "x.h5ad", "--smoth"], "annotate", "--smooth"),
+        (["train", "d.h5ad", "--out", "x.keras", "--unlabelled-category", "Unknown"], "train", "--unlabeled-category"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"tfp-scmix {command}: error: unrecognized arguments" in err
+        assert f"(did you mean {closest!r}?)" in err and f"usage: tfp-scmix {command}" in err

@@ -541,8 +541,25 @@ def _log_to_stderr() -> Iterator[None]:
         package.propagate = propagate
 
 
+def parse(argv=None) -> argparse.Namespace:
+    """The command line parsed. An option the command does not know is reported by that command's parser, with its
+    usage and the closest option it has (argparse's top-level parser printed its own usage, which lists the
+    commands, and no suggestion)."""
+    from tfp_scmix.data import did_you_mean
+
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        command = commands[args.command]
+        known = [option for action in command._actions for option in action.option_strings]
+        typed = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+        command.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(typed, known)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     missing = missing_input(args)
     if missing:
         print(f"error: {missing}", file=sys.stderr)
