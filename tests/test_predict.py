@@ -485,6 +485,10 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     annotated = scm.annotate(model, read_h5ad(path), batch_key="donor", label_key="cell_type")
     np.testing.assert_allclose(annotated.obsm["scmix_probs"], own, atol=1e-6)
     assert annotated.uns["scmix"]["batch_key"] == "donor"
+    assert "holds ['d1', 'd2'] of them" not in caplog.text
+    scm.annotate(model, read_h5ad(path))  # batch_key forgotten: the column of the model's batch names is named
+    assert "the model was trained with batches ['d1', 'd2'] and obs['donor'] holds ['d1', 'd2'] of them" in caplog.text
+    assert "--batch-key donor" in caplog.text
     renamed = read_h5ad(path)
     donor = renamed.obs["donor"].astype(str)
     renamed.obs["donor"] = np.where(donor == "d1", "D1", donor)  # a batch the model does not know: warned

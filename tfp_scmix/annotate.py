@@ -314,6 +314,8 @@ def annotate(
     clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
     known = _known_labels(adata, model, label_key, unlabeled_category) if label_key is not None else None
     ensemble = as_ensemble(trained(model, "annotate"))
+    if batch_key is None:
+        _hint_batch_key(adata, ensemble.members[0].batch_names)
     slot, slot_genes = counts_slot(adata, counts)
     keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
     out = predict(
@@ -519,6 +521,29 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
         for name in stale[group]:
             if name in mapping:
                 del mapping[name]
+
+
+def _hint_batch_key(adata, trained: list[str] | None) -> None:
+    """Without batch_key every cell is read through the centre of the trained batches' offsets: say which obs
+    column holds the model's own batch names, when the model was trained with several and one does."""
+    if not trained or len(trained) < 2:
+        return
+    for name in adata.obs.columns:
+        values = adata.obs[name]
+        if values.dtype.kind in "OU" or isinstance(values.dtype, pd.CategoricalDtype):
+            shared = sorted(set(values.astype(str).unique()) & set(trained))
+            if shared:
+                logger.warning(
+                    "the model was trained with batches %s and obs[%r] holds %s of them: pass batch_key=%r "
+                    "(command line: --batch-key %s) to read each cell through its own batch's offsets; without it "
+                    "every cell is read through the centre of the trained batches'",
+                    trained[:5],
+                    name,
+                    shared[:5],
+                    name,
+                    name,
+                )
+                return
 
 
 def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) -> np.ndarray:
