@@ -306,3 +306,18 @@ def test_atomic_writes_get_a_new_file_s_usual_mode(tmp_path):
         os.umask(previous)
     assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_atomic_write_through_a_symbolic_link_keeps_the_link(tmp_path):
+    """`annotate --out link.h5ad` (a trial's output was a link into a shared folder) replaced the link with a file."""
+    from tfp_scmix.io import atomic_path
+
+    target = tmp_path / "shared" / "annotated.h5ad"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "annotated.h5ad"
+    link.symlink_to(target)
+    with atomic_path(link) as tmp:
+        Path(tmp).write_text("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["annotated.h5ad"]  # no temporary file left

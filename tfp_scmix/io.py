@@ -82,10 +82,12 @@ def _umask() -> int:
 def atomic_path(path: str | Path) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on error remove it.
 
-    The folder is created if missing. The temporary name keeps `path`'s suffix (Keras and h5py check it).
+    The folder is created if missing. The temporary name keeps `path`'s suffix (Keras and h5py check it). A
+    symbolic link at `path` stays a link: the file it points to is what is replaced (renaming onto the link itself
+    turned it into a file of its own).
     Raises WriteError (an OSError) naming `path` when its folder cannot be created or written to.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     _writable_folder(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
