@@ -586,6 +586,7 @@ def write_data_figures(
                 adata.obsm[f"{key}_probs"][known],
                 np.array([lookup[t] for t in truth[known]]),
                 paths["reliability_png"],
-                title=f"{int(known.sum())} cells labelled with one of the model's classes ({label_key})",
+                title=f"{int(known.sum())} cells labelled with one of the model's classes ({label_key})\n"
+                "training cells count too if the column holds their labels:\nthen not a held-out calibration",
             )
     return paths
