@@ -545,11 +545,11 @@ def parse(argv=None) -> argparse.Namespace:
     """The command line parsed. An option the command does not know is reported by that command's parser, with its
     usage and the closest option it has (argparse's top-level parser printed its own usage, which lists the
     commands, and no suggestion)."""
-    from tfp_scmix.data import did_you_mean
-
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
+        from tfp_scmix.data import did_you_mean  # reads anndata: only for the message, not for every --help
+
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
         command = commands[args.command]
         known = [option for action in command._actions for option in action.option_strings]
