@@ -486,6 +486,10 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     np.testing.assert_allclose(annotated.obsm["scmix_probs"], own, atol=1e-6)
     assert annotated.uns["scmix"]["batch_key"] == "donor"
     assert "holds ['d1', 'd2'] of them" not in caplog.text
+    clusters = read_h5ad(path)
+    clusters.obs = clusters.obs[[]].assign(leiden=np.array(["d1", "c1", "c2", "c3"])[np.arange(clusters.n_obs) % 4])
+    scm.annotate(model, clusters)  # a column of other ids with one batch name among them: not taken for batches
+    assert "and obs['leiden'] holds" not in caplog.text
     scm.annotate(model, read_h5ad(path))  # batch_key forgotten: the column of the model's batch names is named
     assert "the model was trained with batches ['d1', 'd2'] and obs['donor'] holds ['d1', 'd2'] of them" in caplog.text
     assert "--batch-key donor" in caplog.text

@@ -525,14 +525,17 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
 
 def _hint_batch_key(adata, trained: list[str] | None) -> None:
     """Without batch_key every cell is read through the centre of the trained batches' offsets: say which obs
-    column holds the model's own batch names, when the model was trained with several and one does."""
+    column holds the model's own batch names, when the model was trained with several and one does (at least half
+    of the column's distinct values are trained batch names: cluster ids "0", "1", ... beside batches named so
+    are not taken for them)."""
     if not trained or len(trained) < 2:
         return
     for name in adata.obs.columns:
         values = adata.obs[name]
         if values.dtype.kind in "OU" or isinstance(values.dtype, pd.CategoricalDtype):
-            shared = sorted(set(values.astype(str).unique()) & set(trained))
-            if shared:
+            distinct = set(values.astype(str).unique())
+            shared = sorted(distinct & set(trained))
+            if shared and 2 * len(shared) >= len(distinct):
                 logger.warning(
                     "the model was trained with batches %s and obs[%r] holds %s of them: pass batch_key=%r "
                     "(command line: --batch-key %s) to read each cell through its own batch's offsets; without it "
