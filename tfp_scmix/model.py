@@ -381,17 +381,7 @@ class SCMix(keras.Model):
         call, not once per minibatch). inputs: as for `call`, a minibatch dict or a count matrix."""
         counts, batch_ids = self._unpack(inputs)
         product = self.encoder.first_layer(counts, batch_ids, self.prediction_offsets(), kernel=tables["kernel"])
-        return self._predict_from_product(tables, product, training)
-
-    def predict_from_product(
-        self, tables: dict[str, tf.Tensor], product: tf.Tensor, training=False
-    ) -> dict[str, tf.Tensor]:
-        """`predict_with`'s outputs from the first layer's product `[batch, tables["kernel"].shape[1]]`: x @
-        tables["kernel"], where x `[batch, n_genes]` is the cells' counts normalised as the first layer reads them,
-        `tfp_scmix.data.log_normalised_dense(counts, self.offset_factors(), self.prediction_batches(batch_ids))`
-        (float32, dense). `tfp_scmix.predict` normalises and multiplies in numpy, so that TensorFlow's work per
-        minibatch is what follows the product (docs/performance.md, "The product in numpy")."""
-        return self._predict_from_product(tables, product, training)
+        return self.predict_from_product(tables, product, training)
 
     def offset_factors(self) -> np.ndarray:
         """exp(-offsets) `[n_batches + 1, n_genes]` float32 of `prediction_offsets()`: what each batch's counts, and
@@ -408,7 +398,15 @@ class SCMix(keras.Model):
         batch_ids = np.asarray(batch_ids, dtype=np.int32)
         return np.where((batch_ids < 0) | (batch_ids >= self.new_batch), self.new_batch, batch_ids).astype(np.int32)
 
-    def _predict_from_product(self, tables, product, training) -> dict[str, tf.Tensor]:
+    def predict_from_product(
+        self, tables: dict[str, tf.Tensor], product: tf.Tensor, training=False
+    ) -> dict[str, tf.Tensor]:
+        """`predict_with`'s outputs from the first layer's product `[batch, tables["kernel"].shape[1]]`: x @
+        tables["kernel"], where x `[batch, n_genes]` is the cells' counts normalised as the first layer reads them,
+        `tfp_scmix.data.log_normalised_values(counts, self.offset_factors(), self.prediction_batches(batch_ids))` on
+        the counts' nonzeros (float32). `tfp_scmix.predict` normalises and multiplies in numpy (as CSR or dense), so
+        that TensorFlow's work per minibatch is what follows the product (docs/performance.md, "The product in
+        numpy"). Also the last step of `predict_with`, which computes the product in TensorFlow."""
         first, gene_products = self.encoder.split(product)
         loc, _ = self.encoder.topics_from_first_layer(first, training=training)
         probs = self.classifier.predictive_probs(
