@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -495,21 +496,21 @@ def _as_tensor(array: np.ndarray):
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
-_BLAS: list = []  # threadpoolctl's controller of the loaded BLAS libraries, made on first use (`_one_blas_thread`)
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's controller of the process's BLAS libraries, made once: it lists the loaded libraries (about
+    5 ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _one_blas_thread():
     """A context in which numpy's BLAS runs each product on the thread that calls it, as `predict`'s workers do
     (`_Minibatches`): `WORKERS` products on one thread each predicted about 10% more cells a second than products
     on BLAS's own threads, which competed with the workers and TensorFlow's for the cores (docs/performance.md, "The
-    product in numpy").
-    threadpoolctl's limit holds for the process while the context is open. The controller, which lists the
-    process's libraries (about 5 ms), is made once."""
-    from threadpoolctl import ThreadpoolController
-
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    return _BLAS[0].limit(limits=1, user_api="blas")
+    product in numpy"). threadpoolctl's limit holds for the process while the context is open."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 class _Minibatches:
