@@ -145,7 +145,7 @@ class StopOnDivergence(keras.callbacks.Callback):
 
 def _differences(saved: dict, now: dict, keys: list[str]) -> str:
     """What differs between a backup's run and this one, for a message: the model's settings by name with their two
-    values ("model's epochs: 100 in the backup, 5 now"), the other parts of the run by name."""
+    values ("model's config.epochs: 100 in the backup, 5 now"), the other parts of the run by name."""
     parts = []
     for key in keys:
         if key != "model":
