@@ -474,6 +474,35 @@ def test_log_normalised_dense_is_the_encoders_normalisation_of_the_nonzeros():
     np.testing.assert_allclose(one, log_normalised_dense(counts, np.exp(-offsets), np.zeros(40, np.int32)), atol=0)
 
 
+def test_normalisation_in_a_reused_workspace_matches_new_arrays():
+    """`log_normalised_values` written into a `Workspace` gives what it gives in new arrays, call after call on
+    matrices of other sizes (the workspace's arrays are reused and grown): one batch for every cell and mixed
+    batches, rows without counts (first, inner and last); `value_rows` is `np.repeat` of the row numbers."""
+    from tfp_scmix.data import Workspace, log_normalised_dense, log_normalised_values, value_rows
+
+    rng = np.random.default_rng(5)
+    factors = np.exp(rng.normal(0, 0.5, (3, 30))).astype(np.float32)
+    work = Workspace()
+    for n_cells in (50, 12, 80):
+        dense = rng.poisson(0.4, (n_cells, 30)).astype(np.float32)
+        dense[[0, n_cells // 2, n_cells - 1]] = 0
+        counts = sp.csr_matrix(dense)
+        lengths = np.diff(counts.indptr)
+        np.testing.assert_array_equal(value_rows(counts.indptr, work), np.repeat(np.arange(n_cells), lengths))
+        for batches in (np.full(n_cells, 2, np.int32), rng.integers(0, 3, n_cells).astype(np.int32), None):
+            fresh = log_normalised_values(counts, factors, batches)
+            reused = log_normalised_values(counts, factors, batches, work)
+            np.testing.assert_array_equal(reused, fresh)
+            cells = np.repeat(np.arange(n_cells), lengths)
+            ids = np.zeros(n_cells, np.int64) if batches is None else batches
+            by_hand = dense[dense > 0] * factors[ids[cells], counts.indices]
+            by_hand = np.log1p(by_hand * 1e4 / np.maximum(np.bincount(cells, by_hand, n_cells), 1)[cells])
+            np.testing.assert_allclose(reused, by_hand, rtol=1e-5)
+        out = np.full((n_cells, 30), 7.0, np.float32)  # overwritten, zeros included
+        log_normalised_dense(counts, factors, batches, out=out, workspace=work)
+        np.testing.assert_array_equal(out, log_normalised_dense(counts, factors, batches))
+
+
 def test_class_names_written_two_ways_are_warned_of(caplog):
     """Labels that differ only in case, spacing, punctuation or a plural s are likely one type: warned of (they
     train as two classes); distinct names that share words are not."""

@@ -611,3 +611,33 @@ def test_sparse_and_dense_products_give_the_same_predictions(small_model, two_re
             np.testing.assert_allclose(outputs["sparse"]["probs"], outputs["dense"]["probs"], atol=1e-5)
             np.testing.assert_allclose(outputs["sparse"]["cell_topic"], outputs["dense"]["cell_topic"], atol=1e-5)
             np.testing.assert_array_equal(outputs["sparse"]["label"], outputs["dense"]["label"])
+
+
+def test_the_traced_posterior_draws_are_the_models_own_and_follow_its_weights(small_model, two_restarts):
+    """`predict` takes the posterior predictive's fixed draws from one traced function per member (a fixed cost of
+    every call): the same numbers as the model's eager `predictive_tables()`, traced once, and new numbers once the
+    weights change (the traced function reads the variables, not a copy)."""
+    from tfp_scmix.predict import _TABLE_FUNCTIONS, _predictive_tables
+
+    def assert_same(got, expected):
+        as_list = lambda tables: tables if isinstance(tables, list) else [tables]  # noqa: E731
+        for g, e in zip(as_list(got), as_list(expected), strict=True):
+            assert g.keys() == e.keys()
+            for key in e:
+                np.testing.assert_array_equal(g[key].numpy(), e[key].numpy())
+
+    for model in (small_model, two_restarts):
+        assert_same(_predictive_tables(model), model.predictive_tables())
+        _predictive_tables(model)
+        assert all(_TABLE_FUNCTIONS[m].experimental_get_tracing_count() == 1 for m in model.members)
+    member = small_model.members[0]  # a single SCMix: its tables are a dictionary
+    weights = member.classifier.class_weights.w_loc
+    kept, before = weights.numpy(), _predictive_tables(member)["class_weights"].numpy()
+    try:
+        weights.assign(kept + 0.5)
+        moved = _predictive_tables(member)
+        assert_same(moved, member.predictive_tables())
+        np.testing.assert_allclose(moved["class_weights"].numpy() - before, 0.5, atol=1e-5)
+    finally:
+        weights.assign(kept)
+    assert_same(_predictive_tables(member), member.predictive_tables())

@@ -242,6 +242,27 @@ def _read_10x_mtx(folder: Path) -> anndata.AnnData:
     return adata
 
 
+class Workspace:
+    """Arrays reused from one call to the next, for work on many minibatches in turn (one per thread: not
+    thread-safe). Each of a minibatch's temporaries would otherwise be new memory, and the first write to new memory
+    costs the kernel's zeroing of each page: on the benchmark's virtual machines normalising 1,024 Kang cells took
+    4.7 ms in new temporaries and 1.5 ms in a workspace (docs/performance.md, "Scratch memory reused, the posterior
+    draws traced")."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, size: int, dtype: Any) -> np.ndarray:
+        """A 1-D array `[size]` of `dtype` with undefined contents: the memory held under `name`, made larger (by
+        half again) when it is too small. The next request under the same name returns the same memory."""
+        dtype = np.dtype(dtype)
+        held = self._arrays.get(name)
+        if held is None or held.dtype != dtype or held.size < size:
+            held = np.empty(max(size + size // 2, 1), dtype)
+            self._arrays[name] = held
+        return held[:size]
+
+
 def check_structure(matrix: Any, where: str, full: bool = True) -> None:
     """Check the arrays of a compressed sparse matrix (CSR, CSC, BSR) before any arithmetic reads them.
 
@@ -358,14 +379,15 @@ def _non_integer_message(counts: sp.csr_matrix, where: str, row_offset: int = 0)
     )
 
 
-def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0) -> None:
+def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0, workspace: Workspace | None = None) -> None:
     """Check that `counts` (CSR `[n_cells, n_genes]`) are raw counts: finite, non-negative integers.
 
     The index arrays are checked first (`check_structure`), then the stored entries. `where` names the
     matrix in the messages, which also say how many cells hold the faulty values and the first one's row,
     counted from `row_offset` (the matrix's first row in its dataset). Raises DataError for a damaged sparse
     matrix, NaN or infinite values, negative values (scaled data) or non-integers (log-normalized, normalized or
-    corrected counts, or a few edited values: the message says which they look like).
+    corrected counts, or a few edited values: the message says which they look like). workspace: where the check's
+    temporary is written (`Workspace`; None: new memory).
     """
     check_structure(counts, where)
     values = counts.data
@@ -386,9 +408,10 @@ def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0) -> None
         )
     if values.dtype.kind in "iu":
         return
-    rounded = np.rint(values)
-    # Exact integers (the usual case) are told apart without allclose's slower pass.
-    if not np.array_equal(values, rounded) and not np.allclose(values, rounded):
+    # Exact integers (the usual case: every difference from the nearest integer is 0) are told apart without
+    # allclose's slower pass.
+    differences = np.rint(values, out=(workspace or Workspace()).array("rounded", values.size, values.dtype))
+    if np.subtract(values, differences, out=differences).any() and not np.allclose(values, np.rint(values)):
         raise DataError(_non_integer_message(counts, where, row_offset))
 
 
@@ -639,34 +662,62 @@ def csr_rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     return csr_on(csr.data[first:last], csr.indices[first:last], indptr, (stop - start, csr.shape[1]))
 
 
+def value_rows(indptr: np.ndarray, workspace: Workspace | None = None) -> np.ndarray:
+    """The row of each stored entry of a CSR matrix with these row pointers `[n_rows + 1]`: intp `[nnz]` (what
+    `np.repeat(np.arange(n_rows), np.diff(indptr))` gives), written into the workspace's "rows" array when given."""
+    nnz = int(indptr[-1])
+    rows = (workspace or Workspace()).array("rows", nnz, np.intp)
+    rows.fill(0)
+    starts = indptr[1:-1]
+    np.add.at(rows, starts[starts < nnz], 1)  # a row starts one past each row pointer (empty rows add up)
+    return np.cumsum(rows, out=rows)
+
+
 def log_normalised_values(
-    counts: sp.csr_matrix, factors: np.ndarray | None = None, batch_ids: np.ndarray | None = None
+    counts: sp.csr_matrix,
+    factors: np.ndarray | None = None,
+    batch_ids: np.ndarray | None = None,
+    workspace: Workspace | None = None,
 ) -> np.ndarray:
     """The stored entries of CSR counts `[n_cells, n_genes]`, normalised as the encoder's first layer reads them:
     log1p(CP10k) with each cell's counts first multiplied by its batch's gene factors. float32 `[counts.nnz]`, in
     the order of `counts.data` (with `counts.indices` and `counts.indptr` the normalised matrix).
 
     factors `[n_batches, n_genes]` (the model's exp(-offsets), `SCMix.offset_factors`; None: all ones);
-    batch_ids `[n_cells]` integers into its rows (None: batch 0). The same numbers as the model's TensorFlow
-    `normalise_counts(divide_offsets(...))` to float32 rounding, computed on the nonzeros only."""
+    batch_ids `[n_cells]` integers into its rows (None: batch 0). workspace: where the result and the temporaries
+    are written (the result is then the workspace's "values" array, overwritten by its next use); None: new
+    arrays. The same numbers as the model's TensorFlow `normalise_counts(divide_offsets(...))` to float32 rounding,
+    computed on the nonzeros only."""
+    work = workspace or Workspace()
     n_cells, n_genes = counts.shape
-    lengths = np.diff(counts.indptr)
-    values = np.asarray(counts.data, dtype=np.float32)
-    if factors is not None:
-        factors = np.asarray(factors, dtype=np.float32)
-        if factors.shape[0] == 1 or batch_ids is None:
-            values = values * np.take(factors[0], counts.indices)
-        else:
-            flat = np.repeat(np.asarray(batch_ids, dtype=np.int64) * n_genes, lengths) + counts.indices
-            values = values * np.take(factors.ravel(), flat)
+    nnz = int(counts.indptr[-1])
+    data, indices = counts.data[:nnz], counts.indices[:nnz]
+    values = work.array("values", nnz, np.float32)
+    gathered = work.array("gathered", nnz, np.float32)
+    rows = None
+    if factors is None:
+        values[:] = data
     else:
-        values = values.copy()
+        factors = np.asarray(factors, dtype=np.float32)
+        ids = None if batch_ids is None or factors.shape[0] == 1 else np.asarray(batch_ids)
+        if ids is None or not ids.size or (ids == ids[0]).all():  # one batch's factors for every cell
+            np.take(factors[0 if ids is None or not ids.size else int(ids[0])], indices, out=gathered, mode="clip")
+        else:
+            rows = value_rows(counts.indptr, work)
+            flat = work.array("flat", nnz, np.intp)
+            np.take(ids.astype(np.intp) * n_genes, rows, out=flat, mode="clip")
+            flat += indices
+            np.take(factors.ravel(), flat, out=gathered, mode="clip")
+        np.multiply(data, gathered, out=values)
     # Each cell's total: sums of its run of values (reduceat needs a nonempty run; empty cells sum to 0).
+    lengths = np.diff(counts.indptr)
     library = np.zeros(n_cells, np.float32)
     filled = lengths > 0
-    if values.size:
+    if nnz:
         library[filled] = np.add.reduceat(values, counts.indptr[:-1][filled])
-    values *= np.repeat(np.float32(1e4) / np.maximum(library, np.float32(1.0)), lengths)
+    scale = np.float32(1e4) / np.maximum(library, np.float32(1.0))
+    np.take(scale, value_rows(counts.indptr, work) if rows is None else rows, out=gathered, mode="clip")
+    values *= gathered
     np.log1p(values, out=values)
     return values
 
@@ -676,20 +727,23 @@ def log_normalised_dense(
     factors: np.ndarray | None = None,
     batch_ids: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    workspace: Workspace | None = None,
 ) -> np.ndarray:
     """`log_normalised_values` written into a dense float32 array `[n_cells, n_genes]`: the input of the encoder's
     first layer (computed on the nonzeros, a quarter of the entries of typical counts or fewer, and written straight
     into the dense array by scipy; docs/performance.md, "Prediction normalised in numpy"). out: a C-contiguous
-    float32 array of that shape to fill (overwritten) instead of a new one.
+    float32 array of that shape to fill (overwritten) instead of a new one; workspace: as for
+    `log_normalised_values`.
     """
-    values = log_normalised_values(counts, factors, batch_ids)
+    values = log_normalised_values(counts, factors, batch_ids, workspace)
     if out is None:
         dense = np.zeros(counts.shape, np.float32)
     else:
         dense = out
         dense.fill(0)
     # scipy adds the entries into the zeroed array (duplicates, which canonical CSR has none of, would add up).
-    csr_on(values, counts.indices, counts.indptr, counts.shape).toarray(out=dense)
+    nnz = values.size
+    csr_on(values, counts.indices[:nnz], counts.indptr, counts.shape).toarray(out=dense)
     return dense
 
 

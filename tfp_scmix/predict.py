@@ -28,6 +28,7 @@ from tfp_scmix.data import (
     UNLABELLED,
     DataError,
     SCData,
+    Workspace,
     check_argument,
     check_counts,
     check_structure,
@@ -287,15 +288,15 @@ class _Chunk:
     def n_cells(self) -> int:
         return int(self.counts.shape[0])
 
-    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+    def rows(self, start: int, stop: int, workspace: Workspace | None = None) -> sp.csr_matrix:
         """Rows `start:stop` of the chunk as the model reads them: checked as `from_anndata` checks counts
         (`check_counts`; the messages name the rows by their position in the source), float32, over the model's
         genes in its order, in canonical order (duplicate entries summed, as a dense matrix would hold them).
-        Raises DataError as `check_counts` does."""
+        Raises DataError as `check_counts` does. workspace: the checks' (`tfp_scmix.data.Workspace`)."""
         rows = csr_rows(self.counts, start, stop)
         if self.source is not None:
             first, last = self.start + start, self.start + stop - 1
-            check_counts(rows, f"rows {first}-{last} of {self.source}", first)
+            check_counts(rows, f"rows {first}-{last} of {self.source}", first, workspace)
             rows = rows if rows.dtype == np.float32 else rows.astype(np.float32)
         if self.select is not None:
             rows = (rows @ self.select).tocsr()
@@ -468,6 +469,38 @@ def _predict_function(model: SCMix | SCMixEnsemble, tables):
     return function
 
 
+# One traced `predictive_tables` per member model, kept like `_PREDICT_FUNCTIONS`.
+_TABLE_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _predictive_tables(model: SCMix | SCMixEnsemble):
+    """`model.predictive_tables()` (a dictionary, or an ensemble's list of its members'), each member's from its
+    traced function (`_table_function`)."""
+    tables = [_table_function(member)() for member in _members(model)]
+    return tables if isinstance(model, SCMixEnsemble) else tables[0]
+
+
+def _table_function(member: SCMix):
+    """The member's `predictive_tables()`, traced once: the same stateless draws, taken in about 0.5 ms a call
+    instead of the 4 to 9 ms of TensorFlow Probability's eager sampling, a fixed cost of every `predict` call
+    (docs/performance.md, "Scratch memory reused, the posterior draws traced"). The function reads the model's
+    variables when it runs: training or loading weights after a call changes its tables as it changes the model."""
+    function = _TABLE_FUNCTIONS.get(member)
+    if function is None:
+        import tensorflow as tf
+
+        owner = weakref.ref(member)  # as in `_predict_function`: the dictionary must not keep its key alive
+
+        @tf.function(input_signature=[])
+        def function():
+            traced = owner()
+            assert traced is not None
+            return traced.predictive_tables()
+
+        _TABLE_FUNCTIONS[member] = function
+    return function
+
+
 def _padded_rows(n_rows: int, batch_size: int) -> int:
     """The number of rows a minibatch of `n_rows` cells is predicted with: the next power of two from
     `MIN_PADDED_ROWS`, at most `batch_size` (the extra rows are zeros, their outputs dropped). XLA compiles the
@@ -549,22 +582,23 @@ class _Minibatches:
         ]
 
     def _predicted(self, chunk: _Chunk, normalisers, start: int, stop: int) -> dict[str, np.ndarray]:
-        rows = chunk.rows(start, stop)
         if not hasattr(self.local, "products"):
             self.local.dense = None  # made on the first dense minibatch
+            self.local.workspace = Workspace()  # the checks' and the normalisation's temporaries
             self.local.products = [_aligned((self.batch_size, k.shape[1])) for k in self.kernels]
+        rows = chunk.rows(start, stop, self.local.workspace)
         n, padded = stop - start, _padded_rows(stop - start, self.batch_size)
         sparse = rows.nnz <= SPARSE_PRODUCT_DENSITY * n * self.model.n_genes
         products = []
         for (f, b), kernel, product in zip(normalisers, self.kernels, self.local.products, strict=True):
             if sparse:
-                values = log_normalised_values(rows, f, b[start:stop])
+                values = log_normalised_values(rows, f, b[start:stop], self.local.workspace)
                 product[:n] = csr_on(values, rows.indices, rows.indptr, rows.shape) @ kernel
             else:
                 if self.local.dense is None:
                     self.local.dense = np.empty((self.batch_size, self.model.n_genes), np.float32)
                 dense = self.local.dense[:n]
-                log_normalised_dense(rows, f, b[start:stop], out=dense)
+                log_normalised_dense(rows, f, b[start:stop], out=dense, workspace=self.local.workspace)
                 np.matmul(dense, kernel, out=product[:n])
             product[n:padded] = 0  # the padding: cells without counts, predicted and dropped
             products.append(_as_tensor(product[:padded]))
@@ -768,7 +802,7 @@ def predict(
     blas = _one_blas_thread()
     try:
         pending = reader.submit(read, *bounds[0])
-        tables = model.predictive_tables()  # the posterior draws, once per call
+        tables = _predictive_tables(model)  # the posterior draws, once per call
         factors = [m.offset_factors() for m in _members(model)]  # and each member's batch factors
         minibatches = _Minibatches(model, tables, factors, int(batch_size), model_keys, workers)
         in_flight = None
