@@ -203,6 +203,7 @@ def test_chunks_read_from_a_file_reuse_the_memory_of_those_gathered(small_model,
     embedded_adata.write_h5ad(path)
     n_chunks = len(_chunk_bounds(embedded_adata.n_obs, 25, 25))
     assert n_chunks >= 20
+    monkeypatch.setattr(sys.modules["tfp_scmix.predict"], "MAP_FILES", False)  # a path is read by h5py too
     for source in (path, read_h5ad(path, backed="r")):
         pools.clear()
         out = scm.predict(small_model, source, chunk_size=25)
@@ -641,3 +642,73 @@ def test_the_traced_posterior_draws_are_the_models_own_and_follow_its_weights(sm
     finally:
         weights.assign(kept)
     assert_same(_predictive_tables(member), member.predictive_tables())
+
+
+def test_a_path_is_read_from_the_file_mapped_into_memory_where_its_arrays_are_raw(
+    small_model, embedded_adata, tmp_path, monkeypatch
+):
+    """An uncompressed .h5ad path is read as views of the mapped file (no memory of its own for the counts), a
+    compressed one by h5py; both give the predictions of the AnnData in memory."""
+    predict_module = sys.modules["tfp_scmix.predict"]
+    pools = []
+
+    class Recorded(_Buffers):
+        def __init__(self):
+            super().__init__()
+            pools.append(self)
+
+    monkeypatch.setattr(predict_module, "_Buffers", Recorded)
+    expected = scm.predict(small_model, embedded_adata)
+    for compression, mapped in ((None, True), ("gzip", False)):
+        path = tmp_path / f"cells_{compression}.h5ad"
+        embedded_adata.write_h5ad(path, compression=compression)
+        opened = predict_module._H5ADFile.open(path, None)
+        assert (opened.mapped is not None) == mapped
+        opened.close()
+        pools.clear()
+        out = scm.predict(small_model, path, chunk_size=100)
+        np.testing.assert_array_equal(out["probs"], expected["probs"])
+        assert (pools[0].allocated == 0) == mapped
+
+
+def test_a_mapped_file_reads_across_its_runs_of_chunks_and_hands_pages_back(tmp_path):
+    """`_FileMap` on an HDF5 array whose chunks lie in two runs (a second array written between its two halves):
+    a range within a run is a view of the map, a range across the runs a copy, both equal to h5py's reading;
+    `drop` hands a range's pages back (the process's resident memory falls) and the views still read the same."""
+    import h5py
+
+    from tfp_scmix.predict import _FileMap
+
+    path = tmp_path / "runs.h5"
+    n = 8_000_000  # 32 MB of float32
+    values = np.arange(n, dtype=np.float32)
+    with h5py.File(path, "w") as f:
+        group = f.create_group("X")
+        data = group.create_dataset("data", shape=(n,), dtype=np.float32, chunks=(1_000_000,))
+        indices = group.create_dataset("indices", shape=(n,), dtype=np.int32, chunks=(1_000_000,))
+        data[: n // 2] = values[: n // 2]
+        indices[:] = np.arange(n, dtype=np.int32)
+        data[n // 2 :] = values[n // 2 :]
+    with h5py.File(path, "r") as f:
+        mapped = _FileMap.of(str(path), f["X"])
+        assert mapped is not None and len(mapped.runs["data"]) == 2 and len(mapped.runs["indices"]) == 1
+        inside = mapped.read("data", 10, 3_000_000, None)
+        assert inside.base is not None and not inside.flags.writeable  # a view of the map
+        np.testing.assert_array_equal(inside, f["X"]["data"][10:3_000_000])
+        across = mapped.read("data", 3_500_000, 7_000_000, None)
+        np.testing.assert_array_equal(across, values[3_500_000:7_000_000])
+        assert mapped.read("data", n - 5, n + 5, None) is None  # past the end: h5py reads short
+
+        def resident_mb():
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+        whole = mapped.read("indices", 0, n, None)
+        before = resident_mb()
+        assert int(whole.sum(dtype=np.int64)) == n * (n - 1) // 2  # every page read
+        touched = resident_mb()
+        mapped.drop("indices", 0, n)
+        assert touched - before > 25 and touched - resident_mb() > 25, (before, touched, resident_mb())
+        np.testing.assert_array_equal(whole[-3:], [n - 3, n - 2, n - 1])
+        del inside, whole
+        mapped.close()

@@ -9,6 +9,7 @@ one predicted, the one whose outputs are gathered, the next one read meanwhile) 
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import functools
@@ -56,6 +57,8 @@ WORKERS = 2
 CHUNK_GROWTH = 1.5
 # The fewest rows a minibatch is padded to (`_padded_rows`).
 MIN_PADDED_ROWS = 64
+# Whether the counts of an .h5ad path are read from the file mapped into memory where they can be (`_FileMap`).
+MAP_FILES = True
 # Fraction of nonzero entries at or below which a minibatch is multiplied by the first layer's kernel as CSR
 # (scipy) rather than dense (BLAS): per 1,024 cells x 2,000 genes and 130 kernel columns, one thread each,
 # normalisation included, 1.3 against 7.1 ms at 2.7% nonzero (the density of the package's own gene selection),
@@ -112,6 +115,7 @@ class _H5ADFile:
 
     def __init__(self, file, group, var_names: np.ndarray, n_obs: int, slot: str) -> None:
         self.file, self.group, self.var_names, self.n_obs, self.slot = file, group, var_names, n_obs, slot
+        self.mapped = _FileMap.of(file.filename, group) if MAP_FILES else None
 
     @classmethod
     def open(cls, path, counts: str | None) -> _H5ADFile | None:
@@ -147,10 +151,109 @@ class _H5ADFile:
 
     def rows(self, start: int, stop: int, lease: _Lease | None = None) -> sp.csr_matrix:
         """Rows `start:stop` of the slot (`_file_rows`: unchecked until `from_anndata` reads them)."""
-        return _file_rows(self.group, start, stop, len(self.var_names), lease)
+        return _file_rows(self.group, start, stop, len(self.var_names), lease, self.mapped)
 
     def close(self) -> None:
         self.file.close()
+        if self.mapped is not None:
+            self.mapped.close()
+
+
+class _FileMap:
+    """The data and indices of a CSR slot of an .h5ad file, mapped into memory: rows read from the file are views of
+    the operating system's cache of the file instead of copies (h5py reads into new memory: on the Kang file,
+    prediction streamed from the file ran at 74,000-105,000 cells/s where views of the same arrays in memory ran at
+    114,000-135,000; docs/performance.md, "The file's counts mapped into memory").
+
+    HDF5 stores an uncompressed array as raw values, all at one offset or in chunks at offsets that the file records;
+    chunks written one after another lie back to back, and a range of entries within such a run is one view
+    (anndata writes the last chunk apart: ranges that reach into it are copied). Where the arrays cannot be read as
+    raw memory (compression or any other filter, a byte order not the machine's, chunks not all written), `of` gives
+    None and h5py reads them. Pages a chunk of cells has been read from are handed back to the cache once its
+    outputs are gathered (`drop`), so that the process's resident memory stays that of a few chunks. A file
+    truncated by another program while it is mapped stops the process (SIGBUS), as with any memory-mapped file."""
+
+    def __init__(self, memory, runs: dict[str, list[tuple[int, int, np.ndarray]]]) -> None:
+        self.memory, self.runs = memory, runs  # per array: (first entry, byte offset, view) of each run
+
+    @classmethod
+    def of(cls, filename: str, group) -> _FileMap | None:
+        import mmap
+
+        try:
+            with open(filename, "rb") as handle:
+                memory = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # not a mappable file (a pipe, an empty file): h5py reads it
+            return None
+        runs = {name: _raw_runs(group[name], memory) for name in ("data", "indices")}
+        if any(r is None for r in runs.values()):
+            memory.close()
+            return None
+        return cls(memory, {name: r for name, r in runs.items() if r is not None})
+
+    def read(self, name: str, first: int, last: int, lease: _Lease | None) -> np.ndarray | None:
+        """Entries `first:last` of the array `name`: a view where they lie in one run, else copied from the runs into
+        the lease's memory (or new memory); None where the range reaches past the runs (h5py then reads short)."""
+        runs = self.runs[name]
+        i = bisect.bisect_right([r[0] for r in runs], first) - 1
+        if i < 0:
+            return None
+        start, _, view = runs[i]
+        if last - start <= view.size:
+            return view[first - start : last - start]
+        if last > runs[-1][0] + runs[-1][2].size:
+            return None
+        dtype = view.dtype
+        nbytes = (last - first) * dtype.itemsize
+        out = (np.empty(nbytes, np.uint8) if lease is None else lease.take(nbytes)[:nbytes]).view(dtype)
+        for start, _, view in runs[i:]:
+            lo, hi = max(first, start), min(last, start + view.size)
+            if lo < hi:
+                out[lo - first : hi - first] = view[lo - start : hi - start]
+        return out
+
+    def drop(self, name: str, first: int, last: int) -> None:
+        """Hand the pages that hold only entries `first:last` of `name` back to the cache (madvise MADV_DONTNEED):
+        the views stay valid, a later read maps them again from the cache."""
+        import mmap
+
+        if not hasattr(mmap, "MADV_DONTNEED") or not hasattr(self.memory, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        for start, offset, view in self.runs[name]:
+            lo, hi = max(first, start), min(last, start + view.size)
+            if lo >= hi:
+                continue
+            begin = -(-(offset + (lo - start) * view.itemsize) // page) * page
+            end = (offset + (hi - start) * view.itemsize) // page * page
+            if end > begin:
+                self.memory.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def close(self) -> None:
+        try:
+            self.memory.close()
+        except BufferError:  # views of it are still held (an error's traceback): it closes once they are gone
+            pass
+
+
+def _raw_runs(dataset, memory) -> list[tuple[int, int, np.ndarray]] | None:
+    """(first entry, byte offset, view) of each run of a one-dimensional HDF5 dataset's entries stored back to back
+    in the mapped file, in the entries' order; None where the entries are not raw values in the file (see
+    `_FileMap`)."""
+    dtype = np.dtype(dataset.dtype)
+    n = int(dataset.shape[0]) if len(dataset.shape) == 1 else -1
+    if n < 0 or not dtype.isnative or dtype.hasobject or dataset.id.get_create_plist().get_nfilters():
+        return None
+    if n == 0:
+        return []
+    if dataset.chunks is None:
+        offset = dataset.id.get_offset()
+        pieces = None if offset is None else [(0, int(offset), n)]
+    else:
+        pieces = _chunk_pieces(dataset, n, dtype.itemsize)
+    if pieces is None or any(offset + size * dtype.itemsize > len(memory) for _, offset, size in pieces):
+        return None
+    return [(start, offset, np.frombuffer(memory, dtype, size, offset)) for start, offset, size in pieces]
 
 
 def _is_csr(element) -> bool:
@@ -251,16 +354,44 @@ def _slot_rows(
     return csr_rows(matrix, start, stop), names
 
 
-def _file_rows(group, start: int, stop: int, n_genes: int, lease: _Lease | None = None) -> sp.csr_matrix:
+def _chunk_pieces(dataset, n: int, itemsize: int) -> list[tuple[int, int, int]] | None:
+    """(first entry, byte offset, entries) of each run of a chunked dataset's chunks stored back to back, or None
+    where a chunk is filtered or was never written (its entries read as the fill value), or where h5py cannot list
+    the chunks in one pass (`chunk_iter`: h5py 3.8 and later with HDF5 1.14)."""
+    if not hasattr(dataset.id, "chunk_iter"):
+        return None
+    chunk = int(dataset.chunks[0])
+    infos: list[Any] = []  # h5py's StoreInfo of each chunk
+    dataset.id.chunk_iter(infos.append)
+    infos.sort(key=lambda info: info.chunk_offset[0])
+    if [info.chunk_offset[0] for info in infos] != list(range(0, n, chunk)):
+        return None
+    pieces: list[tuple[int, int, int]] = []
+    for info in infos:
+        start, offset = int(info.chunk_offset[0]), int(info.byte_offset)
+        if info.filter_mask or info.size != chunk * itemsize:
+            return None
+        size = min(chunk, n - start)
+        if pieces and pieces[-1][1] + pieces[-1][2] * itemsize == offset:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1], pieces[-1][2] + size)
+        else:
+            pieces.append((start, offset, size))
+    return pieces
+
+
+def _file_rows(
+    group, start: int, stop: int, n_genes: int, lease: _Lease | None = None, mapped: _FileMap | None = None
+) -> sp.csr_matrix:
     """Rows `start:stop` of a CSR matrix in an HDF5 group (anndata's layout: data, indices, indptr), read with
     h5py: only those rows' entries, the pointers in the indices' integer type where they fit (anndata writes
     int64 pointers beside int32 indices, and scipy's checks would then cast the indices, a copy of the largest
     array). Unchecked here: `from_anndata` checks the structure before anything reads it. Half the time of
     anndata's own row slicing of a backed matrix (docs/performance.md). With a `lease`, data and indices are read
-    into its memory (`_Buffers`): the matrix holds it until the lease is released."""
+    into its memory (`_Buffers`): the matrix holds it until the lease is released. With `mapped` (`_FileMap`), data
+    and indices are views of the mapped file where they can be, whose pages the lease hands back on release."""
     indptr = group["indptr"][start : stop + 1]
     first, last = int(indptr[0]), int(indptr[-1])
-    data, indices = (_read_range(group[name], first, last, lease) for name in ("data", "indices"))
+    data, indices = (_read_range(group[name], first, last, lease, mapped) for name in ("data", "indices"))
     indptr = indptr - first
     if indices.dtype == np.int32 and last - first <= np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
@@ -344,12 +475,22 @@ def _read(source, model, start, stop, counts, min_gene_fraction, select, lease: 
     return _Chunk(matrix, np.full(n, NEW_BATCH, np.int32), start, where, select, lease)
 
 
-def _read_range(dataset, first: int, last: int, lease: _Lease | None = None) -> np.ndarray:
+def _read_range(
+    dataset, first: int, last: int, lease: _Lease | None = None, mapped: _FileMap | None = None
+) -> np.ndarray:
     """Entries `first:last` of a one-dimensional HDF5 dataset, read straight into a new array, or into memory of
     a `lease` (h5py's slicing takes twice as long: about 7 against 4 ms for the 2.3 million entries of 4,608 Kang
     cells; probe). A range past the dataset's end reads short, as slicing does: `from_anndata`'s checks then
-    refuse the pointers."""
+    refuse the pointers. With `mapped`, the entries are read from the mapped file (`_FileMap.read`) and the lease
+    drops their pages when it is released."""
     last = max(first, min(last, dataset.shape[0]))
+    name = dataset.name.rsplit("/", 1)[-1]
+    if mapped is not None and name in mapped.runs:
+        entries = mapped.read(name, first, last, lease)
+        if entries is not None:
+            if lease is not None:
+                lease.mapped.append((mapped, name, first, last))
+            return entries
     dtype = np.dtype(dataset.dtype)
     if lease is None:
         out = np.empty(last - first, dtype)
@@ -403,6 +544,7 @@ class _Lease:
     def __init__(self, pool: _Buffers) -> None:
         self.pool = pool
         self.held: list[np.ndarray] = []
+        self.mapped: list[tuple[_FileMap, str, int, int]] = []  # ranges read from a mapped file (`_FileMap.drop`)
 
     def take(self, nbytes: int) -> np.ndarray:
         buffer = self.pool.take(nbytes)
@@ -412,6 +554,9 @@ class _Lease:
     def release(self) -> None:
         self.pool.give(self.held)
         self.held = []
+        for mapped, name, first, last in self.mapped:
+            mapped.drop(name, first, last)
+        self.mapped = []
 
 
 def _chunk_bounds(n_cells: int, chunk_size: int, first: int) -> list[tuple[int, int]]:
