@@ -321,7 +321,9 @@ def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory
         first.wait()
     assert not out.exists()
     killed_at = json.loads(state.read_text())["epoch"]
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = command.copy()
+    rerun[rerun.index("--verbose") + 1] = "1"  # the resuming line is a status line: --verbose 0 hides it
+    again = subprocess.run(rerun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming training at epoch {killed_at + 1} from" in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
@@ -443,6 +445,23 @@ def test_a_status_line_during_a_progress_bar_gets_a_line_of_its_own(capsys):
         bar.close()
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
     assert "INFO: resuming training at epoch 20" in lines, lines
+
+
+def test_status_lines_show_once_and_not_at_verbose_0(capsys):
+    """A command's INFO line repeated by its steps (a trial saw "INFO: using raw counts from adata.raw.X" three
+    times) shows once; `--verbose 0` hides the INFO lines and keeps the warnings."""
+    import logging
+
+    from tfp_scmix.cli import _log_to_stderr
+
+    log = logging.getLogger("tfp_scmix")
+    for verbose, expected in ((1, ["INFO: using raw counts from adata.raw.X", "WARNING: few genes"]), (0, None)):
+        with _log_to_stderr(verbose):
+            for _ in range(3):
+                log.info("using raw counts from adata.raw.X")
+                log.warning("few genes")
+        lines = capsys.readouterr().err.splitlines()
+        assert lines == (expected or ["WARNING: few genes"]), lines
 
 
 def test_an_unknown_option_is_reported_by_its_command_with_the_closest_one(capsys):

@@ -85,6 +85,17 @@ def test_a_few_stray_values_are_named_by_cell_and_not_called_normalized():
     counts.data[counts.indptr[1500]] = -1
     with pytest.raises(DataError, match=r"negative \(min -1, in 1 cell \(row 1600\)\)"):
         check_counts(counts, "x", row_offset=100)
+    # The fix fits the input: an AnnData's other slots, or a matrix's raw counts; far below zero is damage.
+    for where, fix in (("adata.X", "counts='raw'"), ("the count matrix", "Pass the raw integer counts")):
+        with pytest.raises(DataError, match="look scaled") as err:
+            check_counts(counts, where)
+        assert fix in str(err.value) and ("counts='raw'" in str(err.value)) == (where == "adata.X")
+        with pytest.raises(DataError, match="log-normalized") as err:
+            check_counts(every, where)
+        assert fix in str(err.value)
+    counts.data[counts.indptr[1500]] = -2.1e9  # random bytes where counts were
+    with pytest.raises(DataError, match="neither counts nor scaled data: the matrix may be damaged"):
+        check_counts(counts, "rows 0-2999 of adata.X")
 
 
 def test_explicit_slot_errors():
@@ -96,7 +107,7 @@ def test_explicit_slot_errors():
 
 
 def test_empty_cells_and_datasets():
-    with pytest.raises(DataError, match="1 cells have no counts"):
+    with pytest.raises(DataError, match="1 cell has no counts"):
         from_anndata(make_adata(np.vstack([COUNTS, np.zeros(4)]), labels=["a", "b", "a", "b", "a"]))
     with pytest.raises(DataError, match="empty"):
         from_anndata(make_adata(np.zeros((0, 4))), label_key=None)

@@ -712,3 +712,38 @@ def test_a_mapped_file_reads_across_its_runs_of_chunks_and_hands_pages_back(tmp_
         np.testing.assert_array_equal(whole[-3:], [n - 3, n - 2, n - 1])
         del inside, whole
         mapped.close()
+
+
+def test_a_dataframe_is_read_by_gene_name_and_swapped_arguments_are_named(small_model, embedded_adata, tmp_path):
+    """A pandas DataFrame of counts (adata.to_df()) is matched to the model's genes by name: its columns in another
+    order predict the same (read by position they called B cells megakaryocytes, found by a user's trial); a
+    column that is not numbers is refused. A dataset's path or AnnData given where the model goes says that the
+    model comes first."""
+    cells = embedded_adata[:60].copy()
+    expected = scm.predict(small_model, cells)
+    frame = cells.to_df()
+    for columns in (frame.columns, frame.columns[::-1]):
+        out = scm.predict(small_model, frame[columns])
+        np.testing.assert_array_equal(out["label"], expected["label"])
+        np.testing.assert_allclose(out["probs"], expected["probs"], atol=1e-6)
+    with pytest.raises(DataError, match="columns must all hold counts .*donor"):
+        scm.predict(small_model, frame.assign(donor="a"))
+    for data in (tmp_path / "cells.h5ad", cells):
+        with pytest.raises(TypeError, match="The model comes first, the data second"):
+            scm.predict(data, small_model)
+
+
+def test_a_damaged_block_of_a_compressed_file_is_a_data_error(small_model, embedded_adata, tmp_path):
+    """A gzip-compressed .h5ad with bytes overwritten in its counts fails to decompress inside h5py while the file
+    is read chunk by chunk: the error names the cells, the file and the fix (it was h5py's bare OSError)."""
+    path = tmp_path / "cells.h5ad"
+    embedded_adata.write_h5ad(path, compression="gzip")
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        info = f["X"]["data"].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(b"\xff" * 64)
+    with pytest.raises(DataError, match=r"could not read cells 0-\d+ of .*cells.h5ad .*copy or download it again"):
+        scm.predict(small_model, path)

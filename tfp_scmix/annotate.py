@@ -331,8 +331,12 @@ def annotate(
     library = out["library_size"]
     empty = library == 0
     if empty.any():
+        n_empty = int(empty.sum())
         logger.warning(
-            "%d cells have no counts over the model's genes; they are marked %r", int(empty.sum()), UNASSIGNED
+            "%s no counts over the model's genes; %s marked %r",
+            "1 cell has" if n_empty == 1 else f"{n_empty} cells have",
+            "it is" if n_empty == 1 else "they are",
+            UNASSIGNED,
         )
     names = np.asarray(model.class_names, dtype=object)[out["label"]]
     low_counts = library < min_counts

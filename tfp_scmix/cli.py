@@ -522,16 +522,21 @@ class _Stderr(logging.StreamHandler):
 
 
 @contextlib.contextmanager
-def _log_to_stderr() -> Iterator[None]:
-    """While a command runs, the package's INFO and WARNING lines go to stderr as "LEVEL: message". Only the
-    package's logger is configured, and put back as it was afterwards: other libraries' INFO lines (TensorFlow's
-    among them) stay hidden, and a library that configures the root logger meanwhile changes nothing here."""
+def _log_to_stderr(verbose: int = 1) -> Iterator[None]:
+    """While a command runs, the package's INFO and WARNING lines go to stderr as "LEVEL: message", each distinct
+    line once (the steps of one command find the same counts slot more than once); with `--verbose 0` the warnings
+    only. Only the package's logger is configured, and put back as it was afterwards: other libraries' INFO lines
+    (TensorFlow's among them) stay hidden, and a library that configures the root logger meanwhile changes nothing
+    here."""
+    from tfp_scmix.data import OncePerMessage
+
     package = logging.getLogger("tfp_scmix")
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.addFilter(OncePerMessage())
     level, propagate = package.level, package.propagate
     package.addHandler(handler)
-    package.setLevel(logging.INFO)
+    package.setLevel(logging.INFO if verbose else logging.WARNING)
     package.propagate = False
     try:
         yield
@@ -574,7 +579,7 @@ def main(argv=None) -> int:
         return 130
 
     try:
-        with _log_to_stderr(), _terminate_as_interrupt():
+        with _log_to_stderr(args.verbose), _terminate_as_interrupt():
             args.func(args)
     except (ValueError, TrainingDiverged) as err:  # DataError, ModelFileError and bad arguments among them
         print(f"error: {err}", file=sys.stderr)

@@ -57,6 +57,22 @@ def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
     return f" (did you mean {', '.join(repr(m) for m in sorted(close))}?)" if close else ""
 
 
+class OncePerMessage(logging.Filter):
+    """A logging filter that lets each distinct message through once (a warning repeated for every chunk of a
+    prediction, a status line repeated by the steps of one command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = record.getMessage()
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 class DataError(ValueError):
     """Input data that the model cannot use; the message says what is wrong and how to fix it."""
 
@@ -372,11 +388,23 @@ def _non_integer_message(counts: sp.csr_matrix, where: str, row_offset: int = 0)
             "they look like corrected counts (e.g. after ambient-RNA removal such as SoupX) or otherwise "
             "rescaled counts"
         )
-    return (
-        f"{found}; {looks}. Point `counts` at the raw counts: a layer such as counts='counts', or counts='raw' "
-        "for adata.raw.X (command line: --counts counts, --counts raw). To use corrected counts, round them to "
-        "integers first (np.rint)."
-    )
+    fix = _raw_counts_fix(where)
+    return f"{found}; {looks}. {fix} To use corrected counts, round them to integers first (np.rint)."
+
+
+def _raw_counts_fix(where: str) -> str:
+    """Where to find raw counts, for a message about the counts of `where`: an AnnData's other slots, or (a matrix,
+    which has none) the raw counts themselves."""
+    if "adata" in where:
+        return (
+            "Point `counts` at the raw counts: a layer such as counts='counts', or counts='raw' for adata.raw.X "
+            "(command line: --counts counts, --counts raw)."
+        )
+    return "Pass the raw integer counts (UMI counts before any normalization) instead."
+
+
+# Negative values below this are not scaled data (z-scores of sc.pp.scale stay within tens) but a damaged matrix.
+DAMAGED_BELOW = -1e6
 
 
 def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0, workspace: Workspace | None = None) -> None:
@@ -401,10 +429,15 @@ def check_counts(counts: sp.csr_matrix, where: str, row_offset: int = 0, workspa
             f"{_bad_cells(counts, bad, row_offset)}); raw UMI counts are finite integers."
         )
     if lowest < 0:
+        looks = (
+            "values this far below zero are neither counts nor scaled data: the matrix may be damaged (a file: copy "
+            "or write it again)."
+            if lowest < DAMAGED_BELOW
+            else "they look scaled (e.g. sc.pp.scale)."
+        )
         raise DataError(
             f"counts in {where} are negative (min {lowest:.3g}, in {_bad_cells(counts, values < 0, row_offset)}); "
-            "they look scaled (e.g. sc.pp.scale). Point `counts` at the raw counts: a layer such as "
-            "counts='counts', or counts='raw' (command line: --counts counts, --counts raw)."
+            f"{looks} {_raw_counts_fix(where)}"
         )
     if values.dtype.kind in "iu":
         return
@@ -1237,7 +1270,7 @@ def from_anndata(
     empty = 0 if allow_empty_cells else int((np.asarray(matrix.sum(axis=1)).ravel() == 0).sum())
     if empty:
         raise DataError(
-            f"{empty} cells have no counts over the "
+            f"{'1 cell has' if empty == 1 else f'{empty} cells have'} no counts over the "
             f"{'model' if genes is not None else 'dataset'}'s genes; "
             "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0])."
         )

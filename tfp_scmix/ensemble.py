@@ -109,6 +109,10 @@ class SCMixEnsemble(keras.Model):
         return cls(**config)
 
 
+# Endings of the paths of datasets (not models), for the message of a model and its data given the wrong way round.
+DATA_SUFFIXES = (".h5ad", ".h5", ".loom", ".mtx", ".gz", ".csv", ".tsv", ".txt", ".zarr")
+
+
 def as_ensemble(model: SCMix | SCMixEnsemble) -> SCMixEnsemble:
     """`model` itself if an ensemble, else an ensemble of the one `SCMix` (which predicts the same).
 
@@ -117,11 +121,19 @@ def as_ensemble(model: SCMix | SCMixEnsemble) -> SCMixEnsemble:
         return model
     if isinstance(model, SCMix):
         return SCMixEnsemble([model])
-    hint = (
-        f": load the saved model first, model = tfp_scmix.load_model({str(model)!r})"
-        if isinstance(model, (str, os.PathLike))
-        else " (tfp_scmix.train returns one; tfp_scmix.load_model reads one from a .keras file)"
-    )
+    if isinstance(model, (str, os.PathLike)) and (
+        os.path.isdir(model) or os.path.splitext(str(model))[1].lower() in DATA_SUFFIXES
+    ):
+        hint = (
+            f": {str(model)!r} is the path of a dataset, not of a model. The model comes first, the data second: "
+            "predict(model, data), with model = tfp_scmix.load_model('model.keras')"
+        )
+    elif isinstance(model, (str, os.PathLike)):
+        hint = f": load the saved model first, model = tfp_scmix.load_model({str(model)!r})"
+    elif hasattr(model, "obs_names") or hasattr(model, "n_cells"):
+        hint = ": that is a dataset. The model comes first, the data second: predict(model, data)"
+    else:
+        hint = " (tfp_scmix.train returns one; tfp_scmix.load_model reads one from a .keras file)"
     raise TypeError(f"expected a model (SCMix or SCMixEnsemble), received {type(model).__name__}{hint}")
 
 

@@ -28,6 +28,7 @@ from tfp_scmix.data import (
     SLOT_NAMES,
     UNLABELLED,
     DataError,
+    OncePerMessage,
     SCData,
     Workspace,
     check_argument,
@@ -303,6 +304,8 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
         if n_cells:
             counts, names = counts_slot(source, counts)
             select = gene_selection(names, model.genes, min_gene_fraction)
+    elif isinstance(source, pd.DataFrame):  # cells x genes with the genes' names as columns (adata.to_df())
+        return _open(_frame_anndata(source), model, counts, min_gene_fraction)
     elif isinstance(source, H5ADStream):
         raise TypeError(
             f"predict reads an .h5ad file itself, a chunk of cells at a time: pass the file's path ({source.path}) "
@@ -328,6 +331,22 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
     if n_cells == 0:
         raise DataError("the dataset is empty (0 cells).")
     return n_cells, source, counts, select
+
+
+def _frame_anndata(frame: pd.DataFrame):
+    """An AnnData of a pandas DataFrame of counts (cells as rows, gene names as columns, as `adata.to_df()` gives),
+    so that its genes are matched to the model's by name, not by position. Raises DataError for columns that are
+    not numbers."""
+    import anndata
+
+    if not all(pd.api.types.is_numeric_dtype(dtype) for dtype in frame.dtypes):
+        wrong = [str(c) for c, dtype in frame.dtypes.items() if not pd.api.types.is_numeric_dtype(dtype)]
+        raise DataError(
+            f"the DataFrame's columns must all hold counts (numbers): {', '.join(wrong[:5])} do not. Pass cells as "
+            "rows and genes as columns, named by gene (adata.to_df()), or the AnnData itself."
+        )
+    obs, var = pd.DataFrame(index=frame.index.astype(str)), pd.DataFrame(index=frame.columns.astype(str))
+    return anndata.AnnData(X=sp.csr_matrix(frame.to_numpy()), obs=obs, var=var)
 
 
 def _slot_rows(
@@ -388,10 +407,17 @@ def _file_rows(
     array). Unchecked here: `from_anndata` checks the structure before anything reads it. Half the time of
     anndata's own row slicing of a backed matrix (docs/performance.md). With a `lease`, data and indices are read
     into its memory (`_Buffers`): the matrix holds it until the lease is released. With `mapped` (`_FileMap`), data
-    and indices are views of the mapped file where they can be, whose pages the lease hands back on release."""
-    indptr = group["indptr"][start : stop + 1]
-    first, last = int(indptr[0]), int(indptr[-1])
-    data, indices = (_read_range(group[name], first, last, lease, mapped) for name in ("data", "indices"))
+    and indices are views of the mapped file where they can be, whose pages the lease hands back on release.
+    Raises DataError for a part of the file h5py cannot read (a damaged compressed block)."""
+    try:
+        indptr = group["indptr"][start : stop + 1]
+        first, last = int(indptr[0]), int(indptr[-1])
+        data, indices = (_read_range(group[name], first, last, lease, mapped) for name in ("data", "indices"))
+    except OSError as err:  # h5py's error for a damaged block of the file (a failed filter or checksum)
+        raise DataError(
+            f"could not read cells {start}-{stop - 1} of {group.file.filename} ({err}). The file may be truncated or "
+            "corrupt: copy or download it again."
+        ) from None
     indptr = indptr - first
     if indices.dtype == np.int32 and last - first <= np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
@@ -760,21 +786,6 @@ class _Minibatches:
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-class _OncePerMessage(logging.Filter):
-    """Let each distinct log message through once (the same gene-coverage warning for every chunk)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def filter(self, record):
-        key = record.getMessage()
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-
 def model_counts(
     source,
     model: SCMix | SCMixEnsemble,
@@ -867,11 +878,12 @@ def predict(
     """Model outputs for any number of cells, read and predicted `chunk_size` cells at a time.
 
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad
-    path (opened backed), an `SCData`, or a scipy sparse / numpy matrix `[n_cells, n_genes]` in the
-    model's gene order. Each minibatch is checked like `from_anndata` input, on the thread that predicts it.
-    Memory is bounded by three chunks plus the outputs: {"probs" [n_cells, n_classes], "label" [n_cells]
-    (int32 indices into `model.class_names`), "confidence" [n_cells],
-    "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
+    path (read chunk by chunk; an uncompressed file through a memory map, `_FileMap`), an `SCData`, a pandas
+    DataFrame of counts with cells as rows and genes as named columns (`adata.to_df()`; aligned by name), or a
+    scipy sparse / numpy matrix `[n_cells, n_genes]` in the model's gene order. Each minibatch is checked like
+    `from_anndata` input, on the thread that predicts it. Memory is bounded by three chunks plus the outputs:
+    {"probs" [n_cells, n_classes], "label" [n_cells] (int32 indices into `model.class_names`), "confidence"
+    [n_cells], "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
     the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them; "library_size"
     [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over
     the model's genes are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the
@@ -883,7 +895,8 @@ def predict(
     the model was trained with (as `from_anndata(..., batch_key=)`). Cells of a batch the model was not trained on
     (a warning names those of obs[batch_key]), and every cell without `batch_key` or of a matrix, are read through
     the centre of the trained batches' offsets (`SCMix.prediction_offsets`: for a model of one batch, that batch's).
-    Raises DataError for an unreadable file, a damaged sparse matrix, counts that are not raw counts, too few
+    Raises DataError for an unreadable or damaged file, a damaged sparse matrix, a DataFrame column that is not
+    numbers, counts that are not raw counts, too few
     of the model's genes, a matrix of the wrong width, no cells, a `batch_key` that is not an obs column or a
     cell without a batch there; ValueError for a `chunk_size`, `batch_size` or `min_gene_fraction` out of range,
     an unknown key, or `batch_key` with an `SCData` or a matrix; NotTrainedError (a ValueError) for a model that
@@ -915,7 +928,7 @@ def predict(
         cell_rows = _members(model)[0].batch_rows(batch_names, batches)
         _warn_new_batches(model, batch_names, batches, cell_rows, batch_key)
     outputs: dict[str, np.ndarray] = {}
-    once = _OncePerMessage()
+    once = OncePerMessage()  # the same gene-coverage warning for every chunk: once
     logger.addFilter(once)
     chunk_size = int(chunk_size)
     bounds = _chunk_bounds(n_cells, chunk_size, WORKERS * int(batch_size))
