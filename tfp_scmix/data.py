@@ -393,9 +393,9 @@ def _non_integer_message(counts: sp.csr_matrix, where: str, row_offset: int = 0)
 
 
 def _raw_counts_fix(where: str) -> str:
-    """Where to find raw counts, for a message about the counts of `where`: an AnnData's other slots, or (a matrix,
-    which has none) the raw counts themselves."""
-    if "adata" in where:
+    """Where to find raw counts, for a message about the counts of `where`: an AnnData's or a file's other slots,
+    or (a count matrix, which has none) the raw counts themselves."""
+    if "count matrix" not in where:
         return (
             "Point `counts` at the raw counts: a layer such as counts='counts', or counts='raw' for adata.raw.X "
             "(command line: --counts counts, --counts raw)."
