@@ -28,6 +28,10 @@ from tfp_scmix.config import Config
         ({"classifier_steps": -1}, "classifier_steps.* must not be negative, received -1"),
         ({"kl_warmup_epochs": -2.0}, "kl_warmup_epochs.* must not be negative, received .*-2.0"),
         ({"label_weight": -0.5}, "label_weight must not be negative, received .*-0.5"),
+        ({"n_topics": "20"}, "n_topics must be a positive whole number, received '20'"),  # was a TypeError
+        ({"learning_rate": "0.01"}, "learning_rate must be positive, received '0.01'"),
+        ({"kl_warmup_epochs": "3"}, "kl_warmup_epochs must not be negative, received '3'"),
+        ({"dropout": "0.1"}, r"dropout must be in \[0, 1\), received '0.1'"),
     ],
 )
 def test_bad_values_are_refused_naming_setting_and_value(changes, named):
@@ -100,3 +104,12 @@ def test_dict_round_trip_and_setting_groups():
     for prior in config.PRIORS:
         for mode in config.LABEL_MODES:
             assert Config(prior=prior, label_mode=mode).prior == prior
+
+
+def test_whole_number_floats_are_stored_as_integers():
+    """20.0 topics (from a TOML file or a tuner) is 20: a trial's model trained with n_topics=20.0 saved and then
+    could not be loaded (its saved config held 20.0, which loading refused)."""
+    settings = Config(n_topics=20.0, epochs=10.0, batch_size=256.0, classifier_steps=0.0)
+    assert (settings.n_topics, settings.epochs, settings.batch_size, settings.classifier_steps) == (20, 10, 256, 0)
+    assert all(type(v) is int for v in (settings.n_topics, settings.epochs, settings.batch_size))
+    assert Config.from_dict(settings.to_dict()) == settings

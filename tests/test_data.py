@@ -532,3 +532,15 @@ def test_did_you_mean_prefers_the_same_name_in_another_case():
     assert did_you_mean(["cell_type"], ["truth", "Cell_Type"]) == " (did you mean 'Cell_Type'?)"
     assert did_you_mean(["celltype"], ["cell_type", "batch"]) == " (did you mean 'cell_type'?)"
     assert did_you_mean(["donor"], ["cell_type", "batch"]) == ""
+
+
+def test_a_label_column_without_two_classes_says_what_it_holds():
+    """All cells unlabelled, or one class only: the message says which, and names the settings that exist
+    (label_key, unlabeled_category; it named an `unknown` option that the user cannot pass)."""
+    from tfp_scmix.data import encode_labels
+
+    with pytest.raises(DataError, match=r"every one of its 5 cells is unlabelled .*unlabeled_category") as err:
+        encode_labels([np.nan] * 5)
+    assert "unknown." not in str(err.value)
+    with pytest.raises(DataError, match=r"its labelled cells \(3\) are all of one class, 'B'"):
+        encode_labels(["B", "B", np.nan, "B"])

@@ -9,6 +9,7 @@ classes) are not settings: `SCMix.from_data` reads them from the data.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from typing import Any, Literal
 
@@ -16,6 +17,11 @@ Prior = Literal["normal", "horseshoe", "regularized", "santa_barbara"]
 LabelMode = Literal["cut", "joint", "class_prior"]
 PRIORS: tuple[str, ...] = typing.get_args(Prior)
 LABEL_MODES: tuple[str, ...] = typing.get_args(LabelMode)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool and not a string ("20" from a command line or a file must be converted first)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +102,21 @@ class Config:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, received {self.label_mode!r}")
         for name in ("n_topics", "hidden_units", "n_predictive_samples", "epochs", "batch_size", "classifier_steps"):
             value, least = getattr(self, name), 0 if name == "classifier_steps" else 1
-            if isinstance(value, bool) or not float(value).is_integer() or value < least:
+            if not _is_number(value) or not float(value).is_integer() or value < least:
                 kind = "whole number that must not be negative" if least == 0 else "positive whole number"
                 raise ValueError(f"{name} must be a {kind}, received {value!r}")
+            # 20.0 (from a TOML file or a tuner) is stored as 20: the model's saved config must load again
+            object.__setattr__(self, name, int(value))
         for name in ("expected_active_topics", "global_scale", "slab_df"):
             value = getattr(self, name)
-            if value is not None and not float(value) > 0:
+            if value is not None and not (_is_number(value) and float(value) > 0):
                 raise ValueError(f"{name} must be positive (or None for its default), received {value!r}")
         if self.label_noise is not None and not isinstance(self.label_noise, bool):
             raise ValueError(
                 "label_noise switches the learned label-noise mixture on or off: True, False or None "
                 f"(the variant's default), received {self.label_noise!r}"
             )
-        if not 0.0 <= self.dropout < 1.0:
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), received {self.dropout!r}")
         for name in ("self_training", "classifier_genes", "balanced_classes"):
             if not isinstance(getattr(self, name), bool):
@@ -121,10 +129,10 @@ class Config:
             "slab_scale",
             "gene_prior_scale",
         ):
-            if not float(getattr(self, name)) > 0:
+            if not (_is_number(getattr(self, name)) and float(getattr(self, name)) > 0):
                 raise ValueError(f"{name} must be positive, received {getattr(self, name)!r}")
         for name in ("kl_warmup_epochs", "label_weight"):
-            if float(getattr(self, name)) < 0:
+            if not _is_number(getattr(self, name)) or float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must not be negative, received {getattr(self, name)!r}")
 
     def replace(self, **changes: Any) -> Config:

@@ -862,9 +862,15 @@ def encode_labels(
         else:
             classes = sorted(set(names), key=_natural_order)
         if len(classes) < 2:
+            found = (
+                f"every one of its {len(series):,} cells is unlabelled (missing, or the unlabeled_category)"
+                if not classes
+                else f"its labelled cells ({len(names):,}) are all of one class, {classes[0]!r}"
+            )
             raise DataError(
-                f"the label column has {len(classes)} class(es) {classes} among labelled "
-                "cells; a classifier needs at least two. Check label_key and unknown."
+                f"the label column has {len(classes)} class(es) among labelled cells: {found}; a classifier needs at "
+                "least two. Check label_key (the obs column of the cell types) and unlabeled_category (the value "
+                "that marks cells without a label)."
             )
     classes = [str(c) for c in classes]
     lookup = {c: i for i, c in enumerate(classes)}
