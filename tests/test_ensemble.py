@@ -36,6 +36,7 @@ def test_save_load_annotate_export(two_restarts, embedded, tmp_path):
     expected = scm.predict(two_restarts, embedded)
     for loaded in (keras.models.load_model(path), load_model(path)):
         assert isinstance(loaded, SCMixEnsemble) and loaded.genes == two_restarts.genes
+        assert loaded.batch_names == loaded.members[0].batch_names == list(embedded.batch_names)  # a trial looked
         assert [m.seed for m in loaded.members] == [5, 6] and loaded.provenance == two_restarts.provenance
         np.testing.assert_array_equal(scm.predict(loaded, embedded)["probs"], expected["probs"])
     adata = scm.annotate(two_restarts, datasets.pbmc68k_reduced())

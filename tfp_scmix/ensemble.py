@@ -48,6 +48,7 @@ class SCMixEnsemble(keras.Model):
         self.members = members  # a plain list attribute: Keras tracks and saves each member
         self.genes, self.class_names, self.provenance = first.genes, first.class_names, first.provenance
         self.n_genes, self.n_classes = first.n_genes, first.n_classes
+        self.batch_names = first.batch_names  # the trained batches' names (`SCMix.batch_names`), the same data's
         self.n_topics = sum(m.n_topics for m in members)
         self.config = first.config
         self.settings = {**first.settings, "restarts": len(members)}
