@@ -363,6 +363,13 @@ def test_help_and_version_answer_without_tensorflow_and_runs_are_quiet(synthetic
     )
     assert check.returncode == 0 and check.stdout.split() == ["tfp-scmix", scm.__version__, "False", "False"]
     _, path = synthetic_file
+    # A model train would replace is refused before TensorFlow's import too (a trial waited 6 s for the refusal).
+    (tmp_path / "kept.keras").write_bytes(b"a model")
+    refused = run_python(
+        "import sys; from tfp_scmix.cli import main; print(main(sys.argv[1:]), 'tensorflow' in sys.modules)",
+        "train", path, "--out", tmp_path / "kept.keras",
+    )  # fmt: skip
+    assert refused.stdout.split() == ["2", "False"] and "kept.keras already exists" in refused.stderr, refused
     run = run_python(
         "import sys; from tfp_scmix.cli import main; sys.exit(main(sys.argv[1:]))",
         "train", path, "--out", tmp_path / "m.keras", "--epochs", "1", "--topics", "4", "--restarts", "2",

@@ -95,11 +95,9 @@ def train(args) -> None:
     from tfp_scmix.stream import H5ADStream
 
     check_model_path(args.out)  # before hours of training, not after
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(
-            f"{args.out} already exists: pass --overwrite to replace it with the model this command trains, or "
-            "choose another --out"
-        )
+    existing = existing_model(args)
+    if existing:
+        raise FileExistsError(existing)
     if args.mlflow:
         from tfp_scmix import tracking
 
@@ -479,8 +477,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def existing_model(args) -> str | None:
+    """The error for `train --out` onto a file that exists, without `--overwrite` (None otherwise)."""
+    if args.command == "train" and Path(args.out).exists() and not args.overwrite:
+        return (
+            f"{args.out} already exists: pass --overwrite to replace it with the model this command trains, or "
+            "choose another --out"
+        )
+    return None
+
+
 def missing_input(args) -> str | None:
-    """The error for a model or data file named on the command line that does not exist (None when all do).
+    """The error for a model or data file named on the command line that does not exist, or for a model `train`
+    would replace (`existing_model`); None when there is none.
 
     Checked before TensorFlow's import, which takes seconds, so that a mistyped path fails at once; the
     messages are those `load_model` and `read` would give (`tfp_scmix.data.data_path` for the data).
@@ -496,7 +505,7 @@ def missing_input(args) -> str | None:
             data_path(data)
     except DataError as err:
         return str(err)
-    return None
+    return existing_model(args)  # a model that would be replaced: refused before the import too
 
 
 class _Stderr(logging.StreamHandler):
