@@ -14,7 +14,7 @@ import os
 import keras
 import tensorflow as tf
 
-from tfp_scmix.data import gene_fingerprint
+from tfp_scmix.data import FORMATS, gene_fingerprint
 from tfp_scmix.model import SCMix, outputs
 from tfp_scmix.novelty import TopicNovelty
 
@@ -110,8 +110,9 @@ class SCMixEnsemble(keras.Model):
         return cls(**config)
 
 
-# Endings of the paths of datasets (not models), for the message of a model and its data given the wrong way round.
-DATA_SUFFIXES = (".h5ad", ".h5", ".loom", ".mtx", ".gz", ".csv", ".tsv", ".txt", ".zarr")
+# Endings of the paths of datasets (not models), for the message of a model and its data given the wrong way round:
+# the files `tfp_scmix.data.read` reads (`FORMATS`, a 10x folder's .mtx(.gz)) and other tables of counts.
+DATA_SUFFIXES = (*(s for s in FORMATS if s.startswith(".")), ".mtx", ".gz", ".csv", ".tsv", ".txt", ".zarr")
 
 
 def as_ensemble(model: SCMix | SCMixEnsemble) -> SCMixEnsemble:
