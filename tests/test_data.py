@@ -184,6 +184,31 @@ def test_structure_check_reads_row_views_in_place_and_pointers_alone_when_asked(
         check_structure(backwards, "x", full=False)
 
 
+def test_row_selections_keep_int32_indices_beside_int64_pointers():
+    """anndata writes int64 row pointers beside int32 indices; with mixed types scipy casts the whole matrix's
+    indices to int64 on every row selection (a copy of the largest array per minibatch). `csr_on`, `csr_rows`, the
+    counts `from_anndata` finds and a stream's chunks carry int32 pointers instead, and the same entries."""
+    from tfp_scmix.data import csr_on, csr_rows, index_pointers
+
+    big = sp.random(400, 50, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    wide = np.asarray(big.indptr, np.int64)
+    assert index_pointers(wide, big.indices.astype(np.int64)) is wide  # int64 indices: left as they are
+    mixed = csr_on(big.data, big.indices.astype(np.int32), wide, big.shape)
+    for matrix, first in ((mixed, 0), (csr_rows(mixed, 10, 20), 10)):
+        assert matrix.indptr.dtype == np.int32 and matrix.indices.dtype == np.int32
+        picked = matrix[np.array([3, 1, 2])]
+        assert picked.indices.dtype == np.int32
+        assert np.array_equal(picked.toarray(), big[np.array([3, 1, 2]) + first].toarray())
+    adata = anndata.AnnData(
+        X=sp.csr_matrix(COUNTS.astype(np.float32)), var=pd.DataFrame(index=[f"G{i}" for i in range(4)])
+    )
+    adata.X.indptr = adata.X.indptr.astype(np.int64)
+    adata.X.indices = adata.X.indices.astype(np.int32)
+    counts = from_anndata(adata, label_key=None).counts
+    assert counts.indptr.dtype == np.int32 and counts.indices.dtype == np.int32
+    assert np.array_equal(counts.toarray(), COUNTS)
+
+
 def test_damaged_sparse_matrices_are_refused_before_any_arithmetic():
     """Index arrays that do not describe the matrix (a damaged file) are refused before scipy's compiled code
     reads them (the process-level check, where a regression would crash, is in test_predict.py)."""

@@ -504,7 +504,8 @@ def find_counts(
             continue
         if where != "adata.X":
             logger.info("using raw counts from %s", where)
-        return slot, csr.astype(np.float32, copy=copy), np.asarray(var_names, dtype=str)
+        csr = csr.astype(np.float32, copy=copy)
+        return slot, csr_on(csr.data, csr.indices, csr.indptr, csr.shape), np.asarray(var_names, dtype=str)
     assert first_error is not None  # the first candidate, adata.X, always exists
     raise first_error
 
@@ -675,23 +676,34 @@ def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
     return norm
 
 
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def csr_on(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
     """A CSR matrix on these arrays themselves, unchecked: scipy's constructor copies an array that is a view
-    of less than half of another (a few rows of a larger matrix). The arrays must describe valid CSR."""
+    of less than half of another (a few rows of a larger matrix). The arrays must describe valid CSR.
+
+    int64 row pointers beside int32 indices (as anndata writes them) become int32 where they fit: with mixed types
+    scipy casts the whole matrix's indices to int64, a copy of the largest array, on every row selection, and its
+    constructor keeps them int64 (twice the memory)."""
     matrix = sp.csr_matrix(shape, dtype=data.dtype)
-    matrix.data, matrix.indices, matrix.indptr = data, indices, indptr
+    matrix.data, matrix.indices, matrix.indptr = data, indices, index_pointers(indptr, indices)
     return matrix
+
+
+def index_pointers(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """CSR row pointers `[n_rows + 1]` in the integer type of the `indices`: int32 when the indices are int32 and
+    the pointers fit (a copy of the pointers), else `indptr` itself. See `csr_on` for why."""
+    if indices.dtype == np.int32 and indptr.dtype != np.int32 and (len(indptr) == 0 or indptr[-1] <= INT32_MAX):
+        return indptr.astype(np.int32)
+    return indptr
 
 
 def csr_rows(csr: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows `start:stop` of `csr` as a CSR matrix on views of its data and indices (scipy's row slicing copies
     them). No check: `csr` is valid CSR."""
     first, last = csr.indptr[start], csr.indptr[stop]
-    # indptr in the indices' integer type where it fits (anndata writes int64 indptr beside int32 indices), or
-    # scipy's checks cast the indices, a copy of the largest array.
     indptr = csr.indptr[start : stop + 1] - first
-    if csr.indices.dtype == np.int32 and indptr[-1] <= np.iinfo(np.int32).max:
-        indptr = indptr.astype(np.int32)
     return csr_on(csr.data[first:last], csr.indices[first:last], indptr, (stop - start, csr.shape[1]))
 
 
@@ -1188,8 +1200,8 @@ class SCData:
         cell-index batches `[B]` (int64), in their order."""
         import tensorflow as tf
 
-        csr = self.counts
-        csr.sort_indices()
+        self.counts.sort_indices()
+        csr = csr_on(self.counts.data, self.counts.indices, self.counts.indptr, self.counts.shape)
         labels = tf.constant(self.labels, tf.int32)
         batches = tf.constant(self.batches, tf.int32)
         n_genes = self.n_genes

@@ -418,10 +418,7 @@ def _file_rows(
             f"could not read cells {start}-{stop - 1} of {group.file.filename} ({err}). The file may be truncated or "
             "corrupt: copy or download it again."
         ) from None
-    indptr = indptr - first
-    if indices.dtype == np.int32 and last - first <= np.iinfo(np.int32).max:
-        indptr = indptr.astype(np.int32)
-    return csr_on(data, indices, indptr, (stop - start, n_genes))
+    return csr_on(data, indices, indptr - first, (stop - start, n_genes))
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from tfp_scmix.data import (
     data_path,
     encode_obs,
     gene_selection,
+    index_pointers,
     sparse_entries,
 )
 
@@ -95,8 +96,9 @@ def _rows(matrix: Any, start: int, stop: int, n_genes: int) -> sp.csr_matrix:
     if isinstance(matrix, h5py.Group):
         pointers = matrix["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(pointers[0]), int(pointers[-1])
+        indices = matrix["indices"][lo:hi]
         return sp.csr_matrix(
-            (matrix["data"][lo:hi].astype(np.float32, copy=False), matrix["indices"][lo:hi], pointers - lo),
+            (matrix["data"][lo:hi].astype(np.float32, copy=False), indices, index_pointers(pointers - lo, indices)),
             shape=(stop - start, n_genes),
         )
     return sp.csr_matrix(np.asarray(matrix[start:stop], np.float32))
