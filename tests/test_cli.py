@@ -276,15 +276,25 @@ def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthe
         code = main(sys.argv[1:])
         print(code, "tensorflow" in sys.modules)
         """
+    exported = tmp_path / "export" / "1"
+    exported.mkdir(parents=True)
+    (exported / "saved_model.pb").write_bytes(b"")
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"")
     for argv, named in (
-        (["annotate", tmp_path / "m.keras", path, "--out", tmp_path / "a.h5ad"], "no model file at"),
-        (["train", tmp_path / "missing.h5ad", "--out", tmp_path / "m.keras"], "missing.h5ad"),
-        (["explain", tmp_path / "m.keras", "--out", tmp_path / "e"], "no model file at"),
+        (["annotate", tmp_path / "none.keras", path, "--out", tmp_path / "a.h5ad"], "no model file at"),
+        (["annotate", tmp_path / "none", path, "--out", tmp_path / "a.h5ad"], "--out MODEL.keras"),
+        (["train", tmp_path / "missing.h5ad", "--out", tmp_path / "new.keras"], "missing.h5ad"),
+        (["explain", tmp_path / "none.keras", "--out", tmp_path / "e"], "no model file at"),
+        # A SavedModel folder given as the model: what it is, and what the command reads instead.
+        (["annotate", exported, path, "--out", tmp_path / "a.h5ad"], "is a SavedModel export, for serving"),
+        # An export onto an existing folder without --overwrite: refused before the model is loaded (7 s).
+        (["export", model, exported], "already exists: pass --overwrite to replace the export"),
     ):
         run = run_python(script, *argv)
         assert run.stdout.split() == ["2", "False"], (argv, run.stdout, run.stderr)
         assert named in run.stderr and "Traceback" not in run.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "m.keras"]
 
 
 def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory(synthetic_file, tmp_path, capsys):

@@ -174,7 +174,8 @@ def test_annotator_aligns_anndata_genes_by_name(trained, expected, adata):
     # With every gene present, the annotator reproduces the in-process model on the full data.
     full = export.load_exported(path).annotate(adata)
     np.testing.assert_allclose(full["confidence"].to_numpy(), expected["confidence"], rtol=1e-4, atol=1e-6)
-    assert list(full.columns[:2]) == ["label", "confidence"] and full.shape[1] == 2 + model.n_classes + 10
+    assert list(full.columns[:2]) == ["label", "confidence"] and full.shape[1] == 2 + model.n_classes + 10 + 1
+    assert full.columns[-1] == "empty" and not full["empty"].any()
 
 
 def test_wrong_width_or_genes_give_clear_errors(trained, adata):
@@ -232,6 +233,57 @@ def test_failed_export_leaves_no_model_and_keeps_the_old_one(trained, tmp_path, 
     export.export_serving(model, target, overwrite=True)
     assert export.load_exported(target).gene_fingerprint == model.gene_fingerprint
     assert [p.name for p in target.parent.iterdir()] == ["1"]
+
+
+def test_overwrite_replaces_an_export_only(trained, tmp_path):
+    """overwrite=True replaces an earlier export; a folder that is not one (a trial's results folder, deleted
+    whole before) and a file are refused and left as they were, and so is an overwrite that is not a bool."""
+    model, _, _, _ = trained
+    notes = tmp_path / "results"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("important")
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    for target, what in ((notes, "not a SavedModel export"), (a_file, "is a file")):
+        with pytest.raises(FileExistsError, match=f"{what}.*left as it is"):
+            export.export_serving(model, target, overwrite=True)
+    assert (notes / "notes.txt").read_text() == "important" and a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "results"]  # no temporary folder left
+    with pytest.raises(TypeError, match="overwrite must be True or False, received 'no'"):
+        export.export_serving(model, tmp_path / "new", overwrite="no")  # type: ignore[arg-type]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_cell_without_counts_is_unassigned_on_every_route(trained):
+    """The signatures (dense and sparse, loaded by TensorFlow alone) and `ExportedAnnotator` mark a cell with
+    no counts over the model's genes as `annotate` and the MLflow server do: "unassigned", label_id -1, no
+    confidence (NaN), empty; the other cells' outputs are those of the model."""
+    model, data, _, path = trained
+    counts = data.counts[:4].toarray()
+    counts[1] = 0
+    loaded = tf.saved_model.load(str(path))
+    dense = {k: v.numpy() for k, v in loaded.signatures["serving_default"](counts=tf.constant(counts)).items()}
+    coo = scipy_coo(counts)
+    sparse = loaded.signatures["serving_sparse"](
+        indices=tf.constant(np.stack([coo.row, coo.col], 1), tf.int64),
+        values=tf.constant(coo.data, tf.float32),
+        dense_shape=tf.constant(counts.shape, tf.int64),
+    )
+    annotator = export.load_exported(path).predict(counts)
+    own = model.predict(counts, verbose=0)
+    for out in (dense, {k: v.numpy() for k, v in sparse.items()}, annotator):
+        labels = [x.decode() if isinstance(x, bytes) else str(x) for x in out["label"]]
+        assert labels[1] == "unassigned" and out["label_id"][1] == -1 and np.isnan(out["confidence"][1])
+        assert list(out["empty"]) == [False, True, False, False]
+        keep = [0, 2, 3]
+        assert [labels[i] for i in keep] == [model.class_names[i] for i in own["label"][keep]]
+        np.testing.assert_allclose(out["confidence"][keep], own["confidence"][keep], rtol=1e-4, atol=1e-6)
+
+
+def scipy_coo(dense):
+    import scipy.sparse as sp
+
+    return sp.coo_matrix(dense.astype(np.float32))
 
 
 CRASHING_CLI = textwrap.dedent("""

@@ -478,13 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def existing_model(args) -> str | None:
-    """The error for `train --out` onto a file that exists, without `--overwrite` (None otherwise)."""
-    if args.command == "train" and Path(args.out).exists() and not args.overwrite:
+    """The error for `train --out` onto a file that exists, or `export` onto a folder that exists, without
+    `--overwrite` (None otherwise). (`export --overwrite` onto what is not an export is refused by
+    `tfp_scmix.export.export_serving`.)"""
+    if args.command not in ("train", "export") or not Path(args.out).exists() or args.overwrite:
+        return None
+    if args.command == "export":
         return (
-            f"{args.out} already exists: pass --overwrite to replace it with the model this command trains, or "
-            "choose another --out"
+            f"{args.out} already exists: pass --overwrite to replace the export there, or export to a new version "
+            "folder (e.g. export/2)"
         )
-    return None
+    return (
+        f"{args.out} already exists: pass --overwrite to replace it with the model this command trains, or "
+        "choose another --out"
+    )
 
 
 def missing_input(args) -> str | None:
@@ -497,8 +504,14 @@ def missing_input(args) -> str | None:
     from tfp_scmix.data import DataError, data_path
 
     model = getattr(args, "model", None)
+    if model and (Path(model) / "saved_model.pb").is_file():
+        return (
+            f"{model} is a SavedModel export, for serving (`tfp_scmix.export.load_exported`); this command reads "
+            "the .keras model file it was exported from."
+        )
     if model and not Path(model).is_file():
-        return f"no model file at {model}; train one with `tfp-scmix train ... --out {model}`."
+        out = model if Path(model).suffix == ".keras" else "MODEL.keras"  # train writes .keras files only
+        return f"no model file at {model}; train one with `tfp-scmix train ... --out {out}`."
     data = getattr(args, "data", None)
     try:
         if data:

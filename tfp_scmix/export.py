@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from tfp_scmix import __version__
 from tfp_scmix.data import DataError, check_argument, check_counts, check_structure, from_anndata, gene_fingerprint
 from tfp_scmix.io import atomic_directory
-from tfp_scmix.mlflow_serving import MAX_CELLS, call_in_batches, outputs_frame
+from tfp_scmix.mlflow_serving import MAX_CELLS, UNASSIGNED, call_in_batches, outputs_frame
 
 if TYPE_CHECKING:  # annotations only: TensorFlow and MLflow are imported when they are used
     import anndata
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # annotations only: TensorFlow and MLflow are imported when t
 
 SERVING_DENSE, SERVING_SPARSE, METADATA = "serving_default", "serving_sparse", "metadata"
 GENES_FILE, CLASSES_FILE, METADATA_FILE = "genes.txt", "class_names.txt", "tfp_scmix.json"
-OUTPUT_KEYS = ("probs", "label", "label_id", "confidence", "cell_topic")
+OUTPUT_KEYS = ("probs", "label", "label_id", "confidence", "cell_topic", "empty")
 MLFLOW_CODE = Path(__file__).with_name("mlflow_serving.py")
 
 
@@ -92,12 +92,21 @@ def _serving_module(model: SCMix | SCMixEnsemble, asset_dir: Path) -> tuple[tf.M
 
     def predict(counts):
         out = model(counts, training=False)
+        # A cell with no counts over the model's genes is called from the prior alone: "unassigned", label_id -1
+        # and no confidence (NaN), as tfp_scmix.annotate and the MLflow server mark it.
+        library = (
+            tf.sparse.reduce_sum(counts, axis=1)
+            if isinstance(counts, tf.SparseTensor)
+            else tf.reduce_sum(counts, axis=1)
+        )
+        empty = tf.equal(library, 0.0)
         return {
             "probs": out["probs"],
-            "label": tf.gather(class_names, out["label"]),
-            "label_id": out["label"],
-            "confidence": out["confidence"],
+            "label": tf.where(empty, tf.constant(UNASSIGNED), tf.gather(class_names, out["label"])),
+            "label_id": tf.where(empty, tf.constant(-1, out["label"].dtype), out["label"]),
+            "confidence": tf.where(empty, tf.constant(np.nan, out["confidence"].dtype), out["confidence"]),
             "cell_topic": out["cell_topic"],
+            "empty": empty,
         }
 
     @tf.function(input_signature=[tf.TensorSpec([None, n_genes], tf.float32, name="counts")])
@@ -145,13 +154,16 @@ def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bo
     """Write `model` as a TensorFlow SavedModel at `path` (atomically) and return the path.
 
     Signatures and assets: see the module docstring. Outputs are deterministic posterior means. Raises
-    FileExistsError when `path` exists and `overwrite` is false (`tfp_scmix.io.atomic_directory`); on any
-    error `path` is left as it was. Raises NotTrainedError (a ValueError) for a model that has not been trained.
+    FileExistsError when `path` exists and `overwrite` is false (`tfp_scmix.io.atomic_directory`), or when
+    `overwrite` is true and `path` is something other than a SavedModel folder (a file, or a folder without
+    saved_model.pb: what it holds is not ours to delete); TypeError when `overwrite` is not a bool. On any error
+    `path` is left as it was. Raises NotTrainedError (a ValueError) for a model that has not been trained.
     """
     import tensorflow as tf
 
     from tfp_scmix.ensemble import trained
 
+    replaceable(path, overwrite)
     trained(model, "export")
     with atomic_directory(path, overwrite) as tmp:
         with tempfile.TemporaryDirectory(prefix="tfp_scmix_assets-") as asset_dir:
@@ -159,6 +171,24 @@ def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bo
             with _root_logging_left_alone():
                 tf.saved_model.save(module, str(tmp), signatures=signatures)
     return Path(path)
+
+
+def replaceable(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Check that an export may be written at `path`: absent, or (with `overwrite`) a SavedModel folder.
+
+    Raises TypeError when `overwrite` is not a bool (a string such as "no" would count as true),
+    FileExistsError as `export_serving` says."""
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise TypeError(f"overwrite must be True or False, received {overwrite!r}.")
+    path = Path(path)
+    if not (overwrite and (path.exists() or path.is_symlink())):
+        return
+    if not path.is_dir() or not (path / "saved_model.pb").is_file():
+        what = "a folder that is not a SavedModel export (no saved_model.pb)" if path.is_dir() else "a file"
+        raise FileExistsError(
+            f"{path} is {what}; overwrite replaces an earlier export only, so it is left as it is. "
+            "Export to a new folder (e.g. export/2), or move it away first."
+        )
 
 
 @contextlib.contextmanager
@@ -242,7 +272,9 @@ class ExportedAnnotator:
 
         genes / fingerprint: the caller's column names or their fingerprint, checked against the model's.
         Returns {"probs" [cells, n_classes], "label" (str) [cells], "label_id" [cells], "confidence" [cells],
-        "cell_topic" [cells, n_topics]}. Raises DataError when the genes or fingerprint do not match, when
+        "cell_topic" [cells, n_topics], "empty" (bool) [cells]}: a cell with no counts is "unassigned", label_id
+        -1, confidence NaN (exports written before the "empty" output call it from the prior and lack the key).
+        Raises DataError when the genes or fingerprint do not match, when
         counts are not `[cells, n_genes]` or not raw counts (`tfp_scmix.data.check_counts`: a damaged sparse
         matrix, NaN, infinite, negative or non-integer values), or when there are no cells.
         """
@@ -282,7 +314,8 @@ class ExportedAnnotator:
 
         counts: the slot of the raw counts, as in `tfp_scmix.data.from_anndata`; min_gene_fraction: the
         fraction of the model's genes that must be in the data (the rest count as zero).
-        Returns a DataFrame indexed by obs_names: label, confidence, prob_<class>..., topic_<k>...
+        Returns a DataFrame indexed by obs_names: label, confidence, prob_<class>..., topic_<k>..., empty (no
+        counts over the model's genes: label "unassigned", confidence NaN).
         Raises DataError as `from_anndata` does (no raw counts, too few of the model's genes, ...).
         """
         data = from_anndata(

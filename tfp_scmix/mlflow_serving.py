@@ -27,7 +27,8 @@ def outputs_frame(
     """Serving outputs (dict of arrays) as a DataFrame: label, confidence, prob_<class>..., topic_<k>...
 
     out: "label" `[n_cells]` (str, or bytes as a SavedModel returns them), "confidence" `[n_cells]`,
-    "probs" `[n_cells, n_classes]` in the order of `class_names`, "cell_topic" `[n_cells, n_topics]`;
+    "probs" `[n_cells, n_classes]` in the order of `class_names`, "cell_topic" `[n_cells, n_topics]`, and
+    optionally "empty" `[n_cells]` (bool: no counts over the model's genes), the last column when given;
     index: the row labels (default 0 .. n_cells - 1).
     """
     label = np.asarray(out["label"])
@@ -37,7 +38,10 @@ def outputs_frame(
     topics = pd.DataFrame(
         out["cell_topic"], columns=[f"topic_{k}" for k in range(out["cell_topic"].shape[1])], index=frame.index
     )
-    return pd.concat([frame, probs, topics], axis=1)
+    parts = [frame, probs, topics]
+    if "empty" in out:
+        parts.append(pd.DataFrame({"empty": np.asarray(out["empty"], bool)}, index=frame.index))
+    return pd.concat(parts, axis=1)
 
 
 def call_in_batches(
