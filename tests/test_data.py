@@ -371,6 +371,20 @@ def test_epoch_batches_depend_on_the_epoch_alone(embedded):
     assert not np.array_equal(epochs[0], epochs[1])
     other_seed = labels_of(epoch_batches(data, 64, seed=4, epochs=1))
     assert not np.array_equal(np.concatenate(other_seed), epochs[0])
+    # SCData.dataset's passes are those epochs, whatever TensorFlow's global seed (before, it entered the order:
+    # the same adapt call gave other offsets after an unrelated training had set it), and so is a repeated one.
+    import tensorflow as tf
+
+    dataset = data.dataset(64, seed=3)
+    assert dataset.cardinality().numpy() == 5
+    passes = []
+    for global_seed in (1, 2, 1, 2):
+        tf.random.set_seed(global_seed)
+        passes += labels_of(dataset)
+    repeated = labels_of(data.dataset(64, seed=3, repeat=True).take(20))
+    for a, b, c in zip(whole, passes, repeated, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
 
 
 def test_read_h5ad_backed_leaves_the_counts_on_disk(tmp_path):

@@ -371,6 +371,20 @@ def test_adapt_returns_an_ensemble_that_saves_loads_and_predicts_with_its_offset
     assert original.sizes["n_batches"] == 1 and original.adapted_batch is None
 
 
+def test_adapt_gives_the_same_model_whatever_ran_before_and_its_seed_orders_the_minibatches(small_model, embedded):
+    """A trial's adapt gave other offsets (7 labels of 2,000 changed) after an unrelated training in the same
+    process: TensorFlow's global seed entered the order of the query's minibatches. It no longer does."""
+    query = shifted_query(embedded)
+    first = scm.adapt(small_model, query, epochs=2).members[0].batch_offsets.loc.numpy()
+    keras.utils.set_random_seed(123)
+    again = scm.adapt(small_model, query, epochs=2).members[0].batch_offsets.loc.numpy()
+    np.testing.assert_array_equal(first, again)
+    other = scm.adapt(small_model, query, epochs=2, seed=1).members[0].batch_offsets.loc.numpy()
+    assert not np.array_equal(first, other)
+    with pytest.raises(ValueError, match="seed"):
+        scm.adapt(small_model, query, seed=-1)
+
+
 def test_adapt_reads_an_anndata_or_a_file_as_predict_does_and_records_the_query(small_model, embedded, tmp_path):
     import anndata
     import pandas as pd

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import logging
 import math
 import numbers
@@ -1230,18 +1231,26 @@ class SCData:
         """tf.data of minibatch dicts {"counts": float32 SparseTensor [B, n_genes], "label": int32 [B],
         "batch": int32 [B]}, B = `batch_size` (the last batch of a pass may be smaller).
 
-        shuffle: reshuffle the cells every pass, seeded by `seed`; repeat: pass over the cells forever.
+        shuffle: a new order of the cells every pass p over the dataset (each epoch of a `fit`): `cell_order`'s for
+        (seed, p), what `epoch_batches` gives epoch p, whatever TensorFlow's global seed; repeat: pass over the cells
+        forever.
         Raises ValueError when `batch_size` is not a positive whole number.
         """
         import tensorflow as tf
 
         check_argument("batch_size", batch_size, 1, integer=True)
-        ds = tf.data.Dataset.range(self.n_cells)
-        if shuffle:
-            ds = ds.shuffle(self.n_cells, seed=seed, reshuffle_each_iteration=True)
+        if not shuffle:
+            ds = tf.data.Dataset.range(self.n_cells)
+            return self.minibatches((ds.repeat() if repeat else ds).batch(batch_size))
+        passes = itertools.count()  # each iteration of the dataset (each epoch of a fit) is the next pass
+
+        def orders():
+            yield cell_order(self.n_cells, seed, next(passes))
+
+        ds = _order_batches(orders, batch_size)
         if repeat:
-            ds = ds.repeat()
-        return self.minibatches(ds.batch(batch_size))
+            return self.minibatches(ds.repeat())
+        return self.minibatches(ds.apply(tf.data.experimental.assert_cardinality(-(-self.n_cells // batch_size))))
 
 
 def from_anndata(
@@ -1317,18 +1326,30 @@ def from_anndata(
 def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0) -> tf.data.Dataset:
     """tf.data of the minibatches of epochs `initial_epoch` .. `epochs - 1`, one epoch after another.
 
-    Epoch e visits the cells in the order of TensorFlow's stateless shuffle keyed by (seed, e), whatever
-    ran before it, so a run resumed at epoch e sees the batches an uninterrupted run would.
-    (`SCData.dataset(shuffle=True)` reshuffles from a counter that restarts with the process.) Each epoch
-    has `ceil(n_cells / batch_size)` batches: pass that as `steps_per_epoch` to `fit`. Elements are those
-    of `SCData.dataset`: {"counts": SparseTensor [B, n_genes], "label" [B], "batch" [B]}.
+    Epoch e visits the cells in `cell_order(n_cells, seed, e)`, whatever ran before it, so a run resumed at epoch e
+    sees the batches an uninterrupted run would, and a `fit` of `SCData.dataset(shuffle=True, seed=seed)` (pass e:
+    the same order) the same batches too. Each epoch has `ceil(n_cells / batch_size)` batches: pass that as
+    `steps_per_epoch` to `fit`. Elements are those of `SCData.dataset`: {"counts": SparseTensor [B, n_genes],
+    "label" [B], "batch" [B]}.
     """
+
+    def orders():
+        for epoch in range(initial_epoch, epochs):
+            yield cell_order(data.n_cells, seed, epoch)
+
+    return data.minibatches(_order_batches(orders, batch_size))
+
+
+def cell_order(n_cells: int, seed: int, epoch: int) -> np.ndarray:
+    """The order `[n_cells]` (int64) in which epoch `epoch` of a run seeded `seed` visits the cells: NumPy's
+    permutation keyed by (seed, epoch) alone (`SCData.dataset`, `epoch_batches`)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n_cells).astype(np.int64)
+
+
+def _order_batches(orders: Callable[[], Iterator[np.ndarray]], batch_size: int) -> tf.data.Dataset:
+    """tf.data of cell-index minibatches `[<= batch_size]` (int64): each order that `orders()` yields, cut into
+    batches (none straddles two orders)."""
     import tensorflow as tf
 
-    def epoch_order(epoch):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(data.n_cells, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
-        )
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-
-    return data.minibatches(tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_order))
+    ds = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec([None], tf.int64))
+    return ds.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))

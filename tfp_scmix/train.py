@@ -292,29 +292,24 @@ def _compiled(data, config: Config, seed: int) -> SCMix:
 def _fit(data: SCData, config: Config, seed: int, backup: Path | None, callbacks, verbose: int) -> SCMix:
     model = _compiled(data, config, seed)
     recipe = default(data)
-    if backup is None:
-        model.fit(
-            data.dataset(config.batch_size, seed=seed),
-            epochs=config.epochs,
-            verbose=verbose,
-            callbacks=[*recipe, *callbacks],
-            shuffle=False,  # the dataset shuffles; Keras warns when asked to shuffle a tf.data.Dataset
+    checkpoint = None
+    if backup is not None:
+        checkpoint = ResumableCheckpoint(
+            backup,
+            run={"data_fingerprint": data.fingerprint(), "seed": int(seed), "batch_size": int(config.batch_size)},
         )
-        return model
-    checkpoint = ResumableCheckpoint(
-        backup, run={"data_fingerprint": data.fingerprint(), "seed": int(seed), "batch_size": int(config.batch_size)}
-    )
-    initial_epoch = checkpoint.resume_epoch
-    steps = math.ceil(data.n_cells / config.batch_size)
-    # The guard first (later callbacks save the restored state), the backup before the refit so that a
-    # kill during the refit resumes at the last epoch and refits again.
+    initial_epoch = 0 if checkpoint is None else checkpoint.resume_epoch
+    # One order of minibatches with or without backups (`epoch_batches`: epoch e's order keyed by (seed, e), not by
+    # TensorFlow's global seed), so that the command line, which backs up, and scm.train give the same model. The
+    # guard first (later callbacks save the restored state), the backup before the refit so that a kill during the
+    # refit resumes at the last epoch and refits again.
     model.fit(
         epoch_batches(data, config.batch_size, seed, config.epochs, initial_epoch),
         epochs=config.epochs,
-        steps_per_epoch=steps,
+        steps_per_epoch=math.ceil(data.n_cells / config.batch_size),
         verbose=verbose,
-        callbacks=[recipe[0], checkpoint, *recipe[1:], *callbacks],
-        shuffle=False,
+        callbacks=[recipe[0], *([checkpoint] if checkpoint else []), *recipe[1:], *callbacks],
+        shuffle=False,  # the dataset shuffles; Keras warns when asked to shuffle a tf.data.Dataset
     )
     return model
 
@@ -361,6 +356,7 @@ def adapt(
     shrinkage: float | None = None,
     counts: str | None = None,
     min_gene_fraction: float = 0.5,
+    seed: int = 0,
     verbose: int = 0,
 ) -> SCMixEnsemble:
     """A copy of `model` adapted to the `query` dataset: each member gets the query's own batch offsets.
@@ -377,6 +373,8 @@ def adapt(
     shrinkage: the offsets' prior scale. By default the learned one; a model trained on a single batch
     has learned nothing about differences between datasets (its scale shrinks to near zero), so there
     the default is a weakly informative 1.0 (a factor of e per standard deviation).
+    seed: the order of the query's minibatches (`epoch_batches`), so that the same call gives the same model
+    whatever ran before it in the process (before, TensorFlow's global seed entered the order).
     The adapted members record the query in their provenance (`provenance["adapted_to"]`: one entry per
     adaptation, with the query's fingerprint and cells).
     Raises DataError when the query has too few of the model's genes, no raw counts or no cell with counts over
@@ -387,12 +385,13 @@ def adapt(
     check_argument("batch_size", batch_size, 1, integer=True)
     check_argument("learning_rate", learning_rate, 1e-12)
     check_argument("min_gene_fraction", min_gene_fraction, 0, 1)
+    check_argument("seed", seed, 0, integer=True)
     if shrinkage is not None:
         check_argument("shrinkage", shrinkage, 1e-12)
     query = _query_cells(model, query, counts, min_gene_fraction)
     return SCMixEnsemble(
         [
-            _adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, verbose)
+            _adapt_member(m, query, epochs, batch_size, learning_rate, shrinkage, int(seed), verbose)
             for m in as_ensemble(model).members
         ],
         novelty=as_ensemble(model).novelty,
@@ -436,7 +435,7 @@ def _query_cells(model: SCMix | SCMixEnsemble, query: Any, counts: str | None, m
     return query
 
 
-def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rate, shrinkage, verbose) -> SCMix:
+def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rate, shrinkage, seed, verbose) -> SCMix:
     row = member.sizes["n_batches"]
     config = {**member.get_config(), "n_batches": row + 1, "adapted_batch": row}
     adaptation = {"data_fingerprint": query.fingerprint(), "n_cells": int(query.n_cells)}
@@ -470,8 +469,9 @@ def _adapt_member(member: SCMix, query: SCData, epochs, batch_size, learning_rat
         return loss
 
     progress = keras.utils.Progbar(epochs, verbose=verbose, unit_name="epoch")
-    for epoch in range(epochs):
-        for batch in query.dataset(batch_size, seed=epoch):
-            loss = step(batch)
-        progress.update(epoch + 1, [("loss", float(loss))])
+    steps = math.ceil(query.n_cells / batch_size)
+    for index, batch in enumerate(epoch_batches(query, batch_size, seed, epochs)):
+        loss = step(batch)
+        if (index + 1) % steps == 0:
+            progress.update((index + 1) // steps, [("loss", float(loss))])
     return adapted
