@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
-import itertools
 import logging
 import math
 import numbers
@@ -1242,14 +1241,12 @@ class SCData:
         if not shuffle:
             ds = tf.data.Dataset.range(self.n_cells)
             return self.minibatches((ds.repeat() if repeat else ds).batch(batch_size))
-        passes = itertools.count()  # each iteration of the dataset (each epoch of a fit) is the next pass
-
-        def orders():
-            yield cell_order(self.n_cells, seed, next(passes))
-
-        ds = _order_batches(orders, batch_size)
         if repeat:
-            return self.minibatches(ds.repeat())
+            return self.minibatches(_order_batches(self.n_cells, batch_size, seed, tf.data.Dataset.range(2**62)))
+        # Each iteration of the dataset (each epoch of a fit) takes the next pass number from this counter.
+        passes = tf.Variable(-1, dtype=tf.int64, trainable=False)
+        pass_number = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(lambda _: passes.assign_add(1))
+        ds = _order_batches(self.n_cells, batch_size, seed, pass_number)
         return self.minibatches(ds.apply(tf.data.experimental.assert_cardinality(-(-self.n_cells // batch_size))))
 
 
@@ -1332,24 +1329,27 @@ def epoch_batches(data: SCData, batch_size: int, seed: int, epochs: int, initial
     `steps_per_epoch` to `fit`. Elements are those of `SCData.dataset`: {"counts": SparseTensor [B, n_genes],
     "label" [B], "batch" [B]}.
     """
-
-    def orders():
-        for epoch in range(initial_epoch, epochs):
-            yield cell_order(data.n_cells, seed, epoch)
-
-    return data.minibatches(_order_batches(orders, batch_size))
-
-
-def cell_order(n_cells: int, seed: int, epoch: int) -> np.ndarray:
-    """The order `[n_cells]` (int64) in which epoch `epoch` of a run seeded `seed` visits the cells: NumPy's
-    permutation keyed by (seed, epoch) alone (`SCData.dataset`, `epoch_batches`)."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n_cells).astype(np.int64)
-
-
-def _order_batches(orders: Callable[[], Iterator[np.ndarray]], batch_size: int) -> tf.data.Dataset:
-    """tf.data of cell-index minibatches `[<= batch_size]` (int64): each order that `orders()` yields, cut into
-    batches (none straddles two orders)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec([None], tf.int64))
-    return ds.flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+    return data.minibatches(
+        _order_batches(data.n_cells, batch_size, seed, tf.data.Dataset.range(initial_epoch, epochs))
+    )
+
+
+def cell_order(n_cells: int, seed: int, epoch: int | tf.Tensor) -> tf.Tensor:
+    """The order `[n_cells]` (int64) in which epoch `epoch` of a run seeded `seed` visits the cells: TensorFlow's
+    stateless shuffle keyed by (seed, epoch) alone (`SCData.dataset`, `epoch_batches`)."""
+    import tensorflow as tf
+
+    key = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.stateless_shuffle(tf.range(n_cells, dtype=tf.int64), seed=key)
+
+
+def _order_batches(n_cells: int, batch_size: int, seed: int, epochs: tf.data.Dataset) -> tf.data.Dataset:
+    """tf.data of cell-index minibatches `[<= batch_size]` (int64): for each epoch number that `epochs` yields, the
+    cells in `cell_order`, cut into batches (none straddles two epochs)."""
+    import tensorflow as tf
+
+    return epochs.flat_map(
+        lambda epoch: tf.data.Dataset.from_tensor_slices(cell_order(n_cells, seed, epoch)).batch(batch_size)
+    )
