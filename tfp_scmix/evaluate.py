@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 def few_shot_split(n_cells: int, n_test: int, n_labelled: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The benchmark split: `default_rng(seed).permutation` of the cells, the first `n_test` are test cells,
     the next `n_labelled` labelled. Returns (test `[n_test]`, labelled `[n_labelled]`) cell indices.
-    Raises ValueError when the two exceed the cells."""
+    Raises ValueError when the two exceed the cells, or either is below 1."""
+    if n_test < 1 or n_labelled < 1:
+        raise ValueError(f"a split needs test and labelled cells; received {n_test} test and {n_labelled} labelled")
     if n_test + n_labelled > n_cells:
         raise ValueError(f"{n_test} test + {n_labelled} labelled cells exceed the {n_cells} cells")
     order = np.random.default_rng(seed).permutation(n_cells)

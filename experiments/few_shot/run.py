@@ -119,8 +119,24 @@ SUITE = {
 
 
 def test_size(name, n_cells, budget):
-    """Test cells of dataset `name` (`SUITE`, else min(2000, (n_cells - budget) // 2 rounded down to 100))."""
-    return SUITE.get(name, min(2000, (n_cells - budget) // 200 * 100))
+    """Test cells of dataset `name` (`SUITE`, else min(2000, (n_cells - budget) // 2 rounded down to 100)).
+    Raises ValueError when that leaves none (fewer than budget + 200 cells) or more than the cells."""
+    size = SUITE.get(name, min(2000, (n_cells - budget) // 200 * 100))
+    if size < 1 or size + budget > n_cells:
+        raise ValueError(
+            f"{name} has {n_cells} cells: too few for {budget} labelled cells and a test set (the test size is "
+            f"min(2000, (cells - labelled) / 2 rounded down to hundreds); at least {budget + 200} cells are needed)"
+        )
+    return size
+
+
+def check_datasets(datasets, budgets):
+    """Read each dataset and check its splits before anything is trained: DataError (e.g. no `cell_type` column)
+    or ValueError (too few cells for a budget), naming the dataset."""
+    for name in datasets:
+        full = suite_dataset(name)
+        for budget in budgets:
+            test_size(name, full.n_cells, budget)
 
 
 def suite_dataset(name):
@@ -553,6 +569,12 @@ def main(argv=None):
         problem = method_problem(spec)
         if problem:
             parser.error(f"--methods {spec}: {problem}")
+    from tfp_scmix.data import DataError
+
+    try:
+        check_datasets(args.datasets, args.budgets)
+    except (DataError, ValueError) as err:
+        parser.error(f"--datasets: {err}")
     run(args.datasets, args.seeds, args.budgets, args.settings, methods, args.epochs, args.label_noise, out=out)
     if not args.no_mlflow:
         record_results(out / "results.csv", "few_shot")

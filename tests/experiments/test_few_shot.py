@@ -152,6 +152,31 @@ def test_variants_table_compares_the_dataset_seeds_every_variant_measured():
     assert table.seeds.tolist() == [2, 2, 1, 1]
 
 
+def test_a_file_too_small_or_without_cell_types_is_refused_before_training(tmp_path, capsys):
+    """A trial's 100- and 250-cell files crashed in scikit-learn (0 test cells; 100 cells even gave 50 labelled
+    cells) after the model had trained: now a usage error that names the file and the rule, before any training."""
+    from experiments.few_shot.run import main as few_shot
+    from tfp_scmix import datasets
+    from tfp_scmix.evaluate import few_shot_split
+
+    adata = datasets.pbmc68k_reduced()
+    adata[:300].copy().write_h5ad(tmp_path / "small.h5ad")
+    renamed = adata[:400].copy()
+    renamed.obs = renamed.obs.rename(columns={"cell_type": "celltype"})
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
+    for name, message in (
+        ("small.h5ad", "has 300 cells: too few for 150 labelled cells"),
+        ("renamed.h5ad", "celltype"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            few_shot(["--datasets", str(tmp_path / name), "--seeds", "0", "--no-mlflow", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "results.csv").exists()
+    with pytest.raises(ValueError, match="needs test and labelled cells"):
+        few_shot_split(100, -100, 150, seed=0)
+
+
 def test_bad_arguments_are_refused_before_any_data_is_read(tmp_path, capsys):
     from experiments.cross_dataset.run import main as cross_dataset
     from experiments.few_shot.run import main as few_shot
