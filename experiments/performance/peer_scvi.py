@@ -1,4 +1,4 @@
-"""scVI peer of the performance benchmark; runs in its own environment (experiments/performance/.venv-scvi).
+"""scVI peer of the performance benchmark; runs in its own environment (experiments/.venv-scvi).
 
     .venv-scvi/bin/python peer_scvi.py '{"path": "...h5ad", "n_latent": 20, "batch_size": 128, ...}'
 
