@@ -97,6 +97,13 @@ def test_an_incomplete_copy_of_an_export_is_named_as_such(trained, tmp_path):
         export.load_exported(copy)
     with pytest.raises(FileNotFoundError, match=r"no SavedModel at .*nope \(saved_model.pb is missing\)"):
         export.load_exported(tmp_path / "nope")
+    # A truncated saved_model.pb: a ModelFileError that names the fix (a trial got protobuf's bare OSError).
+    truncated = tmp_path / "truncated"
+    shutil.copytree(trained[3], truncated)
+    pb = truncated / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 3])
+    with pytest.raises(scm.io.ModelFileError, match=r"SavedModel at .*truncated cannot be loaded .* copy the whole"):
+        export.load_exported(truncated)
 
 
 FRESH_PROCESS = textwrap.dedent("""

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from tfp_scmix import __version__
 from tfp_scmix.data import DataError, check_argument, check_counts, check_structure, from_anndata, gene_fingerprint
-from tfp_scmix.io import atomic_directory
+from tfp_scmix.io import ModelFileError, atomic_directory
 from tfp_scmix.mlflow_serving import MAX_CELLS, UNASSIGNED, call_in_batches, outputs_frame
 
 if TYPE_CHECKING:  # annotations only: TensorFlow and MLflow are imported when they are used
@@ -245,7 +245,14 @@ class ExportedAnnotator:
                 "tfp_scmix.export.export_serving(model, path)."
             )
         self.path, self.batch_size = path, int(batch_size)
-        self.loaded = tf.saved_model.load(str(path))
+        try:
+            self.loaded = tf.saved_model.load(str(path))
+        except (OSError, ValueError, tf.errors.OpError) as err:  # a truncated or damaged saved_model.pb, say
+            raise ModelFileError(
+                f"the SavedModel at {path} cannot be loaded ({type(err).__name__}: {str(err).strip()[:200]}); it is "
+                "damaged or not a whole copy: copy the whole folder again, or write it again with "
+                "tfp_scmix.export.export_serving(model, path)."
+            ) from None
         meta = {k: v.numpy() for k, v in self.loaded.signatures[METADATA]().items()}
         self.genes = [g.decode() for g in meta["genes"]]
         self.class_names = [c.decode() for c in meta["class_names"]]
@@ -331,7 +338,8 @@ class ExportedAnnotator:
 
 
 def load_exported(path: str | os.PathLike[str], batch_size: int = 1024) -> ExportedAnnotator:
-    """Load an export written by `export_serving` (see `ExportedAnnotator`; FileNotFoundError when absent)."""
+    """Load an export written by `export_serving` (see `ExportedAnnotator`; FileNotFoundError when absent or
+    incomplete, ModelFileError (a ValueError) when damaged)."""
     return ExportedAnnotator(path, batch_size)
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import keras_tuner as kt
@@ -214,6 +215,14 @@ def search(
     max_trials = cfg.search.max_trials if max_trials is None else int(max_trials)
     if max_trials < 1:
         raise run_config.ConfigError(f"max_trials must be at least 1, received {max_trials}")
+    try:  # before training, as the tracking store is checked (keras-tuner's own error came after a traceback)
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise run_config.ConfigError(
+            f"cannot write keras-tuner's trials to {directory} ({err.strerror or err}); pass --directory with a "
+            "folder you can write to"
+        ) from None
     run_file = directory / project_name(cfg) / PARENT_RUN_FILE  # in keras-tuner's project_dir
     parent_id = _parent_run(run_file, splits, cfg)  # before the tuner reloads a search of other settings
     tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)

@@ -172,6 +172,8 @@ def test_a_search_of_no_trials_or_into_a_file_is_refused_at_once(tmp_path, capsy
         (["--max-trials", "0"], "--max-trials: must be at least 1, received 0"),
         (["--max-trials", "-1"], "must be at least 1, received -1"),
         (["--directory", str(tmp_path / "afile")], "is a file; name a folder for keras-tuner's trials"),
+        # A folder that cannot be made (a trial: /proc/x ended in keras-tuner's traceback).
+        (["--directory", str(tmp_path / "afile" / "trials")], "cannot write keras-tuner's trials to"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             tune.main(["training/configs/pbmc68k_reduced.toml", *argv])
