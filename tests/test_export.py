@@ -207,6 +207,22 @@ def test_wrong_width_or_genes_give_clear_errors(trained, adata):
         )
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-negative"):
         annotator.loaded.signatures[export.SERVING_DENSE](counts=-tf.ones([1, model.n_genes]))
+    # Indices out of range or repeated: what is wrong in the client's terms (a trial got gather's "indices[0] =
+    # 7000 is not in [0, 4000)" and "is repeated").
+    for indices, message in (
+        (
+            [[0, model.n_genes]],
+            rf"gene indices \(column 1\) must be below the number of genes of the model \({model.n_genes}\)",
+        ),
+        ([[0, 0], [5, 1]], r"row indices \(column 0\) must be below dense_shape\[0\]"),
+        ([[0, 3], [0, 3]], r"each \(row, gene\) pair must appear once"),
+    ):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            annotator.loaded.signatures[export.SERVING_SPARSE](
+                indices=tf.constant(indices, tf.int64),
+                values=tf.ones([len(indices)]),
+                dense_shape=tf.constant([1, model.n_genes], tf.int64),
+            )
 
 
 def _failing_save(real_save):

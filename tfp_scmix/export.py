@@ -131,9 +131,27 @@ def _serving_module(model: SCMix | SCMixEnsemble, asset_dir: Path) -> tuple[tf.M
                 message=(f"dense_shape[1] must be the model's number of genes ({n_genes})"),
             ),
             tf.debugging.assert_non_negative(values, message="counts must be raw (non-negative) counts"),
+            tf.debugging.assert_non_negative(indices, message="indices must be (row, gene) pairs of non-negative ints"),
+            tf.debugging.assert_less(
+                indices[:, 0], dense_shape[0], message="row indices (column 0) must be below dense_shape[0]"
+            ),
+            tf.debugging.assert_less(
+                indices[:, 1],
+                tf.constant(n_genes, tf.int64),
+                message=f"gene indices (column 1) must be below the number of genes of the model ({n_genes})",
+            ),
         ]
         with tf.control_dependencies(checks):
             counts = tf.sparse.reorder(tf.SparseTensor(indices, values, dense_shape))
+        repeated = tf.reduce_any(tf.reduce_all(tf.equal(counts.indices[1:], counts.indices[:-1]), axis=1))
+        with tf.control_dependencies(
+            [
+                tf.debugging.assert_equal(
+                    repeated, False, message="each (row, gene) pair must appear once in indices: sum repeated counts"
+                )
+            ]
+        ):
+            counts = tf.SparseTensor(tf.identity(counts.indices), counts.values, counts.dense_shape)
         return predict(counts)
 
     @tf.function(input_signature=[])
