@@ -537,6 +537,13 @@ def test_sources_predict_cannot_read_are_refused_with_what_to_pass(small_model, 
     assert "trained on one batch (no batch_key): batch_key='donor' changes nothing" in caplog.text
     assert "its batches" not in caplog.text
     np.testing.assert_allclose(with_key["probs"], scm.predict(small_model, adata)["probs"], atol=1e-6)
+    # An adapted model reads every cell through its query's offsets: batch_key is said to change nothing (a trial).
+    adapted = scm.adapt(small_model, adata, epochs=1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        with_key = scm.predict(adapted, adata, batch_key="donor")
+    assert "adapted to one dataset (scm.adapt): batch_key='donor' changes nothing" in caplog.text
+    np.testing.assert_allclose(with_key["probs"], scm.predict(adapted, adata)["probs"], atol=1e-6)
 
 
 def test_duplicated_gene_names_get_the_package_error_alone(small_model, embedded_adata, tmp_path):

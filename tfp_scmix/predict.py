@@ -820,7 +820,16 @@ def _warn_new_batches(model, batch_names: list[str], batches: np.ndarray, rows: 
     """A warning naming the batches of obs[batch_key] that the model was not trained on (their cells are read through
     the centre of the trained batches' offsets): a misspelt or renamed batch would otherwise pass unnoticed."""
     new = rows == NEW_BATCH
-    trained = _members(model)[0].batch_names
+    member = _members(model)[0]
+    trained = member.batch_names
+    if member.adapted_batch is not None:  # `adapt`'s model reads every cell through the query's own offsets
+        logger.warning(
+            "the model is adapted to one dataset (scm.adapt): batch_key=%r changes nothing, every cell is read "
+            "through that dataset's offsets; predict with the model before adapting to read obs[%r]'s batches",
+            batch_key,
+            batch_key,
+        )
+        return
     if trained is not None and len(trained) == 1:  # one row of offsets, which is also the centre
         logger.warning(
             "the model was trained on one batch (%s): batch_key=%r changes nothing, every cell is read through its "
