@@ -551,6 +551,10 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     out = common.output_folder(parser, args.out)
+    try:
+        selected_pairs(args)  # a misnamed pair: a usage error before anything is read (a trial got a traceback)
+    except ValueError as err:
+        parser.error(str(err))
     frame = run(args.parts, args, out)
     if not args.no_mlflow:
         runs = record_results(out / "results.csv", "cross_dataset")

@@ -191,6 +191,7 @@ def test_bad_arguments_are_refused_before_any_data_is_read(tmp_path, capsys):
         (few_shot, ["--out", str(tmp_path / "afile")], "is a file; name a folder"),
         (cross_dataset, ["--max-cells", "-5"], "--max-cells: must be at least 1"),
         (cross_dataset, ["--out", str(tmp_path / "afile")], "is a file; name a folder"),
+        (cross_dataset, ["--pairs", "mouse1->mouse2"], "are not pairs of the matrix; choose among"),
     ]
     for main, argv, message in bad:
         with pytest.raises(SystemExit) as exit_:
