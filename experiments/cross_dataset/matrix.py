@@ -573,10 +573,10 @@ def transfer_heatmap(rows, path):
     columns = min(4, len(methods))
     n_rows = -(-len(methods) // columns)
     fig, axes = plt.subplots(n_rows, columns, figsize=(3.4 * columns, 3.2 * n_rows), squeeze=False)
-    for ax, method in zip(axes.flat, methods):
+    for index, (ax, method) in enumerate(zip(axes.flat, methods)):
         matrix = means[means.method == method].pivot(index="source", columns="target", values="accuracy")
         matrix = matrix.reindex(index=sources, columns=targets)
-        ax.imshow(matrix.to_numpy(dtype=float), vmin=0.5, vmax=1.0, cmap="viridis")
+        image = ax.imshow(matrix.to_numpy(dtype=float), vmin=0.5, vmax=1.0, cmap="viridis")
         for (i, j), value in np.ndenumerate(matrix.to_numpy(dtype=float)):
             if np.isfinite(value):
                 ax.text(
@@ -591,12 +591,17 @@ def transfer_heatmap(rows, path):
         ax.set_xticks(range(len(targets)), targets, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(sources)), sources, fontsize=7)
         ax.set_title(method, fontsize=9)
+        ax.set_xlabel("target", fontsize=7)
+        if index % columns == 0:  # the first column's (the source names of the others would cover it)
+            ax.set_ylabel("source", fontsize=7)
     for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     fig.suptitle(
         f"Coarse accuracy, rows source, columns target (seeds {sorted(map(int, rows.seed.unique()))})", fontsize=10
     )
     fig.tight_layout()
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)  # the scale every panel shares
+    bar.set_label("coarse accuracy (0.5 and below: darkest)", fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
