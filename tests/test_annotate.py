@@ -67,6 +67,10 @@ def test_cells_without_counts_over_the_model_genes_are_unassigned(small_model, e
     confidence = query.obs["scmix_confidence"].to_numpy()
     assert np.isnan(confidence[:5]).all() and np.allclose(confidence[5:], out["confidence"][5:])
     assert "5 cells have no counts" in caplog.text
+    # Nor a novelty score (a trial saw 0.88 from no counts), nor a flag.
+    novelty = query.obs["scmix_novelty"].to_numpy()
+    assert np.isnan(novelty[:5]).all() and np.isfinite(novelty[5:]).all()
+    assert not query.obs["scmix_novel"][:5].any()
 
 
 def test_a_backed_anndata_is_annotated_chunk_by_chunk_and_written_without_its_counts(

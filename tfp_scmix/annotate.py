@@ -8,7 +8,7 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
   uns[f"{key}_label_colors"]: one colour per category (class i always gets colour i; "unassigned" grey).
 - obs[f"{key}_confidence"]: the largest class probability; NaN for cells without counts over the model's genes.
 - obs[f"{key}_novelty"], obs[f"{key}_novel"]: the topic-space novelty score in [0, 1] and the flag score >
-  threshold (`TopicNovelty`, carried by models that `tfp_scmix.train` made).
+  threshold (`TopicNovelty`, carried by models that `tfp_scmix.train` made); NaN and False for cells without counts.
 - obs[f"{key}_low_counts"]: fewer than `min_counts` counts over the model's genes, too little to judge.
 - obs[f"{key}_majority_voting"], obs[f"{key}_over_clustering"]: with `majority_voting=True`, each
   cluster's most frequent label, and the clusters (when computed).
@@ -341,7 +341,8 @@ def annotate(
     names = np.asarray(model.class_names, dtype=object)[out["label"]]
     low_counts = library < min_counts
     threshold = ensemble.novelty.threshold if ensemble.novelty is not None and "novelty" in out else None
-    novel = np.zeros(len(names), bool) if threshold is None else out["novelty"] > threshold
+    # A cell without counts has no topics to be novel in: no score, no flag (it is unassigned already).
+    novel = np.zeros(len(names), bool) if threshold is None else (out["novelty"] > threshold) & ~empty
     unassigned = empty.copy()
     if min_confidence is not None:
         unassigned |= out["confidence"] < min_confidence
@@ -363,7 +364,7 @@ def annotate(
     # A cell without counts is called from nothing (the model's prior): no confidence, so no filter on it keeps it.
     adata.obs[f"{key}_confidence"] = np.where(empty, np.nan, out["confidence"]).astype(np.float32)
     if threshold is not None:
-        adata.obs[f"{key}_novelty"] = out["novelty"].astype(np.float32)
+        adata.obs[f"{key}_novelty"] = np.where(empty, np.nan, out["novelty"]).astype(np.float32)
         adata.obs[f"{key}_novel"] = novel
     else:
         logger.warning(
