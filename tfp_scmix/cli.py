@@ -95,7 +95,7 @@ def train(args) -> None:
     from tfp_scmix.stream import H5ADStream
 
     check_model_path(args.out)  # before hours of training, not after
-    existing = existing_model(args)
+    existing = existing_output(args)
     if existing:
         raise FileExistsError(existing)
     if args.mlflow:
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def existing_model(args) -> str | None:
+def existing_output(args) -> str | None:
     """The error for `train --out` onto a file that exists, or `export` onto a folder that exists, without
     `--overwrite` (None otherwise). (`export --overwrite` onto what is not an export is refused by
     `tfp_scmix.export.export_serving`.)"""
@@ -495,8 +495,8 @@ def existing_model(args) -> str | None:
 
 
 def missing_input(args) -> str | None:
-    """The error for a model or data file named on the command line that does not exist, or for a model `train`
-    would replace (`existing_model`); None when there is none.
+    """The error for a model or data file named on the command line that does not exist, or for an output `train`
+    or `export` would replace (`existing_output`); None when there is none.
 
     Checked before TensorFlow's import, which takes seconds, so that a mistyped path fails at once; the
     messages are those `load_model` and `read` would give (`tfp_scmix.data.data_path` for the data).
@@ -518,7 +518,7 @@ def missing_input(args) -> str | None:
             data_path(data)
     except DataError as err:
         return str(err)
-    return existing_model(args)  # a model that would be replaced: refused before the import too
+    return existing_output(args)  # an output that would be replaced: refused before the import too
 
 
 class _Stderr(logging.StreamHandler):
