@@ -281,6 +281,8 @@ def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthe
     (exported / "saved_model.pb").write_bytes(b"")
     model = tmp_path / "m.keras"
     model.write_bytes(b"")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.csv").write_text("kept")
     for argv, named in (
         (["annotate", tmp_path / "none.keras", path, "--out", tmp_path / "a.h5ad"], "no model file at"),
         (["annotate", tmp_path / "none", path, "--out", tmp_path / "a.h5ad"], "--out MODEL.keras"),
@@ -290,11 +292,14 @@ def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthe
         (["annotate", exported, path, "--out", tmp_path / "a.h5ad"], "is a SavedModel export, for serving"),
         # An export onto an existing folder without --overwrite: refused before the model is loaded (7 s).
         (["export", model, exported], "already exists: pass --overwrite to replace the export"),
+        # --overwrite onto a folder of the user's that is not an export: refused at once too, and left as it is.
+        (["export", model, tmp_path / "results", "--overwrite"], "is a folder that is not a SavedModel export"),
     ):
         run = run_python(script, *argv)
         assert run.stdout.split() == ["2", "False"], (argv, run.stdout, run.stderr)
         assert named in run.stderr and "Traceback" not in run.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "m.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "m.keras", "results"]
+    assert (tmp_path / "results" / "table.csv").read_text() == "kept"
 
 
 def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory(synthetic_file, tmp_path, capsys):

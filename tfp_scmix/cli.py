@@ -479,8 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def existing_output(args) -> str | None:
     """The error for `train --out` onto a file that exists, or `export` onto a folder that exists, without
-    `--overwrite` (None otherwise). (`export --overwrite` onto what is not an export is refused by
-    `tfp_scmix.export.export_serving`.)"""
+    `--overwrite`, and for `export --overwrite` onto what is not an earlier export (`tfp_scmix.data.export_target`);
+    None otherwise."""
+    if args.command == "export" and args.overwrite:
+        from tfp_scmix.data import export_target
+
+        try:
+            export_target(args.out, True)
+        except FileExistsError as err:
+            return str(err)
     if args.command not in ("train", "export") or not Path(args.out).exists() or args.overwrite:
         return None
     if args.command == "export":

@@ -122,6 +122,26 @@ def data_path(name: str) -> Path:
     )
 
 
+def export_target(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Check that a SavedModel export may be written at `path`: absent, or (with `overwrite`) an earlier export
+    (a folder with saved_model.pb), never another folder or file. Here, beside `data_path`, so that the command
+    line checks it before TensorFlow's import (`tfp_scmix.export.export_serving` checks it again).
+
+    Raises TypeError when `overwrite` is not a bool (a string such as "no" would count as true),
+    FileExistsError naming what is there and what to do."""
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise TypeError(f"overwrite must be True or False, received {overwrite!r}.")
+    path = Path(path)
+    if not (overwrite and (path.exists() or path.is_symlink())):
+        return
+    if not path.is_dir() or not (path / "saved_model.pb").is_file():
+        what = "a folder that is not a SavedModel export (no saved_model.pb)" if path.is_dir() else "a file"
+        raise FileExistsError(
+            f"{path} is {what}; overwrite replaces an earlier export only, so it is left as it is. "
+            "Export to a new folder (e.g. export/2), or move it away first."
+        )
+
+
 @contextlib.contextmanager
 def duplicate_gene_names_unsaid() -> Iterator[None]:
     """anndata's warning of duplicated var names, hidden: `align_genes` refuses such data with an error that names

@@ -35,7 +35,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix import __version__
-from tfp_scmix.data import DataError, check_argument, check_counts, check_structure, from_anndata, gene_fingerprint
+from tfp_scmix.data import (
+    DataError,
+    check_argument,
+    check_counts,
+    check_structure,
+    export_target,
+    from_anndata,
+    gene_fingerprint,
+)
 from tfp_scmix.io import ModelFileError, atomic_directory
 from tfp_scmix.mlflow_serving import MAX_CELLS, UNASSIGNED, call_in_batches, outputs_frame
 
@@ -181,7 +189,7 @@ def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bo
 
     from tfp_scmix.ensemble import trained
 
-    replaceable(path, overwrite)
+    export_target(path, overwrite)
     trained(model, "export")
     with atomic_directory(path, overwrite) as tmp:
         with tempfile.TemporaryDirectory(prefix="tfp_scmix_assets-") as asset_dir:
@@ -189,24 +197,6 @@ def export_serving(model: SCMix | SCMixEnsemble, path: str | Path, overwrite: bo
             with _root_logging_left_alone():
                 tf.saved_model.save(module, str(tmp), signatures=signatures)
     return Path(path)
-
-
-def replaceable(path: str | os.PathLike[str], overwrite: bool) -> None:
-    """Check that an export may be written at `path`: absent, or (with `overwrite`) a SavedModel folder.
-
-    Raises TypeError when `overwrite` is not a bool (a string such as "no" would count as true),
-    FileExistsError as `export_serving` says."""
-    if not isinstance(overwrite, (bool, np.bool_)):
-        raise TypeError(f"overwrite must be True or False, received {overwrite!r}.")
-    path = Path(path)
-    if not (overwrite and (path.exists() or path.is_symlink())):
-        return
-    if not path.is_dir() or not (path / "saved_model.pb").is_file():
-        what = "a folder that is not a SavedModel export (no saved_model.pb)" if path.is_dir() else "a file"
-        raise FileExistsError(
-            f"{path} is {what}; overwrite replaces an earlier export only, so it is left as it is. "
-            "Export to a new folder (e.g. export/2), or move it away first."
-        )
 
 
 @contextlib.contextmanager
