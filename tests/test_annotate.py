@@ -2,14 +2,16 @@
 
 import dataclasses
 import logging
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 import tfp_scmix as scm
 from tfp_scmix.annotate import UNASSIGNED
-from tfp_scmix.data import DataError
+from tfp_scmix.data import DataError, from_anndata
 
 
 def test_annotate_writes_anndata_slots(small_model, embedded_adata):
@@ -330,7 +332,39 @@ def test_known_labels_that_cannot_be_used_are_refused(small_model, embedded_adat
         scm.annotate(small_model, adata, label_key="known")
     with pytest.raises(ValueError, match="pass label_key with it"):
         scm.annotate(small_model, adata, unlabeled_category="Unknown")
+    # A class written another way (a trial's "B cells " for "B cells"): the message names the class meant.
+    written = small_model.class_names[0]
+    adata.obs["known"] = [f"{written} "] + ["Unknown"] * 99
+    said = f"'{written} ' looks like the model's '{written}' written another way"
+    with pytest.raises(scm.DataError, match=re.escape(said)):
+        scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
     assert "scmix_label" not in adata.obs  # refused before anything is written
+
+
+def test_known_labels_are_read_as_training_reads_them(embedded_adata):
+    """Labels compared as class names, as `from_anndata` compares them (a trial: unlabeled_category=-1 trained but
+    annotate refused the "-1" cells it named; integer codes with NaN, which pandas stores as 0.0, 1.0, ..., were
+    "not among the model's classes" "0", "1", ...)."""
+    from types import SimpleNamespace
+
+    from tfp_scmix.annotate import _known_labels
+
+    adata = embedded_adata[:6].copy()
+    codes = [0, 1, 2, -1, 1, 0]
+    expected = [0, 1, 2, -1, 1, 0]
+    for column, unknown in (
+        (codes, -1),  # integer codes, -1 (an int) for the unlabelled cells
+        ([str(c) for c in codes], -1),
+        (codes, "-1"),
+        ([0.0, 1.0, 2.0, np.nan, 1.0, 0.0], None),  # integer codes with NaN: pandas stores floats
+        (pd.array([0, 1, 2, None, 1, 0], dtype="Int64"), None),
+    ):
+        adata.obs["known"] = column
+        for_model = from_anndata(adata, label_key="known", unlabeled_category=unknown)
+        model = SimpleNamespace(class_names=for_model.classes)
+        assert model.class_names == ["0", "1", "2"]
+        np.testing.assert_array_equal(_known_labels(adata, model, "known", unknown), expected)
+        np.testing.assert_array_equal(for_model.labels, expected)
 
 
 def test_a_model_without_a_novelty_detector_says_so(small_model, embedded_adata, caplog):

@@ -51,8 +51,10 @@ from tfp_scmix.data import (
     check_argument,
     did_you_mean,
     encode_labels,
+    label_name,
     missing_values,
     read,
+    spelled_as,
 )
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path
@@ -564,13 +566,23 @@ def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) 
         )
     unknown = () if unlabeled_category is None else (unlabeled_category,)
     values = adata.obs[label_key]
-    outside = sorted(set(values[~missing_values(values)].astype(str)) - set(model.class_names) - set(unknown))
+    # Values compared as class names, as training compares them (`label_name`: -1, -1.0 and "-1" alike; 3.0 from a
+    # column of integer codes with NaN is class "3").
+    series = pd.Series(np.asarray(values, dtype=object))
+    names = set(series[~missing_values(series).to_numpy()].map(label_name))
+    outside = sorted(names - set(model.class_names) - {label_name(u) for u in unknown})
     if outside:
         placeholder = next((name for name in outside if name.strip().lower() in PLACEHOLDER_LABELS), None)
+        respelled = spelled_as(outside, model.class_names)
         hint = (
             f"if {placeholder!r} marks the unlabelled cells, pass unlabeled_category={placeholder!r} (command line: "
             f"--unlabeled-category {placeholder})"
             if placeholder is not None
+            else "; ".join(
+                f"{name!r} looks like the model's {cls!r} written another way" for name, cls in respelled.items()
+            )
+            + ": write them as the model does"
+            if respelled
             else "pass unlabeled_category= (command line: --unlabeled-category) for the value that marks unlabelled "
             "cells, or label with the model's classes"
         )

@@ -932,6 +932,13 @@ def _spelling(name: str) -> str:
     return key[:-1] if key.endswith("s") and len(key) > 3 else key
 
 
+def spelled_as(names: Iterable[str], classes: Iterable[str]) -> dict[str, str]:
+    """{name: class} for each of `names` that is one of `classes` written another way (case, spacing, punctuation
+    or a plural s: "B cells " for "B cells"), so that a message can name the class meant."""
+    by_spelling = {_spelling(c): c for c in classes if any(ch.isalpha() for ch in c)}
+    return {n: by_spelling[_spelling(n)] for n in names if _spelling(n) in by_spelling and n not in set(classes)}
+
+
 # Classes with fewer labelled cells than this are warned about by `tfp_scmix.train`, and their explanations flagged
 # (`tfp_scmix.explain`): such a class is called and explained from what those few cells happen to share. With
 # 150 random labels a class labelled twice may not be called at all (docs/few_shot.md, "Not done": cbmc seed
@@ -1034,7 +1041,8 @@ def check_unlabeled_category(values: Any, unlabeled_category: Any, label_key: st
             f"{markers[0]!r} cells become a class of their own."
         )
     logger.warning(
-        "unlabeled_category %r matches no value of obs[%r] (values: %s): every cell with a label is labelled",
+        "unlabeled_category %r matches no value of obs[%r] (values: %s), so it marks no cell: only cells with a "
+        "missing value (NaN or empty) are unlabelled",
         unlabeled_category,
         label_key,
         list(present[:10]),
