@@ -212,12 +212,15 @@ def test_flags_change_labels_only_when_asked(small_model, embedded_adata):
     assert relabelled.uns["scmix"]["n_unassigned"] == int(either.sum())
 
 
-def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata):
+def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata, caplog):
     from tfp_scmix.annotate import majority_vote
 
     voted = majority_vote(["a", "b", "b", UNASSIGNED, UNASSIGNED, "c"], [0, 0, 0, 1, 1, 1])
     assert voted.tolist() == ["b", "b", "b", "c", "c", "c"]
     assert majority_vote([UNASSIGNED, UNASSIGNED], [0, 0]).tolist() == [UNASSIGNED, UNASSIGNED]
+    # A cell without a cluster id is in no cluster: its own label (a trial saw 377 such cells of every type all
+    # voted "CD4 T cells", as if NaN were one cluster).
+    assert majority_vote(["a", "b", "a", "c"], [0, None, 0, None]).tolist() == ["a", "b", "a", "c"]
     query = embedded_adata[:60].copy()
     with pytest.raises(scm.DataError, match="no obs column 'leiden'"):
         scm.annotate(small_model, query, majority_voting=True, over_clustering="leiden")
@@ -227,6 +230,19 @@ def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata
         scm.annotate(small_model, query, over_clustering="louvain")  # before: silently no vote
     computed = scm.annotate(small_model, query, majority_voting=True)
     assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))
+    # The user's clusters with ids missing: those cells keep their label, the others vote; the clusters are written.
+    query.obs["leiden"] = pd.Categorical(np.where(np.arange(60) % 7 == 0, None, np.arange(60) // 20))
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        scm.annotate(small_model, query, majority_voting=True, over_clustering="leiden")
+    assert "9 of 60 cells have no cluster id in obs['leiden']" in caplog.text
+    alone = query.obs["leiden"].isna().to_numpy()
+    np.testing.assert_array_equal(
+        query.obs["scmix_majority_voting"].astype(str)[alone], query.obs["scmix_label"].astype(str)[alone]
+    )
+    for cluster in range(3):
+        voters = (query.obs["leiden"] == cluster).to_numpy()
+        assert query.obs["scmix_majority_voting"][voters].nunique() == 1
+    assert query.obs["scmix_over_clustering"].isna().sum() == 9
 
 
 def test_smooth_writes_labels_from_the_neighbourhood_averaged_probabilities(small_model, embedded_adata, caplog):

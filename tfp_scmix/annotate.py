@@ -11,7 +11,7 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
   threshold (`TopicNovelty`, carried by models that `tfp_scmix.train` made); NaN and False for cells without counts.
 - obs[f"{key}_low_counts"]: fewer than `min_counts` counts over the model's genes, too little to judge.
 - obs[f"{key}_majority_voting"], obs[f"{key}_over_clustering"]: with `majority_voting=True`, each
-  cluster's most frequent label, and the clusters (when computed).
+  cluster's most frequent label, and the clusters voted in (computed, or those given; NaN for a cell in none).
 - obs[f"{key}_smoothed"], obsm[f"{key}_smoothed_probs"]: with `smooth=True`, the labels and probabilities
   after spreading the probabilities over the 15-nearest-neighbour graph of X_scmix (`propagate.smooth`).
 - obs[f"{key}_with_labels"], obsm[f"{key}_with_labels_probs"]: with `label_key`, the labels and probabilities
@@ -128,11 +128,15 @@ def over_clusters(features: np.ndarray, n_clusters: int | None = None, seed: int
 
 def majority_vote(labels: ArrayLike, clusters: ArrayLike) -> np.ndarray:
     """Each cell's cluster's most frequent label `[n_cells]` (object); "unassigned" cells do not vote,
-    and a cluster of only unassigned cells stays unassigned. Ties go to the label seen first."""
-    frame = pd.DataFrame({"label": np.asarray(labels, dtype=object), "cluster": np.asarray(clusters)})
+    and a cluster of only unassigned cells stays unassigned. Ties go to the label seen first. A cell without a
+    cluster id (None or NaN in `clusters`) is in no cluster and keeps its own label."""
+    frame = pd.DataFrame({"label": np.asarray(labels, dtype=object), "cluster": np.asarray(clusters, dtype=object)})
     voting = frame[frame.label != UNASSIGNED]
     winner = voting.groupby("cluster", sort=False)["label"].agg(lambda s: s.value_counts(sort=True).index[0])
-    return frame.cluster.map(winner).fillna(UNASSIGNED).to_numpy(dtype=object)
+    in_none = frame.cluster.isna()
+    voted = frame.cluster.map(winner).fillna(UNASSIGNED)
+    voted[in_none] = frame.label[in_none]
+    return voted.to_numpy(dtype=object)
 
 
 def with_labels_probs(
@@ -255,8 +259,9 @@ def annotate(
     Flags do not change the label unless `unassign_flagged=True` (then novel and low-count cells are
     "unassigned").
     majority_voting: also write obs[f"{key}_majority_voting"], each cluster's most frequent label (as
-    CellTypist's `majority_voting`); over_clustering: an obs column name or `[n_cells]` cluster ids; by
-    default `over_clusters` of X_scmix, written to obs[f"{key}_over_clustering"].
+    CellTypist's `majority_voting`); over_clustering: an obs column name or `[n_cells]` cluster ids (a cell
+    whose id is missing, NaN or "", is in no cluster and keeps its own label; warned); by default `over_clusters`
+    of X_scmix. Either is written to obs[f"{key}_over_clustering"].
     smooth: also write obs[f"{key}_smoothed"] and obsm[f"{key}_smoothed_probs"]: each cell's probabilities
     averaged with its neighbours' over the kNN graph of X_scmix (`tfp_scmix.propagate.smooth`, equal weight
     to the cell and its neighbourhood); the cells unassigned in obs[f"{key}_label"] stay unassigned. Meant for
@@ -404,8 +409,8 @@ def annotate(
     )
     if majority_voting:
         if clusters is None:
-            clusters = over_clusters(features)
-            adata.obs[f"{key}_over_clustering"] = pd.Categorical(clusters.astype(str))
+            clusters = over_clusters(features).astype(str)
+        adata.obs[f"{key}_over_clustering"] = pd.Categorical(clusters)  # the clusters voted in (NaN: in none)
         voted = majority_vote(names, clusters)
         adata.obs[f"{key}_majority_voting"], adata.uns[f"{key}_majority_voting_colors"] = _categorical(
             voted, order, colors
@@ -607,10 +612,24 @@ def _clusters(adata, over_clustering) -> np.ndarray:
                 f"{did_you_mean([over_clustering], adata.obs.columns)} (columns: {list(adata.obs.columns)}); "
                 "pass a column of cluster ids (e.g. 'leiden'), or leave it out to cluster X_scmix."
             )
-        return adata.obs[over_clustering].astype(str).to_numpy()
-    clusters = np.asarray(over_clustering)
-    if clusters.shape != (adata.n_obs,):
-        raise DataError(
-            f"over_clustering has shape {clusters.shape}; it needs one cluster id per cell ({adata.n_obs})."
+        values, where = adata.obs[over_clustering], f"obs[{over_clustering!r}]"
+    else:
+        values, where = np.asarray(over_clustering, dtype=object), "over_clustering"
+        if values.shape != (adata.n_obs,):
+            raise DataError(
+                f"over_clustering has shape {values.shape}; it needs one cluster id per cell ({adata.n_obs})."
+            )
+    # Cluster ids as names; a missing one (NaN, None, "") is no cluster, never one cluster of all such cells.
+    series = pd.Series(np.asarray(values, dtype=object))
+    missing = missing_values(series).to_numpy()
+    if missing.any():
+        logger.warning(
+            "%d of %d cells have no cluster id in %s (NaN or empty): they are in no cluster and keep their own "
+            "label in majority voting",
+            int(missing.sum()),
+            len(series),
+            where,
         )
-    return clusters.astype(str)
+    clusters = series.map(label_name).to_numpy(dtype=object)
+    clusters[missing] = None
+    return clusters
