@@ -60,9 +60,17 @@ def test_cells_without_counts_over_the_model_genes_are_unassigned(small_model, e
     dense = query.X.toarray()
     dense[:5] = 0
     query.X = sp.csr_matrix(dense)
-    out = scm.predict(small_model, query)
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        out = scm.predict(small_model, query)
     assert np.isfinite(out["probs"]).all()
-    scm.annotate(small_model, query)
+    # predict says so too, with NaN confidence and novelty (a trial: "CD14+ Monocytes" at 0.976 from no counts).
+    assert np.isnan(out["confidence"][:5]).all() and np.isfinite(out["confidence"][5:]).all()
+    assert np.isnan(out["novelty"][:5]).all() and np.isfinite(out["novelty"][5:]).all()
+    assert caplog.text.count("5 cells have no counts over the model's genes") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        scm.annotate(small_model, query)
+    assert caplog.text.count("5 cells have no counts") == 1  # once, not again by annotate
     assert (query.obs["scmix_label"][:5] == UNASSIGNED).all()
     assert (query.obs["scmix_label"][5:] != UNASSIGNED).all()
     # No confidence for a call from no counts (before: the prior's top probability, 0.92 on a trial's data).

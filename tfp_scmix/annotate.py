@@ -60,7 +60,7 @@ from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
-from tfp_scmix.predict import OUTPUT_KEYS, counts_slot, model_counts, predict
+from tfp_scmix.predict import OUTPUT_KEYS, UNASSIGNED, counts_slot, model_counts, predict
 from tfp_scmix.propagate import (
     N_NEIGHBORS,
     POOLING_NEIGHBORS,
@@ -76,7 +76,6 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
 logger = logging.getLogger("tfp_scmix")
-UNASSIGNED = "unassigned"
 UNASSIGNED_COLOR = "#d3d3d3"
 # Fewer counts than this over the model's genes: too little evidence to judge a cell (a chosen default,
 # not measured: pbmc3k's least-covered cell has 211 counts over its 2000 most variable genes; the serving
@@ -336,15 +335,7 @@ def annotate(
         batch_key=batch_key,
     )
     library = out["library_size"]
-    empty = library == 0
-    if empty.any():
-        n_empty = int(empty.sum())
-        logger.warning(
-            "%s no counts over the model's genes; %s marked %r",
-            "1 cell has" if n_empty == 1 else f"{n_empty} cells have",
-            "it is" if n_empty == 1 else "they are",
-            UNASSIGNED,
-        )
+    empty = library == 0  # predict has warned of them
     names = np.asarray(model.class_names, dtype=object)[out["label"]]
     low_counts = library < min_counts
     threshold = ensemble.novelty.threshold if ensemble.novelty is not None and "novelty" in out else None

@@ -66,6 +66,8 @@ MAP_FILES = True
 # 5.0 against 7.2 ms at 10%, 8.2 against 8.5 at 15% and 11.5 against 9.0 at 25% (docs/performance.md, "The
 # product in numpy"). The encoder's training path switches at the same density (`CellEncoder.CSR_DENSITY`).
 SPARSE_PRODUCT_DENSITY = 0.1
+# The label `annotate` gives a cell it does not call (no counts over the model's genes, or a flag asked for).
+UNASSIGNED = "unassigned"
 
 
 def counts_slot(adata, counts: str | None = None) -> tuple[str, np.ndarray]:
@@ -714,6 +716,19 @@ def _one_blas_thread():
     return _blas_controller().limit(limits=1, user_api="blas")
 
 
+# The key of `_Minibatches`' outputs that marks the cells without counts over the model's genes (not an output of
+# `predict`: their confidence and novelty are NaN).
+_EMPTY = "_empty"
+
+
+def _without_counts(rows: sp.csr_matrix) -> np.ndarray:
+    """Which rows of a CSR minibatch of counts hold no count `[n_rows]` (bool): no stored entry, or only zeros."""
+    stored = np.diff(rows.indptr) > 0
+    if rows.data.size and not rows.data.all():  # zeros stored as entries: sum them
+        stored = np.asarray(rows.sum(axis=1)).ravel() > 0
+    return ~stored
+
+
 class _Minibatches:
     """Schedules the minibatches of chunks on a pool of threads, `batch_size` cells each, and gathers their outputs
     `keys`; tables, their kernels and factors (each member's `offset_factors()`) are taken once per `predict` call.
@@ -774,6 +789,9 @@ class _Minibatches:
         result = {key: out[key].numpy()[:n] for key in self.keys if key in out}
         if "library_size" in self.keys:
             result["library_size"] = np.asarray(rows.sum(axis=1), dtype=np.float32).ravel()
+        result[_EMPTY] = _without_counts(rows)
+        if "confidence" in result:
+            result["confidence"][result[_EMPTY]] = np.nan
         return result
 
     @staticmethod
@@ -892,7 +910,8 @@ def predict(
     [n_cells], "cell_topic" [n_cells, n_topics]}, and "novelty" [n_cells] (the `TopicNovelty` score in [0, 1]) when
     the model carries a detector (`tfp_scmix.train` fits one); `keys` keeps only some of them; "library_size"
     [n_cells], each cell's total counts over the model's genes, is there on request. Cells without counts over
-    the model's genes are predicted from no evidence: `annotate` marks them unassigned. With `counts=None` the
+    the model's genes are predicted from no evidence: their "probs" and "label" are the model's call of an empty
+    cell, their "confidence" and "novelty" NaN (warned); `annotate` marks them unassigned. With `counts=None` the
     slot of an AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every
     chunk. Peak memory: three chunks and the outputs (experiments/reliability/memory_1m.py,
     results_memory_1m.json).
@@ -940,6 +959,7 @@ def predict(
     bounds = _chunk_bounds(n_cells, chunk_size, WORKERS * int(batch_size))
 
     memory = _Buffers()  # chunks read from a file reuse the memory of those gathered (`_Buffers`)
+    empty = [0]  # cells without counts over the model's genes, counted as the chunks are gathered
 
     def read(start, stop):
         chunk = _read(source, model, start, stop, counts, min_gene_fraction, select, memory.lease())
@@ -953,6 +973,8 @@ def predict(
             chunk.lease.release()
         if novelty is not None and "novelty" in keys:
             out["novelty"] = novelty.score(out["cell_topic"])
+            out["novelty"][out[_EMPTY]] = np.nan  # no counts, no topics to be novel in
+        empty[0] += int(out[_EMPTY].sum())
         for key in keys:
             if key not in outputs:  # filled in place: no second copy of the outputs
                 outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
@@ -987,4 +1009,12 @@ def predict(
         logger.removeFilter(once)
         if isinstance(source, _H5ADFile):  # after the reader has stopped
             source.close()
+    if empty[0]:
+        logger.warning(
+            "%s no counts over the model's genes: called from no evidence (the model's call of an empty cell), "
+            "with confidence%s NaN; annotate marks such cells %r",
+            "1 cell has" if empty[0] == 1 else f"{empty[0]:,} cells have",
+            " and novelty" if "novelty" in keys else "",
+            UNASSIGNED,
+        )
     return outputs

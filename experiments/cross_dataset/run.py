@@ -196,8 +196,8 @@ def kang(args, seed, cache, out):
                     np.abs(proportions(ctrl_out["label"], n_classes) - proportions(stim_out["label"], n_classes)).sum()
                 ),
                 "agreement_pbmc3k": float((stim_out["label"] == direct).mean()),
-                "ctrl_confidence": float(ctrl_out["confidence"].mean()),
-                "stim_confidence": float(stim_out["confidence"].mean()),
+                "ctrl_confidence": float(np.nanmean(ctrl_out["confidence"])),
+                "stim_confidence": float(np.nanmean(stim_out["confidence"])),
                 "ctrl_unassigned": float(unassigned(ctrl_out["probs"]).mean()),
                 "stim_unassigned": float(unassigned(stim_out["probs"]).mean()),
                 "stim_composition": json.dumps(
