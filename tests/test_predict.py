@@ -566,6 +566,19 @@ def test_duplicated_gene_names_get_the_package_error_alone(small_model, embedded
             with pytest.raises(DataError, match=r"duplicated gene names in the data \(\[.*\]...\); make them unique"):
                 call()
         assert not [w for w in caught if "not unique" in str(w.message)], calls.index(call)
+    # A name repeated among genes the model does not read is no ambiguity: those columns are not read.
+    unread = [i for i, g in enumerate(embedded_adata.var_names) if g not in set(small_model.genes)]
+    if len(unread) >= 2:
+        names = list(embedded_adata.var_names)
+        names[unread[1]] = names[unread[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            repeated = anndata.AnnData(embedded_adata.X.copy(), var=pd.DataFrame(index=names))
+        np.testing.assert_allclose(
+            scm.predict(small_model, repeated)["probs"], scm.predict(small_model, embedded_adata)["probs"], atol=1e-6
+        )
+    else:
+        assert set(small_model.genes) == set(embedded_adata.var_names)
 
 
 def test_blas_threads_are_limited_while_predicting_and_restored_after(small_model, embedded, monkeypatch):

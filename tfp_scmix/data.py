@@ -611,7 +611,8 @@ def align_genes(
     of names); vocabulary: `[n_vocabulary]` names. Returns (CSR float32 `[n_cells, n_vocabulary]` with
     sorted indices, fraction of the vocabulary present, in [0, 1]), the result `counts` itself when it already
     is that (float32 CSR in canonical order, columns in the vocabulary's order); logs a warning when that fraction is
-    below 1. Raises DataError when `genes` has duplicates, or when fewer than `min_fraction` of the
+    below 1. Raises DataError when a name of `vocabulary` is duplicated in `genes` (other duplicates are not read),
+    or when fewer than `min_fraction` of the
     vocabulary's genes are in the data (with a hint when the two use different identifiers or look like
     different species).
     """
@@ -620,12 +621,22 @@ def align_genes(
     genes = pd.Index(np.asarray(genes, dtype=str))
     vocabulary = np.asarray(vocabulary, dtype=str)
     if genes.has_duplicates:
-        dup = genes[genes.duplicated()].unique()[:5].tolist()
-        raise DataError(
-            f"duplicated gene names in the data ({dup}...); make them unique "
-            "(adata.var_names_make_unique()) or sum the duplicates first."
-        )
-    position = genes.get_indexer(vocabulary)
+        # Only a duplicated name that is asked for is ambiguous: real data often repeat names (symbols of two
+        # loci) among genes a model does not read, and those columns are simply not taken.
+        repeated = genes.duplicated(keep=False)
+        ambiguous = genes[repeated].unique()
+        ambiguous = ambiguous[ambiguous.isin(vocabulary)]
+        if len(ambiguous):
+            raise DataError(
+                f"duplicated gene names in the data ({ambiguous[:5].tolist()}...); make them unique "
+                "(adata.var_names_make_unique()) or sum the duplicates first: these are genes read, so which column "
+                "is meant is ambiguous."
+            )
+        kept = np.flatnonzero(~repeated)
+        position = genes[kept].get_indexer(vocabulary)
+        position = np.where(position >= 0, kept[np.maximum(position, 0)], -1)
+    else:
+        position = genes.get_indexer(vocabulary)
     present = position >= 0
     fraction = float(present.mean()) if len(vocabulary) else 0.0
     if fraction < min_fraction:
