@@ -60,7 +60,21 @@ def test_refuses_non_counts_with_a_fix(values, message):
     adata = make_adata(values, labels=["a", "b", "a", "b"])
     with pytest.raises(DataError, match=message) as err:
         from_anndata(adata)
-    assert "counts=" in str(err.value) or "integers" in str(err.value)
+    assert "counts=" in str(err.value) or "integers" in str(err.value) or "No slot of this AnnData" in str(err.value)
+
+
+def test_the_fix_names_the_slot_that_holds_raw_counts():
+    """A message about the counts of one slot names the slot of this AnnData that holds raw counts, or says that
+    none does (a trial passed counts='raw' with log-normalised values there and was told to pass counts='raw')."""
+    adata = make_adata(np.log1p(COUNTS * 1.3), labels=["a", "b", "a", "b"])
+    adata.raw = adata.copy()
+    adata.layers["spliced"] = sp.csr_matrix(COUNTS.astype(np.float32))
+    with pytest.raises(DataError, match=r"Raw counts are in adata.layers\['spliced'\]: pass counts='spliced'") as err:
+        from_anndata(adata, counts="raw")
+    assert "counts='raw'" not in str(err.value)
+    del adata.layers["spliced"]
+    with pytest.raises(DataError, match=r"No slot of this AnnData holds raw counts \(adata.X, adata.raw.X\)"):
+        from_anndata(adata)
 
 
 def test_a_few_stray_values_are_named_by_cell_and_not_called_normalized():

@@ -519,7 +519,7 @@ def find_counts(
             check_counts(csr, where)
         except DataError as err:
             if counts is not None:
-                raise
+                raise _with_slots_named(err, adata, where) from None
             first_error = first_error or err
             continue
         if where != "adata.X":
@@ -527,7 +527,35 @@ def find_counts(
         csr = csr.astype(np.float32, copy=copy)
         return slot, csr_on(csr.data, csr.indices, csr.indptr, csr.shape), np.asarray(var_names, dtype=str)
     assert first_error is not None  # the first candidate, adata.X, always exists
-    raise first_error
+    raise _with_slots_named(first_error, adata, "adata.X") from None
+
+
+def _with_slots_named(error: DataError, adata: anndata.AnnData, where: str) -> DataError:
+    """`error` (of the counts in `where`) with its general advice on where raw counts may be replaced by what this
+    AnnData holds: the other slots (X, every layer, raw) that hold raw counts, or that none does (a trial was told
+    to pass counts='raw', the slot it had passed, with its integer counts in a layer the message did not name)."""
+    slots = [("X", SLOT_NAMES["X"], adata.X), *((n, f"adata.layers[{n!r}]", m) for n, m in adata.layers.items())]
+    slots += [("raw", SLOT_NAMES["raw"], adata.raw.X)] if adata.raw is not None else []
+    holding = []
+    for slot, name, matrix in slots:
+        if name == where:
+            continue
+        try:
+            check_counts(_as_csr(matrix, name), name)
+        except DataError:
+            continue
+        holding.append((slot, name))
+    if holding:
+        slot, name = holding[0]
+        specific = f"Raw counts are in {name}: pass counts={slot!r} (command line: --counts {slot})."
+    else:
+        names = ", ".join(name for _, name, _ in slots)
+        specific = (
+            f"No slot of this AnnData holds raw counts ({names}): read the raw counts from the original file (e.g. "
+            "Cell Ranger's filtered_feature_bc_matrix.h5, with tfp_scmix.read) and put them in a layer "
+            "(adata.layers['counts'])."
+        )
+    return DataError(str(error).replace(_raw_counts_fix(where), specific))
 
 
 def extract_counts(
