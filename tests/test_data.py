@@ -125,6 +125,21 @@ def test_empty_cells_and_datasets():
         from_anndata(make_adata(np.vstack([COUNTS, np.zeros(4)]), labels=["a", "b", "a", "b", "a"]))
     with pytest.raises(DataError, match="empty"):
         from_anndata(make_adata(np.zeros((0, 4))), label_key=None)
+    # The fix in the message runs as written and reads the slot the counts are in, over the genes asked for (a
+    # trial: it read adata.X, which held log-normalised values, and `.A1` failed on a dense X).
+    counts = np.vstack([COUNTS, np.zeros(4), [0, 0, 0, 5]])
+    for genes in (None, ["G0", "G1", "G2"]):
+        adata = make_adata(counts, labels=["a", "b", "a", "b", "a", "b"])
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = np.log1p(counts)  # dense, log-normalised
+        with pytest.raises(DataError, match="cells? ha(s|ve) no counts") as err:
+            from_anndata(adata, genes=genes)
+        fix = str(err.value).split("(e.g. ")[1][: -len(").")]
+        namespace = {"np": np, "adata": adata, "genes": genes}
+        exec(fix, namespace)
+        kept = namespace["adata"]
+        assert kept.n_obs == (4 if genes else 5)
+        from_anndata(kept, genes=genes)
 
 
 def test_labels_unknown_one_class_and_outside():

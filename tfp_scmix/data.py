@@ -677,7 +677,7 @@ def align_genes(
         )
         raise DataError(
             f"only {present.sum()} of the model's {len(vocabulary)} genes "
-            f"({fraction:.0%}) are in the data; at least {min_fraction:.0%} are needed.{hint}"
+            f"({100 * fraction:.1f}%) are in the data; at least {100 * min_fraction:g}% are needed.{hint}"
         )
     if fraction < 1.0:
         logger.warning(
@@ -1352,7 +1352,7 @@ def from_anndata(
         adata = read(adata)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"the dataset is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-    matrix, var_names = extract_counts(adata, counts, copy)
+    slot, matrix, var_names = find_counts(adata, counts, copy)
     if genes is not None:
         matrix, _ = align_genes(matrix, var_names, genes, min_gene_fraction)
         var_names = np.asarray(genes, dtype=str)
@@ -1360,10 +1360,13 @@ def from_anndata(
         align_genes(matrix, var_names, var_names)  # raises the duplicated-genes error
     empty = 0 if allow_empty_cells else int((np.asarray(matrix.sum(axis=1)).ravel() == 0).sum())
     if empty:
+        # The fix reads the slot the counts came from (a layer, raw), over the genes asked for, whatever the matrix.
+        over = "[:, genes]" if genes is not None else ""
+        matrix_of = {"X": f"adata{over}.X", "raw": f"adata.raw{over}.X"}.get(slot, f"adata{over}.layers[{slot!r}]")
         raise DataError(
             f"{'1 cell has' if empty == 1 else f'{empty} cells have'} no counts over the "
-            f"{'model' if genes is not None else 'dataset'}'s genes; "
-            "remove them first (e.g. adata = adata[adata.X.sum(1).A1 > 0])."
+            f"{'model' if genes is not None else 'dataset'}'s genes; remove them first (e.g. "
+            f"adata = adata[np.asarray({matrix_of}.sum(axis=1)).ravel() > 0])."
         )
     labels, classes, batches, batch_names = encode_obs(
         list(adata.obs.columns),
