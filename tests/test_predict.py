@@ -494,6 +494,9 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     scm.annotate(model, read_h5ad(path))  # batch_key forgotten: the column of the model's batch names is named
     assert "the model was trained with batches ['d1', 'd2'] and obs['donor'] holds ['d1', 'd2'] of them" in caplog.text
     assert "--batch-key donor" in caplog.text
+    caplog.clear()  # a model adapted to the query reads it through its own offsets: no batch_key to advise (a trial)
+    scm.annotate(scm.adapt(model, read_h5ad(path), epochs=1), read_h5ad(path))
+    assert "pass batch_key" not in caplog.text
     renamed = read_h5ad(path)
     donor = renamed.obs["donor"].astype(str)
     renamed.obs["donor"] = np.where(donor == "d1", "D1", donor)  # a batch the model does not know: warned

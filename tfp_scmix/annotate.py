@@ -320,7 +320,7 @@ def annotate(
     clusters = _clusters(adata, over_clustering) if over_clustering is not None else None
     known = _known_labels(adata, model, label_key, unlabeled_category) if label_key is not None else None
     ensemble = as_ensemble(trained(model, "annotate"))
-    if batch_key is None:
+    if batch_key is None and ensemble.members[0].adapted_batch is None:  # adapt's model reads the query's own
         _hint_batch_key(adata, ensemble.members[0].batch_names)
     slot, slot_genes = counts_slot(adata, counts)
     keys = (*OUTPUT_KEYS, "library_size", *(("novelty",) if ensemble.novelty is not None else ()))
