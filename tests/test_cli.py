@@ -302,6 +302,33 @@ def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthe
     assert (tmp_path / "results" / "table.csv").read_text() == "kept"
 
 
+def test_an_interrupt_between_the_last_epoch_and_the_save_keeps_the_training(
+    synthetic_file, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C after the last epoch, before the model is written (a trial: "interrupted before the first epoch
+    finished: nothing was written", every restart lost): the finished restarts stay backed up, the message says
+    so, and the same command loads them instead of training again."""
+    from tfp_scmix.cli import main
+
+    _, path = synthetic_file
+    out = tmp_path / "model.keras"
+    argv = ["train", str(path), "--out", str(out), "--epochs", "2", "--topics", "4", "--restarts", "2"]
+    argv += ["--batch-size", "64", "--n-genes", "0", "--classifier-steps", "20"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scm, "save_model", interrupted)
+    assert main([*argv, "--verbose", "0"]) == 130
+    assert "backed up in" in capsys.readouterr().err
+    checkpoints = tmp_path / ".model.keras.checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["restart-0.keras", "restart-1.keras"]
+    monkeypatch.undo()
+    assert main(argv) == 0  # with its INFO lines (the default --verbose 1)
+    assert capsys.readouterr().err.count("was finished by an earlier run: loaded from") == 2
+    assert out.is_file() and not checkpoints.exists()
+
+
 def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory(synthetic_file, tmp_path, capsys):
     """`tfp-scmix train`, killed after some epochs and run again with the same command, resumes from its last
     finished epoch (before: from epoch 1, issue 18): its backups are in `.model.keras.checkpoints` beside

@@ -256,13 +256,16 @@ def test_killed_run_resumes_to_the_predictions_of_an_uninterrupted_run(tmp_path)
     at_kill = backup_epoch(work / "restart-1")
     assert 2 <= at_kill < 4 and (work / "restart-0.keras").is_file() and not (tmp_path / "resumed.npz").exists()
     output = finish(start(work, tmp_path / "resumed.npz", 0.0))
-    assert f"was finished by an interrupted run: loaded from {work / 'restart-0.keras'}" in output, output[-3000:]
+    assert f"was finished by an earlier run: loaded from {work / 'restart-0.keras'}" in output, output[-3000:]
     assert f"resuming training at epoch {at_kill + 1} from {work / 'restart-1'}" in output, output[-3000:]
     finish(reference)
     expected, resumed = np.load(tmp_path / "reference.npz"), np.load(tmp_path / "resumed.npz")
     for key in OUTPUT_KEYS:
         np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
-    assert list(work.iterdir()) == [] and list((tmp_path / "reference").iterdir()) == []  # all deleted at the end
+    # The epoch backups are gone; the finished restarts are kept until the caller has saved the model (a trial's
+    # Ctrl-C between the last epoch and the save lost them), and deletes the folder (the command line does).
+    for folder in (work, tmp_path / "reference"):
+        assert sorted(p.name for p in folder.iterdir()) == ["restart-0.keras", "restart-1.keras"]
 
 
 def test_checkpoint_dir_refuses_a_finished_restart_of_another_run(small_model, embedded, tmp_path):

@@ -148,7 +148,7 @@ def train(args) -> None:
     if args.strategy is None or scm.distribute.is_chief(scm.distribute.get_strategy(args.strategy)):
         scm.save_model(model, args.out)
         say(args, f"model written to {args.out}")
-        shutil.rmtree(checkpoints, ignore_errors=True)  # train has emptied it; the model is saved
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the finished restarts train kept: the model is saved
         if args.mlflow:
             from tfp_scmix import tracking
 

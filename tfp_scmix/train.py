@@ -78,8 +78,9 @@ def train(
     member when `restarts=1`, which predicts exactly as that `SCMix`).
     checkpoint_dir: each restart backs up every epoch into `checkpoint_dir/restart-r`; calling `train`
     again with the same arguments after a kill resumes from the last finished epoch to the same result
-    (with `make_deterministic`); minibatches then come from `epoch_batches`. Backups are deleted when
-    the restart finishes.
+    (with `make_deterministic`); minibatches then come from `epoch_batches`. A finished restart's epoch backups are
+    replaced by the restart itself, `checkpoint_dir/restart-r.keras`, kept after `train` returns: the same call
+    again loads it instead of training. Delete the folder once the model is saved (`tfp-scmix train` does).
     strategy: None (one device), a name of `distribute.STRATEGIES` or a `tf.distribute.Strategy`
     (streams only; config.batch_size is the global batch).
     callbacks: Keras callbacks added after the recipe's own (`callbacks.default`).
@@ -147,9 +148,9 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    if checkpoint_dir is not None:
-        for restart in range(int(restarts)):
-            (Path(checkpoint_dir) / f"restart-{restart}.keras").unlink(missing_ok=True)
+    # The finished restarts stay in checkpoint_dir until the caller has saved the model (the command line then deletes
+    # the folder): a kill in the summary below, or before the model is written, loses no training (a trial's Ctrl-C
+    # just after the last epoch lost both restarts).
     ensemble = SCMixEnsemble(members)
     # `explain.write_explanations` then does not name the same few-label classes a second time in this process; a
     # model loaded from its file has no such mark and is warned about there.
@@ -278,7 +279,7 @@ def _finished_restart(path: Path, data, config: Config, seed: int) -> SCMix:
             f"{path} holds a restart of another training run (other data, settings or seed); "
             "delete it, or pass this run's checkpoint_dir."
         )
-    logger.info("restart with seed %d was finished by an interrupted run: loaded from %s", seed, path)
+    logger.info("restart with seed %d was finished by an earlier run: loaded from %s", seed, path)
     return model
 
 
