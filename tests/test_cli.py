@@ -86,6 +86,14 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "explained" / "class_genes.csv").exists()
     for figure in ("embedding", "confusion", "reliability", "confidence", "dotplot", "topic_genes", "class_topics"):
         assert (tmp_path / "explained" / f"{figure}.png").stat().st_size > 10_000
+    # A file annotated by another model: annotated again with this one for the figures (a trial's dotplot mixed two
+    # models), and said.
+    annotated.uns["scmix"]["model_data_fingerprint"] = "another-training-set"
+    annotated.write_h5ad(tmp_path / "other_model.h5ad")
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "explained_again"), "--data", str(tmp_path / "other_model.h5ad")]) == 0
+    assert "was annotated by another model: annotated with" in capsys.readouterr().out
+    assert (tmp_path / "explained_again" / "dotplot.png").is_file()
     assert main(["export", str(tmp_path / "model.keras"), str(tmp_path / "export" / "1")]) == 0
     assert (tmp_path / "export" / "1" / "saved_model.pb").exists()
     (tmp_path / "broken.keras").write_bytes(b"not a model")

@@ -155,6 +155,17 @@ def test_figures_of_a_dataset_need_it_annotated_and_say_so_before_writing(small_
         paths = explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="cell_type")
     assert set(paths) >= {"embedding_png", "confidence_png", "dotplot_png", "confusion_png"}
     assert all(path.stat().st_size > 0 for path in paths.values())
+    # Annotated by another model (another training set): its labels are not drawn against this model's genes (a
+    # trial's dotplot had one model's classes by another's genes, without a sign of it).
+    adata.uns["scmix"] = {**adata.uns["scmix"], "model_data_fingerprint": "another-training-set"}
+    assert explain.annotated_by_another_model(small_model, adata)
+    for plot in (
+        lambda: explain.plot_dotplot(small_model, adata, tmp_path / "other.png"),
+        lambda: explain.write_data_figures(small_model, adata, tmp_path / "other"),
+    ):
+        with pytest.raises(DataError, match="written by another model .* annotate the data with this model first"):
+            plot()
+    assert not (tmp_path / "other.png").exists() and not (tmp_path / "other").exists()
 
 
 def test_the_confusion_figure_puts_agreeing_calls_on_its_diagonal(tmp_path):

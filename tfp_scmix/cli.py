@@ -265,8 +265,10 @@ def explain_cmd(args) -> None:
     paths = {}
     if args.data:  # the data's figures first: they check the data (and --label-key) before writing anything
         adata = scm.read(args.data)
-        if "scmix_label" not in adata.obs:
-            adata = scm.annotate(model, adata, counts=args.counts)
+        if "scmix_label" not in adata.obs or explain.annotated_by_another_model(model, adata):
+            if "scmix_label" in adata.obs:  # another model's calls: this model's are drawn (the file is not changed)
+                say(args, f"{args.data} was annotated by another model: annotated with {args.model} for the figures")
+            adata = scm.annotate(model, adata, counts=args.counts, min_gene_fraction=args.min_gene_fraction)
         paths.update(
             explain.write_data_figures(
                 model, adata, args.out, label_key=args.label_key, unlabeled_category=args.unlabeled_category
@@ -454,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the label value of cells without a known label (e.g. Unknown), left out of the comparison",
     )
     p.add_argument("--counts", default=None, help="where the raw counts of --data are (default: detect)")
+    p.add_argument(
+        "--min-gene-fraction",
+        type=float,
+        default=0.5,
+        help="with --data annotated here: the fraction of the model's genes it must measure (the rest count as zeros)",
+    )
     p.set_defaults(func=explain_cmd)
 
     p = sub.add_parser("export", help="export a trained model as a TensorFlow SavedModel for serving")

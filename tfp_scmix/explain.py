@@ -373,9 +373,26 @@ def _colors(adata, column: str) -> dict[str, str]:
     return dict(zip(categories, colors))
 
 
-def _require_annotated(adata, key: str, label_key: str | None = None, obsm: tuple[str, ...] = ()) -> None:
+def annotated_by_another_model(model: SCMix | SCMixEnsemble, adata, key: str = "scmix") -> bool:
+    """Whether `adata`'s annotation under `key` was written by a model other than `model`: its uns[key] names
+    another training data set or other genes (`annotate` records both fingerprints). False when it records none."""
+    record = adata.uns.get(key, {})
+    recorded = (str(record.get("model_data_fingerprint", "")), str(record.get("gene_fingerprint", "")))
+    own = (str(model.provenance.get("data_fingerprint", "")), str(model.gene_fingerprint))
+    return any(r and r != o for r, o in zip(recorded, own, strict=True))
+
+
+def _require_annotated(
+    adata,
+    key: str,
+    label_key: str | None = None,
+    obsm: tuple[str, ...] = (),
+    model: SCMix | SCMixEnsemble | None = None,
+) -> None:
     """Raise DataError, naming what is missing and how to get it, unless `adata` holds `annotate`'s
-    obs[f"{key}_label"] and obs[f"{key}_confidence"], the obsm entries `obsm`, and obs[label_key] when given."""
+    obs[f"{key}_label"] and obs[f"{key}_confidence"], the obsm entries `obsm`, and obs[label_key] when given; and,
+    with `model`, unless that annotation is `model`'s own (a figure of one model's genes by another's labels, seen in
+    a trial, is wrong without a sign of it)."""
     from tfp_scmix.data import DataError
 
     missing = [f"obs[{c!r}]" for c in (f"{key}_label", f"{key}_confidence") if c not in adata.obs]
@@ -384,6 +401,12 @@ def _require_annotated(adata, key: str, label_key: str | None = None, obsm: tupl
         raise DataError(
             f"{', '.join(missing)} missing: annotate the data first (tfp_scmix.annotate(model, adata), or "
             "`tfp-scmix annotate`), then draw its figures"
+        )
+    if model is not None and annotated_by_another_model(model, adata, key):
+        raise DataError(
+            f"the annotation under {key!r} was written by another model (uns[{key!r}] names other training data or "
+            "genes): annotate the data with this model first (tfp_scmix.annotate(model, adata), or another "
+            "key_added= to keep both), or pass the model that annotated it"
         )
     if label_key is not None and label_key not in adata.obs:
         raise DataError(
@@ -513,10 +536,11 @@ def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, ke
     """Dotplot (PNG) of the genes that weigh most in each class's calls (`call_genes`: the classification
     branch's gene weights, or its topics' genes for a branch that reads topics only) by predicted label: dot
     size the fraction of cells with a count, colour the mean log1p counts per 10k scaled to [0, 1] per gene (as
-    scanpy's `standard_scale="var"`). Raises DataError when `adata` is not annotated or holds no raw counts."""
+    scanpy's `standard_scale="var"`). Raises DataError when `adata` is not annotated, or annotated by another model
+    (`annotated_by_another_model`), or holds no raw counts."""
     from tfp_scmix.data import extract_counts
 
-    _require_annotated(adata, key)
+    _require_annotated(adata, key, model=model)
     plt = _pyplot()
     genes = call_genes(model, n_genes)
     matrix, var_names = extract_counts(adata, counts)
@@ -561,12 +585,13 @@ def write_data_figures(
     embedding.png (`plot_embedding`), confidence.png, dotplot.png, and with `label_key` (an obs column of
     known labels; cells whose label is NaN or `unlabeled_category` left out) confusion.png and, for the cells whose
     label is one of the model's classes, reliability.png (`evaluate.reliability_diagram`). Raises DataError when
-    `adata` is not annotated or `label_key` is not an obs column, before any file is written."""
+    `adata` is not annotated, or annotated by another model (`annotated_by_another_model`), or `label_key` is not an
+    obs column, before any file is written."""
     from tfp_scmix.evaluate import reliability_diagram
 
     stored = any(k in adata.obsm for k in (f"X_{key}_umap", f"X_{key}_tsne"))
     needed = (() if stored else (f"X_{key}",)) + ((f"{key}_probs",) if label_key is not None else ())
-    _require_annotated(adata, key, label_key, obsm=needed)
+    _require_annotated(adata, key, label_key, obsm=needed, model=model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"embedding_png": folder / "embedding.png", "confidence_png": folder / "confidence.png"}
