@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -503,6 +505,26 @@ def _write_10x(folder, counts, genes, barcodes, gz=True, v3=True):
         f.write("\n".join(rows) + "\n")
     with opener(folder / f"barcodes.tsv{suffix}", "wt") as f:
         f.write("\n".join(barcodes) + "\n")
+
+
+def test_a_loom_written_by_anndata_is_named_by_its_attributes(tmp_path):
+    """anndata's reader names a .loom's genes and cells by loompy's "Gene" and "CellID"; a file written by anndata's
+    own `write_loom` keeps them under the index's name ("index", or "var_names"/"obs_names"), so they came back
+    numbered 0, 1, ... and a model matched none of its genes (a trial). `_loom_names` takes them from there; a file
+    that names no genes is refused. (loompy, which reads the files, is optional: the renaming is tested alone.)"""
+    from tfp_scmix.data import _loom_names
+
+    numbered = make_adata(COUNTS)
+    numbers = [str(i) for i in range(4)]  # as anndata's reader leaves them
+    numbered.var = pd.DataFrame({"index": ["CD3E", "MS4A1", "LYZ", "LYZ"], "gene_ids": list("abcd")}, index=numbers)
+    numbered.obs = pd.DataFrame({"obs_names": [f"cell{i}" for i in range(4)], "cell_type": list("xyxy")}, index=numbers)
+    named = _loom_names(numbered, Path("counts.loom"))
+    assert list(named.var_names) == ["CD3E", "MS4A1", "LYZ", "LYZ-1"] and list(named.var.columns) == ["gene_ids"]
+    assert list(named.obs_names) == ["cell0", "cell1", "cell2", "cell3"] and list(named.obs.columns) == ["cell_type"]
+    nameless = make_adata(COUNTS)
+    nameless.var = pd.DataFrame({"gene_ids": list("abcd")}, index=[str(i) for i in range(4)])
+    with pytest.raises(DataError, match=r"counts.loom names no genes \(row attributes: \['gene_ids'\]"):
+        _loom_names(nameless, Path("counts.loom"))
 
 
 def test_read_10x_folders_and_refuse_other_formats(tmp_path, monkeypatch):

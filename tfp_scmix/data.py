@@ -207,12 +207,45 @@ def read(path: str | os.PathLike[str]) -> anndata.AnnData:
     if suffix == ".loom":
         import anndata
 
-        return _with_optional_reader(path, "loompy", lambda: anndata.io.read_loom(path, sparse=True, X_name=""))
+        with warnings.catch_warnings():  # a file without loompy's names: numbered, then named by `_loom_names`
+            warnings.filterwarnings("ignore", message="Transforming to str index")
+            adata = _with_optional_reader(path, "loompy", lambda: anndata.io.read_loom(path, sparse=True, X_name=""))
+        return _loom_names(adata, path)
     raise DataError(
         f"{path} is {_describe(path)}, which tfp_scmix does not read. It reads: "
         + "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
         + ". Convert other formats with anndata or scanpy (e.g. sc.read(...).write_h5ad('data.h5ad'))."
     )
+
+
+# The attributes a .loom names its genes and cells by: loompy's and velocyto's ("Gene", "CellID", what anndata's
+# reader looks for), then those anndata's `write_loom` writes (the index's name, "var_names"/"obs_names" without one).
+LOOM_NAMES = {"var": ("Gene", "var_names", "index", "gene_symbols"), "obs": ("CellID", "obs_names", "index")}
+
+
+def _loom_names(adata: anndata.AnnData, path: Path) -> anndata.AnnData:
+    """Genes and cells of a .loom named by its attributes (`LOOM_NAMES`) where anndata's reader left them numbered
+    0, 1, ... (a file written by anndata's own `write_loom`: a trial's model then matched no gene). Gene names are
+    made unique as scanpy does. Raises DataError when the genes have no names at all."""
+    import anndata
+
+    for axis, columns in LOOM_NAMES.items():
+        frame = getattr(adata, axis)
+        if not np.array_equal(frame.index.astype(str), np.arange(len(frame)).astype(str)):
+            continue
+        column = next((c for c in columns if c in frame), None)
+        if column is None:
+            if axis == "var":
+                raise DataError(
+                    f"{path} names no genes (row attributes: {list(frame.columns)}; expected one of {list(columns)}): "
+                    "write it with the gene names as a row attribute (loompy's 'Gene'), or convert it to .h5ad."
+                )
+            continue
+        names = pd.Index(frame[column].astype(str).tolist(), dtype=object)
+        frame = frame.drop(columns=column)
+        frame.index = anndata.utils.make_index_unique(names) if axis == "var" else names
+        setattr(adata, axis, frame)
+    return adata
 
 
 def _describe(path: Path) -> str:
