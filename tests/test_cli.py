@@ -206,7 +206,9 @@ def test_cli_trains_on_the_genes_another_dataset_shares_and_annotates_it_adapted
     assert scm.load_model(model_path).members[0].sizes["n_batches"] == 1  # the file is unchanged
     # A second annotation under another prefix keeps the first's results; what smoothing changed is said.
     again = ["annotate", str(model_path), str(out), "--out", str(out), "--key-added", "second", "--smooth"]
-    assert main([*again, "--unassign-flagged"]) == 0
+    assert main([*again, "--unassign-flagged"]) == 2  # the file exists (it is the input): refused, unchanged
+    assert "(it is the input): pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--unassign-flagged", "--overwrite"]) == 0
     said = capsys.readouterr().out
     assert "smoothed over the neighbours:" in said and "calls differ (obs second_smoothed)" in said
     assert "--unassign-flagged makes them" not in said
@@ -302,6 +304,8 @@ def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthe
         (["export", model, exported], "already exists: pass --overwrite to replace the export"),
         # --overwrite onto a folder of the user's that is not an export: refused at once too, and left as it is.
         (["export", model, tmp_path / "results", "--overwrite"], "is a folder that is not a SavedModel export"),
+        # annotate onto an existing file, as train: refused without --overwrite (a trial's was replaced silently).
+        (["annotate", model, path, "--out", path], "already exists (it is the input): pass --overwrite to replace it"),
     ):
         run = run_python(script, *argv)
         assert run.stdout.split() == ["2", "False"], (argv, run.stdout, run.stderr)

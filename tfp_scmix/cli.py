@@ -398,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="trained model (.keras)")
     p.add_argument("data", help="counts: .h5ad, 10x folder or .h5, .loom")
     p.add_argument("--out", required=True, help="annotated .h5ad to write")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (it may be the input itself: written whole, then swapped in)",
+    )
     p.add_argument("--counts", default=None, help="where the raw counts are: X, raw or a layer (default: detect)")
     p.add_argument("--min-confidence", type=float, default=None, help="below this top probability: unassigned")
     p.add_argument(
@@ -486,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def existing_output(args) -> str | None:
-    """The error for `train --out` onto a file that exists, or `export` onto a folder that exists, without
-    `--overwrite`, and for `export --overwrite` onto what is not an earlier export (`tfp_scmix.data.export_target`);
-    None otherwise."""
+    """The error for `train --out` or `annotate --out` onto a file that exists, or `export` onto a folder that
+    exists, without `--overwrite`, and for `export --overwrite` onto what is not an earlier export
+    (`tfp_scmix.data.export_target`); None otherwise."""
     if args.command == "export" and args.overwrite:
         from tfp_scmix.data import export_target
 
@@ -496,8 +501,14 @@ def existing_output(args) -> str | None:
             export_target(args.out, True)
         except FileExistsError as err:
             return str(err)
-    if args.command not in ("train", "export") or not Path(args.out).exists() or args.overwrite:
+    if args.command not in ("train", "export", "annotate") or not Path(args.out).exists() or args.overwrite:
         return None
+    if args.command == "annotate":
+        same = Path(args.out).resolve() == Path(args.data).resolve() if Path(args.data).exists() else False
+        return (
+            f"{args.out} already exists{' (it is the input)' if same else ''}: pass --overwrite to replace it with "
+            "the annotated data (written whole, then swapped in), or choose another --out"
+        )
     if args.command == "export":
         return (
             f"{args.out} already exists: pass --overwrite to replace the export there, or export to a new version "
