@@ -365,7 +365,7 @@ def test_known_labels_that_cannot_be_used_are_refused(small_model, embedded_adat
     assert "scmix_label" not in adata.obs  # refused before anything is written
 
 
-def test_known_labels_are_read_as_training_reads_them(embedded_adata):
+def test_known_labels_are_read_as_training_reads_them(embedded_adata, caplog):
     """Labels compared as class names, as `from_anndata` compares them (a trial: unlabeled_category=-1 trained but
     annotate refused the "-1" cells it named; integer codes with NaN, which pandas stores as 0.0, 1.0, ..., were
     "not among the model's classes" "0", "1", ...)."""
@@ -389,6 +389,10 @@ def test_known_labels_are_read_as_training_reads_them(embedded_adata):
         assert model.class_names == ["0", "1", "2"]
         np.testing.assert_array_equal(_known_labels(adata, model, "known", unknown), expected)
         np.testing.assert_array_equal(for_model.labels, expected)
+    # An unlabeled_category that marks no cell is warned of, as training warns (a trial: annotate said nothing).
+    with caplog.at_level("WARNING", logger="tfp_scmix"):
+        _known_labels(adata, model, "known", "Unknown")
+    assert "unlabeled_category 'Unknown' matches no value of obs['known']" in caplog.text
 
 
 def test_a_model_without_a_novelty_detector_says_so(small_model, embedded_adata, caplog):

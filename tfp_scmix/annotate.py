@@ -49,6 +49,7 @@ from tfp_scmix.data import (
     DataError,
     SCData,
     check_argument,
+    check_unlabeled_category,
     did_you_mean,
     encode_labels,
     label_name,
@@ -562,6 +563,8 @@ def _known_labels(adata, model, label_key: str, unlabeled_category: str | None) 
         )
     unknown = () if unlabeled_category is None else (unlabeled_category,)
     values = adata.obs[label_key]
+    if unlabeled_category is not None:  # as training checks it: a near miss refused, no match at all warned
+        check_unlabeled_category(values, unlabeled_category, label_key)
     # Values compared as class names, as training compares them (`label_name`: -1, -1.0 and "-1" alike; 3.0 from a
     # column of integer codes with NaN is class "3").
     series = pd.Series(np.asarray(values, dtype=object))
