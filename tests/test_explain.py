@@ -155,6 +155,13 @@ def test_figures_of_a_dataset_need_it_annotated_and_say_so_before_writing(small_
         paths = explain.write_data_figures(small_model, adata, tmp_path / "figures", label_key="cell_type")
     assert set(paths) >= {"embedding_png", "confidence_png", "dotplot_png", "confusion_png"}
     assert all(path.stat().st_size > 0 for path in paths.values())
+    # Markers of the user's choice, as scanpy's var_names (a trial could not pass its own); one the data lack is named.
+    markers = list(adata.var_names[:4])
+    explain.plot_dotplot(small_model, adata, tmp_path / "markers.png", genes=markers)
+    assert (tmp_path / "markers.png").stat().st_size > 0
+    with pytest.raises(DataError, match=r"genes \['NOTAGENE'\] are not among the data's genes"):
+        explain.plot_dotplot(small_model, adata, tmp_path / "never.png", genes=[markers[0], "NOTAGENE"])
+    assert not (tmp_path / "never.png").exists()
     # Annotated by another model (another training set): its labels are not drawn against this model's genes (a
     # trial's dotplot had one model's classes by another's genes, without a sign of it).
     adata.uns["scmix"] = {**adata.uns["scmix"], "model_data_fingerprint": "another-training-set"}

@@ -9,12 +9,13 @@ predictive topic is the one of highest contrast over all members. `member=m` exp
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tfp_scmix.data import FEW_LABELS, did_you_mean
+from tfp_scmix.data import FEW_LABELS, DataError, did_you_mean
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path, write_csv
 from tfp_scmix.model import SCMix
@@ -393,8 +394,6 @@ def _require_annotated(
     obs[f"{key}_label"] and obs[f"{key}_confidence"], the obsm entries `obsm`, and obs[label_key] when given; and,
     with `model`, unless that annotation is `model`'s own (a figure of one model's genes by another's labels, seen in
     a trial, is wrong without a sign of it)."""
-    from tfp_scmix.data import DataError
-
     missing = [f"obs[{c!r}]" for c in (f"{key}_label", f"{key}_confidence") if c not in adata.obs]
     missing += [f"obsm[{m!r}]" for m in obsm if m not in adata.obsm]
     if missing:
@@ -532,20 +531,35 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
     _save_figure(fig, path)
 
 
-def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, key: str = "scmix", counts=None) -> None:
-    """Dotplot (PNG) of the genes that weigh most in each class's calls (`call_genes`: the classification
-    branch's gene weights, or its topics' genes for a branch that reads topics only) by predicted label: dot
-    size the fraction of cells with a count, colour the mean log1p counts per 10k scaled to [0, 1] per gene (as
-    scanpy's `standard_scale="var"`). Raises DataError when `adata` is not annotated, or annotated by another model
-    (`annotated_by_another_model`), or holds no raw counts."""
+def plot_dotplot(
+    model: SCMix | SCMixEnsemble,
+    adata,
+    path,
+    n_genes: int = 3,
+    key: str = "scmix",
+    counts=None,
+    genes: Sequence[str] | None = None,
+) -> None:
+    """Dotplot (PNG) by predicted label of the genes that weigh most in each class's calls (`call_genes`: the
+    classification branch's gene weights, or its topics' genes for a branch that reads topics only), or of `genes`,
+    the markers of your choice (as scanpy's `var_names`), in their order: dot size the fraction of cells with a
+    count, colour the mean log1p counts per 10k scaled to [0, 1] per gene (as scanpy's `standard_scale="var"`).
+    Raises DataError when `adata` is not annotated, or annotated by another model (`annotated_by_another_model`),
+    holds no raw counts, or lacks one of `genes` (named, with the nearest names it has)."""
     from tfp_scmix.data import extract_counts
 
     _require_annotated(adata, key, model=model)
-    plt = _pyplot()
-    genes = call_genes(model, n_genes)
     matrix, var_names = extract_counts(adata, counts)
-    position = pd.Index(var_names).get_indexer(list(dict.fromkeys(genes["gene"])))
-    gene_list = [g for g, p in zip(dict.fromkeys(genes["gene"]), position) if p >= 0]
+    chosen = list(dict.fromkeys(call_genes(model, n_genes)["gene"] if genes is None else map(str, genes)))
+    position = pd.Index(var_names).get_indexer(chosen)
+    if genes is not None and (position < 0).any():
+        absent = [g for g, p in zip(chosen, position) if p < 0]
+        raise DataError(
+            f"genes {absent[:5]} are not among the data's genes{did_you_mean(absent, var_names)}; name genes of "
+            "adata.var_names (of the slot the counts are in)"
+        )
+    plt = _pyplot()
+    gene_list = [g for g, p in zip(chosen, position) if p >= 0]
     position = position[position >= 0]
     library = np.asarray(matrix.sum(axis=1)).ravel()
     selected = matrix[:, position].toarray()
@@ -561,7 +575,8 @@ def plot_dotplot(model: SCMix | SCMixEnsemble, adata, path, n_genes: int = 3, ke
     ax.set_xticks(range(len(gene_list)), gene_list, rotation=90, fontsize=7)
     ax.set_yticks(range(len(groups)), [_wrap(str(g), 30) for g in groups], fontsize=7)
     ax.set_ylim(len(groups) - 0.5, -0.5)
-    ax.set_title("Each class's genes of most weight by predicted label (size: fraction of cells; colour: scaled mean)")
+    what = "Each class's genes of most weight" if genes is None else "Genes"
+    ax.set_title(f"{what} by predicted label (size: fraction of cells; colour: scaled mean)")
     fig.colorbar(image, ax=ax, shrink=0.8, label="mean log1p CP10k, scaled per gene")
     sizes = [ax.scatter([], [], s=200 * f, c="grey") for f in (0.25, 0.5, 0.75, 1.0)]
     ax.legend(
