@@ -36,7 +36,11 @@ def demo(args) -> dict:
     )
     start = time.time()
     config = scm.Config(
-        n_topics=args.topics, batch_size=args.batch_size, epochs=args.epochs, classifier_steps=args.classifier_steps
+        n_topics=args.topics,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        classifier_steps=args.classifier_steps,
+        kl_warmup_epochs=args.kl_warmup_epochs,
     )
     model = scm.train(data.hide_labels(labelled), config, restarts=args.restarts, seed=args.seed, verbose=args.verbose)
     if not args.verbose:  # at verbose >= 1 train's own summary line says how long it took
@@ -134,6 +138,7 @@ def train(args) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         classifier_steps=args.classifier_steps,
+        kl_warmup_epochs=args.kl_warmup_epochs,
     )
     checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
     model = scm.train(
@@ -338,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=at_least_0,
             default=defaults.classifier_steps,
             help="steps of the classification branch's refit after training, and of annotate's with known labels",
+        )
+        p.add_argument(
+            "--kl-warmup-epochs",
+            type=lambda text: float(at_least_0(text)),  # a float, as Config's: the same settings as its default
+            default=defaults.kl_warmup_epochs,
+            help="epochs over which the KL terms' weight rises to 1 (at most --epochs: the full ELBO is reached)",
         )
 
     p = sub.add_parser("demo", help="train on the embedded dataset with a few labels and report held-out scores")

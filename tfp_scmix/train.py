@@ -198,8 +198,8 @@ def _warn_short_training(config: Config) -> None:
         logger.warning(
             "kl_warmup_epochs (%g) is longer than the training (%d epochs): the KL terms never reach their full "
             "weight, so the model is less regularised than the ELBO asks. Train for at least %g epochs (command "
-            "line: --epochs), or set kl_warmup_epochs to at most the epochs (Config(kl_warmup_epochs=...); a run "
-            "configuration's [model] kl_warmup_epochs)",
+            "line: --epochs), or set kl_warmup_epochs to at most the epochs (Config(kl_warmup_epochs=...); command "
+            "line: --kl-warmup-epochs; a run configuration's [model] kl_warmup_epochs)",
             config.kl_warmup_epochs,
             config.epochs,
             config.kl_warmup_epochs,
