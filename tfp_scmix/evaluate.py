@@ -218,6 +218,7 @@ def reliability_diagram(
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(table.lower, table.cells, width=width, align="edge", color="grey", edgecolor="black")
     bottom.set(xlabel="confidence (top class probability)", ylabel="cells", yscale="log")
+    bottom.set_ylim(bottom=0.5)  # a bin of one cell shows (the automatic limit hid bins under ten; a trial)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

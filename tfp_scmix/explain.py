@@ -498,11 +498,14 @@ def plot_confusion(
     agree = np.mean(
         adata.obs[label_key][known].astype(str).to_numpy() == adata.obs[f"{key}_label"][known].astype(str).to_numpy()
     )
-    ax.set_title(
-        f"Confusion, row-normalised (same name: {agree:.1%} of the {int(known.sum())} cells with a {label_key!r})\n"
-        "cells the model was trained on count too, if the column holds their labels: not a held-out score",
-        fontsize=9,
-    )
+    if set(counts.index) & set(predicted):  # labels named as the model's classes: agreement means something
+        title = (
+            f"Confusion, row-normalised (same name: {agree:.1%} of the {int(known.sum())} cells with a {label_key!r})\n"
+            "cells the model was trained on count too, if the column holds their labels: not a held-out score"
+        )
+    else:  # other names (clusters, another annotation): which labels each group got, nothing to score
+        title = f"Predicted labels of each {label_key!r} group, row-normalised ({int(known.sum())} cells)"
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the row")
     fig.tight_layout()
     _save_figure(fig, path)
@@ -510,8 +513,9 @@ def plot_confusion(
 
 
 def plot_confidence(adata, path, key: str = "scmix") -> None:
-    """Histogram of the confidence of each predicted label (PNG), one row per label. Raises DataError when
-    `adata` is not annotated."""
+    """Histogram of the confidence of each predicted label (PNG), one row per label, each scaled to its tallest bar;
+    beside each, its cells' median confidence and the share below 0.9, which compare across rows. Raises DataError
+    when `adata` is not annotated."""
     _require_annotated(adata, key)
     plt = _pyplot()
     labels = adata.obs[f"{key}_label"]
@@ -521,12 +525,18 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
     bins = np.linspace(0, 1, 41)
     for ax, category in zip(axes[:, 0], categories):
         values = adata.obs[f"{key}_confidence"].to_numpy()[(labels == category).to_numpy()]
-        ax.hist(values[~np.isnan(values)], bins=bins, color=colors[category])  # NaN: a cell without counts
+        values = values[~np.isnan(values)]  # NaN: a cell without counts
+        ax.hist(values, bins=bins, color=colors[category])
+        if values.size:
+            ax.text(
+                0.02, 0.5, f"median {np.median(values):.2f}; {np.mean(values < 0.9):.0%} below 0.9",
+                transform=ax.transAxes, fontsize=7, va="center",
+            )  # fmt: skip
         ax.set_yticks([])
         ax.set_ylabel(f"{_wrap(str(category), 22)}\n({len(values)})", rotation=0, ha="right", va="center", fontsize=7)
         ax.spines[["top", "right", "left"]].set_visible(False)
-    axes[-1, 0].set_xlabel("confidence (largest class probability)")
-    axes[0, 0].set_title("Confidence per predicted label")
+    axes[-1, 0].set_xlabel("confidence (largest class probability); each row scaled to its tallest bar")
+    axes[0, 0].set_title("Confidence per predicted label (cells in brackets)")
     fig.tight_layout()
     _save_figure(fig, path)
 
