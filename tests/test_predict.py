@@ -148,8 +148,10 @@ def test_model_inputs_of_the_wrong_shape_or_kind_get_clear_errors(small_model, e
     with pytest.raises(DataError, match="no file at .*missing.h5ad. Check the path"):
         scm.predict(small_model, tmp_path / "missing.h5ad")
     half = embedded_adata[:20, :300].copy()  # 300 of the model's 765 genes (39%)
-    with pytest.raises(DataError, match="only 300 of the model's 765 genes"):
+    with pytest.raises(DataError, match="only 300 of the model's 765 genes") as few:
         scm.predict(small_model, half)
+    # A query of few genes may be a subset of its own highly variable genes (a trial's was): said, with the fix.
+    assert "The data hold 300 genes: if they were subset to their own highly variable genes" in str(few.value)
     assert scm.predict(small_model, half, min_gene_fraction=0.3)["probs"].shape == (20, 10)
 
 

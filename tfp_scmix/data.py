@@ -663,6 +663,11 @@ def naming_hint(genes: Any, vocabulary: Sequence[str] | np.ndarray) -> str:
     return ""
 
 
+# A dataset with at most this many genes may be a subset of its own (highly variable genes): `align_genes` says so
+# when it lacks a model's genes.
+SUBSET_GENES = 5_000
+
+
 def align_genes(
     counts: sp.csr_matrix, genes: Any, vocabulary: Sequence[str] | np.ndarray, min_fraction: float = 0.5
 ) -> tuple[sp.csr_matrix, float]:
@@ -701,7 +706,15 @@ def align_genes(
     present = position >= 0
     fraction = float(present.mean()) if len(vocabulary) else 0.0
     if fraction < min_fraction:
-        hint = naming_hint(genes, vocabulary) or (
+        # A query of a few thousand genes is likely subset to its own highly variable ones (scanpy's tutorials do):
+        # its full matrix holds the model's genes.
+        subset = (
+            f" The data hold {len(genes):,} genes: if they were subset to their own highly variable genes, annotate "
+            "the full matrix (after scanpy's subsetting it is in adata.raw: counts='raw')."
+            if len(genes) <= SUBSET_GENES
+            else ""
+        )
+        hint = naming_hint(genes, vocabulary) or subset + (
             " If the data measure fewer genes (another panel or lab), train the model on the genes both "
             "datasets measure (command line: train --shared-genes QUERY; in Python, subset the training AnnData "
             "to them before `from_anndata`, the README's 'Across datasets'), or accept the missing genes as zero "
