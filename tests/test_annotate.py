@@ -220,7 +220,7 @@ def test_flags_change_labels_only_when_asked(small_model, embedded_adata):
     assert relabelled.uns["scmix"]["n_unassigned"] == int(either.sum())
 
 
-def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata, caplog):
+def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata, caplog, monkeypatch):
     from tfp_scmix.annotate import majority_vote
 
     voted = majority_vote(["a", "b", "b", UNASSIGNED, UNASSIGNED, "c"], [0, 0, 0, 1, 1, 1])
@@ -236,8 +236,27 @@ def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata
         scm.annotate(small_model, query, majority_voting=True, over_clustering=[0, 1])
     with pytest.raises(ValueError, match="pass majority_voting=True with it"):
         scm.annotate(small_model, query, over_clustering="louvain")  # before: silently no vote
+    # The default over-clustering reads the genes' principal components beside X_scmix (on X_scmix alone, clusters
+    # mixed lineages: docs/cross_dataset.md, "Majority voting"), as the known labels' graph does.
+    import importlib
+
+    from tfp_scmix.propagate import known_labels_features
+
+    annotate_module = importlib.import_module("tfp_scmix.annotate")  # the module, not the function of that name
+
+    seen = []
+
+    def recorded(features, *args, **kwargs):
+        seen.append(features)
+        return over_clusters(features, *args, **kwargs)
+
+    over_clusters = annotate_module.over_clusters
+    monkeypatch.setattr(annotate_module, "over_clusters", recorded)
     computed = scm.annotate(small_model, query, majority_voting=True)
     assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))
+    counts = scm.from_anndata(query, label_key=None).select_genes(small_model.genes).counts
+    np.testing.assert_allclose(seen[0], known_labels_features(counts, computed.obsm["X_scmix"]), atol=1e-4)
+    monkeypatch.undo()
     # The user's clusters with ids missing: those cells keep their label, the others vote; the clusters are written.
     query.obs["leiden"] = pd.Categorical(np.where(np.arange(60) % 7 == 0, None, np.arange(60) // 20))
     with caplog.at_level("WARNING", logger="tfp_scmix"):

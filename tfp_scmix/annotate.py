@@ -108,7 +108,10 @@ def _categorical(names: np.ndarray, order: list[str], colors: list[str]) -> tupl
 
 
 def over_clusters(features: np.ndarray, n_clusters: int | None = None, seed: int = 0) -> np.ndarray:
-    """Over-clustering for majority voting: k-means on `features` `[n_cells, n_features]` (`X_scmix`).
+    """Over-clustering for majority voting: k-means on `features` `[n_cells, n_features]` (`annotate` passes
+    `propagate.known_labels_features`: the principal components of the counts over the model's genes beside
+    X_scmix; on X_scmix alone, clusters mixed lineages and voting lost accuracy: docs/cross_dataset.md, "Majority
+    voting").
 
     n_clusters: default round(sqrt(n_cells)) within [2, 500], small clusters as CellTypist's
     over-clustering makes them. Returns int `[n_cells]` cluster ids. scikit-learn's KMeans (MiniBatchKMeans
@@ -261,7 +264,9 @@ def annotate(
     majority_voting: also write obs[f"{key}_majority_voting"], each cluster's most frequent label (as
     CellTypist's `majority_voting`); over_clustering: an obs column name or `[n_cells]` cluster ids (a cell
     whose id is missing, NaN or "", is in no cluster and keeps its own label; warned); by default `over_clusters`
-    of X_scmix. Either is written to obs[f"{key}_over_clustering"].
+    of the genes' principal components beside X_scmix (`propagate.known_labels_features`), which reads the counts
+    of every cell over the model's genes into memory (a backed AnnData too). Either is written to
+    obs[f"{key}_over_clustering"].
     smooth: also write obs[f"{key}_smoothed"] and obsm[f"{key}_smoothed_probs"]: each cell's probabilities
     averaged with its neighbours' over the kNN graph of X_scmix (`tfp_scmix.propagate.smooth`, equal weight
     to the cell and its neighbourhood); the cells unassigned in obs[f"{key}_label"] stay unassigned. Meant for
@@ -399,9 +404,14 @@ def annotate(
         novelty=threshold is not None,
         with_labels=known is not None,
     )
+    # The counts over the model's genes in memory, for what reads them whole: the known labels' pooled call, and
+    # the default over-clustering of majority voting.
+    needs_counts = known is not None or (majority_voting and clusters is None)
+    aligned = model_counts(adata, model, slot, min_gene_fraction, batch_key) if needs_counts else None
     if majority_voting:
-        if clusters is None:
-            clusters = over_clusters(features).astype(str)
+        if clusters is None:  # the genes' principal components beside X_scmix, as the known labels' graph
+            assert aligned is not None
+            clusters = over_clusters(known_labels_features(aligned.counts, features)).astype(str)
         adata.obs[f"{key}_over_clustering"] = pd.Categorical(clusters)  # the clusters voted in (NaN: in none)
         voted = majority_vote(names, clusters)
         adata.obs[f"{key}_majority_voting"], adata.uns[f"{key}_majority_voting_colors"] = _categorical(
@@ -414,7 +424,7 @@ def annotate(
         adata.obs[f"{key}_smoothed"], adata.uns[f"{key}_smoothed_colors"] = _categorical(smoothed_names, order, colors)
         adata.obsm[f"{key}_smoothed_probs"] = smoothed.astype(np.float32)
     if known is not None:
-        aligned = model_counts(adata, model, slot, min_gene_fraction, batch_key)
+        assert aligned is not None
         combined = with_labels_probs(model, dataclasses.replace(aligned, labels=known), out)
         combined_names = np.asarray(model.class_names, dtype=object)[combined.argmax(axis=1)]
         combined_names[known >= 0] = np.asarray(model.class_names, dtype=object)[known[known >= 0]]

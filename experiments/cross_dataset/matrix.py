@@ -32,10 +32,11 @@ import tfp_scmix as scm
 from experiments.common import most_variable, read_dataset
 from experiments.few_shot.run import celltypist, celltypist_majority_voting, knn_pca, linear_svm, logistic_regression
 from experiments.few_shot.run import env_peer as _env_peer
+from tfp_scmix.annotate import majority_vote, over_clusters
 from tfp_scmix.data import SCData, from_anndata
 from tfp_scmix.evaluate import expected_calibration_error
 from tfp_scmix.novelty import log_ratio_features
-from tfp_scmix.propagate import SMOOTHING_ALPHA, smooth
+from tfp_scmix.propagate import SMOOTHING_ALPHA, known_labels_features, smooth
 
 # Coarse classes that every dataset of the tissue can express. Myeloid joins monocytes and dendritic cells: the
 # sorted "monocytes" carry dendritic-cell markers and are called Dendritic cells by every pbmc3k-trained method
@@ -108,7 +109,9 @@ PEERS = {
 }
 # "+smooth": the unadapted model's probabilities spread over the target cells' kNN graph in X_scmix
 # (`annotate(..., smooth=True)`, `tfp_scmix.propagate.smooth`).
-MODEL_METHODS = ("tfp_scmix", "tfp_scmix+adapt", "tfp_scmix+smooth")
+# "+majority_voting": each target cluster's most frequent call (`annotate(..., majority_voting=True)`: k-means of the
+# genes' principal components beside X_scmix, `annotate.over_clusters`), CellTypist's option.
+MODEL_METHODS = ("tfp_scmix", "tfp_scmix+adapt", "tfp_scmix+smooth", "tfp_scmix+majority_voting")
 METHODS = (*MODEL_METHODS, *PEERS)
 
 
@@ -313,6 +316,12 @@ def pair_rows(sources, target, args, seed, cache):
                 outputs["probs"] = smooth(features, outputs["probs"], alpha=alpha)
                 outputs["label"] = outputs["probs"].argmax(axis=1)
             probs = outputs["probs"] @ one_hot
+            called = probs.argmax(1)
+            if "+majority_voting" in method:  # the voted calls; the calibration stays the per-cell probabilities'
+                features = log_ratio_features(outputs["cell_topic"], len(model.members))
+                clusters = over_clusters(known_labels_features(query.counts, features))
+                outputs["label"] = majority_vote(outputs["label"], clusters).astype(np.int64)
+                called = (np.eye(len(source.classes))[outputs["label"]] @ one_hot).argmax(1)
             flagged = outputs["novelty"] > model.novelty.threshold
             predicted[method] = outputs["label"]
             rows.append(
@@ -321,7 +330,7 @@ def pair_rows(sources, target, args, seed, cache):
                     "method": method,
                     **scores(
                         truth,
-                        np.array(columns, dtype=object)[probs.argmax(1)],
+                        np.array(columns, dtype=object)[called],
                         columns,
                         probs,
                         flagged,
