@@ -73,6 +73,9 @@ def test_cells_without_counts_over_the_model_genes_are_unassigned(small_model, e
     assert caplog.text.count("5 cells have no counts") == 1  # once, not again by annotate
     assert (query.obs["scmix_label"][:5] == UNASSIGNED).all()
     assert (query.obs["scmix_label"][5:] != UNASSIGNED).all()
+    # Majority voting leaves them unassigned too (a trial: a cluster's label, from a tie, on four empty cells).
+    voted = scm.annotate(small_model, query.copy(), majority_voting=True).obs["scmix_majority_voting"]
+    assert (voted[:5] == UNASSIGNED).all()
     # No confidence for a call from no counts (before: the prior's top probability, 0.92 on a trial's data).
     confidence = query.obs["scmix_confidence"].to_numpy()
     assert np.isnan(confidence[:5]).all() and np.allclose(confidence[5:], out["confidence"][5:])

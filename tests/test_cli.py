@@ -302,6 +302,8 @@ def test_a_missing_model_or_data_file_fails_before_tensorflow_is_imported(synthe
         (["annotate", exported, path, "--out", tmp_path / "a.h5ad"], "is a SavedModel export, for serving"),
         # An export onto an existing folder without --overwrite: refused before the model is loaded (7 s).
         (["export", model, exported], "already exists: pass --overwrite to replace the export"),
+        # Without --overwrite onto a folder that is not an export: not told to pass --overwrite, which refuses it too.
+        (["export", model, tmp_path / "results"], "already exists and is not a SavedModel export"),
         # --overwrite onto a folder of the user's that is not an export: refused at once too, and left as it is.
         (["export", model, tmp_path / "results", "--overwrite"], "is a folder that is not a SavedModel export"),
         # annotate onto an existing file, as train: refused without --overwrite (a trial's was replaced silently).
@@ -493,7 +495,7 @@ def test_ctrl_c_before_any_backup_says_nothing_was_written(tmp_path):
     (tmp_path / "ck" / "restart-0").mkdir(parents=True)
     assert interrupted(args) == "interrupted before the first epoch finished: nothing was written"
     (tmp_path / "ck" / "restart-0" / "state.json").write_text("{}")
-    assert interrupted(args).startswith("interrupted: the finished epochs are backed up in")
+    assert interrupted(args).startswith("interrupted: the finished epochs and restarts are backed up in")
 
 
 def test_a_status_line_during_a_progress_bar_gets_a_line_of_its_own(capsys):

@@ -164,7 +164,17 @@ def test_figures_of_a_dataset_need_it_annotated_and_say_so_before_writing(small_
     assert not (tmp_path / "never.png").exists()
     # Annotated by another model (another training set): its labels are not drawn against this model's genes (a
     # trial's dotplot had one model's classes by another's genes, without a sign of it).
-    adata.uns["scmix"] = {**adata.uns["scmix"], "model_data_fingerprint": "another-training-set"}
+    assert not explain.annotated_by_another_model(small_model, adata)
+    scm.save_model(small_model, tmp_path / "copy.keras")  # a model and its saved copy are one model
+    assert not explain.annotated_by_another_model(scm.load_model(tmp_path / "copy.keras"), adata)
+    # Another training on the same data (other settings or seed): its weights differ, and that is enough (a trial).
+    adata.uns["scmix"] = {**adata.uns["scmix"], "model_fingerprint": "0123456789abcdef"}
+    assert explain.annotated_by_another_model(small_model, adata)
+    adata.uns["scmix"] = {
+        **adata.uns["scmix"],
+        "model_fingerprint": "",
+        "model_data_fingerprint": "another-training-set",
+    }
     assert explain.annotated_by_another_model(small_model, adata)
     for plot in (
         lambda: explain.plot_dotplot(small_model, adata, tmp_path / "other.png"),

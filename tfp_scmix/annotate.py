@@ -107,6 +107,18 @@ def _categorical(names: np.ndarray, order: list[str], colors: list[str]) -> tupl
     return pd.Categorical(names, categories=[order[i] for i in keep]), np.asarray([colors[i] for i in keep])
 
 
+def model_fingerprint(model: SCMix | SCMixEnsemble) -> str:
+    """A short hash of a trained model's own weights (every member's topic-gene posterior means): two models trained
+    on the same data with other settings or seeds differ, a model and its saved copy agree. `annotate` records it in
+    uns[key]["model_fingerprint"], so that figures drawn with a model can tell its annotation from another's."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for member in as_ensemble(model).members:
+        digest.update(np.ascontiguousarray(member.topics.loc.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def over_clusters(features: np.ndarray, n_clusters: int | None = None, seed: int = 0) -> np.ndarray:
     """Over-clustering for majority voting: k-means on `features` `[n_cells, n_features]` (`annotate` passes
     `propagate.known_labels_features`: the principal components of the counts over the model's genes beside
@@ -414,6 +426,7 @@ def annotate(
             clusters = over_clusters(known_labels_features(aligned.counts, features)).astype(str)
         adata.obs[f"{key}_over_clustering"] = pd.Categorical(clusters)  # the clusters voted in (NaN: in none)
         voted = majority_vote(names, clusters)
+        voted[empty] = UNASSIGNED  # a cell without counts is called by no one (a trial saw a cluster's label on it)
         adata.obs[f"{key}_majority_voting"], adata.uns[f"{key}_majority_voting_colors"] = _categorical(
             voted, order, colors
         )
@@ -438,6 +451,7 @@ def annotate(
         "tfp_scmix_version": __version__,
         "model_data_fingerprint": str(model.provenance.get("data_fingerprint", "")),
         "gene_fingerprint": model.gene_fingerprint,
+        "model_fingerprint": model_fingerprint(model),
         "counts": slot,
         "gene_coverage": float(pd.Index(model.genes).isin(slot_genes).mean()),
         "min_gene_fraction": float(min_gene_fraction),

@@ -521,6 +521,8 @@ def existing_output(args) -> str | None:
             "the annotated data (written whole, then swapped in), or choose another --out"
         )
     if args.command == "export":
+        if not (Path(args.out) / "saved_model.pb").is_file():  # --overwrite would be refused there too
+            return f"{args.out} already exists and is not a SavedModel export: export to a new folder (e.g. export/2)"
         return (
             f"{args.out} already exists: pass --overwrite to replace the export there, or export to a new version "
             "folder (e.g. export/2)"
@@ -683,8 +685,8 @@ def interrupted(args) -> str:
         checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
         if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")):  # not only empty folders
             return (
-                f"interrupted: the finished epochs are backed up in {checkpoints}; run the same command again to "
-                "resume from the last one"
+                f"interrupted: the finished epochs and restarts are backed up in {checkpoints}; run the same command "
+                "again to resume from the last one"
             )
         return "interrupted before the first epoch finished: nothing was written"
     if args.command in ("annotate", "export"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tfp_scmix.annotate import model_fingerprint
 from tfp_scmix.data import FEW_LABELS, DataError, did_you_mean
 from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path, write_csv
@@ -376,10 +377,12 @@ def _colors(adata, column: str) -> dict[str, str]:
 
 def annotated_by_another_model(model: SCMix | SCMixEnsemble, adata, key: str = "scmix") -> bool:
     """Whether `adata`'s annotation under `key` was written by a model other than `model`: its uns[key] names
-    another training data set or other genes (`annotate` records both fingerprints). False when it records none."""
+    other weights (`annotate.model_fingerprint`: another training on the same data too), another training data set
+    or other genes. False when it records none of them."""
     record = adata.uns.get(key, {})
-    recorded = (str(record.get("model_data_fingerprint", "")), str(record.get("gene_fingerprint", "")))
-    own = (str(model.provenance.get("data_fingerprint", "")), str(model.gene_fingerprint))
+    names = ("model_fingerprint", "model_data_fingerprint", "gene_fingerprint")
+    recorded = [str(record.get(name, "")) for name in names]
+    own = (model_fingerprint(model), str(model.provenance.get("data_fingerprint", "")), str(model.gene_fingerprint))
     return any(r and r != o for r, o in zip(recorded, own, strict=True))
 
 
@@ -586,7 +589,7 @@ def plot_dotplot(
     ax.set_yticks(range(len(groups)), [_wrap(str(g), 30) for g in groups], fontsize=7)
     ax.set_ylim(len(groups) - 0.5, -0.5)
     what = "Each class's genes of most weight" if genes is None else "Genes"
-    ax.set_title(f"{what} by predicted label (size: fraction of cells; colour: scaled mean)")
+    ax.set_title(f"{what} by predicted label\n(size: fraction of cells; colour: scaled mean)", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8, label="mean log1p CP10k, scaled per gene")
     sizes = [ax.scatter([], [], s=200 * f, c="grey") for f in (0.25, 0.5, 0.75, 1.0)]
     ax.legend(

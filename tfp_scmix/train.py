@@ -277,7 +277,7 @@ def _finished_restart(path: Path, data, config: Config, seed: int) -> SCMix:
     ):
         raise ModelFileError(
             f"{path} holds a restart of another training run (other data, settings or seed); "
-            "delete it, or pass this run's checkpoint_dir."
+            "delete it, or pass this run's checkpoint_dir (command line: --checkpoint-dir)."
         )
     logger.info("restart with seed %d was finished by an earlier run: loaded from %s", seed, path)
     return model
