@@ -628,7 +628,7 @@ def _clusters(adata, over_clustering) -> np.ndarray:
             raise DataError(
                 f"no obs column {over_clustering!r} for over_clustering"
                 f"{did_you_mean([over_clustering], adata.obs.columns)} (columns: {list(adata.obs.columns)}); "
-                "pass a column of cluster ids (e.g. 'leiden'), or leave it out to cluster X_scmix."
+                "pass a column of cluster ids (e.g. 'leiden'), or leave it out to over-cluster the cells (annotate's default)."
             )
         values, where = adata.obs[over_clustering], f"obs[{over_clustering!r}]"
     else:
