@@ -628,7 +628,7 @@ def _clusters(adata, over_clustering) -> np.ndarray:
             raise DataError(
                 f"no obs column {over_clustering!r} for over_clustering"
                 f"{did_you_mean([over_clustering], adata.obs.columns)} (columns: {list(adata.obs.columns)}); "
-                "pass a column of cluster ids (e.g. 'leiden'), or leave it out to over-cluster the cells (annotate's default)."
+                "pass a column of cluster ids (e.g. 'leiden'), or leave it out for annotate's own over-clustering."
             )
         values, where = adata.obs[over_clustering], f"obs[{over_clustering!r}]"
     else:
