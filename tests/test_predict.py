@@ -59,6 +59,10 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
     dense = embedded_adata.copy()  # a dense X: a path read through anndata's backed open, not h5py alone
     dense.X = dense.X.toarray()
     dense.write_h5ad(tmp_path / "dense.h5ad")
+    from tests.test_data import _write_10x  # a 10x folder: read as `tfp_scmix.read` reads it (a trial's .loom was
+    # refused by predict's path, while annotate read it)
+
+    _write_10x(tmp_path / "tenx", embedded.counts.toarray(), list(embedded.genes), list(embedded_adata.obs_names))
     sources = {
         "AnnData": embedded_adata,
         "AnnData, counts in a layer": layered,
@@ -71,6 +75,7 @@ def test_every_source_gives_the_same_outputs(small_model, embedded, embedded_ada
         "path, counts in .raw": tmp_path / "with_raw.h5ad",
         "path, counts in a layer": tmp_path / "layered.h5ad",
         "path, dense X": tmp_path / "dense.h5ad",
+        "path of a 10x folder": tmp_path / "tenx",
         "path": str(path),
         "Path": path,
         "CSR": embedded.counts,

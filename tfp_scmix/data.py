@@ -187,9 +187,10 @@ FORMATS = {
 _MAGIC = {b"\x89HDF": "an HDF5 file", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
 
 
-def read(path: str | os.PathLike[str]) -> anndata.AnnData:
+def read(path: str | os.PathLike[str], backed: str | None = None) -> anndata.AnnData:
     """Read counts from any of `FORMATS` into an AnnData: .h5ad, 10x .h5, .loom, or a 10x folder
     (or its matrix.mtx file) of matrix.mtx, barcodes.tsv and features.tsv / genes.tsv, gzipped or not.
+    backed="r": an .h5ad's counts stay on disk (`read_h5ad`); the other formats are read into memory.
 
     10x files get gene symbols as var_names (made unique, as scanpy does) and the Ensembl ids in
     var["gene_ids"]; of a features.tsv with feature types only "Gene Expression" rows are kept.
@@ -201,7 +202,7 @@ def read(path: str | os.PathLike[str]) -> anndata.AnnData:
         return _read_10x_mtx(path if path.is_dir() else path.parent)
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
-        return read_h5ad(path)
+        return read_h5ad(path, backed=backed)
     if suffix == ".h5":
         return _with_optional_reader(path, "scanpy", lambda: __import__("scanpy").read_10x_h5(path))
     if suffix == ".loom":

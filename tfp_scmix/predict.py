@@ -1,8 +1,9 @@
 """Prediction stage: the one door through which a trained model labels cells, at any number of cells.
 
 `predict(model, source)` takes `SCData`, an AnnData (in memory or backed), an .h5ad path (read backed,
-chunk by chunk) or a count matrix in the model's gene order, checks each minibatch as `from_anndata`
-does, and predicts it with the model's deterministic `call`: memory is bounded by three chunks (the
+chunk by chunk), another path `tfp_scmix.read` reads, or a count matrix in the model's gene order, checks each
+minibatch as `from_anndata` does, and predicts it with the model's deterministic `call`: memory is bounded by three
+chunks (the
 one predicted, the one whose outputs are gathered, the next one read meanwhile) plus the outputs.
 `annotate`, the command line, the export client and the experiments predict through it.
 """
@@ -44,7 +45,7 @@ from tfp_scmix.data import (
     gene_selection,
     log_normalised_dense,
     log_normalised_values,
-    read_h5ad,
+    read,
 )
 from tfp_scmix.ensemble import SCMixEnsemble, trained
 from tfp_scmix.model import SCMix
@@ -295,7 +296,7 @@ def _open(source, model, counts, min_gene_fraction) -> tuple[int, Any, str | Non
                 opened.close()
                 raise
             return opened.n_obs, opened, opened.slot, select
-        source = read_h5ad(source, backed="r")
+        source = read(source, backed="r")  # an .h5ad backed; a 10x folder or .h5, a .loom in memory
     select = None
     if isinstance(source, SCData):
         if list(source.genes) != list(model.genes):
@@ -936,7 +937,8 @@ def predict(
     """Model outputs for any number of cells, read and predicted `chunk_size` cells at a time.
 
     source: an AnnData (genes aligned by name; a backed one is read chunk by chunk from disk), an .h5ad
-    path (read chunk by chunk; an uncompressed file through a memory map, `_FileMap`), an `SCData`, a pandas
+    path (read chunk by chunk; an uncompressed file through a memory map, `_FileMap`), the path of another format
+    `tfp_scmix.read` reads (a 10x folder or .h5, a .loom: read into memory), an `SCData`, a pandas
     DataFrame of counts with cells as rows and genes as named columns (`adata.to_df()`; aligned by name), or a
     scipy sparse / numpy matrix `[n_cells, n_genes]` in the model's gene order. Each minibatch is checked like
     `from_anndata` input, on the thread that predicts it. Memory is bounded by three chunks plus the outputs:
