@@ -406,8 +406,8 @@ def _require_annotated(
         )
     if model is not None and annotated_by_another_model(model, adata, key):
         raise DataError(
-            f"the annotation under {key!r} was written by another model (uns[{key!r}] names other training data or "
-            "genes): annotate the data with this model first (tfp_scmix.annotate(model, adata), or another "
+            f"the annotation under {key!r} was written by another model (uns[{key!r}] names other weights, training "
+            "data or genes): annotate the data with this model first (tfp_scmix.annotate(model, adata), or another "
             "key_added= to keep both), or pass the model that annotated it"
         )
     if label_key is not None and label_key not in adata.obs:
@@ -527,8 +527,8 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
     fig, axes = plt.subplots(len(categories), 1, figsize=(7, 0.7 * len(categories) + 1.2), sharex=True, squeeze=False)
     bins = np.linspace(0, 1, 41)
     for ax, category in zip(axes[:, 0], categories):
-        values = adata.obs[f"{key}_confidence"].to_numpy()[(labels == category).to_numpy()]
-        values = values[~np.isnan(values)]  # NaN: a cell without counts
+        confidence = adata.obs[f"{key}_confidence"].to_numpy()[(labels == category).to_numpy()]
+        values = confidence[~np.isnan(confidence)]  # NaN: a cell without counts (counted in the row, not drawn)
         ax.hist(values, bins=bins, color=colors[category])
         if values.size:
             ax.text(
@@ -536,7 +536,8 @@ def plot_confidence(adata, path, key: str = "scmix") -> None:
                 transform=ax.transAxes, fontsize=7, va="center",
             )  # fmt: skip
         ax.set_yticks([])
-        ax.set_ylabel(f"{_wrap(str(category), 22)}\n({len(values)})", rotation=0, ha="right", va="center", fontsize=7)
+        name = f"{_wrap(str(category), 22)}\n({len(confidence)})"
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
         ax.spines[["top", "right", "left"]].set_visible(False)
     axes[-1, 0].set_xlabel("confidence (largest class probability); each row scaled to its tallest bar")
     axes[0, 0].set_title("Confidence per predicted label (cells in brackets)")
