@@ -124,6 +124,18 @@ def test_principal_components_follow_scanpys_recipe_on_sparse_counts():
     assert same.shape == (4, 1) and not same.any()
 
 
+def test_gram_is_the_same_by_the_sparse_product_and_by_dense_blocks(monkeypatch):
+    from tfp_scmix import propagate
+
+    rng = np.random.default_rng(1)
+    x = sp.random(300, 40, density=0.3, random_state=rng, format="csr") * 5.0
+    expected = x.toarray().T @ x.toarray()
+    monkeypatch.setattr(propagate, "GRAM_BLOCK_ENTRIES", 7 * 40)  # blocks of 7 cells: the last one shorter
+    for cost in (0.0, np.inf):  # the rule choosing the sparse product, then the dense blocks
+        monkeypatch.setattr(propagate, "SPARSE_GRAM_COST", cost)
+        np.testing.assert_allclose(propagate.gram(x), expected, rtol=1e-12, atol=1e-9)
+
+
 def test_equal_blocks_weigh_each_block_equally_whatever_its_dimension():
     rng = np.random.default_rng(0)
     wide, narrow = 100.0 * rng.normal(size=(50, 40)), rng.normal(size=(50, 2))

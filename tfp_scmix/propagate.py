@@ -36,6 +36,7 @@ the refit learns from the neighbours' known labels as well as from its own confi
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 
 from tfp_scmix.data import log_normalised
@@ -54,6 +55,12 @@ SMOOTHING_ALPHA = 0.5
 SPREADING_ALPHA = 0.2
 # Principal components of the genes in the graph of `with_known_labels` (the few-shot suite's peers' 30).
 N_COMPONENTS = 30
+# `gram`: scipy's sparse product x^T x costs about as much as this many dense multiply-adds (BLAS, float64) for each
+# product of two nonzeros of a cell (the two ways side by side on the Kang cells at 25%, 12.8% and 2.7% nonzero:
+# experiments/performance/principal_components.json); the dense product is computed in blocks of at most
+# GRAM_BLOCK_ENTRIES entries (32 MB of float64).
+SPARSE_GRAM_COST = 100.0
+GRAM_BLOCK_ENTRIES = 2**22
 # Neighbourhood sizes at which `annotate.known_label_experts` pools a cell's counts with its neighbours' (one
 # pooled expert per size, multiplied): scanpy's 15. Adding 30 was measured and not taken: fewer errors on seeds 3-4
 # of the few-shot suite, where it was chosen, none on seeds 0-2 (docs/few_shot.md, "Pooling at two scales").
@@ -137,16 +144,18 @@ def principal_components(
     (`sc.pp.scale`), principal components of the centred matrix (`sc.pp.pca`); fitted on the cells
     `fit_cells` (index; default all) and applied to all.
     max_value None (`sc.pp.scale`'s default): genes without variance are dropped (at most as many components
-    as genes that vary; one component of zeros when none does) and the matrix stays sparse (scikit-learn's
-    PCA centres it implicitly, `svd_solver="covariance_eigh"`): memory is that of the nonzeros plus genes x
-    genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense copy, scikit-learn's
-    `StandardScaler` and `PCA` (the few-shot suite's peers)."""
-    from sklearn.decomposition import PCA
-
+    as genes that vary; one component of zeros when none does) and the matrix stays sparse, centred implicitly:
+    the components are the leading eigenvectors of the genes' covariance (scikit-learn's
+    `svd_solver="covariance_eigh"`, with x^T x formed by `gram` in place of scikit-learn's sparse product, several
+    times slower on dense-ish counts: experiments/performance/principal_components.json),
+    each signed so that its largest loading is positive (scikit-learn's `svd_flip`); memory is that of the
+    nonzeros plus genes x genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense
+    copy, scikit-learn's `StandardScaler` and `PCA` (the few-shot suite's peers); seed is that PCA's."""
     x = log_normalised(counts)
     fit = np.arange(x.shape[0]) if fit_cells is None else np.asarray(fit_cells)
     k = max(1, min(int(n_components), len(fit) - 1, x.shape[1]))
     if max_value is not None:
+        from sklearn.decomposition import PCA
         from sklearn.preprocessing import StandardScaler
 
         dense = x.toarray()
@@ -162,7 +171,31 @@ def principal_components(
         return np.zeros((x.shape[0], 1))
     x = sp.csr_matrix(x[:, keep] @ sp.diags(1.0 / np.sqrt(variance[keep])))
     k = max(1, min(k, int(keep.sum())))
-    return PCA(k, svd_solver="covariance_eigh", random_state=seed).fit(x[fit]).transform(x)
+    fitted = x[fit]
+    mean = np.asarray(fitted.mean(axis=0)).ravel()
+    covariance = (gram(fitted) - len(fit) * np.outer(mean, mean)) / (len(fit) - 1)
+    n_genes = covariance.shape[0]
+    _, vectors = scipy.linalg.eigh(covariance, subset_by_index=[n_genes - k, n_genes - 1])
+    vectors = vectors[:, ::-1]  # the largest variance first
+    vectors *= np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(k)])
+    return np.asarray(x @ vectors) - mean @ vectors
+
+
+def gram(x: sp.csr_matrix) -> np.ndarray:
+    """x^T x `[n_genes, n_genes]` (float64) of `x` `[n_cells, n_genes]` (CSR): scipy's sparse product where its
+    cost, the sum over cells of their nonzeros squared, times `SPARSE_GRAM_COST`, is below the dense product's
+    cells x genes^2 multiply-adds; otherwise dense blocks of at most `GRAM_BLOCK_ENTRIES` entries through BLAS
+    (experiments/performance/principal_components.json measures both). Memory: genes x genes plus one block."""
+    n_cells, n_genes = x.shape
+    row_nonzeros = np.diff(x.indptr).astype(np.float64)
+    if SPARSE_GRAM_COST * float(row_nonzeros @ row_nonzeros) < float(n_cells) * n_genes * n_genes:
+        return np.asarray((x.T @ x).toarray(), np.float64)
+    result = np.zeros((n_genes, n_genes))
+    step = max(1, GRAM_BLOCK_ENTRIES // n_genes)
+    for start in range(0, n_cells, step):
+        block = x[start : start + step].toarray().astype(np.float64)
+        result += block.T @ block
+    return result
 
 
 def equal_blocks(*blocks: np.ndarray) -> np.ndarray:
