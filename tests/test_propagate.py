@@ -124,6 +124,22 @@ def test_principal_components_follow_scanpys_recipe_on_sparse_counts():
     assert same.shape == (4, 1) and not same.any()
 
 
+def test_knn_graph_above_the_exact_limit_finds_nearly_every_exact_neighbour(monkeypatch):
+    from tfp_scmix import propagate
+
+    rng = np.random.default_rng(2)
+    centres = 4.0 * rng.normal(size=(6, 10))
+    points = centres[rng.integers(0, 6, 600)] + rng.normal(size=(600, 10))
+    points[1] = points[0]  # identical cells
+    exact = knn_graph(points)
+    monkeypatch.setattr(propagate, "EXACT_NEIGHBORS_CELLS", 100)  # NN-descent from 101 cells on
+    approximate = knn_graph(points)
+    assert (approximate != approximate.T).nnz == 0 and approximate.diagonal().sum() == 0
+    found = approximate.multiply(exact).nnz / exact.nnz
+    assert found > 0.95, found
+    assert (knn_graph(points) != approximate).nnz == 0  # seeded: the same graph again
+
+
 def test_gram_is_the_same_by_the_sparse_product_and_by_dense_blocks(monkeypatch):
     from tfp_scmix import propagate
 

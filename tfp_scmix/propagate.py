@@ -53,6 +53,10 @@ SMOOTHING_ALPHA = 0.5
 # Label spreading's weight of the neighbourhood for known labels (`with_known_labels`): scikit-learn's
 # `LabelSpreading` default, the setting of the few-shot suite's label-spreading peer (not tuned here).
 SPREADING_ALPHA = 0.2
+# Above this many cells `knn_graph` finds approximate neighbours (NN-descent) instead of exact ones, whose cost grows
+# with the square of the cells (experiments/performance/neighbour_graph.json); the same threshold as the switch to
+# mini-batch k-means in `annotate.over_clusters`. Every dataset of the benchmarks is below it.
+EXACT_NEIGHBORS_CELLS = 50_000
 # Principal components of the genes in the graph of `with_known_labels` (the few-shot suite's peers' 30).
 N_COMPONENTS = 30
 # `gram`: scipy's sparse product x^T x costs about as much as this many dense multiply-adds (BLAS, float64) for each
@@ -74,22 +78,37 @@ SELF_TRAINING_CONFIDENCE = 0.9
 def knn_graph(features: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> sp.csr_matrix:
     """S = D^-1/2 A D^-1/2 `[n_cells, n_cells]` of the symmetrised kNN connectivity A of `features`
     `[n_cells, n_features]` (Euclidean; each cell's `n_neighbors` nearest other cells, fewer when there
-    are fewer cells). Raises ValueError for fewer than two cells."""
-    from sklearn.neighbors import NearestNeighbors
+    are fewer cells). Raises ValueError for fewer than two cells.
 
+    Up to `EXACT_NEIGHBORS_CELLS` cells the neighbours are exact (scikit-learn's `NearestNeighbors`, whose cost
+    grows with the square of the cells); above, approximate: NN-descent (Dong et al. 2011; `pynndescent`, the search
+    scanpy's `pp.neighbors` uses), seeded, the same on every call with the same number of threads
+    (experiments/performance/neighbour_graph.json: time and the fraction of exact neighbours found)."""
     features = np.asarray(features, np.float64)
     n = features.shape[0]
     if n < 2:
         raise ValueError(f"a neighbour graph needs at least two cells, received {n}")
     k = min(int(n_neighbors), n - 1)
-    _, index = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
+    index = nearest_neighbors(features, k + 1)
     # Identical cells can push a cell out of its own first place: drop self-loops wherever they landed.
     rows = np.repeat(np.arange(n), k + 1)
-    keep = index.ravel() != rows
+    keep = (index.ravel() != rows) & (index.ravel() >= 0)  # NN-descent marks a neighbour it could not fill -1
     connect = sp.csr_matrix((np.ones(keep.sum()), (rows[keep], index.ravel()[keep])), shape=(n, n))
     connect = connect.maximum(connect.T)
     scale = sp.diags(1.0 / np.sqrt(np.asarray(connect.sum(axis=1)).ravel()))
     return sp.csr_matrix(scale @ connect @ scale)
+
+
+def nearest_neighbors(features: np.ndarray, n_neighbors: int) -> np.ndarray:
+    """Each cell's `n_neighbors` nearest cells, itself included, int `[n_cells, n_neighbors]` (Euclidean, of
+    `features` `[n_cells, n_features]`): exact up to `EXACT_NEIGHBORS_CELLS` cells, NN-descent above (`knn_graph`)."""
+    if features.shape[0] <= EXACT_NEIGHBORS_CELLS:
+        from sklearn.neighbors import NearestNeighbors
+
+        return NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features, return_distance=False)
+    from pynndescent import NNDescent
+
+    return NNDescent(features.astype(np.float32), n_neighbors=n_neighbors, random_state=0).neighbor_graph[0]
 
 
 def spread(
