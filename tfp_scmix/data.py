@@ -905,7 +905,10 @@ def highly_variable_genes(
 
     counts: CSR `[n_cells, n_genes]` raw counts; genes: `[n_genes]` names. The score is the Seurat-style normalised
     dispersion (Satija et al. 2015) of log1p counts per 10,000 (CP10k): the log of variance / mean of
-    each gene, standardised within `n_bins` equal-width bins of the mean.
+    each gene, standardised within `n_bins` equal-width bins of the mean. A gene alone in its bin scores 1, as in
+    scanpy's `pp.highly_variable_genes(flavor="seurat")`: the few genes of the highest means (insulin in a
+    pancreas, where Ins1, Ins2 and Iapp each sit alone in a bin) would otherwise score 0, their bin's own mean,
+    and be dropped (tests/test_data.py).
     Only counts are used, never labels, so it is safe on every cell of a dataset.
     Raises ValueError when `n_top` or `n_bins` is not a positive whole number.
     """
@@ -923,8 +926,12 @@ def highly_variable_genes(
     finite = frame[np.isfinite(frame.d)]
     stats = finite.groupby("bin", observed=False)["d"].agg(["mean", "std"])
     centre = stats["mean"].reindex(bins).to_numpy()
-    spread = stats["std"].reindex(bins).fillna(1.0).replace(0, 1.0).to_numpy()
-    score = (dispersion - centre) / spread
+    spread = stats["std"].reindex(bins).to_numpy()
+    alone = np.isnan(spread) & np.isfinite(centre)  # scanpy: (d - 0) / d
+    spread, centre = np.where(alone, centre, spread), np.where(alone, 0.0, centre)
+    spread = np.where(np.isnan(spread) | (spread == 0), 1.0, spread)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = (dispersion - centre) / spread
     score[~np.isfinite(score)] = -np.inf
     order = np.argsort(-score, kind="stable")[: min(n_top, len(genes))]
     return np.asarray(genes)[np.sort(order)]
