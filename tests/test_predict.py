@@ -565,6 +565,8 @@ def test_sources_predict_cannot_read_are_refused_with_what_to_pass(small_model, 
     assert "trained on one batch (no batch_key): batch_key='donor' changes nothing" in caplog.text
     assert "its batches" not in caplog.text
     np.testing.assert_allclose(with_key["probs"], scm.predict(small_model, adata)["probs"], atol=1e-6)
+    # annotate's record names only a batch_key that chose offsets (a trial found 'donor' there, as if it had).
+    assert scm.annotate(small_model, adata.copy(), batch_key="donor").uns["scmix"]["batch_key"] == ""
     # An adapted model reads every cell through its query's offsets: batch_key is said to change nothing (a trial).
     adapted = scm.adapt(small_model, adata, epochs=1)
     caplog.clear()

@@ -463,7 +463,8 @@ def annotate(
         "majority_voting": bool(majority_voting),
         "smooth": bool(smooth),
         "label_key": label_key or "",
-        "batch_key": batch_key or "",
+        # Only a batch_key that chose offsets: a model of one batch, or adapted, reads every cell alike (predict warns).
+        "batch_key": batch_key if batch_key and _reads_batches(ensemble) else "",
         "n_known_labels": 0 if known is None else int((known >= 0).sum()),
         "n_unassigned": int(unassigned.sum()),
         "n_low_counts": int(low_counts.sum()),
@@ -549,6 +550,13 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
         for name in stale[group]:
             if name in mapping:
                 del mapping[name]
+
+
+def _reads_batches(ensemble: SCMixEnsemble) -> bool:
+    """Whether a batch_key changes what the model reads: it has learned offsets of several batches and is not adapted
+    to one dataset (the two cases `predict` warns about)."""
+    member = ensemble.members[0]
+    return member.adapted_batch is None and member.batch_names is not None and len(member.batch_names) > 1
 
 
 def _hint_batch_key(adata, trained: list[str] | None) -> None:

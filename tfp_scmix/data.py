@@ -1058,7 +1058,8 @@ def _check_placeholders(names: pd.Series) -> None:
     top, share = counts.index[0], counts.iloc[0] / counts.sum()
     if top.strip().lower() in PLACEHOLDER_LABELS and share > PLACEHOLDER_MAJORITY:
         raise DataError(
-            f"the label {top!r} holds {counts.iloc[0]} of the {counts.sum()} labelled cells ({100 * share:.0f}%) and "
+            f"the label {top!r} holds {counts.iloc[0]} of the {counts.sum()} cells with a label value "
+            f"({100 * share:.0f}%) and "
             f"looks like the marker of unlabelled cells: pass unlabeled_category={top!r} (command line: "
             f"--unlabeled-category {top!r}). If it is a cell type, give it a name of its own in the label column."
         )
