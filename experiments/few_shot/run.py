@@ -50,6 +50,10 @@ The results in this folder come from these runs (each writes results.csv and sum
     ./run experiments.few_shot.run --datasets pbmc68k_reduced baron2016_mouse_pancreas pbmc_sorted_zheng \
         --seeds 0 1 2 --methods tfp_scmix:with_labels=True --out experiments/few_shot/column_blocks
     # column_blocks/: the default once the likelihood's sparse products ran in blocks of topics (performance issue 16)
+    ./run experiments.few_shot.run --datasets baron2016_mouse_pancreas --seeds 0 1 2 3 4 \
+        --methods tfp_scmix:with_labels=True logistic_regression logistic_regression_balanced linear_svm knn_pca \
+                  knn_pca_k5 label_spreading lda_logistic --no-mlflow --out experiments/few_shot/scanpy_bins
+    # scanpy_bins/: the pancreas after highly_variable_genes scored a gene alone in its bin 1 (its genes changed)
     # prior_normal/, joint/, cut/, batch_1024/, hidden_128/, batch_512/, balanced_classes/ and
     # prior_normal_balanced/ hold cbmc seed 0 too (the same commands, --datasets cbmc --seeds 0). cut/ holds the
     # suite's rows of the cut label mode, hidden_256/ those of the 256-unit first layer, batch_256/ those of 128
