@@ -259,6 +259,9 @@ def test_majority_voting_by_hand_and_bad_clusterings(small_model, embedded_adata
     assert computed.obs["scmix_over_clustering"].nunique() == round(np.sqrt(60))
     counts = scm.from_anndata(query, label_key=None).select_genes(small_model.genes).counts
     np.testing.assert_allclose(seen[0], known_labels_features(counts, computed.obsm["X_scmix"]), atol=1e-4)
+    monkeypatch.setattr(annotate_module, "over_clusters", lambda features: over_clusters(features, n_clusters=12))
+    twelve = scm.annotate(small_model, query, majority_voting=True).obs["scmix_over_clustering"]
+    assert list(twelve.cat.categories) == [str(i) for i in range(12)]  # in numeric order, not "0", "1", "10", "11"
     monkeypatch.undo()
     # The user's clusters with ids missing: those cells keep their label, the others vote; the clusters are written.
     query.obs["leiden"] = pd.Categorical(np.where(np.arange(60) % 7 == 0, None, np.arange(60) // 20))

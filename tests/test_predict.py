@@ -548,6 +548,33 @@ def test_a_dataset_the_model_was_not_trained_on_is_read_through_the_centre_of_th
     np.testing.assert_array_equal(scm.predict(model, other)["probs"], own)
 
 
+def test_long_predictions_show_one_progress_bar_over_their_cells(small_model, embedded_adata, monkeypatch, capsys):
+    """A trial annotated a million cells for minutes with no sign of progress. predict draws one bar over the cells
+    (after `PROGRESS_DELAY` seconds, on a terminal only: logs and tests stay quiet)."""
+    predict_module = sys.modules["tfp_scmix.predict"]  # the package's `predict` is the function
+    bars = []
+
+    class Recording:
+        def __init__(self, total, desc):
+            self.total, self.desc, self.done, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, cells):
+            self.done += cells
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(predict_module, "progress_bar", Recording)
+    scm.predict(small_model, embedded_adata, chunk_size=128)
+    assert [(b.desc, b.total, b.done, b.closed) for b in bars] == [("predict", 700, 700, True)]
+    monkeypatch.undo()
+    bar = predict_module.progress_bar(10, "predict")  # not a terminal here: drawn nowhere
+    bar.update(10)
+    bar.close()
+    assert bar.disable and capsys.readouterr().err == ""
+
+
 def test_sources_predict_cannot_read_are_refused_with_what_to_pass(small_model, embedded_adata, tmp_path, caplog):
     from tfp_scmix.stream import H5ADStream
 

@@ -61,7 +61,7 @@ from tfp_scmix.ensemble import SCMixEnsemble, as_ensemble, trained
 from tfp_scmix.io import atomic_path
 from tfp_scmix.model import SCMix
 from tfp_scmix.novelty import log_ratio_features
-from tfp_scmix.predict import OUTPUT_KEYS, UNASSIGNED, counts_slot, model_counts, predict
+from tfp_scmix.predict import OUTPUT_KEYS, UNASSIGNED, counts_slot, model_counts, predict, progress_bar
 from tfp_scmix.propagate import (
     N_NEIGHBORS,
     POOLING_NEIGHBORS,
@@ -221,13 +221,18 @@ def known_label_experts(
                 member.fit_classifier(fit_data)
             # Each cell's pooled counts are read through its own batch's offsets, as the refit read them.
             pooled = []
-            for start in range(0, data.n_cells, chunk_size):
-                rows = data.rows(start, min(start + chunk_size, data.n_cells))
-                counts = pooled_counts(graph, data.counts, np.arange(start, start + rows.n_cells))
-                out_rows = predict(
-                    model, dataclasses.replace(rows, counts=counts), keys=("probs",), chunk_size=chunk_size
-                )
-                pooled.append(out_rows["probs"])
+            progress = progress_bar(data.n_cells, "pooled call")
+            try:
+                for start in range(0, data.n_cells, chunk_size):
+                    rows = data.rows(start, min(start + chunk_size, data.n_cells))
+                    counts = pooled_counts(graph, data.counts, np.arange(start, start + rows.n_cells))
+                    out_rows = predict(
+                        model, dataclasses.replace(rows, counts=counts), keys=("probs",), chunk_size=chunk_size
+                    )
+                    pooled.append(out_rows["probs"])
+                    progress.update(rows.n_cells)
+            finally:
+                progress.close()
             experts[f"pooled_{k}"] = np.vstack(pooled).astype(np.float64)
     finally:
         for member, (weights, self_trained) in zip(members, saved, strict=True):
@@ -423,7 +428,8 @@ def annotate(
     if majority_voting:
         if clusters is None:  # the genes' principal components beside X_scmix, as the known labels' graph
             assert aligned is not None
-            clusters = over_clusters(known_labels_features(aligned.counts, features)).astype(str)
+            ids = over_clusters(known_labels_features(aligned.counts, features))
+            clusters = pd.Categorical(ids.astype(str), categories=[str(i) for i in range(ids.max() + 1)])  # 2 < 10
         adata.obs[f"{key}_over_clustering"] = pd.Categorical(clusters)  # the clusters voted in (NaN: in none)
         voted = majority_vote(names, clusters)
         voted[empty] = UNASSIGNED  # a cell without counts is called by no one (a trial saw a cluster's label on it)

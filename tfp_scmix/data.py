@@ -28,7 +28,7 @@ import scipy.sparse as sp
 if TYPE_CHECKING:  # annotations only: importing this module stays free of TensorFlow and anndata
     import anndata
     import tensorflow as tf
-    from numpy.typing import ArrayLike
+    from numpy.typing import ArrayLike, DTypeLike
 
 logger = logging.getLogger("tfp_scmix")
 
@@ -771,15 +771,26 @@ def gene_selection(
     return align_genes(sp.identity(len(names), np.float32, format="csr"), names, vocabulary, min_fraction)[0]
 
 
-def log_normalised(counts: sp.spmatrix) -> sp.csr_matrix:
+def log_normalised(counts: sp.spmatrix, dtype: DTypeLike | None = None) -> sp.csr_matrix:
     """log1p(counts per 10,000) of a sparse count matrix `[n_cells, n_genes]`, as CSR (stays sparse).
 
     Counts per 10k: counts * 10,000 / the cell's total (a total below 1 counts as 1), the usual CP10k scaling
-    (scanpy's normalize_total(target_sum=1e4) then log1p)."""
+    (scanpy's normalize_total(target_sum=1e4) then log1p), computed in the counts' precision (float32 counts:
+    float32; integers: float64) and stored as `dtype` (default: that precision). Computed in blocks of cells into
+    one new array of values beside a copy of the counts' index arrays: no temporary of the whole matrix (a million
+    cells' counts are gigabytes)."""
+    counts = sp.csr_matrix(counts)
     library = np.asarray(counts.sum(axis=1)).ravel()
-    norm = sp.csr_matrix(sp.diags(1e4 / np.maximum(library, 1)) @ counts)
-    norm.data = np.log1p(norm.data)
-    return norm
+    scale = 1e4 / np.maximum(library, 1)
+    computed = np.result_type(counts.dtype, scale.dtype)
+    data = np.empty(counts.nnz, computed if dtype is None else dtype)
+    indptr, step = counts.indptr, 8192
+    for start in range(0, counts.shape[0], step):
+        stop = min(start + step, counts.shape[0])
+        lo, hi = indptr[start], indptr[stop]
+        block = counts.data[lo:hi] * np.repeat(scale[start:stop], np.diff(indptr[start : stop + 1]))
+        data[lo:hi] = np.log1p(block.astype(computed, copy=False))
+    return sp.csr_matrix((data, counts.indices.copy(), indptr.copy()), shape=counts.shape)
 
 
 INT32_MAX = int(np.iinfo(np.int32).max)

@@ -923,6 +923,19 @@ def _obs_batches(source, batch_key: str | None, n_cells: int) -> tuple[np.ndarra
     return batches, batch_names
 
 
+# A call shows its progress bar only once it has run this long (seconds): most calls end before, quietly.
+PROGRESS_DELAY = 5.0
+
+
+def progress_bar(n_cells: int, desc: str):
+    """A tqdm bar over `n_cells` cells for long work (`predict`'s chunks, `annotate`'s pooled call): drawn only after
+    `PROGRESS_DELAY` seconds and only on a terminal or in a notebook (tqdm's `disable=None`), so that short calls,
+    logs and tests stay quiet. Call `update(cells)` and `close()`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_cells, desc=desc, unit="cell", unit_scale=True, delay=PROGRESS_DELAY, disable=None)
+
+
 def predict(
     model: SCMix | SCMixEnsemble,
     source,
@@ -996,6 +1009,7 @@ def predict(
 
     memory = _Buffers()  # chunks read from a file reuse the memory of those gathered (`_Buffers`)
     empty = [0]  # cells without counts over the model's genes, counted as the chunks are gathered
+    progress = progress_bar(n_cells, "predict")
 
     def read(start, stop):
         chunk = _read(source, model, start, stop, counts, min_gene_fraction, select, memory.lease())
@@ -1015,6 +1029,7 @@ def predict(
             if key not in outputs:  # filled in place: no second copy of the outputs
                 outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
             outputs[key][start:stop] = out[key]
+        progress.update(stop - start)
 
     # A pipeline of three stages on threads: the next chunk is read (reading from disk waits) while the minibatches
     # of this chunk are checked and predicted by the workers and the outputs of the previous chunk are gathered, so
@@ -1042,6 +1057,7 @@ def predict(
         reader.shutdown(cancel_futures=True)
         workers.shutdown(cancel_futures=True)
         blas.restore_original_limits()
+        progress.close()
         logger.removeFilter(once)
         if isinstance(source, _H5ADFile):  # after the reader has stopped
             source.close()
