@@ -351,8 +351,9 @@ def test_log_normalised_is_scanpys_cp10k_log1p_in_blocks_of_cells():
     the counts' precision), across the boundary of its blocks of 8,192 cells; `dtype` only stores them wider."""
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.int64):
-        counts = sp.csr_matrix(rng.poisson(0.3, size=(9000, 12)).astype(dtype))
-        counts[7] = 0  # a cell without counts: total taken as 1
+        dense = rng.poisson(0.3, size=(9000, 12)).astype(dtype)
+        dense[7] = 0  # a cell without counts: total taken as 1
+        counts = sp.csr_matrix(dense)
         expected = sp.diags(1e4 / np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1)) @ counts
         expected.data = np.log1p(expected.data)
         result = log_normalised(counts)
