@@ -555,9 +555,10 @@ def test_long_predictions_show_one_progress_bar_over_their_cells(small_model, em
     bars = []
 
     class Recording:
-        def __init__(self, total, desc):
+        def __init__(self, total, desc, disable=False):
             self.total, self.desc, self.done, self.closed = total, desc, 0, False
-            bars.append(self)
+            if not disable:
+                bars.append(self)
 
         def update(self, cells):
             self.done += cells
@@ -568,6 +569,18 @@ def test_long_predictions_show_one_progress_bar_over_their_cells(small_model, em
     monkeypatch.setattr(predict_module, "progress_bar", Recording)
     scm.predict(small_model, embedded_adata, chunk_size=128)
     assert [(b.desc, b.total, b.done, b.closed) for b in bars] == [("predict", 700, 700, True)]
+    scm.predict(small_model, embedded_adata, progress=False)  # inside another call's bar
+    assert len(bars) == 1
+    # annotate's pooled call: one bar of its own over the cells, its chunks' predictions none.
+    monkeypatch.setattr(importlib.import_module("tfp_scmix.annotate"), "progress_bar", Recording)
+    adata = embedded_adata.copy()
+    adata.obs["known"] = np.where(np.arange(adata.n_obs) % 5 == 0, adata.obs["cell_type"].astype(str), "Unknown")
+    bars.clear()
+    scm.annotate(small_model, adata, label_key="known", unlabeled_category="Unknown")
+    assert [(b.desc, b.total, b.done, b.closed) for b in bars] == [
+        ("predict", 700, 700, True),  # the per-cell call
+        ("pooled call", 700, 700, True),
+    ]
     monkeypatch.undo()
     bar = predict_module.progress_bar(10, "predict")  # not a terminal here: drawn nowhere
     bar.update(10)

@@ -226,8 +226,12 @@ def known_label_experts(
                 for start in range(0, data.n_cells, chunk_size):
                     rows = data.rows(start, min(start + chunk_size, data.n_cells))
                     counts = pooled_counts(graph, data.counts, np.arange(start, start + rows.n_cells))
-                    out_rows = predict(
-                        model, dataclasses.replace(rows, counts=counts), keys=("probs",), chunk_size=chunk_size
+                    out_rows = predict(  # inside this call's bar: no bar of its own
+                        model,
+                        dataclasses.replace(rows, counts=counts),
+                        keys=("probs",),
+                        chunk_size=chunk_size,
+                        progress=False,
                     )
                     pooled.append(out_rows["probs"])
                     progress.update(rows.n_cells)

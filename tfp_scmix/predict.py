@@ -927,13 +927,16 @@ def _obs_batches(source, batch_key: str | None, n_cells: int) -> tuple[np.ndarra
 PROGRESS_DELAY = 5.0
 
 
-def progress_bar(n_cells: int, desc: str):
+def progress_bar(n_cells: int, desc: str, disable: bool = False):
     """A tqdm bar over `n_cells` cells for long work (`predict`'s chunks, `annotate`'s pooled call): drawn only after
     `PROGRESS_DELAY` seconds and only on a terminal or in a notebook (tqdm's `disable=None`), so that short calls,
-    logs and tests stay quiet. Call `update(cells)` and `close()`."""
+    logs and tests stay quiet; never with `disable` (a call inside another's bar). Call `update(cells)` and
+    `close()`."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=n_cells, desc=desc, unit="cell", unit_scale=True, delay=PROGRESS_DELAY, disable=None)
+    return tqdm(
+        total=n_cells, desc=desc, unit="cell", unit_scale=True, delay=PROGRESS_DELAY, disable=True if disable else None
+    )
 
 
 def predict(
@@ -946,6 +949,7 @@ def predict(
     min_gene_fraction: float = 0.5,
     keys=None,
     batch_key: str | None = None,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Model outputs for any number of cells, read and predicted `chunk_size` cells at a time.
 
@@ -963,7 +967,8 @@ def predict(
     cell, their "confidence" and "novelty" NaN (warned); `annotate` marks them unassigned. With `counts=None` the
     slot of an AnnData's raw counts is detected once, on its first cells (`counts_slot`), and read for every
     chunk. Peak memory: three chunks and the outputs (experiments/reliability/memory_1m.py,
-    results_memory_1m.json).
+    results_memory_1m.json). progress: a tqdm bar over the cells, drawn once a call has run `PROGRESS_DELAY`
+    seconds, on a terminal or in a notebook only (`progress_bar`); False for none.
     Batches: the model divides each cell's batch's gene-wise offsets out (`SCMix.batch_rows`). An `SCData`'s
     batches are matched to the model's by name; an AnnData's or a file's by the names in obs[batch_key], the column
     the model was trained with (as `from_anndata(..., batch_key=)`). Cells of a batch the model was not trained on
@@ -1009,7 +1014,7 @@ def predict(
 
     memory = _Buffers()  # chunks read from a file reuse the memory of those gathered (`_Buffers`)
     empty = [0]  # cells without counts over the model's genes, counted as the chunks are gathered
-    progress = progress_bar(n_cells, "predict")
+    bar = progress_bar(n_cells, "predict", disable=not progress)
 
     def read(start, stop):
         chunk = _read(source, model, start, stop, counts, min_gene_fraction, select, memory.lease())
@@ -1029,7 +1034,7 @@ def predict(
             if key not in outputs:  # filled in place: no second copy of the outputs
                 outputs[key] = np.empty((n_cells,) + out[key].shape[1:], out[key].dtype)
             outputs[key][start:stop] = out[key]
-        progress.update(stop - start)
+        bar.update(stop - start)
 
     # A pipeline of three stages on threads: the next chunk is read (reading from disk waits) while the minibatches
     # of this chunk are checked and predicted by the workers and the outputs of the previous chunk are gathered, so
@@ -1057,7 +1062,7 @@ def predict(
         reader.shutdown(cancel_futures=True)
         workers.shutdown(cancel_futures=True)
         blas.restore_original_limits()
-        progress.close()
+        bar.close()
         logger.removeFilter(once)
         if isinstance(source, _H5ADFile):  # after the reader has stopped
             source.close()

@@ -167,8 +167,8 @@ def principal_components(
     the components are the leading eigenvectors of the genes' covariance (scikit-learn's
     `svd_solver="covariance_eigh"`, with x^T x formed by `gram` in place of scikit-learn's sparse product, several
     times slower on dense-ish counts: experiments/performance/principal_components.json),
-    each signed so that its largest loading is positive (scikit-learn's `svd_flip`); memory is that of the
-    nonzeros plus genes x genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense
+    each signed so that its largest loading is positive (scikit-learn's `svd_flip`); memory: one float64 copy of
+    the nonzeros plus genes x genes. max_value 10 (scanpy's tutorial): scaled values are clipped at +-10 on a dense
     copy, scikit-learn's `StandardScaler` and `PCA` (the few-shot suite's peers); seed is that PCA's."""
     fit = np.arange(counts.shape[0]) if fit_cells is None else np.asarray(fit_cells)
     k = max(1, min(int(n_components), len(fit) - 1, counts.shape[1]))
