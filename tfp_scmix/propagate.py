@@ -229,7 +229,7 @@ def gram(x: sp.csr_matrix) -> np.ndarray:
     result = np.zeros((n_genes, n_genes))
     step = max(1, GRAM_BLOCK_ENTRIES // n_genes)
     for start in range(0, n_cells, step):
-        block = x[start : start + step].toarray().astype(np.float64)
+        block = x[start : start + step].toarray().astype(np.float64, copy=False)
         result += block.T @ block
     return result
 
