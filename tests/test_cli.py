@@ -1,5 +1,6 @@
 """The command line: `tfp-scmix demo | train | annotate | explain`."""
 
+import importlib
 import json
 import os
 import re
@@ -345,6 +346,40 @@ def test_an_interrupt_between_the_last_epoch_and_the_save_keeps_the_training(
     # warning named options only Python and run configurations had).
     assert "kl_warmup_epochs" not in said and scm.load_model(out).members[0].config.kl_warmup_epochs == 2
     assert out.is_file() and not checkpoints.exists()
+
+
+def test_an_interrupt_while_a_finished_restart_is_saved_resumes_after_its_last_epoch(
+    synthetic_file, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C after a restart's last epoch, before the restart itself is saved (a trial: "interrupted before the first
+    epoch finished: nothing was written", an empty checkpoint folder, the whole restart trained again): its epoch
+    backup stays until the restart is saved, the message says so, and the same command goes on after the last epoch
+    to the model of an uninterrupted run."""
+    from tfp_scmix.cli import main
+
+    train_module = importlib.import_module("tfp_scmix.train")  # the package's `train` is the function
+
+    _, path = synthetic_file
+    argv = ["train", str(path), "--epochs", "2", "--topics", "4", "--restarts", "1", "--batch-size", "64"]
+    argv += ["--n-genes", "0", "--classifier-steps", "20", "--kl-warmup-epochs", "2"]
+    out, reference = tmp_path / "model.keras", tmp_path / "reference.keras"
+    assert main([*argv, "--out", str(reference), "--verbose", "0"]) == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_model", interrupted)
+    assert main([*argv, "--out", str(out), "--verbose", "0"]) == 130
+    assert "backed up in" in capsys.readouterr().err
+    backup = tmp_path / ".model.keras.checkpoints" / "restart-0"
+    assert json.loads((backup / "state.json").read_text())["epoch"] == 2
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "all 2 epochs were finished before" in capsys.readouterr().err
+    assert out.is_file() and not (tmp_path / ".model.keras.checkpoints").exists()
+    counts = scm.from_anndata(str(path)).counts
+    expected, resumed = scm.predict(scm.load_model(reference), counts), scm.predict(scm.load_model(out), counts)
+    np.testing.assert_array_equal(resumed["probs"], expected["probs"])
 
 
 def test_cli_train_killed_and_run_again_resumes_then_annotates_in_bounded_memory(synthetic_file, tmp_path, capsys):

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,10 @@ def train(
                 raise TrainingDiverged(f"restart {restart + 1} of {restarts} (seed {member_seed}): {err}") from None
             if finished is not None:
                 save_model(model, finished)  # a kill during a later restart does not train this one again
+                # Its epoch backup goes only now: a kill after the last epoch and before this save (the refit, the
+                # save itself) resumes after the last epoch instead of losing the restart (a trial's Ctrl-C there
+                # left an empty folder).
+                shutil.rmtree(Path(checkpoint_dir) / f"restart-{restart}", ignore_errors=True)
             members.append(model)
     finally:
         if bar is not None:
@@ -297,6 +302,7 @@ def _fit(data: SCData, config: Config, seed: int, backup: Path | None, callbacks
     if backup is not None:
         checkpoint = ResumableCheckpoint(
             backup,
+            delete_checkpoint=False,  # `train` deletes it once the finished restart is saved
             run={"data_fingerprint": data.fingerprint(), "seed": int(seed), "batch_size": int(config.batch_size)},
         )
     initial_epoch = 0 if checkpoint is None else checkpoint.resume_epoch
