@@ -168,6 +168,18 @@ def test_gene_coverage_is_that_of_the_slot_the_counts_come_from(small_model, emb
     )
 
 
+def test_a_call_that_reads_the_data_twice_warns_of_missing_genes_once(small_model, embedded_adata, caplog):
+    """Majority voting reads the counts again after the prediction: the gene-coverage warning once per call (a trial
+    saw it twice), and again in the next call."""
+    query = embedded_adata[:, 40:].copy()  # the first 40 of the model's genes missing
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tfp_scmix"):
+            scm.annotate(small_model, query, smooth=True, majority_voting=True)
+        assert caplog.text.count("model genes") == 1, caplog.text
+    assert query.uns["scmix"]["gene_coverage"] < 1
+
+
 def test_annotated_anndata_is_what_scanpy_takes(small_model, embedded_adata, tmp_path):
     """Used categories only, colours, X_scmix, probabilities kept by write_h5ad without a warning (class
     names with "/"), flags and a record; with scanpy installed, its usual next steps run on the output."""
@@ -361,7 +373,8 @@ def test_known_labels_of_the_annotated_cells_refit_the_class_branch_on_pooled_co
     # Annotating again without known labels leaves no stale outputs behind, and says what it removed.
     with caplog.at_level(logging.WARNING, logger="tfp_scmix"):
         again = scm.annotate(small_model, adata)
-    assert "removed obs['scmix_with_labels'] of an earlier annotate call" in caplog.text and "key_added=" in caplog.text
+    removed = "removed obs['scmix_with_labels'], obsm['scmix_with_labels_probs'] of an earlier annotate call"
+    assert removed in caplog.text and "key_added=" in caplog.text
     assert "scmix_with_labels" not in again.obs and "scmix_with_labels_probs" not in again.obsm
     assert "scmix_with_labels_colors" not in again.uns
 

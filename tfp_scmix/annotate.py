@@ -32,6 +32,7 @@ What `annotate` writes (`key` = key_added, "scmix" by default):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -47,6 +48,7 @@ from tfp_scmix import __version__
 from tfp_scmix.data import (
     PLACEHOLDER_LABELS,
     DataError,
+    OncePerMessage,
     SCData,
     check_argument,
     check_unlabeled_category,
@@ -248,6 +250,24 @@ def known_label_experts(
     return experts
 
 
+def _each_warning_once(function):
+    """`function` with each distinct log message of the package said once per call: annotate reads the data again
+    after `predict` for what reads the counts whole (majority voting, the known labels), and a trial saw the
+    gene-coverage warning twice in one call."""
+
+    @functools.wraps(function)
+    def once_per_call(*args, **kwargs):
+        once = OncePerMessage()
+        logger.addFilter(once)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            logger.removeFilter(once)
+
+    return once_per_call
+
+
+@_each_warning_once
 def annotate(
     model: SCMix | SCMixEnsemble,
     adata,
@@ -544,12 +564,15 @@ def _drop_stale(adata, key: str, *, majority_voting: bool, smooth: bool, novelty
             *([] if with_labels else [f"{key}_with_labels_colors"]),
         ],
     }
-    removed = [name for name in stale["obs"] if name in adata.obs]
-    if removed:  # an earlier call's results, replaced by nothing: say so (key_added= keeps both calls)
+    # An earlier call's results, replaced by nothing: name every obs and obsm entry (key_added= keeps both calls).
+    removed = [
+        f"{group}[{name!r}]" for group in ("obs", "obsm") for name in stale[group] if name in getattr(adata, group)
+    ]
+    if removed:
         logger.warning(
             "removed %s of an earlier annotate call: this call does not write %s (its options differ); pass "
             "key_added= (command line: --key-added) to keep the results of both calls",
-            ", ".join(f"obs[{name!r}]" for name in removed),
+            ", ".join(removed),
             "them" if len(removed) > 1 else "it",
         )
     for name in stale["obs"]:
