@@ -148,7 +148,7 @@ def train(
                 # Its epoch backup goes only now: a kill after the last epoch and before this save (the refit, the
                 # save itself) resumes after the last epoch instead of losing the restart (a trial's Ctrl-C there
                 # left an empty folder).
-                shutil.rmtree(Path(checkpoint_dir) / f"restart-{restart}", ignore_errors=True)
+                shutil.rmtree(finished.with_suffix(""), ignore_errors=True)  # restart-r beside restart-r.keras
             members.append(model)
     finally:
         if bar is not None:
