@@ -135,6 +135,9 @@ def class_genes(
     Ranked by lift by default: by weight, every topic's top genes are the genes that are abundant in
     every cell (ribosomal, mitochondrial); lift ranks what the topic adds to an average cell, which is
     what tells one cell type from another (on pbmc3k it finds about twice as many canonical markers).
+    Under the default settings the horseshoe shrinks the topic weights nearly to zero and the call rests on the gene
+    weights (`class_gene_weights`; experiments/few_shot/topic_share/summary.md): these topics describe the class's
+    cells, not the reason for its calls.
     """
     best = class_topic_table(model, member).query("rank == 0")[["class", "topic", "labelled_cells"]]
     return best.merge(top_genes(model, n_genes, by, member), on="topic")
