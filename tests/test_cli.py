@@ -577,3 +577,29 @@ def test_an_unknown_option_is_reported_by_its_command_with_the_closest_one(capsy
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"tfp-scmix {command}: error: unrecognized arguments" in err
         assert f"(did you mean {closest!r}?)" in err and f"usage: tfp-scmix {command}" in err
+
+
+def test_an_interrupt_while_logging_to_mlflow_says_what_was_written(synthetic_file, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the model or export is written, while it is logged to MLflow (a trial: "nothing was written",
+    beside a whole model file): the message names what was written and how to log it."""
+    from tfp_scmix import export, tracking
+    from tfp_scmix.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "log_training", interrupted)
+    monkeypatch.setattr(export, "log_to_experiment", interrupted)
+    _, path = synthetic_file
+    out = tmp_path / "model.keras"
+    argv = ["train", str(path), "--out", str(out), "--epochs", "1", "--topics", "4", "--restarts", "1"]
+    assert main([*argv, "--n-genes", "0", "--classifier-steps", "5", "--mlflow", "--verbose", "0"]) == 130
+    said = capsys.readouterr().err
+    assert f"{out} was written whole; the MLflow run is marked KILLED" in said and "nothing was written" not in said
+    assert scm.load_model(out).n_genes == 120
+    exported = tmp_path / "export" / "1"
+    assert main(["export", str(out), str(exported), "--mlflow-experiment", "serving", "--verbose", "0"]) == 130
+    said = capsys.readouterr().err
+    assert f"{exported} was written whole; the MLflow model was not logged" in said
+    assert (exported / "saved_model.pb").is_file()

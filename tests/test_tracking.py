@@ -75,3 +75,19 @@ def test_a_new_store_is_set_up_quietly(tmp_path, monkeypatch, capfd):
     tracking.experiment_id("quiet")
     assert "database tables" not in capfd.readouterr().err
     assert all(logging.getLogger(name).level == logging.WARNING for name in tracking.STORE_SET_UP_LOGGERS)
+
+
+def test_an_interrupted_log_marks_its_run_killed(small_model, embedded, tmp_path, monkeypatch):
+    """Ctrl-C while the model is logged: the run reads KILLED, not FINISHED (a trial's interrupted run read FINISHED
+    with no model in it); an error, FAILED."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for raised, status in ((KeyboardInterrupt, "KILLED"), (OSError, "FAILED")):
+
+        def stopped(*args, raised=raised, **kwargs):
+            raise raised
+
+        monkeypatch.setattr("tfp_scmix.explain.write_explanations", stopped)
+        with pytest.raises(raised):
+            tracking.log_training(small_model, embedded, f"interrupted_{status}")
+        (run,) = mlflow.search_runs(experiment_names=[f"interrupted_{status}"], output_format="list")
+        assert run.info.status == status and mlflow.active_run() is None

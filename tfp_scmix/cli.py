@@ -152,6 +152,7 @@ def train(args) -> None:
     )
     if args.strategy is None or scm.distribute.is_chief(scm.distribute.get_strategy(args.strategy)):
         scm.save_model(model, args.out)
+        args.written = args.out  # what an interrupt from here on leaves whole (`interrupted`)
         say(args, f"model written to {args.out}")
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished restarts train kept: the model is saved
         if args.mlflow:
@@ -288,6 +289,7 @@ def export_cmd(args) -> None:
 
     model = scm.load_model(args.model)
     path = export_serving(model, args.out, overwrite=args.overwrite)
+    args.written = path  # what an interrupt from here on leaves whole (`interrupted`)
     say(
         args,
         f"exported {model.n_genes} genes x {model.n_classes} classes "
@@ -681,6 +683,13 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def interrupted(args) -> str:
     """The line printed when Ctrl-C stops a command: what was kept and how to go on."""
+    written = getattr(args, "written", None)  # the command's output, written whole before MLflow's logging
+    if written is not None:
+        return (
+            f"interrupted while logging to MLflow: {written} was written whole; the MLflow "
+            f"{'run is marked KILLED' if args.command == 'train' else 'model was not logged'}. Run the command again "
+            "with --overwrite to log it"
+        )
     if args.command == "train":
         checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))
         if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")):  # not only empty folders

@@ -208,6 +208,9 @@ def log_training(
     name = Path(dataset_path).name if dataset_path else "data"
     active = mlflow.active_run()
     run = active or mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name or f"tfp_scmix {name}")
+    # The run ends FINISHED only once everything is logged: an interrupt (Ctrl-C) marks it KILLED, an error FAILED
+    # (a trial's interrupted run read FINISHED with no model in it).
+    status = "FAILED"
     try:
         mlflow.log_params(params(model, data))
         mlflow.set_tags(
@@ -241,7 +244,11 @@ def log_training(
             if log_model:
                 save_model(model, Path(tmp) / "model.keras")
                 mlflow.log_artifact(str(Path(tmp) / "model.keras"), "model")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if active is None:
-            mlflow.end_run()
+            mlflow.end_run(status)
     return run.info.run_id
