@@ -81,9 +81,10 @@ def _requirements():
     return pins
 
 
-def log_model(model, registered_model: str | None = None):
+def log_model(model, registered_model: str | None = None, params: dict | None = None):
     """Log the model as the run artifact model/scmix.keras (`tfp_scmix.load_model`) and as the MLflow Keras
-    model "scmix" (`mlflow.keras.load_model`; registered if named)."""
+    model "scmix" (`mlflow.keras.load_model`; registered if named). params: the settings the model was trained with,
+    recorded on the logged model beside the run's own parameters (a search's run holds only what every trial shares)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = scm.save_model(model, Path(tmp) / "scmix.keras")
         mlflow.log_artifact(str(path), "model")
@@ -95,6 +96,7 @@ def log_model(model, registered_model: str | None = None):
         pip_requirements=_requirements(),
         registered_model_name=registered_model,
         signature=signature,
+        params=params,
     )
 
 
@@ -127,18 +129,22 @@ def log_explanations(model):
         mlflow.log_artifacts(tmp, "explain")
 
 
-def log_outputs(model, splits: run_data.Splits, registered_model: str | None = None) -> dict:
-    """Everything recorded after training: scores, confusion matrix, model, explanations."""
+def log_outputs(
+    model, splits: run_data.Splits, registered_model: str | None = None, params: dict | None = None
+) -> dict:
+    """Everything recorded after training: scores, confusion matrix, model (with `params`: `log_model`),
+    explanations."""
     scores = log_evaluation(model, splits.validation, "val_final_") if splits.validation.n_cells else {}
     if splits.test.n_cells:
         scores.update(log_evaluation(model, splits.test, "test_"))
-    log_model(model, registered_model)
+    log_model(model, registered_model, params)
     log_explanations(model)
     return scores
 
 
-def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
-    """Parameters, data identity, code version and the configuration file of the active run."""
+def log_context(cfg: run_config.RunConfig, splits: run_data.Splits, exclude=()):
+    """Parameters, data identity, code version and the configuration file of the active run; the parameters named
+    in `exclude` are left out (a search's swept settings, which differ from trial to trial)."""
     # The parameters a benchmark's peers are recorded with (training/record.py, experiments/few_shot).
     mlflow.log_params(
         {
@@ -147,7 +153,7 @@ def log_context(cfg: run_config.RunConfig, splits: run_data.Splits):
             "seed": cfg.data.seed,
             "setting": cfg.data.setting,
             "labels": cfg.data.n_labelled,
-            **cfg.params(),
+            **{k: v for k, v in cfg.params().items() if k not in exclude},
             **splits.identity,
         }
     )

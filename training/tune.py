@@ -153,6 +153,23 @@ def search_params(cfg: run_config.RunConfig) -> dict:
     }
 
 
+def swept_params(cfg: run_config.RunConfig) -> set[str]:
+    """The parameters (`RunConfig.params` keys) that the search's trials set for themselves: those of its space, and
+    the epochs under Hyperband (its budget per trial). The search's run does not record them, since the base
+    configuration's values are no trial's (a trial found the parent run and its registered model reporting them)."""
+    names = set(cfg.search.space) | ({"epochs"} if cfg.search.algorithm == "hyperband" else set())
+    return {key for key in cfg.params() if key.rsplit(".", 1)[-1] in names}
+
+
+def trial_params(hypermodel: SCMixHyperModel, trial) -> dict:
+    """The settings a finished trial trained with, as `RunConfig.params` names them (its trial run's parameters)."""
+    cfg = hypermodel.draw(trial.hyperparameters)
+    epochs = trial.hyperparameters.values.get("tuner/epochs")
+    if epochs is not None:
+        cfg = cfg.with_settings({"epochs": int(epochs)})
+    return {k: v for k, v in cfg.params().items() if not k.startswith("data.")}
+
+
 def _changed_settings(recorded: dict, cfg: run_config.RunConfig) -> list[str]:
     """'name: was X, now Y' for each parameter the parent run recorded that `cfg` sets otherwise. Parameters the run
     did not record (a search started by an older version) are not compared."""
@@ -225,13 +242,14 @@ def search(
         ) from None
     run_file = directory / project_name(cfg) / PARENT_RUN_FILE  # in keras-tuner's project_dir
     parent_id = _parent_run(run_file, splits, cfg)  # before the tuner reloads a search of other settings
-    tuner = make_tuner(cfg, SCMixHyperModel(cfg, splits), directory, max_trials)
+    hypermodel = SCMixHyperModel(cfg, splits)
+    tuner = make_tuner(cfg, hypermodel, directory, max_trials)
     name = f"search {project_name(cfg)} ({cfg.search.algorithm})"
     with store.start_run(
         run_id=parent_id, experiment_id=None if parent_id else experiment, run_name=None if parent_id else name
     ) as parent:
         if parent_id is None:
-            tracked.log_context(cfg, splits)
+            tracked.log_context(cfg, splits, exclude=swept_params(cfg))
             mlflow.log_params(
                 {
                     "search.algorithm": cfg.search.algorithm,
@@ -261,7 +279,9 @@ def search(
         else:
             model = tuner.get_best_models(1)[0]  # the best trial's ensemble, as it saved it
             mlflow.log_metric("best_val_macro_f1", best.score)
-            scores = tracked.log_outputs(model, splits, registered_model=registered)
+            scores = tracked.log_outputs(
+                model, splits, registered_model=registered, params=trial_params(hypermodel, best)
+            )
             mlflow.set_tags(
                 {"best_trial": best.trial_id, **{f"best.{k}": str(v) for k, v in best.hyperparameters.values.items()}}
             )

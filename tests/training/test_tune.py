@@ -79,6 +79,18 @@ def test_two_trial_search_resumes_without_redoing_trials(tracking, tmp_path, spl
     assert np.array_equal(predict_labels(model, splits.test), predict_labels(saved, splits.test))
     assert parent.data.metrics["val_final_macro_f1"] == pytest.approx(parent.data.metrics["best_val_macro_f1"])
     assert {"test_errors", "test_accuracy", "test_macro_f1"} <= set(parent.data.metrics)
+    # The search's run records what every trial shares, not the base configuration's values of the swept settings
+    # (no trial's); the registered model records the best trial's own (a trial reproduced the wrong model from them).
+    swept = {"model.n_topics", "model.hidden_units", "model.prior", "training.learning_rate", "training.restarts"}
+    assert not swept & set(parent.data.params) and "training.epochs" in parent.data.params
+    models = mlflow.search_logged_models(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"source_run_id = '{parent.info.run_id}'",
+        output_format="list",
+    )
+    logged = max(models, key=lambda m: m.creation_timestamp).params
+    for key in swept | {"training.epochs", "model.label_weight"}:
+        assert logged[key] == best.data.params[key], key
 
 
 def test_search_needs_validation_cells(tracking, tmp_path, small_config):
@@ -102,7 +114,7 @@ def test_failed_trials_say_why(tracking, tmp_path, small_config):
 
     # resuming that search with other settings would mix two configurations' trials: refused, naming what changed
     for overrides, changed in [
-        (("model.n_topics=9",), "model.n_topics: was 8, now 9"),
+        (("model.kl_warmup_epochs=3",), "model.kl_warmup_epochs: was"),
         (("search.space.n_topics=[8, 12]",), "search.space: was"),
         (("search.algorithm='hyperband'",), "search.algorithm: was bayesian, now hyperband"),
     ]:
@@ -164,6 +176,7 @@ def test_hyperband_trains_a_continued_trial_from_the_start(tracking, tmp_path, s
     ]
     assert [m.step for m in tracking.get_metric_history(run.info.run_id, "restart_0/loss")] == [0, 1]
     assert run.data.params["training.epochs"] == "2"
+    assert "training.epochs" not in tracking.get_run(result["run_id"]).data.params  # Hyperband's budget per trial
 
 
 def test_a_search_of_no_trials_or_into_a_file_is_refused_at_once(tmp_path, capsys):
