@@ -138,11 +138,13 @@ def experiment_id(name: str) -> str:
 
 
 def params(model: SCMixEnsemble, data: SCData | H5ADStream | None = None) -> dict[str, Any]:
-    """Run parameters: every `Config` field by name, `restarts`, and the data's sizes."""
+    """Run parameters: every `Config` field by name, `restarts`, `seed` (`train`'s: the first restart's), and the
+    data's sizes."""
     import dataclasses
 
     values: dict[str, Any] = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)}
-    values["restarts"] = len(getattr(model, "members", [model]))
+    members = getattr(model, "members", [model])
+    values["restarts"], values["seed"] = len(members), members[0].seed  # restart r trained with seed + r
     if data is not None:
         values.update(n_cells=data.n_cells, n_genes=data.n_genes, n_labelled=data.n_labelled, n_classes=data.n_classes)
     return {k: "None" if v is None else v for k, v in values.items()}
