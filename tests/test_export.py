@@ -371,7 +371,7 @@ def _post(url, payload):
 def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
     pytest.importorskip("mlflow")
     model, data, model_file, _ = trained
-    # An explicit tracking store in tmp_path; the experiment's artifacts go to tmp_path/mlruns (cwd).
+    # An explicit tracking store in tmp_path; the experiment's artifacts go beside it, as training runs' do.
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The server execs `uvicorn` from PATH: put this environment's scripts first, as an activated venv does.
     env = {
@@ -402,7 +402,7 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     model_uri = run.stdout.split("logged MLflow model ")[1].split()[0]
-    assert (tmp_path / "mlruns").is_dir()
+    assert (tmp_path / "artifacts" / "serving-test").is_dir() and not (tmp_path / "mlruns").exists()
     cells = [3, 10, 200, 450, 699]
     counts = data.counts[cells].toarray()
 

@@ -461,12 +461,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def log_to_experiment(export_dir: str | os.PathLike[str], experiment: str, max_cells: int | None = None) -> ModelInfo:
-    """`log_mlflow` of an export directory in a new run of the MLflow experiment `experiment` (created if needed;
-    tracking store: $MLFLOW_TRACKING_URI), at most `max_cells` cells a request (None: `MAX_CELLS`): what
-    `--mlflow-experiment` of both command lines does."""
+    """`log_mlflow` of an export directory in a new run of the MLflow experiment `experiment` (created if needed,
+    as the training runs' experiments are: `tracking.experiment_id`, its artifacts beside a SQLite store), at most
+    `max_cells` cells a request (None: `MAX_CELLS`): what `--mlflow-experiment` of both command lines does."""
     import mlflow
 
-    mlflow.set_experiment(experiment)
+    from tfp_scmix.tracking import experiment_id
+
+    # One store, one place for its artifacts: MLflow's own set_experiment put them in ./mlruns of the working folder
+    # while training runs of the same SQLite store had theirs beside it (a trial).
+    mlflow.set_experiment(experiment_id=experiment_id(experiment))
     return log_mlflow(export_dir, max_cells=MAX_CELLS if max_cells is None else max_cells)
 
 
