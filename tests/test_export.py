@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import tfp_scmix as scm
 from tfp_scmix import datasets, export
+from tfp_scmix.annotate import model_fingerprint
 from tfp_scmix.data import DataError, gene_fingerprint
 from tfp_scmix.io import atomic_directory as io_atomic_directory
 
@@ -403,6 +404,14 @@ def test_mlflow_served_model_answers_rest_requests(trained, expected, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     model_uri = run.stdout.split("logged MLflow model ")[1].split()[0]
     assert (tmp_path / "artifacts" / "serving-test").is_dir() and not (tmp_path / "mlruns").exists()
+    # The served model's run names the model it was exported from, as its training run does (a trial could not
+    # link the two).
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking)
+    served = mlflow.get_run(mlflow.get_logged_model(model_uri.split("/")[-1]).source_run_id).data.tags
+    assert served["tfp_scmix.model_fingerprint"] == model_fingerprint(model)
+    assert served["tfp_scmix.data_fingerprint"] == model.provenance["data_fingerprint"]
     cells = [3, 10, 200, 450, 699]
     counts = data.counts[cells].toarray()
 

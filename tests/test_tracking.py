@@ -22,6 +22,9 @@ def test_log_training_records_params_scores_dataset_and_model(small_model, embed
     assert params["n_topics"] == "12" and params["prior"] == small_model.config.prior and params["restarts"] == "1"
     assert params["n_labelled"] == "150" and params["global_scale"] == "None"
     assert params["seed"] == str(small_model.members[0].seed)  # a trial could not tell a run's seed
+    from tfp_scmix.annotate import model_fingerprint
+
+    assert run.data.tags["tfp_scmix.model_fingerprint"] == model_fingerprint(small_model)  # an export's run has it
     metrics = run.data.metrics
     assert metrics["eval/training_accuracy"] == pytest.approx(small_model.training_summary["training_accuracy"])
     assert 0 <= metrics["eval/test_accuracy"] <= 1 and metrics["eval/test_errors"] <= 200

@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tfp_scmix import __version__
+from tfp_scmix.annotate import model_fingerprint
 from tfp_scmix.data import (
     DataError,
     check_argument,
@@ -44,6 +45,7 @@ from tfp_scmix.data import (
     from_anndata,
     gene_fingerprint,
 )
+from tfp_scmix.ensemble import as_ensemble
 from tfp_scmix.io import ModelFileError, atomic_directory
 from tfp_scmix.mlflow_serving import MAX_CELLS, UNASSIGNED, call_in_batches, outputs_frame
 
@@ -76,6 +78,9 @@ def _metadata(model: SCMix | SCMixEnsemble) -> dict[str, Any]:
         "n_genes": model.n_genes,
         "n_classes": model.n_classes,
         "n_topics": model.n_topics,
+        # What ties the export to the runs that trained it: the training runs record the same two as tags.
+        "model_fingerprint": model_fingerprint(model),
+        "data_fingerprint": str(as_ensemble(model).members[0].provenance.get("data_fingerprint", "")),
         "signatures": {"dense": SERVING_DENSE, "sparse": SERVING_SPARSE, "metadata": METADATA},
         "settings": model.settings,
     }
@@ -402,8 +407,14 @@ def log_mlflow(
         ]
         if mlflow.active_run() is None:
             stack.enter_context(mlflow.start_run())
+        recorded = json.loads((Path(export) / "assets" / METADATA_FILE).read_text())
         mlflow.set_tags(
-            {"tfp_scmix.version": annotator.version, "tfp_scmix.gene_fingerprint": annotator.gene_fingerprint}
+            {
+                "tfp_scmix.version": annotator.version,
+                "tfp_scmix.gene_fingerprint": annotator.gene_fingerprint,
+                # the training run's tags of the same names (exports written before them have none)
+                **{f"tfp_scmix.{k}": recorded[k] for k in ("model_fingerprint", "data_fingerprint") if recorded.get(k)},
+            }
         )
         return mlflow.pyfunc.log_model(
             name=name,

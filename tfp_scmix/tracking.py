@@ -202,6 +202,7 @@ def log_training(
         import mlflow
     except ImportError as err:
         raise ImportError("MLflow tracking needs mlflow: pip install 'tfp_scmix[track]'") from err
+    from tfp_scmix.annotate import model_fingerprint
     from tfp_scmix.evaluate import expected_calibration_error, scores
     from tfp_scmix.explain import write_explanations
     from tfp_scmix.io import save_model
@@ -220,6 +221,7 @@ def log_training(
                 "tfp_scmix.version": __version__,
                 "tfp_scmix.data_fingerprint": data.fingerprint(),
                 "tfp_scmix.gene_fingerprint": model.gene_fingerprint,
+                "tfp_scmix.model_fingerprint": model_fingerprint(model),  # an export's served model has it too
             }
         )
         # The absolute path: a relative one means nothing once the run is read from another folder.

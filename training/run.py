@@ -23,6 +23,7 @@ from mlflow.types import Schema, TensorSpec
 
 import tfp_scmix as scm
 from tfp_scmix import explain, tracking
+from tfp_scmix.annotate import model_fingerprint
 from training import config as run_config
 from training import data as run_data
 from training import store
@@ -88,6 +89,8 @@ def log_model(model, registered_model: str | None = None, params: dict | None = 
     with tempfile.TemporaryDirectory() as tmp:
         path = scm.save_model(model, Path(tmp) / "scmix.keras")
         mlflow.log_artifact(str(path), "model")
+    # The tag an export's served model carries too (`tfp-scmix export --mlflow-experiment`): what links the two.
+    mlflow.set_tag("tfp_scmix.model_fingerprint", model_fingerprint(model))
     # The input: raw counts [cells, genes] in model.genes order (MLflow warned of a model logged without one).
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.n_genes), "counts")]))
     return mlflow.keras.log_model(
