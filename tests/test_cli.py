@@ -596,7 +596,7 @@ def test_an_interrupt_while_logging_to_mlflow_says_what_was_written(synthetic_fi
     argv = ["train", str(path), "--out", str(out), "--epochs", "1", "--topics", "4", "--restarts", "1"]
     assert main([*argv, "--n-genes", "0", "--classifier-steps", "5", "--mlflow", "--verbose", "0"]) == 130
     said = capsys.readouterr().err
-    assert f"{out} was written whole; the MLflow run is marked KILLED" in said and "nothing was written" not in said
+    assert f"{out} was written whole; its MLflow run is marked KILLED" in said and "nothing was written" not in said
     assert scm.load_model(out).n_genes == 120
     exported = tmp_path / "export" / "1"
     assert main(["export", str(out), str(exported), "--mlflow-experiment", "serving", "--verbose", "0"]) == 130

@@ -683,12 +683,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def interrupted(args) -> str:
     """The line printed when Ctrl-C stops a command: what was kept and how to go on."""
-    written = getattr(args, "written", None)  # the command's output, written whole before MLflow's logging
+    written = getattr(args, "written", None)  # the command's output, written whole (then MLflow's logging, if asked)
     if written is not None:
-        return (
-            f"interrupted while logging to MLflow: {written} was written whole; the MLflow "
-            f"{'run is marked KILLED' if args.command == 'train' else 'model was not logged'}. Run the command again "
-            "with --overwrite to log it"
+        logging = args.mlflow if args.command == "train" else getattr(args, "mlflow_experiment", None)
+        unlogged = "its MLflow run is marked KILLED" if args.command == "train" else "the MLflow model was not logged"
+        return f"interrupted: {written} was written whole" + (
+            f"; {unlogged}: run the command again with --overwrite to log it" if logging else ""
         )
     if args.command == "train":
         checkpoints = Path(args.checkpoint_dir or checkpoint_dir(args.out))

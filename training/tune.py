@@ -59,6 +59,11 @@ class SCMixHyperModel(kt.HyperModel):
                 values[name] = numeric(name, spec["min"], spec["max"], step=spec.get("step"), sampling=sampling)
         return self.cfg.with_settings(values)
 
+    def trial_config(self, hp, epochs: int | None = None) -> run_config.RunConfig:
+        """The run configuration a trial trains: the drawn settings, and Hyperband's `epochs` when it sets them."""
+        cfg = self.draw(hp)
+        return cfg if epochs is None else cfg.with_settings({"epochs": int(epochs)})
+
     def build(self, hp):
         return scm.SCMix.from_data(self.splits.train, self.draw(hp).model_config(), seed=self.cfg.data.seed)
 
@@ -67,10 +72,8 @@ class SCMixHyperModel(kt.HyperModel):
         ensemble at `model_path`; returns {"val_macro_f1": ...}. `model` (keras-tuner's build) is not used;
         `epochs` (Hyperband's budget for the trial) replaces the configured epochs: the trial trains from
         the start, since `tfp_scmix.train` does not continue another trial's models."""
-        cfg = self.draw(hp)
-        if epochs is not None:
-            cfg = cfg.with_settings({"epochs": int(epochs)})
-        mlflow.log_params({k: v for k, v in cfg.params().items() if not k.startswith("data.")})
+        cfg = self.trial_config(hp, epochs)
+        mlflow.log_params(trial_params(cfg))
         # keras-tuner adds its own callbacks: SaveBestEpoch would save the weights of one restart's best
         # epoch, not the ensemble the recipe returns (saved below); TunerCallback forwards to hooks that
         # these tuners leave empty.
@@ -161,12 +164,9 @@ def swept_params(cfg: run_config.RunConfig) -> set[str]:
     return {key for key in cfg.params() if key.rsplit(".", 1)[-1] in names}
 
 
-def trial_params(hypermodel: SCMixHyperModel, trial) -> dict:
-    """The settings a finished trial trained with, as `RunConfig.params` names them (its trial run's parameters)."""
-    cfg = hypermodel.draw(trial.hyperparameters)
-    epochs = trial.hyperparameters.values.get("tuner/epochs")
-    if epochs is not None:
-        cfg = cfg.with_settings({"epochs": int(epochs)})
+def trial_params(cfg: run_config.RunConfig) -> dict:
+    """The settings of a trial's configuration (`SCMixHyperModel.trial_config`) as its run records them: the
+    `RunConfig.params` other than the data's, which the search's run records."""
     return {k: v for k, v in cfg.params().items() if not k.startswith("data.")}
 
 
@@ -280,7 +280,12 @@ def search(
             model = tuner.get_best_models(1)[0]  # the best trial's ensemble, as it saved it
             mlflow.log_metric("best_val_macro_f1", best.score)
             scores = tracked.log_outputs(
-                model, splits, registered_model=registered, params=trial_params(hypermodel, best)
+                model,
+                splits,
+                registered_model=registered,
+                params=trial_params(
+                    hypermodel.trial_config(best.hyperparameters, best.hyperparameters.values.get("tuner/epochs"))
+                ),
             )
             mlflow.set_tags(
                 {"best_trial": best.trial_id, **{f"best.{k}": str(v) for k, v in best.hyperparameters.values.items()}}
