@@ -152,15 +152,16 @@ def suite_dataset(name):
     return from_anndata(adata, label_key="cell_type", batch_key="batch" if "batch" in adata.obs else None)
 
 
-def stand_in_main(argv, description, one_split, summary, default_out):
-    """The command of a stand-in experiment (balanced_spreading.py, pooled_levers.py): `one_split(dataset, name,
-    seed)` -> a row of errors for each dataset and seed of `--datasets`/`--seeds` (the suite's five, seeds 0-4),
-    then results.csv and summary.md (`summary(frame)`) in `--out` (default `default_out`). Returns the frame."""
+def stand_in_main(argv, description, one_split, summary, default_out, seeds=(0, 1, 2, 3, 4)):
+    """The command of an experiment on the suite's splits (balanced_spreading.py, pooled_levers.py, topic_share.py):
+    `one_split(dataset, name, seed)` -> a row (a dict) or a list of rows for each dataset and seed of
+    `--datasets`/`--seeds` (the suite's five; `seeds` by default), then results.csv and summary.md
+    (`summary(frame)`) in `--out` (default `default_out`). Returns the frame."""
     from experiments.common import write_text
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(SUITE))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
     parser.add_argument("--out", default=str(default_out))
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -169,7 +170,8 @@ def stand_in_main(argv, description, one_split, summary, default_out):
     for name in args.datasets:
         full = suite_dataset(name)
         for seed in args.seeds:
-            rows.append(one_split(full, name, seed))
+            row = one_split(full, name, seed)
+            rows.extend(row if isinstance(row, list) else [row])
             print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     write_csv(frame, out / "results.csv")

@@ -13,18 +13,14 @@ Writes experiments/few_shot/topic_share/results.csv (one row per dataset, seed a
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 import tfp_scmix as scm
-from experiments.common import most_variable, write_text
-from experiments.few_shot.run import HERE, SUITE, suite_dataset, test_size
+from experiments.common import most_variable
+from experiments.few_shot.run import HERE, stand_in_main, test_size
 from tfp_scmix.data import log_normalised
 from tfp_scmix.evaluate import few_shot_split
-from tfp_scmix.io import write_csv
 from tfp_scmix.novelty import log_ratio_features
 
 BUDGET = 150
@@ -90,22 +86,7 @@ def summary(frame: pd.DataFrame) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=list(SUITE))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--out", type=Path, default=HERE / "topic_share")
-    args = parser.parse_args(argv)
-    rows = []
-    for name in args.datasets:
-        full = suite_dataset(name)
-        for seed in args.seeds:
-            rows.extend(member_rows(full, name, seed))
-            print(rows[-1], flush=True)
-    frame = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(frame, args.out / "results.csv")
-    write_text(args.out / "summary.md", summary(frame))
-    print(summary(frame))
+    return stand_in_main(argv, __doc__, member_rows, summary, HERE / "topic_share", seeds=(0,))
 
 
 if __name__ == "__main__":
