@@ -77,7 +77,10 @@ def demo(args) -> dict:
     for cls, rows in weights.groupby("class", sort=False):
         print(f"  {shown[cls]:<33} {' '.join(rows.gene)}")
     genes = explain.class_genes(model, n_genes=args.top_genes)
-    print("\nTop genes of the most predictive topic of each class:")
+    print(
+        "\nTop genes of each class's highest-weight topic (gene programs of its cells; the topic weights are nearly "
+        "zero, so the gene weights above carry the call: README):"
+    )
     for (cls, topic), rows in genes.groupby(["class", "topic"], sort=False):
         print(f"  {shown[cls]:<33} {topic:<12} {' '.join(rows.gene)}")
     out = Path(args.out)
